@@ -1,0 +1,170 @@
+//! Coordinator configuration from TOML, validated at start with messages that name the key.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cohort_model::{ModelSpec, TrainConfig};
+use serde::Deserialize;
+
+use crate::round::JobConfig;
+
+/// `coordinator.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// Address to listen on, e.g. "127.0.0.1:7400".
+    pub listen: SocketAddr,
+    /// Where global model versions are written.
+    pub model_dir: PathBuf,
+    /// Participant ids allowed to join; absent admits any id (development only).
+    #[serde(default)]
+    pub allowed_participants: Option<BTreeSet<String>>,
+    pub job: JobSection,
+}
+
+/// `[job]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSection {
+    pub id: String,
+    pub rounds: u64,
+    pub min_participants: usize,
+    /// Defaults to `min_participants`.
+    #[serde(default)]
+    pub min_updates: Option<usize>,
+    #[serde(default = "one")]
+    pub fraction: f64,
+    #[serde(default = "default_round_timeout")]
+    pub round_timeout_secs: f64,
+    #[serde(default = "default_eval_timeout")]
+    pub eval_timeout_secs: f64,
+    #[serde(default = "default_liveness")]
+    pub liveness_timeout_secs: f64,
+    #[serde(default = "yes")]
+    pub evaluate: bool,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "fedavg")]
+    pub strategy: String,
+    #[serde(default = "one")]
+    pub server_lr: f64,
+    pub model: ModelSpec,
+    pub train: TrainConfig,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn yes() -> bool {
+    true
+}
+fn fedavg() -> String {
+    "fedavg".into()
+}
+fn default_round_timeout() -> f64 {
+    120.0
+}
+fn default_eval_timeout() -> f64 {
+    30.0
+}
+fn default_liveness() -> f64 {
+    30.0
+}
+
+fn secs(key: &str, v: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(v)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("job.{key} must be a positive number of seconds, not {v}"))
+}
+
+impl JobSection {
+    /// The state machine's configuration.
+    pub fn job_config(&self) -> Result<JobConfig, String> {
+        let cfg = JobConfig {
+            job_id: self.id.clone(),
+            model: self.model.clone(),
+            train: self.train.clone(),
+            rounds: self.rounds,
+            min_participants: self.min_participants,
+            fraction: self.fraction,
+            min_updates: self.min_updates.unwrap_or(self.min_participants),
+            round_timeout: secs("round_timeout_secs", self.round_timeout_secs)?,
+            eval_timeout: secs("eval_timeout_secs", self.eval_timeout_secs)?,
+            evaluate: self.evaluate,
+            liveness_timeout: secs("liveness_timeout_secs", self.liveness_timeout_secs)?,
+            seed: self.seed,
+        };
+        cfg.validate().map_err(|e| format!("job: {e}"))?;
+        crate::strategy::by_name(&self.strategy, self.server_lr as f32)
+            .map_err(|e| format!("job.strategy: {e}"))?;
+        Ok(cfg)
+    }
+}
+
+impl CoordinatorConfig {
+    /// Reads and validates `path`; errors begin with the path.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let cfg: CoordinatorConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        cfg.job.job_config()?;
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listen = "127.0.0.1:7400"
+model_dir = "models"
+[job]
+id = "bc"
+rounds = 3
+min_participants = 2
+[job.model]
+kind = "logistic"
+inputs = 30
+classes = 2
+[job.train]
+epochs = 1
+batch_size = 16
+learning_rate = 0.1
+optimizer = "sgd"
+"#;
+
+    #[test]
+    fn parses_with_defaults() {
+        let c = CoordinatorConfig::parse(GOOD).unwrap();
+        let j = c.job.job_config().unwrap();
+        assert_eq!(j.min_updates, 2);
+        assert_eq!(j.round_timeout, Duration::from_secs(120));
+        assert!(c.allowed_participants.is_none());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = CoordinatorConfig::parse(&GOOD.replace("rounds = 3", "rounds = 3\nrunds = 4"))
+            .unwrap_err();
+        assert!(e.contains("runds"), "{e}");
+        let e = CoordinatorConfig::parse(&GOOD.replace("rounds = 3", "rounds = 0")).unwrap_err();
+        assert!(e.contains("rounds"), "{e}");
+        let e = CoordinatorConfig::parse(&GOOD.replace("\"sgd\"", "\"lbfgs\"")).unwrap_err();
+        assert!(e.contains("lbfgs"), "{e}");
+        let e = CoordinatorConfig::parse(&GOOD.replace(
+            "min_participants = 2",
+            "min_participants = 2\nround_timeout_secs = -1",
+        ))
+        .unwrap_err();
+        assert!(e.contains("round_timeout_secs"), "{e}");
+        let e = CoordinatorConfig::parse(&GOOD.replace("127.0.0.1:7400", "localhost")).unwrap_err();
+        assert!(e.contains("listen"), "{e}");
+    }
+}

@@ -1,0 +1,15 @@
+//! The cohort coordinator: round orchestration ([`round`], a sans-IO state machine),
+//! aggregation strategies ([`strategy`]), the model store ([`model_store`]), configuration
+//! ([`config`]) and the gRPC driver ([`service`]).
+
+pub mod config;
+pub mod model_store;
+pub mod round;
+pub mod service;
+pub mod strategy;
+
+pub use config::CoordinatorConfig;
+pub use model_store::{ModelManifest, ModelStore};
+pub use round::{Event, JobConfig, Orchestrator, RoundSummary};
+pub use service::Coordinator;
+pub use strategy::Strategy;

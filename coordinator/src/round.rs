@@ -1,0 +1,818 @@
+//! Round orchestration as a sans-IO state machine.
+//!
+//! [`Orchestrator`] owns a job's participant registry, its rounds and its global model. It does
+//! no I/O and reads no clock: the driver (the tonic service, or a test) feeds it inputs with the
+//! current time and takes outputs.
+//!
+//! - **Inputs** (`handle_*`): a participant joins, polls, sends a heartbeat, submits an update
+//!   or an evaluation, leaves; and [`Orchestrator::handle_timeout`] when the time given by
+//!   [`Orchestrator::poll_timeout`] has come.
+//! - **Queries**: [`Orchestrator::task_for`] says what a participant should do now;
+//!   [`Orchestrator::global`] is the current model.
+//! - **Outputs**: [`Orchestrator::poll_event`] yields what happened, in order (rounds
+//!   started, completed and failed, stragglers, participants lost). The driver must drain events
+//!   after every input, and call `handle_timeout` no later than `poll_timeout`.
+//!
+//! One round: select participants → *training* (collect updates until every selected one
+//! has sent its update or the deadline passes; updates are folded into a running weighted sum,
+//! so memory is O(model), not O(participants × model)) → aggregate with the strategy → new
+//! global version → *evaluation* (federated: participants evaluate the new model on their own
+//! held-out data) → round complete. A round with too few updates at its deadline fails and is
+//! tried again (a new attempt) with whoever is available.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cohort_model::{Metrics, ModelSpec, TrainConfig};
+use rand::SeedableRng;
+use rand::rngs::ChaCha8Rng;
+use rand::seq::SliceRandom;
+use serde::Serialize;
+
+use crate::strategy::Strategy;
+
+/// Identity of a participant (its configured id; the certificate subject once mTLS exists).
+pub type ParticipantId = String;
+
+/// What the job does, validated by [`JobConfig::validate`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobConfig {
+    pub job_id: String,
+    pub model: ModelSpec,
+    /// Local training settings; `seed` is the base of every participant's per-round seed.
+    pub train: TrainConfig,
+    pub rounds: u64,
+    /// Participants that must be available before a round starts.
+    pub min_participants: usize,
+    /// Share of available participants selected each round (at least `min_participants`).
+    pub fraction: f64,
+    /// Updates needed to aggregate; fewer at the deadline fails the round.
+    pub min_updates: usize,
+    /// Time allowed for training and upload.
+    pub round_timeout: Duration,
+    /// Time allowed for federated evaluation.
+    pub eval_timeout: Duration,
+    /// Evaluate each new global model on participants' held-out data.
+    pub evaluate: bool,
+    /// A participant not heard from for this long is marked lost.
+    pub liveness_timeout: Duration,
+    /// Seed of the initial model and of participant selection.
+    pub seed: u64,
+}
+
+impl JobConfig {
+    /// Refuses configurations that cannot work, naming the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.job_id.is_empty() {
+            return Err("job_id must not be empty".into());
+        }
+        self.model.validate().map_err(|e| format!("model: {e}"))?;
+        self.train.validate().map_err(|e| format!("train: {e}"))?;
+        if self.rounds == 0 {
+            return Err("rounds must be at least 1".into());
+        }
+        if self.min_participants == 0 {
+            return Err("min_participants must be at least 1".into());
+        }
+        if !(self.fraction > 0.0 && self.fraction <= 1.0) {
+            return Err(format!("fraction must be in (0, 1], not {}", self.fraction));
+        }
+        if self.min_updates == 0 || self.min_updates > self.min_participants {
+            return Err(format!(
+                "min_updates must be between 1 and min_participants ({}), not {}",
+                self.min_participants, self.min_updates
+            ));
+        }
+        if self.round_timeout.is_zero() || self.liveness_timeout.is_zero() {
+            return Err("round_timeout and liveness_timeout must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// Where a participant stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Presence {
+    Online,
+    /// Not heard from within the liveness timeout.
+    Lost,
+    /// Left on its own.
+    Left,
+}
+
+#[derive(Debug, Clone)]
+struct Participant {
+    session: String,
+    presence: Presence,
+    last_seen: Instant,
+    num_examples: u64,
+}
+
+/// A participant as the registry sees it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ParticipantInfo {
+    pub id: ParticipantId,
+    pub presence: Presence,
+    pub num_examples: u64,
+}
+
+/// The work a participant should do now.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Task {
+    Train {
+        round: u64,
+        model_version: u64,
+        config: TrainConfig,
+        deadline: Instant,
+    },
+    Evaluate {
+        round: u64,
+        model_version: u64,
+        deadline: Instant,
+    },
+    /// Nothing to do; poll again.
+    Idle,
+    /// The job is over.
+    Finished,
+}
+
+/// An update after transfer: the local model minus the global model it started from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Update {
+    pub round: u64,
+    pub delta: Vec<f32>,
+    /// Aggregation weight: examples trained on.
+    pub num_examples: u64,
+    pub train: Option<Metrics>,
+}
+
+/// Why an input was refused. Each maps to one gRPC status code at the service edge.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Rejection {
+    #[error("unknown participant {0:?}")]
+    UnknownParticipant(String),
+    #[error("participant {0:?} is not allowed to join this federation")]
+    NotAllowed(String),
+    #[error("round {round} is not open (current round {current}, {phase})")]
+    RoundClosed {
+        round: u64,
+        current: u64,
+        phase: &'static str,
+    },
+    #[error("participant {0:?} was not selected for round {1}")]
+    NotSelected(String, u64),
+    #[error("participant {0:?} already submitted for round {1}")]
+    Duplicate(String, u64),
+    #[error("update has {got} parameters, the model has {expected}")]
+    ParameterCount { expected: usize, got: usize },
+    #[error("update is invalid: {0}")]
+    Invalid(String),
+}
+
+/// Why a round attempt failed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureCause {
+    /// Fewer than `min_updates` updates arrived before the deadline.
+    TooFewUpdates { received: usize, needed: usize },
+}
+
+/// One completed round.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RoundSummary {
+    pub round: u64,
+    /// Attempts it took (1 when it succeeded the first time).
+    pub attempts: u32,
+    /// Participants whose updates were aggregated.
+    pub participants: Vec<ParticipantId>,
+    /// Selected participants that missed the deadline.
+    pub stragglers: Vec<ParticipantId>,
+    /// Sum of the aggregation weights.
+    pub total_examples: u64,
+    /// Example-weighted mean of the participants' training metrics.
+    pub train: Option<Metrics>,
+    /// Example-weighted mean of the federated evaluation of the new model.
+    pub eval: Option<Metrics>,
+    /// Participants that evaluated it.
+    pub evaluated_by: usize,
+    pub seconds: f64,
+}
+
+/// What happened, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    ParticipantJoined {
+        id: ParticipantId,
+        rejoined: bool,
+    },
+    ParticipantLost {
+        id: ParticipantId,
+    },
+    ParticipantLeft {
+        id: ParticipantId,
+    },
+    RoundStarted {
+        round: u64,
+        attempt: u32,
+        selected: Vec<ParticipantId>,
+    },
+    UpdateAccepted {
+        round: u64,
+        id: ParticipantId,
+    },
+    /// Selected participants whose update did not arrive by the deadline.
+    StragglersDropped {
+        round: u64,
+        ids: Vec<ParticipantId>,
+    },
+    RoundFailed {
+        round: u64,
+        attempt: u32,
+        cause: FailureCause,
+    },
+    /// Round complete; `params` is the new global model, version `round`.
+    RoundCompleted {
+        summary: RoundSummary,
+        params: Arc<Vec<f32>>,
+    },
+    JobFinished {
+        rounds: u64,
+    },
+}
+
+#[derive(Debug)]
+struct Training {
+    round: u64,
+    attempt: u32,
+    selected: BTreeSet<ParticipantId>,
+    received: BTreeSet<ParticipantId>,
+    deadline: Instant,
+    started: Instant,
+    /// Σ w_i · Δ_i, in f64 so the order of arrival does not change the sum measurably.
+    acc: Vec<f64>,
+    weight: u64,
+    train_metrics: Vec<Metrics>,
+}
+
+#[derive(Debug)]
+struct Evaluating {
+    summary: RoundSummary,
+    selected: BTreeSet<ParticipantId>,
+    received: BTreeMap<ParticipantId, Metrics>,
+    deadline: Instant,
+    started: Instant,
+    params: Arc<Vec<f32>>,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Waiting for enough participants to start round `round`.
+    Waiting {
+        round: u64,
+        attempt: u32,
+    },
+    Training(Training),
+    Evaluating(Evaluating),
+    Finished,
+}
+
+impl Phase {
+    fn name(&self) -> &'static str {
+        match self {
+            Phase::Waiting { .. } => "waiting for participants",
+            Phase::Training(_) => "training",
+            Phase::Evaluating(_) => "evaluating",
+            Phase::Finished => "finished",
+        }
+    }
+}
+
+/// A job's round orchestration. See the module documentation for the contract.
+pub struct Orchestrator {
+    config: JobConfig,
+    strategy: Box<dyn Strategy>,
+    /// Ids allowed to join; `None` admits anyone (development only).
+    allowed: Option<BTreeSet<ParticipantId>>,
+    participants: BTreeMap<ParticipantId, Participant>,
+    sessions: BTreeMap<String, ParticipantId>,
+    phase: Phase,
+    global: Arc<Vec<f32>>,
+    version: u64,
+    completed: Vec<RoundSummary>,
+    events: VecDeque<Event>,
+}
+
+impl std::fmt::Debug for Orchestrator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Orchestrator")
+            .field("job", &self.config.job_id)
+            .field("phase", &self.phase.name())
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Orchestrator {
+    /// A job starting from the seeded initial model of `config.model`.
+    pub fn new(
+        config: JobConfig,
+        strategy: Box<dyn Strategy>,
+        allowed: Option<BTreeSet<ParticipantId>>,
+    ) -> Result<Self, String> {
+        config.validate()?;
+        let global = Arc::new(config.model.initial_parameters(config.seed));
+        Ok(Orchestrator {
+            config,
+            strategy,
+            allowed,
+            participants: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+            phase: Phase::Waiting {
+                round: 1,
+                attempt: 1,
+            },
+            global,
+            version: 0,
+            completed: Vec::new(),
+            events: VecDeque::new(),
+        })
+    }
+
+    // ----- getters -----
+
+    pub fn config(&self) -> &JobConfig {
+        &self.config
+    }
+
+    /// The current global model and its version (0 = initial, r = after round r).
+    pub fn global(&self) -> (u64, Arc<Vec<f32>>) {
+        (self.version, self.global.clone())
+    }
+
+    /// Completed rounds, oldest first.
+    pub fn history(&self) -> &[RoundSummary] {
+        &self.completed
+    }
+
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Finished)
+    }
+
+    /// Name of the current phase, for status displays.
+    pub fn phase_name(&self) -> &'static str {
+        self.phase.name()
+    }
+
+    /// The participant holding `session`, if the session is current.
+    pub fn participant_for_session(&self, session: &str) -> Option<&ParticipantId> {
+        self.sessions.get(session)
+    }
+
+    pub fn participants(&self) -> Vec<ParticipantInfo> {
+        self.participants
+            .iter()
+            .map(|(id, p)| ParticipantInfo {
+                id: id.clone(),
+                presence: p.presence,
+                num_examples: p.num_examples,
+            })
+            .collect()
+    }
+
+    /// Round number a new update must carry, if training is under way.
+    pub fn training_round(&self) -> Option<u64> {
+        match &self.phase {
+            Phase::Training(t) => Some(t.round),
+            _ => None,
+        }
+    }
+
+    // ----- inputs -----
+
+    /// A participant joins (or rejoins) with a fresh `session` chosen by the driver. A rejoin
+    /// replaces the old session; a participant selected for the open round keeps its place.
+    pub fn handle_join(
+        &mut self,
+        id: &str,
+        session: String,
+        num_examples: u64,
+        now: Instant,
+    ) -> Result<(), Rejection> {
+        if id.is_empty() {
+            return Err(Rejection::Invalid("participant id is empty".into()));
+        }
+        if let Some(allowed) = &self.allowed
+            && !allowed.contains(id)
+        {
+            return Err(Rejection::NotAllowed(id.to_string()));
+        }
+        let rejoined = if let Some(old) = self.participants.get(id) {
+            self.sessions.remove(&old.session);
+            true
+        } else {
+            false
+        };
+        self.sessions.insert(session.clone(), id.to_string());
+        self.participants.insert(
+            id.to_string(),
+            Participant {
+                session,
+                presence: Presence::Online,
+                last_seen: now,
+                num_examples,
+            },
+        );
+        self.events.push_back(Event::ParticipantJoined {
+            id: id.to_string(),
+            rejoined,
+        });
+        self.advance(now);
+        Ok(())
+    }
+
+    /// Any sign of life (a poll or heartbeat) from a participant.
+    pub fn handle_heartbeat(&mut self, id: &str, now: Instant) -> Result<(), Rejection> {
+        let p = self
+            .participants
+            .get_mut(id)
+            .filter(|p| p.presence != Presence::Left)
+            .ok_or_else(|| Rejection::UnknownParticipant(id.to_string()))?;
+        p.last_seen = now;
+        if p.presence == Presence::Lost {
+            p.presence = Presence::Online;
+            self.events.push_back(Event::ParticipantJoined {
+                id: id.to_string(),
+                rejoined: true,
+            });
+            self.advance(now);
+        }
+        Ok(())
+    }
+
+    /// A participant leaves; its session ends. Its pending work in the open round, if any,
+    /// will count as missing at the deadline.
+    pub fn handle_leave(&mut self, id: &str, now: Instant) -> Result<(), Rejection> {
+        let p = self
+            .participants
+            .get_mut(id)
+            .ok_or_else(|| Rejection::UnknownParticipant(id.to_string()))?;
+        p.presence = Presence::Left;
+        let session = p.session.clone();
+        self.sessions.remove(&session);
+        self.events
+            .push_back(Event::ParticipantLeft { id: id.to_string() });
+        self.advance(now);
+        Ok(())
+    }
+
+    /// Checks that `id` may send an update of `num_parameters` for `round` now, before the
+    /// driver receives its data. [`Self::handle_update`] checks again.
+    pub fn check_update(
+        &self,
+        id: &str,
+        round: u64,
+        num_parameters: usize,
+    ) -> Result<(), Rejection> {
+        if !self.participants.contains_key(id) {
+            return Err(Rejection::UnknownParticipant(id.to_string()));
+        }
+        let t = match &self.phase {
+            Phase::Training(t) if t.round == round => t,
+            _ => {
+                return Err(Rejection::RoundClosed {
+                    round,
+                    current: self.current_round(),
+                    phase: self.phase.name(),
+                });
+            }
+        };
+        if !t.selected.contains(id) {
+            return Err(Rejection::NotSelected(id.to_string(), round));
+        }
+        if t.received.contains(id) {
+            return Err(Rejection::Duplicate(id.to_string(), round));
+        }
+        if num_parameters != self.global.len() {
+            return Err(Rejection::ParameterCount {
+                expected: self.global.len(),
+                got: num_parameters,
+            });
+        }
+        Ok(())
+    }
+
+    /// A complete update arrives. It is folded into the round's running sum at once; when
+    /// every selected participant has sent one, the round aggregates without waiting for the
+    /// deadline.
+    pub fn handle_update(
+        &mut self,
+        id: &str,
+        update: Update,
+        now: Instant,
+    ) -> Result<(), Rejection> {
+        self.check_update(id, update.round, update.delta.len())?;
+        if update.num_examples == 0 {
+            return Err(Rejection::Invalid("num_examples is 0".into()));
+        }
+        if let Some(i) = update.delta.iter().position(|v| !v.is_finite()) {
+            return Err(Rejection::Invalid(format!("parameter {i} is not finite")));
+        }
+        if let Some(p) = self.participants.get_mut(id) {
+            p.last_seen = now;
+        }
+        let Phase::Training(t) = &mut self.phase else {
+            unreachable!("check_update ensured training");
+        };
+        let w = update.num_examples as f64;
+        for (a, d) in t.acc.iter_mut().zip(&update.delta) {
+            *a += w * *d as f64;
+        }
+        t.weight += update.num_examples;
+        t.received.insert(id.to_string());
+        if let Some(m) = update.train {
+            t.train_metrics.push(m);
+        }
+        self.events.push_back(Event::UpdateAccepted {
+            round: update.round,
+            id: id.to_string(),
+        });
+        if t.received.len() == t.selected.len() {
+            self.close_training(now);
+        }
+        Ok(())
+    }
+
+    /// A participant's evaluation of the model of `round`.
+    pub fn handle_evaluation(
+        &mut self,
+        id: &str,
+        round: u64,
+        metrics: Metrics,
+        now: Instant,
+    ) -> Result<(), Rejection> {
+        if !self.participants.contains_key(id) {
+            return Err(Rejection::UnknownParticipant(id.to_string()));
+        }
+        let current = self.current_round();
+        let phase = self.phase.name();
+        let Phase::Evaluating(e) = &mut self.phase else {
+            return Err(Rejection::RoundClosed {
+                round,
+                current,
+                phase,
+            });
+        };
+        if e.summary.round != round {
+            return Err(Rejection::RoundClosed {
+                round,
+                current,
+                phase,
+            });
+        }
+        if !e.selected.contains(id) {
+            return Err(Rejection::NotSelected(id.to_string(), round));
+        }
+        if e.received.contains_key(id) {
+            return Err(Rejection::Duplicate(id.to_string(), round));
+        }
+        e.received.insert(id.to_string(), metrics);
+        if let Some(p) = self.participants.get_mut(id) {
+            p.last_seen = now;
+        }
+        if e.received.len() == e.selected.len() {
+            self.close_evaluation(now);
+        }
+        Ok(())
+    }
+
+    /// Time has come: marks silent participants lost, closes phases whose deadline passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let liveness = self.config.liveness_timeout;
+        for (id, p) in self.participants.iter_mut() {
+            if p.presence == Presence::Online && now.duration_since(p.last_seen) >= liveness {
+                p.presence = Presence::Lost;
+                self.events
+                    .push_back(Event::ParticipantLost { id: id.clone() });
+            }
+        }
+        match &self.phase {
+            Phase::Training(t) if now >= t.deadline => self.close_training(now),
+            Phase::Evaluating(e) if now >= e.deadline => self.close_evaluation(now),
+            _ => {}
+        }
+        self.advance(now);
+    }
+
+    // ----- outputs -----
+
+    /// The next thing that happened, oldest first.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Self::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let phase = match &self.phase {
+            Phase::Training(t) => Some(t.deadline),
+            Phase::Evaluating(e) => Some(e.deadline),
+            _ => None,
+        };
+        let liveness = self
+            .participants
+            .values()
+            .filter(|p| p.presence == Presence::Online)
+            .map(|p| p.last_seen + self.config.liveness_timeout)
+            .min();
+        [phase, liveness].into_iter().flatten().min()
+    }
+
+    /// What participant `id` should do now.
+    pub fn task_for(&self, id: &str) -> Task {
+        match &self.phase {
+            Phase::Finished => Task::Finished,
+            Phase::Training(t) if t.selected.contains(id) && !t.received.contains(id) => {
+                let mut config = self.config.train.clone();
+                config.seed = participant_seed(self.config.train.seed, t.round, t.attempt, id);
+                Task::Train {
+                    round: t.round,
+                    model_version: self.version,
+                    config,
+                    deadline: t.deadline,
+                }
+            }
+            Phase::Evaluating(e) if e.selected.contains(id) && !e.received.contains_key(id) => {
+                Task::Evaluate {
+                    round: e.summary.round,
+                    model_version: self.version,
+                    deadline: e.deadline,
+                }
+            }
+            _ => Task::Idle,
+        }
+    }
+
+    // ----- internals -----
+
+    fn current_round(&self) -> u64 {
+        match &self.phase {
+            Phase::Waiting { round, .. } => *round,
+            Phase::Training(t) => t.round,
+            Phase::Evaluating(e) => e.summary.round,
+            Phase::Finished => self.config.rounds,
+        }
+    }
+
+    fn online(&self) -> Vec<ParticipantId> {
+        self.participants
+            .iter()
+            .filter(|(_, p)| p.presence == Presence::Online)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Starts a round when waiting and enough participants are online.
+    fn advance(&mut self, now: Instant) {
+        let Phase::Waiting { round, attempt } = self.phase else {
+            return;
+        };
+        let mut online = self.online();
+        if online.len() < self.config.min_participants {
+            return;
+        }
+        let want = ((online.len() as f64 * self.config.fraction).ceil() as usize)
+            .max(self.config.min_participants)
+            .min(online.len());
+        let mut rng = ChaCha8Rng::seed_from_u64(selection_seed(self.config.seed, round, attempt));
+        online.shuffle(&mut rng);
+        let selected: BTreeSet<ParticipantId> = online.into_iter().take(want).collect();
+        self.events.push_back(Event::RoundStarted {
+            round,
+            attempt,
+            selected: selected.iter().cloned().collect(),
+        });
+        self.phase = Phase::Training(Training {
+            round,
+            attempt,
+            selected,
+            received: BTreeSet::new(),
+            deadline: now + self.config.round_timeout,
+            started: now,
+            acc: vec![0.0; self.global.len()],
+            weight: 0,
+            train_metrics: Vec::new(),
+        });
+    }
+
+    fn close_training(&mut self, now: Instant) {
+        let Phase::Training(t) = std::mem::replace(&mut self.phase, Phase::Finished) else {
+            return;
+        };
+        let stragglers: Vec<ParticipantId> = t.selected.difference(&t.received).cloned().collect();
+        if !stragglers.is_empty() {
+            self.events.push_back(Event::StragglersDropped {
+                round: t.round,
+                ids: stragglers.clone(),
+            });
+        }
+        if t.received.len() < self.config.min_updates {
+            self.events.push_back(Event::RoundFailed {
+                round: t.round,
+                attempt: t.attempt,
+                cause: FailureCause::TooFewUpdates {
+                    received: t.received.len(),
+                    needed: self.config.min_updates,
+                },
+            });
+            self.phase = Phase::Waiting {
+                round: t.round,
+                attempt: t.attempt + 1,
+            };
+            self.advance(now);
+            return;
+        }
+        let w = t.weight as f64;
+        let mean: Vec<f32> = t.acc.iter().map(|a| (a / w) as f32).collect();
+        let new_global = self.strategy.apply(&self.global, &mean, t.round);
+        self.global = Arc::new(new_global);
+        self.version = t.round;
+        let summary = RoundSummary {
+            round: t.round,
+            attempts: t.attempt,
+            participants: t.received.iter().cloned().collect(),
+            stragglers,
+            total_examples: t.weight,
+            train: Metrics::weighted_mean(&t.train_metrics),
+            eval: None,
+            evaluated_by: 0,
+            seconds: now.duration_since(t.started).as_secs_f64(),
+        };
+        let evaluators: BTreeSet<ParticipantId> = self.online().into_iter().collect();
+        if !self.config.evaluate || evaluators.is_empty() {
+            self.complete(summary, self.global.clone(), now);
+            return;
+        }
+        self.phase = Phase::Evaluating(Evaluating {
+            summary,
+            selected: evaluators,
+            received: BTreeMap::new(),
+            deadline: now + self.config.eval_timeout,
+            started: t.started,
+            params: self.global.clone(),
+        });
+    }
+
+    fn close_evaluation(&mut self, now: Instant) {
+        let Phase::Evaluating(e) = std::mem::replace(&mut self.phase, Phase::Finished) else {
+            return;
+        };
+        let mut summary = e.summary;
+        let metrics: Vec<Metrics> = e.received.values().copied().collect();
+        summary.eval = Metrics::weighted_mean(&metrics);
+        summary.evaluated_by = metrics.len();
+        summary.seconds = now.duration_since(e.started).as_secs_f64();
+        self.complete(summary, e.params, now);
+    }
+
+    fn complete(&mut self, summary: RoundSummary, params: Arc<Vec<f32>>, now: Instant) {
+        let round = summary.round;
+        self.completed.push(summary.clone());
+        self.events
+            .push_back(Event::RoundCompleted { summary, params });
+        if round >= self.config.rounds {
+            self.phase = Phase::Finished;
+            self.events.push_back(Event::JobFinished { rounds: round });
+        } else {
+            self.phase = Phase::Waiting {
+                round: round + 1,
+                attempt: 1,
+            };
+            self.advance(now);
+        }
+    }
+}
+
+/// Seed of a participant's local shuffling in one round attempt.
+pub fn participant_seed(base: u64, round: u64, attempt: u32, id: &str) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64; // FNV-1a over the id, mixed with the rest.
+    for b in id.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    splitmix(base ^ splitmix(round.wrapping_mul(1_000_003) ^ attempt as u64) ^ h)
+}
+
+fn selection_seed(base: u64, round: u64, attempt: u32) -> u64 {
+    splitmix(base.wrapping_add(0x5e1e_c7) ^ splitmix(round << 16 | attempt as u64))
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+#[path = "round_tests.rs"]
+mod tests;

@@ -1,0 +1,518 @@
+//! The round state machine on a virtual clock: no sockets, no threads, no sleeping.
+
+use super::*;
+use crate::strategy::FedAvg;
+use cohort_model::Optimizer;
+
+/// Drives an [`Orchestrator`] with a clock that only moves when told.
+struct Harness {
+    o: Orchestrator,
+    start: Instant,
+    now: Instant,
+}
+
+fn config() -> JobConfig {
+    JobConfig {
+        job_id: "job".into(),
+        model: ModelSpec::Logistic {
+            inputs: 2,
+            classes: 2,
+        },
+        train: TrainConfig {
+            epochs: 1,
+            batch_size: 4,
+            learning_rate: 0.1,
+            optimizer: Optimizer::Sgd,
+            seed: 1,
+        },
+        rounds: 3,
+        min_participants: 3,
+        fraction: 1.0,
+        min_updates: 2,
+        round_timeout: Duration::from_secs(30),
+        eval_timeout: Duration::from_secs(10),
+        evaluate: true,
+        liveness_timeout: Duration::from_secs(20),
+        seed: 7,
+    }
+}
+
+const P: usize = 6; // parameters of the logistic model above
+
+impl Harness {
+    fn new(config: JobConfig) -> Self {
+        let start = Instant::now();
+        Harness {
+            o: Orchestrator::new(config, Box::new(FedAvg::default()), None).unwrap(),
+            start,
+            now: start,
+        }
+    }
+
+    fn at(&self) -> Duration {
+        self.now - self.start
+    }
+
+    fn join(&mut self, id: &str) {
+        self.o
+            .handle_join(id, format!("s-{id}-{:?}", self.at()), 10, self.now)
+            .unwrap();
+    }
+
+    fn pass(&mut self, secs: u64) {
+        self.now += Duration::from_secs(secs);
+        // A driver calls handle_timeout whenever poll_timeout has come.
+        while let Some(t) = self.o.poll_timeout() {
+            if t > self.now {
+                break;
+            }
+            self.o.handle_timeout(self.now);
+        }
+    }
+
+    /// Participants that are alive poll (and so heartbeat) all the time; this stands for that.
+    fn beat(&mut self, who: &[&str]) {
+        for id in who {
+            self.o.handle_heartbeat(id, self.now).unwrap();
+        }
+    }
+
+    fn update(&mut self, id: &str, round: u64, value: f32, n: u64) -> Result<(), Rejection> {
+        let u = Update {
+            round,
+            delta: vec![value; P],
+            num_examples: n,
+            train: Some(Metrics {
+                loss: 0.5,
+                accuracy: 0.8,
+                auc: None,
+                num_examples: n as usize,
+            }),
+        };
+        self.o.handle_update(id, u, self.now)
+    }
+
+    fn eval(&mut self, id: &str, round: u64, acc: f64) -> Result<(), Rejection> {
+        let m = Metrics {
+            loss: 0.1,
+            accuracy: acc,
+            auc: None,
+            num_examples: 10,
+        };
+        self.o.handle_evaluation(id, round, m, self.now)
+    }
+
+    fn events(&mut self) -> Vec<Event> {
+        std::iter::from_fn(|| self.o.poll_event()).collect()
+    }
+
+    fn completed(&mut self) -> Vec<RoundSummary> {
+        self.events()
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::RoundCompleted { summary, .. } => Some(summary),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn ids(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn round_waits_for_min_participants_then_selects_all() {
+    let mut h = Harness::new(config());
+    h.join("a");
+    h.join("b");
+    assert_eq!(h.o.task_for("a"), Task::Idle);
+    h.join("c");
+    let started: Vec<_> = h
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e, Event::RoundStarted { .. }))
+        .collect();
+    assert_eq!(
+        started,
+        vec![Event::RoundStarted {
+            round: 1,
+            attempt: 1,
+            selected: ids(&["a", "b", "c"])
+        }]
+    );
+    match h.o.task_for("b") {
+        Task::Train {
+            round: 1,
+            model_version: 0,
+            deadline,
+            config,
+        } => {
+            assert_eq!(deadline, h.start + Duration::from_secs(30));
+            assert_ne!(config.seed, 1, "each participant gets its own seed");
+        }
+        t => panic!("expected a training task, got {t:?}"),
+    }
+}
+
+#[test]
+fn full_job_aggregates_weighted_mean_and_evaluates() {
+    let mut h = Harness::new(config());
+    for p in ["a", "b", "c"] {
+        h.join(p);
+    }
+    let (_, g0) = h.o.global();
+    h.update("a", 1, 1.0, 10).unwrap();
+    h.update("b", 1, 2.0, 30).unwrap();
+    assert_eq!(h.o.training_round(), Some(1), "still waiting for c");
+    h.update("c", 1, -1.0, 60).unwrap();
+    // All three arrived: aggregated without waiting for the deadline.
+    let (v, g1) = h.o.global();
+    assert_eq!(v, 1);
+    let mean = (10.0 * 1.0 + 30.0 * 2.0 + 60.0 * -1.0) / 100.0;
+    for (a, b) in g1.iter().zip(g0.iter()) {
+        assert!((a - (b + mean)).abs() < 1e-6);
+    }
+    assert!(matches!(
+        h.o.task_for("a"),
+        Task::Evaluate {
+            round: 1,
+            model_version: 1,
+            ..
+        }
+    ));
+    h.eval("a", 1, 0.9).unwrap();
+    h.eval("b", 1, 0.6).unwrap();
+    h.eval("c", 1, 0.6).unwrap();
+    let done = h.completed();
+    assert_eq!(done.len(), 1);
+    let s = &done[0];
+    assert_eq!(s.participants, ids(&["a", "b", "c"]));
+    assert_eq!(s.total_examples, 100);
+    assert_eq!(s.evaluated_by, 3);
+    assert!((s.eval.unwrap().accuracy - 0.7).abs() < 1e-12);
+    assert!(matches!(h.o.task_for("c"), Task::Train { round: 2, .. }));
+    for r in 2..=3 {
+        for p in ["a", "b", "c"] {
+            h.update(p, r, 0.0, 10).unwrap();
+        }
+        for p in ["a", "b", "c"] {
+            h.eval(p, r, 0.9).unwrap();
+        }
+    }
+    assert!(h.events().contains(&Event::JobFinished { rounds: 3 }));
+    assert!(h.o.is_finished());
+    assert_eq!(h.o.task_for("a"), Task::Finished);
+    assert_eq!(h.o.history().len(), 3);
+}
+
+#[test]
+fn stragglers_are_left_out_at_the_deadline() {
+    let mut h = Harness::new(config());
+    for p in ["a", "b", "c"] {
+        h.join(p);
+    }
+    h.update("a", 1, 1.0, 10).unwrap();
+    h.pass(10);
+    h.update("b", 1, 3.0, 10).unwrap();
+    h.beat(&["a", "c"]); // c is alive, only slow
+    h.events();
+    h.pass(19); // t = 29 s: still open
+    assert_eq!(h.o.training_round(), Some(1));
+    h.beat(&["a", "b", "c"]);
+    h.pass(1); // t = 30 s: deadline
+    let ev = h.events();
+    assert!(ev.contains(&Event::StragglersDropped {
+        round: 1,
+        ids: ids(&["c"])
+    }));
+    let (v, g) = h.o.global();
+    assert_eq!(v, 1);
+    let g0 = config().model.initial_parameters(7);
+    assert!((g[0] - (g0[0] + 2.0)).abs() < 1e-6, "mean of a and b only");
+    // The straggler's update, arriving late, is refused and changes nothing.
+    assert_eq!(
+        h.update("c", 1, 100.0, 10),
+        Err(Rejection::RoundClosed {
+            round: 1,
+            current: 1,
+            phase: "evaluating"
+        })
+    );
+    assert_eq!(h.o.global().1, g);
+    // Evaluation deadline: summary reports the straggler.
+    h.pass(10);
+    let s = h.completed();
+    assert_eq!(s[0].stragglers, ids(&["c"]));
+    assert_eq!(s[0].participants, ids(&["a", "b"]));
+    assert_eq!(s[0].evaluated_by, 0);
+}
+
+#[test]
+fn duplicate_updates_are_refused_and_counted_once() {
+    let mut h = Harness::new(config());
+    for p in ["a", "b", "c"] {
+        h.join(p);
+    }
+    h.update("a", 1, 1.0, 10).unwrap();
+    assert_eq!(
+        h.update("a", 1, 1.0, 10),
+        Err(Rejection::Duplicate("a".into(), 1))
+    );
+    h.update("b", 1, 1.0, 10).unwrap();
+    h.pass(30);
+    let g0 = config().model.initial_parameters(7);
+    assert!((h.o.global().1[0] - (g0[0] + 1.0)).abs() < 1e-6);
+    h.pass(10);
+    assert_eq!(h.completed()[0].total_examples, 20);
+}
+
+#[test]
+fn malformed_updates_are_refused_and_the_round_goes_on() {
+    let mut h = Harness::new(config());
+    for p in ["a", "b", "c"] {
+        h.join(p);
+    }
+    let bad = Update {
+        round: 1,
+        delta: vec![0.0; P + 1],
+        num_examples: 5,
+        train: None,
+    };
+    assert_eq!(
+        h.o.handle_update("a", bad, h.now),
+        Err(Rejection::ParameterCount {
+            expected: P,
+            got: P + 1
+        })
+    );
+    let nan = Update {
+        round: 1,
+        delta: vec![f32::NAN; P],
+        num_examples: 5,
+        train: None,
+    };
+    assert!(matches!(
+        h.o.handle_update("a", nan, h.now),
+        Err(Rejection::Invalid(_))
+    ));
+    assert!(matches!(
+        h.update("a", 1, 1.0, 0),
+        Err(Rejection::Invalid(_))
+    ));
+    assert_eq!(
+        h.update("zed", 1, 1.0, 1),
+        Err(Rejection::UnknownParticipant("zed".into()))
+    );
+    assert!(matches!(
+        h.update("a", 2, 1.0, 1),
+        Err(Rejection::RoundClosed { round: 2, .. })
+    ));
+    // The refusals left the round intact: a's real update is still accepted.
+    for p in ["a", "b", "c"] {
+        h.update(p, 1, 1.0, 1).unwrap();
+    }
+    assert_eq!(h.o.global().0, 1);
+}
+
+#[test]
+fn too_few_updates_fails_the_round_and_retries_with_a_new_attempt() {
+    let mut h = Harness::new(config());
+    for p in ["a", "b", "c"] {
+        h.join(p);
+    }
+    let seed1 = match h.o.task_for("a") {
+        Task::Train { config, .. } => config.seed,
+        t => panic!("{t:?}"),
+    };
+    h.update("a", 1, 1.0, 10).unwrap();
+    h.events();
+    h.pass(15);
+    h.beat(&["a", "b", "c"]); // b and c are alive but never send their updates
+    h.pass(15);
+    let ev = h.events();
+    assert!(ev.contains(&Event::RoundFailed {
+        round: 1,
+        attempt: 1,
+        cause: FailureCause::TooFewUpdates {
+            received: 1,
+            needed: 2
+        }
+    }));
+    // Everyone is still online (within liveness), so attempt 2 starts at once.
+    assert!(ev.contains(&Event::RoundStarted {
+        round: 1,
+        attempt: 2,
+        selected: ids(&["a", "b", "c"])
+    }));
+    assert_eq!(h.o.global().0, 0, "nothing was aggregated");
+    match h.o.task_for("a") {
+        Task::Train {
+            round: 1, config, ..
+        } => assert_ne!(config.seed, seed1),
+        t => panic!("{t:?}"),
+    }
+    h.o.handle_heartbeat("a", h.now).unwrap();
+    for p in ["a", "b", "c"] {
+        h.update(p, 1, 1.0, 10).unwrap();
+    }
+    for p in ["a", "b", "c"] {
+        h.eval(p, 1, 1.0).unwrap();
+    }
+    assert_eq!(h.completed()[0].attempts, 2);
+}
+
+#[test]
+fn participants_rejoin_between_and_within_rounds() {
+    let mut h = Harness::new(config());
+    for p in ["a", "b", "c"] {
+        h.join(p);
+    }
+    // c crashes mid-round and rejoins with a new session: it keeps its place.
+    let old =
+        h.o.participants()
+            .iter()
+            .find(|p| p.id == "c")
+            .map(|_| "s-c-0ns".to_string())
+            .unwrap();
+    assert_eq!(h.o.participant_for_session(&old), Some(&"c".to_string()));
+    h.pass(5);
+    h.join("c");
+    assert_eq!(h.o.participant_for_session(&old), None, "old session ended");
+    assert!(h.events().contains(&Event::ParticipantJoined {
+        id: "c".into(),
+        rejoined: true
+    }));
+    assert!(matches!(h.o.task_for("c"), Task::Train { round: 1, .. }));
+    for p in ["a", "b", "c"] {
+        h.update(p, 1, 0.0, 1).unwrap();
+    }
+    // b leaves during evaluation; round 2 needs three online participants and waits.
+    h.o.handle_leave("b", h.now).unwrap();
+    h.eval("a", 1, 1.0).unwrap();
+    h.eval("c", 1, 1.0).unwrap();
+    h.pass(10); // evaluation deadline (b never evaluates)
+    assert_eq!(h.completed().len(), 1);
+    assert_eq!(h.o.task_for("a"), Task::Idle);
+    assert_eq!(h.o.training_round(), None);
+    h.pass(5);
+    h.join("b");
+    assert!(h.events().contains(&Event::RoundStarted {
+        round: 2,
+        attempt: 1,
+        selected: ids(&["a", "b", "c"])
+    }));
+}
+
+#[test]
+fn silent_participants_are_lost_and_come_back_with_a_heartbeat() {
+    let mut h = Harness::new(config());
+    for p in ["a", "b", "c"] {
+        h.join(p);
+    }
+    h.events();
+    h.pass(15);
+    h.o.handle_heartbeat("a", h.now).unwrap();
+    h.o.handle_heartbeat("b", h.now).unwrap();
+    h.pass(5); // c silent for 20 s
+    assert_eq!(h.events(), vec![Event::ParticipantLost { id: "c".into() }]);
+    h.o.handle_heartbeat("c", h.now).unwrap();
+    assert_eq!(
+        h.events(),
+        vec![Event::ParticipantJoined {
+            id: "c".into(),
+            rejoined: true
+        }]
+    );
+    h.o.handle_leave("c", h.now).unwrap();
+    assert_eq!(
+        h.o.handle_heartbeat("c", h.now),
+        Err(Rejection::UnknownParticipant("c".into()))
+    );
+}
+
+#[test]
+fn fraction_selects_a_seeded_subset_and_others_are_refused() {
+    let mut cfg = config();
+    cfg.fraction = 0.5;
+    cfg.min_participants = 2;
+    let pick = |cfg: JobConfig| {
+        let mut h = Harness::new(cfg);
+        for p in ["a", "b", "c", "d"] {
+            h.o.handle_join(p, p.into(), 1, h.now).unwrap();
+        }
+        // The round starts as soon as two are online; count only the first start.
+        h.events()
+            .into_iter()
+            .find_map(|e| match e {
+                Event::RoundStarted { selected, .. } => Some(selected),
+                _ => None,
+            })
+            .unwrap()
+    };
+    let first = pick(cfg.clone());
+    assert_eq!(first.len(), 2);
+    assert_eq!(pick(cfg.clone()), first, "same seed, same selection");
+
+    let mut h = Harness::new(cfg);
+    for p in ["a", "b", "c", "d"] {
+        h.join(p);
+    }
+    let selected = match h
+        .events()
+        .into_iter()
+        .find(|e| matches!(e, Event::RoundStarted { .. }))
+    {
+        Some(Event::RoundStarted { selected, .. }) => selected,
+        _ => unreachable!(),
+    };
+    let other = ["a", "b", "c", "d"]
+        .into_iter()
+        .find(|p| !selected.contains(&p.to_string()))
+        .unwrap();
+    assert_eq!(h.o.task_for(other), Task::Idle);
+    assert_eq!(
+        h.update(other, 1, 1.0, 1),
+        Err(Rejection::NotSelected(other.into(), 1))
+    );
+}
+
+#[test]
+fn allowlist_refuses_strangers() {
+    let allowed = ["a".to_string()].into_iter().collect();
+    let mut o = Orchestrator::new(config(), Box::new(FedAvg::default()), Some(allowed)).unwrap();
+    let now = Instant::now();
+    assert!(o.handle_join("a", "s1".into(), 1, now).is_ok());
+    assert_eq!(
+        o.handle_join("mallory", "s2".into(), 1, now),
+        Err(Rejection::NotAllowed("mallory".into()))
+    );
+}
+
+#[test]
+fn poll_timeout_names_the_next_deadline() {
+    let mut h = Harness::new(config());
+    assert_eq!(h.o.poll_timeout(), None);
+    h.join("a");
+    assert_eq!(h.o.poll_timeout(), Some(h.start + Duration::from_secs(20)));
+    h.join("b");
+    h.join("c");
+    h.pass(3);
+    for p in ["a", "b", "c"] {
+        h.o.handle_heartbeat(p, h.now).unwrap();
+    }
+    assert_eq!(h.o.poll_timeout(), Some(h.start + Duration::from_secs(23)));
+}
+
+#[test]
+fn invalid_job_configs_name_the_setting() {
+    let mut c = config();
+    c.min_updates = 4;
+    assert!(c.validate().unwrap_err().contains("min_updates"));
+    let mut c = config();
+    c.fraction = 0.0;
+    assert!(c.validate().unwrap_err().contains("fraction"));
+    let mut c = config();
+    c.rounds = 0;
+    assert!(c.validate().unwrap_err().contains("rounds"));
+}

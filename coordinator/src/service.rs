@@ -1,0 +1,564 @@
+//! The tonic driver of the round state machine: the `cohort.v1.Federation` service.
+//!
+//! The service is thin. Each call converts its messages to domain types, feeds the
+//! [`Orchestrator`] under a short-held lock (never across an `.await`), and returns. Three
+//! pieces of plumbing surround it:
+//!
+//! - an **event processor** task receives the state machine's events in order, writes each
+//!   new model version to the [`ModelStore`], logs, and rebroadcasts to observers;
+//! - a **timer** task calls `handle_timeout` when `poll_timeout` says so;
+//! - a **change counter** (`watch`) wakes long-polling participants when tasks may have
+//!   changed.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cohort_model::Metrics;
+use cohort_protocol::pb::federation_server::{Federation, FederationServer};
+use cohort_protocol::pb::{self, task::Kind, update_chunk::Part};
+use cohort_protocol::{MAX_MESSAGE_BYTES, ParamAssembler, ProtocolError};
+use futures::Stream;
+use tokio::sync::{broadcast, mpsc, watch};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::model_store::ModelStore;
+use crate::round::{Event, Orchestrator, Rejection, RoundSummary, Task, Update};
+
+/// Longest a PollTask call is held open.
+const MAX_POLL_WAIT: Duration = Duration::from_secs(30);
+
+/// A running coordinator: the state machine, its plumbing and its model store.
+#[derive(Clone)]
+pub struct Coordinator {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// The state machine. A std mutex: every critical section is short and synchronous.
+    orch: Mutex<Orchestrator>,
+    /// Events drained from the state machine, in order, for the processor task.
+    to_processor: mpsc::UnboundedSender<Event>,
+    /// Bumped whenever tasks may have changed; long-polls and the timer wait on it.
+    changed: watch::Sender<u64>,
+    /// Processed events, for observers (progress displays, tests).
+    observers: broadcast::Sender<Event>,
+    /// Set once the job has finished and every model version is written.
+    finished: watch::Sender<bool>,
+    /// Digest of the current global model, computed once per version.
+    digest: Mutex<Option<(u64, String)>>,
+    store: ModelStore,
+    strategy: String,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Coordinator {
+    /// Starts the plumbing for `orch` and writes its initial model as version 0. Must be
+    /// called inside a tokio runtime.
+    pub fn start(orch: Orchestrator, store: ModelStore, strategy: &str) -> Result<Self, String> {
+        let (version, params) = orch.global();
+        let cfg = orch.config().clone();
+        store
+            .write(
+                &cfg.job_id,
+                &cfg.model,
+                strategy,
+                version,
+                &params,
+                None,
+                unix_ms(),
+            )
+            .map_err(|e| format!("writing the initial model: {e}"))?;
+        let (to_processor, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            orch: Mutex::new(orch),
+            to_processor,
+            changed: watch::channel(0).0,
+            observers: broadcast::channel(4096).0,
+            finished: watch::channel(false).0,
+            digest: Mutex::new(None),
+            store,
+            strategy: strategy.to_string(),
+        });
+        tokio::spawn(process_events(rx, Arc::downgrade(&shared)));
+        tokio::spawn(run_timer(Arc::downgrade(&shared)));
+        Ok(Coordinator { shared })
+    }
+
+    /// The gRPC service, with message size limits set.
+    pub fn service(&self) -> FederationServer<Coordinator> {
+        FederationServer::new(self.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// Serves on `listener` until `shutdown` completes.
+    pub async fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), tonic::transport::Error> {
+        tonic::transport::Server::builder()
+            .add_service(self.service())
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                shutdown,
+            )
+            .await
+    }
+
+    /// Events as they are processed (after the model version of a completed round is written).
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.shared.observers.subscribe()
+    }
+
+    /// Resolves once the job has finished and its last model version is on disk.
+    pub async fn finished(&self) {
+        let mut rx = self.shared.finished.subscribe();
+        let _ = rx.wait_for(|f| *f).await;
+    }
+
+    pub fn history(&self) -> Vec<RoundSummary> {
+        self.lock().history().to_vec()
+    }
+
+    pub fn store(&self) -> &ModelStore {
+        &self.shared.store
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Orchestrator> {
+        self.shared
+            .orch
+            .lock()
+            .expect("state machine lock poisoned")
+    }
+
+    /// Runs `f` on the state machine, then hands its events to the processor and, if anything
+    /// happened (or `bump`), wakes waiters.
+    fn with<R>(&self, bump: bool, f: impl FnOnce(&mut Orchestrator) -> R) -> R {
+        with_orch(&self.shared, bump, f)
+    }
+
+    fn participant(&self, session: &str) -> Result<String, Status> {
+        self.lock()
+            .participant_for_session(session)
+            .cloned()
+            .ok_or_else(|| {
+                tracing::warn!("refused a call with an unknown or expired session");
+                Status::unauthenticated("unknown or expired session: join again")
+            })
+    }
+
+    fn model_digest(&self, version: u64, params: &[f32]) -> String {
+        let mut d = self.shared.digest.lock().expect("digest lock");
+        match &*d {
+            Some((v, s)) if *v == version => s.clone(),
+            _ => {
+                let s = cohort_protocol::params_digest(params);
+                *d = Some((version, s.clone()));
+                s
+            }
+        }
+    }
+
+    fn task_message(&self, id: &str) -> pb::Task {
+        let (task, version, params, cfg) = {
+            let o = self.lock();
+            let (v, p) = o.global();
+            (o.task_for(id), v, p, o.config().clone())
+        };
+        let now = Instant::now();
+        let ms = |d: Instant| d.saturating_duration_since(now).as_millis() as u64;
+        let kind = match task {
+            Task::Train {
+                round,
+                model_version,
+                config,
+                deadline,
+            } => Kind::Train(pb::TrainTask {
+                job_id: cfg.job_id.clone(),
+                round,
+                model: Some((&cfg.model).into()),
+                config: Some((&config).into()),
+                num_parameters: params.len() as u64,
+                model_digest: self.model_digest(version, &params),
+                deadline_in_ms: ms(deadline),
+                model_version,
+            }),
+            Task::Evaluate {
+                round,
+                model_version,
+                deadline,
+            } => Kind::Evaluate(pb::EvaluateTask {
+                job_id: cfg.job_id.clone(),
+                round,
+                model: Some((&cfg.model).into()),
+                num_parameters: params.len() as u64,
+                model_digest: self.model_digest(version, &params),
+                deadline_in_ms: ms(deadline),
+                model_version,
+            }),
+            Task::Idle => Kind::Idle(pb::IdleTask { retry_after_ms: 0 }),
+            Task::Finished => Kind::Finished(pb::FinishedTask {
+                reason: format!("job {} finished", cfg.job_id),
+            }),
+        };
+        pb::Task { kind: Some(kind) }
+    }
+}
+
+fn with_orch<R>(shared: &Shared, bump: bool, f: impl FnOnce(&mut Orchestrator) -> R) -> R {
+    let mut o = shared.orch.lock().expect("state machine lock poisoned");
+    let out = f(&mut o);
+    let mut any = false;
+    while let Some(ev) = o.poll_event() {
+        any = true;
+        // Sent under the lock, so the processor sees events in the machine's order.
+        let _ = shared.to_processor.send(ev);
+    }
+    drop(o);
+    if any || bump {
+        shared.changed.send_modify(|c| *c += 1);
+    }
+    out
+}
+
+/// Writes model versions, logs, and rebroadcasts events, strictly in order.
+async fn process_events(mut rx: mpsc::UnboundedReceiver<Event>, shared: Weak<Shared>) {
+    while let Some(ev) = rx.recv().await {
+        let Some(s) = shared.upgrade() else { return };
+        match &ev {
+            Event::RoundCompleted { summary, params } => {
+                let (job, spec) = {
+                    let o = s.orch.lock().expect("lock");
+                    (o.config().job_id.clone(), o.config().model.clone())
+                };
+                let (store, strategy) = (s.store.clone(), s.strategy.clone());
+                let (summary2, params) = (summary.clone(), params.clone());
+                let written = tokio::task::spawn_blocking(move || {
+                    store.write(
+                        &job,
+                        &spec,
+                        &strategy,
+                        summary2.round,
+                        &params,
+                        Some(&summary2),
+                        unix_ms(),
+                    )
+                })
+                .await;
+                match written {
+                    Ok(Ok(m)) => tracing::info!(
+                        round = summary.round,
+                        participants = summary.participants.len(),
+                        eval_accuracy = summary.eval.map(|m| m.accuracy),
+                        file = %s.store.weights_path(m.version).display(),
+                        "round complete; model version written"
+                    ),
+                    Ok(Err(e)) => {
+                        tracing::error!(round = summary.round, "writing model version failed: {e}")
+                    }
+                    Err(e) => tracing::error!(round = summary.round, "model writer panicked: {e}"),
+                }
+            }
+            Event::RoundStarted {
+                round,
+                attempt,
+                selected,
+            } => tracing::info!(round, attempt, ?selected, "round started"),
+            Event::StragglersDropped { round, ids } => {
+                tracing::warn!(round, ?ids, "stragglers left out at the deadline")
+            }
+            Event::RoundFailed {
+                round,
+                attempt,
+                cause,
+            } => tracing::warn!(round, attempt, ?cause, "round failed; will retry"),
+            Event::ParticipantJoined { id, rejoined } => {
+                tracing::info!(%id, rejoined, "participant joined")
+            }
+            Event::ParticipantLost { id } => tracing::warn!(%id, "participant lost"),
+            Event::ParticipantLeft { id } => tracing::info!(%id, "participant left"),
+            Event::UpdateAccepted { round, id } => tracing::info!(round, %id, "update accepted"),
+            Event::JobFinished { rounds } => tracing::info!(rounds, "job finished"),
+        }
+        let finished = matches!(ev, Event::JobFinished { .. });
+        let _ = s.observers.send(ev);
+        if finished {
+            s.finished.send_replace(true);
+        }
+    }
+}
+
+/// Calls `handle_timeout` when the state machine asks to be woken.
+async fn run_timer(shared: Weak<Shared>) {
+    let mut changed = match shared.upgrade() {
+        Some(s) => s.changed.subscribe(),
+        None => return,
+    };
+    loop {
+        let next = {
+            let Some(s) = shared.upgrade() else { return };
+            changed.borrow_and_update();
+            let o = s.orch.lock().expect("lock");
+            o.poll_timeout()
+        };
+        let sleep = async {
+            match next {
+                Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sleep => {
+                let Some(s) = shared.upgrade() else { return };
+                with_orch(&s, false, |o| o.handle_timeout(Instant::now()));
+            }
+            r = changed.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// The gRPC status for a refusal.
+pub fn rejection_status(r: &Rejection) -> Status {
+    let msg = r.to_string();
+    match r {
+        Rejection::UnknownParticipant(_) => Status::unauthenticated(msg),
+        Rejection::NotAllowed(_) => Status::permission_denied(msg),
+        Rejection::RoundClosed { .. } | Rejection::NotSelected(..) => {
+            Status::failed_precondition(msg)
+        }
+        Rejection::Duplicate(..) => Status::already_exists(msg),
+        Rejection::ParameterCount { .. } | Rejection::Invalid(_) => Status::invalid_argument(msg),
+    }
+}
+
+fn protocol_status(e: &ProtocolError) -> Status {
+    let msg = e.to_string();
+    match e {
+        ProtocolError::Malformed(_) | ProtocolError::ParameterCount { .. } => {
+            Status::invalid_argument(msg)
+        }
+        ProtocolError::DigestMismatch { .. } => Status::data_loss(msg),
+        ProtocolError::TooLarge { .. } => Status::resource_exhausted(msg),
+    }
+}
+
+fn refuse(id: &str, status: Status) -> Status {
+    tracing::warn!(participant = %id, code = ?status.code(), "refused: {}", status.message());
+    status
+}
+
+type ModelStream = Pin<Box<dyn Stream<Item = Result<pb::ModelChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Federation for Coordinator {
+    async fn join(
+        &self,
+        req: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let r = req.into_inner();
+        let session = format!("{:032x}", rand::random::<u128>());
+        let id = r.participant_id.clone();
+        self.with(true, |o| {
+            o.handle_join(
+                &r.participant_id,
+                session.clone(),
+                r.num_examples,
+                Instant::now(),
+            )
+        })
+        .map_err(|e| refuse(&id, rejection_status(&e)))?;
+        let o = self.lock();
+        Ok(Response::new(pb::JoinResponse {
+            session_id: session,
+            job_id: o.config().job_id.clone(),
+            heartbeat_interval_ms: (o.config().liveness_timeout / 3).as_millis() as u32,
+        }))
+    }
+
+    async fn poll_task(
+        &self,
+        req: Request<pb::PollTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        let r = req.into_inner();
+        let id = self.participant(&r.session_id)?;
+        let wait = Duration::from_millis(r.wait_ms as u64).min(MAX_POLL_WAIT);
+        let until = tokio::time::Instant::now() + wait;
+        let mut changed = self.shared.changed.subscribe();
+        loop {
+            changed.borrow_and_update();
+            self.with(false, |o| o.handle_heartbeat(&id, Instant::now()))
+                .map_err(|e| refuse(&id, rejection_status(&e)))?;
+            let task = self.task_message(&id);
+            if !matches!(task.kind, Some(Kind::Idle(_))) {
+                return Ok(Response::new(task));
+            }
+            tokio::select! {
+                r = changed.changed() => if r.is_err() { return Ok(Response::new(task)) },
+                _ = tokio::time::sleep_until(until) => return Ok(Response::new(task)),
+            }
+        }
+    }
+
+    type FetchModelStream = ModelStream;
+
+    async fn fetch_model(
+        &self,
+        req: Request<pb::FetchModelRequest>,
+    ) -> Result<Response<Self::FetchModelStream>, Status> {
+        let r = req.into_inner();
+        let id = self.participant(&r.session_id)?;
+        let (version, params, job) = {
+            let o = self.lock();
+            let (v, p) = o.global();
+            (v, p, o.config().job_id.clone())
+        };
+        if r.job_id != job {
+            return Err(refuse(
+                &id,
+                Status::not_found(format!(
+                    "no job {:?} (this coordinator runs {job:?})",
+                    r.job_id
+                )),
+            ));
+        }
+        if r.version != version {
+            return Err(refuse(
+                &id,
+                Status::failed_precondition(format!(
+                    "model version {} is not the current global model (version {version})",
+                    r.version
+                )),
+            ));
+        }
+        let chunks = cohort_protocol::model_chunks(&params);
+        Ok(Response::new(Box::pin(futures::stream::iter(
+            chunks.into_iter().map(Ok),
+        ))))
+    }
+
+    async fn submit_update(
+        &self,
+        req: Request<Streaming<pb::UpdateChunk>>,
+    ) -> Result<Response<pb::SubmitUpdateResponse>, Status> {
+        let mut stream = req.into_inner();
+        let header = match stream.message().await? {
+            Some(pb::UpdateChunk {
+                part: Some(Part::Header(h)),
+            }) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must be an UpdateHeader",
+                ));
+            }
+        };
+        let id = self.participant(&header.session_id)?;
+        let job = self.lock().config().job_id.clone();
+        if header.job_id != job {
+            return Err(refuse(
+                &id,
+                Status::not_found(format!("no job {:?}", header.job_id)),
+            ));
+        }
+        self.lock()
+            .check_update(&id, header.round, header.num_parameters as usize)
+            .map_err(|e| refuse(&id, rejection_status(&e)))?;
+        let mut asm = ParamAssembler::new(header.num_parameters);
+        let digest = loop {
+            match stream.message().await? {
+                Some(pb::UpdateChunk {
+                    part: Some(Part::Data(d)),
+                }) => asm.push(&d).map_err(|e| refuse(&id, protocol_status(&e)))?,
+                Some(pb::UpdateChunk {
+                    part: Some(Part::Trailer(t)),
+                }) => break t.digest,
+                Some(_) => {
+                    return Err(refuse(
+                        &id,
+                        Status::invalid_argument(
+                            "unexpected message after the header: only data chunks and one trailer may follow",
+                        ),
+                    ));
+                }
+                None => {
+                    return Err(refuse(
+                        &id,
+                        Status::invalid_argument("update stream ended without a trailer"),
+                    ));
+                }
+            }
+        };
+        if stream.message().await?.is_some() {
+            return Err(refuse(
+                &id,
+                Status::invalid_argument("messages after the trailer"),
+            ));
+        }
+        let delta = asm
+            .finish(&digest)
+            .map_err(|e| refuse(&id, protocol_status(&e)))?;
+        let train = header
+            .train
+            .as_ref()
+            .map(Metrics::try_from)
+            .transpose()
+            .map_err(|e| refuse(&id, protocol_status(&e)))?;
+        let update = Update {
+            round: header.round,
+            delta,
+            num_examples: header.num_examples,
+            train,
+        };
+        self.with(true, |o| o.handle_update(&id, update, Instant::now()))
+            .map_err(|e| refuse(&id, rejection_status(&e)))?;
+        Ok(Response::new(pb::SubmitUpdateResponse {
+            round: header.round,
+        }))
+    }
+
+    async fn submit_evaluation(
+        &self,
+        req: Request<pb::SubmitEvaluationRequest>,
+    ) -> Result<Response<pb::SubmitEvaluationResponse>, Status> {
+        let r = req.into_inner();
+        let id = self.participant(&r.session_id)?;
+        let metrics = r
+            .metrics
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("metrics missing"))
+            .and_then(|m| Metrics::try_from(m).map_err(|e| protocol_status(&e)))
+            .map_err(|s| refuse(&id, s))?;
+        self.with(true, |o| {
+            o.handle_evaluation(&id, r.round, metrics, Instant::now())
+        })
+        .map_err(|e| refuse(&id, rejection_status(&e)))?;
+        Ok(Response::new(pb::SubmitEvaluationResponse {}))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let id = self.participant(&req.into_inner().session_id)?;
+        self.with(false, |o| o.handle_heartbeat(&id, Instant::now()))
+            .map_err(|e| refuse(&id, rejection_status(&e)))?;
+        Ok(Response::new(pb::HeartbeatResponse {}))
+    }
+
+    async fn leave(
+        &self,
+        req: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveResponse>, Status> {
+        let id = self.participant(&req.into_inner().session_id)?;
+        self.with(true, |o| o.handle_leave(&id, Instant::now()))
+            .map_err(|e| refuse(&id, rejection_status(&e)))?;
+        Ok(Response::new(pb::LeaveResponse {}))
+    }
+}

@@ -1,0 +1,284 @@
+//! The Federation service over a real loopback socket: bad input is refused with the right
+//! status code, never aggregated, and the round goes on.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use cohort_coordinator::round::{Event, JobConfig};
+use cohort_coordinator::strategy::FedAvg;
+use cohort_coordinator::{Coordinator, ModelStore, Orchestrator};
+use cohort_model::{ModelSpec, Optimizer, TrainConfig};
+use cohort_protocol::pb::federation_client::FederationClient;
+use cohort_protocol::pb::{self, task::Kind, update_chunk::Part};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const P: usize = 62; // logistic regression, 30 inputs, 2 classes
+
+fn job() -> JobConfig {
+    JobConfig {
+        job_id: "j".into(),
+        model: ModelSpec::Logistic {
+            inputs: 30,
+            classes: 2,
+        },
+        train: TrainConfig {
+            epochs: 1,
+            batch_size: 8,
+            learning_rate: 0.1,
+            optimizer: Optimizer::Sgd,
+            seed: 0,
+        },
+        rounds: 2,
+        min_participants: 2,
+        fraction: 1.0,
+        min_updates: 2,
+        round_timeout: Duration::from_secs(30),
+        eval_timeout: Duration::from_secs(30),
+        evaluate: false,
+        liveness_timeout: Duration::from_secs(30),
+        seed: 3,
+    }
+}
+
+async fn start() -> (Coordinator, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let allowed: BTreeSet<String> = ["a", "b"].iter().map(|s| s.to_string()).collect();
+    let orch = Orchestrator::new(job(), Box::new(FedAvg::default()), Some(allowed)).unwrap();
+    let store = ModelStore::open(dir.path()).unwrap();
+    let c = Coordinator::start(orch, store, "fedavg").unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let c2 = c.clone();
+    tokio::spawn(async move { c2.serve(listener, std::future::pending()).await });
+    (c, addr, dir)
+}
+
+async fn client(addr: &str) -> FederationClient<Channel> {
+    FederationClient::connect(addr.to_string()).await.unwrap()
+}
+
+async fn join(c: &mut FederationClient<Channel>, id: &str) -> String {
+    c.join(pb::JoinRequest {
+        participant_id: id.into(),
+        num_examples: 10,
+        client_version: "test".into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .session_id
+}
+
+async fn poll(c: &mut FederationClient<Channel>, session: &str) -> pb::Task {
+    c.poll_task(pb::PollTaskRequest {
+        session_id: session.into(),
+        wait_ms: 5000,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+fn header(session: &str, round: u64, n: u64) -> pb::UpdateHeader {
+    pb::UpdateHeader {
+        session_id: session.into(),
+        job_id: "j".into(),
+        round,
+        num_parameters: n,
+        num_examples: 10,
+        train: None,
+        train_seconds: 0.0,
+    }
+}
+
+async fn send(
+    c: &mut FederationClient<Channel>,
+    chunks: Vec<pb::UpdateChunk>,
+) -> Result<(), tonic::Status> {
+    c.submit_update(futures::stream::iter(chunks))
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_updates_get_the_right_status_and_are_never_aggregated() {
+    let (coord, addr, _dir) = start().await;
+    let mut events = coord.subscribe();
+    let (mut ca, mut cb) = (client(&addr).await, client(&addr).await);
+
+    // A stranger cannot join; an unknown session cannot poll.
+    let e = ca
+        .join(pb::JoinRequest {
+            participant_id: "mallory".into(),
+            num_examples: 1,
+            client_version: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = ca
+        .poll_task(pb::PollTaskRequest {
+            session_id: "forged".into(),
+            wait_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+
+    let sa = join(&mut ca, "a").await;
+    let sb = join(&mut cb, "b").await;
+    let Some(Kind::Train(t)) = poll(&mut ca, &sa).await.kind else {
+        panic!("expected a training task");
+    };
+    assert_eq!(
+        (t.round, t.num_parameters, t.model_version),
+        (1, P as u64, 0)
+    );
+
+    // The global model downloads intact.
+    let mut s = ca
+        .fetch_model(pb::FetchModelRequest {
+            session_id: sa.clone(),
+            job_id: "j".into(),
+            version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut asm = cohort_protocol::ParamAssembler::new(P as u64);
+    let mut digest = String::new();
+    while let Some(chunk) = s.message().await.unwrap() {
+        asm.push(&chunk.data).unwrap();
+        digest = chunk.digest;
+    }
+    let global0 = asm.finish(&t.model_digest).unwrap();
+    assert_eq!(digest, t.model_digest);
+    let e = ca
+        .fetch_model(pb::FetchModelRequest {
+            session_id: sa.clone(),
+            job_id: "j".into(),
+            version: 7,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+
+    let good = vec![1.0f32; P];
+    // Wrong parameter count.
+    let e = send(
+        &mut ca,
+        cohort_protocol::update_chunks(header(&sa, 1, P as u64 + 1), &vec![0.0; P + 1]),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // More data than announced.
+    let mut chunks = cohort_protocol::update_chunks(header(&sa, 1, P as u64), &good);
+    chunks.insert(
+        2,
+        pb::UpdateChunk {
+            part: Some(Part::Data(vec![0u8; 4])),
+        },
+    );
+    let e = send(&mut ca, chunks).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    // Digest mismatch (data altered in transit).
+    let mut chunks = cohort_protocol::update_chunks(header(&sa, 1, P as u64), &good);
+    if let Some(Part::Data(d)) = &mut chunks[1].part {
+        d[0] ^= 1;
+    }
+    let e = send(&mut ca, chunks).await.unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+    // Unknown session.
+    let e = send(
+        &mut ca,
+        cohort_protocol::update_chunks(header("forged", 1, P as u64), &good),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    // A round that is not open.
+    let e = send(
+        &mut ca,
+        cohort_protocol::update_chunks(header(&sa, 2, P as u64), &good),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    // No trailer.
+    let mut chunks = cohort_protocol::update_chunks(header(&sa, 1, P as u64), &good);
+    chunks.pop();
+    let e = send(&mut ca, chunks).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    // An oversized message is refused by the transport's limit.
+    let big = pb::UpdateChunk {
+        part: Some(Part::Data(vec![
+            0u8;
+            cohort_protocol::MAX_MESSAGE_BYTES + 8
+        ])),
+    };
+    let chunks = vec![
+        pb::UpdateChunk {
+            part: Some(Part::Header(header(&sa, 1, P as u64))),
+        },
+        big,
+    ];
+    let e = send(&mut ca, chunks).await.unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            Code::ResourceExhausted | Code::OutOfRange | Code::InvalidArgument
+        ),
+        "{e:?}"
+    );
+
+    // After all that, a's real update is accepted once; a duplicate is refused.
+    send(
+        &mut ca,
+        cohort_protocol::update_chunks(header(&sa, 1, P as u64), &good),
+    )
+    .await
+    .unwrap();
+    let e = send(
+        &mut ca,
+        cohort_protocol::update_chunks(header(&sa, 1, P as u64), &good),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    // b's update closes the round: the new model is the mean of the two good updates only.
+    send(
+        &mut cb,
+        cohort_protocol::update_chunks(header(&sb, 1, P as u64), &vec![3.0; P]),
+    )
+    .await
+    .unwrap();
+    let summary = loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
+            Ok(Ok(Event::RoundCompleted { summary, params })) => {
+                for (g, g0) in params.iter().zip(&global0) {
+                    assert!((g - (g0 + 2.0)).abs() < 1e-6);
+                }
+                break summary;
+            }
+            Ok(Ok(_)) => {}
+            other => panic!("no round completion: {other:?}"),
+        }
+    };
+    assert_eq!(summary.participants, vec!["a".to_string(), "b".to_string()]);
+    assert_eq!(summary.total_examples, 20);
+    // A late update for the closed round is refused.
+    let e = send(
+        &mut ca,
+        cohort_protocol::update_chunks(header(&sa, 1, P as u64), &good),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    // The round went on: round 2 is handed out.
+    let Some(Kind::Train(t2)) = poll(&mut cb, &sb).await.kind else {
+        panic!("expected round 2");
+    };
+    assert_eq!((t2.round, t2.model_version), (2, 1));
+}

@@ -1,0 +1,101 @@
+//! cohort's models: Burn networks for tables and images, flat parameter vectors, seeded local
+//! training and evaluation, dataset loaders (CSV, IDX) and partitioners.
+//!
+//! This crate knows nothing about the network, async runtimes or cryptography: it takes data,
+//! parameters, seeds and a device, and returns numbers.
+#![allow(deprecated)] // Device::ndarray() is deprecated in Burn 0.22 in favour of the `flex` backend.
+
+pub mod data;
+pub mod net;
+pub mod partition;
+pub mod train;
+
+use std::path::PathBuf;
+
+pub use data::{Dataset, FeatureShape, IdxSplit, LabelColumn, Standardizer};
+pub use net::{ModelSpec, Network};
+pub use partition::{Partition, partition};
+pub use train::{Metrics, Optimizer, TrainConfig, TrainReport, evaluate, train};
+
+/// Errors loading or validating data.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}:{line}: {message}", path.display())]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Errors building, training or evaluating a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("invalid model spec: {0}")]
+    InvalidSpec(String),
+    #[error("invalid training config: {0}")]
+    InvalidConfig(String),
+    #[error("parameter count mismatch: expected {expected}, got {got}")]
+    ParameterCount { expected: usize, got: usize },
+    #[error("data does not fit the model: {0}")]
+    DataMismatch(String),
+    #[error("training diverged (loss is not finite) at learning rate {learning_rate}")]
+    Diverged { learning_rate: f64 },
+    #[error("model store: {0}")]
+    Store(String),
+}
+
+/// Where tensors live: Burn's ndarray backend on the CPU, or wgpu (a GPU, or Mesa's software
+/// Vulkan driver where there is none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDevice {
+    #[default]
+    #[serde(alias = "ndarray")]
+    Cpu,
+    Wgpu,
+}
+
+impl ComputeDevice {
+    /// A device for inference (no autodiff).
+    pub fn inference(self) -> burn::tensor::Device {
+        match self {
+            ComputeDevice::Cpu => burn::tensor::Device::ndarray(),
+            ComputeDevice::Wgpu => {
+                burn::tensor::Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)
+            }
+        }
+    }
+
+    /// A device for training (autodiff).
+    pub fn training(self) -> burn::tensor::Device {
+        self.inference().autodiff()
+    }
+}
+
+impl std::str::FromStr for ComputeDevice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" | "ndarray" => Ok(ComputeDevice::Cpu),
+            "wgpu" | "gpu" => Ok(ComputeDevice::Wgpu),
+            _ => Err(format!("unknown device {s:?}: use ndarray (cpu) or wgpu")),
+        }
+    }
+}
+
+impl std::fmt::Display for ComputeDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ComputeDevice::Cpu => "ndarray",
+            ComputeDevice::Wgpu => "wgpu",
+        })
+    }
+}

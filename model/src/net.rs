@@ -1,0 +1,545 @@
+//! Model specifications, the Burn networks they build, and the flat parameter vector that
+//! crosses the network: flatten and unflatten in one deterministic order.
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
+use burn::nn::{Linear, LinearConfig, PaddingConfig2d, Relu};
+use burn::store::{ModuleSnapshot, SafetensorsStore};
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::SeedableRng;
+use rand::rngs::ChaCha8Rng;
+use rand_distr::{Distribution, Uniform};
+use serde::{Deserialize, Serialize};
+
+use crate::ModelError;
+use crate::data::FeatureShape;
+
+/// What network a federation trains. Every participant builds the same one from it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ModelSpec {
+    /// Multinomial logistic regression (one linear layer).
+    Logistic { inputs: usize, classes: usize },
+    /// Fully connected network with ReLU between layers.
+    Mlp {
+        inputs: usize,
+        hidden: Vec<usize>,
+        classes: usize,
+    },
+    /// Two 3×3 convolutions (8 and 16 channels), each followed by ReLU and 2×2 max-pooling,
+    /// then a 64-unit hidden layer. Height and width must be multiples of 4.
+    Cnn {
+        channels: usize,
+        height: usize,
+        width: usize,
+        classes: usize,
+    },
+}
+
+/// CNN sizes (fixed, small enough to train on CPUs in a simulation).
+const CNN_C1: usize = 8;
+const CNN_C2: usize = 16;
+const CNN_HIDDEN: usize = 64;
+
+/// One tensor of the flat parameter vector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamInfo {
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// Inputs feeding each output unit (for initialisation).
+    pub fan_in: usize,
+}
+
+impl ModelSpec {
+    /// A spec that fits a dataset's shape: a CNN for images, else an MLP with `hidden`
+    /// (logistic regression when `hidden` is empty).
+    pub fn for_shape(shape: FeatureShape, classes: usize, hidden: &[usize]) -> ModelSpec {
+        match shape {
+            FeatureShape::Image {
+                channels,
+                height,
+                width,
+            } => ModelSpec::Cnn {
+                channels,
+                height,
+                width,
+                classes,
+            },
+            FeatureShape::Flat(inputs) if hidden.is_empty() => {
+                ModelSpec::Logistic { inputs, classes }
+            }
+            FeatureShape::Flat(inputs) => ModelSpec::Mlp {
+                inputs,
+                hidden: hidden.to_vec(),
+                classes,
+            },
+        }
+    }
+
+    /// Checks the sizes make a network.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |m: String| Err(ModelError::InvalidSpec(m));
+        match self {
+            ModelSpec::Logistic { inputs, classes }
+            | ModelSpec::Mlp {
+                inputs, classes, ..
+            } => {
+                if *inputs == 0 {
+                    return bad("inputs must be at least 1".into());
+                }
+                if *classes < 2 {
+                    return bad(format!("classes must be at least 2, not {classes}"));
+                }
+                if let ModelSpec::Mlp { hidden, .. } = self
+                    && hidden.contains(&0)
+                {
+                    return bad(format!("hidden layer sizes must be positive: {hidden:?}"));
+                }
+            }
+            ModelSpec::Cnn {
+                channels,
+                height,
+                width,
+                classes,
+            } => {
+                if *channels == 0 || *height == 0 || *width == 0 {
+                    return bad("cnn channels, height and width must be positive".into());
+                }
+                if height % 4 != 0 || width % 4 != 0 {
+                    return bad(format!(
+                        "cnn height and width must be multiples of 4, not {height}x{width}"
+                    ));
+                }
+                if *classes < 2 {
+                    return bad(format!("classes must be at least 2, not {classes}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The feature shape an example must have.
+    pub fn input_shape(&self) -> FeatureShape {
+        match *self {
+            ModelSpec::Logistic { inputs, .. } | ModelSpec::Mlp { inputs, .. } => {
+                FeatureShape::Flat(inputs)
+            }
+            ModelSpec::Cnn {
+                channels,
+                height,
+                width,
+                ..
+            } => FeatureShape::Image {
+                channels,
+                height,
+                width,
+            },
+        }
+    }
+
+    pub fn classes(&self) -> usize {
+        match *self {
+            ModelSpec::Logistic { classes, .. }
+            | ModelSpec::Mlp { classes, .. }
+            | ModelSpec::Cnn { classes, .. } => classes,
+        }
+    }
+
+    /// Checks that a dataset can be trained with this spec, naming what differs.
+    pub fn check_data(&self, shape: FeatureShape, classes: usize) -> Result<(), ModelError> {
+        if shape.len() != self.input_shape().len() {
+            return Err(ModelError::DataMismatch(format!(
+                "the model takes {:?} ({} values) but the data has {:?} ({} values)",
+                self.input_shape(),
+                self.input_shape().len(),
+                shape,
+                shape.len()
+            )));
+        }
+        if classes > self.classes() {
+            return Err(ModelError::DataMismatch(format!(
+                "the data has {classes} classes but the model predicts {}",
+                self.classes()
+            )));
+        }
+        Ok(())
+    }
+
+    fn linear_sizes(&self) -> Vec<(usize, usize)> {
+        match self {
+            ModelSpec::Logistic { inputs, classes } => vec![(*inputs, *classes)],
+            ModelSpec::Mlp {
+                inputs,
+                hidden,
+                classes,
+            } => {
+                let mut dims = vec![*inputs];
+                dims.extend_from_slice(hidden);
+                dims.push(*classes);
+                dims.windows(2).map(|w| (w[0], w[1])).collect()
+            }
+            ModelSpec::Cnn {
+                height,
+                width,
+                classes,
+                ..
+            } => vec![
+                (CNN_C2 * (height / 4) * (width / 4), CNN_HIDDEN),
+                (CNN_HIDDEN, *classes),
+            ],
+        }
+    }
+
+    /// The parameter tensors in the order of the flat vector (Burn's visiting order: fields in
+    /// declaration order, weight before bias).
+    pub fn layout(&self) -> Vec<ParamInfo> {
+        let mut out = Vec::new();
+        let linear = |out: &mut Vec<ParamInfo>, name: &str, (i, o): (usize, usize)| {
+            out.push(ParamInfo {
+                name: format!("{name}.weight"),
+                shape: vec![i, o],
+                fan_in: i,
+            });
+            out.push(ParamInfo {
+                name: format!("{name}.bias"),
+                shape: vec![o],
+                fan_in: i,
+            });
+        };
+        match self {
+            ModelSpec::Logistic { .. } | ModelSpec::Mlp { .. } => {
+                for (k, io) in self.linear_sizes().into_iter().enumerate() {
+                    linear(&mut out, &format!("layers.{k}"), io);
+                }
+            }
+            ModelSpec::Cnn { channels, .. } => {
+                for (name, cin, cout) in [("conv1", *channels, CNN_C1), ("conv2", CNN_C1, CNN_C2)] {
+                    out.push(ParamInfo {
+                        name: format!("{name}.weight"),
+                        shape: vec![cout, cin, 3, 3],
+                        fan_in: cin * 9,
+                    });
+                    out.push(ParamInfo {
+                        name: format!("{name}.bias"),
+                        shape: vec![cout],
+                        fan_in: cin * 9,
+                    });
+                }
+                let sizes = self.linear_sizes();
+                linear(&mut out, "fc1", sizes[0]);
+                linear(&mut out, "fc2", sizes[1]);
+            }
+        }
+        out
+    }
+
+    /// Length of the flat parameter vector.
+    pub fn num_parameters(&self) -> usize {
+        self.layout()
+            .iter()
+            .map(|p| p.shape.iter().product::<usize>())
+            .sum()
+    }
+
+    /// Initial parameters, drawn from U(−1/√fan_in, 1/√fan_in) with a seeded generator (the
+    /// PyTorch default), so every backend and every run starts from the same model.
+    pub fn initial_parameters(&self, seed: u64) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut out = Vec::with_capacity(self.num_parameters());
+        for p in self.layout() {
+            let bound = 1.0 / (p.fan_in.max(1) as f32).sqrt();
+            let u = Uniform::new_inclusive(-bound, bound).expect("finite bound");
+            let n: usize = p.shape.iter().product();
+            out.extend((0..n).map(|_| u.sample(&mut rng)));
+        }
+        out
+    }
+
+    /// Builds the network on `device` with the given flat parameters.
+    pub fn build(&self, params: &[f32], device: &Device) -> Result<Network, ModelError> {
+        self.validate()?;
+        if params.len() != self.num_parameters() {
+            return Err(ModelError::ParameterCount {
+                expected: self.num_parameters(),
+                got: params.len(),
+            });
+        }
+        let net = match self {
+            ModelSpec::Logistic { .. } | ModelSpec::Mlp { .. } => Network::Mlp(Mlp {
+                layers: self
+                    .linear_sizes()
+                    .into_iter()
+                    .map(|(i, o)| LinearConfig::new(i, o).init(device))
+                    .collect(),
+                act: Relu::new(),
+            }),
+            ModelSpec::Cnn {
+                channels,
+                height,
+                width,
+                ..
+            } => {
+                let sizes = self.linear_sizes();
+                Network::Cnn(Cnn {
+                    conv1: Conv2dConfig::new([*channels, CNN_C1], [3, 3])
+                        .with_padding(PaddingConfig2d::Same)
+                        .init(device),
+                    conv2: Conv2dConfig::new([CNN_C1, CNN_C2], [3, 3])
+                        .with_padding(PaddingConfig2d::Same)
+                        .init(device),
+                    fc1: LinearConfig::new(sizes[0].0, sizes[0].1).init(device),
+                    fc2: LinearConfig::new(sizes[1].0, sizes[1].1).init(device),
+                    pool: MaxPool2dConfig::new([2, 2]).init(),
+                    act: Relu::new(),
+                    shape: [*channels, *height, *width],
+                })
+            }
+        };
+        net.load_flat(params)
+    }
+}
+
+/// Fully connected layers with ReLU between them (no hidden layer: logistic regression).
+#[derive(Module, Debug)]
+pub struct Mlp {
+    layers: Vec<Linear>,
+    act: Relu,
+}
+
+/// The small image CNN of [`ModelSpec::Cnn`].
+#[derive(Module, Debug)]
+pub struct Cnn {
+    conv1: Conv2d,
+    conv2: Conv2d,
+    fc1: Linear,
+    fc2: Linear,
+    pool: MaxPool2d,
+    act: Relu,
+    /// Input shape [channels, height, width]; examples arrive flattened.
+    #[module(skip)]
+    shape: [usize; 3],
+}
+
+/// A network built from a [`ModelSpec`].
+#[derive(Module, Debug)]
+pub enum Network {
+    Mlp(Mlp),
+    Cnn(Cnn),
+}
+
+impl Network {
+    /// Logits `[batch, classes]` for flattened examples `[batch, features]`.
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        match self {
+            Network::Mlp(m) => {
+                let mut x = x;
+                let last = m.layers.len() - 1;
+                for (k, layer) in m.layers.iter().enumerate() {
+                    x = layer.forward(x);
+                    if k < last {
+                        x = m.act.forward(x);
+                    }
+                }
+                x
+            }
+            Network::Cnn(m) => {
+                let [c, h, w] = m.shape;
+                let b = x.dims()[0];
+                let x: Tensor<4> = x.reshape([b, c, h, w]);
+                let x = m.pool.forward(m.act.forward(m.conv1.forward(x)));
+                let x = m.pool.forward(m.act.forward(m.conv2.forward(x)));
+                let x: Tensor<2> = x.flatten(1, 3);
+                m.fc2.forward(m.act.forward(m.fc1.forward(x)))
+            }
+        }
+    }
+
+    /// All parameters as one f32 vector, in [`ModelSpec::layout`] order.
+    pub fn to_flat(&self) -> Vec<f32> {
+        let mut f = Flatten { out: Vec::new() };
+        self.visit(&mut f);
+        f.out
+    }
+
+    /// Replaces every parameter with values from `params` (same order as [`Self::to_flat`]),
+    /// keeping parameter ids, devices and gradient requirements.
+    pub fn load_flat(self, params: &[f32]) -> Result<Network, ModelError> {
+        let expected = self.num_params();
+        if params.len() != expected {
+            return Err(ModelError::ParameterCount {
+                expected,
+                got: params.len(),
+            });
+        }
+        let mut u = Unflatten {
+            flat: params,
+            offset: 0,
+        };
+        Ok(self.map(&mut u))
+    }
+
+    /// The weights as a safetensors file (tensor names as in [`ModelSpec::layout`]).
+    pub fn to_safetensors(&self) -> Result<Vec<u8>, ModelError> {
+        let mut st = SafetensorsStore::from_bytes(None);
+        match self {
+            Network::Mlp(m) => m.save_into(&mut st),
+            Network::Cnn(m) => m.save_into(&mut st),
+        }
+        .map_err(|e| ModelError::Store(format!("{e:?}")))?;
+        st.get_bytes()
+            .map_err(|e| ModelError::Store(format!("{e:?}")))
+    }
+}
+
+struct Flatten {
+    out: Vec<f32>,
+}
+
+impl ModuleVisitor for Flatten {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+        self.out.extend(
+            p.val()
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .expect("f32 tensor data"),
+        );
+    }
+}
+
+struct Unflatten<'a> {
+    flat: &'a [f32],
+    offset: usize,
+}
+
+impl ModuleMapper for Unflatten<'_> {
+    fn map_float<const D: usize>(&mut self, p: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (shape, dev) = (p.lazy_shape(), p.lazy_device());
+        let n = shape.num_elements();
+        let t = Tensor::<D>::from_data(
+            TensorData::new(self.flat[self.offset..self.offset + n].to_vec(), shape),
+            &dev,
+        );
+        self.offset += n;
+        let id = p.id;
+        p.transform_for_load(t, id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn specs() -> Vec<ModelSpec> {
+        vec![
+            ModelSpec::Logistic {
+                inputs: 30,
+                classes: 2,
+            },
+            ModelSpec::Mlp {
+                inputs: 8,
+                hidden: vec![16, 4],
+                classes: 3,
+            },
+            ModelSpec::Cnn {
+                channels: 1,
+                height: 28,
+                width: 28,
+                classes: 10,
+            },
+        ]
+    }
+
+    #[test]
+    fn layout_matches_burn_and_round_trips_exactly() {
+        let dev = crate::ComputeDevice::Cpu.inference();
+        for spec in specs() {
+            let params = spec.initial_parameters(3);
+            assert_eq!(params.len(), spec.num_parameters());
+            let net = spec.build(&params, &dev).unwrap();
+            assert_eq!(net.num_params(), spec.num_parameters(), "{spec:?}");
+            assert_eq!(
+                net.to_flat(),
+                params,
+                "{spec:?}: flatten(unflatten(p)) != p"
+            );
+        }
+        assert_eq!(specs()[0].num_parameters(), 62);
+        assert_eq!(specs()[2].num_parameters(), 80 + 1168 + 784 * 64 + 64 + 650);
+    }
+
+    #[test]
+    fn initial_parameters_are_seeded_and_bounded() {
+        let s = &specs()[1];
+        assert_eq!(s.initial_parameters(1), s.initial_parameters(1));
+        assert_ne!(s.initial_parameters(1), s.initial_parameters(2));
+        let bound = 1.0 / (8f32).sqrt();
+        assert!(
+            s.initial_parameters(1)[..8 * 16]
+                .iter()
+                .all(|v| v.abs() <= bound)
+        );
+    }
+
+    #[test]
+    fn wrong_parameter_count_is_refused() {
+        let dev = crate::ComputeDevice::Cpu.inference();
+        let e = specs()[0].build(&[0.0; 61], &dev).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "parameter count mismatch: expected 62, got 61"
+        );
+    }
+
+    #[test]
+    fn invalid_specs_are_named() {
+        let e = ModelSpec::Cnn {
+            channels: 1,
+            height: 30,
+            width: 28,
+            classes: 10,
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.to_string().contains("multiples of 4"), "{e}");
+        let spec = ModelSpec::Logistic {
+            inputs: 4,
+            classes: 2,
+        };
+        assert!(
+            spec.check_data(FeatureShape::Flat(5), 2)
+                .unwrap_err()
+                .to_string()
+                .contains("5 values")
+        );
+    }
+
+    #[test]
+    fn safetensors_export_names_tensors() {
+        let dev = crate::ComputeDevice::Cpu.inference();
+        let spec = &specs()[1];
+        let bytes = spec
+            .build(&spec.initial_parameters(0), &dev)
+            .unwrap()
+            .to_safetensors()
+            .unwrap();
+        let text = String::from_utf8_lossy(&bytes[..200.min(bytes.len())]).to_string();
+        assert!(text.contains("layers.0.weight"), "{text}");
+    }
+
+    #[test]
+    fn spec_toml_form() {
+        let s: ModelSpec =
+            serde_json::from_str(r#"{"kind":"mlp","inputs":30,"hidden":[16],"classes":2}"#)
+                .unwrap();
+        assert_eq!(
+            s,
+            ModelSpec::Mlp {
+                inputs: 30,
+                hidden: vec![16],
+                classes: 2
+            }
+        );
+    }
+}

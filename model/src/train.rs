@@ -1,0 +1,419 @@
+//! Seeded local training and evaluation.
+
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{AdamConfig, GradientsParams, SgdConfig};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use rand::SeedableRng;
+use rand::rngs::ChaCha8Rng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use crate::data::Dataset;
+use crate::net::{ModelSpec, Network};
+use crate::{ComputeDevice, ModelError};
+
+/// Local optimiser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Optimizer {
+    Sgd,
+    Adam,
+}
+
+impl std::str::FromStr for Optimizer {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sgd" => Ok(Optimizer::Sgd),
+            "adam" => Ok(Optimizer::Adam),
+            _ => Err(format!("unknown optimizer {s:?}: use sgd or adam")),
+        }
+    }
+}
+
+impl std::fmt::Display for Optimizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Optimizer::Sgd => "sgd",
+            Optimizer::Adam => "adam",
+        })
+    }
+}
+
+/// Hyper-parameters of one participant's local training in one round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub optimizer: Optimizer,
+    /// Seed of the shuffling order.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if self.epochs == 0 {
+            return Err(ModelError::InvalidConfig(
+                "epochs must be at least 1".into(),
+            ));
+        }
+        if self.batch_size == 0 {
+            return Err(ModelError::InvalidConfig(
+                "batch_size must be at least 1".into(),
+            ));
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            return Err(ModelError::InvalidConfig(format!(
+                "learning_rate must be a positive number, not {}",
+                self.learning_rate
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Loss, accuracy and (binary tasks) AUC over a set of examples.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    pub loss: f64,
+    pub accuracy: f64,
+    /// Area under the ROC curve for binary tasks, `None` otherwise.
+    pub auc: Option<f64>,
+    pub num_examples: usize,
+}
+
+impl Metrics {
+    /// Example-weighted mean of several parties' metrics (AUC averaged the same way, as an
+    /// approximation, where every party has one).
+    pub fn weighted_mean(items: &[Metrics]) -> Option<Metrics> {
+        let n: usize = items.iter().map(|m| m.num_examples).sum();
+        if n == 0 {
+            return None;
+        }
+        let w = |f: &dyn Fn(&Metrics) -> f64| {
+            items
+                .iter()
+                .map(|m| f(m) * m.num_examples as f64)
+                .sum::<f64>()
+                / n as f64
+        };
+        let auc = if items.iter().all(|m| m.auc.is_some()) {
+            Some(w(&|m| m.auc.unwrap_or(0.0)))
+        } else {
+            None
+        };
+        Some(Metrics {
+            loss: w(&|m| m.loss),
+            accuracy: w(&|m| m.accuracy),
+            auc,
+            num_examples: n,
+        })
+    }
+}
+
+/// What local training did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainReport {
+    /// Mean loss over each epoch's batches.
+    pub epoch_loss: Vec<f64>,
+    /// Accuracy on the training batches of the last epoch, as they were seen.
+    pub last_epoch_accuracy: f64,
+    pub num_examples: usize,
+    pub seconds: f64,
+}
+
+fn batch_tensors(data: &Dataset, idx: &[usize], device: &Device) -> (Tensor<2>, Tensor<1, Int>) {
+    let d = data.shape.len();
+    let mut x = Vec::with_capacity(idx.len() * d);
+    let mut y = Vec::with_capacity(idx.len());
+    for &i in idx {
+        x.extend_from_slice(data.row(i));
+        y.push(data.labels[i] as i64);
+    }
+    (
+        Tensor::<2>::from_data(TensorData::new(x, [idx.len(), d]), device),
+        Tensor::<1, Int>::from_data(TensorData::new(y, [idx.len()]), device),
+    )
+}
+
+/// Trains from `params` on `data` and returns the new flat parameters.
+///
+/// Deterministic: the same inputs give the same outputs on the same device kind.
+pub fn train(
+    spec: &ModelSpec,
+    params: &[f32],
+    data: &Dataset,
+    cfg: &TrainConfig,
+    device: ComputeDevice,
+) -> Result<(Vec<f32>, TrainReport), ModelError> {
+    cfg.validate()?;
+    spec.check_data(data.shape, data.num_classes)?;
+    if data.is_empty() {
+        return Err(ModelError::InvalidConfig(
+            "no training examples".to_string(),
+        ));
+    }
+    let start = Instant::now();
+    let dev = device.training();
+    let mut model = spec.build(params, &dev)?;
+    let loss_fn = CrossEntropyLossConfig::new().init(&dev);
+    let mut opt = match cfg.optimizer {
+        Optimizer::Sgd => SgdConfig::new().init(),
+        Optimizer::Adam => AdamConfig::new().init(),
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let mut order: Vec<usize> = (0..data.len()).collect();
+    let mut epoch_loss = Vec::with_capacity(cfg.epochs);
+    let mut correct = 0i64;
+    for epoch in 0..cfg.epochs {
+        order.shuffle(&mut rng);
+        let mut total = 0.0f64;
+        for batch in order.chunks(cfg.batch_size) {
+            let (x, y) = batch_tensors(data, batch, &dev);
+            let logits = model.forward(x);
+            if epoch + 1 == cfg.epochs {
+                let n = batch.len();
+                let hits: i64 = logits
+                    .clone()
+                    .argmax(1)
+                    .reshape([n])
+                    .equal(y.clone())
+                    .int()
+                    .sum()
+                    .into_scalar();
+                correct += hits;
+            }
+            let loss = loss_fn.forward(logits, y);
+            let l: f32 = loss.clone().into_scalar();
+            total += l as f64 * batch.len() as f64;
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = opt.step(cfg.learning_rate, model, grads);
+        }
+        let mean = total / data.len() as f64;
+        if !mean.is_finite() {
+            return Err(ModelError::Diverged {
+                learning_rate: cfg.learning_rate,
+            });
+        }
+        epoch_loss.push(mean);
+    }
+    let out = model.valid().to_flat();
+    Ok((
+        out,
+        TrainReport {
+            epoch_loss,
+            last_epoch_accuracy: correct as f64 / data.len() as f64,
+            num_examples: data.len(),
+            seconds: start.elapsed().as_secs_f64(),
+        },
+    ))
+}
+
+/// Evaluates parameters on `data`: mean cross-entropy, accuracy and, for two classes, AUC.
+pub fn evaluate(
+    spec: &ModelSpec,
+    params: &[f32],
+    data: &Dataset,
+    device: ComputeDevice,
+) -> Result<Metrics, ModelError> {
+    spec.check_data(data.shape, data.num_classes)?;
+    let dev = device.inference();
+    let model = spec.build(params, &dev)?;
+    let logits = predict_logits(&model, data, &dev);
+    Ok(metrics_from_logits(&logits, &data.labels, spec.classes()))
+}
+
+/// Logits for every example of `data`, row-major `[len, classes]`.
+pub fn predict_logits(model: &Network, data: &Dataset, dev: &Device) -> Vec<f32> {
+    let idx: Vec<usize> = (0..data.len()).collect();
+    let mut out = Vec::new();
+    for chunk in idx.chunks(1024) {
+        let (x, _) = batch_tensors(data, chunk, dev);
+        out.extend(
+            model
+                .forward(x)
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .expect("f32 logits"),
+        );
+    }
+    out
+}
+
+/// Loss, accuracy and AUC from logits (row-major, `classes` per row).
+pub fn metrics_from_logits(logits: &[f32], labels: &[u32], classes: usize) -> Metrics {
+    let n = labels.len();
+    let mut loss = 0.0f64;
+    let mut correct = 0usize;
+    let mut scores = Vec::with_capacity(n);
+    for (row, &y) in logits.chunks(classes).zip(labels) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = max
+            + row
+                .iter()
+                .map(|&v| (v as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        loss += lse - row[y as usize] as f64;
+        let arg = row
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i)
+            .unwrap_or(0);
+        correct += (arg == y as usize) as usize;
+        if classes == 2 {
+            scores.push((row[1] - row[0]) as f64);
+        }
+    }
+    Metrics {
+        loss: if n == 0 { 0.0 } else { loss / n as f64 },
+        accuracy: if n == 0 {
+            0.0
+        } else {
+            correct as f64 / n as f64
+        },
+        auc: (classes == 2).then(|| auc(&scores, labels)).flatten(),
+        num_examples: n,
+    }
+}
+
+/// ROC AUC by the rank-sum (Mann–Whitney) statistic, ties counted half. `None` when one class
+/// is absent.
+pub fn auc(scores: &[f64], labels: &[u32]) -> Option<f64> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    let mut ranks = vec![0.0; scores.len()];
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i;
+        while j + 1 < idx.len() && scores[idx[j + 1]] == scores[idx[i]] {
+            j += 1;
+        }
+        let r = (i + j) as f64 / 2.0 + 1.0;
+        for k in i..=j {
+            ranks[idx[k]] = r;
+        }
+        i = j + 1;
+    }
+    let pos = labels.iter().filter(|&&l| l == 1).count() as f64;
+    let neg = labels.len() as f64 - pos;
+    if pos == 0.0 || neg == 0.0 {
+        return None;
+    }
+    let rank_sum: f64 = labels
+        .iter()
+        .zip(&ranks)
+        .filter(|(l, _)| **l == 1)
+        .map(|(_, r)| r)
+        .sum();
+    Some((rank_sum - pos * (pos + 1.0) / 2.0) / (pos * neg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{FeatureShape, LabelColumn, Standardizer, load_csv};
+
+    #[test]
+    fn auc_known_values() {
+        assert_eq!(auc(&[0.1, 0.4, 0.35, 0.8], &[0, 0, 1, 1]), Some(0.75));
+        assert_eq!(auc(&[1.0, 2.0], &[0, 1]), Some(1.0));
+        assert_eq!(auc(&[1.0, 1.0], &[0, 1]), Some(0.5));
+        assert_eq!(auc(&[1.0, 2.0], &[1, 1]), None);
+    }
+
+    #[test]
+    fn metrics_from_known_logits() {
+        let m = metrics_from_logits(&[0.0, 0.0, 2.0, 0.0], &[1, 0], 2);
+        assert_eq!(m.accuracy, 1.0); // tie goes to the last max: class 1
+        let expected = (2f64.ln() + (1.0 + (-2f64).exp()).ln()) / 2.0;
+        assert!((m.loss - expected).abs() < 1e-9);
+    }
+
+    fn breast_cancer() -> Dataset {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/data/breast_cancer.csv");
+        let mut ds = load_csv(&p, &LabelColumn::Name("diagnosis".into())).unwrap();
+        let s = Standardizer::fit(&ds);
+        s.apply(&mut ds);
+        ds
+    }
+
+    #[test]
+    fn logistic_regression_learns_breast_cancer_deterministically() {
+        let ds = breast_cancer();
+        let (tr, te) = ds.split(0.25, 1).unwrap();
+        let spec = ModelSpec::for_shape(FeatureShape::Flat(30), 2, &[]);
+        let p0 = spec.initial_parameters(0);
+        let cfg = TrainConfig {
+            epochs: 5,
+            batch_size: 32,
+            learning_rate: 0.1,
+            optimizer: Optimizer::Sgd,
+            seed: 9,
+        };
+        let before = evaluate(&spec, &p0, &te, ComputeDevice::Cpu).unwrap();
+        let (p1, rep) = train(&spec, &p0, &tr, &cfg, ComputeDevice::Cpu).unwrap();
+        let after = evaluate(&spec, &p1, &te, ComputeDevice::Cpu).unwrap();
+        assert!(after.accuracy > 0.93, "accuracy {}", after.accuracy);
+        assert!(after.loss < before.loss);
+        assert!(after.auc.unwrap() > 0.97);
+        assert!(rep.epoch_loss.last() < rep.epoch_loss.first());
+        let (p2, _) = train(&spec, &p0, &tr, &cfg, ComputeDevice::Cpu).unwrap();
+        assert_eq!(p1, p2, "same seed, same result");
+    }
+
+    #[test]
+    fn adam_trains_an_mlp() {
+        let ds = breast_cancer();
+        let spec = ModelSpec::for_shape(FeatureShape::Flat(30), 2, &[8]);
+        let cfg = TrainConfig {
+            epochs: 3,
+            batch_size: 64,
+            learning_rate: 0.01,
+            optimizer: Optimizer::Adam,
+            seed: 1,
+        };
+        let (p, rep) = train(
+            &spec,
+            &spec.initial_parameters(1),
+            &ds,
+            &cfg,
+            ComputeDevice::Cpu,
+        )
+        .unwrap();
+        assert_eq!(p.len(), spec.num_parameters());
+        assert!(rep.epoch_loss[2] < rep.epoch_loss[0]);
+    }
+
+    #[test]
+    fn bad_config_is_refused() {
+        let ds = breast_cancer();
+        let spec = ModelSpec::for_shape(FeatureShape::Flat(30), 2, &[]);
+        let mut cfg = TrainConfig {
+            epochs: 1,
+            batch_size: 0,
+            learning_rate: 0.1,
+            optimizer: Optimizer::Sgd,
+            seed: 0,
+        };
+        let p = spec.initial_parameters(0);
+        assert!(
+            train(&spec, &p, &ds, &cfg, ComputeDevice::Cpu)
+                .unwrap_err()
+                .to_string()
+                .contains("batch_size")
+        );
+        cfg.batch_size = 8;
+        cfg.learning_rate = f64::NAN;
+        assert!(train(&spec, &p, &ds, &cfg, ComputeDevice::Cpu).is_err());
+    }
+}

@@ -1,0 +1,126 @@
+//! `participant.toml`: where the coordinator is, who this participant is, and its data.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cohort_model::{ComputeDevice, IdxSplit, LabelColumn};
+use serde::Deserialize;
+
+use crate::{AgentOptions, LocalData};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParticipantConfig {
+    /// e.g. "http://coordinator.example.org:7400".
+    pub coordinator: String,
+    /// This participant's identity.
+    pub id: String,
+    #[serde(default)]
+    pub device: ComputeDevice,
+    #[serde(default = "default_poll_wait")]
+    pub poll_wait_ms: u64,
+    /// Give up after the coordinator has been unreachable this long.
+    #[serde(default = "default_reconnect")]
+    pub reconnect_for_secs: u64,
+    pub data: DataConfig,
+    /// Fault injection, for experiments and tests.
+    #[serde(default)]
+    pub faults: FaultConfig,
+}
+
+/// `[faults]`: deliberate misbehaviour, off by default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultConfig {
+    /// Wait this long after training before each upload.
+    #[serde(default)]
+    pub upload_delay_ms: u64,
+}
+
+fn default_poll_wait() -> u64 {
+    10_000
+}
+fn default_reconnect() -> u64 {
+    300
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFormat {
+    Csv,
+    Idx,
+}
+
+/// `[data]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    pub format: DataFormat,
+    /// A CSV file, or an MNIST-style IDX directory (its training half is used).
+    pub path: PathBuf,
+    /// CSV label column: a name, a zero-based index, or "last".
+    #[serde(default)]
+    pub label: Option<String>,
+    #[serde(default = "default_test_fraction")]
+    pub test_fraction: f64,
+    /// Standardise features with statistics of this participant's own training data.
+    /// Defaults to true for CSV, false for images.
+    #[serde(default)]
+    pub standardize: Option<bool>,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_test_fraction() -> f64 {
+    0.2
+}
+
+impl ParticipantConfig {
+    /// Reads `path`; relative data paths are taken from the config file's directory.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut cfg: ParticipantConfig =
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        if cfg.data.path.is_relative()
+            && let Some(dir) = path.parent()
+        {
+            cfg.data.path = dir.join(&cfg.data.path);
+        }
+        if cfg.id.is_empty() {
+            return Err(format!("{}: id must not be empty", path.display()));
+        }
+        Ok(cfg)
+    }
+
+    pub fn options(&self) -> AgentOptions {
+        AgentOptions {
+            id: self.id.clone(),
+            coordinator: self.coordinator.clone(),
+            device: self.device,
+            poll_wait: Duration::from_millis(self.poll_wait_ms),
+            reconnect_for: Duration::from_secs(self.reconnect_for_secs),
+            upload_delay: Duration::from_millis(self.faults.upload_delay_ms),
+        }
+    }
+
+    /// Loads, splits and standardises the data.
+    pub fn load_data(&self) -> Result<LocalData, String> {
+        let d = &self.data;
+        let ds = match d.format {
+            DataFormat::Csv => {
+                let label: LabelColumn = d
+                    .label
+                    .as_deref()
+                    .unwrap_or("last")
+                    .parse()
+                    .expect("infallible");
+                cohort_model::data::load_csv(&d.path, &label)
+            }
+            DataFormat::Idx => cohort_model::data::load_idx_dir(&d.path, IdxSplit::Train),
+        }
+        .map_err(|e| e.to_string())?;
+        let standardize = d.standardize.unwrap_or(d.format == DataFormat::Csv);
+        LocalData::prepare(ds, d.test_fraction, standardize, d.seed)
+            .map_err(|e| format!("{}: {e}", d.path.display()))
+    }
+}

@@ -1,0 +1,402 @@
+//! The cohort participant: a node agent that runs next to its data, dials out to the
+//! coordinator, trains in the rounds it is given, and sends back only its update and metrics.
+//!
+//! [`LocalData::prepare`] holds out a test split and standardises with statistics fitted on
+//! this participant's own training data only. [`run`] is the agent loop: join, long-poll for
+//! tasks, fetch the global model, train or evaluate, upload; reconnect and rejoin when the
+//! coordinator goes away; leave when the job is finished.
+
+pub mod config;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cohort_model::{ComputeDevice, Dataset, Metrics, ModelSpec, Standardizer, TrainConfig};
+use cohort_protocol::pb::federation_client::FederationClient;
+use cohort_protocol::pb::{self, task::Kind};
+use cohort_protocol::{MAX_MESSAGE_BYTES, ParamAssembler};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+pub use config::ParticipantConfig;
+
+/// Errors that end the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("coordinator address {0:?} is not a valid URI: {1}")]
+    Address(String, String),
+    #[error("coordinator refused: {0}")]
+    Refused(Status),
+    #[error("{0}")]
+    Model(#[from] cohort_model::ModelError),
+    #[error("{0}")]
+    Data(#[from] cohort_model::DataError),
+    #[error("protocol: {0}")]
+    Protocol(#[from] cohort_protocol::ProtocolError),
+    #[error("stopped before the job finished")]
+    Stopped,
+}
+
+/// This participant's data, split and standardised locally.
+#[derive(Debug, Clone)]
+pub struct LocalData {
+    pub train: Dataset,
+    pub test: Dataset,
+    /// Statistics fitted on `train` (and applied to both), if standardising.
+    pub standardizer: Option<Standardizer>,
+}
+
+impl LocalData {
+    /// Holds out `test_fraction` (stratified, seeded) and, if `standardize`, fits a
+    /// standardiser on the training part only.
+    pub fn prepare(
+        data: Dataset,
+        test_fraction: f64,
+        standardize: bool,
+        seed: u64,
+    ) -> Result<Self, cohort_model::DataError> {
+        let (train, test) = data.split(test_fraction, seed)?;
+        if train.is_empty() {
+            return Err(cohort_model::DataError::Invalid(
+                "no training examples left after the test split".into(),
+            ));
+        }
+        Ok(Self::from_split(train, test, standardize))
+    }
+
+    /// Uses a given train/test split; if `standardize`, fits on `train` and applies to both.
+    pub fn from_split(mut train: Dataset, mut test: Dataset, standardize: bool) -> Self {
+        let standardizer = standardize.then(|| {
+            let s = Standardizer::fit(&train);
+            s.apply(&mut train);
+            s.apply(&mut test);
+            s
+        });
+        LocalData {
+            train,
+            test,
+            standardizer,
+        }
+    }
+}
+
+/// How the agent behaves.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub id: String,
+    /// e.g. "http://127.0.0.1:7400".
+    pub coordinator: String,
+    pub device: ComputeDevice,
+    /// How long each PollTask may wait on the coordinator.
+    pub poll_wait: Duration,
+    /// Give up after failing to reach the coordinator for this long.
+    pub reconnect_for: Duration,
+    /// Fault injection: wait this long after training before uploading (a slow link or a
+    /// straggler). Zero in normal operation.
+    pub upload_delay: Duration,
+}
+
+/// What the agent did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AgentReport {
+    pub rounds_trained: u64,
+    pub evaluations: u64,
+    pub updates_refused: u64,
+}
+
+struct Session {
+    client: FederationClient<Channel>,
+    id: String,
+    heartbeat: Duration,
+}
+
+async fn connect(opts: &AgentOptions, num_examples: u64) -> Result<Session, AgentError> {
+    let endpoint = Endpoint::from_shared(opts.coordinator.clone())
+        .map_err(|e| AgentError::Address(opts.coordinator.clone(), e.to_string()))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    let started = tokio::time::Instant::now();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let attempt = async {
+            let channel = endpoint
+                .connect()
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            let mut client = FederationClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            let joined = client
+                .join(pb::JoinRequest {
+                    participant_id: opts.id.clone(),
+                    num_examples,
+                    client_version: env!("CARGO_PKG_VERSION").into(),
+                })
+                .await?
+                .into_inner();
+            Ok::<_, Status>(Session {
+                client,
+                id: joined.session_id,
+                heartbeat: Duration::from_millis(joined.heartbeat_interval_ms.max(100) as u64),
+            })
+        };
+        match attempt.await {
+            Ok(s) => {
+                tracing::info!(participant = %opts.id, "joined");
+                return Ok(s);
+            }
+            Err(s) if matches!(s.code(), Code::PermissionDenied | Code::InvalidArgument) => {
+                return Err(AgentError::Refused(s));
+            }
+            Err(s) => {
+                if started.elapsed() > opts.reconnect_for {
+                    return Err(AgentError::Refused(s));
+                }
+                tracing::debug!(participant = %opts.id, "coordinator not reachable ({}); retrying", s.message());
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+async fn fetch_model(
+    s: &mut Session,
+    job_id: &str,
+    version: u64,
+    expected: u64,
+    digest: &str,
+) -> Result<Vec<f32>, Status> {
+    let mut stream = s
+        .client
+        .fetch_model(pb::FetchModelRequest {
+            session_id: s.id.clone(),
+            job_id: job_id.into(),
+            version,
+        })
+        .await?
+        .into_inner();
+    let mut asm = ParamAssembler::new(expected);
+    let mut last = String::new();
+    while let Some(chunk) = stream.message().await? {
+        asm.push(&chunk.data)
+            .map_err(|e| Status::data_loss(e.to_string()))?;
+        if !chunk.digest.is_empty() {
+            last = chunk.digest;
+        }
+    }
+    if last != digest {
+        return Err(Status::data_loss("model digest differs from the task's"));
+    }
+    asm.finish(digest)
+        .map_err(|e| Status::data_loss(e.to_string()))
+}
+
+/// Runs `f` on a blocking thread while heartbeats keep the participant alive.
+async fn with_heartbeats<T: Send + 'static>(
+    s: &Session,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let mut client = s.client.clone();
+    let (session, every) = (s.id.clone(), s.heartbeat);
+    let beat = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let _ = client
+                .heartbeat(pb::HeartbeatRequest {
+                    session_id: session.clone(),
+                })
+                .await;
+        }
+    });
+    let out = tokio::task::spawn_blocking(f)
+        .await
+        .expect("training thread panicked");
+    beat.abort();
+    out
+}
+
+fn metrics_pb(loss: f64, accuracy: f64, n: usize) -> pb::Metrics {
+    (&Metrics {
+        loss,
+        accuracy,
+        auc: None,
+        num_examples: n,
+    })
+        .into()
+}
+
+async fn train_round(
+    s: &mut Session,
+    opts: &AgentOptions,
+    data: &Arc<LocalData>,
+    t: pb::TrainTask,
+) -> Result<(), Status> {
+    let spec = ModelSpec::try_from(
+        t.model
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("task without model"))?,
+    )
+    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let cfg = TrainConfig::try_from(
+        t.config
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("task without config"))?,
+    )
+    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let global = fetch_model(
+        s,
+        &t.job_id,
+        t.model_version,
+        t.num_parameters,
+        &t.model_digest,
+    )
+    .await?;
+    let (d, dev) = (data.clone(), opts.device);
+    let start = global.clone();
+    let trained = with_heartbeats(s, move || {
+        cohort_model::train(&spec, &start, &d.train, &cfg, dev)
+    })
+    .await;
+    let (params, report) = match trained {
+        Ok(x) => x,
+        Err(e) => {
+            // Nothing is sent: the coordinator counts this participant as a straggler.
+            tracing::error!(participant = %opts.id, round = t.round, "local training failed: {e}");
+            return Ok(());
+        }
+    };
+    let delta: Vec<f32> = params.iter().zip(&global).map(|(p, g)| p - g).collect();
+    if !opts.upload_delay.is_zero() {
+        tracing::info!(participant = %opts.id, round = t.round, "fault injection: delaying the upload by {:?}", opts.upload_delay);
+        tokio::time::sleep(opts.upload_delay).await;
+    }
+    let header = pb::UpdateHeader {
+        session_id: s.id.clone(),
+        job_id: t.job_id.clone(),
+        round: t.round,
+        num_parameters: delta.len() as u64,
+        num_examples: report.num_examples as u64,
+        train: Some(metrics_pb(
+            *report.epoch_loss.last().unwrap_or(&f64::NAN),
+            report.last_epoch_accuracy,
+            report.num_examples,
+        )),
+        train_seconds: report.seconds,
+    };
+    let chunks = cohort_protocol::update_chunks(header, &delta);
+    s.client
+        .submit_update(futures::stream::iter(chunks))
+        .await?;
+    tracing::info!(participant = %opts.id, round = t.round, loss = report.epoch_loss.last(), "update sent");
+    Ok(())
+}
+
+async fn evaluate_round(
+    s: &mut Session,
+    opts: &AgentOptions,
+    data: &Arc<LocalData>,
+    e: pb::EvaluateTask,
+) -> Result<(), Status> {
+    let spec = ModelSpec::try_from(
+        e.model
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("task without model"))?,
+    )
+    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let params = fetch_model(
+        s,
+        &e.job_id,
+        e.model_version,
+        e.num_parameters,
+        &e.model_digest,
+    )
+    .await?;
+    let (d, dev) = (data.clone(), opts.device);
+    let m = with_heartbeats(s, move || {
+        cohort_model::evaluate(&spec, &params, &d.test, dev)
+    })
+    .await;
+    let m = m.map_err(|err| Status::internal(err.to_string()))?;
+    s.client
+        .submit_evaluation(pb::SubmitEvaluationRequest {
+            session_id: s.id.clone(),
+            job_id: e.job_id,
+            round: e.round,
+            metrics: Some((&m).into()),
+        })
+        .await?;
+    Ok(())
+}
+
+/// The agent loop. Returns when the job is finished, or with an error when the coordinator
+/// refuses this participant or cannot be reached for `reconnect_for`.
+pub async fn run(opts: AgentOptions, data: Arc<LocalData>) -> Result<AgentReport, AgentError> {
+    let mut report = AgentReport::default();
+    let n = data.train.len() as u64;
+    let mut s = connect(&opts, n).await?;
+    loop {
+        let polled = s
+            .client
+            .poll_task(pb::PollTaskRequest {
+                session_id: s.id.clone(),
+                wait_ms: opts.poll_wait.as_millis() as u32,
+            })
+            .await;
+        let outcome = match polled.map(|r| r.into_inner().kind) {
+            Ok(Some(Kind::Train(t))) => {
+                let round = t.round;
+                let r = train_round(&mut s, &opts, &data, t).await;
+                if r.is_ok() {
+                    report.rounds_trained += 1;
+                } else if let Err(e) = &r
+                    && matches!(e.code(), Code::FailedPrecondition | Code::AlreadyExists)
+                {
+                    tracing::warn!(participant = %opts.id, round, "update refused: {}", e.message());
+                    report.updates_refused += 1;
+                    continue;
+                }
+                r
+            }
+            Ok(Some(Kind::Evaluate(e))) => {
+                let r = evaluate_round(&mut s, &opts, &data, e).await;
+                if r.is_ok() {
+                    report.evaluations += 1;
+                } else if let Err(e) = &r
+                    && matches!(e.code(), Code::FailedPrecondition | Code::AlreadyExists)
+                {
+                    continue;
+                }
+                r
+            }
+            Ok(Some(Kind::Idle(_))) | Ok(None) => Ok(()),
+            Ok(Some(Kind::Finished(f))) => {
+                tracing::info!(participant = %opts.id, "{}", f.reason);
+                let _ = s
+                    .client
+                    .leave(pb::LeaveRequest {
+                        session_id: s.id.clone(),
+                    })
+                    .await;
+                return Ok(report);
+            }
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Code::Unauthenticated | Code::Unavailable | Code::Unknown | Code::Cancelled
+                ) =>
+            {
+                tracing::warn!(participant = %opts.id, "lost the coordinator ({}); rejoining", e.message());
+                s = connect(&opts, n).await?;
+            }
+            Err(e) => {
+                tracing::warn!(participant = %opts.id, "task failed: {} ({:?})", e.message(), e.code());
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}

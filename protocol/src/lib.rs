@@ -1,0 +1,403 @@
+//! cohort's wire protocol (`cohort.v1`): the generated gRPC code, conversions between the
+//! generated messages and domain types, and the chunked, digested transfer of parameter
+//! vectors.
+//!
+//! This is the only crate that defines prost messages; the coordinator and participant
+//! convert to domain types at their service edges with the functions here.
+
+use cohort_model::{Metrics, ModelSpec, Optimizer, TrainConfig};
+use sha2::{Digest, Sha256};
+
+/// Generated messages, client and server of `cohort.v1`.
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("cohort.v1");
+}
+
+/// Parameters per chunk in model downloads and update uploads (1 MiB of f32).
+pub const CHUNK_PARAMS: usize = 256 * 1024;
+
+/// Largest gRPC message either side accepts: a chunk plus headroom for its framing.
+pub const MAX_MESSAGE_BYTES: usize = 4 * CHUNK_PARAMS + 64 * 1024;
+
+/// A malformed or inconsistent message.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("update has {got} parameters, the model has {expected}")]
+    ParameterCount { expected: u64, got: u64 },
+    #[error("digest mismatch: sent {sent}, computed {computed}")]
+    DigestMismatch { sent: String, computed: String },
+    #[error("stream carries more than the {limit} bytes announced")]
+    TooLarge { limit: u64 },
+}
+
+/// Hex SHA-256 of the little-endian bytes of `params`.
+pub fn params_digest(params: &[f32]) -> String {
+    let mut h = Sha256::new();
+    for chunk in params.chunks(CHUNK_PARAMS) {
+        h.update(f32_bytes(chunk));
+    }
+    hex::encode(h.finalize())
+}
+
+/// Little-endian bytes of `values`.
+pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// Reassembles a parameter vector from chunks, checking size as it goes and the digest at
+/// the end. Memory is bounded by the announced size: extra bytes are refused, not buffered.
+#[derive(Debug)]
+pub struct ParamAssembler {
+    expected: u64,
+    values: Vec<f32>,
+    hasher: Sha256,
+}
+
+impl ParamAssembler {
+    /// Expects exactly `expected` parameters.
+    pub fn new(expected: u64) -> Self {
+        ParamAssembler {
+            expected,
+            values: Vec::with_capacity(expected.min(1 << 28) as usize),
+            hasher: Sha256::new(),
+        }
+    }
+
+    /// Appends one chunk of little-endian f32 bytes.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<(), ProtocolError> {
+        if bytes.len() % 4 != 0 {
+            return Err(ProtocolError::Malformed(format!(
+                "chunk of {} bytes is not a whole number of f32 values",
+                bytes.len()
+            )));
+        }
+        let after = self.values.len() as u64 + bytes.len() as u64 / 4;
+        if after > self.expected {
+            return Err(ProtocolError::TooLarge {
+                limit: self.expected * 4,
+            });
+        }
+        self.hasher.update(bytes);
+        self.values.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))),
+        );
+        Ok(())
+    }
+
+    /// Parameters received so far.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// Checks the count and the sender's digest; returns the parameters.
+    pub fn finish(self, sent_digest: &str) -> Result<Vec<f32>, ProtocolError> {
+        if self.values.len() as u64 != self.expected {
+            return Err(ProtocolError::ParameterCount {
+                expected: self.expected,
+                got: self.values.len() as u64,
+            });
+        }
+        let computed = hex::encode(self.hasher.finalize());
+        if !computed.eq_ignore_ascii_case(sent_digest) {
+            return Err(ProtocolError::DigestMismatch {
+                sent: sent_digest.to_string(),
+                computed,
+            });
+        }
+        Ok(self.values)
+    }
+}
+
+/// The chunks of a model download.
+pub fn model_chunks(params: &[f32]) -> Vec<pb::ModelChunk> {
+    let digest = params_digest(params);
+    let n = params.len().div_ceil(CHUNK_PARAMS).max(1);
+    (0..n)
+        .map(|k| {
+            let lo = (k * CHUNK_PARAMS).min(params.len());
+            let hi = ((k + 1) * CHUNK_PARAMS).min(params.len());
+            pb::ModelChunk {
+                offset: lo as u64,
+                data: f32_bytes(&params[lo..hi]),
+                total_parameters: params.len() as u64,
+                digest: if k + 1 == n {
+                    digest.clone()
+                } else {
+                    String::new()
+                },
+            }
+        })
+        .collect()
+}
+
+/// The chunks of an update upload: header, data, trailer with the digest.
+pub fn update_chunks(header: pb::UpdateHeader, params: &[f32]) -> Vec<pb::UpdateChunk> {
+    use pb::update_chunk::Part;
+    let mut out = vec![pb::UpdateChunk {
+        part: Some(Part::Header(header)),
+    }];
+    for c in params.chunks(CHUNK_PARAMS) {
+        out.push(pb::UpdateChunk {
+            part: Some(Part::Data(f32_bytes(c))),
+        });
+    }
+    out.push(pb::UpdateChunk {
+        part: Some(Part::Trailer(pb::UpdateTrailer {
+            digest: params_digest(params),
+        })),
+    });
+    out
+}
+
+impl From<&ModelSpec> for pb::ModelSpec {
+    fn from(s: &ModelSpec) -> Self {
+        let u = |v: usize| v as u32;
+        match s {
+            ModelSpec::Logistic { inputs, classes } => pb::ModelSpec {
+                kind: "logistic".into(),
+                inputs: u(*inputs),
+                classes: u(*classes),
+                ..Default::default()
+            },
+            ModelSpec::Mlp {
+                inputs,
+                hidden,
+                classes,
+            } => pb::ModelSpec {
+                kind: "mlp".into(),
+                inputs: u(*inputs),
+                hidden: hidden.iter().map(|&h| u(h)).collect(),
+                classes: u(*classes),
+                ..Default::default()
+            },
+            ModelSpec::Cnn {
+                channels,
+                height,
+                width,
+                classes,
+            } => pb::ModelSpec {
+                kind: "cnn".into(),
+                classes: u(*classes),
+                channels: u(*channels),
+                height: u(*height),
+                width: u(*width),
+                ..Default::default()
+            },
+        }
+    }
+}
+
+impl TryFrom<&pb::ModelSpec> for ModelSpec {
+    type Error = ProtocolError;
+    fn try_from(m: &pb::ModelSpec) -> Result<Self, ProtocolError> {
+        let z = |v: u32| v as usize;
+        let spec = match m.kind.as_str() {
+            "logistic" => ModelSpec::Logistic {
+                inputs: z(m.inputs),
+                classes: z(m.classes),
+            },
+            "mlp" => ModelSpec::Mlp {
+                inputs: z(m.inputs),
+                hidden: m.hidden.iter().map(|&h| z(h)).collect(),
+                classes: z(m.classes),
+            },
+            "cnn" => ModelSpec::Cnn {
+                channels: z(m.channels),
+                height: z(m.height),
+                width: z(m.width),
+                classes: z(m.classes),
+            },
+            other => {
+                return Err(ProtocolError::Malformed(format!(
+                    "unknown model kind {other:?}"
+                )));
+            }
+        };
+        spec.validate()
+            .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+        Ok(spec)
+    }
+}
+
+impl From<&TrainConfig> for pb::TrainConfig {
+    fn from(c: &TrainConfig) -> Self {
+        pb::TrainConfig {
+            local_epochs: c.epochs as u32,
+            batch_size: c.batch_size as u32,
+            learning_rate: c.learning_rate,
+            optimizer: c.optimizer.to_string(),
+            seed: c.seed,
+        }
+    }
+}
+
+impl TryFrom<&pb::TrainConfig> for TrainConfig {
+    type Error = ProtocolError;
+    fn try_from(c: &pb::TrainConfig) -> Result<Self, ProtocolError> {
+        let cfg = TrainConfig {
+            epochs: c.local_epochs as usize,
+            batch_size: c.batch_size as usize,
+            learning_rate: c.learning_rate,
+            optimizer: c
+                .optimizer
+                .parse::<Optimizer>()
+                .map_err(ProtocolError::Malformed)?,
+            seed: c.seed,
+        };
+        cfg.validate()
+            .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+        Ok(cfg)
+    }
+}
+
+impl From<&Metrics> for pb::Metrics {
+    fn from(m: &Metrics) -> Self {
+        pb::Metrics {
+            loss: m.loss,
+            accuracy: m.accuracy,
+            auc: m.auc.unwrap_or(f64::NAN),
+            num_examples: m.num_examples as u64,
+        }
+    }
+}
+
+impl TryFrom<&pb::Metrics> for Metrics {
+    type Error = ProtocolError;
+    fn try_from(m: &pb::Metrics) -> Result<Self, ProtocolError> {
+        if !m.loss.is_finite() || !(0.0..=1.0).contains(&m.accuracy) {
+            return Err(ProtocolError::Malformed(format!(
+                "metrics out of range: loss {}, accuracy {}",
+                m.loss, m.accuracy
+            )));
+        }
+        Ok(Metrics {
+            loss: m.loss,
+            accuracy: m.accuracy,
+            auc: m.auc.is_finite().then_some(m.auc),
+            num_examples: m.num_examples as usize,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_reassemble_with_digest() {
+        let params: Vec<f32> = (0..(CHUNK_PARAMS * 2 + 5))
+            .map(|i| i as f32 * 0.5)
+            .collect();
+        let chunks = model_chunks(&params);
+        assert_eq!(chunks.len(), 3);
+        let mut a = ParamAssembler::new(params.len() as u64);
+        for c in &chunks {
+            a.push(&c.data).unwrap();
+        }
+        assert_eq!(a.finish(&chunks[2].digest).unwrap(), params);
+    }
+
+    #[test]
+    fn assembler_refuses_bad_input() {
+        let params = vec![1.0f32, 2.0, 3.0];
+        let d = params_digest(&params);
+        let mut a = ParamAssembler::new(3);
+        a.push(&f32_bytes(&params)).unwrap();
+        assert!(matches!(
+            a.finish(&params_digest(&[1.0, 2.0, 4.0])),
+            Err(ProtocolError::DigestMismatch { .. })
+        ));
+        let mut a = ParamAssembler::new(2);
+        assert_eq!(
+            a.push(&f32_bytes(&params)),
+            Err(ProtocolError::TooLarge { limit: 8 })
+        );
+        let mut a = ParamAssembler::new(4);
+        a.push(&f32_bytes(&params)).unwrap();
+        assert_eq!(
+            a.finish(&d),
+            Err(ProtocolError::ParameterCount {
+                expected: 4,
+                got: 3
+            })
+        );
+        assert!(matches!(
+            ParamAssembler::new(4).push(&[0u8; 5]),
+            Err(ProtocolError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn empty_vector_is_one_chunk() {
+        let c = model_chunks(&[]);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].digest, params_digest(&[]));
+    }
+
+    #[test]
+    fn specs_and_configs_round_trip() {
+        for spec in [
+            ModelSpec::Logistic {
+                inputs: 3,
+                classes: 2,
+            },
+            ModelSpec::Mlp {
+                inputs: 3,
+                hidden: vec![4, 5],
+                classes: 2,
+            },
+            ModelSpec::Cnn {
+                channels: 1,
+                height: 28,
+                width: 28,
+                classes: 10,
+            },
+        ] {
+            assert_eq!(
+                ModelSpec::try_from(&pb::ModelSpec::from(&spec)).unwrap(),
+                spec
+            );
+        }
+        let bad = pb::ModelSpec {
+            kind: "rnn".into(),
+            ..Default::default()
+        };
+        assert!(
+            ModelSpec::try_from(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("rnn")
+        );
+        let cfg = TrainConfig {
+            epochs: 2,
+            batch_size: 16,
+            learning_rate: 0.1,
+            optimizer: Optimizer::Adam,
+            seed: 5,
+        };
+        assert_eq!(
+            TrainConfig::try_from(&pb::TrainConfig::from(&cfg)).unwrap(),
+            cfg
+        );
+        let m = Metrics {
+            loss: 0.5,
+            accuracy: 0.9,
+            auc: None,
+            num_examples: 10,
+        };
+        assert_eq!(Metrics::try_from(&pb::Metrics::from(&m)).unwrap(), m);
+    }
+}

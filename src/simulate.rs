@@ -1,0 +1,480 @@
+//! `cohort simulate`: a coordinator and N participants in one process, talking over real
+//! loopback gRPC, then a centralised model trained on the pooled data for comparison.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use cohort_coordinator::round::Event;
+use cohort_coordinator::{Coordinator, JobConfig, ModelStore, Orchestrator, RoundSummary};
+use cohort_model::data::{IdxSplit, load_csv, load_idx_dir, parse_csv};
+use cohort_model::{
+    ComputeDevice, Dataset, LabelColumn, ModelSpec, Optimizer, Partition, Standardizer, TrainConfig,
+};
+use cohort_participant::{AgentOptions, LocalData};
+use serde::Serialize;
+
+/// The bundled breast-cancer table (scikit-learn, BSD-3-Clause; see examples/data).
+const BREAST_CANCER: &str = include_str!("../examples/data/breast_cancer.csv");
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct SimArgs {
+    /// Number of participants.
+    #[arg(long, default_value_t = 3)]
+    pub participants: usize,
+    /// Training rounds.
+    #[arg(long, default_value_t = 10)]
+    pub rounds: u64,
+    /// Local epochs per round.
+    #[arg(long, default_value_t = 2)]
+    pub epochs: usize,
+    /// Local learning rate (default: 0.1 for sgd, 0.001 for adam).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Local optimizer: sgd or adam.
+    #[arg(long, default_value = "sgd")]
+    pub optimizer: Optimizer,
+    /// Seed of partitioning, splits, model initialisation and shuffling.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// A CSV file (with --label), or an MNIST-style IDX directory such as
+    /// /usr/share/datasets/fashion-mnist. Default: the bundled breast-cancer table.
+    #[arg(long)]
+    pub dataset: Option<PathBuf>,
+    /// CSV label column: a name, a zero-based index, or "last".
+    #[arg(long, default_value = "last")]
+    pub label: String,
+    /// How the data is spread: iid, dirichlet:ALPHA (label skew) or shards:K.
+    #[arg(long, default_value = "iid")]
+    pub partition: Partition,
+    /// Share of each participant's table held out for evaluation (CSV data; IDX data uses
+    /// its own test set).
+    #[arg(long, default_value_t = 0.2)]
+    pub test_fraction: f64,
+    /// Hidden layer sizes for tables, e.g. 32,16 (none: logistic regression).
+    #[arg(long, value_delimiter = ',')]
+    pub hidden: Vec<usize>,
+    /// Share of participants selected each round.
+    #[arg(long, default_value_t = 1.0)]
+    pub fraction: f64,
+    /// Server strategy: fedavg or fedadam.
+    #[arg(long, default_value = "fedavg")]
+    pub strategy: String,
+    #[arg(long, default_value_t = 1.0)]
+    pub server_lr: f64,
+    /// Compute device for training and evaluation: ndarray (cpu) or wgpu.
+    #[arg(long, default_value = "ndarray")]
+    pub device: ComputeDevice,
+    /// Seconds a round may take before stragglers are left out.
+    #[arg(long, default_value_t = 600.0)]
+    pub round_timeout: f64,
+    /// Where model versions go (default: runs/simulate-<time>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Write a JSON summary here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Draw accuracy per round as an SVG here.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Skip the centralised baseline.
+    #[arg(long)]
+    pub no_baseline: bool,
+    /// No progress bar or table (the report and exit code still tell the outcome).
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// One round in the report.
+#[derive(Debug, Serialize)]
+pub struct RoundRow {
+    pub round: u64,
+    pub participants: usize,
+    pub stragglers: Vec<String>,
+    pub train_loss: Option<f64>,
+    pub train_accuracy: Option<f64>,
+    pub eval_loss: Option<f64>,
+    pub eval_accuracy: Option<f64>,
+    pub eval_auc: Option<f64>,
+    pub seconds: f64,
+}
+
+/// The `--report` JSON.
+#[derive(Debug, Serialize)]
+pub struct SimReport {
+    pub dataset: String,
+    pub participants: usize,
+    pub partition: String,
+    pub model: ModelSpec,
+    pub train: TrainConfig,
+    pub strategy: String,
+    pub device: String,
+    pub seed: u64,
+    pub secure_aggregation: serde_json::Value,
+    pub rounds: Vec<RoundRow>,
+    pub federated_accuracy: Option<f64>,
+    pub centralised_accuracy: Option<f64>,
+    pub model_path: PathBuf,
+    pub federation_seconds: f64,
+    pub centralised_seconds: Option<f64>,
+}
+
+/// The data of each simulated participant, plus the pooled raw splits for the baseline.
+struct Prepared {
+    name: String,
+    locals: Vec<LocalData>,
+    pooled_train: Dataset,
+    pooled_test: Dataset,
+    standardize: bool,
+}
+
+fn prepare(args: &SimArgs) -> anyhow::Result<Prepared> {
+    let n = args.participants;
+    if n == 0 {
+        bail!("--participants must be at least 1");
+    }
+    let split_local =
+        |share: Dataset, i: usize| share.split(args.test_fraction, args.seed + i as u64);
+    match &args.dataset {
+        Some(dir) if dir.is_dir() => {
+            let train = load_idx_dir(dir, IdxSplit::Train)?;
+            let test = load_idx_dir(dir, IdxSplit::Test)?;
+            let parts = cohort_model::partition(
+                &train.labels,
+                train.num_classes,
+                n,
+                args.partition,
+                args.seed,
+            )?;
+            let test_parts = cohort_model::partition(
+                &test.labels,
+                test.num_classes,
+                n,
+                Partition::Iid,
+                args.seed + 1,
+            )?;
+            let locals = parts
+                .iter()
+                .zip(&test_parts)
+                .map(|(p, t)| LocalData {
+                    train: train.subset(p),
+                    test: test.subset(t),
+                    standardizer: None,
+                })
+                .collect();
+            Ok(Prepared {
+                name: dir.display().to_string(),
+                locals,
+                pooled_train: train,
+                pooled_test: test,
+                standardize: false,
+            })
+        }
+        source => {
+            let label: LabelColumn = args.label.parse().expect("infallible");
+            let (ds, name) = match source {
+                Some(path) => (load_csv(path, &label)?, path.display().to_string()),
+                None => (
+                    parse_csv(
+                        BREAST_CANCER,
+                        Path::new("breast_cancer.csv (bundled)"),
+                        &LabelColumn::Name("diagnosis".into()),
+                    )?,
+                    "breast_cancer.csv (bundled, scikit-learn)".to_string(),
+                ),
+            };
+            let parts =
+                cohort_model::partition(&ds.labels, ds.num_classes, n, args.partition, args.seed)?;
+            let mut locals = Vec::with_capacity(n);
+            let (mut trains, mut tests) = (Vec::new(), Vec::new());
+            for (i, p) in parts.iter().enumerate() {
+                let (tr, te) = split_local(ds.subset(p), i)?;
+                trains.push(tr.clone());
+                tests.push(te.clone());
+                locals.push(LocalData::from_split(tr, te, true));
+            }
+            Ok(Prepared {
+                name,
+                locals,
+                pooled_train: Dataset::concat(&trains.iter().collect::<Vec<_>>())?,
+                pooled_test: Dataset::concat(&tests.iter().collect::<Vec<_>>())?,
+                standardize: true,
+            })
+        }
+    }
+}
+
+fn fmt_opt(v: Option<f64>, digits: usize) -> String {
+    v.map(|x| format!("{x:.digits$}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// Runs the simulation and prints what happened; returns the report.
+pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
+    let prep = prepare(&args)?;
+    let first = &prep.locals[0].train;
+    let spec = ModelSpec::for_shape(first.shape, first.num_classes, &args.hidden);
+    let lr = args.lr.unwrap_or(match args.optimizer {
+        Optimizer::Sgd => 0.1,
+        Optimizer::Adam => 0.001,
+    });
+    let train = TrainConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        learning_rate: lr,
+        optimizer: args.optimizer,
+        seed: args.seed,
+    };
+    let n = args.participants;
+    let job = JobConfig {
+        job_id: "simulation".into(),
+        model: spec.clone(),
+        train: train.clone(),
+        rounds: args.rounds,
+        min_participants: n,
+        fraction: args.fraction,
+        min_updates: 1,
+        round_timeout: Duration::try_from_secs_f64(args.round_timeout)
+            .context("--round-timeout must be a positive number of seconds")?,
+        eval_timeout: Duration::from_secs(120),
+        evaluate: true,
+        liveness_timeout: Duration::from_secs(60),
+        seed: args.seed,
+    };
+    let strategy = cohort_coordinator::strategy::by_name(&args.strategy, args.server_lr as f32)
+        .map_err(anyhow::Error::msg)?;
+    let strategy_name = strategy.name();
+    let orch = Orchestrator::new(job, strategy, None).map_err(anyhow::Error::msg)?;
+    let out = args.out.clone().unwrap_or_else(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        PathBuf::from(format!("runs/simulate-{t}"))
+    });
+    let store = ModelStore::open(out.join("models"))
+        .with_context(|| format!("creating {}", out.display()))?;
+    let coordinator = Coordinator::start(orch, store, strategy_name).map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = {
+        let c = coordinator.clone();
+        tokio::spawn(async move {
+            c.serve(listener, async {
+                let _ = stop_rx.await;
+            })
+            .await
+        })
+    };
+
+    if !args.quiet {
+        eprintln!(
+            "cohort simulate: {} participants ({}), {} rounds, {} on {}, device {}, secure aggregation: off (plaintext rounds)",
+            n,
+            args.partition,
+            args.rounds,
+            model_name(&spec),
+            prep.name,
+            args.device
+        );
+    }
+    let bar = if args.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let b = indicatif::ProgressBar::new(args.rounds);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} round {pos}/{len} {msg} [{elapsed}]")
+                .expect("valid template"),
+        );
+        b
+    };
+    let mut events = coordinator.subscribe();
+    let started = Instant::now();
+    let mut agents = tokio::task::JoinSet::new();
+    for (i, local) in prep.locals.iter().enumerate() {
+        let opts = AgentOptions {
+            id: format!("participant-{:03}", i + 1),
+            coordinator: format!("http://{addr}"),
+            device: args.device,
+            poll_wait: Duration::from_secs(10),
+            reconnect_for: Duration::from_secs(30),
+            upload_delay: Duration::ZERO,
+        };
+        let data = Arc::new(local.clone());
+        agents.spawn(async move { (i + 1, cohort_participant::run(opts, data).await) });
+    }
+    let progress = {
+        let bar = bar.clone();
+        tokio::spawn(async move {
+            while let Ok(ev) = events.recv().await {
+                match ev {
+                    Event::RoundCompleted { summary, .. } => {
+                        bar.inc(1);
+                        bar.set_message(format!(
+                            "held-out accuracy {}",
+                            fmt_opt(summary.eval.map(|m| m.accuracy), 4)
+                        ));
+                    }
+                    Event::JobFinished { .. } => break,
+                    _ => {}
+                }
+            }
+        })
+    };
+    // Participants end when the job is finished (they are told so) or when they fail; a
+    // failure ends the simulation at once (dropping the set aborts the others).
+    while let Some(joined) = agents.join_next().await {
+        match joined {
+            Ok((_, Ok(_))) => {}
+            Ok((i, Err(e))) => bail!("participant {i} failed: {e}"),
+            Err(e) => bail!("a participant panicked: {e}"),
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(10), coordinator.finished())
+        .await
+        .context("all participants ended but the job did not finish")?;
+    let federation_seconds = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let _ = progress.await;
+    let history = coordinator.history();
+    let _ = stop_tx.send(());
+    server.await??;
+    if (history.len() as u64) < args.rounds {
+        bail!(
+            "the federation stopped after {} of {} rounds",
+            history.len(),
+            args.rounds
+        );
+    }
+
+    let federated_accuracy = history.last().and_then(|s| s.eval).map(|m| m.accuracy);
+    let (centralised_accuracy, centralised_seconds) = if args.no_baseline {
+        (None, None)
+    } else {
+        let t0 = Instant::now();
+        let acc = centralised(&prep, &spec, &train, args.rounds, args.device)?;
+        (Some(acc), Some(t0.elapsed().as_secs_f64()))
+    };
+    let final_version = history.last().map(|s| s.round).unwrap_or(0);
+    let model_path = coordinator.store().weights_path(final_version);
+    let rows: Vec<RoundRow> = history.iter().map(row).collect();
+    let report = SimReport {
+        dataset: prep.name.clone(),
+        participants: n,
+        partition: args.partition.to_string(),
+        model: spec.clone(),
+        train,
+        strategy: strategy_name.to_string(),
+        device: args.device.to_string(),
+        seed: args.seed,
+        secure_aggregation: serde_json::Value::Bool(false),
+        rounds: rows,
+        federated_accuracy,
+        centralised_accuracy,
+        model_path: model_path.clone(),
+        federation_seconds,
+        centralised_seconds,
+    };
+    if !args.quiet {
+        print_table(&history);
+        println!();
+        println!(
+            "federated model:   held-out accuracy {} ({} rounds, {:.1} s)",
+            fmt_opt(federated_accuracy, 4),
+            history.len(),
+            federation_seconds
+        );
+        if let Some(c) = centralised_accuracy {
+            println!(
+                "centralised model: held-out accuracy {c:.4} (same model, pooled data, {} epochs)",
+                args.rounds as usize * args.epochs
+            );
+        }
+        println!("secure aggregation: off (plaintext rounds)");
+        println!("global model written to {}", model_path.display());
+    }
+    if let Some(p) = &args.report {
+        std::fs::write(p, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing report {}", p.display()))?;
+    }
+    if let Some(p) = &args.plot {
+        let fed: Vec<(f64, f64)> = history
+            .iter()
+            .filter_map(|s| s.eval.map(|m| (s.round as f64, m.accuracy)))
+            .collect();
+        let svg = crate::plot::accuracy_svg(
+            &format!("{} — {} participants, {}", prep.name, n, args.partition),
+            &fed,
+            centralised_accuracy,
+        );
+        std::fs::write(p, svg).with_context(|| format!("writing plot {}", p.display()))?;
+    }
+    Ok(report)
+}
+
+fn model_name(spec: &ModelSpec) -> String {
+    match spec {
+        ModelSpec::Logistic { .. } => "logistic regression".into(),
+        ModelSpec::Mlp { hidden, .. } => format!("MLP {hidden:?}"),
+        ModelSpec::Cnn { .. } => "CNN".into(),
+    }
+}
+
+fn row(s: &RoundSummary) -> RoundRow {
+    RoundRow {
+        round: s.round,
+        participants: s.participants.len(),
+        stragglers: s.stragglers.clone(),
+        train_loss: s.train.map(|m| m.loss),
+        train_accuracy: s.train.map(|m| m.accuracy),
+        eval_loss: s.eval.map(|m| m.loss),
+        eval_accuracy: s.eval.map(|m| m.accuracy),
+        eval_auc: s.eval.and_then(|m| m.auc),
+        seconds: s.seconds,
+    }
+}
+
+fn print_table(history: &[RoundSummary]) {
+    println!(
+        "{:>5}  {:>12}  {:>10}  {:>17}  {:>8}",
+        "round", "participants", "train loss", "held-out accuracy", "seconds"
+    );
+    for s in history {
+        println!(
+            "{:>5}  {:>12}  {:>10}  {:>17}  {:>8.2}",
+            s.round,
+            s.participants.len(),
+            fmt_opt(s.train.map(|m| m.loss), 4),
+            fmt_opt(s.eval.map(|m| m.accuracy), 4),
+            s.seconds
+        );
+    }
+}
+
+/// Trains the same model on the pooled training data (standardised with pooled statistics,
+/// as a central party would) for as many epochs as each participant ran in total, and
+/// evaluates on the pooled held-out data.
+fn centralised(
+    prep: &Prepared,
+    spec: &ModelSpec,
+    train: &TrainConfig,
+    rounds: u64,
+    device: ComputeDevice,
+) -> anyhow::Result<f64> {
+    let mut tr = prep.pooled_train.clone();
+    let mut te = prep.pooled_test.clone();
+    if prep.standardize {
+        let s = Standardizer::fit(&tr);
+        s.apply(&mut tr);
+        s.apply(&mut te);
+    }
+    let mut cfg = train.clone();
+    cfg.epochs = train.epochs * rounds as usize;
+    let (params, _) =
+        cohort_model::train(spec, &spec.initial_parameters(cfg.seed), &tr, &cfg, device)?;
+    Ok(cohort_model::evaluate(spec, &params, &te, device)?.accuracy)
+}

@@ -1,0 +1,310 @@
+//! End-to-end: the real `cohort` binary as one coordinator process and participant processes
+//! on loopback, on real data (the bundled breast-cancer table, split three ways).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cohort");
+
+/// Kills the child when dropped, so a failing test leaves no process behind.
+struct Proc {
+    child: Child,
+    name: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn wait_for_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let until = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < until,
+                "{} did not exit within {limit:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Writes three disjoint shares of the bundled table (row i goes to share i % 3).
+fn write_shares(dir: &Path) -> Vec<PathBuf> {
+    let table = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/breast_cancer.csv"),
+    )
+    .unwrap();
+    let mut lines = table.lines();
+    let header = lines.next().unwrap();
+    let mut shares = vec![format!("{header}\n"); 3];
+    for (i, row) in lines.enumerate() {
+        shares[i % 3] += &format!("{row}\n");
+    }
+    shares
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let p = dir.join(format!("hospital-{i}.csv"));
+            std::fs::write(&p, s).unwrap();
+            p
+        })
+        .collect()
+}
+
+struct Federation {
+    dir: tempfile::TempDir,
+    coordinator: Proc,
+    addr: String,
+    /// Coordinator log lines (stderr), as they come.
+    log: mpsc::Receiver<String>,
+}
+
+fn start_coordinator(rounds: u64, round_timeout: f64, min_updates: usize) -> Federation {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        r#"
+listen = "127.0.0.1:0"
+model_dir = "{models}"
+allowed_participants = ["hospital-0", "hospital-1", "hospital-2"]
+
+[job]
+id = "breast-cancer"
+rounds = {rounds}
+min_participants = 3
+min_updates = {min_updates}
+round_timeout_secs = {round_timeout}
+eval_timeout_secs = 5
+liveness_timeout_secs = 3
+seed = 7
+
+[job.model]
+kind = "logistic"
+inputs = 30
+classes = 2
+
+[job.train]
+epochs = 3
+batch_size = 16
+learning_rate = 0.1
+optimizer = "sgd"
+seed = 1
+"#,
+        models = dir.path().join("models").display()
+    );
+    let cfg_path = dir.path().join("coordinator.toml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["coordinator", "--config"])
+        .arg(&cfg_path)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let (tx, log) = mpsc::channel();
+    let err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            eprintln!("[coordinator] {line}");
+            let _ = tx.send(line);
+        }
+    });
+    let coordinator = Proc {
+        child,
+        name: "coordinator".into(),
+    };
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    let addr = first
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+        .to_string();
+    std::thread::spawn(move || for _ in out.lines() {});
+    Federation {
+        dir,
+        coordinator,
+        addr,
+        log,
+    }
+}
+
+impl Federation {
+    fn participant(&self, i: usize, share: &Path, upload_delay_ms: u64) -> Proc {
+        let cfg = format!(
+            r#"
+coordinator = "http://{addr}"
+id = "hospital-{i}"
+poll_wait_ms = 2000
+[data]
+format = "csv"
+path = "{path}"
+label = "diagnosis"
+test_fraction = 0.2
+seed = {i}
+[faults]
+upload_delay_ms = {upload_delay_ms}
+"#,
+            addr = self.addr,
+            path = share.display()
+        );
+        let p = self.dir.path().join(format!("participant-{i}.toml"));
+        std::fs::write(&p, cfg).unwrap();
+        let child = Command::new(BIN)
+            .args(["participant", "--config"])
+            .arg(&p)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        Proc {
+            child,
+            name: format!("participant {i}"),
+        }
+    }
+
+    /// Waits for a coordinator log line containing every one of `words`.
+    fn wait_log(&self, words: &[&str], limit: Duration) -> String {
+        let until = Instant::now() + limit;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if words.iter().all(|w| line.contains(w)) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no coordinator log line with {words:?} within {limit:?}"),
+            }
+        }
+    }
+
+    fn manifest(&self, version: u64) -> serde_json::Value {
+        let p = self.dir.path().join(format!("models/v{version:05}.json"));
+        let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        serde_json::from_str(&text).unwrap()
+    }
+}
+
+#[test]
+fn coordinator_and_three_participant_processes_complete_three_rounds() {
+    let mut fed = start_coordinator(3, 60.0, 3);
+    let shares = write_shares(fed.dir.path());
+    let mut parts: Vec<Proc> = (0..3).map(|i| fed.participant(i, &shares[i], 0)).collect();
+    let status = fed.coordinator.wait_for_exit(Duration::from_secs(120));
+    assert!(status.success(), "coordinator exited with {status}");
+    for p in parts.iter_mut() {
+        let s = p.wait_for_exit(Duration::from_secs(30));
+        assert!(s.success(), "{} exited with {s}", p.name);
+    }
+    for v in 0..=3 {
+        assert!(
+            fed.dir
+                .path()
+                .join(format!("models/v{v:05}.safetensors"))
+                .is_file()
+        );
+    }
+    let m3 = fed.manifest(3);
+    assert_eq!(m3["round"], 3);
+    assert_eq!(m3["parent"], 2);
+    assert_eq!(m3["participants"].as_array().unwrap().len(), 3);
+    let acc = m3["eval"]["accuracy"].as_f64().unwrap();
+    assert!(acc > 0.9, "held-out accuracy after 3 rounds: {acc}");
+    let n = m3["eval"]["num_examples"].as_u64().unwrap();
+    assert!(
+        (100..=130).contains(&n),
+        "evaluated on {n} held-out rows (about 20% of 569)"
+    );
+}
+
+#[test]
+fn a_participant_killed_mid_round_is_left_out_at_the_deadline() {
+    // One round, deadline 8 s; hospital-2 trains, then holds its upload back (a slow link)
+    // and is killed while it waits.
+    let mut fed = start_coordinator(1, 8.0, 2);
+    let shares = write_shares(fed.dir.path());
+    let _a = fed.participant(0, &shares[0], 0);
+    let _b = fed.participant(1, &shares[1], 0);
+    let mut slow = fed.participant(2, &shares[2], 60_000);
+    let started = fed.wait_log(&["round started", "round=1"], Duration::from_secs(60));
+    assert!(started.contains("hospital-2"), "{started}");
+    let t0 = Instant::now();
+    // Both quick participants' updates arrive; the round stays open for the third.
+    fed.wait_log(&["update accepted"], Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    slow.child.kill().unwrap();
+    slow.child.wait().unwrap();
+    let dropped = fed.wait_log(&["stragglers left out"], Duration::from_secs(30));
+    assert!(dropped.contains("hospital-2"), "{dropped}");
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_secs(5),
+        "the round closed after {waited:?}, before its deadline"
+    );
+    let status = fed.coordinator.wait_for_exit(Duration::from_secs(60));
+    assert!(status.success(), "coordinator exited with {status}");
+    let m1 = fed.manifest(1);
+    let who: Vec<&str> = m1["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(who, vec!["hospital-0", "hospital-1"]);
+}
+
+#[test]
+fn bad_config_files_are_named_in_the_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("coordinator.toml");
+    std::fs::write(
+        &p,
+        "listen = \"127.0.0.1:0\"\nmodel_dir = \"m\"\n[job]\nid = \"x\"\nrounds = 0\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["coordinator", "--config"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("coordinator.toml"), "{err}");
+    assert!(
+        err.contains("missing field") || err.contains("rounds"),
+        "{err}"
+    );
+
+    let data = dir.path().join("bad.csv");
+    std::fs::write(&data, "a,b,diagnosis\n1,2,0\n3,oops,1\n").unwrap();
+    let pc = dir.path().join("participant.toml");
+    std::fs::write(
+        &pc,
+        format!(
+            "coordinator = \"http://127.0.0.1:1\"\nid = \"h\"\n[data]\nformat = \"csv\"\npath = \"{}\"\nlabel = \"diagnosis\"\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["participant", "--config"])
+        .arg(&pc)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.csv:3") && err.contains("\"oops\""),
+        "{err}"
+    );
+}
