@@ -26,7 +26,7 @@ struct Cli {
 enum Command {
     /// Run a whole federation on this machine: a coordinator and N participants over real
     /// loopback gRPC. With no flags: 3 hospitals on the bundled breast-cancer table.
-    Simulate(simulate::SimArgs),
+    Simulate(Box<simulate::SimArgs>),
     /// Run a coordinator.
     Coordinator {
         /// coordinator.toml
@@ -148,7 +148,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Simulate(args) => {
                 init_logs("warn");
-                simulate::run(args).await.map(|_| ())
+                simulate::run(*args).await.map(|_| ())
             }
             Command::Coordinator { config } => {
                 init_logs("info");

@@ -39,7 +39,7 @@ pub fn accuracy_svg(title: &str, points: &[(f64, f64)], centralised: Option<f64>
             y0 = y(v)
         );
     }
-    let xticks = (max_x as usize).min(10).max(1);
+    let xticks = (max_x as usize).clamp(1, 10);
     for i in 0..=xticks {
         let v = max_x * i as f64 / xticks as f64;
         s += &format!(

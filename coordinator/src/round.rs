@@ -803,7 +803,7 @@ pub fn participant_seed(base: u64, round: u64, attempt: u32, id: &str) -> u64 {
 }
 
 fn selection_seed(base: u64, round: u64, attempt: u32) -> u64 {
-    splitmix(base.wrapping_add(0x5e1e_c7) ^ splitmix(round << 16 | attempt as u64))
+    splitmix(base.wrapping_add(0x005e_1ec7) ^ splitmix(round << 16 | attempt as u64))
 }
 
 fn splitmix(mut z: u64) -> u64 {

@@ -169,7 +169,8 @@ fn full_job_aggregates_weighted_mean_and_evaluates() {
     // All three arrived: aggregated without waiting for the deadline.
     let (v, g1) = h.o.global();
     assert_eq!(v, 1);
-    let mean = (10.0 * 1.0 + 30.0 * 2.0 + 60.0 * -1.0) / 100.0;
+    // Weights 10, 30, 60 on updates 1, 2, -1.
+    let mean = (10.0 + 30.0 * 2.0 - 60.0) / 100.0;
     for (a, b) in g1.iter().zip(g0.iter()) {
         assert!((a - (b + mean)).abs() < 1e-6);
     }

@@ -322,6 +322,9 @@ pub struct Cnn {
 }
 
 /// A network built from a [`ModelSpec`].
+// Built once per task and never moved in a hot loop, so the variants' size difference costs
+// nothing worth a Box (which Burn's derive would have to see through).
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Network {
     Mlp(Mlp),

@@ -72,7 +72,7 @@ impl ParamAssembler {
 
     /// Appends one chunk of little-endian f32 bytes.
     pub fn push(&mut self, bytes: &[u8]) -> Result<(), ProtocolError> {
-        if bytes.len() % 4 != 0 {
+        if !bytes.len().is_multiple_of(4) {
             return Err(ProtocolError::Malformed(format!(
                 "chunk of {} bytes is not a whole number of f32 values",
                 bytes.len()
