@@ -1,14 +1,12 @@
 //! `cohort`: one binary for simulations, the coordinator and participants.
 
-mod plot;
-mod simulate;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use cohort::simulate;
 use cohort_coordinator::{Coordinator, CoordinatorConfig, ModelStore, Orchestrator};
 
 #[derive(Parser)]

@@ -47,7 +47,8 @@ pub struct SimArgs {
     /// CSV label column: a name, a zero-based index, or "last".
     #[arg(long, default_value = "last")]
     pub label: String,
-    /// How the data is spread: iid, dirichlet:ALPHA (label skew) or shards:K.
+    /// How the data is spread: iid, roundrobin (row i to participant i mod N),
+    /// dirichlet:ALPHA (label skew) or shards:K.
     #[arg(long, default_value = "iid")]
     pub partition: Partition,
     /// Share of each participant's table held out for evaluation (CSV data; IDX data uses

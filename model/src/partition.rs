@@ -12,6 +12,9 @@ use crate::DataError;
 pub enum Partition {
     /// Shuffled, equal shares.
     Iid,
+    /// Example `i` goes to participant `i mod n`, unshuffled: a split any other tool can
+    /// reproduce exactly (for side-by-side comparisons).
+    RoundRobin,
     /// For each class, shares drawn from Dirichlet(α): small α, more skew by label.
     Dirichlet { alpha: f64 },
     /// Sorted by label and cut into `k` shards per participant (McMahan et al.'s pathological split).
@@ -24,6 +27,7 @@ impl std::str::FromStr for Partition {
         let (kind, arg) = s.split_once(':').unwrap_or((s, ""));
         match kind {
             "iid" if arg.is_empty() => Ok(Partition::Iid),
+            "roundrobin" if arg.is_empty() => Ok(Partition::RoundRobin),
             "dirichlet" => {
                 let alpha: f64 = arg.parse().map_err(|_| {
                     format!("partition {s:?}: expected dirichlet:ALPHA with ALPHA a number, e.g. dirichlet:0.5")
@@ -40,7 +44,7 @@ impl std::str::FromStr for Partition {
                 Ok(Partition::Shards { per_participant: k })
             }
             _ => Err(format!(
-                "unknown partition {s:?}: use iid, dirichlet:ALPHA or shards:K"
+                "unknown partition {s:?}: use iid, roundrobin, dirichlet:ALPHA or shards:K"
             )),
         }
     }
@@ -50,6 +54,7 @@ impl std::fmt::Display for Partition {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Partition::Iid => write!(f, "iid"),
+            Partition::RoundRobin => write!(f, "roundrobin"),
             Partition::Dirichlet { alpha } => write!(f, "dirichlet:{alpha}"),
             Partition::Shards { per_participant } => write!(f, "shards:{per_participant}"),
         }
@@ -87,6 +92,11 @@ pub fn partition(
             idx.shuffle(&mut rng);
             for (k, i) in idx.into_iter().enumerate() {
                 out[k % parts].push(i);
+            }
+        }
+        Partition::RoundRobin => {
+            for i in 0..labels.len() {
+                out[i % parts].push(i);
             }
         }
         Partition::Dirichlet { alpha } => {
@@ -182,6 +192,7 @@ mod tests {
     #[test]
     fn parse() {
         assert_eq!("iid".parse(), Ok(Partition::Iid));
+        assert_eq!("roundrobin".parse(), Ok(Partition::RoundRobin));
         assert_eq!(
             "dirichlet:0.5".parse(),
             Ok(Partition::Dirichlet { alpha: 0.5 })
@@ -239,6 +250,12 @@ mod tests {
             seen.dedup();
             assert!(seen.len() <= 2, "{seen:?}");
         }
+    }
+
+    #[test]
+    fn roundrobin_is_i_mod_n() {
+        let p = partition(&labels(7, 2), 2, 3, Partition::RoundRobin, 99).unwrap();
+        assert_eq!(p, vec![vec![0, 3, 6], vec![1, 4], vec![2, 5]]);
     }
 
     #[test]

@@ -1,0 +1,61 @@
+"""cohort vs Flower 1.42 on the same federated task, whole-process wall time, one run.
+
+Usage: python3 benches/compare_flower.py [--flower-python PATH] [--repeats N]
+(benches/compare_flower.sh makes the Flower virtual environment and calls this.)
+
+Task (both sides): logistic regression on the bundled breast-cancer table; 5 participants,
+client k holding rows i with i % 5 == k; 20% held out per client; per-client standardisation;
+20 full-batch gradient steps of learning rate 0.1 per round; 3 rounds of FedAvg with
+federated evaluation. cohort runs its coordinator and 5 participants over loopback gRPC;
+Flower runs its simulation engine (Ray). The same machine, the same run, one after the other.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def timed(cmd, env=None):
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    if r.returncode != 0:
+        sys.exit(f"{cmd[0]} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    return dt
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--flower-python", default=os.path.join(ROOT, "target", "flower-venv", "bin", "python"))
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    cohort = os.path.join(ROOT, "target", "release", "cohort")
+    tmp = tempfile.mkdtemp()
+    c_times, f_times = [], []
+    for i in range(a.repeats):
+        c_times.append(timed([cohort, "simulate", "--participants", "5", "--rounds", "3",
+                              "--epochs", "20", "--batch-size", "100000", "--lr", "0.1",
+                              "--partition", "roundrobin", "--no-baseline", "--quiet",
+                              "--out", os.path.join(tmp, f"c{i}"),
+                              "--report", os.path.join(tmp, "cohort.json")]))
+        env = dict(os.environ, RAY_DEDUP_LOGS="0", PYTHONWARNINGS="ignore")
+        f_times.append(timed([a.flower_python, os.path.join(HERE, "flower_app.py"),
+                              os.path.join(tmp, "flower.json")], env=env))
+    c_acc = json.load(open(os.path.join(tmp, "cohort.json")))["federated_accuracy"]
+    f_acc = json.load(open(os.path.join(tmp, "flower.json")))["federated_accuracy"]
+    c_med, f_med = statistics.median(c_times), statistics.median(f_times)
+    print(f"{'system':<22}{'wall s (median)':>16}{'runs':>28}{'accuracy':>10}")
+    print(f"{'cohort simulate':<22}{c_med:>16.3f}{' '.join(f'{t:.3f}' for t in c_times):>28}{c_acc:>10.4f}")
+    print(f"{'Flower 1.42 (Ray)':<22}{f_med:>16.3f}{' '.join(f'{t:.3f}' for t in f_times):>28}{f_acc:>10.4f}")
+    print(f"ratio Flower / cohort: {f_med / c_med:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# cohort vs Flower 1.42's simulation on the same task (see compare_flower.py).
+# Installs Flower into target/flower-venv (about 530 MB, from PyPI) on first use.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${FLOWER_VENV:-target/flower-venv}"
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import flwr' 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q "flwr[simulation]==1.42.*" numpy \
+    || { echo "could not install flwr[simulation] from PyPI" >&2; exit 1; }
+fi
+cargo build --release --workspace
+python3 benches/compare_flower.py --flower-python "$venv/bin/python" "$@"

@@ -1,0 +1,5 @@
+//! The `cohort` command line's library half: the in-process simulation and the plots, so
+//! benchmarks and tests drive exactly what `cohort simulate` runs.
+
+pub mod plot;
+pub mod simulate;
