@@ -308,3 +308,68 @@ fn bad_config_files_are_named_in_the_error() {
         "{err}"
     );
 }
+
+#[test]
+fn a_restarted_participant_rejoins_and_trains_again() {
+    // hospital-2's uploads are held back 1.5 s, so the kill lands inside round 2.
+    let mut fed = start_coordinator(3, 30.0, 3);
+    let shares = write_shares(fed.dir.path());
+    let _a = fed.participant(0, &shares[0], 0);
+    let _b = fed.participant(1, &shares[1], 0);
+    let mut c = fed.participant(2, &shares[2], 1500);
+    fed.wait_log(&["round complete", "round=1"], Duration::from_secs(60));
+    fed.wait_log(&["round started", "round=2"], Duration::from_secs(30));
+    c.child.kill().unwrap();
+    c.child.wait().unwrap();
+    let _c2 = fed.participant(2, &shares[2], 0);
+    fed.wait_log(
+        &["participant joined", "hospital-2", "rejoined=true"],
+        Duration::from_secs(30),
+    );
+    let status = fed.coordinator.wait_for_exit(Duration::from_secs(90));
+    assert!(status.success(), "coordinator exited with {status}");
+    for v in [2, 3] {
+        let m = fed.manifest(v);
+        let who = m["participants"].as_array().unwrap();
+        assert!(
+            who.iter().any(|p| p == "hospital-2"),
+            "version {v}: {who:?}"
+        );
+        assert_eq!(who.len(), 3, "version {v}: {who:?}");
+    }
+}
+
+#[test]
+fn default_simulation_matches_the_centralised_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let out = Command::new(BIN)
+        .args(["simulate", "--out"])
+        .arg(dir.path().join("run"))
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("held-out accuracy") && stdout.contains("centralised model"),
+        "{stdout}"
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["rounds"].as_array().unwrap().len(), 10);
+    assert_eq!(r["participants"], 3);
+    assert_eq!(r["secure_aggregation"], false);
+    let fed = r["federated_accuracy"].as_f64().unwrap();
+    let central = r["centralised_accuracy"].as_f64().unwrap();
+    assert!(fed >= 0.95, "federated accuracy {fed}");
+    assert!(
+        (central - fed).abs() <= 0.015,
+        "federated {fed} vs centralised {central}"
+    );
+    assert!(Path::new(r["model_path"].as_str().unwrap()).is_file());
+}

@@ -17,7 +17,10 @@ fn breast_cancer() -> cohort_model::Dataset {
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -42,12 +45,16 @@ fn wgpu_and_ndarray_agree_on_inference_and_training() {
         optimizer: Optimizer::Sgd,
         seed: 3,
     };
-    let (p_cpu, r_cpu) = cohort_model::train(&spec, &params, &ds, &cfg, ComputeDevice::Cpu).unwrap();
-    let (p_gpu, r_gpu) = cohort_model::train(&spec, &params, &ds, &cfg, ComputeDevice::Wgpu).unwrap();
+    let (p_cpu, r_cpu) =
+        cohort_model::train(&spec, &params, &ds, &cfg, ComputeDevice::Cpu).unwrap();
+    let (p_gpu, r_gpu) =
+        cohort_model::train(&spec, &params, &ds, &cfg, ComputeDevice::Wgpu).unwrap();
     let d = max_diff(&p_cpu, &p_gpu);
     assert!(d < 1e-4, "parameters after training differ by {d}");
     assert!((r_cpu.epoch_loss[1] - r_gpu.epoch_loss[1]).abs() < 1e-4);
-    let acc = cohort_model::evaluate(&spec, &p_gpu, &ds, ComputeDevice::Wgpu).unwrap().accuracy;
+    let acc = cohort_model::evaluate(&spec, &p_gpu, &ds, ComputeDevice::Wgpu)
+        .unwrap()
+        .accuracy;
     assert!(acc > 0.9, "accuracy on wgpu {acc}");
 }
 
@@ -62,7 +69,9 @@ fn cnn_runs_on_wgpu_like_on_ndarray() {
     let params = spec.initial_parameters(1);
     // Deterministic pseudo-images.
     let n = 16;
-    let features: Vec<f32> = (0..n * 784).map(|i| ((i * 7919) % 256) as f32 / 255.0).collect();
+    let features: Vec<f32> = (0..n * 784)
+        .map(|i| ((i * 7919) % 256) as f32 / 255.0)
+        .collect();
     let ds = cohort_model::Dataset::new(
         features,
         (0..n as u32).map(|i| i % 10).collect(),
