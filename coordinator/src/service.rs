@@ -104,12 +104,18 @@ impl Coordinator {
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
+        use tokio_stream::StreamExt;
+        // tonic sets TCP_NODELAY only on sockets it binds itself. Without it, Nagle's
+        // algorithm and delayed ACKs add ~40 ms to every small request/response exchange.
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+            conn.and_then(|s| {
+                s.set_nodelay(true)?;
+                Ok(s)
+            })
+        });
         tonic::transport::Server::builder()
             .add_service(self.service())
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                shutdown,
-            )
+            .serve_with_incoming_shutdown(incoming, shutdown)
             .await
     }
 
