@@ -288,9 +288,12 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
     } else {
         let b = indicatif::ProgressBar::new(args.rounds);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{bar:30} round {pos}/{len} {msg} [{elapsed}]")
-                .expect("valid template"),
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} rounds, {msg} [{elapsed}]",
+            )
+            .expect("valid template"),
         );
+        b.enable_steady_tick(Duration::from_millis(250));
         b
     };
     let mut events = coordinator.subscribe();
@@ -311,18 +314,24 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
     let progress = {
         let bar = bar.clone();
         tokio::spawn(async move {
+            let (mut selected, mut received, mut last) = (0usize, 0usize, String::new());
             while let Ok(ev) = events.recv().await {
                 match ev {
+                    Event::RoundStarted { selected: s, .. } => {
+                        (selected, received) = (s.len(), 0);
+                    }
+                    Event::UpdateAccepted { .. } => received += 1,
                     Event::RoundCompleted { summary, .. } => {
                         bar.inc(1);
-                        bar.set_message(format!(
-                            "held-out accuracy {}",
+                        last = format!(
+                            ", last held-out accuracy {}",
                             fmt_opt(summary.eval.map(|m| m.accuracy), 4)
-                        ));
+                        );
                     }
                     Event::JobFinished { .. } => break,
                     _ => {}
                 }
+                bar.set_message(format!("{received}/{selected} updates{last}"));
             }
         })
     };

@@ -361,6 +361,20 @@ fn refuse(id: &str, status: Status) -> Status {
     status
 }
 
+/// The next message of an upload. tonic reports a message over the size limit as
+/// `OutOfRange`; the gRPC specification's code for that is `ResourceExhausted`.
+async fn next_chunk(
+    stream: &mut Streaming<pb::UpdateChunk>,
+) -> Result<Option<pb::UpdateChunk>, Status> {
+    stream.message().await.map_err(|s| {
+        if s.code() == tonic::Code::OutOfRange {
+            Status::resource_exhausted(s.message().to_string())
+        } else {
+            s
+        }
+    })
+}
+
 type ModelStream = Pin<Box<dyn Stream<Item = Result<pb::ModelChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -455,7 +469,7 @@ impl Federation for Coordinator {
         req: Request<Streaming<pb::UpdateChunk>>,
     ) -> Result<Response<pb::SubmitUpdateResponse>, Status> {
         let mut stream = req.into_inner();
-        let header = match stream.message().await? {
+        let header = match next_chunk(&mut stream).await? {
             Some(pb::UpdateChunk {
                 part: Some(Part::Header(h)),
             }) => h,
@@ -478,7 +492,7 @@ impl Federation for Coordinator {
             .map_err(|e| refuse(&id, rejection_status(&e)))?;
         let mut asm = ParamAssembler::new(header.num_parameters);
         let digest = loop {
-            match stream.message().await? {
+            match next_chunk(&mut stream).await.map_err(|s| refuse(&id, s))? {
                 Some(pb::UpdateChunk {
                     part: Some(Part::Data(d)),
                 }) => asm.push(&d).map_err(|e| refuse(&id, protocol_status(&e)))?,
@@ -501,7 +515,7 @@ impl Federation for Coordinator {
                 }
             }
         };
-        if stream.message().await?.is_some() {
+        if next_chunk(&mut stream).await?.is_some() {
             return Err(refuse(
                 &id,
                 Status::invalid_argument("messages after the trailer"),
