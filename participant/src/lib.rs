@@ -226,18 +226,19 @@ fn metrics_pb(loss: f64, accuracy: f64, n: usize) -> pb::Metrics {
         .into()
 }
 
+/// The model spec a task names; a task without a valid one is refused.
+fn task_model(model: Option<&pb::ModelSpec>) -> Result<ModelSpec, Status> {
+    let m = model.ok_or_else(|| Status::invalid_argument("task without model"))?;
+    ModelSpec::try_from(m).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
 async fn train_round(
     s: &mut Session,
     opts: &AgentOptions,
     data: &Arc<LocalData>,
     t: pb::TrainTask,
 ) -> Result<(), Status> {
-    let spec = ModelSpec::try_from(
-        t.model
-            .as_ref()
-            .ok_or_else(|| Status::invalid_argument("task without model"))?,
-    )
-    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let spec = task_model(t.model.as_ref())?;
     let cfg = TrainConfig::try_from(
         t.config
             .as_ref()
@@ -298,12 +299,7 @@ async fn evaluate_round(
     data: &Arc<LocalData>,
     e: pb::EvaluateTask,
 ) -> Result<(), Status> {
-    let spec = ModelSpec::try_from(
-        e.model
-            .as_ref()
-            .ok_or_else(|| Status::invalid_argument("task without model"))?,
-    )
-    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let spec = task_model(e.model.as_ref())?;
     let params = fetch_model(
         s,
         &e.job_id,
