@@ -1,1 +1,30 @@
-//! cohort-crypto
+//! cohort's cryptography for secure aggregation: threshold GLWE on tfhe-rs `core_crypto`
+//! (see `../shared/design/secure-aggregation.md` and `docs/ARCHITECTURE.md`).
+//!
+//! - [`codec`]: fixed-point encoding of updates and the capacity check that refuses
+//!   configurations that could overflow.
+//! - [`sharing`]: replicated t-of-n secret sharing over Z/2^64 and the assignment of pieces
+//!   to responding committee members.
+//! - [`glwe`]: per-round keys, seeded encryption (bodies only), the coordinator's weighted
+//!   accumulator, decryption shares with smudging noise, decoding.
+//!
+//! Like `model`, this crate has no I/O and no async; randomness is always an argument.
+
+pub mod codec;
+pub mod glwe;
+pub mod sharing;
+
+pub use codec::{Codec, NoiseBudget};
+pub use glwe::{Accumulator, GlweParams, RoundKey, RoundSeed, decode, decryption_share, encrypt};
+pub use sharing::Committee;
+
+/// Errors of the secure-aggregation primitives.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CryptoError {
+    #[error("configuration could overflow: {0}")]
+    Capacity(String),
+    #[error("committee: {0}")]
+    Committee(String),
+    #[error("length mismatch: expected {expected} values, got {got}")]
+    Length { expected: usize, got: usize },
+}

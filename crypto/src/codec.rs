@@ -1,0 +1,189 @@
+//! Fixed-point encoding of model updates into the GLWE plaintext space, and the capacity
+//! check that refuses configurations whose sums or noise could overflow.
+//!
+//! A value `x` is clipped to `[-clip, clip]` and encoded as `m = round(x · 2^frac_bits)`; the
+//! plaintext is `m · Δ` with `Δ = 2^delta_log`, in Z/2^64. A weighted sum `Σ w_i m_i` decodes
+//! exactly as long as it stays below `2^(63 − delta_log)` in magnitude and the total noise
+//! stays below `Δ / 2`.
+
+use crate::CryptoError;
+
+/// How updates are encoded and how much they may add up to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Codec {
+    /// log2 of Δ, the scale of messages in the 64-bit plaintext.
+    pub delta_log: u32,
+    /// Fractional bits of the fixed-point encoding.
+    pub frac_bits: u32,
+    /// Per-coordinate bound B: values are clipped to [-B, B].
+    pub clip: f32,
+    /// Largest total weight W = Σ w_i a round may aggregate.
+    pub max_total_weight: u64,
+}
+
+impl Default for Codec {
+    /// The design's example: δ = 31, f = 16, B = 32, W ≤ 1024.
+    fn default() -> Self {
+        Codec {
+            delta_log: 31,
+            frac_bits: 16,
+            clip: 32.0,
+            max_total_weight: 1024,
+        }
+    }
+}
+
+/// The noise the decryption must absorb.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoiseBudget {
+    /// Encryption noise per coefficient is at most 2^this (T-uniform).
+    pub encryption_log2: u32,
+    /// Smudging noise per coefficient per decryption share is at most 2^this.
+    pub smudging_log2: u32,
+    /// Decryption shares added up (pieces of the replicated sharing).
+    pub shares: usize,
+}
+
+impl Codec {
+    /// Largest |m| a single clipped value encodes to.
+    pub fn max_message(&self) -> u64 {
+        (self.clip as f64 * (1u64 << self.frac_bits) as f64).round() as u64
+    }
+
+    /// Refuses a configuration that could overflow, naming the bound it breaks.
+    pub fn check(&self, noise: &NoiseBudget) -> Result<(), CryptoError> {
+        let refuse = |m: String| Err(CryptoError::Capacity(m));
+        if !(self.clip > 0.0 && self.clip.is_finite()) {
+            return refuse(format!(
+                "clip must be positive and finite, not {}",
+                self.clip
+            ));
+        }
+        if self.delta_log == 0 || self.delta_log >= 63 {
+            return refuse(format!(
+                "delta_log must be in 1..63, not {}",
+                self.delta_log
+            ));
+        }
+        if self.frac_bits > 30 {
+            return refuse(format!("frac_bits {} is more than 30", self.frac_bits));
+        }
+        if self.max_total_weight == 0 {
+            return refuse("max_total_weight must be at least 1".into());
+        }
+        // |Σ w_i m_i| ≤ W · max|m| must stay below 2^(63 − δ).
+        let sum_bound = self.max_total_weight as u128 * self.max_message() as u128;
+        let sum_limit = 1u128 << (63 - self.delta_log);
+        if sum_bound >= sum_limit {
+            return refuse(format!(
+                "weighted sums can reach W·B·2^f = {} · {} · 2^{} = {sum_bound}, \
+                 not below 2^(63 − δ) = 2^{} = {sum_limit}: lower clip, frac_bits, \
+                 max_total_weight or delta_log",
+                self.max_total_weight,
+                self.clip,
+                self.frac_bits,
+                63 - self.delta_log
+            ));
+        }
+        // Total noise W · 2^e + shares · 2^s must stay below Δ / 2.
+        let noise_bound = self.max_total_weight as u128 * (1u128 << noise.encryption_log2)
+            + noise.shares as u128 * (1u128 << noise.smudging_log2);
+        let noise_limit = 1u128 << (self.delta_log - 1);
+        if noise_bound >= noise_limit {
+            return refuse(format!(
+                "noise can reach W·2^{} + {}·2^{} = {noise_bound}, not below Δ/2 = 2^{} = \
+                 {noise_limit}: raise delta_log or lower max_total_weight",
+                noise.encryption_log2,
+                noise.shares,
+                noise.smudging_log2,
+                self.delta_log - 1
+            ));
+        }
+        Ok(())
+    }
+
+    /// Fixed-point message of one value (clipped).
+    pub fn encode(&self, x: f32) -> i64 {
+        let x = if x.is_nan() {
+            0.0
+        } else {
+            x.clamp(-self.clip, self.clip)
+        };
+        (x as f64 * (1u64 << self.frac_bits) as f64).round() as i64
+    }
+
+    /// Plaintext `m · Δ` of a message.
+    pub fn plaintext(&self, m: i64) -> u64 {
+        (m as u64).wrapping_shl(self.delta_log)
+    }
+
+    /// Rounds a decrypted coefficient to the nearest multiple of Δ and returns the signed
+    /// message it carries.
+    pub fn message(&self, coefficient: u64) -> i64 {
+        let half = 1u64 << (self.delta_log - 1);
+        (coefficient.wrapping_add(half) as i64) >> self.delta_log
+    }
+
+    /// The mean of the values behind a weighted message sum `Σ w_i m_i` with `Σ w_i = W`.
+    pub fn mean(&self, sum: i64, total_weight: u64) -> f32 {
+        (sum as f64 / ((1u64 << self.frac_bits) as f64 * total_weight as f64)) as f32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget() -> NoiseBudget {
+        NoiseBudget {
+            encryption_log2: 17,
+            smudging_log2: 20,
+            shares: 10,
+        }
+    }
+
+    #[test]
+    fn default_fits() {
+        Codec::default().check(&budget()).unwrap();
+    }
+
+    #[test]
+    fn encode_and_decode_round_trip() {
+        let c = Codec::default();
+        for x in [0.0f32, 1.5, -2.25, 31.99, -32.0, 1e-5] {
+            let m = c.encode(x);
+            let back = c.mean(c.message(c.plaintext(m)), 1);
+            assert!((back - x).abs() <= 0.5 / 65536.0, "{x} -> {back}");
+        }
+        assert_eq!(c.encode(100.0), c.encode(32.0), "clipped");
+        assert_eq!(c.encode(f32::NAN), 0);
+        // Noise below Δ/2 is rounded away, either sign.
+        let p = c.plaintext(-7);
+        assert_eq!(c.message(p.wrapping_add((1 << 30) - 1)), -7);
+        assert_eq!(c.message(p.wrapping_sub((1 << 30) - 1)), -7);
+    }
+
+    #[test]
+    fn capacity_edge_and_refusal() {
+        // B · 2^f = 2^21, so W may be at most 2^11 − 1 with δ = 31 (sums below 2^32) — but the
+        // noise bound W · 2^17 + 10 · 2^20 < 2^30 allows W < 2^13 − 80: the sum bound binds.
+        let at_edge = Codec {
+            max_total_weight: (1 << 11) - 1,
+            ..Codec::default()
+        };
+        at_edge.check(&budget()).unwrap();
+        let over = Codec {
+            max_total_weight: 1 << 11,
+            ..Codec::default()
+        };
+        let e = over.check(&budget()).unwrap_err().to_string();
+        assert!(e.contains("2^(63 − δ)") && e.contains("2^32"), "{e}");
+        let noisy = Codec {
+            delta_log: 24,
+            clip: 1.0,
+            ..Codec::default()
+        };
+        let e = noisy.check(&budget()).unwrap_err().to_string();
+        assert!(e.contains("Δ/2"), "{e}");
+    }
+}

@@ -1,0 +1,490 @@
+//! Threshold GLWE aggregation on tfhe-rs `core_crypto` (design: secure-aggregation.md).
+//!
+//! Every participant of a round encrypts under its own fresh binary key with the *same*
+//! round seed, so all ciphertexts share one mask A, regenerated from the seed by anyone. Only
+//! bodies travel: `b_i = ⟨A, s_i⟩ + Δ·m_i + e_i`, 8 bytes per element. The coordinator sums
+//! `Σ w_i b_i` without any key. Committee members, who hold replicated pieces of every `s_i`,
+//! return `−⟨A, Σ_i w_i r_{i,M}⟩ + smudging` for their assigned pieces M; adding the shares
+//! to the sum leaves `Δ · Σ w_i m_i + noise`, which rounds to the exact weighted sum.
+
+use rand::{Rng, RngExt};
+use tfhe::core_crypto::commons::generators::DeterministicSeeder;
+use tfhe::core_crypto::commons::math::random::{CompressionSeed, Seed};
+use tfhe::core_crypto::prelude::*;
+
+use crate::CryptoError;
+use crate::codec::{Codec, NoiseBudget};
+
+/// GLWE parameters (profile A of the design: k = 1, N = 2048, q = 2^64, T-uniform(17) noise).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GlweParams {
+    pub polynomial_size: usize,
+    pub noise_log2: u32,
+    pub smudging_log2: u32,
+}
+
+impl Default for GlweParams {
+    fn default() -> Self {
+        GlweParams {
+            polynomial_size: 2048,
+            noise_log2: 17,
+            smudging_log2: 20,
+        }
+    }
+}
+
+impl GlweParams {
+    /// Ciphertexts (polynomials) needed for `len` values.
+    pub fn ciphertexts(&self, len: usize) -> usize {
+        len.div_ceil(self.polynomial_size).max(1)
+    }
+
+    /// The noise budget of a round whose decryption adds `shares` decryption shares.
+    pub fn budget(&self, shares: usize) -> NoiseBudget {
+        NoiseBudget {
+            encryption_log2: self.noise_log2,
+            smudging_log2: self.smudging_log2,
+            shares,
+        }
+    }
+}
+
+/// The 128-bit seed of a round's common mask. Unique per (federation, job, round, attempt);
+/// a participant must never encrypt twice under one seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RoundSeed(pub u128);
+
+/// A participant's single-use binary secret key for one round.
+pub struct RoundKey {
+    key: GlweSecretKeyOwned<u64>,
+}
+
+impl std::fmt::Debug for RoundKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RoundKey(..)")
+    }
+}
+
+fn seed_from(rng: &mut impl Rng) -> Seed {
+    Seed(((rng.next_u64() as u128) << 64) | rng.next_u64() as u128)
+}
+
+impl RoundKey {
+    /// Draws a fresh binary key.
+    pub fn generate(params: &GlweParams, rng: &mut impl Rng) -> Self {
+        let mut keygen = SecretRandomGenerator::<DefaultRandomGenerator>::new(seed_from(rng));
+        RoundKey {
+            key: allocate_and_generate_new_binary_glwe_secret_key(
+                GlweDimension(1),
+                PolynomialSize(params.polynomial_size),
+                &mut keygen,
+            ),
+        }
+    }
+
+    /// The key's coefficients, to be shared among the committee.
+    pub fn coefficients(&self) -> &[u64] {
+        self.key.as_ref()
+    }
+}
+
+fn mask_seed(seed: RoundSeed) -> CompressionSeed {
+    CompressionSeed::from(Seed(seed.0))
+}
+
+/// Encrypts fixed-point messages under `key` with the round's common mask. Returns the
+/// bodies, `ciphertexts(len) · N` values (messages padded with zeros).
+pub fn encrypt(
+    key: &RoundKey,
+    seed: RoundSeed,
+    messages: &[i64],
+    codec: &Codec,
+    params: &GlweParams,
+    rng: &mut impl Rng,
+) -> Vec<u64> {
+    let n = params.polynomial_size;
+    let count = params.ciphertexts(messages.len());
+    let mut plain = PlaintextList::new(0u64, PlaintextCount(count * n));
+    for (p, &m) in plain.iter_mut().zip(messages) {
+        *p.0 = codec.plaintext(m);
+    }
+    let mut list = SeededGlweCiphertextList::new(
+        0u64,
+        GlweSize(2),
+        PolynomialSize(n),
+        GlweCiphertextCount(count),
+        mask_seed(seed),
+        CiphertextModulus::new_native(),
+    );
+    let mut noise_seeder = DeterministicSeeder::<DefaultRandomGenerator>::new(seed_from(rng));
+    encrypt_seeded_glwe_ciphertext_list(
+        &key.key,
+        &mut list,
+        &plain,
+        TUniform::<u64>::new(params.noise_log2),
+        &mut noise_seeder,
+    );
+    list.into_container()
+}
+
+/// The coordinator's running sum `Σ w_i · body_i` (wrapping): O(model) memory whatever the
+/// number of participants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accumulator {
+    sum: Vec<u64>,
+    total_weight: u64,
+    count: usize,
+}
+
+impl Accumulator {
+    /// For bodies of `len` values.
+    pub fn new(len: usize) -> Self {
+        Accumulator {
+            sum: vec![0; len],
+            total_weight: 0,
+            count: 0,
+        }
+    }
+
+    /// Adds one participant's bodies with weight `w`.
+    pub fn add(&mut self, w: u64, bodies: &[u64]) -> Result<(), CryptoError> {
+        if bodies.len() != self.sum.len() {
+            return Err(CryptoError::Length {
+                expected: self.sum.len(),
+                got: bodies.len(),
+            });
+        }
+        for (s, b) in self.sum.iter_mut().zip(bodies) {
+            *s = s.wrapping_add(b.wrapping_mul(w));
+        }
+        self.total_weight += w;
+        self.count += 1;
+        Ok(())
+    }
+
+    pub fn total_weight(&self) -> u64 {
+        self.total_weight
+    }
+
+    /// Participants added.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    pub fn sum(&self) -> &[u64] {
+        &self.sum
+    }
+}
+
+/// A committee member's decryption share for its assigned pieces: `−⟨A, Σ w_i r_i⟩ + e`,
+/// where `weighted_pieces` are `(w_i, r_i)` over the manifest's participants and pieces.
+pub fn decryption_share(
+    weighted_pieces: &[(u64, &[u64])],
+    seed: RoundSeed,
+    len: usize,
+    params: &GlweParams,
+    rng: &mut impl Rng,
+) -> Result<Vec<u64>, CryptoError> {
+    let n = params.polynomial_size;
+    let mut r = vec![0u64; n];
+    for (w, piece) in weighted_pieces {
+        if piece.len() != n {
+            return Err(CryptoError::Length {
+                expected: n,
+                got: piece.len(),
+            });
+        }
+        for (acc, v) in r.iter_mut().zip(piece.iter()) {
+            *acc = acc.wrapping_add(v.wrapping_mul(*w));
+        }
+    }
+    let key = GlweSecretKey::from_container(r, PolynomialSize(n));
+    let count = params.ciphertexts(len);
+    // Bodies of zero with the round's mask: "decrypting" them gives −⟨A, R⟩.
+    let masks = SeededGlweCiphertextList::from_container(
+        vec![0u64; count * n],
+        GlweSize(2),
+        PolynomialSize(n),
+        mask_seed(seed),
+        CiphertextModulus::new_native(),
+    )
+    .decompress_into_glwe_ciphertext_list();
+    let mut out = PlaintextList::new(0u64, PlaintextCount(count * n));
+    decrypt_glwe_ciphertext_list(&key, &masks, &mut out);
+    let bound = 1i64 << params.smudging_log2;
+    let mut share = out.into_container();
+    for v in share.iter_mut() {
+        let e = rng.random_range(-bound..=bound);
+        *v = v.wrapping_add(e as u64);
+    }
+    Ok(share)
+}
+
+/// Decodes `sum + Σ shares` into the weighted mean of the first `len` values.
+pub fn decode(
+    acc: &Accumulator,
+    shares: &[Vec<u64>],
+    len: usize,
+    codec: &Codec,
+) -> Result<Vec<f32>, CryptoError> {
+    if acc.total_weight == 0 {
+        return Err(CryptoError::Committee("nothing was aggregated".into()));
+    }
+    let mut total = acc.sum.clone();
+    for s in shares {
+        if s.len() != total.len() {
+            return Err(CryptoError::Length {
+                expected: total.len(),
+                got: s.len(),
+            });
+        }
+        for (t, v) in total.iter_mut().zip(s) {
+            *t = t.wrapping_add(*v);
+        }
+    }
+    Ok(total[..len.min(total.len())]
+        .iter()
+        .map(|&c| codec.mean(codec.message(c), acc.total_weight))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sharing::Committee;
+    use rand::SeedableRng;
+    use rand::rngs::ChaCha8Rng;
+
+    /// One participant's contribution: weight, update and the pieces of its key.
+    struct Upload {
+        weight: u64,
+        bodies: Vec<u64>,
+        pieces: Vec<Vec<u64>>,
+    }
+
+    fn params() -> GlweParams {
+        GlweParams {
+            polynomial_size: 256,
+            ..GlweParams::default()
+        }
+    }
+
+    fn upload(
+        values: &[f32],
+        weight: u64,
+        seed: RoundSeed,
+        committee: &Committee,
+        rng: &mut ChaCha8Rng,
+    ) -> Upload {
+        let (codec, p) = (Codec::default(), params());
+        let key = RoundKey::generate(&p, rng);
+        let msgs: Vec<i64> = values.iter().map(|&x| codec.encode(x)).collect();
+        Upload {
+            weight,
+            bodies: encrypt(&key, seed, &msgs, &codec, &p, rng),
+            pieces: committee.share(key.coefficients(), rng),
+        }
+    }
+
+    /// Runs the committee over `included` uploads with `responders` answering; returns the
+    /// decoded mean.
+    fn aggregate(
+        uploads: &[&Upload],
+        committee: &Committee,
+        responders: &[usize],
+        seed: RoundSeed,
+        len: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Vec<f32>, CryptoError> {
+        let mut acc = Accumulator::new(uploads[0].bodies.len());
+        for u in uploads {
+            acc.add(u.weight, &u.bodies)?;
+        }
+        let assignment = committee.assign(responders)?;
+        let mut shares = Vec::new();
+        for member in responders {
+            let mine: Vec<(u64, &[u64])> = assignment
+                .iter()
+                .filter(|(_, m)| m == member)
+                .flat_map(|&(k, _)| {
+                    uploads
+                        .iter()
+                        .map(move |u| (u.weight, u.pieces[k].as_slice()))
+                })
+                .collect();
+            if !mine.is_empty() {
+                shares.push(decryption_share(&mine, seed, len, &params(), rng)?);
+            }
+        }
+        decode(&acc, &shares, len, &Codec::default())
+    }
+
+    fn check_mean(got: &[f32], inputs: &[(u64, Vec<f32>)]) {
+        let w: u64 = inputs.iter().map(|i| i.0).sum();
+        for (j, g) in got.iter().enumerate() {
+            // Exact up to the fixed-point rounding of each input (1/2^17 each).
+            let want: f64 = inputs
+                .iter()
+                .map(|(wi, v)| *wi as f64 * v[j] as f64)
+                .sum::<f64>()
+                / w as f64;
+            assert!(
+                (*g as f64 - want).abs() < 1e-4,
+                "element {j}: {g} vs {want}"
+            );
+        }
+    }
+
+    fn vector(i: usize, len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|j| (((i * 31 + j * 7) % 200) as f32 - 100.0) / 7.0)
+            .collect()
+    }
+
+    #[test]
+    fn exact_weighted_means_for_1_3_10_and_100_participants() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let len = 300; // two ciphertexts of N = 256
+        for n in [1usize, 3, 10, 100] {
+            let committee = Committee::default_for(n).unwrap();
+            let seed = RoundSeed(1000 + n as u128);
+            let inputs: Vec<(u64, Vec<f32>)> = (0..n)
+                .map(|i| (1 + (i as u64 % 7), vector(i, len)))
+                .collect();
+            let uploads: Vec<Upload> = inputs
+                .iter()
+                .map(|(w, v)| upload(v, *w, seed, &committee, &mut rng))
+                .collect();
+            assert_eq!(
+                uploads[0].bodies.len(),
+                512,
+                "bodies only: 8 bytes per element"
+            );
+            let all: Vec<usize> = (0..committee.size()).collect();
+            let refs: Vec<&Upload> = uploads.iter().collect();
+            let got = aggregate(&refs, &committee, &all, seed, len, &mut rng).unwrap();
+            check_mean(&got, &inputs);
+        }
+    }
+
+    #[test]
+    fn dropped_participants_and_members_need_no_recovery() {
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let committee = Committee::new(5, 3).unwrap();
+        let seed = RoundSeed(77);
+        let inputs: Vec<(u64, Vec<f32>)> = (0..6).map(|i| (10, vector(i, 100))).collect();
+        let uploads: Vec<Upload> = inputs
+            .iter()
+            .map(|(w, v)| upload(v, *w, seed, &committee, &mut rng))
+            .collect();
+        // Participants 4 and 5 uploaded but are left out of the manifest; members 1 and 3
+        // (n − t of them) do not answer.
+        let kept: Vec<&Upload> = uploads[..4].iter().collect();
+        let got = aggregate(&kept, &committee, &[0, 2, 4], seed, 100, &mut rng).unwrap();
+        check_mean(&got, &inputs[..4]);
+        // Fewer than t members: nothing can be decrypted.
+        assert!(aggregate(&kept, &committee, &[0, 2], seed, 100, &mut rng).is_err());
+    }
+
+    #[test]
+    fn values_at_the_clip_bound_with_maximal_weight_decode() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let committee = Committee::new(3, 2).unwrap();
+        let seed = RoundSeed(5);
+        // Total weight 1024 (the default codec's max_total_weight), values at ±B.
+        let inputs = vec![
+            (1000u64, vec![32.0f32, -32.0, 31.5]),
+            (24, vec![32.0, -32.0, -32.0]),
+        ];
+        Codec::default()
+            .check(&params().budget(committee.pieces()))
+            .unwrap();
+        let uploads: Vec<Upload> = inputs
+            .iter()
+            .map(|(w, v)| upload(v, *w, seed, &committee, &mut rng))
+            .collect();
+        let refs: Vec<&Upload> = uploads.iter().collect();
+        let got = aggregate(&refs, &committee, &[0, 1, 2], seed, 3, &mut rng).unwrap();
+        check_mean(&got, &inputs);
+    }
+
+    #[test]
+    fn what_the_coordinator_holds_does_not_decode() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let committee = Committee::new(3, 2).unwrap();
+        let seed = RoundSeed(9);
+        let secret = vector(0, 64);
+        let other = vector(1, 64);
+        let uploads = [
+            upload(&secret, 1, seed, &committee, &mut rng),
+            upload(&other, 1, seed, &committee, &mut rng),
+        ];
+        let codec = Codec::default();
+        // The coordinator alone: one participant's bodies, or the sum, without shares.
+        let mut one = Accumulator::new(uploads[0].bodies.len());
+        one.add(1, &uploads[0].bodies).unwrap();
+        let alone = decode(&one, &[], 64, &codec).unwrap();
+        let mut both = Accumulator::new(uploads[0].bodies.len());
+        both.add(1, &uploads[0].bodies).unwrap();
+        both.add(1, &uploads[1].bodies).unwrap();
+        let sum_only = decode(&both, &[], 64, &codec).unwrap();
+        // Decoding with a wrong key sum (shares computed from a key nobody used).
+        let wrong_key = RoundKey::generate(&params(), &mut rng);
+        let fake = decryption_share(
+            &[(1, wrong_key.coefficients())],
+            seed,
+            64,
+            &params(),
+            &mut rng,
+        )
+        .unwrap();
+        let wrong = decode(&one, &[fake], 64, &codec).unwrap();
+        for attempt in [alone, sum_only, wrong] {
+            let close = attempt
+                .iter()
+                .zip(&secret)
+                .filter(|(a, b)| (*a - *b).abs() < 0.01)
+                .count();
+            assert!(close <= 2, "{close} of 64 values recovered");
+        }
+    }
+
+    #[test]
+    fn a_share_for_another_seed_gives_noise() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let committee = Committee::new(1, 1).unwrap();
+        let v = vector(3, 32);
+        let u = upload(&v, 1, RoundSeed(1), &committee, &mut rng);
+        let mut acc = Accumulator::new(u.bodies.len());
+        acc.add(1, &u.bodies).unwrap();
+        let right =
+            decryption_share(&[(1, &u.pieces[0])], RoundSeed(1), 32, &params(), &mut rng).unwrap();
+        let wrong =
+            decryption_share(&[(1, &u.pieces[0])], RoundSeed(2), 32, &params(), &mut rng).unwrap();
+        check_mean(
+            &decode(&acc, &[right], 32, &Codec::default()).unwrap(),
+            &[(1, v.clone())],
+        );
+        let bad = decode(&acc, &[wrong], 32, &Codec::default()).unwrap();
+        assert!(
+            bad.iter()
+                .zip(&v)
+                .filter(|(a, b)| (*a - *b).abs() < 0.01)
+                .count()
+                <= 2
+        );
+    }
+
+    #[test]
+    fn accumulator_refuses_wrong_lengths() {
+        let mut acc = Accumulator::new(4);
+        assert!(matches!(
+            acc.add(1, &[0; 3]),
+            Err(CryptoError::Length {
+                expected: 4,
+                got: 3
+            })
+        ));
+        assert_eq!(acc.count(), 0);
+    }
+}
