@@ -4,7 +4,9 @@
 //! `cargo bench --workspace --bench glwe`. Vectors of 2^18 values (128 ciphertexts of
 //! N = 2048); divide the reported time by 262,144 for ns per element.
 
-use cohort_crypto::{Accumulator, Codec, GlweParams, RoundKey, RoundSeed, decryption_share, encrypt};
+use cohort_crypto::{
+    Accumulator, Codec, GlweParams, RoundKey, RoundSeed, decryption_share, encrypt,
+};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rand::SeedableRng;
 use rand::rngs::ChaCha8Rng;
@@ -14,7 +16,9 @@ const LEN: usize = 1 << 18;
 fn bench(c: &mut Criterion) {
     let (codec, params) = (Codec::default(), GlweParams::default());
     let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let messages: Vec<i64> = (0..LEN).map(|i| codec.encode((i % 1000) as f32 / 100.0 - 5.0)).collect();
+    let messages: Vec<i64> = (0..LEN)
+        .map(|i| codec.encode((i % 1000) as f32 / 100.0 - 5.0))
+        .collect();
     let key = RoundKey::generate(&params, &mut rng);
     let seed = RoundSeed(42);
     let bodies = encrypt(&key, seed, &messages, &codec, &params, &mut rng);
