@@ -5,6 +5,8 @@
 //!   configurations that could overflow.
 //! - [`sharing`]: replicated t-of-n secret sharing over Z/2^64 and the assignment of pieces
 //!   to responding committee members.
+//! - [`seal`]: key pieces sealed to committee members (X25519, HKDF-SHA256,
+//!   ChaCha20-Poly1305) with the round's context bound as associated data.
 //! - [`glwe`]: per-round keys, seeded encryption (bodies only), the coordinator's weighted
 //!   accumulator, decryption shares with smudging noise, decoding.
 //!
@@ -12,10 +14,12 @@
 
 pub mod codec;
 pub mod glwe;
+pub mod seal;
 pub mod sharing;
 
 pub use codec::{Codec, NoiseBudget};
 pub use glwe::{Accumulator, GlweParams, RoundKey, RoundSeed, decode, decryption_share, encrypt};
+pub use seal::{MemberPublic, MemberSecret, SealContext, Sealed};
 pub use sharing::Committee;
 
 /// Errors of the secure-aggregation primitives.
@@ -25,6 +29,8 @@ pub enum CryptoError {
     Capacity(String),
     #[error("committee: {0}")]
     Committee(String),
+    #[error("sealed piece: {0}")]
+    Seal(String),
     #[error("length mismatch: expected {expected} values, got {got}")]
     Length { expected: usize, got: usize },
 }
