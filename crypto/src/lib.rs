@@ -5,6 +5,8 @@
 //!   configurations that could overflow.
 //! - [`sharing`]: replicated t-of-n secret sharing over Z/2^64 and the assignment of pieces
 //!   to responding committee members.
+//! - [`policy`]: the committee's refusals (T_min, one manifest per seed, declared weights)
+//!   and the participant's refusal of a repeated seed.
 //! - [`seal`]: key pieces sealed to committee members (X25519, HKDF-SHA256,
 //!   ChaCha20-Poly1305) with the round's context bound as associated data.
 //! - [`glwe`]: per-round keys, seeded encryption (bodies only), the coordinator's weighted
@@ -14,11 +16,13 @@
 
 pub mod codec;
 pub mod glwe;
+pub mod policy;
 pub mod seal;
 pub mod sharing;
 
 pub use codec::{Codec, NoiseBudget};
 pub use glwe::{Accumulator, GlweParams, RoundKey, RoundSeed, decode, decryption_share, encrypt};
+pub use policy::{Manifest, MemberPolicy, Refusal, SeedLog};
 pub use seal::{MemberPublic, MemberSecret, SealContext, Sealed};
 pub use sharing::Committee;
 
