@@ -9,6 +9,8 @@
 //!   and the participant's refusal of a repeated seed.
 //! - [`seal`]: key pieces sealed to committee members (X25519, HKDF-SHA256,
 //!   ChaCha20-Poly1305) with the round's context bound as associated data.
+//! - [`sign`]: Ed25519 signatures over uploads (binding the declared weight), manifests and
+//!   decryption shares, each with its own domain tag.
 //! - [`glwe`]: per-round keys, seeded encryption (bodies only), the coordinator's weighted
 //!   accumulator, decryption shares with smudging noise, decoding.
 //!
@@ -19,12 +21,14 @@ pub mod glwe;
 pub mod policy;
 pub mod seal;
 pub mod sharing;
+pub mod sign;
 
 pub use codec::{Codec, NoiseBudget};
 pub use glwe::{Accumulator, GlweParams, RoundKey, RoundSeed, decode, decryption_share, encrypt};
 pub use policy::{Manifest, MemberPolicy, Refusal, SeedLog};
 pub use seal::{MemberPublic, MemberSecret, SealContext, Sealed};
 pub use sharing::Committee;
+pub use sign::{Kind, Signer25519, VerifyKey};
 
 /// Errors of the secure-aggregation primitives.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,6 +37,8 @@ pub enum CryptoError {
     Capacity(String),
     #[error("committee: {0}")]
     Committee(String),
+    #[error("signature: {0}")]
+    Signature(String),
     #[error("sealed piece: {0}")]
     Seal(String),
     #[error("length mismatch: expected {expected} values, got {got}")]
