@@ -72,12 +72,11 @@ async fn run_coordinator(config: PathBuf) -> anyhow::Result<()> {
     let strategy =
         cohort_coordinator::strategy::by_name(&cfg.job.strategy, cfg.job.server_lr as f32)
             .map_err(anyhow::Error::msg)?;
-    let name = strategy.name();
     let orch = Orchestrator::new(job, strategy, cfg.allowed_participants.clone())
         .map_err(anyhow::Error::msg)?;
     let store = ModelStore::open(&cfg.model_dir)
         .with_context(|| format!("opening model directory {}", cfg.model_dir.display()))?;
-    let coordinator = Coordinator::start(orch, store, name).map_err(anyhow::Error::msg)?;
+    let coordinator = Coordinator::start(orch, store).map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;

@@ -247,8 +247,8 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
     };
     let strategy = cohort_coordinator::strategy::by_name(&args.strategy, args.server_lr as f32)
         .map_err(anyhow::Error::msg)?;
-    let strategy_name = strategy.name();
     let orch = Orchestrator::new(job, strategy, None).map_err(anyhow::Error::msg)?;
+    let strategy_name = orch.strategy_name();
     let out = args.out.clone().unwrap_or_else(|| {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -258,7 +258,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
     });
     let store = ModelStore::open(out.join("models"))
         .with_context(|| format!("creating {}", out.display()))?;
-    let coordinator = Coordinator::start(orch, store, strategy_name).map_err(anyhow::Error::msg)?;
+    let coordinator = Coordinator::start(orch, store).map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -393,7 +393,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         print_table(&history);
         println!();
         println!(
-            "federated model:   held-out accuracy {} ({} rounds, {:.1} s)",
+            "federated model:   held-out accuracy {} ({} rounds, {:.2} s)",
             fmt_opt(federated_accuracy, 4),
             history.len(),
             federation_seconds

@@ -346,6 +346,11 @@ impl Orchestrator {
         &self.config
     }
 
+    /// Name of the aggregation strategy (recorded in each model version's manifest).
+    pub fn strategy_name(&self) -> &'static str {
+        self.strategy.name()
+    }
+
     /// The current global model and its version (0 = initial, r = after round r).
     pub fn global(&self) -> (u64, Arc<Vec<f32>>) {
         (self.version, self.global.clone())

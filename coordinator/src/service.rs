@@ -28,6 +28,14 @@ use crate::round::{Event, Orchestrator, Rejection, RoundSummary, Task, Update};
 /// Longest a PollTask call is held open.
 const MAX_POLL_WAIT: Duration = Duration::from_secs(30);
 
+/// A model version as it is downloaded.
+struct EncodedModel {
+    version: u64,
+    /// Hex SHA-256 of the parameters, as named in tasks.
+    digest: String,
+    chunks: Vec<pb::ModelChunk>,
+}
+
 /// A running coordinator: the state machine, its plumbing and its model store.
 #[derive(Clone)]
 pub struct Coordinator {
@@ -45,10 +53,9 @@ struct Shared {
     observers: broadcast::Sender<Event>,
     /// Set once the job has finished and every model version is written.
     finished: watch::Sender<bool>,
-    /// Digest of the current global model, computed once per version.
-    digest: Mutex<Option<(u64, String)>>,
+    /// The current global model encoded for download (chunks and digest), once per version.
+    encoded: Mutex<Option<Arc<EncodedModel>>>,
     store: ModelStore,
-    strategy: String,
 }
 
 fn unix_ms() -> u64 {
@@ -61,14 +68,14 @@ fn unix_ms() -> u64 {
 impl Coordinator {
     /// Starts the plumbing for `orch` and writes its initial model as version 0. Must be
     /// called inside a tokio runtime.
-    pub fn start(orch: Orchestrator, store: ModelStore, strategy: &str) -> Result<Self, String> {
+    pub fn start(orch: Orchestrator, store: ModelStore) -> Result<Self, String> {
         let (version, params) = orch.global();
-        let cfg = orch.config().clone();
+        let cfg = orch.config();
         store
             .write(
                 &cfg.job_id,
                 &cfg.model,
-                strategy,
+                orch.strategy_name(),
                 version,
                 &params,
                 None,
@@ -82,9 +89,8 @@ impl Coordinator {
             changed: watch::channel(0).0,
             observers: broadcast::channel(4096).0,
             finished: watch::channel(false).0,
-            digest: Mutex::new(None),
+            encoded: Mutex::new(None),
             store,
-            strategy: strategy.to_string(),
         });
         tokio::spawn(process_events(rx, Arc::downgrade(&shared)));
         tokio::spawn(run_timer(Arc::downgrade(&shared)));
@@ -161,14 +167,22 @@ impl Coordinator {
             })
     }
 
-    fn model_digest(&self, version: u64, params: &[f32]) -> String {
-        let mut d = self.shared.digest.lock().expect("digest lock");
-        match &*d {
-            Some((v, s)) if *v == version => s.clone(),
+    /// The download form of model `version`, encoded on first use and then shared by every
+    /// task and fetch of that version.
+    fn encoded(&self, version: u64, params: &[f32]) -> Arc<EncodedModel> {
+        let mut cache = self.shared.encoded.lock().expect("encoded-model lock");
+        match &*cache {
+            Some(e) if e.version == version => e.clone(),
             _ => {
-                let s = cohort_protocol::params_digest(params);
-                *d = Some((version, s.clone()));
-                s
+                let chunks = cohort_protocol::model_chunks(params);
+                let digest = chunks.last().map(|c| c.digest.clone()).unwrap_or_default();
+                let e = Arc::new(EncodedModel {
+                    version,
+                    digest,
+                    chunks,
+                });
+                *cache = Some(e.clone());
+                e
             }
         }
     }
@@ -193,7 +207,7 @@ impl Coordinator {
                 model: Some((&cfg.model).into()),
                 config: Some((&config).into()),
                 num_parameters: params.len() as u64,
-                model_digest: self.model_digest(version, &params),
+                model_digest: self.encoded(version, &params).digest.clone(),
                 deadline_in_ms: ms(deadline),
                 model_version,
             }),
@@ -206,7 +220,7 @@ impl Coordinator {
                 round,
                 model: Some((&cfg.model).into()),
                 num_parameters: params.len() as u64,
-                model_digest: self.model_digest(version, &params),
+                model_digest: self.encoded(version, &params).digest.clone(),
                 deadline_in_ms: ms(deadline),
                 model_version,
             }),
@@ -241,17 +255,21 @@ async fn process_events(mut rx: mpsc::UnboundedReceiver<Event>, shared: Weak<Sha
         let Some(s) = shared.upgrade() else { return };
         match &ev {
             Event::RoundCompleted { summary, params } => {
-                let (job, spec) = {
+                let (job, spec, strategy) = {
                     let o = s.orch.lock().expect("lock");
-                    (o.config().job_id.clone(), o.config().model.clone())
+                    (
+                        o.config().job_id.clone(),
+                        o.config().model.clone(),
+                        o.strategy_name(),
+                    )
                 };
-                let (store, strategy) = (s.store.clone(), s.strategy.clone());
+                let store = s.store.clone();
                 let (summary2, params) = (summary.clone(), params.clone());
                 let written = tokio::task::spawn_blocking(move || {
                     store.write(
                         &job,
                         &spec,
-                        &strategy,
+                        strategy,
                         summary2.round,
                         &params,
                         Some(&summary2),
@@ -458,7 +476,7 @@ impl Federation for Coordinator {
                 )),
             ));
         }
-        let chunks = cohort_protocol::model_chunks(&params);
+        let chunks = self.encoded(version, &params).chunks.clone();
         Ok(Response::new(Box::pin(futures::stream::iter(
             chunks.into_iter().map(Ok),
         ))))

@@ -46,7 +46,7 @@ async fn start() -> (Coordinator, String, tempfile::TempDir) {
     let allowed: BTreeSet<String> = ["a", "b"].iter().map(|s| s.to_string()).collect();
     let orch = Orchestrator::new(job(), Box::new(FedAvg::default()), Some(allowed)).unwrap();
     let store = ModelStore::open(dir.path()).unwrap();
-    let c = Coordinator::start(orch, store, "fedavg").unwrap();
+    let c = Coordinator::start(orch, store).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
     let c2 = c.clone();

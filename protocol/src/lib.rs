@@ -121,24 +121,41 @@ impl ParamAssembler {
     }
 }
 
-/// The chunks of a model download.
+/// `params` as little-endian byte chunks of [`CHUNK_PARAMS`] values (at least one chunk, so
+/// an empty vector still travels), with the digest of all of them, in one pass.
+fn encode(params: &[f32]) -> (Vec<Vec<u8>>, String) {
+    let mut h = Sha256::new();
+    let mut chunks: Vec<Vec<u8>> = params
+        .chunks(CHUNK_PARAMS)
+        .map(|c| {
+            let bytes = f32_bytes(c);
+            h.update(&bytes);
+            bytes
+        })
+        .collect();
+    if chunks.is_empty() {
+        chunks.push(Vec::new());
+    }
+    (chunks, hex::encode(h.finalize()))
+}
+
+/// The chunks of a model download; the last one carries the digest. Encode once per model
+/// version and serve the result to every participant.
 pub fn model_chunks(params: &[f32]) -> Vec<pb::ModelChunk> {
-    let digest = params_digest(params);
-    let n = params.len().div_ceil(CHUNK_PARAMS).max(1);
-    (0..n)
-        .map(|k| {
-            let lo = (k * CHUNK_PARAMS).min(params.len());
-            let hi = ((k + 1) * CHUNK_PARAMS).min(params.len());
-            pb::ModelChunk {
-                offset: lo as u64,
-                data: f32_bytes(&params[lo..hi]),
-                total_parameters: params.len() as u64,
-                digest: if k + 1 == n {
-                    digest.clone()
-                } else {
-                    String::new()
-                },
-            }
+    let (chunks, digest) = encode(params);
+    let last = chunks.len() - 1;
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(k, data)| pb::ModelChunk {
+            offset: (k * CHUNK_PARAMS) as u64,
+            data,
+            total_parameters: params.len() as u64,
+            digest: if k == last {
+                digest.clone()
+            } else {
+                String::new()
+            },
         })
         .collect()
 }
@@ -146,20 +163,12 @@ pub fn model_chunks(params: &[f32]) -> Vec<pb::ModelChunk> {
 /// The chunks of an update upload: header, data, trailer with the digest.
 pub fn update_chunks(header: pb::UpdateHeader, params: &[f32]) -> Vec<pb::UpdateChunk> {
     use pb::update_chunk::Part;
-    let mut out = vec![pb::UpdateChunk {
-        part: Some(Part::Header(header)),
-    }];
-    for c in params.chunks(CHUNK_PARAMS) {
-        out.push(pb::UpdateChunk {
-            part: Some(Part::Data(f32_bytes(c))),
-        });
-    }
-    out.push(pb::UpdateChunk {
-        part: Some(Part::Trailer(pb::UpdateTrailer {
-            digest: params_digest(params),
-        })),
-    });
-    out
+    let (chunks, digest) = encode(params);
+    std::iter::once(Part::Header(header))
+        .chain(chunks.into_iter().map(Part::Data))
+        .chain(std::iter::once(Part::Trailer(pb::UpdateTrailer { digest })))
+        .map(|part| pb::UpdateChunk { part: Some(part) })
+        .collect()
 }
 
 impl From<&ModelSpec> for pb::ModelSpec {
