@@ -7,7 +7,9 @@
 //! return `−⟨A, Σ_i w_i r_{i,M}⟩ + smudging` for their assigned pieces M; adding the shares
 //! to the sum leaves `Δ · Σ w_i m_i + noise`, which rounds to the exact weighted sum.
 
-use rand::{Rng, RngExt};
+use rand::rngs::ChaCha8Rng;
+use rand::{Rng, RngExt, SeedableRng};
+use sha2::{Digest, Sha256};
 use tfhe::core_crypto::commons::generators::DeterministicSeeder;
 use tfhe::core_crypto::commons::math::random::{CompressionSeed, Seed};
 use tfhe::core_crypto::prelude::*;
@@ -88,12 +90,68 @@ impl RoundKey {
     }
 }
 
-fn mask_seed(seed: RoundSeed) -> CompressionSeed {
-    CompressionSeed::from(Seed(seed.0))
+/// Ciphertexts per mask block. Each block's mask comes from its own seed, derived from the
+/// round seed and the block's index, so blocks are encrypted (and decryption shares
+/// computed) independently and in parallel, with the same result on any number of threads.
+pub const BLOCK_CIPHERTEXTS: usize = 16;
+
+fn block_seed(seed: RoundSeed, block: usize) -> CompressionSeed {
+    let mut h = Sha256::new();
+    h.update(b"cohort.v1/mask-block");
+    h.update(seed.0.to_le_bytes());
+    h.update((block as u64).to_le_bytes());
+    let d: [u8; 32] = h.finalize().into();
+    CompressionSeed::from(Seed(u128::from_le_bytes(
+        d[..16].try_into().expect("16 bytes"),
+    )))
 }
 
-/// Encrypts fixed-point messages under `key` with the round's common mask. Returns the
-/// bodies, `ciphertexts(len) · N` values (messages padded with zeros).
+/// Threads the crypto uses by default: `COHORT_CRYPTO_THREADS` if set, else every core.
+pub fn default_threads() -> usize {
+    std::env::var("COHORT_CRYPTO_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+}
+
+/// Runs `f(block_index, block)` over the `block_len`-sized blocks of `out` on up to
+/// `threads` scoped threads (inline when one suffices).
+fn par_blocks<F>(out: &mut [u64], block_len: usize, threads: usize, f: F)
+where
+    F: Fn(usize, &mut [u64]) + Sync,
+{
+    let mut blocks: Vec<(usize, &mut [u64])> = out.chunks_mut(block_len).enumerate().collect();
+    let threads = threads.clamp(1, blocks.len().max(1));
+    if threads == 1 {
+        for (b, chunk) in blocks {
+            f(b, chunk);
+        }
+        return;
+    }
+    let mut groups: Vec<Vec<(usize, &mut [u64])>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, blk) in blocks.drain(..).enumerate() {
+        groups[i % threads].push(blk);
+    }
+    std::thread::scope(|scope| {
+        for group in groups {
+            let f = &f;
+            scope.spawn(move || {
+                for (b, chunk) in group {
+                    f(b, chunk);
+                }
+            });
+        }
+    });
+}
+
+/// Encrypts fixed-point messages under `key` with the round's common mask, on
+/// [`default_threads`] threads. Returns the bodies, `ciphertexts(len) · N` values (messages
+/// padded with zeros).
 pub fn encrypt(
     key: &RoundKey,
     seed: RoundSeed,
@@ -102,29 +160,52 @@ pub fn encrypt(
     params: &GlweParams,
     rng: &mut impl Rng,
 ) -> Vec<u64> {
+    encrypt_threads(key, seed, messages, codec, params, rng, default_threads())
+}
+
+/// [`encrypt`] on `threads` threads; the bodies do not depend on the thread count.
+pub fn encrypt_threads(
+    key: &RoundKey,
+    seed: RoundSeed,
+    messages: &[i64],
+    codec: &Codec,
+    params: &GlweParams,
+    rng: &mut impl Rng,
+    threads: usize,
+) -> Vec<u64> {
     let n = params.polynomial_size;
     let count = params.ciphertexts(messages.len());
-    let mut plain = PlaintextList::new(0u64, PlaintextCount(count * n));
-    for (p, &m) in plain.iter_mut().zip(messages) {
-        *p.0 = codec.plaintext(m);
-    }
-    let mut list = SeededGlweCiphertextList::new(
-        0u64,
-        GlweSize(2),
-        PolynomialSize(n),
-        GlweCiphertextCount(count),
-        mask_seed(seed),
-        CiphertextModulus::new_native(),
-    );
-    let mut noise_seeder = DeterministicSeeder::<DefaultRandomGenerator>::new(seed_from(rng));
-    encrypt_seeded_glwe_ciphertext_list(
-        &key.key,
-        &mut list,
-        &plain,
-        TUniform::<u64>::new(params.noise_log2),
-        &mut noise_seeder,
-    );
-    list.into_container()
+    let block_len = BLOCK_CIPHERTEXTS * n;
+    let noise_seeds: Vec<Seed> = (0..count.div_ceil(BLOCK_CIPHERTEXTS))
+        .map(|_| seed_from(rng))
+        .collect();
+    let mut out = vec![0u64; count * n];
+    par_blocks(&mut out, block_len, threads, |b, chunk| {
+        let start = (b * block_len).min(messages.len());
+        let end = (start + chunk.len()).min(messages.len());
+        let mut plain = PlaintextList::new(0u64, PlaintextCount(chunk.len()));
+        for (p, &m) in plain.iter_mut().zip(&messages[start..end]) {
+            *p.0 = codec.plaintext(m);
+        }
+        let mut list = SeededGlweCiphertextList::new(
+            0u64,
+            GlweSize(2),
+            PolynomialSize(n),
+            GlweCiphertextCount(chunk.len() / n),
+            block_seed(seed, b),
+            CiphertextModulus::new_native(),
+        );
+        let mut noise_seeder = DeterministicSeeder::<DefaultRandomGenerator>::new(noise_seeds[b]);
+        encrypt_seeded_glwe_ciphertext_list(
+            &key.key,
+            &mut list,
+            &plain,
+            TUniform::<u64>::new(params.noise_log2),
+            &mut noise_seeder,
+        );
+        chunk.copy_from_slice(list.as_ref());
+    });
+    out
 }
 
 /// The coordinator's running sum `Σ w_i · body_i` (wrapping): O(model) memory whatever the
@@ -162,6 +243,20 @@ impl Accumulator {
         Ok(())
     }
 
+    /// Adds a committee member's decryption share (it carries no weight).
+    pub fn add_share(&mut self, share: &[u64]) -> Result<(), CryptoError> {
+        if share.len() != self.sum.len() {
+            return Err(CryptoError::Length {
+                expected: self.sum.len(),
+                got: share.len(),
+            });
+        }
+        for (s, v) in self.sum.iter_mut().zip(share) {
+            *s = s.wrapping_add(*v);
+        }
+        Ok(())
+    }
+
     pub fn total_weight(&self) -> u64 {
         self.total_weight
     }
@@ -178,12 +273,25 @@ impl Accumulator {
 
 /// A committee member's decryption share for its assigned pieces: `−⟨A, Σ w_i r_i⟩ + e`,
 /// where `weighted_pieces` are `(w_i, r_i)` over the manifest's participants and pieces.
+/// Runs on [`default_threads`] threads.
 pub fn decryption_share(
     weighted_pieces: &[(u64, &[u64])],
     seed: RoundSeed,
     len: usize,
     params: &GlweParams,
     rng: &mut impl Rng,
+) -> Result<Vec<u64>, CryptoError> {
+    decryption_share_threads(weighted_pieces, seed, len, params, rng, default_threads())
+}
+
+/// [`decryption_share`] on `threads` threads.
+pub fn decryption_share_threads(
+    weighted_pieces: &[(u64, &[u64])],
+    seed: RoundSeed,
+    len: usize,
+    params: &GlweParams,
+    rng: &mut impl Rng,
+    threads: usize,
 ) -> Result<Vec<u64>, CryptoError> {
     let n = params.polynomial_size;
     let mut r = vec![0u64; n];
@@ -200,23 +308,30 @@ pub fn decryption_share(
     }
     let key = GlweSecretKey::from_container(r, PolynomialSize(n));
     let count = params.ciphertexts(len);
-    // Bodies of zero with the round's mask: "decrypting" them gives −⟨A, R⟩.
-    let masks = SeededGlweCiphertextList::from_container(
-        vec![0u64; count * n],
-        GlweSize(2),
-        PolynomialSize(n),
-        mask_seed(seed),
-        CiphertextModulus::new_native(),
-    )
-    .decompress_into_glwe_ciphertext_list();
-    let mut out = PlaintextList::new(0u64, PlaintextCount(count * n));
-    decrypt_glwe_ciphertext_list(&key, &masks, &mut out);
+    let block_len = BLOCK_CIPHERTEXTS * n;
+    let smudge_seeds: Vec<u64> = (0..count.div_ceil(BLOCK_CIPHERTEXTS))
+        .map(|_| rng.next_u64())
+        .collect();
     let bound = 1i64 << params.smudging_log2;
-    let mut share = out.into_container();
-    for v in share.iter_mut() {
-        let e = rng.random_range(-bound..=bound);
-        *v = v.wrapping_add(e as u64);
-    }
+    let mut share = vec![0u64; count * n];
+    par_blocks(&mut share, block_len, threads, |b, chunk| {
+        // Bodies of zero with the block's mask: "decrypting" them gives −⟨A, R⟩.
+        let masks = SeededGlweCiphertextList::from_container(
+            vec![0u64; chunk.len()],
+            GlweSize(2),
+            PolynomialSize(n),
+            block_seed(seed, b),
+            CiphertextModulus::new_native(),
+        )
+        .decompress_into_glwe_ciphertext_list();
+        let mut out = PlaintextList::from_container(&mut *chunk);
+        decrypt_glwe_ciphertext_list(&key, &masks, &mut out);
+        let mut smudge = ChaCha8Rng::seed_from_u64(smudge_seeds[b]);
+        for v in chunk.iter_mut() {
+            let e = smudge.random_range(-bound..=bound);
+            *v = v.wrapping_add(e as u64);
+        }
+    });
     Ok(share)
 }
 
@@ -473,6 +588,51 @@ mod tests {
                 .count()
                 <= 2
         );
+    }
+
+    #[test]
+    fn blocks_give_the_same_result_on_any_number_of_threads() {
+        let p = params();
+        let codec = Codec::default();
+        let committee = Committee::new(1, 1).unwrap();
+        let len = BLOCK_CIPHERTEXTS * p.polynomial_size * 2 + 100; // three blocks
+        let v = vector(7, len);
+        let msgs: Vec<i64> = v.iter().map(|&x| codec.encode(x)).collect();
+        let key = RoundKey::generate(&p, &mut ChaCha8Rng::seed_from_u64(8));
+        let seed = RoundSeed(99);
+        let one = encrypt_threads(
+            &key,
+            seed,
+            &msgs,
+            &codec,
+            &p,
+            &mut ChaCha8Rng::seed_from_u64(9),
+            1,
+        );
+        let three = encrypt_threads(
+            &key,
+            seed,
+            &msgs,
+            &codec,
+            &p,
+            &mut ChaCha8Rng::seed_from_u64(9),
+            3,
+        );
+        assert_eq!(one, three);
+        let pieces = committee.share(key.coefficients(), &mut ChaCha8Rng::seed_from_u64(10));
+        let share = decryption_share_threads(
+            &[(1, &pieces[0])],
+            seed,
+            len,
+            &p,
+            &mut ChaCha8Rng::seed_from_u64(11),
+            3,
+        )
+        .unwrap();
+        let mut acc = Accumulator::new(one.len());
+        acc.add(1, &one).unwrap();
+        acc.add_share(&share).unwrap();
+        check_mean(&decode(&acc, &[], len, &codec).unwrap(), &[(1, v)]);
     }
 
     #[test]

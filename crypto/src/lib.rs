@@ -11,11 +11,14 @@
 //!   ChaCha20-Poly1305) with the round's context bound as associated data.
 //! - [`sign`]: Ed25519 signatures over uploads (binding the declared weight), manifests and
 //!   decryption shares, each with its own domain tag.
+//! - [`aggregation`]: one round as each party runs it: [`aggregation::protect`] (participant),
+//!   [`aggregation::UploadRecord`] (coordinator), [`aggregation::answer`] (committee member).
 //! - [`glwe`]: per-round keys, seeded encryption (bodies only), the coordinator's weighted
 //!   accumulator, decryption shares with smudging noise, decoding.
 //!
 //! Like `model`, this crate has no I/O and no async; randomness is always an argument.
 
+pub mod aggregation;
 pub mod codec;
 pub mod glwe;
 pub mod policy;
@@ -27,7 +30,7 @@ pub use codec::{Codec, NoiseBudget};
 pub use glwe::{Accumulator, GlweParams, RoundKey, RoundSeed, decode, decryption_share, encrypt};
 pub use policy::{Manifest, MemberPolicy, Refusal, SeedLog};
 pub use seal::{MemberPublic, MemberSecret, SealContext, Sealed};
-pub use sharing::Committee;
+pub use sharing::{Committee, Piece};
 pub use sign::{Kind, Signer25519, VerifyKey};
 
 /// Errors of the secure-aggregation primitives.
@@ -41,6 +44,8 @@ pub enum CryptoError {
     Signature(String),
     #[error("sealed piece: {0}")]
     Seal(String),
+    #[error("refused: {0}")]
+    Refused(#[from] policy::Refusal),
     #[error("length mismatch: expected {expected} values, got {got}")]
     Length { expected: usize, got: usize },
 }

@@ -5,7 +5,8 @@
 //! secret. Piece r_M goes to every member *not* in M. Any t members together hold every piece
 //! (no set of t − 1 contains all of them); any t − 1 members miss the piece of their own set.
 
-use rand::Rng;
+use rand::rngs::ChaCha20Rng;
+use rand::{Rng, SeedableRng};
 
 use crate::CryptoError;
 
@@ -90,18 +91,28 @@ impl Committee {
             .collect()
     }
 
-    /// Splits `secret` into pieces (uniform, adding up to the secret, wrapping).
+    /// Splits `secret` into pieces (uniform, adding up to the secret, wrapping), expanded.
     pub fn share(&self, secret: &[u64], rng: &mut impl Rng) -> Vec<Vec<u64>> {
-        let mut pieces: Vec<Vec<u64>> = Vec::with_capacity(self.pieces());
+        self.share_compact(secret, rng)
+            .iter()
+            .map(|p| p.expand(secret.len()))
+            .collect()
+    }
+
+    /// Splits `secret` into pieces as they travel: every piece but the last is the 32-byte
+    /// seed of a ChaCha20 stream (uniform in Z/2^64 per value); the last is the full vector
+    /// `secret − Σ others`. A member holding C(n − 1, t − 1) pieces receives mostly seeds.
+    pub fn share_compact(&self, secret: &[u64], rng: &mut impl Rng) -> Vec<Piece> {
+        let mut pieces = Vec::with_capacity(self.pieces());
         let mut last = secret.to_vec();
         for _ in 1..self.pieces() {
-            let p: Vec<u64> = (0..secret.len()).map(|_| rng.next_u64()).collect();
-            for (l, v) in last.iter_mut().zip(&p) {
-                *l = l.wrapping_sub(*v);
+            let p = Piece::Seed(std::array::from_fn(|_| rng.next_u64()));
+            for (l, v) in last.iter_mut().zip(p.expand(secret.len())) {
+                *l = l.wrapping_sub(v);
             }
             pieces.push(p);
         }
-        pieces.push(last);
+        pieces.push(Piece::Full(last));
         pieces
     }
 
@@ -109,21 +120,93 @@ impl Committee {
     /// the given order). Fails when fewer than `t` distinct members responded and some piece
     /// has no holder among them.
     pub fn assign(&self, responders: &[usize]) -> Result<Vec<(usize, usize)>, CryptoError> {
-        (0..self.pieces())
-            .map(|k| {
-                responders
-                    .iter()
-                    .find(|&&m| self.holds(m, k))
-                    .map(|&m| (k, m))
-                    .ok_or_else(|| {
-                        CryptoError::Committee(format!(
-                            "no responding member holds piece {k}: {} responded, {} needed",
-                            responders.len(),
-                            self.t
-                        ))
-                    })
+        let all: Vec<usize> = (0..self.pieces()).collect();
+        self.assign_pieces(&all, responders)
+    }
+
+    /// Assigns each of `pieces` to one of the `responders` that holds it, preferring the
+    /// responder with the fewest pieces so far (so work spreads across the committee).
+    pub fn assign_pieces(
+        &self,
+        pieces: &[usize],
+        responders: &[usize],
+    ) -> Result<Vec<(usize, usize)>, CryptoError> {
+        let mut load = vec![0usize; self.n];
+        let mut out = Vec::with_capacity(pieces.len());
+        for &k in pieces {
+            let m = responders
+                .iter()
+                .copied()
+                .filter(|&m| k < self.pieces() && self.holds(m, k))
+                .min_by_key(|&m| load[m])
+                .ok_or_else(|| {
+                    CryptoError::Committee(format!(
+                        "no responding member holds piece {k}: {} responded, {} needed",
+                        responders.len(),
+                        self.t
+                    ))
+                })?;
+            load[m] += 1;
+            out.push((k, m));
+        }
+        Ok(out)
+    }
+}
+
+/// One piece of a replicated sharing as it is sealed and sent.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Piece {
+    /// A ChaCha20 seed that expands to a uniform vector.
+    Seed([u64; 4]),
+    /// The correcting piece, in full.
+    Full(Vec<u64>),
+}
+
+impl std::fmt::Debug for Piece {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Piece::Seed(_) => f.write_str("Piece::Seed(..)"),
+            Piece::Full(v) => write!(f, "Piece::Full({} values)", v.len()),
+        }
+    }
+}
+
+impl Piece {
+    /// The values of the piece, `len` of them.
+    pub fn expand(&self, len: usize) -> Vec<u64> {
+        match self {
+            Piece::Seed(words) => {
+                let mut seed = [0u8; 32];
+                for (c, w) in seed.chunks_exact_mut(8).zip(words) {
+                    c.copy_from_slice(&w.to_le_bytes());
+                }
+                let mut prg = ChaCha20Rng::from_seed(seed);
+                (0..len).map(|_| prg.next_u64()).collect()
+            }
+            Piece::Full(v) => v.clone(),
+        }
+    }
+
+    /// The words that are sealed: 4 for a seed, `len` for a full piece.
+    pub fn words(&self) -> &[u64] {
+        match self {
+            Piece::Seed(w) => w,
+            Piece::Full(v) => v,
+        }
+    }
+
+    /// Reads back what [`Piece::words`] gave, for a key of `len` values.
+    pub fn from_words(words: Vec<u64>, len: usize) -> Result<Piece, CryptoError> {
+        if words.len() == 4 && len != 4 {
+            Ok(Piece::Seed([words[0], words[1], words[2], words[3]]))
+        } else if words.len() == len {
+            Ok(Piece::Full(words))
+        } else {
+            Err(CryptoError::Length {
+                expected: len,
+                got: words.len(),
             })
-            .collect()
+        }
     }
 }
 
@@ -156,6 +239,13 @@ mod tests {
             }
         }
         assert_eq!(sum, secret);
+        // As sent: all pieces but the last are 32-byte seeds.
+        let compact = c.share_compact(&secret, &mut ChaCha8Rng::seed_from_u64(1));
+        assert!(compact[..9].iter().all(|p| p.words().len() == 4));
+        assert!(matches!(&compact[9], Piece::Full(v) if v.len() == 4));
+        let back = Piece::from_words(compact[0].words().to_vec(), 2048).unwrap();
+        assert_eq!(back.expand(2048), compact[0].expand(2048));
+        assert!(Piece::from_words(vec![1, 2, 3], 2048).is_err());
     }
 
     #[test]

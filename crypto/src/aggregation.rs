@@ -1,0 +1,729 @@
+//! One secure-aggregation round as each party runs it, still without I/O: what a participant
+//! sends ([`protect`]), what the coordinator checks and keeps ([`UploadRecord`]), what a
+//! committee member answers ([`answer`]) and how its answer is checked ([`verify_share`]).
+//! The transport (gRPC messages, chunking) lives in `protocol`; the coordinator's state
+//! machine and the participant's agent call these functions.
+
+use std::collections::BTreeMap;
+
+use rand::Rng;
+use sha2::{Digest, Sha256};
+
+use crate::CryptoError;
+use crate::codec::Codec;
+use crate::glwe::{GlweParams, RoundKey, RoundSeed, decryption_share, encrypt};
+use crate::policy::{Manifest, MemberPolicy, SeedLog};
+use crate::seal::{MemberPublic, MemberSecret, SealContext, Sealed, open, seal};
+use crate::sharing::{Committee, Piece};
+use crate::sign::{Kind, Signer25519, VerifyKey, share_digest, upload_digest, verify};
+
+/// The scheme's name, as reported by simulations and in reports.
+pub const SCHEME: &str = "threshold-glwe";
+
+/// A committee member as a round names it: its id and public keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberInfo {
+    pub id: String,
+    pub seal_key: MemberPublic,
+    pub verify_key: VerifyKey,
+}
+
+/// Everything a round's parties must agree on. The coordinator sends it with each task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundInfo {
+    pub job: String,
+    pub round: u64,
+    pub attempt: u32,
+    pub seed: RoundSeed,
+    pub committee: Vec<MemberInfo>,
+    /// Members needed to decrypt: a strict majority of the committee.
+    pub threshold: usize,
+    /// Fewest participants a manifest may list.
+    pub t_min: usize,
+    pub codec: Codec,
+    pub params: GlweParams,
+    /// Training examples per unit of aggregation weight: each participant declares
+    /// `round(examples / weight_unit)`, at least 1, and signs it.
+    pub weight_unit: u64,
+}
+
+impl RoundInfo {
+    /// Checks the round's settings (committee, threshold, capacity); returns the committee.
+    pub fn validate(&self) -> Result<Committee, CryptoError> {
+        let committee = Committee::new(self.committee.len(), self.threshold)?;
+        let mut ids: Vec<&str> = self.committee.iter().map(|m| m.id.as_str()).collect();
+        ids.sort_unstable();
+        if ids.windows(2).any(|w| w[0] == w[1]) {
+            return Err(CryptoError::Committee(
+                "a member appears twice in the committee".into(),
+            ));
+        }
+        if self.weight_unit == 0 {
+            return Err(CryptoError::Committee(
+                "weight_unit must be at least 1".into(),
+            ));
+        }
+        if self.t_min == 0 {
+            return Err(CryptoError::Committee("t_min must be at least 1".into()));
+        }
+        if !(256..=1 << 14).contains(&self.params.polynomial_size)
+            || !self.params.polynomial_size.is_power_of_two()
+        {
+            return Err(CryptoError::Committee(format!(
+                "polynomial size {} is not a power of two in 256..=16384",
+                self.params.polynomial_size
+            )));
+        }
+        self.codec.check(&self.params.budget(committee.pieces()))?;
+        Ok(committee)
+    }
+
+    /// The aggregation weight a participant with `num_examples` declares.
+    pub fn weight_for(&self, num_examples: u64) -> u64 {
+        let unit = self.weight_unit.max(1);
+        (num_examples.saturating_add(unit / 2) / unit).clamp(1, self.codec.max_total_weight)
+    }
+
+    pub fn member_index(&self, id: &str) -> Option<usize> {
+        self.committee.iter().position(|m| m.id == id)
+    }
+
+    fn seal_context(&self, sender: &str, recipient: &str, piece: u32) -> SealContext {
+        SealContext {
+            job: self.job.clone(),
+            round: self.round,
+            attempt: self.attempt,
+            seed: self.seed,
+            sender: sender.to_string(),
+            recipient: recipient.to_string(),
+            piece,
+        }
+    }
+
+    /// The manifest of this round for `entries` (participant, weight).
+    pub fn manifest(&self, entries: Vec<(String, u64)>) -> Manifest {
+        Manifest {
+            job: self.job.clone(),
+            round: self.round,
+            attempt: self.attempt,
+            seed: self.seed,
+            entries,
+        }
+    }
+}
+
+/// A key piece sealed to one member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedPiece {
+    pub recipient: String,
+    pub piece: u32,
+    pub sealed: Sealed,
+}
+
+impl SealedPiece {
+    /// SHA-256 of the sealed piece as sent; the upload signature covers these.
+    pub fn hash(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(b"cohort.v1/sealed-piece-hash");
+        h.update((self.recipient.len() as u64).to_le_bytes());
+        h.update(self.recipient.as_bytes());
+        h.update(self.piece.to_le_bytes());
+        h.update(self.sealed.ephemeral);
+        h.update((self.sealed.ciphertext.len() as u64).to_le_bytes());
+        h.update(&self.sealed.ciphertext);
+        h.finalize().into()
+    }
+}
+
+/// SHA-256 of the little-endian bytes of the bodies (the upload stream's digest).
+pub fn bodies_sha256(bodies: &[u64]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for v in bodies {
+        h.update(v.to_le_bytes());
+    }
+    h.finalize().into()
+}
+
+/// What an upload signature covers besides its context: the bodies and every sealed piece.
+pub fn payload_digest(bodies_sha256: &[u8; 32], piece_hashes: &[[u8; 32]]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"cohort.v1/upload-payload");
+    h.update(bodies_sha256);
+    h.update((piece_hashes.len() as u64).to_le_bytes());
+    for p in piece_hashes {
+        h.update(p);
+    }
+    h.finalize().into()
+}
+
+/// A participant's encrypted, signed update, ready to send.
+#[derive(Debug, Clone)]
+pub struct ProtectedUpdate {
+    pub weight: u64,
+    /// Ciphertext bodies (8 bytes per value, padded to whole ciphertexts).
+    pub bodies: Vec<u64>,
+    pub pieces: Vec<SealedPiece>,
+    pub signature: [u8; 64],
+}
+
+/// Encrypts `update` for the round: a fresh key, the bodies, the key's pieces sealed to the
+/// members that hold them, and a signature binding the round, the declared weight and all of
+/// it. Refuses a seed seen before (`seeds`) and an invalid round.
+pub fn protect(
+    info: &RoundInfo,
+    me: &str,
+    signer: &Signer25519,
+    seeds: &mut SeedLog,
+    update: &[f32],
+    num_examples: u64,
+    rng: &mut impl Rng,
+) -> Result<ProtectedUpdate, CryptoError> {
+    let committee = info.validate()?;
+    seeds.use_seed(info.seed)?;
+    let weight = info.weight_for(num_examples);
+    let messages: Vec<i64> = update.iter().map(|&x| info.codec.encode(x)).collect();
+    let key = RoundKey::generate(&info.params, rng);
+    let bodies = encrypt(&key, info.seed, &messages, &info.codec, &info.params, rng);
+    let mut pieces = Vec::new();
+    for (k, piece) in committee
+        .share_compact(key.coefficients(), rng)
+        .iter()
+        .enumerate()
+    {
+        for (m, member) in info.committee.iter().enumerate() {
+            if committee.holds(m, k) {
+                let ctx = info.seal_context(me, &member.id, k as u32);
+                pieces.push(SealedPiece {
+                    recipient: member.id.clone(),
+                    piece: k as u32,
+                    sealed: seal(&member.seal_key, &ctx, piece.words(), rng)?,
+                });
+            }
+        }
+    }
+    let hashes: Vec<[u8; 32]> = pieces.iter().map(SealedPiece::hash).collect();
+    let digest = upload_digest(
+        &info.job,
+        info.round,
+        info.seed,
+        me,
+        weight,
+        &payload_digest(&bodies_sha256(&bodies), &hashes),
+    );
+    Ok(ProtectedUpdate {
+        weight,
+        bodies,
+        pieces,
+        signature: signer.sign(Kind::Upload, &digest),
+    })
+}
+
+/// What the coordinator keeps of an accepted upload and relays to the committee: enough to
+/// verify the participant's signature (and so its declared weight), not its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadRecord {
+    pub participant: String,
+    pub weight: u64,
+    pub bodies_sha256: [u8; 32],
+    pub piece_hashes: Vec<[u8; 32]>,
+    pub signature: [u8; 64],
+}
+
+impl UploadRecord {
+    /// Checks the participant's signature over this record in `info`'s round.
+    pub fn verify(&self, info: &RoundInfo, key: &VerifyKey) -> Result<(), CryptoError> {
+        let digest = upload_digest(
+            &info.job,
+            info.round,
+            info.seed,
+            &self.participant,
+            self.weight,
+            &payload_digest(&self.bodies_sha256, &self.piece_hashes),
+        );
+        verify(key, Kind::Upload, &digest, &self.signature)
+    }
+}
+
+/// Checks that `pieces` hold exactly one sealed piece for every (piece, holder) pair of the
+/// committee, each of a plausible size, and nothing else.
+pub fn check_pieces(
+    info: &RoundInfo,
+    committee: &Committee,
+    pieces: &[SealedPiece],
+) -> Result<(), CryptoError> {
+    let mut seen = std::collections::BTreeSet::new();
+    let (seed_len, full_len) = (4 * 8 + 16, info.params.polynomial_size * 8 + 16);
+    for p in pieces {
+        let m = info.member_index(&p.recipient).ok_or_else(|| {
+            CryptoError::Seal(format!(
+                "piece for {:?}, who is not in the committee",
+                p.recipient
+            ))
+        })?;
+        let k = p.piece as usize;
+        if k >= committee.pieces() || !committee.holds(m, k) {
+            return Err(CryptoError::Seal(format!(
+                "piece {k} sealed to {:?}, who does not hold it",
+                p.recipient
+            )));
+        }
+        if !seen.insert((k, m)) {
+            return Err(CryptoError::Seal(format!(
+                "piece {k} for {:?} sent twice",
+                p.recipient
+            )));
+        }
+        let len = p.sealed.ciphertext.len();
+        if len != seed_len && len != full_len {
+            return Err(CryptoError::Seal(format!(
+                "piece {k} for {:?} is {len} bytes, neither a seed ({seed_len}) nor a full piece ({full_len})",
+                p.recipient
+            )));
+        }
+    }
+    let expected: usize = (0..committee.pieces())
+        .map(|k| {
+            (0..committee.size())
+                .filter(|&m| committee.holds(m, k))
+                .count()
+        })
+        .sum();
+    if seen.len() != expected {
+        return Err(CryptoError::Seal(format!(
+            "{} sealed pieces, the committee needs {expected}",
+            seen.len()
+        )));
+    }
+    Ok(())
+}
+
+/// What the coordinator asks of one committee member.
+#[derive(Debug, Clone)]
+pub struct ShareRequest<'a> {
+    pub info: &'a RoundInfo,
+    pub manifest: &'a Manifest,
+    /// The record of every participant in the manifest.
+    pub uploads: &'a [UploadRecord],
+    /// Participants' signature keys.
+    pub keys: &'a BTreeMap<String, VerifyKey>,
+    /// The pieces sealed to this member: (sender, piece).
+    pub pieces: &'a [(String, SealedPiece)],
+    /// The pieces this member is to answer for.
+    pub assigned: &'a [usize],
+    /// Values in the model (the share covers `ciphertexts(len) · N` values).
+    pub len: usize,
+}
+
+/// A committee member's answer: it checks the request against its policy and the
+/// participants' signatures, opens its pieces and returns its signed decryption share.
+pub fn answer(
+    req: &ShareRequest<'_>,
+    me: &str,
+    secret: &MemberSecret,
+    signer: &Signer25519,
+    policy: &mut MemberPolicy,
+    rng: &mut impl Rng,
+) -> Result<(Vec<u64>, [u8; 64]), CryptoError> {
+    let info = req.info;
+    let committee = info.validate()?;
+    let mine = info.member_index(me).ok_or_else(|| {
+        CryptoError::Committee(format!("{me:?} is not in this round's committee"))
+    })?;
+    if info.committee[mine].seal_key != secret.public() {
+        return Err(CryptoError::Committee(
+            "the committee lists another sealing key for this member".into(),
+        ));
+    }
+    let m = req.manifest;
+    if (m.job.as_str(), m.round, m.attempt) != (info.job.as_str(), info.round, info.attempt) {
+        return Err(CryptoError::Committee(format!(
+            "manifest is for job {:?} round {} attempt {}, the request for job {:?} round {} attempt {}",
+            m.job, m.round, m.attempt, info.job, info.round, info.attempt
+        )));
+    }
+    let records: BTreeMap<&str, &UploadRecord> = req
+        .uploads
+        .iter()
+        .map(|u| (u.participant.as_str(), u))
+        .collect();
+    let mut declared = BTreeMap::new();
+    for (p, _) in &m.entries {
+        let rec = records
+            .get(p.as_str())
+            .ok_or_else(|| CryptoError::Signature(format!("no signed upload of {p:?}")))?;
+        let key = req
+            .keys
+            .get(p)
+            .ok_or_else(|| CryptoError::Signature(format!("no signature key for {p:?}")))?;
+        rec.verify(info, key)?;
+        declared.insert(p.clone(), rec.weight);
+    }
+    policy.admit(
+        m,
+        info.seed,
+        &declared,
+        info.t_min,
+        info.codec.max_total_weight,
+    )?;
+    let n = info.params.polynomial_size;
+    let mut r = vec![0u64; n];
+    for &k in req.assigned {
+        if k >= committee.pieces() || !committee.holds(mine, k) {
+            return Err(CryptoError::Committee(format!(
+                "asked for piece {k}, which this member does not hold"
+            )));
+        }
+        for (p, w) in &m.entries {
+            let (_, sp) = req
+                .pieces
+                .iter()
+                .find(|(s, sp)| s == p && sp.piece as usize == k && sp.recipient == me)
+                .ok_or_else(|| CryptoError::Seal(format!("piece {k} of {p:?} is missing")))?;
+            if !records[p.as_str()].piece_hashes.contains(&sp.hash()) {
+                return Err(CryptoError::Seal(format!(
+                    "piece {k} of {p:?} is not one {p:?} signed"
+                )));
+            }
+            let words = open(secret, &info.seal_context(p, me, k as u32), &sp.sealed)?;
+            let piece = Piece::from_words(words, n)?;
+            for (acc, v) in r.iter_mut().zip(piece.expand(n)) {
+                *acc = acc.wrapping_add(v.wrapping_mul(*w));
+            }
+        }
+    }
+    let share = decryption_share(&[(1, &r)], info.seed, req.len, &info.params, rng)?;
+    let signature = signer.sign(Kind::Share, &share_digest(m, me, &share));
+    Ok((share, signature))
+}
+
+/// Checks a member's signature on its share of `manifest`.
+pub fn verify_share(
+    manifest: &Manifest,
+    member: &str,
+    key: &VerifyKey,
+    share: &[u64],
+    signature: &[u8; 64],
+) -> Result<(), CryptoError> {
+    verify(
+        key,
+        Kind::Share,
+        &share_digest(manifest, member, share),
+        signature,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::glwe::{Accumulator, decode};
+    use crate::policy::Refusal;
+    use rand::SeedableRng;
+    use rand::rngs::ChaCha8Rng;
+
+    struct Party {
+        id: String,
+        seal: MemberSecret,
+        sign: Signer25519,
+    }
+
+    fn party(id: &str, rng: &mut ChaCha8Rng) -> Party {
+        Party {
+            id: id.into(),
+            seal: MemberSecret::generate(rng),
+            sign: Signer25519::generate(rng),
+        }
+    }
+
+    fn info(members: &[Party], t: usize, t_min: usize) -> RoundInfo {
+        RoundInfo {
+            job: "job".into(),
+            round: 3,
+            attempt: 1,
+            seed: RoundSeed(0xfeed),
+            committee: members
+                .iter()
+                .map(|p| MemberInfo {
+                    id: p.id.clone(),
+                    seal_key: p.seal.public(),
+                    verify_key: p.sign.verify_key(),
+                })
+                .collect(),
+            threshold: t,
+            t_min,
+            codec: Codec::default(),
+            params: GlweParams {
+                polynomial_size: 256,
+                ..GlweParams::default()
+            },
+            weight_unit: 10,
+        }
+    }
+
+    struct Round {
+        info: RoundInfo,
+        parties: Vec<Party>,
+        records: Vec<UploadRecord>,
+        sent: Vec<(String, SealedPiece)>,
+        acc: Accumulator,
+        keys: BTreeMap<String, VerifyKey>,
+        values: Vec<(u64, Vec<f32>)>,
+    }
+
+    /// `n` participants, the first `members` of them on a committee with threshold `t`.
+    fn round(n: usize, members: usize, t: usize, rng: &mut ChaCha8Rng) -> Round {
+        let parties: Vec<Party> = (0..n).map(|i| party(&format!("p{i}"), rng)).collect();
+        let info = info(&parties[..members], t, 2);
+        let committee = info.validate().unwrap();
+        let len = 300;
+        let mut acc = Accumulator::new(info.params.ciphertexts(len) * 256);
+        let (mut records, mut sent, mut values) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, p) in parties.iter().enumerate() {
+            let v: Vec<f32> = (0..len)
+                .map(|j| ((i * 13 + j) % 50) as f32 / 10.0 - 2.5)
+                .collect();
+            let up = protect(
+                &info,
+                &p.id,
+                &p.sign,
+                &mut SeedLog::default(),
+                &v,
+                40 + 10 * i as u64,
+                rng,
+            )
+            .unwrap();
+            check_pieces(&info, &committee, &up.pieces).unwrap();
+            let rec = UploadRecord {
+                participant: p.id.clone(),
+                weight: up.weight,
+                bodies_sha256: bodies_sha256(&up.bodies),
+                piece_hashes: up.pieces.iter().map(SealedPiece::hash).collect(),
+                signature: up.signature,
+            };
+            rec.verify(&info, &p.sign.verify_key()).unwrap();
+            acc.add(up.weight, &up.bodies).unwrap();
+            values.push((up.weight, v));
+            records.push(rec);
+            sent.extend(up.pieces.into_iter().map(|sp| (p.id.clone(), sp)));
+        }
+        let keys = parties
+            .iter()
+            .map(|p| (p.id.clone(), p.sign.verify_key()))
+            .collect();
+        Round {
+            info,
+            parties,
+            records,
+            sent,
+            acc,
+            keys,
+            values,
+        }
+    }
+
+    fn ask(
+        r: &Round,
+        manifest: &Manifest,
+        member: usize,
+        assigned: &[usize],
+        policy: &mut MemberPolicy,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<(Vec<u64>, [u8; 64]), CryptoError> {
+        let me = &r.parties[member];
+        let pieces: Vec<(String, SealedPiece)> = r
+            .sent
+            .iter()
+            .filter(|(_, sp)| sp.recipient == me.id)
+            .cloned()
+            .collect();
+        let req = ShareRequest {
+            info: &r.info,
+            manifest,
+            uploads: &r.records,
+            keys: &r.keys,
+            pieces: &pieces,
+            assigned,
+            len: 300,
+        };
+        answer(&req, &me.id, &me.seal, &me.sign, policy, rng)
+    }
+
+    #[test]
+    fn a_whole_round_decodes_the_weighted_mean_with_a_member_missing() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut r = round(4, 3, 2, &mut rng);
+        let committee = r.info.validate().unwrap();
+        let manifest = r.info.manifest(
+            r.records
+                .iter()
+                .map(|u| (u.participant.clone(), u.weight))
+                .collect(),
+        );
+        // Member 1 does not answer: members 0 and 2 cover every piece.
+        for (k, m) in committee.assign(&[0, 2]).unwrap() {
+            let (share, sig) = ask(
+                &r,
+                &manifest,
+                m,
+                &[k],
+                &mut MemberPolicy::default(),
+                &mut rng,
+            )
+            .unwrap();
+            verify_share(
+                &manifest,
+                &r.parties[m].id,
+                &r.parties[m].sign.verify_key(),
+                &share,
+                &sig,
+            )
+            .unwrap();
+            r.acc.add_share(&share).unwrap();
+        }
+        let got = decode(&r.acc, &[], 300, &r.info.codec).unwrap();
+        let w: u64 = r.values.iter().map(|v| v.0).sum();
+        assert_eq!(w, 4 + 5 + 6 + 7, "weights are round(examples / 10)");
+        for (j, g) in got.iter().enumerate() {
+            let want: f64 = r
+                .values
+                .iter()
+                .map(|(wi, v)| *wi as f64 * v[j] as f64)
+                .sum::<f64>()
+                / w as f64;
+            assert!((*g as f64 - want).abs() < 1e-4, "{j}: {g} vs {want}");
+        }
+    }
+
+    #[test]
+    fn members_refuse_what_the_design_says_they_must() {
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let r = round(3, 3, 2, &mut rng);
+        let all: Vec<(String, u64)> = r
+            .records
+            .iter()
+            .map(|u| (u.participant.clone(), u.weight))
+            .collect();
+        let good = r.info.manifest(all.clone());
+        let pieces0 = r.info.validate().unwrap().pieces_of(0);
+        // Too few participants (T_min = 2).
+        let one = r.info.manifest(all[..1].to_vec());
+        let e = ask(
+            &r,
+            &one,
+            0,
+            &pieces0,
+            &mut MemberPolicy::default(),
+            &mut rng,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                CryptoError::Refused(Refusal::TooFewParticipants { got: 1, t_min: 2 })
+            ),
+            "{e}"
+        );
+        // A weight the participant did not sign.
+        let mut heavy = all.clone();
+        heavy[0].1 = 900;
+        let e = ask(
+            &r,
+            &r.info.manifest(heavy),
+            0,
+            &pieces0,
+            &mut MemberPolicy::default(),
+            &mut rng,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, CryptoError::Refused(Refusal::WeightMismatch { .. })),
+            "{e}"
+        );
+        // A second, different manifest for the same seed.
+        let mut policy = MemberPolicy::default();
+        ask(&r, &good, 0, &pieces0, &mut policy, &mut rng).unwrap();
+        ask(&r, &good, 0, &pieces0, &mut policy, &mut rng).expect("a retransmission is answered");
+        let fewer = r.info.manifest(all[..2].to_vec());
+        let e = ask(&r, &fewer, 0, &pieces0, &mut policy, &mut rng).unwrap_err();
+        assert!(
+            matches!(e, CryptoError::Refused(Refusal::DifferentManifest(_))),
+            "{e}"
+        );
+        // A piece the member does not hold.
+        let not_mine = (0..3).find(|k| !pieces0.contains(k)).unwrap();
+        assert!(
+            ask(
+                &r,
+                &good,
+                0,
+                &[not_mine],
+                &mut MemberPolicy::default(),
+                &mut rng
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_repeated_seed_and_forged_or_moved_pieces_are_refused() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let mut r = round(3, 3, 2, &mut rng);
+        // The participant refuses to encrypt twice under one seed.
+        let mut seeds = SeedLog::default();
+        let p = &r.parties[0];
+        protect(&r.info, &p.id, &p.sign, &mut seeds, &[1.0], 10, &mut rng).unwrap();
+        assert!(protect(&r.info, &p.id, &p.sign, &mut seeds, &[1.0], 10, &mut rng).is_err());
+        let manifest = r.info.manifest(
+            r.records
+                .iter()
+                .map(|u| (u.participant.clone(), u.weight))
+                .collect(),
+        );
+        let k = r.info.validate().unwrap().pieces_of(0)[0];
+        // A piece the coordinator sealed itself (to the member's public key) is not one the
+        // participant signed.
+        let forged = seal(
+            &r.parties[0].seal.public(),
+            &r.info.seal_context("p1", "p0", k as u32),
+            &[1, 2, 3, 4],
+            &mut rng,
+        )
+        .unwrap();
+        for (s, sp) in r.sent.iter_mut() {
+            if s == "p1" && sp.recipient == "p0" && sp.piece as usize == k {
+                sp.sealed = forged.clone();
+            }
+        }
+        let e = ask(
+            &r,
+            &manifest,
+            0,
+            &[k],
+            &mut MemberPolicy::default(),
+            &mut rng,
+        )
+        .unwrap_err();
+        assert!(matches!(e, CryptoError::Seal(_)), "{e}");
+        // Extra or missing pieces in an upload are refused before anything is stored.
+        let committee = r.info.validate().unwrap();
+        let mut pieces: Vec<SealedPiece> = r
+            .sent
+            .iter()
+            .filter(|(s, _)| s == "p2")
+            .map(|(_, sp)| sp.clone())
+            .collect();
+        pieces.pop();
+        assert!(check_pieces(&r.info, &committee, &pieces).is_err());
+    }
+
+    #[test]
+    fn invalid_rounds_are_refused_with_the_reason() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let parties: Vec<Party> = (0..4).map(|i| party(&format!("p{i}"), &mut rng)).collect();
+        let e = info(&parties, 2, 2).validate().unwrap_err();
+        assert!(e.to_string().contains("strict majority"), "{e}");
+        let mut big = info(&parties[..3], 2, 2);
+        big.codec.max_total_weight = 1 << 20;
+        let e = big.validate().unwrap_err();
+        assert!(matches!(e, CryptoError::Capacity(_)), "{e}");
+    }
+}
