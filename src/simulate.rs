@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use cohort_coordinator::round::Event;
+use cohort_coordinator::round::SecureSettings;
 use cohort_coordinator::{Coordinator, JobConfig, ModelStore, Orchestrator, RoundSummary};
 use cohort_model::data::{IdxSplit, load_csv, load_idx_dir, parse_csv};
 use cohort_model::{
@@ -84,6 +85,13 @@ pub struct SimArgs {
     /// Skip the centralised baseline.
     #[arg(long)]
     pub no_baseline: bool,
+    /// Run plaintext rounds: no secure aggregation, the coordinator sees every update.
+    /// For research comparisons only.
+    #[arg(long)]
+    pub plaintext: bool,
+    /// Secure aggregation committee size per round (threshold: a strict majority).
+    #[arg(long, default_value_t = 5)]
+    pub committee: usize,
     /// No progress bar or table (the report and exit code still tell the outcome).
     #[arg(long, short)]
     pub quiet: bool,
@@ -230,6 +238,12 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         seed: args.seed,
     };
     let n = args.participants;
+    let secure = (!args.plaintext).then(|| SecureSettings {
+        committee_size: args.committee,
+        t_min: n.min(2),
+        ..SecureSettings::default()
+    });
+    let secure_label = secure_description(secure.as_ref(), n, args.fraction);
     let job = JobConfig {
         job_id: "simulation".into(),
         model: spec.clone(),
@@ -244,6 +258,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         evaluate: true,
         liveness_timeout: Duration::from_secs(60),
         seed: args.seed,
+        secure: secure.clone(),
     };
     let strategy = cohort_coordinator::strategy::by_name(&args.strategy, args.server_lr as f32)
         .map_err(anyhow::Error::msg)?;
@@ -274,7 +289,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
 
     if !args.quiet {
         eprintln!(
-            "cohort simulate: {} participants ({}), {} rounds, {} on {}, device {}, secure aggregation: off (plaintext rounds)",
+            "cohort simulate: {} participants ({}), {} rounds, {} on {}, device {}, secure aggregation: {secure_label}",
             n,
             args.partition,
             args.rounds,
@@ -381,7 +396,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         strategy: strategy_name.to_string(),
         device: args.device.to_string(),
         seed: args.seed,
-        secure_aggregation: serde_json::Value::Bool(false),
+        secure_aggregation: secure_json(secure.as_ref()),
         rounds: rows,
         federated_accuracy,
         centralised_accuracy,
@@ -404,7 +419,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
                 args.rounds as usize * args.epochs
             );
         }
-        println!("secure aggregation: off (plaintext rounds)");
+        println!("secure aggregation: {secure_label}");
         println!("global model written to {}", model_path.display());
     }
     if let Some(p) = &args.report {
@@ -424,6 +439,47 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         std::fs::write(p, svg).with_context(|| format!("writing plot {}", p.display()))?;
     }
     Ok(report)
+}
+
+/// How the run aggregates, in words.
+fn secure_description(s: Option<&SecureSettings>, n: usize, fraction: f64) -> String {
+    match s {
+        None => "OFF (plaintext rounds: the coordinator sees every update)".into(),
+        Some(s) => {
+            let selected = ((n as f64 * fraction).ceil() as usize).clamp(1, n);
+            let c = s.committee_for(selected);
+            format!(
+                "on ({}: tfhe-rs GLWE N={}, fresh keys every round, {}-of-{} committee, T_min {})",
+                cohort_crypto::aggregation::SCHEME,
+                s.params.polynomial_size,
+                c / 2 + 1,
+                c,
+                s.t_min
+            )
+        }
+    }
+}
+
+/// The report's `secure_aggregation`: the scheme and its parameters, or `false`.
+fn secure_json(s: Option<&SecureSettings>) -> serde_json::Value {
+    match s {
+        None => serde_json::Value::Bool(false),
+        Some(s) => serde_json::json!({
+            "scheme": cohort_crypto::aggregation::SCHEME,
+            "library": "tfhe-rs 1.8.2 core_crypto",
+            "glwe_dimension": 1,
+            "polynomial_size": s.params.polynomial_size,
+            "noise": format!("t-uniform(2^{})", s.params.noise_log2),
+            "smudging": format!("uniform(±2^{})", s.params.smudging_log2),
+            "committee_size": s.committee_size,
+            "threshold": "strict majority",
+            "t_min": s.t_min,
+            "clip": s.codec.clip,
+            "frac_bits": s.codec.frac_bits,
+            "delta_log": s.codec.delta_log,
+            "max_total_weight": s.codec.max_total_weight,
+        }),
+    }
 }
 
 fn model_name(spec: &ModelSpec) -> String {

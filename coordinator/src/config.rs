@@ -8,7 +8,7 @@ use std::time::Duration;
 use cohort_model::{ModelSpec, TrainConfig};
 use serde::Deserialize;
 
-use crate::round::JobConfig;
+use crate::round::{JobConfig, SecureSettings};
 
 /// `coordinator.toml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -52,6 +52,68 @@ pub struct JobSection {
     pub server_lr: f64,
     pub model: ModelSpec,
     pub train: TrainConfig,
+    /// `[job.secure_aggregation]`; on unless `enabled = false`.
+    #[serde(default)]
+    pub secure_aggregation: SecureSection,
+}
+
+/// `[job.secure_aggregation]`: threshold GLWE secure aggregation, on by default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecureSection {
+    /// `false` runs plaintext rounds: the coordinator sees every update (research only).
+    pub enabled: bool,
+    /// Committee size n_D (threshold ⌊n_D/2⌋ + 1), drawn from each round's participants.
+    pub committee_size: usize,
+    /// Fewest participants a decrypted sum may cover. Defaults to `min(2, min_updates)`.
+    pub t_min: Option<usize>,
+    /// Per-coordinate clip bound B of updates.
+    pub clip: f32,
+    /// Fractional bits f of the fixed-point encoding.
+    pub frac_bits: u32,
+    /// Largest total aggregation weight W of a round.
+    pub max_total_weight: u64,
+    pub decrypt_timeout_secs: f64,
+}
+
+impl Default for SecureSection {
+    fn default() -> Self {
+        let d = SecureSettings::default();
+        SecureSection {
+            enabled: true,
+            committee_size: d.committee_size,
+            t_min: None,
+            clip: d.codec.clip,
+            frac_bits: d.codec.frac_bits,
+            max_total_weight: d.codec.max_total_weight,
+            decrypt_timeout_secs: d.decrypt_timeout.as_secs_f64(),
+        }
+    }
+}
+
+impl SecureSection {
+    /// The job's secure settings, `None` when disabled.
+    pub fn settings(&self, min_updates: usize) -> Result<Option<SecureSettings>, String> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        let d = SecureSettings::default();
+        Ok(Some(SecureSettings {
+            committee_size: self.committee_size,
+            t_min: self.t_min.unwrap_or(min_updates.min(2)),
+            codec: cohort_crypto::Codec {
+                clip: self.clip,
+                frac_bits: self.frac_bits,
+                max_total_weight: self.max_total_weight,
+                ..d.codec
+            },
+            params: d.params,
+            decrypt_timeout: secs(
+                "secure_aggregation.decrypt_timeout_secs",
+                self.decrypt_timeout_secs,
+            )?,
+        }))
+    }
 }
 
 fn one() -> f64 {
@@ -83,6 +145,7 @@ fn secs(key: &str, v: f64) -> Result<Duration, String> {
 impl JobSection {
     /// The state machine's configuration.
     pub fn job_config(&self) -> Result<JobConfig, String> {
+        let min_updates = self.min_updates.unwrap_or(self.min_participants);
         let cfg = JobConfig {
             job_id: self.id.clone(),
             model: self.model.clone(),
@@ -90,12 +153,13 @@ impl JobSection {
             rounds: self.rounds,
             min_participants: self.min_participants,
             fraction: self.fraction,
-            min_updates: self.min_updates.unwrap_or(self.min_participants),
+            min_updates,
             round_timeout: secs("round_timeout_secs", self.round_timeout_secs)?,
             eval_timeout: secs("eval_timeout_secs", self.eval_timeout_secs)?,
             evaluate: self.evaluate,
             liveness_timeout: secs("liveness_timeout_secs", self.liveness_timeout_secs)?,
             seed: self.seed,
+            secure: self.secure_aggregation.settings(min_updates)?,
         };
         cfg.validate().map_err(|e| format!("job: {e}"))?;
         crate::strategy::by_name(&self.strategy, self.server_lr as f32)
@@ -147,6 +211,28 @@ optimizer = "sgd"
         assert_eq!(j.min_updates, 2);
         assert_eq!(j.round_timeout, Duration::from_secs(120));
         assert!(c.allowed_participants.is_none());
+        let sec = j.secure.expect("secure aggregation is on by default");
+        assert_eq!((sec.committee_size, sec.t_min), (5, 2));
+        let off = CoordinatorConfig::parse(&format!("{GOOD}\n[job.secure_aggregation]\nenabled = false\n"))
+            .unwrap();
+        assert!(off.job.job_config().unwrap().secure.is_none());
+    }
+
+    #[test]
+    fn secure_settings_that_could_overflow_are_refused_naming_the_bound() {
+        let e = CoordinatorConfig::parse(&format!(
+            "{GOOD}\n[job.secure_aggregation]\nmax_total_weight = 100000\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("secure_aggregation") && e.contains("2^(63 − δ)"), "{e}");
+        let e = CoordinatorConfig::parse(&format!(
+            "{GOOD}\n[job.secure_aggregation]\ncommittee_size = 13\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("committee_size"), "{e}");
+        let e = CoordinatorConfig::parse(&format!("{GOOD}\n[job.secure_aggregation]\nt_mn = 2\n"))
+            .unwrap_err();
+        assert!(e.contains("t_mn"), "{e}");
     }
 
     #[test]

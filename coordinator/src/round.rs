@@ -24,9 +24,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cohort_crypto::aggregation::{RoundInfo, SealedPiece};
+use cohort_crypto::{Codec, GlweParams, MemberPublic, VerifyKey};
 use cohort_model::{Metrics, ModelSpec, TrainConfig};
+use rand::rngs::{ChaCha8Rng, ChaCha20Rng};
 use rand::SeedableRng;
-use rand::rngs::ChaCha8Rng;
 use rand::seq::SliceRandom;
 use serde::Serialize;
 
@@ -59,6 +61,61 @@ pub struct JobConfig {
     pub liveness_timeout: Duration,
     /// Seed of the initial model and of participant selection.
     pub seed: u64,
+    /// Secure aggregation settings; `None` runs plaintext rounds (research comparisons only:
+    /// the coordinator then sees every participant's update).
+    pub secure: Option<SecureSettings>,
+}
+
+/// How a job aggregates securely (design: secure-aggregation.md).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecureSettings {
+    /// Committee size n_D; the committee is drawn from each round's selected participants.
+    /// The threshold is a strict majority, ⌊n_D/2⌋ + 1. Fewer selected → all of them.
+    pub committee_size: usize,
+    /// Fewest participants a manifest may list (members refuse smaller ones).
+    pub t_min: usize,
+    pub codec: Codec,
+    pub params: GlweParams,
+    /// Time committee members have to answer before their pieces are reassigned.
+    pub decrypt_timeout: Duration,
+}
+
+impl Default for SecureSettings {
+    fn default() -> Self {
+        SecureSettings {
+            committee_size: 5,
+            t_min: 2,
+            codec: Codec::default(),
+            params: GlweParams::default(),
+            decrypt_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl SecureSettings {
+    /// The committee a round with `selected` participants gets.
+    pub fn committee_for(&self, selected: usize) -> usize {
+        self.committee_size.min(selected).max(1)
+    }
+
+    /// Refuses settings that cannot work or could overflow, naming the bound.
+    pub fn validate(&self, min_participants: usize) -> Result<(), String> {
+        let c = cohort_crypto::Committee::new(self.committee_size, self.committee_size / 2 + 1)
+            .map_err(|e| format!("secure_aggregation.committee_size: {e}"))?;
+        if self.t_min == 0 || self.t_min > min_participants {
+            return Err(format!(
+                "secure_aggregation.t_min must be between 1 and min_participants ({min_participants}), not {}",
+                self.t_min
+            ));
+        }
+        if self.decrypt_timeout.is_zero() {
+            return Err("secure_aggregation.decrypt_timeout must be positive".into());
+        }
+        // The largest committee has the most pieces, hence the most decryption shares.
+        self.codec
+            .check(&self.params.budget(c.pieces()))
+            .map_err(|e| format!("secure_aggregation: {e}"))
+    }
 }
 
 impl JobConfig {
@@ -87,6 +144,9 @@ impl JobConfig {
         if self.round_timeout.is_zero() || self.liveness_timeout.is_zero() {
             return Err("round_timeout and liveness_timeout must be positive".into());
         }
+        if let Some(sec) = &self.secure {
+            sec.validate(self.min_participants)?;
+        }
         Ok(())
     }
 }
@@ -108,6 +168,14 @@ struct Participant {
     presence: Presence,
     last_seen: Instant,
     num_examples: u64,
+    keys: Option<PartyKeys>,
+}
+
+/// A participant's public keys for secure aggregation, sent when it joins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartyKeys {
+    pub seal: MemberPublic,
+    pub verify: VerifyKey,
 }
 
 /// A participant as the registry sees it.
@@ -126,7 +194,11 @@ pub enum Task {
         model_version: u64,
         config: TrainConfig,
         deadline: Instant,
+        /// The secure round to encrypt for; `None` in plaintext jobs.
+        secure: Option<Arc<RoundInfo>>,
     },
+    /// A committee member's part of decryption.
+    Decrypt(DecryptRequest),
     Evaluate {
         round: u64,
         model_version: u64,
@@ -136,6 +208,44 @@ pub enum Task {
     Idle,
     /// The job is over.
     Finished,
+}
+
+/// What a committee member is asked to decrypt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecryptRequest {
+    pub info: Arc<RoundInfo>,
+    pub manifest_digest: [u8; 32],
+    pub manifest_participants: usize,
+    /// The coordinator's signature over the manifest digest.
+    pub manifest_signature: [u8; 64],
+    pub coordinator_key: VerifyKey,
+    pub pieces: Vec<usize>,
+    /// Increases with each reassignment to this member.
+    pub request: u32,
+    pub deadline: Instant,
+}
+
+/// A securely aggregated update after transfer: ciphertext bodies and sealed key pieces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecureUpdate {
+    pub round: u64,
+    pub weight: u64,
+    pub bodies: Vec<u64>,
+    pub bodies_sha256: [u8; 32],
+    pub pieces: Vec<SealedPiece>,
+    pub signature: [u8; 64],
+    pub train: Option<Metrics>,
+}
+
+/// A committee member's answer after transfer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShareAnswer {
+    pub round: u64,
+    pub attempt: u32,
+    pub request: u32,
+    pub pieces: Vec<usize>,
+    /// The share, or why the member refused.
+    pub share: Result<(Vec<u64>, [u8; 64]), String>,
 }
 
 /// An update after transfer: the local model minus the global model it started from.
@@ -177,6 +287,8 @@ pub enum Rejection {
 pub enum FailureCause {
     /// Fewer than `min_updates` updates arrived before the deadline.
     TooFewUpdates { received: usize, needed: usize },
+    /// Fewer than the threshold of committee members answered, so nothing was decrypted.
+    CommitteeUnavailable { answered: usize, needed: usize },
 }
 
 /// One completed round.
@@ -222,6 +334,20 @@ pub enum Event {
         round: u64,
         id: ParticipantId,
     },
+    /// Training closed on a securely aggregated round; the committee is asked to decrypt
+    /// the sum over `participants`.
+    DecryptionStarted {
+        round: u64,
+        attempt: u32,
+        participants: usize,
+        committee: Vec<ParticipantId>,
+    },
+    /// A committee member did not answer in time or refused; its pieces went to others.
+    MemberFailed {
+        round: u64,
+        id: ParticipantId,
+        reason: String,
+    },
     /// Selected participants whose update did not arrive by the deadline.
     StragglersDropped {
         round: u64,
@@ -250,10 +376,13 @@ struct Training {
     received: BTreeSet<ParticipantId>,
     deadline: Instant,
     started: Instant,
-    /// Σ w_i · Δ_i, in f64 so the order of arrival does not change the sum measurably.
+    /// Σ w_i · Δ_i, in f64 so the order of arrival does not change the sum measurably
+    /// (plaintext jobs; empty in secure ones).
     acc: Vec<f64>,
     weight: u64,
     train_metrics: Vec<Metrics>,
+    /// The encrypted sum and what the committee will need (secure jobs).
+    secure: Option<Box<secure::SecureTraining>>,
 }
 
 #[derive(Debug)]
@@ -274,6 +403,8 @@ enum Phase {
         attempt: u32,
     },
     Training(Training),
+    /// Secure jobs: the committee decrypts the sum.
+    Decrypting(Box<secure::Decrypting>),
     Evaluating(Evaluating),
     Finished,
 }
@@ -283,6 +414,7 @@ impl Phase {
         match self {
             Phase::Waiting { .. } => "waiting for participants",
             Phase::Training(_) => "training",
+            Phase::Decrypting(_) => "decrypting",
             Phase::Evaluating(_) => "evaluating",
             Phase::Finished => "finished",
         }
@@ -302,6 +434,10 @@ pub struct Orchestrator {
     version: u64,
     completed: Vec<RoundSummary>,
     events: VecDeque<Event>,
+    /// Round seeds: a CSPRNG seeded from the operating system.
+    entropy: ChaCha20Rng,
+    /// Signs manifests.
+    signer: cohort_crypto::Signer25519,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -323,7 +459,11 @@ impl Orchestrator {
     ) -> Result<Self, String> {
         config.validate()?;
         let global = Arc::new(config.model.initial_parameters(config.seed));
+        let mut entropy = ChaCha20Rng::from_rng(&mut rand::rng());
+        let signer = cohort_crypto::Signer25519::generate(&mut entropy);
         Ok(Orchestrator {
+            entropy,
+            signer,
             config,
             strategy,
             allowed,
@@ -405,8 +545,26 @@ impl Orchestrator {
         num_examples: u64,
         now: Instant,
     ) -> Result<(), Rejection> {
+        self.handle_join_with_keys(id, session, num_examples, None, now)
+    }
+
+    /// [`Self::handle_join`] with the participant's secure-aggregation keys, which a secure
+    /// job requires.
+    pub fn handle_join_with_keys(
+        &mut self,
+        id: &str,
+        session: String,
+        num_examples: u64,
+        keys: Option<PartyKeys>,
+        now: Instant,
+    ) -> Result<(), Rejection> {
         if id.is_empty() {
             return Err(Rejection::Invalid("participant id is empty".into()));
+        }
+        if self.config.secure.is_some() && keys.is_none() {
+            return Err(Rejection::Invalid(
+                "this job aggregates securely: join with seal and verify keys".into(),
+            ));
         }
         if let Some(allowed) = &self.allowed
             && !allowed.contains(id)
@@ -427,6 +585,7 @@ impl Orchestrator {
                 presence: Presence::Online,
                 last_seen: now,
                 num_examples,
+                keys,
             },
         );
         self.events.push_back(Event::ParticipantJoined {
@@ -472,14 +631,9 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// Checks that `id` may send an update of `num_parameters` for `round` now, before the
-    /// driver receives its data. [`Self::handle_update`] checks again.
-    pub fn check_update(
-        &self,
-        id: &str,
-        round: u64,
-        num_parameters: usize,
-    ) -> Result<(), Rejection> {
+    /// Checks that `id` may send an update for `round` now: it is known, selected, and has
+    /// not sent one yet.
+    fn check_open(&self, id: &str, round: u64) -> Result<&Training, Rejection> {
         if !self.participants.contains_key(id) {
             return Err(Rejection::UnknownParticipant(id.to_string()));
         }
@@ -498,6 +652,23 @@ impl Orchestrator {
         }
         if t.received.contains(id) {
             return Err(Rejection::Duplicate(id.to_string(), round));
+        }
+        Ok(t)
+    }
+
+    /// Checks that `id` may send a plaintext update of `num_parameters` for `round` now,
+    /// before the driver receives its data. [`Self::handle_update`] checks again.
+    pub fn check_update(
+        &self,
+        id: &str,
+        round: u64,
+        num_parameters: usize,
+    ) -> Result<(), Rejection> {
+        let t = self.check_open(id, round)?;
+        if t.secure.is_some() {
+            return Err(Rejection::Invalid(
+                "this round is securely aggregated: send encrypted bodies, not plaintext".into(),
+            ));
         }
         if num_parameters != self.global.len() {
             return Err(Rejection::ParameterCount {
@@ -604,6 +775,7 @@ impl Orchestrator {
         }
         match &self.phase {
             Phase::Training(t) if now >= t.deadline => self.close_training(now),
+            Phase::Decrypting(d) if now >= d.deadline => self.decrypt_deadline(now),
             Phase::Evaluating(e) if now >= e.deadline => self.close_evaluation(now),
             _ => {}
         }
@@ -621,6 +793,7 @@ impl Orchestrator {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let phase = match &self.phase {
             Phase::Training(t) => Some(t.deadline),
+            Phase::Decrypting(d) => Some(d.deadline),
             Phase::Evaluating(e) => Some(e.deadline),
             _ => None,
         };
@@ -645,8 +818,10 @@ impl Orchestrator {
                     model_version: self.version,
                     config,
                     deadline: t.deadline,
+                    secure: t.secure.as_ref().map(|s| s.info.clone()),
                 }
             }
+            Phase::Decrypting(d) => self.decrypt_task_for(d, id),
             Phase::Evaluating(e) if e.selected.contains(id) && !e.received.contains_key(id) => {
                 Task::Evaluate {
                     round: e.summary.round,
@@ -664,9 +839,16 @@ impl Orchestrator {
         match &self.phase {
             Phase::Waiting { round, .. } => *round,
             Phase::Training(t) => t.round,
+            Phase::Decrypting(d) => d.round,
             Phase::Evaluating(e) => e.summary.round,
             Phase::Finished => self.config.rounds,
         }
+    }
+
+    /// Updates a round needs: `min_updates`, and at least T_min in secure jobs.
+    fn needed_updates(&self) -> usize {
+        let t_min = self.config.secure.as_ref().map_or(0, |s| s.t_min);
+        self.config.min_updates.max(t_min)
     }
 
     fn online(&self) -> Vec<ParticipantId> {
@@ -686,12 +868,22 @@ impl Orchestrator {
         if online.len() < self.config.min_participants {
             return;
         }
-        let want = ((online.len() as f64 * self.config.fraction).ceil() as usize)
+        let mut want = ((online.len() as f64 * self.config.fraction).ceil() as usize)
             .max(self.config.min_participants)
             .min(online.len());
+        if let Some(sec) = &self.config.secure {
+            // Every participant's weight is at least 1.
+            want = want.min(sec.codec.max_total_weight as usize);
+        }
         let mut rng = ChaCha8Rng::seed_from_u64(selection_seed(self.config.seed, round, attempt));
         online.shuffle(&mut rng);
-        let selected: BTreeSet<ParticipantId> = online.into_iter().take(want).collect();
+        online.truncate(want);
+        let secure = self
+            .config
+            .secure
+            .is_some()
+            .then(|| self.secure_training(round, attempt, &online));
+        let selected: BTreeSet<ParticipantId> = online.into_iter().collect();
         self.events.push_back(Event::RoundStarted {
             round,
             attempt,
@@ -704,9 +896,14 @@ impl Orchestrator {
             received: BTreeSet::new(),
             deadline: now + self.config.round_timeout,
             started: now,
-            acc: vec![0.0; self.global.len()],
+            acc: if secure.is_some() {
+                Vec::new()
+            } else {
+                vec![0.0; self.global.len()]
+            },
             weight: 0,
             train_metrics: Vec::new(),
+            secure,
         });
     }
 
@@ -721,27 +918,21 @@ impl Orchestrator {
                 ids: stragglers.clone(),
             });
         }
-        if t.received.len() < self.config.min_updates {
-            self.events.push_back(Event::RoundFailed {
-                round: t.round,
-                attempt: t.attempt,
-                cause: FailureCause::TooFewUpdates {
-                    received: t.received.len(),
-                    needed: self.config.min_updates,
-                },
-            });
-            self.phase = Phase::Waiting {
-                round: t.round,
-                attempt: t.attempt + 1,
+        let needed = self.needed_updates();
+        if t.received.len() < needed {
+            let cause = FailureCause::TooFewUpdates {
+                received: t.received.len(),
+                needed,
             };
-            self.advance(now);
+            self.fail_attempt(t.round, t.attempt, cause, now);
+            return;
+        }
+        if t.secure.is_some() {
+            self.start_decryption(t, stragglers, now);
             return;
         }
         let w = t.weight as f64;
         let mean: Vec<f32> = t.acc.iter().map(|a| (a / w) as f32).collect();
-        let new_global = self.strategy.apply(&self.global, &mean, t.round);
-        self.global = Arc::new(new_global);
-        self.version = t.round;
         let summary = RoundSummary {
             round: t.round,
             attempts: t.attempt,
@@ -751,8 +942,17 @@ impl Orchestrator {
             train: Metrics::weighted_mean(&t.train_metrics),
             eval: None,
             evaluated_by: 0,
-            seconds: now.duration_since(t.started).as_secs_f64(),
+            seconds: 0.0,
         };
+        self.apply_mean(summary, &mean, t.started, now);
+    }
+
+    /// Applies the strategy to the mean update: new global version, then evaluation.
+    fn apply_mean(&mut self, mut summary: RoundSummary, mean: &[f32], started: Instant, now: Instant) {
+        let new_global = self.strategy.apply(&self.global, mean, summary.round);
+        self.global = Arc::new(new_global);
+        self.version = summary.round;
+        summary.seconds = now.duration_since(started).as_secs_f64();
         let evaluators: BTreeSet<ParticipantId> = self.online().into_iter().collect();
         if !self.config.evaluate || evaluators.is_empty() {
             self.complete(summary, self.global.clone(), now);
@@ -763,9 +963,23 @@ impl Orchestrator {
             selected: evaluators,
             received: BTreeMap::new(),
             deadline: now + self.config.eval_timeout,
-            started: t.started,
+            started,
             params: self.global.clone(),
         });
+    }
+
+    /// A failed attempt: the round is tried again with whoever is available.
+    fn fail_attempt(&mut self, round: u64, attempt: u32, cause: FailureCause, now: Instant) {
+        self.events.push_back(Event::RoundFailed {
+            round,
+            attempt,
+            cause,
+        });
+        self.phase = Phase::Waiting {
+            round,
+            attempt: attempt + 1,
+        };
+        self.advance(now);
     }
 
     fn close_evaluation(&mut self, now: Instant) {
@@ -817,6 +1031,9 @@ fn splitmix(mut z: u64) -> u64 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
 }
+
+#[path = "round_secure.rs"]
+mod secure;
 
 #[cfg(test)]
 #[path = "round_tests.rs"]

@@ -34,6 +34,7 @@ fn config() -> JobConfig {
         evaluate: true,
         liveness_timeout: Duration::from_secs(20),
         seed: 7,
+        secure: None,
     }
 }
 

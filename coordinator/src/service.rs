@@ -23,7 +23,13 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::model_store::ModelStore;
-use crate::round::{Event, Orchestrator, Rejection, RoundSummary, Task, Update};
+use crate::round::{
+    Event, Orchestrator, PartyKeys, Rejection, RoundSummary, SecureUpdate, ShareAnswer, Task,
+    Update,
+};
+use cohort_crypto::{MemberPublic, VerifyKey};
+use cohort_protocol::WordAssembler;
+use cohort_protocol::secure::{bytes32, bytes64, record_pb, round_pb, sealed_from_pb, sealed_pb};
 
 /// Longest a PollTask call is held open.
 const MAX_POLL_WAIT: Duration = Duration::from_secs(30);
@@ -56,7 +62,14 @@ struct Shared {
     /// The current global model encoded for download (chunks and digest), once per version.
     encoded: Mutex<Option<Arc<EncodedModel>>>,
     store: ModelStore,
+    /// Uploads whose data is being received at once. Each holds one model-sized buffer
+    /// until it is checked and folded into the sum, so this bounds the coordinator's memory
+    /// at O(model), whatever the number of participants.
+    upload_slots: tokio::sync::Semaphore,
 }
+
+/// Uploads received at once (see `Shared::upload_slots`).
+const UPLOAD_SLOTS: usize = 4;
 
 fn unix_ms() -> u64 {
     SystemTime::now()
@@ -91,6 +104,7 @@ impl Coordinator {
             finished: watch::channel(false).0,
             encoded: Mutex::new(None),
             store,
+            upload_slots: tokio::sync::Semaphore::new(UPLOAD_SLOTS),
         });
         tokio::spawn(process_events(rx, Arc::downgrade(&shared)));
         tokio::spawn(run_timer(Arc::downgrade(&shared)));
@@ -201,7 +215,9 @@ impl Coordinator {
                 model_version,
                 config,
                 deadline,
+                secure,
             } => Kind::Train(pb::TrainTask {
+                secure: secure.as_deref().map(round_pb),
                 job_id: cfg.job_id.clone(),
                 round,
                 model: Some((&cfg.model).into()),
@@ -223,6 +239,19 @@ impl Coordinator {
                 model_digest: self.encoded(version, &params).digest.clone(),
                 deadline_in_ms: ms(deadline),
                 model_version,
+            }),
+            Task::Decrypt(d) => Kind::Decrypt(pb::DecryptTask {
+                job_id: cfg.job_id.clone(),
+                round: d.info.round,
+                secure: Some(round_pb(&d.info)),
+                manifest_digest: d.manifest_digest.to_vec(),
+                manifest_participants: d.manifest_participants as u32,
+                manifest_signature: d.manifest_signature.to_vec(),
+                coordinator_key: d.coordinator_key.0.to_vec(),
+                pieces: d.pieces.iter().map(|&k| k as u32).collect(),
+                num_parameters: params.len() as u64,
+                deadline_in_ms: ms(d.deadline),
+                request: d.request,
             }),
             Task::Idle => Kind::Idle(pb::IdleTask { retry_after_ms: 0 }),
             Task::Finished => Kind::Finished(pb::FinishedTask {
@@ -310,6 +339,21 @@ async fn process_events(mut rx: mpsc::UnboundedReceiver<Event>, shared: Weak<Sha
             Event::ParticipantLost { id } => tracing::warn!(%id, "participant lost"),
             Event::ParticipantLeft { id } => tracing::info!(%id, "participant left"),
             Event::UpdateAccepted { round, id } => tracing::info!(round, %id, "update accepted"),
+            Event::DecryptionStarted {
+                round,
+                attempt,
+                participants,
+                committee,
+            } => tracing::info!(
+                round,
+                attempt,
+                participants,
+                ?committee,
+                "training closed; committee asked to decrypt the sum"
+            ),
+            Event::MemberFailed { round, id, reason } => {
+                tracing::warn!(round, %id, "committee member failed: {reason}; pieces reassigned")
+            }
             Event::JobFinished { rounds } => tracing::info!(rounds, "job finished"),
         }
         let finished = matches!(ev, Event::JobFinished { .. });
@@ -379,11 +423,9 @@ fn refuse(id: &str, status: Status) -> Status {
     status
 }
 
-/// The next message of an upload. tonic reports a message over the size limit as
+/// The next message of a client stream. tonic reports a message over the size limit as
 /// `OutOfRange`; the gRPC specification's code for that is `ResourceExhausted`.
-async fn next_chunk(
-    stream: &mut Streaming<pb::UpdateChunk>,
-) -> Result<Option<pb::UpdateChunk>, Status> {
+async fn next_message<T>(stream: &mut Streaming<T>) -> Result<Option<T>, Status> {
     stream.message().await.map_err(|s| {
         if s.code() == tonic::Code::OutOfRange {
             Status::resource_exhausted(s.message().to_string())
@@ -391,6 +433,71 @@ async fn next_chunk(
             s
         }
     })
+}
+
+/// A client stream's data chunks and trailer, after its header.
+trait DataPart: Send + 'static {
+    /// `Some(Ok(data))`, `Some(Err(digest))` for the trailer, `None` for anything else.
+    fn split(self) -> Option<Result<Vec<u8>, String>>;
+}
+
+impl DataPart for pb::UpdateChunk {
+    fn split(self) -> Option<Result<Vec<u8>, String>> {
+        match self.part {
+            Some(Part::Data(d)) => Some(Ok(d)),
+            Some(Part::Trailer(t)) => Some(Err(t.digest)),
+            _ => None,
+        }
+    }
+}
+
+impl DataPart for pb::ShareChunk {
+    fn split(self) -> Option<Result<Vec<u8>, String>> {
+        use pb::share_chunk::Part as SharePart;
+        match self.part {
+            Some(SharePart::Data(d)) => Some(Ok(d)),
+            Some(SharePart::Trailer(t)) => Some(Err(t.digest)),
+            _ => None,
+        }
+    }
+}
+
+/// Receives data chunks into `asm` until the trailer, then checks count and digest.
+async fn receive_words<T: cohort_protocol::Word, M: DataPart>(
+    stream: &mut Streaming<M>,
+    mut asm: cohort_protocol::Assembler<T>,
+    id: &str,
+) -> Result<(Vec<T>, [u8; 32]), Status> {
+    let digest = loop {
+        match next_message(stream).await.map_err(|s| refuse(id, s))? {
+            Some(m) => match m.split() {
+                Some(Ok(d)) => asm.push(&d).map_err(|e| refuse(id, protocol_status(&e)))?,
+                Some(Err(digest)) => break digest,
+                None => {
+                    return Err(refuse(
+                        id,
+                        Status::invalid_argument(
+                            "unexpected message after the header: only data chunks and one trailer may follow",
+                        ),
+                    ));
+                }
+            },
+            None => {
+                return Err(refuse(
+                    id,
+                    Status::invalid_argument("stream ended without a trailer"),
+                ));
+            }
+        }
+    };
+    if next_message(stream).await?.is_some() {
+        return Err(refuse(
+            id,
+            Status::invalid_argument("messages after the trailer"),
+        ));
+    }
+    asm.finish_with_digest(&digest)
+        .map_err(|e| refuse(id, protocol_status(&e)))
 }
 
 type ModelStream = Pin<Box<dyn Stream<Item = Result<pb::ModelChunk, Status>> + Send>>;
@@ -404,11 +511,23 @@ impl Federation for Coordinator {
         let r = req.into_inner();
         let session = format!("{:032x}", rand::random::<u128>());
         let id = r.participant_id.clone();
+        let keys = r
+            .keys
+            .as_ref()
+            .map(|k| {
+                Ok::<_, ProtocolError>(PartyKeys {
+                    seal: MemberPublic(bytes32(&k.seal_key, "keys.seal_key")?),
+                    verify: VerifyKey(bytes32(&k.verify_key, "keys.verify_key")?),
+                })
+            })
+            .transpose()
+            .map_err(|e| refuse(&id, protocol_status(&e)))?;
         self.with(true, |o| {
-            o.handle_join(
+            o.handle_join_with_keys(
                 &r.participant_id,
                 session.clone(),
                 r.num_examples,
+                keys,
                 Instant::now(),
             )
         })
@@ -487,7 +606,7 @@ impl Federation for Coordinator {
         req: Request<Streaming<pb::UpdateChunk>>,
     ) -> Result<Response<pb::SubmitUpdateResponse>, Status> {
         let mut stream = req.into_inner();
-        let header = match next_chunk(&mut stream).await? {
+        let header = match next_message(&mut stream).await? {
             Some(pb::UpdateChunk {
                 part: Some(Part::Header(h)),
             }) => h,
@@ -505,60 +624,150 @@ impl Federation for Coordinator {
                 Status::not_found(format!("no job {:?}", header.job_id)),
             ));
         }
-        self.lock()
-            .check_update(&id, header.round, header.num_parameters as usize)
-            .map_err(|e| refuse(&id, rejection_status(&e)))?;
-        let mut asm = ParamAssembler::new(header.num_parameters);
-        let digest = loop {
-            match next_chunk(&mut stream).await.map_err(|s| refuse(&id, s))? {
-                Some(pb::UpdateChunk {
-                    part: Some(Part::Data(d)),
-                }) => asm.push(&d).map_err(|e| refuse(&id, protocol_status(&e)))?,
-                Some(pb::UpdateChunk {
-                    part: Some(Part::Trailer(t)),
-                }) => break t.digest,
-                Some(_) => {
-                    return Err(refuse(
-                        &id,
-                        Status::invalid_argument(
-                            "unexpected message after the header: only data chunks and one trailer may follow",
-                        ),
-                    ));
-                }
-                None => {
-                    return Err(refuse(
-                        &id,
-                        Status::invalid_argument("update stream ended without a trailer"),
-                    ));
-                }
-            }
-        };
-        if next_chunk(&mut stream).await?.is_some() {
-            return Err(refuse(
-                &id,
-                Status::invalid_argument("messages after the trailer"),
-            ));
+        if let Some(sec) = header.secure.as_ref() {
+            self.lock()
+                .check_secure_update(&id, header.round, sec.num_bodies as usize)
+                .map_err(|e| refuse(&id, rejection_status(&e)))?;
+        } else {
+            self.lock()
+                .check_update(&id, header.round, header.num_parameters as usize)
+                .map_err(|e| refuse(&id, rejection_status(&e)))?;
         }
-        let delta = asm
-            .finish(&digest)
-            .map_err(|e| refuse(&id, protocol_status(&e)))?;
         let train = header
             .train
             .as_ref()
             .map(Metrics::try_from)
             .transpose()
             .map_err(|e| refuse(&id, protocol_status(&e)))?;
-        let update = Update {
-            round: header.round,
-            delta,
-            num_examples: header.num_examples,
-            train,
-        };
-        self.with(true, |o| o.handle_update(&id, update, Instant::now()))
+        // One model-sized buffer per upload in flight, at most UPLOAD_SLOTS of them.
+        let _slot = self
+            .shared
+            .upload_slots
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("shutting down"))?;
+        if let Some(sec) = header.secure {
+            let pieces = sec
+                .pieces
+                .iter()
+                .map(sealed_from_pb)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| refuse(&id, protocol_status(&e)))?;
+            let signature = bytes64(&sec.signature, "secure.signature")
+                .map_err(|e| refuse(&id, protocol_status(&e)))?;
+            let asm = WordAssembler::new(sec.num_bodies);
+            let (bodies, bodies_sha256) = receive_words(&mut stream, asm, &id).await?;
+            let update = SecureUpdate {
+                round: header.round,
+                weight: sec.weight,
+                bodies,
+                bodies_sha256,
+                pieces,
+                signature,
+                train,
+            };
+            self.with(true, |o| {
+                o.handle_secure_update(&id, update, Instant::now())
+            })
             .map_err(|e| refuse(&id, rejection_status(&e)))?;
+        } else {
+            let asm = ParamAssembler::new(header.num_parameters);
+            let (delta, _) = receive_words(&mut stream, asm, &id).await?;
+            let update = Update {
+                round: header.round,
+                delta,
+                num_examples: header.num_examples,
+                train,
+            };
+            self.with(true, |o| o.handle_update(&id, update, Instant::now()))
+                .map_err(|e| refuse(&id, rejection_status(&e)))?;
+        }
         Ok(Response::new(pb::SubmitUpdateResponse {
             round: header.round,
         }))
+    }
+
+    type FetchDecryptionInputStream =
+        Pin<Box<dyn Stream<Item = Result<pb::DecryptionInput, Status>> + Send>>;
+
+    async fn fetch_decryption_input(
+        &self,
+        req: Request<pb::FetchDecryptionInputRequest>,
+    ) -> Result<Response<Self::FetchDecryptionInputStream>, Status> {
+        use pb::decryption_input::Kind as In;
+        let r = req.into_inner();
+        let id = self.participant(&r.session_id)?;
+        let (records, pieces) = self
+            .lock()
+            .decryption_input(&id, r.round, r.attempt)
+            .map_err(|e| refuse(&id, rejection_status(&e)))?;
+        let items = records
+            .into_iter()
+            .map(|(rec, key)| In::Upload(record_pb(&rec, &key)))
+            .chain(pieces.into_iter().map(|(sender, p)| {
+                In::Piece(pb::PieceFrom {
+                    sender,
+                    piece: Some(sealed_pb(&p)),
+                })
+            }))
+            .map(|kind| Ok(pb::DecryptionInput { kind: Some(kind) }));
+        Ok(Response::new(Box::pin(futures::stream::iter(
+            items.collect::<Vec<_>>(),
+        ))))
+    }
+
+    async fn submit_share(
+        &self,
+        req: Request<Streaming<pb::ShareChunk>>,
+    ) -> Result<Response<pb::SubmitShareResponse>, Status> {
+        use pb::share_chunk::Part as SharePart;
+        let mut stream = req.into_inner();
+        let header = match next_message(&mut stream).await? {
+            Some(pb::ShareChunk {
+                part: Some(SharePart::Header(h)),
+            }) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must be a ShareHeader",
+                ));
+            }
+        };
+        let id = self.participant(&header.session_id)?;
+        let share = if header.refused.is_empty() {
+            let expected = self.lock().bodies_len().unwrap_or(0) as u64;
+            if header.num_values != expected {
+                return Err(refuse(
+                    &id,
+                    Status::invalid_argument(format!(
+                        "share has {} values, the round's ciphertexts have {expected}",
+                        header.num_values
+                    )),
+                ));
+            }
+            let signature = bytes64(&header.signature, "share signature")
+                .map_err(|e| refuse(&id, protocol_status(&e)))?;
+            let _slot = self
+                .shared
+                .upload_slots
+                .acquire()
+                .await
+                .map_err(|_| Status::unavailable("shutting down"))?;
+            let (values, _) =
+                receive_words(&mut stream, WordAssembler::new(header.num_values), &id).await?;
+            Ok((values, signature))
+        } else {
+            Err(header.refused.clone())
+        };
+        let answer = ShareAnswer {
+            round: header.round,
+            attempt: header.attempt,
+            request: header.request,
+            pieces: header.pieces.iter().map(|&k| k as usize).collect(),
+            share,
+        };
+        self.with(true, |o| o.handle_share(&id, answer, Instant::now()))
+            .map_err(|e| refuse(&id, rejection_status(&e)))?;
+        Ok(Response::new(pb::SubmitShareResponse {}))
     }
 
     async fn submit_evaluation(

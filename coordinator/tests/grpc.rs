@@ -38,6 +38,7 @@ fn job() -> JobConfig {
         evaluate: false,
         liveness_timeout: Duration::from_secs(30),
         seed: 3,
+        secure: None,
     }
 }
 
@@ -63,6 +64,7 @@ async fn join(c: &mut FederationClient<Channel>, id: &str) -> String {
         participant_id: id.into(),
         num_examples: 10,
         client_version: "test".into(),
+        keys: None,
     })
     .await
     .unwrap()
@@ -89,6 +91,7 @@ fn header(session: &str, round: u64, n: u64) -> pb::UpdateHeader {
         num_examples: 10,
         train: None,
         train_seconds: 0.0,
+        secure: None,
     }
 }
 
@@ -113,6 +116,7 @@ async fn bad_updates_get_the_right_status_and_are_never_aggregated() {
             participant_id: "mallory".into(),
             num_examples: 1,
             client_version: "x".into(),
+            keys: None,
         })
         .await
         .unwrap_err();

@@ -8,8 +8,15 @@
 
 pub mod config;
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use cohort_crypto::aggregation::{self, ShareRequest};
+use cohort_crypto::{Kind as SigKind, MemberPolicy, MemberSecret, RoundSeed, SeedLog, Signer25519};
+use cohort_protocol::secure::{bytes32, bytes64, record_from_pb, round_from_pb, sealed_from_pb};
+use rand::SeedableRng;
+use rand::rngs::ChaCha20Rng;
 
 use cohort_model::{ComputeDevice, Dataset, Metrics, ModelSpec, Standardizer, TrainConfig};
 use cohort_protocol::pb::federation_client::FederationClient;
@@ -110,7 +117,52 @@ struct Session {
     heartbeat: Duration,
 }
 
-async fn connect(opts: &AgentOptions, num_examples: u64) -> Result<Session, AgentError> {
+/// This participant's secure-aggregation secrets and memory, for the life of the process.
+/// Nothing here is written to disk: after a restart the participant has new keys, so pieces
+/// sealed to the old ones cannot be opened by anyone, and a forgotten seed or manifest cannot
+/// be abused (the old keys are gone with them).
+struct Secrets {
+    seal: MemberSecret,
+    sign: Signer25519,
+    policy: MemberPolicy,
+    seeds: SeedLog,
+    /// Round seed of each (job, round, attempt) this participant trained in.
+    round_seeds: BTreeMap<(String, u64, u32), RoundSeed>,
+    rng: ChaCha20Rng,
+}
+
+impl Secrets {
+    fn generate() -> Self {
+        let mut rng = ChaCha20Rng::from_rng(&mut rand::rng());
+        Secrets {
+            seal: MemberSecret::generate(&mut rng),
+            sign: Signer25519::generate(&mut rng),
+            policy: MemberPolicy::default(),
+            seeds: SeedLog::default(),
+            round_seeds: BTreeMap::new(),
+            rng,
+        }
+    }
+
+    fn keys(&self) -> pb::SecureKeys {
+        pb::SecureKeys {
+            seal_key: self.seal.public().0.to_vec(),
+            verify_key: self.sign.verify_key().0.to_vec(),
+        }
+    }
+}
+
+type SharedSecrets = Arc<Mutex<Secrets>>;
+
+fn lock(s: &SharedSecrets) -> std::sync::MutexGuard<'_, Secrets> {
+    s.lock().expect("secrets lock poisoned")
+}
+
+async fn connect(
+    opts: &AgentOptions,
+    num_examples: u64,
+    keys: &pb::SecureKeys,
+) -> Result<Session, AgentError> {
     let endpoint = Endpoint::from_shared(opts.coordinator.clone())
         .map_err(|e| AgentError::Address(opts.coordinator.clone(), e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
@@ -131,6 +183,7 @@ async fn connect(opts: &AgentOptions, num_examples: u64) -> Result<Session, Agen
                     participant_id: opts.id.clone(),
                     num_examples,
                     client_version: env!("CARGO_PKG_VERSION").into(),
+                    keys: Some(keys.clone()),
                 })
                 .await?
                 .into_inner();
@@ -236,9 +289,16 @@ async fn train_round(
     s: &mut Session,
     opts: &AgentOptions,
     data: &Arc<LocalData>,
+    secrets: &SharedSecrets,
     t: pb::TrainTask,
 ) -> Result<(), Status> {
     let spec = task_model(t.model.as_ref())?;
+    let secure = t
+        .secure
+        .as_ref()
+        .map(|r| round_from_pb(&t.job_id, t.round, r))
+        .transpose()
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
     let cfg = TrainConfig::try_from(
         t.config
             .as_ref()
@@ -272,7 +332,7 @@ async fn train_round(
         tracing::info!(participant = %opts.id, round = t.round, "fault injection: delaying the upload by {:?}", opts.upload_delay);
         tokio::time::sleep(opts.upload_delay).await;
     }
-    let header = pb::UpdateHeader {
+    let mut header = pb::UpdateHeader {
         session_id: s.id.clone(),
         job_id: t.job_id.clone(),
         round: t.round,
@@ -284,12 +344,171 @@ async fn train_round(
             report.num_examples,
         )),
         train_seconds: report.seconds,
+        secure: None,
     };
-    let chunks = cohort_protocol::update_chunks(header, &delta);
-    s.client
-        .submit_update(futures::stream::iter(chunks))
-        .await?;
+    match secure {
+        None => {
+            let chunks = cohort_protocol::update_chunks(header, &delta);
+            s.client
+                .submit_update(futures::stream::iter(chunks))
+                .await?;
+        }
+        Some(info) => {
+            let (me, sec, n) = (opts.id.clone(), secrets.clone(), report.num_examples as u64);
+            let info = Arc::new(info);
+            let round_info = info.clone();
+            let protected = with_heartbeats(s, move || {
+                let mut guard = lock(&sec);
+                let x = &mut *guard;
+                x.round_seeds.insert(
+                    (round_info.job.clone(), round_info.round, round_info.attempt),
+                    round_info.seed,
+                );
+                aggregation::protect(&round_info, &me, &x.sign, &mut x.seeds, &delta, n, &mut x.rng)
+            })
+            .await
+            .map_err(|e| {
+                tracing::error!(participant = %opts.id, round = t.round, "refusing to encrypt: {e}");
+                Status::failed_precondition(format!("refusing to encrypt: {e}"))
+            })?;
+            header.secure = Some(pb::SecureUpload {
+                weight: protected.weight,
+                pieces: protected
+                    .pieces
+                    .iter()
+                    .map(cohort_protocol::secure::sealed_pb)
+                    .collect(),
+                signature: protected.signature.to_vec(),
+                num_bodies: protected.bodies.len() as u64,
+            });
+            let chunks = cohort_protocol::update_chunks(header, &protected.bodies);
+            s.client
+                .submit_update(futures::stream::iter(chunks))
+                .await?;
+            tracing::info!(participant = %opts.id, round = t.round, weight = protected.weight, "encrypted update sent");
+            return Ok(());
+        }
+    }
     tracing::info!(participant = %opts.id, round = t.round, loss = report.epoch_loss.last(), "update sent");
+    Ok(())
+}
+
+/// A committee member's part: fetch the manifest's records and this member's pieces, check
+/// them against the task and the coordinator's signature, then answer (or refuse) under the
+/// member policy.
+async fn decrypt_round(
+    s: &mut Session,
+    opts: &AgentOptions,
+    secrets: &SharedSecrets,
+    d: pb::DecryptTask,
+) -> Result<(), Status> {
+    use pb::decryption_input::Kind as In;
+    let info = d
+        .secure
+        .as_ref()
+        .ok_or_else(|| Status::invalid_argument("decrypt task without its round"))
+        .and_then(|r| {
+            round_from_pb(&d.job_id, d.round, r).map_err(|e| Status::invalid_argument(e.to_string()))
+        })?;
+    let mut stream = s
+        .client
+        .fetch_decryption_input(pb::FetchDecryptionInputRequest {
+            session_id: s.id.clone(),
+            job_id: d.job_id.clone(),
+            round: d.round,
+            attempt: info.attempt,
+        })
+        .await?
+        .into_inner();
+    let (mut records, mut keys, mut pieces) = (Vec::new(), BTreeMap::new(), Vec::new());
+    let malformed = |e: cohort_protocol::ProtocolError| Status::invalid_argument(e.to_string());
+    while let Some(item) = stream.message().await? {
+        match item.kind {
+            Some(In::Upload(u)) => {
+                let (rec, key) = record_from_pb(&u).map_err(malformed)?;
+                keys.insert(rec.participant.clone(), key);
+                records.push(rec);
+            }
+            Some(In::Piece(p)) => {
+                let piece = p
+                    .piece
+                    .as_ref()
+                    .ok_or_else(|| Status::invalid_argument("piece missing"))?;
+                pieces.push((p.sender.clone(), sealed_from_pb(piece).map_err(malformed)?));
+            }
+            None => {}
+        }
+    }
+    let manifest = info.manifest(
+        records
+            .iter()
+            .map(|r| (r.participant.clone(), r.weight))
+            .collect(),
+    );
+    let assigned: Vec<usize> = d.pieces.iter().map(|&k| k as usize).collect();
+    let (me, sec) = (opts.id.clone(), secrets.clone());
+    let (task_digest, count) = (d.manifest_digest.clone(), d.manifest_participants as usize);
+    let (coord_key, coord_sig) = (d.coordinator_key.clone(), d.manifest_signature.clone());
+    let answer = with_heartbeats(s, move || {
+        let digest = manifest.digest();
+        if task_digest != digest || count != manifest.entries.len() {
+            return Err("the records sent are not the manifest the task names".to_string());
+        }
+        let key = bytes32(&coord_key, "coordinator_key").map_err(|e| e.to_string())?;
+        let sig = bytes64(&coord_sig, "manifest_signature").map_err(|e| e.to_string())?;
+        cohort_crypto::sign::verify(&cohort_crypto::VerifyKey(key), SigKind::Manifest, &digest, &sig)
+            .map_err(|e| format!("manifest: {e}"))?;
+        let mut guard = lock(&sec);
+        let x = &mut *guard;
+        if let Some(seed) = x.round_seeds.get(&(info.job.clone(), info.round, info.attempt))
+            && *seed != info.seed
+        {
+            return Err(format!(
+                "the task names seed {:032x}, but this round's seed was {:032x}",
+                info.seed.0, seed.0
+            ));
+        }
+        let len = d.num_parameters as usize;
+        let req = ShareRequest {
+            info: &info,
+            manifest: &manifest,
+            uploads: &records,
+            keys: &keys,
+            pieces: &pieces,
+            assigned: &assigned,
+            len,
+        };
+        aggregation::answer(&req, &me, &x.seal, &x.sign, &mut x.policy, &mut x.rng)
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    let mut header = pb::ShareHeader {
+        session_id: s.id.clone(),
+        job_id: d.job_id.clone(),
+        round: d.round,
+        attempt: d.secure.as_ref().map_or(0, |r| r.attempt),
+        request: d.request,
+        pieces: d.pieces.clone(),
+        num_values: 0,
+        signature: Vec::new(),
+        refused: String::new(),
+    };
+    let chunks = match answer {
+        Ok((share, signature)) => {
+            header.num_values = share.len() as u64;
+            header.signature = signature.to_vec();
+            cohort_protocol::share_chunks(header, &share)
+        }
+        Err(reason) => {
+            tracing::warn!(participant = %opts.id, round = d.round, "refusing to decrypt: {reason}");
+            header.refused = reason;
+            vec![pb::ShareChunk {
+                part: Some(pb::share_chunk::Part::Header(header)),
+            }]
+        }
+    };
+    s.client.submit_share(futures::stream::iter(chunks)).await?;
+    tracing::info!(participant = %opts.id, round = d.round, pieces = ?d.pieces, "decryption share sent");
     Ok(())
 }
 
@@ -330,7 +549,9 @@ async fn evaluate_round(
 pub async fn run(opts: AgentOptions, data: Arc<LocalData>) -> Result<AgentReport, AgentError> {
     let mut report = AgentReport::default();
     let n = data.train.len() as u64;
-    let mut s = connect(&opts, n).await?;
+    let secrets: SharedSecrets = Arc::new(Mutex::new(Secrets::generate()));
+    let keys = lock(&secrets).keys();
+    let mut s = connect(&opts, n, &keys).await?;
     loop {
         let polled = s
             .client
@@ -342,7 +563,7 @@ pub async fn run(opts: AgentOptions, data: Arc<LocalData>) -> Result<AgentReport
         let outcome = match polled.map(|r| r.into_inner().kind) {
             Ok(Some(Kind::Train(t))) => {
                 let round = t.round;
-                let r = train_round(&mut s, &opts, &data, t).await;
+                let r = train_round(&mut s, &opts, &data, &secrets, t).await;
                 if r.is_ok() {
                     report.rounds_trained += 1;
                 } else if let Err(e) = &r
@@ -359,6 +580,15 @@ pub async fn run(opts: AgentOptions, data: Arc<LocalData>) -> Result<AgentReport
                 if r.is_ok() {
                     report.evaluations += 1;
                 } else if let Err(e) = &r
+                    && matches!(e.code(), Code::FailedPrecondition | Code::AlreadyExists)
+                {
+                    continue;
+                }
+                r
+            }
+            Ok(Some(Kind::Decrypt(d))) => {
+                let r = decrypt_round(&mut s, &opts, &secrets, d).await;
+                if let Err(e) = &r
                     && matches!(e.code(), Code::FailedPrecondition | Code::AlreadyExists)
                 {
                     continue;
@@ -387,7 +617,7 @@ pub async fn run(opts: AgentOptions, data: Arc<LocalData>) -> Result<AgentReport
                 ) =>
             {
                 tracing::warn!(participant = %opts.id, "lost the coordinator ({}); rejoining", e.message());
-                s = connect(&opts, n).await?;
+                s = connect(&opts, n, &keys).await?;
             }
             Err(e) => {
                 tracing::warn!(participant = %opts.id, "task failed: {} ({:?})", e.message(), e.code());

@@ -33,6 +33,37 @@ pub enum ProtocolError {
     TooLarge { limit: u64 },
 }
 
+/// A value that travels as fixed-width little-endian bytes: f32 parameters, or u64
+/// ciphertext bodies and decryption shares.
+pub trait Word: Copy + Send + 'static {
+    const BYTES: usize;
+    fn put(self, out: &mut Vec<u8>);
+    fn get(bytes: &[u8]) -> Self;
+}
+
+impl Word for f32 {
+    const BYTES: usize = 4;
+    fn put(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+    fn get(b: &[u8]) -> Self {
+        f32::from_le_bytes(b.try_into().expect("4 bytes"))
+    }
+}
+
+impl Word for u64 {
+    const BYTES: usize = 8;
+    fn put(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+    fn get(b: &[u8]) -> Self {
+        u64::from_le_bytes(b.try_into().expect("8 bytes"))
+    }
+}
+
+/// Bytes of data per chunk in every chunked transfer.
+pub const CHUNK_BYTES: usize = 4 * CHUNK_PARAMS;
+
 /// Hex SHA-256 of the little-endian bytes of `params`.
 pub fn params_digest(params: &[f32]) -> String {
     let mut h = Sha256::new();
@@ -44,56 +75,63 @@ pub fn params_digest(params: &[f32]) -> String {
 
 /// Little-endian bytes of `values`.
 pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * 4);
+    word_bytes(values)
+}
+
+fn word_bytes<T: Word>(values: &[T]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * T::BYTES);
     for v in values {
-        out.extend_from_slice(&v.to_le_bytes());
+        v.put(&mut out);
     }
     out
 }
 
-/// Reassembles a parameter vector from chunks, checking size as it goes and the digest at
+/// Reassembles a vector of words from chunks, checking size as it goes and the digest at
 /// the end. Memory is bounded by the announced size: extra bytes are refused, not buffered.
 #[derive(Debug)]
-pub struct ParamAssembler {
+pub struct Assembler<T> {
     expected: u64,
-    values: Vec<f32>,
+    values: Vec<T>,
     hasher: Sha256,
 }
 
-impl ParamAssembler {
-    /// Expects exactly `expected` parameters.
+/// Assembles f32 parameters (model downloads, plaintext updates).
+pub type ParamAssembler = Assembler<f32>;
+/// Assembles u64 words (ciphertext bodies, decryption shares).
+pub type WordAssembler = Assembler<u64>;
+
+impl<T: Word> Assembler<T> {
+    /// Expects exactly `expected` values.
     pub fn new(expected: u64) -> Self {
-        ParamAssembler {
+        Assembler {
             expected,
-            values: Vec::with_capacity(expected.min(1 << 28) as usize),
+            values: Vec::with_capacity(expected.min(1 << 27) as usize),
             hasher: Sha256::new(),
         }
     }
 
-    /// Appends one chunk of little-endian f32 bytes.
+    /// Appends one chunk of little-endian bytes.
     pub fn push(&mut self, bytes: &[u8]) -> Result<(), ProtocolError> {
-        if !bytes.len().is_multiple_of(4) {
+        if !bytes.len().is_multiple_of(T::BYTES) {
             return Err(ProtocolError::Malformed(format!(
-                "chunk of {} bytes is not a whole number of f32 values",
-                bytes.len()
+                "chunk of {} bytes is not a whole number of {}-byte values",
+                bytes.len(),
+                T::BYTES
             )));
         }
-        let after = self.values.len() as u64 + bytes.len() as u64 / 4;
+        let after = self.values.len() as u64 + (bytes.len() / T::BYTES) as u64;
         if after > self.expected {
             return Err(ProtocolError::TooLarge {
-                limit: self.expected * 4,
+                limit: self.expected * T::BYTES as u64,
             });
         }
         self.hasher.update(bytes);
-        self.values.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))),
-        );
+        self.values
+            .extend(bytes.chunks_exact(T::BYTES).map(T::get));
         Ok(())
     }
 
-    /// Parameters received so far.
+    /// Values received so far.
     pub fn len(&self) -> usize {
         self.values.len()
     }
@@ -102,33 +140,42 @@ impl ParamAssembler {
         self.values.is_empty()
     }
 
-    /// Checks the count and the sender's digest; returns the parameters.
-    pub fn finish(self, sent_digest: &str) -> Result<Vec<f32>, ProtocolError> {
+    /// Checks the count and the sender's digest; returns the values and the digest bytes.
+    pub fn finish_with_digest(
+        self,
+        sent_digest: &str,
+    ) -> Result<(Vec<T>, [u8; 32]), ProtocolError> {
         if self.values.len() as u64 != self.expected {
             return Err(ProtocolError::ParameterCount {
                 expected: self.expected,
                 got: self.values.len() as u64,
             });
         }
-        let computed = hex::encode(self.hasher.finalize());
+        let digest: [u8; 32] = self.hasher.finalize().into();
+        let computed = hex::encode(digest);
         if !computed.eq_ignore_ascii_case(sent_digest) {
             return Err(ProtocolError::DigestMismatch {
                 sent: sent_digest.to_string(),
                 computed,
             });
         }
-        Ok(self.values)
+        Ok((self.values, digest))
+    }
+
+    /// Checks the count and the sender's digest; returns the values.
+    pub fn finish(self, sent_digest: &str) -> Result<Vec<T>, ProtocolError> {
+        self.finish_with_digest(sent_digest).map(|(v, _)| v)
     }
 }
 
-/// `params` as little-endian byte chunks of [`CHUNK_PARAMS`] values (at least one chunk, so
-/// an empty vector still travels), with the digest of all of them, in one pass.
-fn encode(params: &[f32]) -> (Vec<Vec<u8>>, String) {
+/// `values` as little-endian byte chunks of [`CHUNK_BYTES`] (at least one chunk, so an
+/// empty vector still travels), with the digest of all of them, in one pass.
+pub fn encode<T: Word>(values: &[T]) -> (Vec<Vec<u8>>, String) {
     let mut h = Sha256::new();
-    let mut chunks: Vec<Vec<u8>> = params
-        .chunks(CHUNK_PARAMS)
+    let mut chunks: Vec<Vec<u8>> = values
+        .chunks(CHUNK_BYTES / T::BYTES)
         .map(|c| {
-            let bytes = f32_bytes(c);
+            let bytes = word_bytes(c);
             h.update(&bytes);
             bytes
         })
@@ -160,16 +207,30 @@ pub fn model_chunks(params: &[f32]) -> Vec<pb::ModelChunk> {
         .collect()
 }
 
-/// The chunks of an update upload: header, data, trailer with the digest.
-pub fn update_chunks(header: pb::UpdateHeader, params: &[f32]) -> Vec<pb::UpdateChunk> {
+/// The chunks of an update upload: header, data (f32 parameters in plaintext rounds,
+/// u64 ciphertext bodies in secure ones), trailer with the digest.
+pub fn update_chunks<T: Word>(header: pb::UpdateHeader, values: &[T]) -> Vec<pb::UpdateChunk> {
     use pb::update_chunk::Part;
-    let (chunks, digest) = encode(params);
+    let (chunks, digest) = encode(values);
     std::iter::once(Part::Header(header))
         .chain(chunks.into_iter().map(Part::Data))
         .chain(std::iter::once(Part::Trailer(pb::UpdateTrailer { digest })))
         .map(|part| pb::UpdateChunk { part: Some(part) })
         .collect()
 }
+
+/// The chunks of a decryption share: header, data, trailer with the digest.
+pub fn share_chunks(header: pb::ShareHeader, share: &[u64]) -> Vec<pb::ShareChunk> {
+    use pb::share_chunk::Part;
+    let (chunks, digest) = encode(share);
+    std::iter::once(Part::Header(header))
+        .chain(chunks.into_iter().map(Part::Data))
+        .chain(std::iter::once(Part::Trailer(pb::UpdateTrailer { digest })))
+        .map(|part| pb::ShareChunk { part: Some(part) })
+        .collect()
+}
+
+pub mod secure;
 
 impl From<&ModelSpec> for pb::ModelSpec {
     fn from(s: &ModelSpec) -> Self {
