@@ -509,3 +509,7 @@ impl Orchestrator {
         self.apply_mean(summary, &mean, d.started, now);
     }
 }
+
+#[cfg(test)]
+#[path = "round_secure_tests.rs"]
+mod tests;

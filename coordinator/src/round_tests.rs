@@ -148,6 +148,7 @@ fn round_waits_for_min_participants_then_selects_all() {
             model_version: 0,
             deadline,
             config,
+            secure: None,
         } => {
             assert_eq!(deadline, h.start + Duration::from_secs(30));
             assert_ne!(config.seed, 1, "each participant gets its own seed");

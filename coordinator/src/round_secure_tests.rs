@@ -1,0 +1,386 @@
+//! Secure rounds on a virtual clock, with the participants' and members' side run by the
+//! real `cohort_crypto` functions (no network).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use cohort_crypto::aggregation::{self, ShareRequest};
+use cohort_crypto::{MemberPolicy, MemberSecret, SeedLog, Signer25519};
+use cohort_model::{ModelSpec, Optimizer, TrainConfig};
+use rand::SeedableRng;
+use rand::rngs::ChaCha8Rng;
+
+use super::super::{JobConfig, PartyKeys, SecureSettings, Update};
+use super::*;
+use crate::strategy::FedAvg;
+
+const P: usize = 6; // logistic regression, 2 inputs, 2 classes
+
+struct Node {
+    seal: MemberSecret,
+    sign: Signer25519,
+    policy: MemberPolicy,
+    seeds: SeedLog,
+}
+
+struct Harness {
+    o: Orchestrator,
+    now: Instant,
+    nodes: BTreeMap<String, Node>,
+    rng: ChaCha8Rng,
+}
+
+fn config(committee: usize) -> JobConfig {
+    JobConfig {
+        job_id: "job".into(),
+        model: ModelSpec::Logistic {
+            inputs: 2,
+            classes: 2,
+        },
+        train: TrainConfig {
+            epochs: 1,
+            batch_size: 4,
+            learning_rate: 0.1,
+            optimizer: Optimizer::Sgd,
+            seed: 1,
+        },
+        rounds: 2,
+        min_participants: 4,
+        fraction: 1.0,
+        min_updates: 2,
+        round_timeout: Duration::from_secs(30),
+        eval_timeout: Duration::from_secs(10),
+        evaluate: false,
+        liveness_timeout: Duration::from_secs(600),
+        seed: 7,
+        secure: Some(SecureSettings {
+            committee_size: committee,
+            t_min: 2,
+            decrypt_timeout: Duration::from_secs(5),
+            ..SecureSettings::default()
+        }),
+    }
+}
+
+impl Harness {
+    fn new(committee: usize, ids: &[&str]) -> Self {
+        let mut h = Harness {
+            o: Orchestrator::new(config(committee), Box::new(FedAvg::default()), None).unwrap(),
+            now: Instant::now(),
+            nodes: BTreeMap::new(),
+            rng: ChaCha8Rng::seed_from_u64(1),
+        };
+        for id in ids {
+            let node = Node {
+                seal: MemberSecret::generate(&mut h.rng),
+                sign: Signer25519::generate(&mut h.rng),
+                policy: MemberPolicy::default(),
+                seeds: SeedLog::default(),
+            };
+            let keys = PartyKeys {
+                seal: node.seal.public(),
+                verify: node.sign.verify_key(),
+            };
+            h.o.handle_join_with_keys(id, format!("s-{id}"), 100, Some(keys), h.now)
+                .unwrap();
+            h.nodes.insert(id.to_string(), node);
+        }
+        h
+    }
+
+    fn pass(&mut self, secs: u64) {
+        self.now += Duration::from_secs(secs);
+        while let Some(t) = self.o.poll_timeout() {
+            if t > self.now {
+                break;
+            }
+            self.o.handle_timeout(self.now);
+        }
+    }
+
+    fn round_info(&self, id: &str) -> Arc<RoundInfo> {
+        match self.o.task_for(id) {
+            Task::Train {
+                secure: Some(info), ..
+            } => info,
+            t => panic!("expected a secure training task for {id}, got {t:?}"),
+        }
+    }
+
+    /// `id` encrypts `value` in every coordinate and uploads it.
+    fn upload(&mut self, id: &str, value: f32, examples: u64) -> Result<(), Rejection> {
+        let info = self.round_info(id);
+        let node = self.nodes.get_mut(id).unwrap();
+        let p = aggregation::protect(
+            &info,
+            id,
+            &node.sign,
+            &mut node.seeds,
+            &[value; P],
+            examples,
+            &mut self.rng,
+        )
+        .unwrap();
+        let u = SecureUpdate {
+            round: info.round,
+            weight: p.weight,
+            bodies_sha256: aggregation::bodies_sha256(&p.bodies),
+            bodies: p.bodies,
+            pieces: p.pieces,
+            signature: p.signature,
+            train: None,
+        };
+        self.o.handle_secure_update(id, u, self.now)
+    }
+
+    /// Member `id` answers its open decryption task, if it has one.
+    fn answer(&mut self, id: &str) -> Option<Result<(), Rejection>> {
+        let Task::Decrypt(req) = self.o.task_for(id) else {
+            return None;
+        };
+        let (records, pieces) =
+            self.o
+                .decryption_input(id, req.info.round, req.info.attempt)
+                .unwrap();
+        let keys: BTreeMap<String, VerifyKey> = records
+            .iter()
+            .map(|(r, k)| (r.participant.clone(), *k))
+            .collect();
+        let records: Vec<UploadRecord> = records.into_iter().map(|(r, _)| r).collect();
+        let manifest = req.info.manifest(
+            records
+                .iter()
+                .map(|r| (r.participant.clone(), r.weight))
+                .collect(),
+        );
+        assert_eq!(manifest.digest(), req.manifest_digest);
+        cohort_crypto::sign::verify(
+            &req.coordinator_key,
+            Kind::Manifest,
+            &req.manifest_digest,
+            &req.manifest_signature,
+        )
+        .unwrap();
+        let node = self.nodes.get_mut(id).unwrap();
+        let share = aggregation::answer(
+            &ShareRequest {
+                info: &req.info,
+                manifest: &manifest,
+                uploads: &records,
+                keys: &keys,
+                pieces: &pieces,
+                assigned: &req.pieces,
+                len: P,
+            },
+            id,
+            &node.seal,
+            &node.sign,
+            &mut node.policy,
+            &mut self.rng,
+        )
+        .map_err(|e| e.to_string());
+        let answer = ShareAnswer {
+            round: req.info.round,
+            attempt: req.info.attempt,
+            request: req.request,
+            pieces: req.pieces.clone(),
+            share,
+        };
+        Some(self.o.handle_share(id, answer, self.now))
+    }
+
+    fn events(&mut self) -> Vec<Event> {
+        std::iter::from_fn(|| self.o.poll_event()).collect()
+    }
+}
+
+const IDS: [&str; 4] = ["a", "b", "c", "d"];
+
+#[test]
+fn a_secure_round_gives_the_weighted_mean_of_the_updates() {
+    let mut h = Harness::new(3, &IDS);
+    let before = h.o.global().1;
+    // Weights: 100 examples each → equal weights; the mean of 1, 2, 3, 6 is 3.
+    for (id, v) in IDS.iter().zip([1.0, 2.0, 3.0, 6.0]) {
+        h.upload(id, v, 100).unwrap();
+    }
+    assert_eq!(h.o.phase_name(), "decrypting");
+    let committee = h.round_info_committee();
+    assert_eq!(committee.len(), 3);
+    // Each piece goes to exactly one member; a member with none gets no task.
+    let asked = committee.iter().filter(|id| matches!(h.o.task_for(id), Task::Decrypt(_))).count();
+    assert!(asked >= 2, "a 2-of-3 committee needs at least two members");
+    for id in &committee {
+        if let Some(r) = h.answer(id) {
+            r.unwrap();
+        }
+    }
+    let (version, after) = h.o.global();
+    assert_eq!(version, 1);
+    for (a, b) in after.iter().zip(before.iter()) {
+        assert!((a - b - 3.0).abs() < 1e-4, "{a} − {b} should be 3");
+    }
+    let events = h.events();
+    assert!(events.iter().any(|e| matches!(e, Event::DecryptionStarted { participants: 4, .. })));
+}
+
+impl Harness {
+    fn round_info_committee(&self) -> Vec<String> {
+        match &self.o.phase {
+            Phase::Decrypting(d) => d.info.committee.iter().map(|m| m.id.clone()).collect(),
+            Phase::Training(t) => t
+                .secure
+                .as_ref()
+                .unwrap()
+                .info
+                .committee
+                .iter()
+                .map(|m| m.id.clone())
+                .collect(),
+            _ => panic!("not in a secure round"),
+        }
+    }
+}
+
+#[test]
+fn a_silent_member_has_its_pieces_reassigned() {
+    let mut h = Harness::new(5, &IDS[..4]);
+    for (id, v) in IDS.iter().zip([1.0, 1.0, 4.0, 2.0]) {
+        h.upload(id, v, 100).unwrap();
+    }
+    // Committee of 4 (all selected), threshold 3: one member stays silent.
+    let committee = h.round_info_committee();
+    assert_eq!(committee.len(), 4);
+    let silent = committee
+        .iter()
+        .find(|id| matches!(h.o.task_for(id), Task::Decrypt(_)))
+        .unwrap()
+        .clone();
+    let others: Vec<String> = committee.iter().filter(|id| **id != silent).cloned().collect();
+    for id in &others {
+        if let Some(r) = h.answer(id) {
+            r.unwrap();
+        }
+    }
+    assert_eq!(h.o.phase_name(), "decrypting", "the silent member's pieces are missing");
+    h.pass(6);
+    let failed: Vec<Event> = h
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e, Event::MemberFailed { .. }))
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(h.answer(&silent).is_none(), "a failed member gets no new task");
+    for id in &others {
+        if let Some(r) = h.answer(id) {
+            r.unwrap();
+        }
+    }
+    let (version, after) = h.o.global();
+    assert_eq!(version, 1);
+    let before = Orchestrator::new(config(5), Box::new(FedAvg::default()), None)
+        .unwrap()
+        .global()
+        .1;
+    assert!((after[0] - before[0] - 2.0).abs() < 1e-4);
+}
+
+#[test]
+fn too_few_members_fail_the_attempt_and_the_retry_has_a_new_seed() {
+    let mut h = Harness::new(3, &IDS);
+    for id in IDS {
+        h.upload(id, 1.0, 100).unwrap();
+    }
+    let first_seed = match &h.o.phase {
+        Phase::Decrypting(d) => d.info.seed,
+        _ => unreachable!(),
+    };
+    // Only one member of a 2-of-3 committee answers; one refuses, one is silent.
+    let committee = h.round_info_committee();
+    let asked: Vec<String> = committee
+        .iter()
+        .filter(|id| matches!(h.o.task_for(id), Task::Decrypt(_)))
+        .cloned()
+        .collect();
+    h.answer(&asked[0]).unwrap().unwrap();
+    let Task::Decrypt(req) = h.o.task_for(&asked[1]) else {
+        panic!()
+    };
+    h.o.handle_share(
+        &asked[1],
+        ShareAnswer {
+            round: 1,
+            attempt: 1,
+            request: req.request,
+            pieces: req.pieces,
+            share: Err("not today".into()),
+        },
+        h.now,
+    )
+    .unwrap();
+    h.pass(6);
+    let events = h.events();
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            Event::RoundFailed {
+                round: 1,
+                attempt: 1,
+                cause: FailureCause::CommitteeUnavailable { .. }
+            }
+        )),
+        "{events:?}"
+    );
+    assert_eq!(h.o.global().0, 0, "nothing was decrypted");
+    let retry = h.round_info("a");
+    assert_eq!(retry.attempt, 2);
+    assert_ne!(retry.seed, first_seed, "a retry never reuses the seed");
+}
+
+#[test]
+fn bad_secure_uploads_are_refused_and_not_added() {
+    let mut h = Harness::new(3, &IDS);
+    // A plaintext update in a secure round.
+    let plain = Update {
+        round: 1,
+        delta: vec![1.0; P],
+        num_examples: 10,
+        train: None,
+    };
+    assert!(matches!(
+        h.o.handle_update("a", plain, h.now),
+        Err(Rejection::Invalid(_))
+    ));
+    // A weight the participant did not sign.
+    let info = h.round_info("a");
+    let node = h.nodes.get_mut("a").unwrap();
+    let p = aggregation::protect(&info, "a", &node.sign, &mut node.seeds, &[1.0; P], 100, &mut h.rng)
+        .unwrap();
+    let mut u = SecureUpdate {
+        round: 1,
+        weight: p.weight + 500,
+        bodies_sha256: aggregation::bodies_sha256(&p.bodies),
+        bodies: p.bodies.clone(),
+        pieces: p.pieces.clone(),
+        signature: p.signature,
+        train: None,
+    };
+    let e = h.o.handle_secure_update("a", u.clone(), h.now).unwrap_err();
+    assert!(e.to_string().contains("signature"), "{e}");
+    // Bodies that are not the ones signed.
+    u.weight = p.weight;
+    u.bodies[0] ^= 1;
+    u.bodies_sha256 = aggregation::bodies_sha256(&u.bodies);
+    assert!(h.o.handle_secure_update("a", u.clone(), h.now).is_err());
+    // A missing sealed piece.
+    u.bodies = p.bodies.clone();
+    u.bodies_sha256 = aggregation::bodies_sha256(&u.bodies);
+    u.pieces.pop();
+    assert!(h.o.handle_secure_update("a", u, h.now).is_err());
+    // None of it counted: "a" can still send its real update.
+    h.upload("b", 1.0, 100).unwrap();
+    assert!(matches!(h.o.phase, Phase::Training(ref t) if t.received.len() == 1));
+    // Joining a secure job without keys is refused.
+    let e = h.o.handle_join("e", "s-e".into(), 1, h.now).unwrap_err();
+    assert!(e.to_string().contains("keys"), "{e}");
+}
