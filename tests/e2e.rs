@@ -214,6 +214,13 @@ fn coordinator_and_three_participant_processes_complete_three_rounds() {
                 .is_file()
         );
     }
+    // Every round was securely aggregated (the default): the committee decrypted the sum.
+    for round in 1..=3 {
+        fed.wait_log(
+            &["committee asked to decrypt", &format!("round={round}")],
+            Duration::from_secs(1),
+        );
+    }
     let m3 = fed.manifest(3);
     assert_eq!(m3["round"], 3);
     assert_eq!(m3["parent"], 2);
@@ -339,31 +346,41 @@ fn a_restarted_participant_rejoins_and_trains_again() {
     }
 }
 
-#[test]
-fn default_simulation_matches_the_centralised_model() {
-    let dir = tempfile::tempdir().unwrap();
-    let report = dir.path().join("report.json");
+fn simulate(dir: &Path, name: &str, extra: &[&str]) -> (String, serde_json::Value) {
+    let report = dir.join(format!("{name}.json"));
     let out = Command::new(BIN)
         .args(["simulate", "--out"])
-        .arg(dir.path().join("run"))
+        .arg(dir.join(name))
         .arg("--report")
         .arg(&report)
+        .args(extra)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let r = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    (stdout, r)
+}
+
+#[test]
+fn default_simulation_is_secure_and_matches_plaintext_and_the_centralised_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stdout, r) = simulate(dir.path(), "secure", &[]);
     assert!(
         stdout.contains("held-out accuracy") && stdout.contains("centralised model"),
         "{stdout}"
     );
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert!(
+        stdout.contains("secure aggregation: on (threshold-glwe"),
+        "the default run must say it is secure: {stdout}"
+    );
     assert_eq!(r["rounds"].as_array().unwrap().len(), 10);
     assert_eq!(r["participants"], 3);
-    assert_eq!(r["secure_aggregation"], false);
+    assert_eq!(r["secure_aggregation"]["scheme"], "threshold-glwe");
     let fed = r["federated_accuracy"].as_f64().unwrap();
     let central = r["centralised_accuracy"].as_f64().unwrap();
     assert!(fed >= 0.95, "federated accuracy {fed}");
@@ -372,4 +389,25 @@ fn default_simulation_matches_the_centralised_model() {
         "federated {fed} vs centralised {central}"
     );
     assert!(Path::new(r["model_path"].as_str().unwrap()).is_file());
+
+    // The same run in plaintext reaches the same accuracy, round by round (within 0.1 point).
+    let (stdout, p) = simulate(dir.path(), "plaintext", &["--plaintext", "--no-baseline"]);
+    assert!(stdout.contains("secure aggregation: OFF"), "{stdout}");
+    assert_eq!(p["secure_aggregation"], false);
+    for (s, q) in r["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(p["rounds"].as_array().unwrap())
+    {
+        let (a, b) = (
+            s["eval_accuracy"].as_f64().unwrap(),
+            q["eval_accuracy"].as_f64().unwrap(),
+        );
+        assert!(
+            (a - b).abs() <= 0.001,
+            "round {}: secure {a} vs plaintext {b}",
+            s["round"]
+        );
+    }
 }
