@@ -213,8 +213,10 @@ optimizer = "sgd"
         assert!(c.allowed_participants.is_none());
         let sec = j.secure.expect("secure aggregation is on by default");
         assert_eq!((sec.committee_size, sec.t_min), (5, 2));
-        let off = CoordinatorConfig::parse(&format!("{GOOD}\n[job.secure_aggregation]\nenabled = false\n"))
-            .unwrap();
+        let off = CoordinatorConfig::parse(&format!(
+            "{GOOD}\n[job.secure_aggregation]\nenabled = false\n"
+        ))
+        .unwrap();
         assert!(off.job.job_config().unwrap().secure.is_none());
     }
 
@@ -224,7 +226,10 @@ optimizer = "sgd"
             "{GOOD}\n[job.secure_aggregation]\nmax_total_weight = 100000\n"
         ))
         .unwrap_err();
-        assert!(e.contains("secure_aggregation") && e.contains("2^(63 − δ)"), "{e}");
+        assert!(
+            e.contains("secure_aggregation") && e.contains("2^(63 − δ)"),
+            "{e}"
+        );
         let e = CoordinatorConfig::parse(&format!(
             "{GOOD}\n[job.secure_aggregation]\ncommittee_size = 13\n"
         ))

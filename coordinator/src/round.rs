@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use cohort_crypto::aggregation::{RoundInfo, SealedPiece};
 use cohort_crypto::{Codec, GlweParams, MemberPublic, VerifyKey};
 use cohort_model::{Metrics, ModelSpec, TrainConfig};
-use rand::rngs::{ChaCha8Rng, ChaCha20Rng};
 use rand::SeedableRng;
+use rand::rngs::{ChaCha8Rng, ChaCha20Rng};
 use rand::seq::SliceRandom;
 use serde::Serialize;
 
@@ -948,7 +948,13 @@ impl Orchestrator {
     }
 
     /// Applies the strategy to the mean update: new global version, then evaluation.
-    fn apply_mean(&mut self, mut summary: RoundSummary, mean: &[f32], started: Instant, now: Instant) {
+    fn apply_mean(
+        &mut self,
+        mut summary: RoundSummary,
+        mean: &[f32],
+        started: Instant,
+        now: Instant,
+    ) {
         let new_global = self.strategy.apply(&self.global, mean, summary.round);
         self.global = Arc::new(new_global);
         self.version = summary.round;

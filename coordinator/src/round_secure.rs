@@ -130,9 +130,10 @@ impl Orchestrator {
 
     /// Ciphertext bodies a secure update must carry.
     pub fn bodies_len(&self) -> Option<usize> {
-        self.config.secure.as_ref().map(|s| {
-            s.params.ciphertexts(self.global.len()) * s.params.polynomial_size
-        })
+        self.config
+            .secure
+            .as_ref()
+            .map(|s| s.params.ciphertexts(self.global.len()) * s.params.polynomial_size)
     }
 
     /// Checks that `id` may send a secure update of `num_bodies` bodies for `round` now,
@@ -169,7 +170,9 @@ impl Orchestrator {
     ) -> Result<(), Rejection> {
         self.check_secure_update(id, update.round, update.bodies.len())?;
         if bodies_sha256(&update.bodies) != update.bodies_sha256 {
-            return Err(Rejection::Invalid("bodies do not match their digest".into()));
+            return Err(Rejection::Invalid(
+                "bodies do not match their digest".into(),
+            ));
         }
         let key = self.participants[id]
             .keys
@@ -364,7 +367,13 @@ impl Orchestrator {
         id: &str,
         round: u64,
         attempt: u32,
-    ) -> Result<(Vec<(UploadRecord, VerifyKey)>, Vec<(ParticipantId, SealedPiece)>), Rejection> {
+    ) -> Result<
+        (
+            Vec<(UploadRecord, VerifyKey)>,
+            Vec<(ParticipantId, SealedPiece)>,
+        ),
+        Rejection,
+    > {
         let d = self.decrypting(id, round, attempt)?;
         Ok((
             d.records.values().cloned().collect(),

@@ -138,10 +138,10 @@ impl Harness {
         let Task::Decrypt(req) = self.o.task_for(id) else {
             return None;
         };
-        let (records, pieces) =
-            self.o
-                .decryption_input(id, req.info.round, req.info.attempt)
-                .unwrap();
+        let (records, pieces) = self
+            .o
+            .decryption_input(id, req.info.round, req.info.attempt)
+            .unwrap();
         let keys: BTreeMap<String, VerifyKey> = records
             .iter()
             .map(|(r, k)| (r.participant.clone(), *k))
@@ -208,7 +208,10 @@ fn a_secure_round_gives_the_weighted_mean_of_the_updates() {
     let committee = h.round_info_committee();
     assert_eq!(committee.len(), 3);
     // Each piece goes to exactly one member; a member with none gets no task.
-    let asked = committee.iter().filter(|id| matches!(h.o.task_for(id), Task::Decrypt(_))).count();
+    let asked = committee
+        .iter()
+        .filter(|id| matches!(h.o.task_for(id), Task::Decrypt(_)))
+        .count();
     assert!(asked >= 2, "a 2-of-3 committee needs at least two members");
     for id in &committee {
         if let Some(r) = h.answer(id) {
@@ -221,7 +224,13 @@ fn a_secure_round_gives_the_weighted_mean_of_the_updates() {
         assert!((a - b - 3.0).abs() < 1e-4, "{a} − {b} should be 3");
     }
     let events = h.events();
-    assert!(events.iter().any(|e| matches!(e, Event::DecryptionStarted { participants: 4, .. })));
+    assert!(events.iter().any(|e| matches!(
+        e,
+        Event::DecryptionStarted {
+            participants: 4,
+            ..
+        }
+    )));
 }
 
 impl Harness {
@@ -256,13 +265,21 @@ fn a_silent_member_has_its_pieces_reassigned() {
         .find(|id| matches!(h.o.task_for(id), Task::Decrypt(_)))
         .unwrap()
         .clone();
-    let others: Vec<String> = committee.iter().filter(|id| **id != silent).cloned().collect();
+    let others: Vec<String> = committee
+        .iter()
+        .filter(|id| **id != silent)
+        .cloned()
+        .collect();
     for id in &others {
         if let Some(r) = h.answer(id) {
             r.unwrap();
         }
     }
-    assert_eq!(h.o.phase_name(), "decrypting", "the silent member's pieces are missing");
+    assert_eq!(
+        h.o.phase_name(),
+        "decrypting",
+        "the silent member's pieces are missing"
+    );
     h.pass(6);
     let failed: Vec<Event> = h
         .events()
@@ -270,7 +287,10 @@ fn a_silent_member_has_its_pieces_reassigned() {
         .filter(|e| matches!(e, Event::MemberFailed { .. }))
         .collect();
     assert_eq!(failed.len(), 1, "{failed:?}");
-    assert!(h.answer(&silent).is_none(), "a failed member gets no new task");
+    assert!(
+        h.answer(&silent).is_none(),
+        "a failed member gets no new task"
+    );
     for id in &others {
         if let Some(r) = h.answer(id) {
             r.unwrap();
@@ -354,8 +374,16 @@ fn bad_secure_uploads_are_refused_and_not_added() {
     // A weight the participant did not sign.
     let info = h.round_info("a");
     let node = h.nodes.get_mut("a").unwrap();
-    let p = aggregation::protect(&info, "a", &node.sign, &mut node.seeds, &[1.0; P], 100, &mut h.rng)
-        .unwrap();
+    let p = aggregation::protect(
+        &info,
+        "a",
+        &node.sign,
+        &mut node.seeds,
+        &[1.0; P],
+        100,
+        &mut h.rng,
+    )
+    .unwrap();
     let mut u = SecureUpdate {
         round: 1,
         weight: p.weight + 500,

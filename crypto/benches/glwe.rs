@@ -1,12 +1,14 @@
-//! Secure-aggregation primitives per element: encryption (one core), the coordinator's
-//! weighted accumulation, and a committee member's decryption share.
+//! Secure-aggregation primitives per element: encryption (one core, every core, and
+//! tfhe-rs's own seeded encryption for reference), the coordinator's weighted accumulation,
+//! and a committee member's decryption share.
 //!
 //! `cargo bench --workspace --bench glwe`. Vectors of 2^18 values (128 ciphertexts of
 //! N = 2048); divide the reported time by 262,144 for ns per element.
 
-use cohort_crypto::{
-    Accumulator, Codec, GlweParams, RoundKey, RoundSeed, decryption_share, encrypt,
+use cohort_crypto::glwe::{
+    decryption_share_threads, default_threads, encrypt_tfhe_threads, encrypt_threads,
 };
+use cohort_crypto::{Accumulator, Codec, GlweParams, RoundKey, RoundSeed, encrypt};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rand::SeedableRng;
 use rand::rngs::ChaCha8Rng;
@@ -34,7 +36,14 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10);
     g.throughput(Throughput::Elements(LEN as u64));
     g.bench_function("encrypt_one_core", |b| {
-        b.iter(|| encrypt(&key, seed, &messages, &codec, &params, &mut rng))
+        b.iter(|| encrypt_threads(&key, seed, &messages, &codec, &params, &mut rng, 1))
+    });
+    let all = default_threads();
+    g.bench_function(format!("encrypt_all_{all}_cores"), |b| {
+        b.iter(|| encrypt_threads(&key, seed, &messages, &codec, &params, &mut rng, all))
+    });
+    g.bench_function("encrypt_tfhe_rs_reference_one_core", |b| {
+        b.iter(|| encrypt_tfhe_threads(&key, seed, &messages, &codec, &params, &mut rng, 1))
     });
     let mut acc = Accumulator::new(bodies.len());
     g.bench_function("accumulate_one_participant", |b| {
@@ -42,7 +51,9 @@ fn bench(c: &mut Criterion) {
     });
     let piece = key.coefficients().to_vec();
     g.bench_function("decryption_share_one_piece", |b| {
-        b.iter(|| decryption_share(&[(1, &piece)], seed, LEN, &params, &mut rng).unwrap())
+        b.iter(|| {
+            decryption_share_threads(&[(1, &piece)], seed, LEN, &params, &mut rng, 1).unwrap()
+        })
     });
     g.finish();
 }

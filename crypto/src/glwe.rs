@@ -9,6 +9,7 @@
 
 use rand::rngs::ChaCha8Rng;
 use rand::{Rng, RngExt, SeedableRng};
+
 use sha2::{Digest, Sha256};
 use tfhe::core_crypto::commons::generators::DeterministicSeeder;
 use tfhe::core_crypto::commons::math::random::{CompressionSeed, Seed};
@@ -164,7 +165,76 @@ pub fn encrypt(
 }
 
 /// [`encrypt`] on `threads` threads; the bodies do not depend on the thread count.
+///
+/// The masks are tfhe-rs's own (a seeded GLWE list decompressed from the block's seed, as
+/// committee members regenerate them), the noise is T-uniform(2^noise_log2) like tfhe-rs's,
+/// and the product `A · s` is computed exactly by FFT ([`crate::fft`]) instead of tfhe-rs's
+/// Karatsuba multiplication, which is what made encryption slow.
 pub fn encrypt_threads(
+    key: &RoundKey,
+    seed: RoundSeed,
+    messages: &[i64],
+    codec: &Codec,
+    params: &GlweParams,
+    rng: &mut impl Rng,
+    threads: usize,
+) -> Vec<u64> {
+    let n = params.polynomial_size;
+    let count = params.ciphertexts(messages.len());
+    let block_len = BLOCK_CIPHERTEXTS * n;
+    let noise_seeds: Vec<[u8; 32]> = (0..count.div_ceil(BLOCK_CIPHERTEXTS))
+        .map(|_| {
+            let mut s = [0u8; 32];
+            rng.fill_bytes(&mut s);
+            s
+        })
+        .collect();
+    let fft = crate::fft::fft_for(n);
+    let key_hat = fft.key(key.coefficients());
+    let mut out = vec![0u64; count * n];
+    par_blocks(&mut out, block_len, threads, |b, chunk| {
+        let cts = chunk.len() / n;
+        let masks = SeededGlweCiphertextList::from_container(
+            vec![0u64; chunk.len()],
+            GlweSize(2),
+            PolynomialSize(n),
+            block_seed(seed, b),
+            CiphertextModulus::new_native(),
+        )
+        .decompress_into_glwe_ciphertext_list()
+        .into_container();
+        let mut noise = rand::rngs::ChaCha20Rng::from_seed(noise_seeds[b]);
+        let mut scratch = fft.scratch();
+        for j in 0..cts {
+            let body = &mut chunk[j * n..(j + 1) * n];
+            let first = b * block_len + j * n;
+            for (i, v) in body.iter_mut().enumerate() {
+                let m = messages.get(first + i).copied().unwrap_or(0);
+                *v = codec
+                    .plaintext(m)
+                    .wrapping_add(t_uniform(&mut noise, params.noise_log2) as u64);
+            }
+            fft.add_product(
+                body,
+                &masks[2 * j * n..(2 * j + 1) * n],
+                &key_hat,
+                &mut scratch,
+            );
+        }
+    });
+    out
+}
+
+/// A T-uniform sample of bound 2^`log2`: uniform on [−2^log2, 2^log2] with the two ends at
+/// half weight (tfhe-rs's `TUniform`).
+fn t_uniform(rng: &mut impl Rng, log2: u32) -> i64 {
+    let bits = rng.next_u64() & ((1u64 << (log2 + 2)) - 1);
+    ((bits >> 1) + (bits & 1)) as i64 - (1i64 << log2)
+}
+
+/// Reference encryption with tfhe-rs's own `encrypt_seeded_glwe_ciphertext_list` (same masks,
+/// same noise distribution, Karatsuba products). Kept for benchmarks and tests.
+pub fn encrypt_tfhe_threads(
     key: &RoundKey,
     seed: RoundSeed,
     messages: &[i64],
@@ -633,6 +703,48 @@ mod tests {
         acc.add(1, &one).unwrap();
         acc.add_share(&share).unwrap();
         check_mean(&decode(&acc, &[], len, &codec).unwrap(), &[(1, v)]);
+    }
+
+    #[test]
+    fn fft_encryption_matches_tfhe_rs_encryption_up_to_noise() {
+        let p = params();
+        let codec = Codec::default();
+        let len = BLOCK_CIPHERTEXTS * p.polynomial_size + 77; // two blocks
+        let msgs: Vec<i64> = vector(4, len).iter().map(|&x| codec.encode(x)).collect();
+        let key = RoundKey::generate(&p, &mut ChaCha8Rng::seed_from_u64(20));
+        let seed = RoundSeed(1234);
+        let fast = encrypt_threads(
+            &key,
+            seed,
+            &msgs,
+            &codec,
+            &p,
+            &mut ChaCha8Rng::seed_from_u64(21),
+            2,
+        );
+        let reference = encrypt_tfhe_threads(
+            &key,
+            seed,
+            &msgs,
+            &codec,
+            &p,
+            &mut ChaCha8Rng::seed_from_u64(22),
+            2,
+        );
+        // Same mask and key, independent noise: bodies differ by at most two noise bounds.
+        let bound = 2u64 << p.noise_log2;
+        for (i, (f, r)) in fast.iter().zip(&reference).enumerate() {
+            let d = f.wrapping_sub(*r) as i64;
+            assert!(d.unsigned_abs() <= bound, "body {i} differs by {d}");
+        }
+        // And the noise is not zero: T-uniform over [−2^17, 2^17].
+        assert!(fast.iter().zip(&reference).filter(|(f, r)| f != r).count() > len / 2);
+        let mut rng = ChaCha8Rng::seed_from_u64(23);
+        let samples: Vec<i64> = (0..100_000).map(|_| t_uniform(&mut rng, 3)).collect();
+        assert_eq!(*samples.iter().min().unwrap(), -8);
+        assert_eq!(*samples.iter().max().unwrap(), 8);
+        let mean = samples.iter().sum::<i64>() as f64 / samples.len() as f64;
+        assert!(mean.abs() < 0.1, "{mean}");
     }
 
     #[test]

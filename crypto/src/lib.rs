@@ -20,6 +20,7 @@
 
 pub mod aggregation;
 pub mod codec;
+mod fft;
 pub mod glwe;
 pub mod policy;
 pub mod seal;

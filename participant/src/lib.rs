@@ -408,7 +408,8 @@ async fn decrypt_round(
         .as_ref()
         .ok_or_else(|| Status::invalid_argument("decrypt task without its round"))
         .and_then(|r| {
-            round_from_pb(&d.job_id, d.round, r).map_err(|e| Status::invalid_argument(e.to_string()))
+            round_from_pb(&d.job_id, d.round, r)
+                .map_err(|e| Status::invalid_argument(e.to_string()))
         })?;
     let mut stream = s
         .client
@@ -456,11 +457,18 @@ async fn decrypt_round(
         }
         let key = bytes32(&coord_key, "coordinator_key").map_err(|e| e.to_string())?;
         let sig = bytes64(&coord_sig, "manifest_signature").map_err(|e| e.to_string())?;
-        cohort_crypto::sign::verify(&cohort_crypto::VerifyKey(key), SigKind::Manifest, &digest, &sig)
-            .map_err(|e| format!("manifest: {e}"))?;
+        cohort_crypto::sign::verify(
+            &cohort_crypto::VerifyKey(key),
+            SigKind::Manifest,
+            &digest,
+            &sig,
+        )
+        .map_err(|e| format!("manifest: {e}"))?;
         let mut guard = lock(&sec);
         let x = &mut *guard;
-        if let Some(seed) = x.round_seeds.get(&(info.job.clone(), info.round, info.attempt))
+        if let Some(seed) = x
+            .round_seeds
+            .get(&(info.job.clone(), info.round, info.attempt))
             && *seed != info.seed
         {
             return Err(format!(

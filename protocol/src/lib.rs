@@ -126,8 +126,7 @@ impl<T: Word> Assembler<T> {
             });
         }
         self.hasher.update(bytes);
-        self.values
-            .extend(bytes.chunks_exact(T::BYTES).map(T::get));
+        self.values.extend(bytes.chunks_exact(T::BYTES).map(T::get));
         Ok(())
     }
 
