@@ -286,3 +286,156 @@ async fn bad_updates_get_the_right_status_and_are_never_aggregated() {
     };
     assert_eq!((t2.round, t2.model_version), (2, 1));
 }
+
+mod secure {
+    //! A securely aggregated job over the socket: malformed keys, plaintext updates, wrong
+    //! sizes, forged signatures and strangers asking for key pieces are refused.
+
+    use super::*;
+    use cohort_coordinator::round::SecureSettings;
+    use cohort_crypto::aggregation::protect;
+    use cohort_crypto::{MemberSecret, SeedLog, Signer25519};
+    use cohort_protocol::secure::{round_from_pb, sealed_pb};
+    use rand::SeedableRng;
+    use rand::rngs::ChaCha8Rng;
+
+    struct Party {
+        seal: MemberSecret,
+        sign: Signer25519,
+    }
+
+    impl Party {
+        fn new(seed: u64) -> Self {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            Party {
+                seal: MemberSecret::generate(&mut rng),
+                sign: Signer25519::generate(&mut rng),
+            }
+        }
+        fn keys(&self) -> pb::SecureKeys {
+            pb::SecureKeys {
+                seal_key: self.seal.public().0.to_vec(),
+                verify_key: self.sign.verify_key().0.to_vec(),
+            }
+        }
+    }
+
+    async fn join_with(
+        c: &mut FederationClient<Channel>,
+        id: &str,
+        keys: Option<pb::SecureKeys>,
+    ) -> Result<String, tonic::Status> {
+        c.join(pb::JoinRequest {
+            participant_id: id.into(),
+            num_examples: 50,
+            client_version: "test".into(),
+            keys,
+        })
+        .await
+        .map(|r| r.into_inner().session_id)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_secure_input_is_refused_with_the_right_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut job = job();
+        job.secure = Some(SecureSettings::default());
+        let orch = Orchestrator::new(job, Box::new(FedAvg::default()), None).unwrap();
+        let coord = Coordinator::start(orch, ModelStore::open(dir.path()).unwrap()).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let c2 = coord.clone();
+        tokio::spawn(async move { c2.serve(listener, std::future::pending()).await });
+        let (mut ca, mut cb) = (client(&addr).await, client(&addr).await);
+        let (pa, pb_) = (Party::new(1), Party::new(2));
+
+        // Joining a secure job without keys, or with a key of the wrong length.
+        let e = join_with(&mut ca, "a", None).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        let mut short = pa.keys();
+        short.seal_key.pop();
+        let e = join_with(&mut ca, "a", Some(short)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("seal_key"), "{}", e.message());
+
+        let sa = join_with(&mut ca, "a", Some(pa.keys())).await.unwrap();
+        let _sb = join_with(&mut cb, "b", Some(pb_.keys())).await.unwrap();
+        let Some(Kind::Train(t)) = poll(&mut ca, &sa).await.kind else {
+            panic!("expected a training task");
+        };
+        let info = round_from_pb("j", 1, t.secure.as_ref().expect("a secure round")).unwrap();
+        assert_eq!(info.committee.len(), 2);
+
+        // A plaintext update in a secure round.
+        let e = send(
+            &mut ca,
+            cohort_protocol::update_chunks(header(&sa, 1, P as u64), &vec![1.0f32; P]),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let up = protect(
+            &info,
+            "a",
+            &pa.sign,
+            &mut SeedLog::default(),
+            &[0.5; P],
+            50,
+            &mut rng,
+        )
+        .unwrap();
+        let secure_header = |weight: u64, num_bodies: u64| {
+            let mut h = header(&sa, 1, P as u64);
+            h.secure = Some(pb::SecureUpload {
+                weight,
+                pieces: up.pieces.iter().map(sealed_pb).collect(),
+                signature: up.signature.to_vec(),
+                num_bodies,
+            });
+            h
+        };
+        // Wrong number of bodies.
+        let e = send(
+            &mut ca,
+            cohort_protocol::update_chunks(secure_header(up.weight, 5), &up.bodies[..5]),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        // A weight other than the one signed.
+        let e = send(
+            &mut ca,
+            cohort_protocol::update_chunks(
+                secure_header(up.weight + 1, up.bodies.len() as u64),
+                &up.bodies,
+            ),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("signature"), "{}", e.message());
+        // Not a participant in the decryption: nothing to fetch.
+        let e = ca
+            .fetch_decryption_input(pb::FetchDecryptionInputRequest {
+                session_id: sa.clone(),
+                job_id: "j".into(),
+                round: 1,
+                attempt: 1,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        // The real upload is still accepted: nothing above counted.
+        send(
+            &mut ca,
+            cohort_protocol::update_chunks(
+                secure_header(up.weight, up.bodies.len() as u64),
+                &up.bodies,
+            ),
+        )
+        .await
+        .unwrap();
+    }
+}
