@@ -111,6 +111,18 @@ async fn run_coordinator(config: PathBuf) -> anyhow::Result<()> {
 
 async fn run_participant(config: PathBuf) -> anyhow::Result<()> {
     let cfg = cohort_participant::ParticipantConfig::load(&config).map_err(anyhow::Error::msg)?;
+    if cfg.role == cohort_participant::config::Role::Custodian {
+        tracing::info!(id = %cfg.id, "key custodian: holds no data, answers decryption requests");
+        let report = tokio::select! {
+            r = cohort_participant::run_custodian(cfg.options()) => r?,
+            _ = shutdown_signal() => anyhow::bail!("interrupted"),
+        };
+        println!(
+            "custodian {} done: {} decryption shares sent",
+            cfg.id, report.shares_sent
+        );
+        return Ok(());
+    }
     let data = cfg.load_data().map_err(anyhow::Error::msg)?;
     tracing::info!(
         id = %cfg.id,

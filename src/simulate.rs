@@ -92,6 +92,10 @@ pub struct SimArgs {
     /// Secure aggregation committee size per round (threshold: a strict majority).
     #[arg(long, default_value_t = 5)]
     pub committee: usize,
+    /// Run this many dedicated key custodians (no data) as the committee, instead of
+    /// drawing it from the participants.
+    #[arg(long, default_value_t = 0)]
+    pub custodians: usize,
     /// No progress bar or table (the report and exit code still tell the outcome).
     #[arg(long, short)]
     pub quiet: bool,
@@ -238,9 +242,16 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         seed: args.seed,
     };
     let n = args.participants;
+    let custodian_ids: Vec<String> = (1..=args.custodians)
+        .map(|i| format!("custodian-{i}"))
+        .collect();
+    if args.plaintext && !custodian_ids.is_empty() {
+        bail!("--custodians needs secure aggregation: drop --plaintext");
+    }
     let secure = (!args.plaintext).then(|| SecureSettings {
         committee_size: args.committee,
         t_min: n.min(2),
+        custodians: custodian_ids.clone(),
         ..SecureSettings::default()
     });
     let secure_label = secure_description(secure.as_ref(), n, args.fraction);
@@ -325,6 +336,17 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         };
         let data = Arc::new(local.clone());
         agents.spawn(async move { (i + 1, cohort_participant::run(opts, data).await) });
+    }
+    for (k, id) in custodian_ids.iter().enumerate() {
+        let opts = AgentOptions {
+            id: id.clone(),
+            coordinator: format!("http://{addr}"),
+            device: args.device,
+            poll_wait: Duration::from_secs(10),
+            reconnect_for: Duration::from_secs(30),
+            upload_delay: Duration::ZERO,
+        };
+        agents.spawn(async move { (n + k + 1, cohort_participant::run_custodian(opts).await) });
     }
     let progress = {
         let bar = bar.clone();
@@ -448,11 +470,16 @@ fn secure_description(s: Option<&SecureSettings>, n: usize, fraction: f64) -> St
         Some(s) => {
             let selected = ((n as f64 * fraction).ceil() as usize).clamp(1, n);
             let c = s.committee_for(selected);
+            let who = if s.custodians.is_empty() {
+                "committee"
+            } else {
+                "custodian committee"
+            };
             format!(
-                "on ({}: tfhe-rs GLWE N={}, fresh keys every round, {}-of-{} committee, T_min {})",
+                "on ({}: tfhe-rs GLWE N={}, fresh keys every round, {}-of-{} {who}, T_min {})",
                 cohort_crypto::aggregation::SCHEME,
                 s.params.polynomial_size,
-                c / 2 + 1,
+                s.threshold_for(c),
                 c,
                 s.t_min
             )
@@ -471,7 +498,8 @@ fn secure_json(s: Option<&SecureSettings>) -> serde_json::Value {
             "polynomial_size": s.params.polynomial_size,
             "noise": format!("t-uniform(2^{})", s.params.noise_log2),
             "smudging": format!("uniform(±2^{})", s.params.smudging_log2),
-            "committee_size": s.committee_size,
+            "committee_size": s.committee_for(usize::MAX),
+            "custodians": s.custodians,
             "threshold": "strict majority",
             "t_min": s.t_min,
             "clip": s.codec.clip,

@@ -411,3 +411,27 @@ fn default_simulation_is_secure_and_matches_plaintext_and_the_centralised_model(
         );
     }
 }
+
+#[test]
+fn dedicated_custodians_decrypt_and_the_result_is_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stdout, r) = simulate(
+        dir.path(),
+        "custodians",
+        &["--custodians", "3", "--no-baseline"],
+    );
+    assert!(
+        stdout.contains("2-of-3 custodian committee"),
+        "the run must say who decrypts: {stdout}"
+    );
+    assert_eq!(
+        r["secure_aggregation"]["custodians"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(r["rounds"].as_array().unwrap().len(), 10);
+    let fed = r["federated_accuracy"].as_f64().unwrap();
+    assert!(fed >= 0.95, "federated accuracy {fed}");
+}

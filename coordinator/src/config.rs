@@ -74,6 +74,9 @@ pub struct SecureSection {
     /// Largest total aggregation weight W of a round.
     pub max_total_weight: u64,
     pub decrypt_timeout_secs: f64,
+    /// Dedicated key custodians (participant ids that hold no data): when given, they form
+    /// every round's committee instead of members drawn from the training participants.
+    pub custodians: Vec<String>,
 }
 
 impl Default for SecureSection {
@@ -87,6 +90,7 @@ impl Default for SecureSection {
             frac_bits: d.codec.frac_bits,
             max_total_weight: d.codec.max_total_weight,
             decrypt_timeout_secs: d.decrypt_timeout.as_secs_f64(),
+            custodians: Vec::new(),
         }
     }
 }
@@ -112,6 +116,7 @@ impl SecureSection {
                 "secure_aggregation.decrypt_timeout_secs",
                 self.decrypt_timeout_secs,
             )?,
+            custodians: self.custodians.clone(),
         }))
     }
 }

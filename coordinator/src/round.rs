@@ -78,6 +78,10 @@ pub struct SecureSettings {
     pub params: GlweParams,
     /// Time committee members have to answer before their pieces are reassigned.
     pub decrypt_timeout: Duration,
+    /// Dedicated key custodians: when given, they are every round's committee (those online;
+    /// at least a strict majority of them must be) instead of members drawn from the round's
+    /// participants, and they never train or evaluate.
+    pub custodians: Vec<ParticipantId>,
 }
 
 impl Default for SecureSettings {
@@ -88,6 +92,7 @@ impl Default for SecureSettings {
             codec: Codec::default(),
             params: GlweParams::default(),
             decrypt_timeout: Duration::from_secs(30),
+            custodians: Vec::new(),
         }
     }
 }
@@ -95,13 +100,45 @@ impl Default for SecureSettings {
 impl SecureSettings {
     /// The committee a round with `selected` participants gets.
     pub fn committee_for(&self, selected: usize) -> usize {
-        self.committee_size.min(selected).max(1)
+        if self.custodians.is_empty() {
+            self.committee_size.min(selected).max(1)
+        } else {
+            self.custodians.len()
+        }
+    }
+
+    /// Members needed to decrypt with a committee of `members`: a strict majority of the
+    /// configured custodians, or of the drawn committee.
+    pub fn threshold_for(&self, members: usize) -> usize {
+        if self.custodians.is_empty() {
+            members / 2 + 1
+        } else {
+            self.custodians.len() / 2 + 1
+        }
+    }
+
+    pub fn is_custodian(&self, id: &str) -> bool {
+        self.custodians.iter().any(|c| c == id)
     }
 
     /// Refuses settings that cannot work or could overflow, naming the bound.
     pub fn validate(&self, min_participants: usize) -> Result<(), String> {
-        let c = cohort_crypto::Committee::new(self.committee_size, self.committee_size / 2 + 1)
-            .map_err(|e| format!("secure_aggregation.committee_size: {e}"))?;
+        let c = if self.custodians.is_empty() {
+            cohort_crypto::Committee::new(self.committee_size, self.committee_size / 2 + 1)
+                .map_err(|e| format!("secure_aggregation.committee_size: {e}"))?
+        } else {
+            let mut ids: Vec<&String> = self.custodians.iter().collect();
+            ids.sort();
+            ids.dedup();
+            if ids.len() != self.custodians.len() || ids.iter().any(|i| i.is_empty()) {
+                return Err(
+                    "secure_aggregation.custodians: ids must be distinct and not empty".into(),
+                );
+            }
+            let n = self.custodians.len();
+            cohort_crypto::Committee::new(n, n / 2 + 1)
+                .map_err(|e| format!("secure_aggregation.custodians: {e}"))?
+        };
         if self.t_min == 0 || self.t_min > min_participants {
             return Err(format!(
                 "secure_aggregation.t_min must be between 1 and min_participants ({min_participants}), not {}",
@@ -231,6 +268,7 @@ pub struct SecureUpdate {
     pub round: u64,
     pub weight: u64,
     pub bodies: Vec<u64>,
+    /// SHA-256 of the bodies' little-endian bytes, computed by the driver as they arrived.
     pub bodies_sha256: [u8; 32],
     pub pieces: Vec<SealedPiece>,
     pub signature: [u8; 64],
@@ -568,6 +606,7 @@ impl Orchestrator {
         }
         if let Some(allowed) = &self.allowed
             && !allowed.contains(id)
+            && !self.is_custodian(id)
         {
             return Err(Rejection::NotAllowed(id.to_string()));
         }
@@ -845,6 +884,19 @@ impl Orchestrator {
         }
     }
 
+    fn is_custodian(&self, id: &str) -> bool {
+        self.config
+            .secure
+            .as_ref()
+            .is_some_and(|s| s.is_custodian(id))
+    }
+
+    fn online_with_keys(&self, id: &str) -> bool {
+        self.participants
+            .get(id)
+            .is_some_and(|p| p.presence == Presence::Online && p.keys.is_some())
+    }
+
     /// Updates a round needs: `min_updates`, and at least T_min in secure jobs.
     fn needed_updates(&self) -> usize {
         let t_min = self.config.secure.as_ref().map_or(0, |s| s.t_min);
@@ -864,9 +916,25 @@ impl Orchestrator {
         let Phase::Waiting { round, attempt } = self.phase else {
             return;
         };
-        let mut online = self.online();
+        let mut online: Vec<ParticipantId> = self
+            .online()
+            .into_iter()
+            .filter(|id| !self.is_custodian(id))
+            .collect();
         if online.len() < self.config.min_participants {
             return;
+        }
+        if let Some(sec) = &self.config.secure
+            && !sec.custodians.is_empty()
+        {
+            let ready = sec
+                .custodians
+                .iter()
+                .filter(|c| self.online_with_keys(c))
+                .count();
+            if ready < sec.threshold_for(ready) {
+                return; // not enough custodians to ever decrypt
+            }
         }
         let mut want = ((online.len() as f64 * self.config.fraction).ceil() as usize)
             .max(self.config.min_participants)
@@ -959,7 +1027,11 @@ impl Orchestrator {
         self.global = Arc::new(new_global);
         self.version = summary.round;
         summary.seconds = now.duration_since(started).as_secs_f64();
-        let evaluators: BTreeSet<ParticipantId> = self.online().into_iter().collect();
+        let evaluators: BTreeSet<ParticipantId> = self
+            .online()
+            .into_iter()
+            .filter(|id| !self.is_custodian(id))
+            .collect();
         if !self.config.evaluate || evaluators.is_empty() {
             self.complete(summary, self.global.clone(), now);
             return;

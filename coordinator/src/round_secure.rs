@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cohort_crypto::aggregation::{
-    MemberInfo, RoundInfo, SealedPiece, UploadRecord, bodies_sha256, check_pieces, verify_share,
+    MemberInfo, RoundInfo, SealedPiece, UploadRecord, check_pieces, verify_share,
 };
 use cohort_crypto::policy::Manifest;
 use cohort_crypto::{Accumulator, Committee, Kind, RoundSeed, VerifyKey, decode};
@@ -79,8 +79,18 @@ impl Orchestrator {
             .secure
             .clone()
             .expect("secure_training is called for secure jobs");
-        let n = sec.committee_for(selected.len());
-        let committee: Vec<MemberInfo> = selected[..n]
+        let members: Vec<ParticipantId> = if sec.custodians.is_empty() {
+            selected[..sec.committee_for(selected.len())].to_vec()
+        } else {
+            // The custodians online now (advance() checked there are enough of them).
+            sec.custodians
+                .iter()
+                .filter(|c| self.online_with_keys(c))
+                .cloned()
+                .collect()
+        };
+        let threshold = sec.threshold_for(members.len());
+        let committee: Vec<MemberInfo> = members
             .iter()
             .map(|id| {
                 let keys = self.participants[id]
@@ -109,7 +119,7 @@ impl Orchestrator {
             attempt,
             seed: RoundSeed(self.entropy.random()),
             committee,
-            threshold: n / 2 + 1,
+            threshold,
             t_min: sec.t_min,
             codec: sec.codec,
             params: sec.params,
@@ -168,12 +178,9 @@ impl Orchestrator {
         update: SecureUpdate,
         now: Instant,
     ) -> Result<(), Rejection> {
+        // `bodies_sha256` is the digest the driver computed while receiving the bodies (the
+        // upload stream's own), so it is not recomputed here under the lock.
         self.check_secure_update(id, update.round, update.bodies.len())?;
-        if bodies_sha256(&update.bodies) != update.bodies_sha256 {
-            return Err(Rejection::Invalid(
-                "bodies do not match their digest".into(),
-            ));
-        }
         let key = self.participants[id]
             .keys
             .expect("secure jobs admit only participants with keys")

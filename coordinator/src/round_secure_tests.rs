@@ -64,8 +64,12 @@ fn config(committee: usize) -> JobConfig {
 
 impl Harness {
     fn new(committee: usize, ids: &[&str]) -> Self {
+        Self::with_config(config(committee), ids)
+    }
+
+    fn with_config(config: JobConfig, ids: &[&str]) -> Self {
         let mut h = Harness {
-            o: Orchestrator::new(config(committee), Box::new(FedAvg::default()), None).unwrap(),
+            o: Orchestrator::new(config, Box::new(FedAvg::default()), None).unwrap(),
             now: Instant::now(),
             nodes: BTreeMap::new(),
             rng: ChaCha8Rng::seed_from_u64(1),
@@ -411,4 +415,53 @@ fn bad_secure_uploads_are_refused_and_not_added() {
     // Joining a secure job without keys is refused.
     let e = h.o.handle_join("e", "s-e".into(), 1, h.now).unwrap_err();
     assert!(e.to_string().contains("keys"), "{e}");
+}
+
+#[test]
+fn dedicated_custodians_form_the_committee_and_never_train() {
+    let mut cfg = config(5);
+    cfg.secure.as_mut().unwrap().custodians = ids_of(&["k1", "k2", "k3"]);
+    // Three data holders and the custodians join; min_participants (4) counts data holders
+    // only, so nothing starts until a fourth one joins.
+    let h = Harness::with_config(cfg.clone(), &["a", "b", "c", "k1", "k2", "k3"]);
+    assert_eq!(h.o.phase_name(), "waiting for participants");
+    let mut h = Harness::with_config(cfg, &["a", "b", "c", "d", "k1", "k2"]);
+    // Two of three custodians online is a majority: the round starts with them.
+    assert_eq!(h.o.phase_name(), "training");
+    assert_eq!(h.round_info_committee(), ids_of(&["k1", "k2"]));
+    assert_eq!(
+        h.round_info("a").threshold,
+        2,
+        "a majority of the three configured"
+    );
+    for k in ["k1", "k2"] {
+        assert_eq!(h.o.task_for(k), Task::Idle, "custodians never train");
+    }
+    for id in IDS {
+        h.upload(id, 2.0, 100).unwrap();
+    }
+    for k in ["a", "b", "c", "d"] {
+        assert!(
+            !matches!(h.o.task_for(k), Task::Decrypt(_)),
+            "data holders never decrypt"
+        );
+    }
+    for k in ["k1", "k2"] {
+        if let Some(r) = h.answer(k) {
+            r.unwrap();
+        }
+    }
+    assert_eq!(h.o.global().0, 1);
+}
+
+#[test]
+fn without_a_majority_of_custodians_no_round_starts() {
+    let mut cfg = config(5);
+    cfg.secure.as_mut().unwrap().custodians = ids_of(&["k1", "k2", "k3"]);
+    let h = Harness::with_config(cfg, &["a", "b", "c", "d", "k1"]);
+    assert_eq!(h.o.phase_name(), "waiting for participants");
+}
+
+fn ids_of(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
 }

@@ -467,6 +467,7 @@ mod tests {
         acc: Accumulator,
         keys: BTreeMap<String, VerifyKey>,
         values: Vec<(u64, Vec<f32>)>,
+        bodies: Vec<Vec<u64>>,
     }
 
     /// `n` participants, the first `members` of them on a committee with threshold `t`.
@@ -477,6 +478,7 @@ mod tests {
         let len = 300;
         let mut acc = Accumulator::new(info.params.ciphertexts(len) * 256);
         let (mut records, mut sent, mut values) = (Vec::new(), Vec::new(), Vec::new());
+        let mut bodies = Vec::new();
         for (i, p) in parties.iter().enumerate() {
             let v: Vec<f32> = (0..len)
                 .map(|j| ((i * 13 + j) % 50) as f32 / 10.0 - 2.5)
@@ -501,6 +503,7 @@ mod tests {
             };
             rec.verify(&info, &p.sign.verify_key()).unwrap();
             acc.add(up.weight, &up.bodies).unwrap();
+            bodies.push(up.bodies.clone());
             values.push((up.weight, v));
             records.push(rec);
             sent.extend(up.pieces.into_iter().map(|sp| (p.id.clone(), sp)));
@@ -517,6 +520,7 @@ mod tests {
             acc,
             keys,
             values,
+            bodies,
         }
     }
 
@@ -591,6 +595,79 @@ mod tests {
                 / w as f64;
             assert!((*g as f64 - want).abs() < 1e-4, "{j}: {g} vs {want}");
         }
+    }
+
+    #[test]
+    fn everything_the_coordinator_holds_after_a_round_does_not_decode_one_update() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let r = round(3, 3, 2, &mut rng);
+        let committee = r.info.validate().unwrap();
+        let manifest = r.info.manifest(
+            r.records
+                .iter()
+                .map(|u| (u.participant.clone(), u.weight))
+                .collect(),
+        );
+        // The coordinator's whole view: every body, every record and sealed piece, and every
+        // member's share of the sum.
+        let mut shares = Vec::new();
+        for (k, m) in committee.assign(&[0, 1, 2]).unwrap() {
+            shares.push(
+                ask(
+                    &r,
+                    &manifest,
+                    m,
+                    &[k],
+                    &mut MemberPolicy::default(),
+                    &mut rng,
+                )
+                .unwrap()
+                .0,
+            );
+        }
+        let target = &r.values[0].1;
+        let recovered = |got: &[f32]| {
+            got.iter()
+                .zip(target)
+                .filter(|(a, b)| (*a - *b).abs() < 0.01)
+                .count()
+        };
+        // One participant's bodies with all the shares (which remove Σ_i w_i ⟨A, s_i⟩, not
+        // ⟨A, s_0⟩ alone), and with weight 1 or its own weight: noise.
+        for w in [1, r.values[0].0] {
+            let mut one = Accumulator::new(r.bodies[0].len());
+            one.add(w, &r.bodies[0]).unwrap();
+            for s in &shares {
+                one.add_share(s).unwrap();
+            }
+            let got = decode(&one, &[], 300, &r.info.codec).unwrap();
+            assert!(
+                recovered(&got) <= 3,
+                "{} of 300 values of p0 recovered",
+                recovered(&got)
+            );
+        }
+        // The bodies alone, or the difference of two participants' bodies: noise.
+        let d: Vec<u64> = r.bodies[0]
+            .iter()
+            .zip(&r.bodies[1])
+            .map(|(a, b)| a.wrapping_sub(*b))
+            .collect();
+        let mut diff = Accumulator::new(d.len());
+        diff.add(1, &d).unwrap();
+        let got = decode(&diff, &[], 300, &r.info.codec).unwrap();
+        assert!(recovered(&got) <= 3);
+        // Pieces sealed to members do not open for the coordinator (it has no member key).
+        let outsider = MemberSecret::generate(&mut rng);
+        let (sender, sp) = &r.sent[0];
+        assert!(
+            open(
+                &outsider,
+                &r.info.seal_context(sender, &sp.recipient, sp.piece),
+                &sp.sealed
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -22,7 +22,13 @@ pub struct ParticipantConfig {
     /// Give up after the coordinator has been unreachable this long.
     #[serde(default = "default_reconnect")]
     pub reconnect_for_secs: u64,
-    pub data: DataConfig,
+    /// "participant" (trains on `[data]`) or "custodian" (a dedicated key custodian of the
+    /// secure-aggregation committee: holds no data, only answers decryption requests).
+    #[serde(default)]
+    pub role: Role,
+    /// Required for participants; custodians have none.
+    #[serde(default)]
+    pub data: Option<DataConfig>,
     /// Fault injection, for experiments and tests.
     #[serde(default)]
     pub faults: FaultConfig,
@@ -42,6 +48,14 @@ fn default_poll_wait() -> u64 {
 }
 fn default_reconnect() -> u64 {
     300
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    #[default]
+    Participant,
+    Custodian,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -81,13 +95,29 @@ impl ParticipantConfig {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut cfg: ParticipantConfig =
             toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        if cfg.data.path.is_relative()
+        if let Some(data) = cfg.data.as_mut()
+            && data.path.is_relative()
             && let Some(dir) = path.parent()
         {
-            cfg.data.path = dir.join(&cfg.data.path);
+            data.path = dir.join(&data.path);
         }
         if cfg.id.is_empty() {
             return Err(format!("{}: id must not be empty", path.display()));
+        }
+        match (cfg.role, cfg.data.is_some()) {
+            (Role::Participant, false) => {
+                return Err(format!(
+                    "{}: a participant needs a [data] section (or role = \"custodian\")",
+                    path.display()
+                ));
+            }
+            (Role::Custodian, true) => {
+                return Err(format!(
+                    "{}: a custodian holds no data: remove the [data] section",
+                    path.display()
+                ));
+            }
+            _ => {}
         }
         Ok(cfg)
     }
@@ -103,9 +133,12 @@ impl ParticipantConfig {
         }
     }
 
-    /// Loads, splits and standardises the data.
+    /// Loads, splits and standardises the data (participants only).
     pub fn load_data(&self) -> Result<LocalData, String> {
-        let d = &self.data;
+        let d = self
+            .data
+            .as_ref()
+            .ok_or_else(|| "this node has no [data] section".to_string())?;
         let ds = match d.format {
             DataFormat::Csv => {
                 let label: LabelColumn = d
@@ -122,5 +155,38 @@ impl ParticipantConfig {
         let standardize = d.standardize.unwrap_or(d.format == DataFormat::Csv);
         LocalData::prepare(ds, d.test_fraction, standardize, d.seed)
             .map_err(|e| format!("{}: {e}", d.path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<ParticipantConfig, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, text).unwrap();
+        ParticipantConfig::load(&path)
+    }
+
+    const HEAD: &str = "coordinator = \"http://127.0.0.1:7400\"\nid = \"x\"\n";
+    const DATA: &str = "[data]\nformat = \"csv\"\npath = \"d.csv\"\n";
+
+    #[test]
+    fn roles_and_data_sections_must_agree() {
+        let p = load(&format!("{HEAD}{DATA}")).unwrap();
+        assert_eq!(p.role, Role::Participant);
+        assert!(
+            p.data.unwrap().path.is_absolute(),
+            "relative to the config file"
+        );
+        let c = load(&format!("role = \"custodian\"\n{HEAD}")).unwrap();
+        assert_eq!(c.role, Role::Custodian);
+        let e = load(HEAD).unwrap_err();
+        assert!(e.contains("[data]"), "{e}");
+        let e = load(&format!("role = \"custodian\"\n{HEAD}{DATA}")).unwrap_err();
+        assert!(e.contains("custodian"), "{e}");
+        let e = load(&format!("role = \"auditor\"\n{HEAD}")).unwrap_err();
+        assert!(e.contains("auditor"), "{e}");
     }
 }

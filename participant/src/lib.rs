@@ -109,6 +109,8 @@ pub struct AgentReport {
     pub rounds_trained: u64,
     pub evaluations: u64,
     pub updates_refused: u64,
+    /// Decryption shares sent as a committee member.
+    pub shares_sent: u64,
 }
 
 struct Session {
@@ -555,8 +557,21 @@ async fn evaluate_round(
 /// The agent loop. Returns when the job is finished, or with an error when the coordinator
 /// refuses this participant or cannot be reached for `reconnect_for`.
 pub async fn run(opts: AgentOptions, data: Arc<LocalData>) -> Result<AgentReport, AgentError> {
+    agent(opts, Some(data)).await
+}
+
+/// A dedicated key custodian: joins with its keys, holds no data, and only answers the
+/// committee's decryption requests. Returns when the job is finished.
+pub async fn run_custodian(opts: AgentOptions) -> Result<AgentReport, AgentError> {
+    agent(opts, None).await
+}
+
+async fn agent(
+    opts: AgentOptions,
+    data: Option<Arc<LocalData>>,
+) -> Result<AgentReport, AgentError> {
     let mut report = AgentReport::default();
-    let n = data.train.len() as u64;
+    let n = data.as_ref().map_or(0, |d| d.train.len() as u64);
     let secrets: SharedSecrets = Arc::new(Mutex::new(Secrets::generate()));
     let keys = lock(&secrets).keys();
     let mut s = connect(&opts, n, &keys).await?;
@@ -569,9 +584,15 @@ pub async fn run(opts: AgentOptions, data: Arc<LocalData>) -> Result<AgentReport
             })
             .await;
         let outcome = match polled.map(|r| r.into_inner().kind) {
+            Ok(Some(Kind::Train(_) | Kind::Evaluate(_))) if data.is_none() => {
+                tracing::error!(participant = %opts.id, "asked to train or evaluate, but this node is a custodian and holds no data");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                Ok(())
+            }
             Ok(Some(Kind::Train(t))) => {
                 let round = t.round;
-                let r = train_round(&mut s, &opts, &data, &secrets, t).await;
+                let data = data.as_ref().expect("checked above");
+                let r = train_round(&mut s, &opts, data, &secrets, t).await;
                 if r.is_ok() {
                     report.rounds_trained += 1;
                 } else if let Err(e) = &r
@@ -584,7 +605,8 @@ pub async fn run(opts: AgentOptions, data: Arc<LocalData>) -> Result<AgentReport
                 r
             }
             Ok(Some(Kind::Evaluate(e))) => {
-                let r = evaluate_round(&mut s, &opts, &data, e).await;
+                let data = data.as_ref().expect("checked above");
+                let r = evaluate_round(&mut s, &opts, data, e).await;
                 if r.is_ok() {
                     report.evaluations += 1;
                 } else if let Err(e) = &r
@@ -596,6 +618,9 @@ pub async fn run(opts: AgentOptions, data: Arc<LocalData>) -> Result<AgentReport
             }
             Ok(Some(Kind::Decrypt(d))) => {
                 let r = decrypt_round(&mut s, &opts, &secrets, d).await;
+                if r.is_ok() {
+                    report.shares_sent += 1;
+                }
                 if let Err(e) = &r
                     && matches!(e.code(), Code::FailedPrecondition | Code::AlreadyExists)
                 {
