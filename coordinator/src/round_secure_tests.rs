@@ -401,7 +401,7 @@ fn bad_secure_uploads_are_refused_and_not_added() {
     assert!(e.to_string().contains("signature"), "{e}");
     // Bodies that are not the ones signed.
     u.weight = p.weight;
-    u.bodies[0] ^= 1;
+    u.bodies[0] ^= 1 << 40;
     u.bodies_sha256 = aggregation::bodies_sha256(&u.bodies);
     assert!(h.o.handle_secure_update("a", u.clone(), h.now).is_err());
     // A missing sealed piece.

@@ -655,12 +655,12 @@ impl Federation for Coordinator {
                 .map_err(|e| refuse(&id, protocol_status(&e)))?;
             let signature = bytes64(&sec.signature, "secure.signature")
                 .map_err(|e| refuse(&id, protocol_status(&e)))?;
-            let asm = WordAssembler::new(sec.num_bodies);
+            let asm = cohort_protocol::BodyAssembler::new(sec.num_bodies);
             let (bodies, bodies_sha256) = receive_words(&mut stream, asm, &id).await?;
             let update = SecureUpdate {
                 round: header.round,
                 weight: sec.weight,
-                bodies,
+                bodies: bodies.into_iter().map(|b| b.0).collect(),
                 bodies_sha256,
                 pieces,
                 signature,

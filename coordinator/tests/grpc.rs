@@ -386,6 +386,11 @@ mod secure {
             &mut rng,
         )
         .unwrap();
+        let wire: Vec<cohort_protocol::Body> = up
+            .bodies
+            .iter()
+            .map(|&b| cohort_protocol::Body(b))
+            .collect();
         let secure_header = |weight: u64, num_bodies: u64| {
             let mut h = header(&sa, 1, P as u64);
             h.secure = Some(pb::SecureUpload {
@@ -399,7 +404,7 @@ mod secure {
         // Wrong number of bodies.
         let e = send(
             &mut ca,
-            cohort_protocol::update_chunks(secure_header(up.weight, 5), &up.bodies[..5]),
+            cohort_protocol::update_chunks(secure_header(up.weight, 5), &wire[..5]),
         )
         .await
         .unwrap_err();
@@ -409,7 +414,7 @@ mod secure {
             &mut ca,
             cohort_protocol::update_chunks(
                 secure_header(up.weight + 1, up.bodies.len() as u64),
-                &up.bodies,
+                &wire,
             ),
         )
         .await
@@ -430,10 +435,7 @@ mod secure {
         // The real upload is still accepted: nothing above counted.
         send(
             &mut ca,
-            cohort_protocol::update_chunks(
-                secure_header(up.weight, up.bodies.len() as u64),
-                &up.bodies,
-            ),
+            cohort_protocol::update_chunks(secure_header(up.weight, up.bodies.len() as u64), &wire),
         )
         .await
         .unwrap();

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use crate::CryptoError;
 use crate::codec::Codec;
-use crate::glwe::{GlweParams, RoundKey, RoundSeed, decryption_share, encrypt};
+use crate::glwe::{BODY_DROPPED_BITS, GlweParams, RoundKey, RoundSeed, decryption_share, encrypt};
 use crate::policy::{Manifest, MemberPolicy, SeedLog};
 use crate::seal::{MemberPublic, MemberSecret, SealContext, Sealed, open, seal};
 use crate::sharing::{Committee, Piece};
@@ -135,11 +135,25 @@ impl SealedPiece {
     }
 }
 
-/// SHA-256 of the little-endian bytes of the bodies (the upload stream's digest).
+/// The 6 bytes a body travels as: its top 48 bits, little-endian (its low
+/// [`BODY_DROPPED_BITS`] are zero after [`crate::glwe::round_body`]).
+pub fn body_wire_bytes(body: u64) -> [u8; 6] {
+    let b = (body >> BODY_DROPPED_BITS).to_le_bytes();
+    [b[0], b[1], b[2], b[3], b[4], b[5]]
+}
+
+/// A body from its 6 wire bytes.
+pub fn body_from_wire(bytes: &[u8; 6]) -> u64 {
+    let mut b = [0u8; 8];
+    b[..6].copy_from_slice(bytes);
+    u64::from_le_bytes(b) << BODY_DROPPED_BITS
+}
+
+/// SHA-256 of the bodies as sent ([`body_wire_bytes`]): the upload stream's digest.
 pub fn bodies_sha256(bodies: &[u64]) -> [u8; 32] {
     let mut h = Sha256::new();
     for v in bodies {
-        h.update(v.to_le_bytes());
+        h.update(body_wire_bytes(*v));
     }
     h.finalize().into()
 }
@@ -160,7 +174,7 @@ pub fn payload_digest(bodies_sha256: &[u8; 32], piece_hashes: &[[u8; 32]]) -> [u
 #[derive(Debug, Clone)]
 pub struct ProtectedUpdate {
     pub weight: u64,
-    /// Ciphertext bodies (8 bytes per value, padded to whole ciphertexts).
+    /// Ciphertext bodies (6 bytes per value on the wire, padded to whole ciphertexts).
     pub bodies: Vec<u64>,
     pub pieces: Vec<SealedPiece>,
     pub signature: [u8; 64],

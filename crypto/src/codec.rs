@@ -42,6 +42,9 @@ pub struct NoiseBudget {
     pub smudging_log2: u32,
     /// Decryption shares added up (pieces of the replicated sharing).
     pub shares: usize,
+    /// Low bits of every body rounded away before sending: each body then errs by at most
+    /// 2^(dropped_bits − 1), weighted like the encryption noise.
+    pub dropped_bits: u32,
 }
 
 impl Codec {
@@ -85,13 +88,19 @@ impl Codec {
                 63 - self.delta_log
             ));
         }
-        // Total noise W · 2^e + shares · 2^s must stay below Δ / 2.
-        let noise_bound = self.max_total_weight as u128 * (1u128 << noise.encryption_log2)
+        // Total noise W · (2^e + 2^(d−1)) + shares · 2^s must stay below Δ / 2.
+        let rounding = if noise.dropped_bits == 0 {
+            0
+        } else {
+            1u128 << (noise.dropped_bits - 1)
+        };
+        let noise_bound = self.max_total_weight as u128
+            * ((1u128 << noise.encryption_log2) + rounding)
             + noise.shares as u128 * (1u128 << noise.smudging_log2);
         let noise_limit = 1u128 << (self.delta_log - 1);
         if noise_bound >= noise_limit {
             return refuse(format!(
-                "noise can reach W·2^{} + {}·2^{} = {noise_bound}, not below Δ/2 = 2^{} = \
+                "noise can reach W·(2^{} + {rounding}) + {}·2^{} = {noise_bound}, not below Δ/2 = 2^{} = \
                  {noise_limit}: raise delta_log or lower max_total_weight",
                 noise.encryption_log2,
                 noise.shares,
@@ -139,6 +148,7 @@ mod tests {
             encryption_log2: 17,
             smudging_log2: 20,
             shares: 10,
+            dropped_bits: 16,
         }
     }
 

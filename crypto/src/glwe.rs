@@ -48,6 +48,7 @@ impl GlweParams {
             encryption_log2: self.noise_log2,
             smudging_log2: self.smudging_log2,
             shares,
+            dropped_bits: BODY_DROPPED_BITS,
         }
     }
 }
@@ -89,6 +90,17 @@ impl RoundKey {
     pub fn coefficients(&self) -> &[u64] {
         self.key.as_ref()
     }
+}
+
+/// Low bits of each body that are rounded away before it is sent (they hold only noise): a
+/// body travels as its top 48 bits, 6 bytes, 1.5× an f32. The rounding error, at most 2^15
+/// per body, is part of the noise budget ([`NoiseBudget::dropped_bits`]).
+pub const BODY_DROPPED_BITS: u32 = 16;
+
+/// Rounds `b` to the nearest multiple of 2^[`BODY_DROPPED_BITS`] (modulo 2^64).
+#[inline]
+pub fn round_body(b: u64) -> u64 {
+    b.wrapping_add(1 << (BODY_DROPPED_BITS - 1)) & !((1u64 << BODY_DROPPED_BITS) - 1)
 }
 
 /// Ciphertexts per mask block. Each block's mask comes from its own seed, derived from the
@@ -151,8 +163,8 @@ where
 }
 
 /// Encrypts fixed-point messages under `key` with the round's common mask, on
-/// [`default_threads`] threads. Returns the bodies, `ciphertexts(len) · N` values (messages
-/// padded with zeros).
+/// [`default_threads`] threads. Returns the bodies as sent, `ciphertexts(len) · N` values
+/// (messages padded with zeros), each rounded by [`round_body`].
 pub fn encrypt(
     key: &RoundKey,
     seed: RoundSeed,
@@ -220,6 +232,9 @@ pub fn encrypt_threads(
                 &key_hat,
                 &mut scratch,
             );
+            for v in body.iter_mut() {
+                *v = round_body(*v);
+            }
         }
     });
     out
@@ -273,7 +288,9 @@ pub fn encrypt_tfhe_threads(
             TUniform::<u64>::new(params.noise_log2),
             &mut noise_seeder,
         );
-        chunk.copy_from_slice(list.as_ref());
+        for (c, v) in chunk.iter_mut().zip(list.as_ref()) {
+            *c = round_body(*v);
+        }
     });
     out
 }
@@ -731,8 +748,9 @@ mod tests {
             &mut ChaCha8Rng::seed_from_u64(22),
             2,
         );
-        // Same mask and key, independent noise: bodies differ by at most two noise bounds.
-        let bound = 2u64 << p.noise_log2;
+        // Same mask and key, independent noise: bodies differ by at most two noise bounds and
+        // two roundings.
+        let bound = (2u64 << p.noise_log2) + (1 << BODY_DROPPED_BITS);
         for (i, (f, r)) in fast.iter().zip(&reference).enumerate() {
             let d = f.wrapping_sub(*r) as i64;
             assert!(d.unsigned_abs() <= bound, "body {i} differs by {d}");
@@ -745,6 +763,26 @@ mod tests {
         assert_eq!(*samples.iter().max().unwrap(), 8);
         let mean = samples.iter().sum::<i64>() as f64 / samples.len() as f64;
         assert!(mean.abs() < 0.1, "{mean}");
+    }
+
+    #[test]
+    fn bodies_are_rounded_to_48_bits() {
+        assert_eq!(round_body(0x1234_5678_9abc_7fff), 0x1234_5678_9abc_0000);
+        assert_eq!(round_body(0x1234_5678_9abc_8000), 0x1234_5678_9abd_0000);
+        assert_eq!(round_body(u64::MAX), 0, "wraps");
+        let p = params();
+        let codec = Codec::default();
+        let key = RoundKey::generate(&p, &mut ChaCha8Rng::seed_from_u64(30));
+        let msgs: Vec<i64> = vector(9, 100).iter().map(|&x| codec.encode(x)).collect();
+        let bodies = encrypt(
+            &key,
+            RoundSeed(3),
+            &msgs,
+            &codec,
+            &p,
+            &mut ChaCha8Rng::seed_from_u64(31),
+        );
+        assert!(bodies.iter().all(|b| b & 0xffff == 0));
     }
 
     #[test]

@@ -383,7 +383,12 @@ async fn train_round(
                 signature: protected.signature.to_vec(),
                 num_bodies: protected.bodies.len() as u64,
             });
-            let chunks = cohort_protocol::update_chunks(header, &protected.bodies);
+            let bodies: Vec<cohort_protocol::Body> = protected
+                .bodies
+                .iter()
+                .map(|&b| cohort_protocol::Body(b))
+                .collect();
+            let chunks = cohort_protocol::update_chunks(header, &bodies);
             s.client
                 .submit_update(futures::stream::iter(chunks))
                 .await?;

@@ -61,6 +61,23 @@ impl Word for u64 {
     }
 }
 
+/// A ciphertext body as it travels in a secure upload: 6 bytes, its top 48 bits (the
+/// sender rounded its low bits away; see `cohort_crypto::glwe::round_body`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Body(pub u64);
+
+impl Word for Body {
+    const BYTES: usize = 6;
+    fn put(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&cohort_crypto::aggregation::body_wire_bytes(self.0));
+    }
+    fn get(b: &[u8]) -> Self {
+        Body(cohort_crypto::aggregation::body_from_wire(
+            b.try_into().expect("6 bytes"),
+        ))
+    }
+}
+
 /// Bytes of data per chunk in every chunked transfer.
 pub const CHUNK_BYTES: usize = 4 * CHUNK_PARAMS;
 
@@ -97,8 +114,10 @@ pub struct Assembler<T> {
 
 /// Assembles f32 parameters (model downloads, plaintext updates).
 pub type ParamAssembler = Assembler<f32>;
-/// Assembles u64 words (ciphertext bodies, decryption shares).
+/// Assembles u64 words (decryption shares).
 pub type WordAssembler = Assembler<u64>;
+/// Assembles ciphertext bodies (6 bytes each).
+pub type BodyAssembler = Assembler<Body>;
 
 impl<T: Word> Assembler<T> {
     /// Expects exactly `expected` values.
