@@ -47,7 +47,8 @@ pub struct JobConfig {
     pub rounds: u64,
     /// Participants that must be available before a round starts.
     pub min_participants: usize,
-    /// Share of available participants selected each round (at least `min_participants`).
+    /// Share of available participants selected each round (at least `min_updates`, and
+    /// T_min in secure jobs).
     pub fraction: f64,
     /// Updates needed to aggregate; fewer at the deadline fails the round.
     pub min_updates: usize,
@@ -936,8 +937,9 @@ impl Orchestrator {
                 return; // not enough custodians to ever decrypt
             }
         }
+        // A `fraction` of those online, but never fewer than a round needs to aggregate.
         let mut want = ((online.len() as f64 * self.config.fraction).ceil() as usize)
-            .max(self.config.min_participants)
+            .max(self.needed_updates())
             .min(online.len());
         if let Some(sec) = &self.config.secure {
             // Every participant's weight is at least 1.

@@ -519,3 +519,31 @@ fn invalid_job_configs_name_the_setting() {
     c.rounds = 0;
     assert!(c.validate().unwrap_err().contains("rounds"));
 }
+
+#[test]
+fn fraction_is_of_those_online_with_at_least_min_updates() {
+    // Everyone must be online to start (min_participants 4), but only a quarter is selected,
+    // raised to min_updates (2).
+    let mut cfg = config();
+    cfg.min_participants = 4;
+    cfg.fraction = 0.25;
+    let mut h = Harness::new(cfg);
+    for p in ["a", "b", "c"] {
+        h.join(p);
+    }
+    assert!(
+        !h.events()
+            .iter()
+            .any(|e| matches!(e, Event::RoundStarted { .. }))
+    );
+    h.join("d");
+    let started = h
+        .events()
+        .into_iter()
+        .find_map(|e| match e {
+            Event::RoundStarted { selected, .. } => Some(selected),
+            _ => None,
+        })
+        .expect("the round starts once four are online");
+    assert_eq!(started.len(), 2);
+}

@@ -205,7 +205,12 @@ mod tests {
         let n = spec.num_parameters();
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let members: Vec<(MemberSecret, Signer25519)> = (0..5)
-            .map(|_| (MemberSecret::generate(&mut rng), Signer25519::generate(&mut rng)))
+            .map(|_| {
+                (
+                    MemberSecret::generate(&mut rng),
+                    Signer25519::generate(&mut rng),
+                )
+            })
             .collect();
         let info = RoundInfo {
             job: "fashion".into(),
@@ -228,8 +233,16 @@ mod tests {
             weight_unit: 60,
         };
         let update = vec![0.01f32; n];
-        let up = protect(&info, "participant-007", &members[0].1, &mut SeedLog::default(), &update, 6000, &mut rng)
-            .unwrap();
+        let up = protect(
+            &info,
+            "participant-007",
+            &members[0].1,
+            &mut SeedLog::default(),
+            &update,
+            6000,
+            &mut rng,
+        )
+        .unwrap();
         let header = |secure| pb::UpdateHeader {
             session_id: "0123456789abcdef0123456789abcdef".into(),
             job_id: "fashion".into(),
@@ -259,6 +272,9 @@ mod tests {
             "CNN upload: plaintext {plain} bytes, secure {secure} bytes ({:.2} bytes per parameter, {ratio:.3}x)",
             secure as f64 / n as f64
         );
-        assert!(ratio <= 2.0, "secure upload is {ratio:.3}x the plaintext one");
+        assert!(
+            ratio <= 2.0,
+            "secure upload is {ratio:.3}x the plaintext one"
+        );
     }
 }
