@@ -3,9 +3,12 @@
 //! T_min participants, only with the weights the participants themselves declared; a
 //! participant never encrypts twice under one seed.
 //!
-//! The state here must be made durable by the caller before an answer leaves the member (a
-//! member that forgets which manifest it answered could be shown a second one after a
-//! restart).
+//! This state lives exactly as long as the keys it protects. cohort's participants keep their
+//! sealing key, signing key, `MemberPolicy` and `SeedLog` in memory only: a member that
+//! restarts has forgotten which manifests it answered, but it has also lost the key that opens
+//! the pieces sealed to it, so a second manifest for an old seed cannot be decrypted with its
+//! help. A deployment that persists member keys must persist this state with them, durably,
+//! before an answer leaves the member.
 
 use std::collections::{BTreeMap, BTreeSet};
 
