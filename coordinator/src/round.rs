@@ -284,7 +284,17 @@ pub struct ShareAnswer {
     pub request: u32,
     pub pieces: Vec<usize>,
     /// The share, or why the member refused.
-    pub share: Result<(Vec<u64>, [u8; 64]), String>,
+    pub share: Result<SignedShare, String>,
+}
+
+/// A decryption share as received.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SignedShare {
+    pub values: Vec<u64>,
+    /// SHA-256 of the values' little-endian bytes, computed by the driver as they arrived.
+    pub sha256: [u8; 32],
+    /// The member's signature over the manifest, its id and `sha256`.
+    pub signature: [u8; 64],
 }
 
 /// An update after transfer: the local model minus the global model it started from.

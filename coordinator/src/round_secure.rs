@@ -438,23 +438,23 @@ impl Orchestrator {
             unreachable!("checked by decrypting");
         };
         match answer.share {
-            Ok((share, signature)) => {
-                if share.len() != len {
+            Ok(share) => {
+                if share.values.len() != len {
                     return Err(Rejection::ParameterCount {
                         expected: len,
-                        got: share.len(),
+                        got: share.values.len(),
                     });
                 }
                 verify_share(
                     &d.manifest,
                     id,
                     &d.info.committee[m].verify_key,
-                    &share,
-                    &signature,
+                    &share.sha256,
+                    &share.signature,
                 )
                 .map_err(|e| Rejection::Invalid(e.to_string()))?;
                 d.acc
-                    .add_share(&share)
+                    .add_share(&share.values)
                     .map_err(|e| Rejection::Invalid(e.to_string()))?;
                 let (_, pieces) = d.outstanding.remove(&m).expect("checked above");
                 d.covered.extend(pieces);

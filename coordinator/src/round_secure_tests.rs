@@ -10,7 +10,7 @@ use cohort_model::{ModelSpec, Optimizer, TrainConfig};
 use rand::SeedableRng;
 use rand::rngs::ChaCha8Rng;
 
-use super::super::{JobConfig, PartyKeys, SecureSettings, Update};
+use super::super::{JobConfig, PartyKeys, SecureSettings, SignedShare, Update};
 use super::*;
 use crate::strategy::FedAvg;
 
@@ -182,6 +182,11 @@ impl Harness {
             &mut node.policy,
             &mut self.rng,
         )
+        .map(|(values, signature)| SignedShare {
+            sha256: cohort_crypto::sign::share_sha256(&values),
+            values,
+            signature,
+        })
         .map_err(|e| e.to_string());
         let answer = ShareAnswer {
             round: req.info.round,

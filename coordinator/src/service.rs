@@ -24,8 +24,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::model_store::ModelStore;
 use crate::round::{
-    Event, Orchestrator, PartyKeys, Rejection, RoundSummary, SecureUpdate, ShareAnswer, Task,
-    Update,
+    Event, Orchestrator, PartyKeys, Rejection, RoundSummary, SecureUpdate, ShareAnswer,
+    SignedShare, Task, Update,
 };
 use cohort_crypto::{MemberPublic, VerifyKey};
 use cohort_protocol::WordAssembler;
@@ -752,9 +752,13 @@ impl Federation for Coordinator {
                 .acquire()
                 .await
                 .map_err(|_| Status::unavailable("shutting down"))?;
-            let (values, _) =
+            let (values, sha256) =
                 receive_words(&mut stream, WordAssembler::new(header.num_values), &id).await?;
-            Ok((values, signature))
+            Ok(SignedShare {
+                values,
+                sha256,
+                signature,
+            })
         } else {
             Err(header.refused.clone())
         };

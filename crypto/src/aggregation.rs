@@ -15,7 +15,9 @@ use crate::glwe::{BODY_DROPPED_BITS, GlweParams, RoundKey, RoundSeed, decryption
 use crate::policy::{Manifest, MemberPolicy, SeedLog};
 use crate::seal::{MemberPublic, MemberSecret, SealContext, Sealed, open, seal};
 use crate::sharing::{Committee, Piece};
-use crate::sign::{Kind, Signer25519, VerifyKey, share_digest, upload_digest, verify};
+use crate::sign::{
+    Kind, Signer25519, VerifyKey, share_digest, share_sha256, upload_digest, verify,
+};
 
 /// The scheme's name, as reported by simulations and in reports.
 pub const SCHEME: &str = "threshold-glwe";
@@ -406,22 +408,23 @@ pub fn answer(
         }
     }
     let share = decryption_share(&[(1, &r)], info.seed, req.len, &info.params, rng)?;
-    let signature = signer.sign(Kind::Share, &share_digest(m, me, &share));
+    let signature = signer.sign(Kind::Share, &share_digest(m, me, &share_sha256(&share)));
     Ok((share, signature))
 }
 
-/// Checks a member's signature on its share of `manifest`.
+/// Checks a member's signature on its share of `manifest`, given the share's SHA-256
+/// ([`crate::sign::share_sha256`], which the receiver computes as the share arrives).
 pub fn verify_share(
     manifest: &Manifest,
     member: &str,
     key: &VerifyKey,
-    share: &[u64],
+    share_sha256: &[u8; 32],
     signature: &[u8; 64],
 ) -> Result<(), CryptoError> {
     verify(
         key,
         Kind::Share,
-        &share_digest(manifest, member, share),
+        &share_digest(manifest, member, share_sha256),
         signature,
     )
 }
@@ -591,7 +594,7 @@ mod tests {
                 &manifest,
                 &r.parties[m].id,
                 &r.parties[m].sign.verify_key(),
-                &share,
+                &crate::sign::share_sha256(&share),
                 &sig,
             )
             .unwrap();

@@ -99,15 +99,24 @@ pub fn upload_digest(
     h.finalize().into()
 }
 
-/// Digest of a decryption share: the manifest it answers, the member, and the share's bytes.
-pub fn share_digest(manifest: &Manifest, member: &str, share: &[u64]) -> [u8; 32] {
+/// SHA-256 of a share's little-endian bytes (the share stream's own digest, so a receiver
+/// computes it while the share arrives).
+pub fn share_sha256(share: &[u64]) -> [u8; 32] {
     let mut h = Sha256::new();
-    h.update(manifest.digest());
-    h.update((member.len() as u64).to_le_bytes());
-    h.update(member.as_bytes());
     for v in share {
         h.update(v.to_le_bytes());
     }
+    h.finalize().into()
+}
+
+/// Digest of a decryption share: the manifest it answers, the member, and [`share_sha256`].
+pub fn share_digest(manifest: &Manifest, member: &str, share_sha256: &[u8; 32]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"cohort.v1/share");
+    h.update(manifest.digest());
+    h.update((member.len() as u64).to_le_bytes());
+    h.update(member.as_bytes());
+    h.update(share_sha256);
     h.finalize().into()
 }
 
@@ -155,10 +164,10 @@ mod tests {
         let ms = coord.sign(Kind::Manifest, &m.digest());
         verify(&coord.verify_key(), Kind::Manifest, &m.digest(), &ms).unwrap();
         let share = vec![1u64, 2, 3];
-        let d = share_digest(&m, "custodian-1", &share);
+        let d = share_digest(&m, "custodian-1", &share_sha256(&share));
         let ss = member.sign(Kind::Share, &d);
         verify(&member.verify_key(), Kind::Share, &d, &ss).unwrap();
-        let altered = share_digest(&m, "custodian-1", &[1, 2, 4]);
+        let altered = share_digest(&m, "custodian-1", &share_sha256(&[1, 2, 4]));
         assert!(verify(&member.verify_key(), Kind::Share, &altered, &ss).is_err());
         let mut sig = ss;
         sig[0] ^= 1;
