@@ -113,6 +113,78 @@ impl NegacyclicFft {
     }
 }
 
+/// A general (not binary) u64 polynomial prepared for [`NegacyclicFft::add_product_general`]:
+/// the transforms of its four 16-bit limbs.
+pub(crate) struct LimbsHat(Vec<Vec<c64>>);
+
+impl NegacyclicFft {
+    /// Transforms of the 16-bit limbs of `r`.
+    pub(crate) fn limbs(&self, r: &[u64]) -> LimbsHat {
+        let mut buf = PodBuffer::new(self.plan.fft_scratch());
+        LimbsHat(
+            (0..4)
+                .map(|limb| {
+                    let mut out = vec![c64::new(0.0, 0.0); self.n / 2];
+                    self.forward(
+                        &mut out,
+                        |j| ((r[j] >> (16 * limb)) & 0xffff) as i32 as f64,
+                        &mut buf,
+                    );
+                    out
+                })
+                .collect(),
+        )
+    }
+
+    /// `out += A · R` (wrapping) for any u64 polynomial `R` given by [`Self::limbs`].
+    ///
+    /// With 16-bit limbs `A = Σ a_i 2^(16i)`, `R = Σ r_j 2^(16j)`, only the products with
+    /// `i + j ≤ 3` survive modulo 2^64. They are summed per `k = i + j` in the Fourier domain:
+    /// each sum has coefficients below 4 · 2^32 · N ≤ 2^45, which double precision still
+    /// rounds back exactly (the FFT's error there is a few hundredths).
+    pub(crate) fn add_product_general(
+        &self,
+        out: &mut [u64],
+        a: &[u64],
+        r_hat: &LimbsHat,
+        s: &mut Scratch,
+    ) {
+        let half = self.n / 2;
+        let scale = 1.0 / half as f64;
+        let mut a_hat: Vec<Vec<c64>> = Vec::with_capacity(4);
+        for limb in 0..4 {
+            let mut f = vec![c64::new(0.0, 0.0); half];
+            self.forward(
+                &mut f,
+                |j| ((a[j] >> (16 * limb)) & 0xffff) as i32 as f64,
+                &mut s.buf,
+            );
+            a_hat.push(f);
+        }
+        for k in 0..4usize {
+            for f in s.fourier.iter_mut() {
+                *f = c64::new(0.0, 0.0);
+            }
+            for i in 0..=k {
+                let (ai, rj) = (&a_hat[i], &r_hat.0[k - i]);
+                for ((f, x), y) in s.fourier.iter_mut().zip(ai).zip(rj) {
+                    *f += *x * *y;
+                }
+            }
+            self.plan.inv(&mut s.fourier, PodStack::new(&mut s.buf));
+            for (j, (f, t)) in s.fourier.iter().zip(&self.twist).enumerate() {
+                let v = *f * t.conj() * scale;
+                s.limbs[j] = round(v.re);
+                s.limbs[j + half] = round(v.im);
+            }
+            let shift = 16 * k as u32;
+            for (o, &l) in out.iter_mut().zip(&s.limbs) {
+                *o = o.wrapping_add((l as u64).wrapping_shl(shift));
+            }
+        }
+    }
+}
+
 /// Nearest integer of `x`, |x| < 2^51, without a libm call (`f64::round` is one on the
 /// baseline x86-64 target): adding 1.5 · 2^52 leaves no fractional bits, so the addition
 /// itself rounds.
@@ -129,6 +201,34 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use tfhe::core_crypto::algorithms::polynomial_algorithms::polynomial_wrapping_add_mul_assign;
     use tfhe::core_crypto::prelude::*;
+
+    #[test]
+    fn general_products_are_exact_against_tfhe_rs() {
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        for n in [256usize, 2048] {
+            let fft = fft_for(n);
+            let mut scratch = fft.scratch();
+            for case in 0..6 {
+                let a: Vec<u64> = (0..n).map(|_| rng.next_u64()).collect();
+                // Uniform values, and the worst case for magnitudes: every limb 0xffff.
+                let r: Vec<u64> = if case == 0 {
+                    vec![u64::MAX; n]
+                } else {
+                    (0..n).map(|_| rng.next_u64()).collect()
+                };
+                let a = if case == 0 { vec![u64::MAX; n] } else { a };
+                let mut fast = vec![0u64; n];
+                fft.add_product_general(&mut fast, &a, &fft.limbs(&r), &mut scratch);
+                let mut exact = Polynomial::new(0u64, PolynomialSize(n));
+                polynomial_wrapping_add_mul_assign(
+                    &mut exact,
+                    &Polynomial::from_container(a.as_slice()),
+                    &Polynomial::from_container(r.as_slice()),
+                );
+                assert_eq!(fast, exact.into_container(), "N = {n}, case {case}");
+            }
+        }
+    }
 
     #[test]
     fn rounding_without_libm_is_exact_near_integers() {

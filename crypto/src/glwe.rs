@@ -393,7 +393,8 @@ pub fn decryption_share_threads(
             *acc = acc.wrapping_add(v.wrapping_mul(*w));
         }
     }
-    let key = GlweSecretKey::from_container(r, PolynomialSize(n));
+    let fft = crate::fft::fft_for(n);
+    let r_hat = fft.limbs(&r);
     let count = params.ciphertexts(len);
     let block_len = BLOCK_CIPHERTEXTS * n;
     let smudge_seeds: Vec<u64> = (0..count.div_ceil(BLOCK_CIPHERTEXTS))
@@ -402,7 +403,7 @@ pub fn decryption_share_threads(
     let bound = 1i64 << params.smudging_log2;
     let mut share = vec![0u64; count * n];
     par_blocks(&mut share, block_len, threads, |b, chunk| {
-        // Bodies of zero with the block's mask: "decrypting" them gives −⟨A, R⟩.
+        // The block's masks, as the participants' encryption drew them.
         let masks = SeededGlweCiphertextList::from_container(
             vec![0u64; chunk.len()],
             GlweSize(2),
@@ -410,13 +411,23 @@ pub fn decryption_share_threads(
             block_seed(seed, b),
             CiphertextModulus::new_native(),
         )
-        .decompress_into_glwe_ciphertext_list();
-        let mut out = PlaintextList::from_container(&mut *chunk);
-        decrypt_glwe_ciphertext_list(&key, &masks, &mut out);
+        .decompress_into_glwe_ciphertext_list()
+        .into_container();
+        let mut scratch = fft.scratch();
+        let mut product = vec![0u64; n];
         let mut smudge = ChaCha8Rng::seed_from_u64(smudge_seeds[b]);
-        for v in chunk.iter_mut() {
-            let e = smudge.random_range(-bound..=bound);
-            *v = v.wrapping_add(e as u64);
+        for (j, out) in chunk.chunks_exact_mut(n).enumerate() {
+            product.iter_mut().for_each(|v| *v = 0);
+            fft.add_product_general(
+                &mut product,
+                &masks[2 * j * n..(2 * j + 1) * n],
+                &r_hat,
+                &mut scratch,
+            );
+            for (o, p) in out.iter_mut().zip(&product) {
+                let e = smudge.random_range(-bound..=bound);
+                *o = p.wrapping_neg().wrapping_add(e as u64);
+            }
         }
     });
     Ok(share)
