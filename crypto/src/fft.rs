@@ -165,8 +165,8 @@ impl NegacyclicFft {
             for f in s.fourier.iter_mut() {
                 *f = c64::new(0.0, 0.0);
             }
-            for i in 0..=k {
-                let (ai, rj) = (&a_hat[i], &r_hat.0[k - i]);
+            for (i, ai) in a_hat.iter().enumerate().take(k + 1) {
+                let rj = &r_hat.0[k - i];
                 for ((f, x), y) in s.fourier.iter_mut().zip(ai).zip(rj) {
                     *f += *x * *y;
                 }
