@@ -745,9 +745,6 @@ impl Orchestrator {
         if let Some(i) = update.delta.iter().position(|v| !v.is_finite()) {
             return Err(Rejection::Invalid(format!("parameter {i} is not finite")));
         }
-        if let Some(p) = self.participants.get_mut(id) {
-            p.last_seen = now;
-        }
         let Phase::Training(t) = &mut self.phase else {
             unreachable!("check_update ensured training");
         };
@@ -756,18 +753,28 @@ impl Orchestrator {
             *a += w * *d as f64;
         }
         t.weight += update.num_examples;
-        t.received.insert(id.to_string());
-        if let Some(m) = update.train {
-            t.train_metrics.push(m);
+        self.accepted(id, update.round, update.train, now);
+        Ok(())
+    }
+
+    /// Records an update already folded into the sum; closes training when every selected
+    /// participant has sent one.
+    fn accepted(&mut self, id: &str, round: u64, train: Option<Metrics>, now: Instant) {
+        if let Some(p) = self.participants.get_mut(id) {
+            p.last_seen = now;
         }
+        let Phase::Training(t) = &mut self.phase else {
+            unreachable!("called while training");
+        };
+        t.received.insert(id.to_string());
+        t.train_metrics.extend(train);
         self.events.push_back(Event::UpdateAccepted {
-            round: update.round,
+            round,
             id: id.to_string(),
         });
         if t.received.len() == t.selected.len() {
             self.close_training(now);
         }
-        Ok(())
     }
 
     /// A participant's evaluation of the model of `round`.

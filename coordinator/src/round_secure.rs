@@ -215,23 +215,7 @@ impl Orchestrator {
         sec.records.insert(id.to_string(), (record, key));
         sec.pieces
             .extend(update.pieces.into_iter().map(|p| (id.to_string(), p)));
-        if let Some(p) = self.participants.get_mut(id) {
-            p.last_seen = now;
-        }
-        let Phase::Training(t) = &mut self.phase else {
-            unreachable!()
-        };
-        t.received.insert(id.to_string());
-        if let Some(m) = update.train {
-            t.train_metrics.push(m);
-        }
-        self.events.push_back(Event::UpdateAccepted {
-            round: update.round,
-            id: id.to_string(),
-        });
-        if t.received.len() == t.selected.len() {
-            self.close_training(now);
-        }
+        self.accepted(id, update.round, update.train, now);
         Ok(())
     }
 
