@@ -16,12 +16,17 @@
 //! - [`glwe`]: per-round keys, seeded encryption (bodies only), the coordinator's weighted
 //!   accumulator, decryption shares with smudging noise, decoding.
 //!
-//! Like `model`, this crate has no I/O and no async; randomness is always an argument.
+//! - [`pki`]: the federation's certificate authority, certificates with one identity and one
+//!   role each, and revocation lists (rcgen); PEM in, PEM out.
+//!
+//! Like `model`, this crate has no I/O and no async; randomness is an argument everywhere
+//! except key generation in [`pki`], which uses the operating system's generator.
 
 pub mod aggregation;
 pub mod codec;
 mod fft;
 pub mod glwe;
+pub mod pki;
 pub mod policy;
 pub mod seal;
 pub mod sharing;
@@ -45,6 +50,8 @@ pub enum CryptoError {
     Signature(String),
     #[error("sealed piece: {0}")]
     Seal(String),
+    #[error("certificates: {0}")]
+    Pki(String),
     #[error("refused: {0}")]
     Refused(#[from] policy::Refusal),
     #[error("length mismatch: expected {expected} values, got {got}")]

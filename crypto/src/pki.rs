@@ -1,0 +1,346 @@
+//! A federation's public-key infrastructure: its certificate authority, the certificates it
+//! issues (one identity and one role each), and its certificate revocation list. PEM in, PEM
+//! out; writing files (with mode 0600 for keys) is the caller's job.
+//!
+//! An identity is the certificate's subject common name. Its role is a URI subject
+//! alternative name `urn:cohort:role:<role>`, so any X.509 tool shows both, and a
+//! certificate without a role is never accepted.
+
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevocationReason, RevokedCertParams, SanType, SerialNumber,
+};
+use time::OffsetDateTime;
+
+use crate::CryptoError;
+
+/// What a certificate lets its holder do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// The coordinator's listeners (server certificate).
+    Coordinator,
+    /// A data holder or key custodian: the Federation service only.
+    Participant,
+    /// An operator: the Admin service only.
+    Admin,
+    /// An application calling the inference service.
+    Inference,
+}
+
+const ROLE_PREFIX: &str = "urn:cohort:role:";
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Coordinator => "coordinator",
+            Role::Participant => "participant",
+            Role::Admin => "admin",
+            Role::Inference => "inference",
+        }
+    }
+
+    fn uri(self) -> String {
+        format!("{ROLE_PREFIX}{}", self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = CryptoError;
+    fn from_str(s: &str) -> Result<Self, CryptoError> {
+        Ok(match s {
+            "coordinator" => Role::Coordinator,
+            "participant" => Role::Participant,
+            "admin" => Role::Admin,
+            "inference" => Role::Inference,
+            other => {
+                return Err(CryptoError::Pki(format!(
+                    "unknown role {other:?} (coordinator, participant, admin or inference)"
+                )));
+            }
+        })
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+fn pki(e: impl std::fmt::Display) -> CryptoError {
+    CryptoError::Pki(e.to_string())
+}
+
+fn when(t: SystemTime) -> OffsetDateTime {
+    OffsetDateTime::from(t)
+}
+
+/// A certificate and its private key, PEM-encoded.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// The certificate's serial number (what a CRL names).
+    pub serial: Vec<u8>,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued")
+            .field("serial", &hex_bytes(&self.serial))
+            .finish_non_exhaustive()
+    }
+}
+
+fn hex_bytes(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// What to put in a certificate besides identity and role.
+#[derive(Debug, Clone)]
+pub struct Validity {
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+impl Validity {
+    /// From now (less five minutes of clock skew) for `days`.
+    pub fn days(days: u64) -> Self {
+        let now = SystemTime::now();
+        Validity {
+            not_before: now - Duration::from_secs(300),
+            not_after: now + Duration::from_secs(days * 86_400),
+        }
+    }
+}
+
+/// The federation's certificate authority.
+pub struct Authority {
+    cert_pem: String,
+    key_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Authority(..)")
+    }
+}
+
+fn random_serial() -> SerialNumber {
+    let mut b: [u8; 16] = rand::random();
+    b[0] &= 0x7f; // positive
+    b[0] |= 0x01; // and without a leading zero byte
+    SerialNumber::from_slice(&b)
+}
+
+impl Authority {
+    /// A new self-signed CA named `name`.
+    pub fn generate(name: &str, validity: &Validity) -> Result<Self, CryptoError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "cohort federation");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.not_before = when(validity.not_before);
+        params.not_after = when(validity.not_after);
+        params.serial_number = Some(random_serial());
+        params.key_identifier_method = KeyIdMethod::Sha256;
+        let key = KeyPair::generate().map_err(pki)?;
+        let cert = params.self_signed(&key).map_err(pki)?;
+        let key_pem = key.serialize_pem();
+        Ok(Authority {
+            cert_pem: cert.pem(),
+            key_pem,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// A CA from its certificate and key (as [`Self::cert_pem`] and [`Self::key_pem`] wrote).
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CryptoError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| pki(format!("CA key: {e}")))?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)
+            .map_err(|e| pki(format!("CA certificate: {e}")))?;
+        Ok(Authority {
+            cert_pem: cert_pem.to_string(),
+            key_pem: key_pem.to_string(),
+            issuer,
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    /// A certificate for `identity` in `role`. Coordinators get server authentication for
+    /// `dns` names and `ips`; everyone else gets client authentication.
+    pub fn issue(
+        &self,
+        identity: &str,
+        role: Role,
+        dns: &[String],
+        ips: &[IpAddr],
+        validity: &Validity,
+    ) -> Result<Issued, CryptoError> {
+        if identity.is_empty() || identity.len() > 64 || identity.contains(['/', '\\', '\0']) {
+            return Err(CryptoError::Pki(format!(
+                "identity {identity:?} must be 1 to 64 characters without slashes"
+            )));
+        }
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, identity);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "cohort federation");
+        let mut sans = vec![SanType::URI(role.uri().try_into().map_err(pki)?)];
+        for d in dns {
+            sans.push(SanType::DnsName(d.clone().try_into().map_err(pki)?));
+        }
+        sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.subject_alt_names = sans;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = if role == Role::Coordinator {
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ]
+        } else {
+            vec![ExtendedKeyUsagePurpose::ClientAuth]
+        };
+        params.not_before = when(validity.not_before);
+        params.not_after = when(validity.not_after);
+        let serial = random_serial();
+        params.serial_number = Some(serial.clone());
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate().map_err(pki)?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(pki)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            serial: serial.to_bytes(),
+        })
+    }
+
+    /// A CRL naming `revoked` serial numbers, valid for `days`; `number` must grow with each
+    /// new CRL.
+    pub fn crl(&self, revoked: &[Vec<u8>], number: u64, days: u64) -> Result<String, CryptoError> {
+        let now = SystemTime::now();
+        let params = CertificateRevocationListParams {
+            this_update: when(now - Duration::from_secs(300)),
+            next_update: when(now + Duration::from_secs(days.max(1) * 86_400)),
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|s| RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(s),
+                    revocation_time: when(now - Duration::from_secs(60)),
+                    reason_code: Some(RevocationReason::CessationOfOperation),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        params
+            .signed_by(&self.issuer)
+            .and_then(|c| c.pem())
+            .map_err(pki)
+    }
+}
+
+/// The identity and role a (chain-verified) certificate carries.
+pub fn identity_of(cert_der: &[u8]) -> Result<(String, Role), CryptoError> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(cert_der)
+        .map_err(|e| pki(format!("certificate does not parse: {e}")))?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|c| c.as_str().ok())
+        .ok_or_else(|| pki("certificate has no common name"))?
+        .to_string();
+    let sans = cert
+        .subject_alternative_name()
+        .map_err(|e| pki(format!("subject alternative names: {e}")))?
+        .ok_or_else(|| pki("certificate names no role"))?;
+    let mut roles = sans.value.general_names.iter().filter_map(|n| match n {
+        GeneralName::URI(u) => u.strip_prefix(ROLE_PREFIX),
+        _ => None,
+    });
+    let role = roles
+        .next()
+        .ok_or_else(|| pki("certificate names no role"))?
+        .parse()?;
+    if roles.next().is_some() {
+        return Err(pki("certificate names more than one role"));
+    }
+    Ok((cn, role))
+}
+
+/// The serial number of a PEM certificate (to revoke it).
+pub fn serial_of(cert_pem: &str) -> Result<Vec<u8>, CryptoError> {
+    use x509_parser::prelude::*;
+    let (_, pem) = parse_x509_pem(cert_pem.as_bytes()).map_err(|e| pki(e.to_string()))?;
+    let cert = pem.parse_x509().map_err(|e| pki(e.to_string()))?;
+    Ok(cert.raw_serial().to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn der(pem: &str) -> Vec<u8> {
+        use x509_parser::prelude::*;
+        parse_x509_pem(pem.as_bytes()).unwrap().1.contents
+    }
+
+    #[test]
+    fn issued_certificates_carry_identity_and_role_and_reload() {
+        let ca = Authority::generate("test federation", &Validity::days(10)).unwrap();
+        let p = ca
+            .issue("hospital-a", Role::Participant, &[], &[], &Validity::days(1))
+            .unwrap();
+        assert_eq!(
+            identity_of(&der(&p.cert_pem)).unwrap(),
+            ("hospital-a".to_string(), Role::Participant)
+        );
+        assert_eq!(serial_of(&p.cert_pem).unwrap(), p.serial);
+        let c = ca
+            .issue(
+                "coordinator",
+                Role::Coordinator,
+                &["localhost".into()],
+                &["127.0.0.1".parse().unwrap()],
+                &Validity::days(1),
+            )
+            .unwrap();
+        assert_eq!(identity_of(&der(&c.cert_pem)).unwrap().1, Role::Coordinator);
+        // A reloaded authority issues certificates too, and CRLs.
+        let again = Authority::from_pem(ca.cert_pem(), ca.key_pem()).unwrap();
+        let a = again
+            .issue("ops", Role::Admin, &[], &[], &Validity::days(1))
+            .unwrap();
+        assert_eq!(identity_of(&der(&a.cert_pem)).unwrap().1, Role::Admin);
+        let crl = again.crl(&[p.serial.clone()], 2, 7).unwrap();
+        assert!(crl.contains("BEGIN X509 CRL"));
+        assert!(ca.issue("a/b", Role::Participant, &[], &[], &Validity::days(1)).is_err());
+        assert!("auditor".parse::<Role>().is_err());
+    }
+}
