@@ -2,4 +2,5 @@
 //! benchmarks and tests drive exactly what `cohort simulate` runs.
 
 pub mod plot;
+pub mod provision;
 pub mod simulate;

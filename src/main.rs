@@ -30,14 +30,30 @@ enum Command {
         /// coordinator.toml
         #[arg(long)]
         config: PathBuf,
+        /// Listen without TLS when the config has no [tls] section. Development only: anyone
+        /// who can reach the port can join, and nothing is encrypted in transit.
+        #[arg(long)]
+        insecure_dev: bool,
     },
-    /// Run a participant node.
+    /// Run a participant node (or a key custodian).
     Participant {
         /// participant.toml
         #[arg(long)]
         config: PathBuf,
+        /// Connect without TLS when the config has no [tls] section. Development only.
+        #[arg(long)]
+        insecure_dev: bool,
     },
+    /// Create a federation's CA, certificates (coordinator, participants, custodians, admins,
+    /// inference clients), a CRL and ready-to-use configurations in one new directory.
+    Provision(cohort::provision::ProvisionArgs),
+    /// Revoke identities of a provisioned federation: writes a new CRL, which a running
+    /// coordinator picks up without a restart.
+    Revoke(cohort::provision::RevokeArgs),
 }
+
+const INSECURE: &str = "INSECURE DEVELOPMENT MODE: no TLS. Anyone who can reach this port can \
+     join, impersonate participants and read everything in transit. Never use this with real data.";
 
 fn init_logs(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -66,8 +82,19 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-async fn run_coordinator(config: PathBuf) -> anyhow::Result<()> {
+async fn run_coordinator(config: PathBuf, insecure_dev: bool) -> anyhow::Result<()> {
     let cfg = CoordinatorConfig::load(&config).map_err(anyhow::Error::msg)?;
+    if cfg.tls.is_none() && !insecure_dev {
+        anyhow::bail!(
+            "{}: no [tls] section. Create certificates with `cohort provision` and add the \
+             [tls] section it prints, or pass --insecure-dev for a development run without TLS",
+            config.display()
+        );
+    }
+    if let Some(tls) = &cfg.tls {
+        // Fail now, naming the file, rather than at the first connection.
+        tls.server_config().map_err(anyhow::Error::msg)?;
+    }
     let job = cfg.job.job_config().map_err(anyhow::Error::msg)?;
     let strategy =
         cohort_coordinator::strategy::by_name(&cfg.job.strategy, cfg.job.server_lr as f32)
@@ -96,7 +123,17 @@ async fn run_coordinator(config: PathBuf) -> anyhow::Result<()> {
             } => {}
         }
     };
-    coordinator.serve(listener, stop).await?;
+    match cfg.tls.clone() {
+        Some(tls) => coordinator
+            .serve_tls(listener, tls, std::time::Duration::from_secs(2), stop)
+            .await
+            .map_err(anyhow::Error::msg)?,
+        None => {
+            tracing::warn!("{INSECURE}");
+            eprintln!("WARNING: {INSECURE}");
+            coordinator.serve(listener, stop).await?
+        }
+    }
     let history = coordinator.history();
     if let Some(last) = history.last() {
         println!(
@@ -109,12 +146,25 @@ async fn run_coordinator(config: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_participant(config: PathBuf) -> anyhow::Result<()> {
+async fn run_participant(config: PathBuf, insecure_dev: bool) -> anyhow::Result<()> {
     let cfg = cohort_participant::ParticipantConfig::load(&config).map_err(anyhow::Error::msg)?;
+    let mut opts = cfg.options();
+    match &cfg.tls {
+        Some(tls) => opts.tls = Some(tls.client_config().map_err(anyhow::Error::msg)?),
+        None if insecure_dev => {
+            tracing::warn!("{INSECURE}");
+            eprintln!("WARNING: {INSECURE}");
+        }
+        None => anyhow::bail!(
+            "{}: no [tls] section. Use the configuration `cohort provision` wrote for this node, \
+             or pass --insecure-dev for a development run without TLS",
+            config.display()
+        ),
+    }
     if cfg.role == cohort_participant::config::Role::Custodian {
         tracing::info!(id = %cfg.id, "key custodian: holds no data, answers decryption requests");
         let report = tokio::select! {
-            r = cohort_participant::run_custodian(cfg.options()) => r?,
+            r = cohort_participant::run_custodian(opts) => r?,
             _ = shutdown_signal() => anyhow::bail!("interrupted"),
         };
         println!(
@@ -131,7 +181,7 @@ async fn run_participant(config: PathBuf) -> anyhow::Result<()> {
         "data loaded"
     );
     let report = tokio::select! {
-        r = cohort_participant::run(cfg.options(), Arc::new(data)) => r?,
+        r = cohort_participant::run(opts, Arc::new(data)) => r?,
         _ = shutdown_signal() => anyhow::bail!("interrupted"),
     };
     println!(
@@ -159,13 +209,36 @@ fn main() -> ExitCode {
                 init_logs("warn");
                 simulate::run(*args).await.map(|_| ())
             }
-            Command::Coordinator { config } => {
+            Command::Coordinator {
+                config,
+                insecure_dev,
+            } => {
                 init_logs("info");
-                run_coordinator(config).await
+                run_coordinator(config, insecure_dev).await
             }
-            Command::Participant { config } => {
+            Command::Participant {
+                config,
+                insecure_dev,
+            } => {
                 init_logs("info");
-                run_participant(config).await
+                run_participant(config, insecure_dev).await
+            }
+            Command::Provision(args) => {
+                cohort::provision::provision(&args)?;
+                println!(
+                    "federation provisioned in {}: keep ca/ca.key offline; give each node its own directory",
+                    args.out.display()
+                );
+                Ok(())
+            }
+            Command::Revoke(args) => {
+                cohort::provision::revoke(&args)?;
+                println!(
+                    "revoked {:?}; new CRL in {}",
+                    args.identities,
+                    args.dir.join("crl.pem").display()
+                );
+                Ok(())
             }
         }
     });

@@ -287,11 +287,13 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
     let coordinator = Coordinator::start(orch, store).map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    // TLS exactly as in production, from a throw-away CA in a temporary directory.
+    let pki = SimPki::new(n, &custodian_ids)?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = {
-        let c = coordinator.clone();
+        let (c, files) = (coordinator.clone(), pki.coordinator.clone());
         tokio::spawn(async move {
-            c.serve(listener, async {
+            c.serve_tls(listener, files, Duration::from_secs(3600), async {
                 let _ = stop_rx.await;
             })
             .await
@@ -327,12 +329,13 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
     let mut agents = tokio::task::JoinSet::new();
     for (i, local) in prep.locals.iter().enumerate() {
         let opts = AgentOptions {
-            id: format!("participant-{:03}", i + 1),
-            coordinator: format!("http://{addr}"),
+            id: participant_id(i),
+            coordinator: format!("https://{addr}"),
             device: args.device,
             poll_wait: Duration::from_secs(10),
             reconnect_for: Duration::from_secs(30),
             upload_delay: Duration::ZERO,
+            tls: Some(pki.client(&participant_id(i))?),
         };
         let data = Arc::new(local.clone());
         agents.spawn(async move { (i + 1, cohort_participant::run(opts, data).await) });
@@ -340,11 +343,12 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
     for (k, id) in custodian_ids.iter().enumerate() {
         let opts = AgentOptions {
             id: id.clone(),
-            coordinator: format!("http://{addr}"),
+            coordinator: format!("https://{addr}"),
             device: args.device,
             poll_wait: Duration::from_secs(10),
             reconnect_for: Duration::from_secs(30),
             upload_delay: Duration::ZERO,
+            tls: Some(pki.client(id)?),
         };
         agents.spawn(async move { (n + k + 1, cohort_participant::run_custodian(opts).await) });
     }
@@ -389,7 +393,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
     let _ = progress.await;
     let history = coordinator.history();
     let _ = stop_tx.send(());
-    server.await??;
+    server.await?.map_err(anyhow::Error::msg)?;
     if (history.len() as u64) < args.rounds {
         bail!(
             "the federation stopped after {} of {} rounds",
@@ -461,6 +465,68 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         std::fs::write(p, svg).with_context(|| format!("writing plot {}", p.display()))?;
     }
     Ok(report)
+}
+
+fn participant_id(i: usize) -> String {
+    format!("participant-{:03}", i + 1)
+}
+
+/// The simulation's throw-away federation PKI: a CA, the coordinator's certificate and one
+/// participant certificate per agent, in a temporary directory removed at the end.
+struct SimPki {
+    dir: tempfile::TempDir,
+    coordinator: cohort_protocol::tls::TlsFiles,
+}
+
+impl SimPki {
+    fn new(participants: usize, custodians: &[String]) -> anyhow::Result<Self> {
+        use cohort_crypto::pki::{Authority, Role, Validity};
+        let dir = tempfile::Builder::new()
+            .prefix("cohort-sim-pki")
+            .tempdir()?;
+        let v = Validity::days(2);
+        let ca = Authority::generate("cohort simulation (throw-away)", &v)?;
+        let write = |name: &str, text: &str| -> anyhow::Result<std::path::PathBuf> {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+            Ok(p)
+        };
+        let ca_path = write("ca.pem", ca.cert_pem())?;
+        let c = ca.issue(
+            "coordinator",
+            Role::Coordinator,
+            &["coordinator".to_string()],
+            &["127.0.0.1".parse().expect("an IP address")],
+            &v,
+        )?;
+        let coordinator = cohort_protocol::tls::TlsFiles {
+            ca: ca_path,
+            cert: write("coordinator.pem", &c.cert_pem)?,
+            key: write("coordinator.key", &c.key_pem)?,
+            crl: Some(write("crl.pem", &ca.crl(&[], 1, 2)?)?),
+            server_name: None,
+        };
+        let ids = (0..participants)
+            .map(participant_id)
+            .chain(custodians.iter().cloned());
+        for id in ids {
+            let p = ca.issue(&id, Role::Participant, &[], &[], &v)?;
+            write(&format!("{id}.pem"), &p.cert_pem)?;
+            write(&format!("{id}.key"), &p.key_pem)?;
+        }
+        Ok(SimPki { dir, coordinator })
+    }
+
+    fn client(&self, id: &str) -> anyhow::Result<tonic::transport::ClientTlsConfig> {
+        let files = cohort_protocol::tls::TlsFiles {
+            ca: self.coordinator.ca.clone(),
+            cert: self.dir.path().join(format!("{id}.pem")),
+            key: self.dir.path().join(format!("{id}.key")),
+            crl: None,
+            server_name: Some("coordinator".into()),
+        };
+        Ok(files.client_config()?)
+    }
 }
 
 /// How the run aggregates, in words.

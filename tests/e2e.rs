@@ -70,13 +70,44 @@ struct Federation {
     log: mpsc::Receiver<String>,
 }
 
+/// `cohort provision` for the three hospitals, an operator and an inference client.
+fn provision(dir: &Path) -> PathBuf {
+    let pki = dir.join("pki");
+    let out = Command::new(BIN)
+        .args(["provision", "--out"])
+        .arg(&pki)
+        .args([
+            "--participants",
+            "hospital-0,hospital-1,hospital-2",
+            "--admins",
+            "ops",
+            "--inference",
+            "app",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    pki
+}
+
 fn start_coordinator(rounds: u64, round_timeout: f64, min_updates: usize) -> Federation {
     let dir = tempfile::tempdir().unwrap();
+    let pki = provision(dir.path());
     let cfg = format!(
         r#"
 listen = "127.0.0.1:0"
 model_dir = "{models}"
 allowed_participants = ["hospital-0", "hospital-1", "hospital-2"]
+
+[tls]
+ca = "{pki}/coordinator/ca.pem"
+cert = "{pki}/coordinator/cert.pem"
+key = "{pki}/coordinator/key.pem"
+crl = "{pki}/coordinator/crl.pem"
 
 [job]
 id = "breast-cancer"
@@ -100,7 +131,8 @@ learning_rate = 0.1
 optimizer = "sgd"
 seed = 1
 "#,
-        models = dir.path().join("models").display()
+        models = dir.path().join("models").display(),
+        pki = pki.display()
     );
     let cfg_path = dir.path().join("coordinator.toml");
     std::fs::write(&cfg_path, cfg).unwrap();
@@ -145,9 +177,13 @@ impl Federation {
     fn participant(&self, i: usize, share: &Path, upload_delay_ms: u64) -> Proc {
         let cfg = format!(
             r#"
-coordinator = "http://{addr}"
+coordinator = "https://{addr}"
 id = "hospital-{i}"
 poll_wait_ms = 2000
+[tls]
+ca = "{pki}/participants/hospital-{i}/ca.pem"
+cert = "{pki}/participants/hospital-{i}/cert.pem"
+key = "{pki}/participants/hospital-{i}/key.pem"
 [data]
 format = "csv"
 path = "{path}"
@@ -158,7 +194,8 @@ seed = {i}
 upload_delay_ms = {upload_delay_ms}
 "#,
             addr = self.addr,
-            path = share.display()
+            path = share.display(),
+            pki = self.dir.path().join("pki").display()
         );
         let p = self.dir.path().join(format!("participant-{i}.toml"));
         std::fs::write(&p, cfg).unwrap();
@@ -303,6 +340,7 @@ fn bad_config_files_are_named_in_the_error() {
         ),
     )
     .unwrap();
+    // Without TLS a node refuses to start unless told it is a development run...
     let out = Command::new(BIN)
         .args(["participant", "--config"])
         .arg(&pc)
@@ -310,6 +348,19 @@ fn bad_config_files_are_named_in_the_error() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("[tls]") && err.contains("--insecure-dev"),
+        "{err}"
+    );
+    // ...and then names the bad data file and line.
+    let out = Command::new(BIN)
+        .args(["participant", "--insecure-dev", "--config"])
+        .arg(&pc)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("INSECURE"), "the warning must be loud: {err}");
     assert!(
         err.contains("bad.csv:3") && err.contains("\"oops\""),
         "{err}"
@@ -434,4 +485,195 @@ fn dedicated_custodians_decrypt_and_the_result_is_the_same() {
     assert_eq!(r["rounds"].as_array().unwrap().len(), 10);
     let fed = r["federated_accuracy"].as_f64().unwrap();
     assert!(fed >= 0.95, "federated accuracy {fed}");
+}
+
+mod tls {
+    //! The coordinator's mutual TLS, against a real coordinator process: who gets in, who
+    //! does not, and revocation without a restart.
+
+    use super::*;
+    use cohort_crypto::pki::{Authority, Role, Validity};
+    use cohort_protocol::pb;
+    use cohort_protocol::pb::federation_client::FederationClient;
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+    fn read(p: PathBuf) -> String {
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    /// Joins as `id` presenting `cert`/`key` (or no certificate); the error, if any.
+    async fn join(
+        addr: &str,
+        ca: &str,
+        cert: Option<(&str, &str)>,
+        id: &str,
+    ) -> Result<(), tonic::Status> {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .domain_name("coordinator");
+        if let Some((c, k)) = cert {
+            tls = tls.identity(Identity::from_pem(c, k));
+        }
+        let channel = Endpoint::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        FederationClient::new(channel)
+            .join(pb::JoinRequest {
+                participant_id: id.into(),
+                num_examples: 1,
+                client_version: "test".into(),
+                keys: Some(pb::SecureKeys {
+                    seal_key: vec![9; 32],
+                    verify_key: vec![9; 32],
+                }),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// A TLS 1.2-only client: the handshake itself must fail.
+    async fn tls12_handshake(addr: &str, ca: &str, cert: &str, key: &str) -> Result<(), String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca.as_bytes()).unwrap())
+            .unwrap();
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+            .connect(ServerName::try_from("coordinator").unwrap(), tcp)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_current_federation_participants_get_in() {
+        // One round that cannot start (nobody trains), so the coordinator stays up.
+        let fed = start_coordinator(1, 60.0, 3);
+        let pki = fed.dir.path().join("pki");
+        let ca_pem = read(pki.join("ca/ca.pem"));
+        let part = |id: &str, f: &str| read(pki.join("participants").join(id).join(f));
+        let (c0, k0) = (
+            part("hospital-0", "cert.pem"),
+            part("hospital-0", "key.pem"),
+        );
+        let addr = fed.addr.clone();
+
+        // A participant of the federation gets in.
+        join(&addr, &ca_pem, Some((&c0, &k0)), "hospital-0")
+            .await
+            .unwrap();
+        // ...but only as itself.
+        let e = join(&addr, &ca_pem, Some((&c0, &k0)), "hospital-1")
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        // An operator's certificate cannot act as a participant.
+        let (ca_, ka) = (
+            read(pki.join("admins/ops/cert.pem")),
+            read(pki.join("admins/ops/key.pem")),
+        );
+        let e = join(&addr, &ca_pem, Some((&ca_, &ka)), "ops")
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        // No client certificate.
+        assert!(join(&addr, &ca_pem, None, "hospital-0").await.is_err());
+        // A certificate from another CA.
+        let other = Authority::generate("elsewhere", &Validity::days(1)).unwrap();
+        let o = other
+            .issue(
+                "hospital-0",
+                Role::Participant,
+                &[],
+                &[],
+                &Validity::days(1),
+            )
+            .unwrap();
+        assert!(
+            join(
+                &addr,
+                &ca_pem,
+                Some((&o.cert_pem, &o.key_pem)),
+                "hospital-0"
+            )
+            .await
+            .is_err()
+        );
+        // An expired certificate from the right CA.
+        let ca = Authority::from_pem(&ca_pem, &read(pki.join("ca/ca.key"))).unwrap();
+        let now = std::time::SystemTime::now();
+        let old = ca
+            .issue(
+                "hospital-0",
+                Role::Participant,
+                &[],
+                &[],
+                &Validity {
+                    not_before: now - Duration::from_secs(7200),
+                    not_after: now - Duration::from_secs(3600),
+                },
+            )
+            .unwrap();
+        assert!(
+            join(
+                &addr,
+                &ca_pem,
+                Some((&old.cert_pem, &old.key_pem)),
+                "hospital-0"
+            )
+            .await
+            .is_err()
+        );
+        // TLS 1.2 is refused even with a good certificate.
+        let e = tls12_handshake(&addr, &ca_pem, &c0, &k0).await.unwrap_err();
+        assert!(!e.is_empty());
+
+        // Revocation takes effect without a restart.
+        let (c2, k2) = (
+            part("hospital-2", "cert.pem"),
+            part("hospital-2", "key.pem"),
+        );
+        join(&addr, &ca_pem, Some((&c2, &k2)), "hospital-2")
+            .await
+            .unwrap();
+        let out = Command::new(BIN)
+            .args(["revoke", "--dir"])
+            .arg(&pki)
+            .arg("hospital-2")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        fed.wait_log(&["revocation list reloaded"], Duration::from_secs(10));
+        assert!(
+            join(&addr, &ca_pem, Some((&c2, &k2)), "hospital-2")
+                .await
+                .is_err(),
+            "a revoked participant must be refused"
+        );
+        join(&addr, &ca_pem, Some((&c0, &k0)), "hospital-0")
+            .await
+            .expect("others still get in");
+        // Every refused handshake is logged.
+        fed.wait_log(&["TLS handshake refused"], Duration::from_secs(1));
+    }
 }

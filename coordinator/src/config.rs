@@ -21,6 +21,10 @@ pub struct CoordinatorConfig {
     /// Participant ids allowed to join; absent admits any id (development only).
     #[serde(default)]
     pub allowed_participants: Option<BTreeSet<String>>,
+    /// Mutual TLS (`cohort provision` writes this section). Without it the coordinator only
+    /// starts with `--insecure-dev`.
+    #[serde(default)]
+    pub tls: Option<cohort_protocol::tls::TlsFiles>,
     pub job: JobSection,
 }
 
@@ -177,7 +181,11 @@ impl CoordinatorConfig {
     /// Reads and validates `path`; errors begin with the path.
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+        let mut cfg = Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Some(dir) = path.parent() {
+            cfg.tls = cfg.tls.map(|t| t.relative_to(dir));
+        }
+        Ok(cfg)
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {

@@ -66,6 +66,8 @@ struct Shared {
     /// until it is checked and folded into the sum, so this bounds the coordinator's memory
     /// at O(model), whatever the number of participants.
     upload_slots: tokio::sync::Semaphore,
+    /// Set when serving with mutual TLS: every call must carry a participant certificate.
+    require_certificates: std::sync::atomic::AtomicBool,
 }
 
 /// Uploads received at once (see `Shared::upload_slots`).
@@ -105,6 +107,7 @@ impl Coordinator {
             encoded: Mutex::new(None),
             store,
             upload_slots: tokio::sync::Semaphore::new(UPLOAD_SLOTS),
+            require_certificates: std::sync::atomic::AtomicBool::new(false),
         });
         tokio::spawn(process_events(rx, Arc::downgrade(&shared)));
         tokio::spawn(run_timer(Arc::downgrade(&shared)));
@@ -137,6 +140,128 @@ impl Coordinator {
             .add_service(self.service())
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
+    }
+
+    /// Serves with mutual TLS on `listener` until `shutdown` completes: TLS 1.3 only, a
+    /// client certificate from the federation CA required, revoked ones refused. Every call
+    /// must then come from a participant certificate whose identity matches the session.
+    /// The CRL is re-read every `crl_poll` while serving, so a revocation takes effect
+    /// without a restart (for new connections).
+    pub async fn serve_tls(
+        &self,
+        listener: tokio::net::TcpListener,
+        tls: cohort_protocol::tls::TlsFiles,
+        crl_poll: Duration,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), String> {
+        let config = Arc::new(std::sync::RwLock::new(
+            tls.server_config().map_err(|e| e.to_string())?,
+        ));
+        self.shared
+            .require_certificates
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let (tx, rx) = mpsc::channel::<
+            Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
+        >(64);
+        let reload = {
+            let (config, tls) = (config.clone(), tls.clone());
+            tokio::spawn(async move {
+                let stamp = |p: &Option<std::path::PathBuf>| {
+                    p.as_ref()
+                        .and_then(|p| std::fs::metadata(p).ok())
+                        .and_then(|m| m.modified().ok())
+                };
+                let mut seen = stamp(&tls.crl);
+                loop {
+                    tokio::time::sleep(crl_poll).await;
+                    let now = stamp(&tls.crl);
+                    if now == seen {
+                        continue;
+                    }
+                    seen = now;
+                    match tls.server_config() {
+                        Ok(c) => {
+                            *config.write().expect("TLS config lock") = c;
+                            tracing::warn!("certificate revocation list reloaded");
+                        }
+                        Err(e) => tracing::error!(
+                            "CRL changed but cannot be used (keeping the old one): {e}"
+                        ),
+                    }
+                }
+            })
+        };
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, peer)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = tokio_rustls::TlsAcceptor::from(
+                    config.read().expect("TLS config lock").clone(),
+                );
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                    {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send(Ok(stream)).await;
+                        }
+                        Ok(Err(e)) => tracing::warn!(%peer, "TLS handshake refused: {e}"),
+                        Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        let served = tonic::transport::Server::builder()
+            .add_service(self.service())
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), shutdown)
+            .await;
+        accept.abort();
+        reload.abort();
+        served.map_err(|e| e.to_string())
+    }
+
+    /// The identity in the caller's certificate, when the service runs with TLS; `None`
+    /// on a plaintext development listener. Only participant certificates may call.
+    fn caller<T>(&self, req: &Request<T>) -> Result<Option<String>, Status> {
+        if !self
+            .shared
+            .require_certificates
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Ok(None);
+        }
+        let certs = req.peer_certs().ok_or_else(|| {
+            tracing::warn!("refused a call without a client certificate");
+            Status::unauthenticated("a client certificate is required")
+        })?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+        let (id, role) = cohort_crypto::pki::identity_of(leaf)
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
+        if role != cohort_crypto::pki::Role::Participant {
+            tracing::warn!(identity = %id, %role, "refused: not a participant certificate");
+            return Err(Status::permission_denied(format!(
+                "{id:?} holds a {role} certificate; the Federation service is for participants"
+            )));
+        }
+        Ok(Some(id))
+    }
+
+    /// The participant of `session`, checked against the caller's certificate identity.
+    fn session_of(&self, cert: Option<String>, session: &str) -> Result<String, Status> {
+        let id = self.participant(session)?;
+        match cert {
+            Some(c) if c != id => Err(refuse(
+                &c,
+                Status::permission_denied(format!(
+                    "the session belongs to {id:?}, not to the certificate's {c:?}"
+                )),
+            )),
+            _ => Ok(id),
+        }
     }
 
     /// Events as they are processed (after the model version of a completed round is written).
@@ -508,7 +633,19 @@ impl Federation for Coordinator {
         &self,
         req: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
+        let cert = self.caller(&req)?;
         let r = req.into_inner();
+        if let Some(c) = &cert
+            && *c != r.participant_id
+        {
+            return Err(refuse(
+                c,
+                Status::permission_denied(format!(
+                    "the certificate is {c:?}'s; it cannot join as {:?}",
+                    r.participant_id
+                )),
+            ));
+        }
         let session = format!("{:032x}", rand::random::<u128>());
         let id = r.participant_id.clone();
         let keys = r
@@ -544,8 +681,9 @@ impl Federation for Coordinator {
         &self,
         req: Request<pb::PollTaskRequest>,
     ) -> Result<Response<pb::Task>, Status> {
+        let cert = self.caller(&req)?;
         let r = req.into_inner();
-        let id = self.participant(&r.session_id)?;
+        let id = self.session_of(cert, &r.session_id)?;
         let wait = Duration::from_millis(r.wait_ms as u64).min(MAX_POLL_WAIT);
         let until = tokio::time::Instant::now() + wait;
         let mut changed = self.shared.changed.subscribe();
@@ -570,8 +708,9 @@ impl Federation for Coordinator {
         &self,
         req: Request<pb::FetchModelRequest>,
     ) -> Result<Response<Self::FetchModelStream>, Status> {
+        let cert = self.caller(&req)?;
         let r = req.into_inner();
-        let id = self.participant(&r.session_id)?;
+        let id = self.session_of(cert, &r.session_id)?;
         let (version, params, job) = {
             let o = self.lock();
             let (v, p) = o.global();
@@ -605,6 +744,7 @@ impl Federation for Coordinator {
         &self,
         req: Request<Streaming<pb::UpdateChunk>>,
     ) -> Result<Response<pb::SubmitUpdateResponse>, Status> {
+        let cert = self.caller(&req)?;
         let mut stream = req.into_inner();
         let header = match next_message(&mut stream).await? {
             Some(pb::UpdateChunk {
@@ -616,7 +756,7 @@ impl Federation for Coordinator {
                 ));
             }
         };
-        let id = self.participant(&header.session_id)?;
+        let id = self.session_of(cert, &header.session_id)?;
         let job = self.lock().config().job_id.clone();
         if header.job_id != job {
             return Err(refuse(
@@ -695,8 +835,9 @@ impl Federation for Coordinator {
         req: Request<pb::FetchDecryptionInputRequest>,
     ) -> Result<Response<Self::FetchDecryptionInputStream>, Status> {
         use pb::decryption_input::Kind as In;
+        let cert = self.caller(&req)?;
         let r = req.into_inner();
-        let id = self.participant(&r.session_id)?;
+        let id = self.session_of(cert, &r.session_id)?;
         let (records, pieces) = self
             .lock()
             .decryption_input(&id, r.round, r.attempt)
@@ -721,6 +862,7 @@ impl Federation for Coordinator {
         req: Request<Streaming<pb::ShareChunk>>,
     ) -> Result<Response<pb::SubmitShareResponse>, Status> {
         use pb::share_chunk::Part as SharePart;
+        let cert = self.caller(&req)?;
         let mut stream = req.into_inner();
         let header = match next_message(&mut stream).await? {
             Some(pb::ShareChunk {
@@ -732,7 +874,7 @@ impl Federation for Coordinator {
                 ));
             }
         };
-        let id = self.participant(&header.session_id)?;
+        let id = self.session_of(cert, &header.session_id)?;
         let share = if header.refused.is_empty() {
             let expected = self.lock().bodies_len().unwrap_or(0) as u64;
             if header.num_values != expected {
@@ -778,8 +920,9 @@ impl Federation for Coordinator {
         &self,
         req: Request<pb::SubmitEvaluationRequest>,
     ) -> Result<Response<pb::SubmitEvaluationResponse>, Status> {
+        let cert = self.caller(&req)?;
         let r = req.into_inner();
-        let id = self.participant(&r.session_id)?;
+        let id = self.session_of(cert, &r.session_id)?;
         let metrics = r
             .metrics
             .as_ref()
@@ -797,7 +940,8 @@ impl Federation for Coordinator {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let id = self.participant(&req.into_inner().session_id)?;
+        let cert = self.caller(&req)?;
+        let id = self.session_of(cert, &req.into_inner().session_id)?;
         self.with(false, |o| o.handle_heartbeat(&id, Instant::now()))
             .map_err(|e| refuse(&id, rejection_status(&e)))?;
         Ok(Response::new(pb::HeartbeatResponse {}))
@@ -807,7 +951,8 @@ impl Federation for Coordinator {
         &self,
         req: Request<pb::LeaveRequest>,
     ) -> Result<Response<pb::LeaveResponse>, Status> {
-        let id = self.participant(&req.into_inner().session_id)?;
+        let cert = self.caller(&req)?;
+        let id = self.session_of(cert, &req.into_inner().session_id)?;
         self.with(true, |o| o.handle_leave(&id, Instant::now()))
             .map_err(|e| refuse(&id, rejection_status(&e)))?;
         Ok(Response::new(pb::LeaveResponse {}))

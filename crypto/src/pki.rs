@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
-    RevocationReason, RevokedCertParams, SanType, SerialNumber,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
+    RevokedCertParams, SanType, SerialNumber,
 };
 use time::OffsetDateTime;
 
@@ -315,7 +315,13 @@ mod tests {
     fn issued_certificates_carry_identity_and_role_and_reload() {
         let ca = Authority::generate("test federation", &Validity::days(10)).unwrap();
         let p = ca
-            .issue("hospital-a", Role::Participant, &[], &[], &Validity::days(1))
+            .issue(
+                "hospital-a",
+                Role::Participant,
+                &[],
+                &[],
+                &Validity::days(1),
+            )
             .unwrap();
         assert_eq!(
             identity_of(&der(&p.cert_pem)).unwrap(),
@@ -340,7 +346,10 @@ mod tests {
         assert_eq!(identity_of(&der(&a.cert_pem)).unwrap().1, Role::Admin);
         let crl = again.crl(&[p.serial.clone()], 2, 7).unwrap();
         assert!(crl.contains("BEGIN X509 CRL"));
-        assert!(ca.issue("a/b", Role::Participant, &[], &[], &Validity::days(1)).is_err());
+        assert!(
+            ca.issue("a/b", Role::Participant, &[], &[], &Validity::days(1))
+                .is_err()
+        );
         assert!("auditor".parse::<Role>().is_err());
     }
 }

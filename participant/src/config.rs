@@ -29,6 +29,10 @@ pub struct ParticipantConfig {
     /// Required for participants; custodians have none.
     #[serde(default)]
     pub data: Option<DataConfig>,
+    /// Mutual TLS (`cohort provision` writes this section). Without it the node only runs
+    /// with `--insecure-dev`.
+    #[serde(default)]
+    pub tls: Option<cohort_protocol::tls::TlsFiles>,
     /// Fault injection, for experiments and tests.
     #[serde(default)]
     pub faults: FaultConfig,
@@ -104,6 +108,9 @@ impl ParticipantConfig {
         if cfg.id.is_empty() {
             return Err(format!("{}: id must not be empty", path.display()));
         }
+        if let Some(dir) = path.parent() {
+            cfg.tls = cfg.tls.map(|t| t.relative_to(dir));
+        }
         match (cfg.role, cfg.data.is_some()) {
             (Role::Participant, false) => {
                 return Err(format!(
@@ -130,6 +137,7 @@ impl ParticipantConfig {
             poll_wait: Duration::from_millis(self.poll_wait_ms),
             reconnect_for: Duration::from_secs(self.reconnect_for_secs),
             upload_delay: Duration::from_millis(self.faults.upload_delay_ms),
+            tls: None,
         }
     }
 

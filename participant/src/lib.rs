@@ -101,6 +101,9 @@ pub struct AgentOptions {
     /// Fault injection: wait this long after training before uploading (a slow link or a
     /// straggler). Zero in normal operation.
     pub upload_delay: Duration,
+    /// Mutual TLS towards the coordinator (`https://` addresses); `None` only for
+    /// development against an `--insecure-dev` coordinator.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// What the agent did.
@@ -169,6 +172,12 @@ async fn connect(
         .map_err(|e| AgentError::Address(opts.coordinator.clone(), e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
+    let endpoint = match &opts.tls {
+        Some(tls) => endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| AgentError::Address(opts.coordinator.clone(), e.to_string()))?,
+        None => endpoint,
+    };
     let started = tokio::time::Instant::now();
     let mut backoff = Duration::from_millis(100);
     loop {

@@ -249,6 +249,7 @@ pub fn share_chunks(header: pb::ShareHeader, share: &[u64]) -> Vec<pb::ShareChun
 }
 
 pub mod secure;
+pub mod tls;
 
 impl From<&ModelSpec> for pb::ModelSpec {
     fn from(s: &ModelSpec) -> Self {
