@@ -91,6 +91,21 @@ fn provision(dir: &Path) -> PathBuf {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Keys are readable by their owner only.
+    #[cfg(unix)]
+    for key in [
+        "ca/ca.key",
+        "coordinator/key.pem",
+        "participants/hospital-0/key.pem",
+        "admins/ops/key.pem",
+    ] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(pki.join(key))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{key} has mode {mode:o}");
+    }
     pki
 }
 
@@ -644,14 +659,38 @@ mod tls {
         let e = tls12_handshake(&addr, &ca_pem, &c0, &k0).await.unwrap_err();
         assert!(!e.is_empty());
 
-        // Revocation takes effect without a restart.
+        // Revocation takes effect without a restart, and closes open connections.
         let (c2, k2) = (
             part("hospital-2", "cert.pem"),
             part("hospital-2", "key.pem"),
         );
-        join(&addr, &ca_pem, Some((&c2, &k2)), "hospital-2")
+        let channel = Endpoint::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(&ca_pem))
+                    .domain_name("coordinator")
+                    .identity(Identity::from_pem(&c2, &k2)),
+            )
+            .unwrap()
+            .connect()
             .await
             .unwrap();
+        let mut open = FederationClient::new(channel);
+        let session = open
+            .join(pb::JoinRequest {
+                participant_id: "hospital-2".into(),
+                num_examples: 1,
+                client_version: "test".into(),
+                keys: Some(pb::SecureKeys {
+                    seal_key: vec![9; 32],
+                    verify_key: vec![9; 32],
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .session_id;
         let out = Command::new(BIN)
             .args(["revoke", "--dir"])
             .arg(&pki)
@@ -664,6 +703,19 @@ mod tls {
             String::from_utf8_lossy(&out.stderr)
         );
         fed.wait_log(&["revocation list reloaded"], Duration::from_secs(10));
+        fed.wait_log(
+            &["certificate revoked: closing its connection", "hospital-2"],
+            Duration::from_secs(2),
+        );
+        let e = open
+            .heartbeat(pb::HeartbeatRequest {
+                session_id: session,
+            })
+            .await;
+        assert!(
+            e.is_err(),
+            "the revoked participant's open connection must be closed"
+        );
         assert!(
             join(&addr, &ca_pem, Some((&c2, &k2)), "hospital-2")
                 .await

@@ -1,8 +1,9 @@
 //! The cohort coordinator: round orchestration ([`round`], a sans-IO state machine),
 //! aggregation strategies ([`strategy`]), the model store ([`model_store`]), configuration
-//! ([`config`]) and the gRPC driver ([`service`]).
+//! ([`config`]), the gRPC driver ([`service`]) and its mutual-TLS listener ([`listener`]).
 
 pub mod config;
+pub mod listener;
 pub mod model_store;
 pub mod round;
 pub mod service;

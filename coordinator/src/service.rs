@@ -145,8 +145,8 @@ impl Coordinator {
     /// Serves with mutual TLS on `listener` until `shutdown` completes: TLS 1.3 only, a
     /// client certificate from the federation CA required, revoked ones refused. Every call
     /// must then come from a participant certificate whose identity matches the session.
-    /// The CRL is re-read every `crl_poll` while serving, so a revocation takes effect
-    /// without a restart (for new connections).
+    /// The CRL is re-read every `crl_poll` while serving: a revocation takes effect without
+    /// a restart, and closes the revoked certificate's open connections.
     pub async fn serve_tls(
         &self,
         listener: tokio::net::TcpListener,
@@ -154,71 +154,17 @@ impl Coordinator {
         crl_poll: Duration,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), String> {
-        let config = Arc::new(std::sync::RwLock::new(
-            tls.server_config().map_err(|e| e.to_string())?,
-        ));
+        let (incoming, tasks) = crate::listener::incoming(listener, tls, crl_poll)?;
         self.shared
             .require_certificates
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        let (tx, rx) = mpsc::channel::<
-            Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
-        >(64);
-        let reload = {
-            let (config, tls) = (config.clone(), tls.clone());
-            tokio::spawn(async move {
-                let stamp = |p: &Option<std::path::PathBuf>| {
-                    p.as_ref()
-                        .and_then(|p| std::fs::metadata(p).ok())
-                        .and_then(|m| m.modified().ok())
-                };
-                let mut seen = stamp(&tls.crl);
-                loop {
-                    tokio::time::sleep(crl_poll).await;
-                    let now = stamp(&tls.crl);
-                    if now == seen {
-                        continue;
-                    }
-                    seen = now;
-                    match tls.server_config() {
-                        Ok(c) => {
-                            *config.write().expect("TLS config lock") = c;
-                            tracing::warn!("certificate revocation list reloaded");
-                        }
-                        Err(e) => tracing::error!(
-                            "CRL changed but cannot be used (keeping the old one): {e}"
-                        ),
-                    }
-                }
-            })
-        };
-        let accept = tokio::spawn(async move {
-            loop {
-                let Ok((tcp, peer)) = listener.accept().await else {
-                    continue;
-                };
-                let _ = tcp.set_nodelay(true);
-                let acceptor = tokio_rustls::TlsAcceptor::from(
-                    config.read().expect("TLS config lock").clone(),
-                );
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
-                    {
-                        Ok(Ok(stream)) => {
-                            let _ = tx.send(Ok(stream)).await;
-                        }
-                        Ok(Err(e)) => tracing::warn!(%peer, "TLS handshake refused: {e}"),
-                        Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
-                    }
-                });
-            }
-        });
         let served = tonic::transport::Server::builder()
             .add_service(self.service())
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), shutdown)
+            .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
-        accept.abort();
-        reload.abort();
+        for t in tasks {
+            t.abort();
+        }
         served.map_err(|e| e.to_string())
     }
 

@@ -302,6 +302,29 @@ pub fn serial_of(cert_pem: &str) -> Result<Vec<u8>, CryptoError> {
     Ok(cert.raw_serial().to_vec())
 }
 
+/// The serial number of a DER certificate.
+pub fn serial_of_der(cert_der: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(cert_der).map_err(|e| pki(e.to_string()))?;
+    Ok(cert.raw_serial().to_vec())
+}
+
+/// The serial numbers a PEM CRL revokes (the CRL's signature is checked by the TLS
+/// verifier that loads it, not here).
+pub fn revoked_serials(crl_pem: &str) -> Result<Vec<Vec<u8>>, CryptoError> {
+    use x509_parser::prelude::*;
+    let mut out = Vec::new();
+    for pem in Pem::iter_from_buffer(crl_pem.as_bytes()) {
+        let pem = pem.map_err(|e| pki(format!("CRL: {e}")))?;
+        let (_, crl) = parse_x509_crl(&pem.contents).map_err(|e| pki(format!("CRL: {e}")))?;
+        out.extend(
+            crl.iter_revoked_certificates()
+                .map(|r| r.raw_serial().to_vec()),
+        );
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,6 +369,8 @@ mod tests {
         assert_eq!(identity_of(&der(&a.cert_pem)).unwrap().1, Role::Admin);
         let crl = again.crl(&[p.serial.clone()], 2, 7).unwrap();
         assert!(crl.contains("BEGIN X509 CRL"));
+        assert_eq!(revoked_serials(&crl).unwrap(), vec![p.serial.clone()]);
+        assert_eq!(serial_of_der(&der(&p.cert_pem)).unwrap(), p.serial);
         assert!(
             ca.issue("a/b", Role::Participant, &[], &[], &Validity::days(1))
                 .is_err()
