@@ -367,7 +367,7 @@ mod tests {
             .issue("ops", Role::Admin, &[], &[], &Validity::days(1))
             .unwrap();
         assert_eq!(identity_of(&der(&a.cert_pem)).unwrap().1, Role::Admin);
-        let crl = again.crl(&[p.serial.clone()], 2, 7).unwrap();
+        let crl = again.crl(std::slice::from_ref(&p.serial), 2, 7).unwrap();
         assert!(crl.contains("BEGIN X509 CRL"));
         assert_eq!(revoked_serials(&crl).unwrap(), vec![p.serial.clone()]);
         assert_eq!(serial_of_der(&der(&p.cert_pem)).unwrap(), p.serial);
