@@ -302,6 +302,54 @@ pub fn serial_of(cert_pem: &str) -> Result<Vec<u8>, CryptoError> {
     Ok(cert.raw_serial().to_vec())
 }
 
+/// What a participant signs with its certificate's key to bind its secure-aggregation keys
+/// (X25519 sealing key, Ed25519 signing key) to its identity, so that nobody relaying them (the
+/// coordinator) can substitute its own.
+pub fn binding_message(seal_key: &[u8; 32], verify_key: &[u8; 32]) -> Vec<u8> {
+    [b"cohort.v1/key-binding".as_slice(), seal_key, verify_key].concat()
+}
+
+/// Signs `msg` with a certificate's private key (PEM, as `cohort provision` writes it).
+pub fn sign_with_key(key_pem: &str, msg: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    use rcgen::SigningKey;
+    KeyPair::from_pem(key_pem)
+        .and_then(|k| k.sign(msg))
+        .map_err(|e| pki(format!("signing with the certificate key: {e}")))
+}
+
+/// Checks that `cert_der` was issued by the CA of `ca_pem`, is valid now, names `identity`
+/// as a participant, and that its key signed `msg` with `signature`.
+pub fn verify_binding(
+    ca_pem: &str,
+    cert_der: &[u8],
+    identity: &str,
+    msg: &[u8],
+    signature: &[u8],
+) -> Result<(), CryptoError> {
+    use x509_parser::prelude::*;
+    let (_, ca_pem) = parse_x509_pem(ca_pem.as_bytes()).map_err(|e| pki(format!("CA: {e}")))?;
+    let ca = ca_pem
+        .parse_x509()
+        .map_err(|e| pki(format!("CA: {e}")))?;
+    let (_, cert) = X509Certificate::from_der(cert_der)
+        .map_err(|e| pki(format!("{identity:?}'s certificate: {e}")))?;
+    cert.verify_signature(Some(ca.public_key()))
+        .map_err(|_| pki(format!("{identity:?}'s certificate is not from this federation's CA")))?;
+    if !cert.validity().is_valid() {
+        return Err(pki(format!("{identity:?}'s certificate is expired or not yet valid")));
+    }
+    let (id, role) = identity_of(cert_der)?;
+    if id != identity || role != Role::Participant {
+        return Err(pki(format!(
+            "the certificate presented for {identity:?} is {id:?}'s ({role})"
+        )));
+    }
+    let key = &cert.public_key().subject_public_key.data;
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, key)
+        .verify(msg, signature)
+        .map_err(|_| pki(format!("{identity:?}'s keys are not signed by its certificate's key")))
+}
+
 /// The serial number of a DER certificate.
 pub fn serial_of_der(cert_der: &[u8]) -> Result<Vec<u8>, CryptoError> {
     use x509_parser::prelude::*;
@@ -376,5 +424,17 @@ mod tests {
                 .is_err()
         );
         assert!("auditor".parse::<Role>().is_err());
+        // Key bindings: signed by the certificate's key, checked against the CA and identity.
+        let msg = binding_message(&[1; 32], &[2; 32]);
+        let sig = sign_with_key(&p.key_pem, &msg).unwrap();
+        let cert = der(&p.cert_pem);
+        verify_binding(ca.cert_pem(), &cert, "hospital-a", &msg, &sig).unwrap();
+        let other_keys = binding_message(&[3; 32], &[2; 32]);
+        assert!(verify_binding(ca.cert_pem(), &cert, "hospital-a", &other_keys, &sig).is_err());
+        assert!(verify_binding(ca.cert_pem(), &cert, "hospital-b", &msg, &sig).is_err());
+        let stranger = Authority::generate("elsewhere", &Validity::days(1)).unwrap();
+        assert!(verify_binding(stranger.cert_pem(), &cert, "hospital-a", &msg, &sig).is_err());
+        let admin_sig = sign_with_key(&a.key_pem, &msg).unwrap();
+        assert!(verify_binding(ca.cert_pem(), &der(&a.cert_pem), "ops", &msg, &admin_sig).is_err());
     }
 }
