@@ -150,7 +150,7 @@ async fn run_participant(config: PathBuf, insecure_dev: bool) -> anyhow::Result<
     let cfg = cohort_participant::ParticipantConfig::load(&config).map_err(anyhow::Error::msg)?;
     let mut opts = cfg.options();
     match &cfg.tls {
-        Some(tls) => opts.tls = Some(tls.client_config().map_err(anyhow::Error::msg)?),
+        Some(tls) => opts.tls = Some(tls.node().map_err(anyhow::Error::msg)?),
         None if insecure_dev => {
             tracing::warn!("{INSECURE}");
             eprintln!("WARNING: {INSECURE}");

@@ -517,7 +517,7 @@ impl SimPki {
         Ok(SimPki { dir, coordinator })
     }
 
-    fn client(&self, id: &str) -> anyhow::Result<tonic::transport::ClientTlsConfig> {
+    fn client(&self, id: &str) -> anyhow::Result<cohort_protocol::tls::NodeTls> {
         let files = cohort_protocol::tls::TlsFiles {
             ca: self.coordinator.ca.clone(),
             cert: self.dir.path().join(format!("{id}.pem")),
@@ -525,7 +525,7 @@ impl SimPki {
             crl: None,
             server_name: Some("coordinator".into()),
         };
-        Ok(files.client_config()?)
+        Ok(files.node()?)
     }
 }
 

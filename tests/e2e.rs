@@ -544,6 +544,7 @@ mod tls {
                 keys: Some(pb::SecureKeys {
                     seal_key: vec![9; 32],
                     verify_key: vec![9; 32],
+                    binding: Vec::new(),
                 }),
             })
             .await
@@ -685,6 +686,7 @@ mod tls {
                 keys: Some(pb::SecureKeys {
                     seal_key: vec![9; 32],
                     verify_key: vec![9; 32],
+                    binding: Vec::new(),
                 }),
             })
             .await

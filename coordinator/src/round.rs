@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cohort_crypto::aggregation::{RoundInfo, SealedPiece};
-use cohort_crypto::{Codec, GlweParams, MemberPublic, VerifyKey};
+use cohort_crypto::{Codec, GlweParams, VerifyKey};
 use cohort_model::{Metrics, ModelSpec, TrainConfig};
 use rand::SeedableRng;
 use rand::rngs::{ChaCha8Rng, ChaCha20Rng};
@@ -210,11 +210,7 @@ struct Participant {
 }
 
 /// A participant's public keys for secure aggregation, sent when it joins.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PartyKeys {
-    pub seal: MemberPublic,
-    pub verify: VerifyKey,
-}
+pub type PartyKeys = cohort_crypto::aggregation::PublicKeys;
 
 /// A participant as the registry sees it.
 #[derive(Debug, Clone, PartialEq, Serialize)]

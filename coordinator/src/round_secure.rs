@@ -17,12 +17,12 @@ use cohort_crypto::aggregation::{
     MemberInfo, RoundInfo, SealedPiece, UploadRecord, check_pieces, verify_share,
 };
 use cohort_crypto::policy::Manifest;
-use cohort_crypto::{Accumulator, Committee, Kind, RoundSeed, VerifyKey, decode};
+use cohort_crypto::{Accumulator, Committee, Kind, RoundSeed, decode};
 use cohort_model::Metrics;
 use rand::RngExt;
 
 use super::{
-    DecryptRequest, Event, FailureCause, Orchestrator, ParticipantId, Phase, Rejection,
+    DecryptRequest, Event, FailureCause, Orchestrator, ParticipantId, PartyKeys, Phase, Rejection,
     RoundSummary, SecureUpdate, ShareAnswer, Task, Training,
 };
 
@@ -33,7 +33,7 @@ pub(super) struct SecureTraining {
     committee: Committee,
     acc: Accumulator,
     /// Each accepted upload's signed record and the key that verified it.
-    records: BTreeMap<ParticipantId, (UploadRecord, VerifyKey)>,
+    records: BTreeMap<ParticipantId, (UploadRecord, PartyKeys)>,
     /// Every sealed piece, with its sender.
     pieces: Vec<(ParticipantId, SealedPiece)>,
 }
@@ -53,7 +53,7 @@ pub(super) struct Decrypting {
     manifest: Manifest,
     manifest_digest: [u8; 32],
     manifest_signature: [u8; 64],
-    records: BTreeMap<ParticipantId, (UploadRecord, VerifyKey)>,
+    records: BTreeMap<ParticipantId, (UploadRecord, PartyKeys)>,
     pieces: Vec<(ParticipantId, SealedPiece)>,
     acc: Accumulator,
     /// Outstanding requests: member index → (request number, pieces).
@@ -95,11 +95,13 @@ impl Orchestrator {
             .map(|id| {
                 let keys = self.participants[id]
                     .keys
+                    .clone()
                     .expect("secure jobs admit only participants with keys");
                 MemberInfo {
                     id: id.clone(),
                     seal_key: keys.seal,
                     verify_key: keys.verify,
+                    binding: keys.binding.clone(),
                 }
             })
             .collect();
@@ -181,10 +183,10 @@ impl Orchestrator {
         // `bodies_sha256` is the digest the driver computed while receiving the bodies (the
         // upload stream's own), so it is not recomputed here under the lock.
         self.check_secure_update(id, update.round, update.bodies.len())?;
-        let key = self.participants[id]
+        let keys = self.participants[id]
             .keys
-            .expect("secure jobs admit only participants with keys")
-            .verify;
+            .clone()
+            .expect("secure jobs admit only participants with keys");
         let Phase::Training(t) = &mut self.phase else {
             unreachable!("check_secure_update ensured training");
         };
@@ -199,7 +201,7 @@ impl Orchestrator {
             signature: update.signature,
         };
         record
-            .verify(&sec.info, &key)
+            .verify(&sec.info, &keys.verify)
             .map_err(|e| Rejection::Invalid(format!("upload signature: {e}")))?;
         let max = sec.info.codec.max_total_weight;
         if update.weight == 0 || sec.acc.total_weight() + update.weight > max {
@@ -212,7 +214,7 @@ impl Orchestrator {
         sec.acc
             .add(update.weight, &update.bodies)
             .map_err(|e| Rejection::Invalid(e.to_string()))?;
-        sec.records.insert(id.to_string(), (record, key));
+        sec.records.insert(id.to_string(), (record, keys));
         sec.pieces
             .extend(update.pieces.into_iter().map(|p| (id.to_string(), p)));
         self.accepted(id, update.round, update.train, now);
@@ -360,7 +362,7 @@ impl Orchestrator {
         attempt: u32,
     ) -> Result<
         (
-            Vec<(UploadRecord, VerifyKey)>,
+            Vec<(UploadRecord, PartyKeys)>,
             Vec<(ParticipantId, SealedPiece)>,
         ),
         Rejection,

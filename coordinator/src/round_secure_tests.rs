@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cohort_crypto::aggregation::{self, ShareRequest};
-use cohort_crypto::{MemberPolicy, MemberSecret, SeedLog, Signer25519};
+use cohort_crypto::{MemberPolicy, MemberSecret, SeedLog, Signer25519, VerifyKey};
 use cohort_model::{ModelSpec, Optimizer, TrainConfig};
 use rand::SeedableRng;
 use rand::rngs::ChaCha8Rng;
@@ -84,6 +84,7 @@ impl Harness {
             let keys = PartyKeys {
                 seal: node.seal.public(),
                 verify: node.sign.verify_key(),
+                binding: None,
             };
             h.o.handle_join_with_keys(id, format!("s-{id}"), 100, Some(keys), h.now)
                 .unwrap();
@@ -148,7 +149,7 @@ impl Harness {
             .unwrap();
         let keys: BTreeMap<String, VerifyKey> = records
             .iter()
-            .map(|(r, k)| (r.participant.clone(), *k))
+            .map(|(r, k)| (r.participant.clone(), k.verify))
             .collect();
         let records: Vec<UploadRecord> = records.into_iter().map(|(r, _)| r).collect();
         let manifest = req.info.manifest(

@@ -580,6 +580,7 @@ impl Federation for Coordinator {
         req: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
         let cert = self.caller(&req)?;
+        let leaf: Option<Vec<u8>> = req.peer_certs().and_then(|c| c.first().map(|d| d.to_vec()));
         let r = req.into_inner();
         if let Some(c) = &cert
             && *c != r.participant_id
@@ -601,6 +602,14 @@ impl Federation for Coordinator {
                 Ok::<_, ProtocolError>(PartyKeys {
                     seal: MemberPublic(bytes32(&k.seal_key, "keys.seal_key")?),
                     verify: VerifyKey(bytes32(&k.verify_key, "keys.verify_key")?),
+                    // The certificate this call came with, and the participant's signature
+                    // with its key over both keys: relayed so that others can check them.
+                    binding: leaf.as_ref().filter(|_| !k.binding.is_empty()).map(|cert| {
+                        cohort_crypto::aggregation::KeyBinding {
+                            certificate: cert.clone(),
+                            signature: k.binding.clone(),
+                        }
+                    }),
                 })
             })
             .transpose()
@@ -790,7 +799,7 @@ impl Federation for Coordinator {
             .map_err(|e| refuse(&id, rejection_status(&e)))?;
         let items = records
             .into_iter()
-            .map(|(rec, key)| In::Upload(record_pb(&rec, &key)))
+            .map(|(rec, keys)| In::Upload(record_pb(&rec, &keys)))
             .chain(pieces.into_iter().map(|(sender, p)| {
                 In::Piece(pb::PieceFrom {
                     sender,

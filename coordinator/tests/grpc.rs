@@ -316,6 +316,7 @@ mod secure {
             pb::SecureKeys {
                 seal_key: self.seal.public().0.to_vec(),
                 verify_key: self.sign.verify_key().0.to_vec(),
+                binding: Vec::new(),
             }
         }
     }

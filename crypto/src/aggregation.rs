@@ -28,6 +28,79 @@ pub struct MemberInfo {
     pub id: String,
     pub seal_key: MemberPublic,
     pub verify_key: VerifyKey,
+    /// Proof that the keys are the identity's own (with mutual TLS).
+    pub binding: Option<KeyBinding>,
+}
+
+/// A participant's public keys for secure aggregation, as it announced them when joining.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicKeys {
+    pub seal: MemberPublic,
+    pub verify: VerifyKey,
+    /// Proof that the keys are the identity's own (with mutual TLS).
+    pub binding: Option<KeyBinding>,
+}
+
+impl PublicKeys {
+    /// Checks that these are `id`'s own keys, bound to its certificate from `ca_pem`'s CA.
+    pub fn check(&self, ca_pem: &str, id: &str) -> Result<(), CryptoError> {
+        KeyBinding::check(
+            self.binding.as_ref(),
+            ca_pem,
+            id,
+            &self.seal.0,
+            &self.verify.0,
+        )
+    }
+}
+
+/// A participant's certificate (DER) and its key's signature over its secure-aggregation
+/// keys ([`crate::pki::binding_message`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyBinding {
+    pub certificate: Vec<u8>,
+    pub signature: Vec<u8>,
+}
+
+impl KeyBinding {
+    /// Checks that `id`'s keys `seal`/`verify` are bound to `id`'s certificate from the CA
+    /// of `ca_pem`.
+    pub fn check(
+        binding: Option<&KeyBinding>,
+        ca_pem: &str,
+        id: &str,
+        seal: &[u8; 32],
+        verify: &[u8; 32],
+    ) -> Result<(), CryptoError> {
+        let b = binding.ok_or_else(|| {
+            CryptoError::Pki(format!(
+                "{id:?}'s keys come without a certificate binding: refusing them"
+            ))
+        })?;
+        crate::pki::verify_binding(
+            ca_pem,
+            &b.certificate,
+            id,
+            &crate::pki::binding_message(seal, verify),
+            &b.signature,
+        )
+    }
+}
+
+impl RoundInfo {
+    /// Checks every committee member's key binding against the federation CA.
+    pub fn check_bindings(&self, ca_pem: &str) -> Result<(), CryptoError> {
+        for m in &self.committee {
+            KeyBinding::check(
+                m.binding.as_ref(),
+                ca_pem,
+                &m.id,
+                &m.seal_key.0,
+                &m.verify_key.0,
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// Everything a round's parties must agree on. The coordinator sends it with each task.
@@ -463,6 +536,7 @@ mod tests {
                     id: p.id.clone(),
                     seal_key: p.seal.public(),
                     verify_key: p.sign.verify_key(),
+                    binding: None,
                 })
                 .collect(),
             threshold: t,
@@ -807,6 +881,44 @@ mod tests {
             .collect();
         pieces.pop();
         assert!(check_pieces(&r.info, &committee, &pieces).is_err());
+    }
+
+    #[test]
+    fn committee_keys_must_be_bound_to_the_members_certificates() {
+        use crate::pki::{Authority, Role, Validity, binding_message, sign_with_key};
+        use x509_parser::prelude::*;
+        let mut rng = ChaCha8Rng::seed_from_u64(6);
+        let ca = Authority::generate("federation", &Validity::days(1)).unwrap();
+        let parties: Vec<Party> = (0..3).map(|i| party(&format!("p{i}"), &mut rng)).collect();
+        let mut info = info(&parties, 2, 2);
+        for m in info.committee.iter_mut() {
+            let cert = ca
+                .issue(&m.id, Role::Participant, &[], &[], &Validity::days(1))
+                .unwrap();
+            let der = parse_x509_pem(cert.cert_pem.as_bytes()).unwrap().1.contents;
+            let sig = sign_with_key(
+                &cert.key_pem,
+                &binding_message(&m.seal_key.0, &m.verify_key.0),
+            )
+            .unwrap();
+            m.binding = Some(KeyBinding {
+                certificate: der,
+                signature: sig,
+            });
+        }
+        info.check_bindings(ca.cert_pem()).unwrap();
+        // A coordinator that swaps a member's sealing key for its own is caught.
+        let mut swapped = info.clone();
+        swapped.committee[1].seal_key = MemberSecret::generate(&mut rng).public();
+        let e = swapped.check_bindings(ca.cert_pem()).unwrap_err();
+        assert!(e.to_string().contains("p1"), "{e}");
+        // So is one that presents p2's certificate for p1, or no binding at all.
+        let mut moved = info.clone();
+        moved.committee[1].binding = moved.committee[2].binding.clone();
+        assert!(moved.check_bindings(ca.cert_pem()).is_err());
+        let mut bare = info;
+        bare.committee[0].binding = None;
+        assert!(bare.check_bindings(ca.cert_pem()).is_err());
     }
 
     #[test]

@@ -328,15 +328,18 @@ pub fn verify_binding(
 ) -> Result<(), CryptoError> {
     use x509_parser::prelude::*;
     let (_, ca_pem) = parse_x509_pem(ca_pem.as_bytes()).map_err(|e| pki(format!("CA: {e}")))?;
-    let ca = ca_pem
-        .parse_x509()
-        .map_err(|e| pki(format!("CA: {e}")))?;
+    let ca = ca_pem.parse_x509().map_err(|e| pki(format!("CA: {e}")))?;
     let (_, cert) = X509Certificate::from_der(cert_der)
         .map_err(|e| pki(format!("{identity:?}'s certificate: {e}")))?;
-    cert.verify_signature(Some(ca.public_key()))
-        .map_err(|_| pki(format!("{identity:?}'s certificate is not from this federation's CA")))?;
+    cert.verify_signature(Some(ca.public_key())).map_err(|_| {
+        pki(format!(
+            "{identity:?}'s certificate is not from this federation's CA"
+        ))
+    })?;
     if !cert.validity().is_valid() {
-        return Err(pki(format!("{identity:?}'s certificate is expired or not yet valid")));
+        return Err(pki(format!(
+            "{identity:?}'s certificate is expired or not yet valid"
+        )));
     }
     let (id, role) = identity_of(cert_der)?;
     if id != identity || role != Role::Participant {
@@ -347,7 +350,11 @@ pub fn verify_binding(
     let key = &cert.public_key().subject_public_key.data;
     ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, key)
         .verify(msg, signature)
-        .map_err(|_| pki(format!("{identity:?}'s keys are not signed by its certificate's key")))
+        .map_err(|_| {
+            pki(format!(
+                "{identity:?}'s keys are not signed by its certificate's key"
+            ))
+        })
 }
 
 /// The serial number of a DER certificate.

@@ -101,9 +101,10 @@ pub struct AgentOptions {
     /// Fault injection: wait this long after training before uploading (a slow link or a
     /// straggler). Zero in normal operation.
     pub upload_delay: Duration,
-    /// Mutual TLS towards the coordinator (`https://` addresses); `None` only for
-    /// development against an `--insecure-dev` coordinator.
-    pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Mutual TLS towards the coordinator (`https://` addresses); also binds this node's
+    /// secure-aggregation keys to its certificate and checks other nodes' bindings. `None`
+    /// only for development against an `--insecure-dev` coordinator.
+    pub tls: Option<cohort_protocol::tls::NodeTls>,
 }
 
 /// What the agent did.
@@ -149,11 +150,25 @@ impl Secrets {
         }
     }
 
-    fn keys(&self) -> pb::SecureKeys {
-        pb::SecureKeys {
-            seal_key: self.seal.public().0.to_vec(),
-            verify_key: self.sign.verify_key().0.to_vec(),
-        }
+    /// The public keys to join with, signed by the certificate's key under TLS.
+    fn keys(
+        &self,
+        tls: Option<&cohort_protocol::tls::NodeTls>,
+    ) -> Result<pb::SecureKeys, AgentError> {
+        let (seal, verify) = (self.seal.public().0, self.sign.verify_key().0);
+        let binding = match tls {
+            Some(t) => cohort_crypto::pki::sign_with_key(
+                &t.key_pem,
+                &cohort_crypto::pki::binding_message(&seal, &verify),
+            )
+            .map_err(|e| AgentError::Address("certificate key".into(), e.to_string()))?,
+            None => Vec::new(),
+        };
+        Ok(pb::SecureKeys {
+            seal_key: seal.to_vec(),
+            verify_key: verify.to_vec(),
+            binding,
+        })
     }
 }
 
@@ -174,7 +189,7 @@ async fn connect(
         .tcp_nodelay(true);
     let endpoint = match &opts.tls {
         Some(tls) => endpoint
-            .tls_config(tls.clone())
+            .tls_config(tls.client_config())
             .map_err(|e| AgentError::Address(opts.coordinator.clone(), e.to_string()))?,
         None => endpoint,
     };
@@ -368,7 +383,12 @@ async fn train_round(
             let (me, sec, n) = (opts.id.clone(), secrets.clone(), report.num_examples as u64);
             let info = Arc::new(info);
             let round_info = info.clone();
+            let ca = opts.tls.as_ref().map(|t| t.ca_pem.clone());
             let protected = with_heartbeats(s, move || {
+                // Seal key pieces only to keys their owners' certificates vouch for.
+                if let Some(ca) = &ca {
+                    round_info.check_bindings(ca)?;
+                }
                 let mut guard = lock(&sec);
                 let x = &mut *guard;
                 x.round_seeds.insert(
@@ -438,12 +458,14 @@ async fn decrypt_round(
         .await?
         .into_inner();
     let (mut records, mut keys, mut pieces) = (Vec::new(), BTreeMap::new(), Vec::new());
+    let mut public = Vec::new();
     let malformed = |e: cohort_protocol::ProtocolError| Status::invalid_argument(e.to_string());
     while let Some(item) = stream.message().await? {
         match item.kind {
             Some(In::Upload(u)) => {
-                let (rec, key) = record_from_pb(&u).map_err(malformed)?;
-                keys.insert(rec.participant.clone(), key);
+                let (rec, pk) = record_from_pb(&u).map_err(malformed)?;
+                keys.insert(rec.participant.clone(), pk.verify);
+                public.push((rec.participant.clone(), pk));
                 records.push(rec);
             }
             Some(In::Piece(p)) => {
@@ -466,7 +488,14 @@ async fn decrypt_round(
     let (me, sec) = (opts.id.clone(), secrets.clone());
     let (task_digest, count) = (d.manifest_digest.clone(), d.manifest_participants as usize);
     let (coord_key, coord_sig) = (d.coordinator_key.clone(), d.manifest_signature.clone());
+    let ca = opts.tls.as_ref().map(|t| t.ca_pem.clone());
     let answer = with_heartbeats(s, move || {
+        // Every participant's signature key must be its own, vouched for by its certificate.
+        if let Some(ca) = &ca {
+            for (id, pk) in &public {
+                pk.check(ca, id).map_err(|e| e.to_string())?;
+            }
+        }
         let digest = manifest.digest();
         if task_digest != digest || count != manifest.entries.len() {
             return Err("the records sent are not the manifest the task names".to_string());
@@ -587,7 +616,7 @@ async fn agent(
     let mut report = AgentReport::default();
     let n = data.as_ref().map_or(0, |d| d.train.len() as u64);
     let secrets: SharedSecrets = Arc::new(Mutex::new(Secrets::generate()));
-    let keys = lock(&secrets).keys();
+    let keys = lock(&secrets).keys(opts.tls.as_ref())?;
     let mut s = connect(&opts, n, &keys).await?;
     loop {
         let polled = s

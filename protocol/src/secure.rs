@@ -1,7 +1,9 @@
 //! Conversions between the secure-aggregation messages and `cohort_crypto`'s types. Every
 //! conversion from the wire checks lengths and names the field that is wrong.
 
-use cohort_crypto::aggregation::{MemberInfo, RoundInfo, SCHEME, SealedPiece, UploadRecord};
+use cohort_crypto::aggregation::{
+    KeyBinding, MemberInfo, PublicKeys, RoundInfo, SCHEME, SealedPiece, UploadRecord,
+};
 use cohort_crypto::{Codec, GlweParams, MemberPublic, RoundSeed, Sealed, VerifyKey};
 
 use crate::{ProtocolError, pb};
@@ -22,6 +24,14 @@ pub fn bytes64(bytes: &[u8], what: &str) -> Result<[u8; 64], ProtocolError> {
     fixed(bytes, what)
 }
 
+/// A key binding from its wire fields (both empty: none).
+pub fn binding_from(certificate: &[u8], signature: &[u8]) -> Option<KeyBinding> {
+    (!certificate.is_empty() || !signature.is_empty()).then(|| KeyBinding {
+        certificate: certificate.to_vec(),
+        signature: signature.to_vec(),
+    })
+}
+
 pub fn round_pb(info: &RoundInfo) -> pb::SecureRound {
     pb::SecureRound {
         scheme: SCHEME.into(),
@@ -34,6 +44,16 @@ pub fn round_pb(info: &RoundInfo) -> pb::SecureRound {
                 participant_id: m.id.clone(),
                 seal_key: m.seal_key.0.to_vec(),
                 verify_key: m.verify_key.0.to_vec(),
+                certificate: m
+                    .binding
+                    .as_ref()
+                    .map(|b| b.certificate.clone())
+                    .unwrap_or_default(),
+                binding: m
+                    .binding
+                    .as_ref()
+                    .map(|b| b.signature.clone())
+                    .unwrap_or_default(),
             })
             .collect(),
         threshold: info.threshold as u32,
@@ -70,6 +90,7 @@ pub fn round_from_pb(
                 id: c.participant_id.clone(),
                 seal_key: MemberPublic(bytes32(&c.seal_key, "committee seal_key")?),
                 verify_key: VerifyKey(bytes32(&c.verify_key, "committee verify_key")?),
+                binding: binding_from(&c.certificate, &c.binding),
             })
         })
         .collect::<Result<Vec<_>, ProtocolError>>()?;
@@ -119,18 +140,22 @@ pub fn sealed_from_pb(p: &pb::SealedPiece) -> Result<SealedPiece, ProtocolError>
     })
 }
 
-pub fn record_pb(r: &UploadRecord, key: &VerifyKey) -> pb::UploadRecord {
+pub fn record_pb(r: &UploadRecord, keys: &PublicKeys) -> pb::UploadRecord {
+    let b = keys.binding.as_ref();
     pb::UploadRecord {
         participant_id: r.participant.clone(),
         weight: r.weight,
         bodies_sha256: r.bodies_sha256.to_vec(),
         piece_hashes: r.piece_hashes.iter().map(|h| h.to_vec()).collect(),
         signature: r.signature.to_vec(),
-        verify_key: key.0.to_vec(),
+        verify_key: keys.verify.0.to_vec(),
+        certificate: b.map(|b| b.certificate.clone()).unwrap_or_default(),
+        binding: b.map(|b| b.signature.clone()).unwrap_or_default(),
+        seal_key: keys.seal.0.to_vec(),
     }
 }
 
-pub fn record_from_pb(r: &pb::UploadRecord) -> Result<(UploadRecord, VerifyKey), ProtocolError> {
+pub fn record_from_pb(r: &pb::UploadRecord) -> Result<(UploadRecord, PublicKeys), ProtocolError> {
     Ok((
         UploadRecord {
             participant: r.participant_id.clone(),
@@ -143,7 +168,11 @@ pub fn record_from_pb(r: &pb::UploadRecord) -> Result<(UploadRecord, VerifyKey),
                 .collect::<Result<_, _>>()?,
             signature: bytes64(&r.signature, "upload signature")?,
         },
-        VerifyKey(bytes32(&r.verify_key, "verify_key")?),
+        PublicKeys {
+            seal: MemberPublic(bytes32(&r.seal_key, "seal_key")?),
+            verify: VerifyKey(bytes32(&r.verify_key, "verify_key")?),
+            binding: binding_from(&r.certificate, &r.binding),
+        },
     ))
 }
 
@@ -164,6 +193,10 @@ mod tests {
                     id: format!("m{i}"),
                     seal_key: MemberPublic([i as u8 + 1; 32]),
                     verify_key: VerifyKey([i as u8 + 9; 32]),
+                    binding: (i == 1).then(|| KeyBinding {
+                        certificate: vec![1, 2, 3],
+                        signature: vec![4, 5],
+                    }),
                 })
                 .collect(),
             threshold: 2,
@@ -224,6 +257,11 @@ mod tests {
                     id: format!("participant-{i:03}"),
                     seal_key: s.public(),
                     verify_key: v.verify_key(),
+                    // A realistic binding: a P-256 certificate and signature.
+                    binding: Some(KeyBinding {
+                        certificate: vec![0; 480],
+                        signature: vec![0; 72],
+                    }),
                 })
                 .collect(),
             threshold: 3,

@@ -63,14 +63,47 @@ impl TlsFiles {
         )
     }
 
+    /// A client node's material, read now.
+    pub fn node(&self) -> Result<NodeTls, TlsError> {
+        Ok(NodeTls {
+            ca_pem: read(&self.ca)?,
+            cert_pem: read(&self.cert)?,
+            key_pem: read(&self.key)?,
+            server_name: self
+                .server_name
+                .clone()
+                .unwrap_or_else(|| "coordinator".into()),
+        })
+    }
+}
+
+/// A client node's TLS material in memory: it connects with it, signs its secure-aggregation
+/// keys with the certificate's key, and checks others' key bindings against the CA.
+#[derive(Clone)]
+pub struct NodeTls {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub server_name: String,
+}
+
+impl std::fmt::Debug for NodeTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeTls {
     /// The client side for tonic channels.
-    pub fn client_config(&self) -> Result<tonic::transport::ClientTlsConfig, TlsError> {
-        Ok(client_config(
-            &read(&self.ca)?,
-            &read(&self.cert)?,
-            &read(&self.key)?,
-            self.server_name.as_deref().unwrap_or("coordinator"),
-        ))
+    pub fn client_config(&self) -> tonic::transport::ClientTlsConfig {
+        client_config(
+            &self.ca_pem,
+            &self.cert_pem,
+            &self.key_pem,
+            &self.server_name,
+        )
     }
 }
 
