@@ -50,6 +50,16 @@ enum Command {
     /// Revoke identities of a provisioned federation: writes a new CRL, which a running
     /// coordinator picks up without a restart.
     Revoke(cohort::provision::RevokeArgs),
+    /// Rotate the key-encryption key of encrypted model versions: a new key becomes current
+    /// and every version's data key is re-wrapped (the weights are not re-encrypted).
+    RotateKeys {
+        /// The [at_rest] key_dir.
+        #[arg(long)]
+        key_dir: PathBuf,
+        /// The coordinator's model_dir.
+        #[arg(long)]
+        model_dir: PathBuf,
+    },
 }
 
 const INSECURE: &str = "INSECURE DEVELOPMENT MODE: no TLS. Anyone who can reach this port can \
@@ -101,8 +111,21 @@ async fn run_coordinator(config: PathBuf, insecure_dev: bool) -> anyhow::Result<
             .map_err(anyhow::Error::msg)?;
     let orch = Orchestrator::new(job, strategy, cfg.allowed_participants.clone())
         .map_err(anyhow::Error::msg)?;
-    let store = ModelStore::open(&cfg.model_dir)
-        .with_context(|| format!("opening model directory {}", cfg.model_dir.display()))?;
+    let store = match &cfg.at_rest {
+        Some(a) => {
+            let keys = cohort_coordinator::model_store::load_key_dir(&a.key_dir)
+                .map_err(anyhow::Error::msg)?;
+            ModelStore::open_encrypted(&cfg.model_dir, Arc::new(keys))
+        }
+        None => {
+            tracing::warn!(
+                "no [at_rest] section: model versions are stored unencrypted in {}",
+                cfg.model_dir.display()
+            );
+            ModelStore::open(&cfg.model_dir)
+        }
+    }
+    .with_context(|| format!("opening model directory {}", cfg.model_dir.display()))?;
     let coordinator = Coordinator::start(orch, store).map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -228,6 +251,20 @@ fn main() -> ExitCode {
                 println!(
                     "federation provisioned in {}: keep ca/ca.key offline; give each node its own directory",
                     args.out.display()
+                );
+                Ok(())
+            }
+            Command::RotateKeys { key_dir, model_dir } => {
+                let id = cohort_coordinator::model_store::add_key(&key_dir)
+                    .map_err(anyhow::Error::msg)?;
+                let keys = cohort_coordinator::model_store::load_key_dir(&key_dir)
+                    .map_err(anyhow::Error::msg)?;
+                let n = ModelStore::open_encrypted(&model_dir, Arc::new(keys))
+                    .and_then(|s| s.rewrap_all())
+                    .map_err(anyhow::Error::msg)?;
+                println!(
+                    "{id} is now current; {n} model versions re-wrapped. Old keys stay in {} until you remove them.",
+                    key_dir.display()
                 );
                 Ok(())
             }

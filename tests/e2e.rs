@@ -124,6 +124,9 @@ cert = "{pki}/coordinator/cert.pem"
 key = "{pki}/coordinator/key.pem"
 crl = "{pki}/coordinator/crl.pem"
 
+[at_rest]
+key_dir = "{pki}/coordinator/kek"
+
 [job]
 id = "breast-cancer"
 rounds = {rounds}
@@ -258,12 +261,42 @@ fn coordinator_and_three_participant_processes_complete_three_rounds() {
         let s = p.wait_for_exit(Duration::from_secs(30));
         assert!(s.success(), "{} exited with {s}", p.name);
     }
+    // Every version is on disk, encrypted at rest; it decrypts with the coordinator's keys
+    // (also after a key rotation) to exactly the weights the manifest names.
     for v in 0..=3 {
-        assert!(
-            fed.dir
-                .path()
-                .join(format!("models/v{v:05}.safetensors"))
-                .is_file()
+        let p = fed
+            .dir
+            .path()
+            .join(format!("models/v{v:05}.safetensors.enc"));
+        let bytes = std::fs::read(&p).unwrap();
+        assert!(bytes.starts_with(b"COHORT-ENC1"), "{} is not encrypted", p.display());
+    }
+    let kek = fed.dir.path().join("pki/coordinator/kek");
+    let out = Command::new(BIN)
+        .args(["rotate-keys", "--key-dir"])
+        .arg(&kek)
+        .arg("--model-dir")
+        .arg(fed.dir.path().join("models"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("4 model versions re-wrapped"));
+    std::fs::remove_file(kek.join("kek-1.kek")).unwrap();
+    let store = cohort_coordinator::ModelStore::open_encrypted(
+        fed.dir.path().join("models"),
+        std::sync::Arc::new(cohort_coordinator::model_store::load_key_dir(&kek).unwrap()),
+    )
+    .unwrap();
+    for v in 0..=3 {
+        use sha2::Digest;
+        let plain = store.read_weights(v).unwrap();
+        assert_eq!(
+            hex::encode(sha2::Sha256::digest(&plain)),
+            fed.manifest(v)["sha256"].as_str().unwrap()
         );
     }
     // Every round was securely aggregated (the default): the committee decrypted the sum.

@@ -25,7 +25,19 @@ pub struct CoordinatorConfig {
     /// starts with `--insecure-dev`.
     #[serde(default)]
     pub tls: Option<cohort_protocol::tls::TlsFiles>,
+    /// Encryption of model artifacts at rest (AES-256-GCM, envelope keys from `key_dir`).
+    #[serde(default)]
+    pub at_rest: Option<AtRestSection>,
     pub job: JobSection,
+}
+
+/// `[at_rest]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AtRestSection {
+    /// Key-encryption keys (`<id>.kek`, `current`), as `cohort provision` or `cohort keys
+    /// rotate` write them; relative to the configuration file.
+    pub key_dir: PathBuf,
 }
 
 /// `[job]`.
@@ -184,6 +196,11 @@ impl CoordinatorConfig {
         let mut cfg = Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         if let Some(dir) = path.parent() {
             cfg.tls = cfg.tls.map(|t| t.relative_to(dir));
+            if let Some(a) = cfg.at_rest.as_mut()
+                && a.key_dir.is_relative()
+            {
+                a.key_dir = dir.join(&a.key_dir);
+            }
         }
         Ok(cfg)
     }

@@ -9,7 +9,14 @@ use cohort_model::{ComputeDevice, Metrics, ModelSpec};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use cohort_crypto::atrest::{self, KeyFileProvider, KeyProvider};
+
 use crate::round::RoundSummary;
+
+/// The name a version's weights are bound to when encrypted.
+fn weights_name(version: u64) -> String {
+    format!("v{version:05}.safetensors")
+}
 
 /// The manifest written beside each version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,12 +53,86 @@ pub enum StoreError {
     Model(#[from] cohort_model::ModelError),
     #[error("{path}: manifest is not valid: {message}")]
     Manifest { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Keys { path: PathBuf, message: String },
 }
 
 /// A directory of model versions.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ModelStore {
     dir: PathBuf,
+    /// Encrypts weights at rest (envelope encryption, `cohort_crypto::atrest`) when set.
+    keys: Option<std::sync::Arc<dyn KeyProvider>>,
+}
+
+impl std::fmt::Debug for ModelStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelStore")
+            .field("dir", &self.dir)
+            .field("encrypted", &self.keys.is_some())
+            .finish()
+    }
+}
+
+/// Keys for encryption at rest from a key directory: `<id>.kek` files (64 hex digits, mode
+/// 0600) and a `current` file naming the one that wraps new data keys. `cohort keys` writes
+/// and rotates them.
+pub fn load_key_dir(dir: &Path) -> Result<KeyFileProvider, StoreError> {
+    let bad = |message: String| StoreError::Keys {
+        path: dir.to_path_buf(),
+        message,
+    };
+    let current_path = dir.join("current");
+    let current = std::fs::read_to_string(&current_path).map_err(io(&current_path))?;
+    let mut keys = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let path = entry.map_err(io(dir))?.path();
+        let Some(id) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".kek"))
+        else {
+            continue;
+        };
+        let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+        let bytes = hex::decode(text.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or_else(|| bad(format!("{}: not 64 hex digits", path.display())))?;
+        keys.push((id.to_string(), bytes));
+    }
+    KeyFileProvider::from_keys(keys, current.trim()).map_err(|e| bad(e.to_string()))
+}
+
+/// Adds a new key to `dir` (creating it) and makes it current. Returns its id.
+pub fn add_key(dir: &Path) -> Result<String, StoreError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let n = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".kek"))
+        })
+        .count();
+    let id = format!("kek-{}", n + 1);
+    let key = KeyFileProvider::new_key().map_err(|e| StoreError::Keys {
+        path: dir.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let path = dir.join(format!("{id}.kek"));
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(0o600);
+    }
+    use std::io::Write;
+    o.open(&path)
+        .and_then(|mut f| f.write_all(hex::encode(key).as_bytes()).and_then(|_| f.sync_all()))
+        .map_err(io(&path))?;
+    write_atomic(&dir.join("current"), id.as_bytes())?;
+    Ok(id)
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -75,7 +156,55 @@ impl ModelStore {
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        Ok(ModelStore { dir })
+        Ok(ModelStore { dir, keys: None })
+    }
+
+    /// A store whose weights are encrypted at rest with `keys`.
+    pub fn open_encrypted(
+        dir: impl Into<PathBuf>,
+        keys: std::sync::Arc<dyn KeyProvider>,
+    ) -> Result<Self, StoreError> {
+        let mut s = Self::open(dir)?;
+        s.keys = Some(keys);
+        Ok(s)
+    }
+
+    /// A version's safetensors bytes, decrypted if need be.
+    pub fn read_weights(&self, version: u64) -> Result<Vec<u8>, StoreError> {
+        let p = self.weights_path(version);
+        let bytes = std::fs::read(&p).map_err(io(&p))?;
+        match &self.keys {
+            Some(k) => atrest::decrypt(k.as_ref(), &weights_name(version), &bytes).map_err(|e| {
+                StoreError::Keys {
+                    path: p,
+                    message: e.to_string(),
+                }
+            }),
+            None => Ok(bytes),
+        }
+    }
+
+    /// Re-wraps every encrypted version's data key under the current key-encryption key
+    /// (after a rotation); the weights themselves are not re-encrypted. Returns how many
+    /// files changed.
+    pub fn rewrap_all(&self) -> Result<usize, StoreError> {
+        let Some(keys) = &self.keys else {
+            return Ok(0);
+        };
+        let mut changed = 0;
+        for v in self.versions()? {
+            let p = self.weights_path(v);
+            let bytes = std::fs::read(&p).map_err(io(&p))?;
+            let re = atrest::rewrap(keys.as_ref(), &bytes).map_err(|e| StoreError::Keys {
+                path: p.clone(),
+                message: e.to_string(),
+            })?;
+            if let Some(re) = re {
+                write_atomic(&p, &re)?;
+                changed += 1;
+            }
+        }
+        Ok(changed)
     }
 
     pub fn dir(&self) -> &Path {
@@ -83,7 +212,10 @@ impl ModelStore {
     }
 
     pub fn weights_path(&self, version: u64) -> PathBuf {
-        self.dir.join(format!("v{version:05}.safetensors"))
+        match self.keys {
+            Some(_) => self.dir.join(format!("{}.enc", weights_name(version))),
+            None => self.dir.join(weights_name(version)),
+        }
     }
 
     pub fn manifest_path(&self, version: u64) -> PathBuf {
@@ -105,7 +237,18 @@ impl ModelStore {
         let net = spec.build(params, &ComputeDevice::Cpu.inference())?;
         let bytes = net.to_safetensors()?;
         let weights = self.weights_path(version);
-        write_atomic(&weights, &bytes)?;
+        match &self.keys {
+            Some(k) => {
+                let enc = atrest::encrypt(k.as_ref(), &weights_name(version), &bytes).map_err(
+                    |e| StoreError::Keys {
+                        path: weights.clone(),
+                        message: e.to_string(),
+                    },
+                )?;
+                write_atomic(&weights, &enc)?;
+            }
+            None => write_atomic(&weights, &bytes)?,
+        }
         let manifest = ModelManifest {
             job_id: job_id.to_string(),
             version,
@@ -183,5 +326,55 @@ mod tests {
         assert_eq!(hex::encode(Sha256::digest(&bytes)), m1.sha256);
         assert_eq!(m1.params_digest, cohort_protocol::params_digest(&p));
         assert!(!dir.path().join("models/v00001.tmp").exists());
+    }
+
+    #[test]
+    fn encrypted_versions_hold_no_model_bytes_and_survive_key_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let kdir = dir.path().join("keys");
+        add_key(&kdir).unwrap();
+        let keys = std::sync::Arc::new(load_key_dir(&kdir).unwrap());
+        let store = ModelStore::open_encrypted(dir.path().join("models"), keys).unwrap();
+        let spec = ModelSpec::Mlp {
+            inputs: 20,
+            hidden: vec![16],
+            classes: 3,
+        };
+        let p = spec.initial_parameters(3);
+        store.write("j", &spec, "fedavg", 1, &p, None, 6).unwrap();
+        let on_disk = std::fs::read(store.weights_path(1)).unwrap();
+        // No parameter's bytes appear in the file (8-byte runs of the little-endian f32s).
+        let raw = cohort_protocol::f32_bytes(&p);
+        let leaked = raw
+            .chunks_exact(8)
+            .filter(|w| on_disk.windows(8).any(|d| d == *w))
+            .count();
+        assert_eq!(leaked, 0, "{leaked} runs of model bytes found on disk");
+        let plain = store.read_weights(1).unwrap();
+        assert_eq!(
+            hex::encode(Sha256::digest(&plain)),
+            store.manifest(1).unwrap().sha256
+        );
+        // Rotate: a new key, every version re-wrapped, the old key removed: still readable.
+        add_key(&kdir).unwrap();
+        let rotated = ModelStore::open_encrypted(
+            dir.path().join("models"),
+            std::sync::Arc::new(load_key_dir(&kdir).unwrap()),
+        )
+        .unwrap();
+        assert_eq!(rotated.rewrap_all().unwrap(), 1);
+        std::fs::remove_file(kdir.join("kek-1.kek")).unwrap();
+        let after = ModelStore::open_encrypted(
+            dir.path().join("models"),
+            std::sync::Arc::new(load_key_dir(&kdir).unwrap()),
+        )
+        .unwrap();
+        assert_eq!(after.read_weights(1).unwrap(), plain);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(kdir.join("kek-2.kek")).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
     }
 }

@@ -23,6 +23,7 @@
 //! except key generation in [`pki`], which uses the operating system's generator.
 
 pub mod aggregation;
+pub mod atrest;
 pub mod codec;
 mod fft;
 pub mod glwe;
@@ -50,6 +51,8 @@ pub enum CryptoError {
     Signature(String),
     #[error("sealed piece: {0}")]
     Seal(String),
+    #[error("at-rest encryption: {0}")]
+    AtRest(String),
     #[error("certificates: {0}")]
     Pki(String),
     #[error("refused: {0}")]
