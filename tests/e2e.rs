@@ -269,7 +269,11 @@ fn coordinator_and_three_participant_processes_complete_three_rounds() {
             .path()
             .join(format!("models/v{v:05}.safetensors.enc"));
         let bytes = std::fs::read(&p).unwrap();
-        assert!(bytes.starts_with(b"COHORT-ENC1"), "{} is not encrypted", p.display());
+        assert!(
+            bytes.starts_with(b"COHORT-ENC1"),
+            "{} is not encrypted",
+            p.display()
+        );
     }
     let kek = fed.dir.path().join("pki/coordinator/kek");
     let out = Command::new(BIN)

@@ -129,7 +129,10 @@ pub fn add_key(dir: &Path) -> Result<String, StoreError> {
     }
     use std::io::Write;
     o.open(&path)
-        .and_then(|mut f| f.write_all(hex::encode(key).as_bytes()).and_then(|_| f.sync_all()))
+        .and_then(|mut f| {
+            f.write_all(hex::encode(key).as_bytes())
+                .and_then(|_| f.sync_all())
+        })
         .map_err(io(&path))?;
     write_atomic(&dir.join("current"), id.as_bytes())?;
     Ok(id)
@@ -239,12 +242,13 @@ impl ModelStore {
         let weights = self.weights_path(version);
         match &self.keys {
             Some(k) => {
-                let enc = atrest::encrypt(k.as_ref(), &weights_name(version), &bytes).map_err(
-                    |e| StoreError::Keys {
-                        path: weights.clone(),
-                        message: e.to_string(),
-                    },
-                )?;
+                let enc =
+                    atrest::encrypt(k.as_ref(), &weights_name(version), &bytes).map_err(|e| {
+                        StoreError::Keys {
+                            path: weights.clone(),
+                            message: e.to_string(),
+                        }
+                    })?;
                 write_atomic(&weights, &enc)?;
             }
             None => write_atomic(&weights, &bytes)?,
@@ -373,7 +377,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(kdir.join("kek-2.kek")).unwrap().permissions().mode();
+            let mode = std::fs::metadata(kdir.join("kek-2.kek"))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
     }

@@ -48,8 +48,12 @@ fn seal_with(key: &[u8; 32], aad: &[u8], plain: &[u8]) -> Result<Vec<u8>, Crypto
     let k = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).map_err(|_| err("bad key"))?);
     let nonce: [u8; NONCE_LEN] = random()?;
     let mut buf = plain.to_vec();
-    k.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)
-        .map_err(|_| err("encryption failed"))?;
+    k.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(aad),
+        &mut buf,
+    )
+    .map_err(|_| err("encryption failed"))?;
     Ok([nonce.as_slice(), &buf].concat())
 }
 
@@ -164,7 +168,9 @@ impl KeyFileProvider {
     /// `keys` by id; `current` wraps new data keys.
     pub fn from_keys(keys: Vec<(String, [u8; 32])>, current: &str) -> Result<Self, CryptoError> {
         if !keys.iter().any(|k| k.0 == current) {
-            return Err(err(format!("current key {current:?} is not among the keys")));
+            return Err(err(format!(
+                "current key {current:?} is not among the keys"
+            )));
         }
         Ok(KeyFileProvider {
             keys,
@@ -210,7 +216,9 @@ mod tests {
     fn encrypts_hides_and_survives_rotation() {
         let k1 = KeyFileProvider::new_key().unwrap();
         let keys = KeyFileProvider::from_keys(vec![("kek-1".into(), k1)], "kek-1").unwrap();
-        let plain: Vec<u8> = (0..4096u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let plain: Vec<u8> = (0..4096u32)
+            .flat_map(|i| (i as f32).to_le_bytes())
+            .collect();
         let enc = encrypt(&keys, "v00001.safetensors", &plain).unwrap();
         assert!(
             !enc.windows(16).any(|w| plain.windows(16).any(|p| p == w)),
@@ -237,7 +245,10 @@ mod tests {
             "the encrypted artifact itself is untouched"
         );
         let only_new = KeyFileProvider::from_keys(vec![("kek-2".into(), k2)], "kek-2").unwrap();
-        assert_eq!(decrypt(&only_new, "v00001.safetensors", &re).unwrap(), plain);
+        assert_eq!(
+            decrypt(&only_new, "v00001.safetensors", &re).unwrap(),
+            plain
+        );
         assert!(decrypt(&only_new, "v00001.safetensors", &enc).is_err());
         assert!(rewrap(&only_new, &re).unwrap().is_none());
     }
