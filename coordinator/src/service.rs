@@ -68,7 +68,46 @@ struct Shared {
     upload_slots: tokio::sync::Semaphore,
     /// Set when serving with mutual TLS: every call must carry a participant certificate.
     require_certificates: std::sync::atomic::AtomicBool,
+    limiter: RateLimiter,
 }
+
+/// Token buckets per caller: `rate.0` requests per second sustained, bursts of `rate.1`.
+struct RateLimiter {
+    rate: Mutex<(f64, f64)>,
+    buckets: Mutex<std::collections::HashMap<String, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    fn new(per_second: f64, burst: f64) -> Self {
+        RateLimiter {
+            rate: Mutex::new((per_second, burst)),
+            buckets: Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    fn allow(&self, key: &str, now: Instant) -> bool {
+        let (rate, burst) = *self.rate.lock().expect("limiter lock");
+        let mut b = self.buckets.lock().expect("limiter lock");
+        if b.len() > 100_000 {
+            // Forget idle callers rather than grow without bound.
+            b.retain(|_, (tokens, at)| *tokens < burst || now.duration_since(*at).as_secs() < 60);
+        }
+        let (tokens, at) = b.entry(key.to_string()).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Default per-caller limit: generous for a participant (long-polls, heartbeats, chunked
+/// uploads), tight enough to stop a flood.
+const RATE_PER_SECOND: f64 = 50.0;
+const RATE_BURST: f64 = 500.0;
 
 /// Uploads received at once (see `Shared::upload_slots`).
 const UPLOAD_SLOTS: usize = 4;
@@ -108,6 +147,7 @@ impl Coordinator {
             store,
             upload_slots: tokio::sync::Semaphore::new(UPLOAD_SLOTS),
             require_certificates: std::sync::atomic::AtomicBool::new(false),
+            limiter: RateLimiter::new(RATE_PER_SECOND, RATE_BURST),
         });
         tokio::spawn(process_events(rx, Arc::downgrade(&shared)));
         tokio::spawn(run_timer(Arc::downgrade(&shared)));
@@ -170,7 +210,30 @@ impl Coordinator {
 
     /// The identity in the caller's certificate, when the service runs with TLS; `None`
     /// on a plaintext development listener. Only participant certificates may call.
+    /// Every call is also counted against its caller's rate limit: the certificate
+    /// identity, or the remote address on a plaintext listener.
     fn caller<T>(&self, req: &Request<T>) -> Result<Option<String>, Status> {
+        let id = self.certificate_identity(req)?;
+        let key = id.clone().unwrap_or_else(|| {
+            req.remote_addr()
+                .map(|a| a.ip().to_string())
+                .unwrap_or_else(|| "unknown".into())
+        });
+        if !self.shared.limiter.allow(&key, Instant::now()) {
+            tracing::warn!(caller = %key, "refused: over the rate limit");
+            return Err(Status::resource_exhausted(format!(
+                "{key}: too many requests; slow down"
+            )));
+        }
+        Ok(id)
+    }
+
+    /// Sets the per-caller rate limit: `per_second` sustained, bursts of `burst`.
+    pub fn set_rate_limit(&self, per_second: f64, burst: f64) {
+        *self.shared.limiter.rate.lock().expect("limiter lock") = (per_second, burst);
+    }
+
+    fn certificate_identity<T>(&self, req: &Request<T>) -> Result<Option<String>, Status> {
         if !self
             .shared
             .require_certificates

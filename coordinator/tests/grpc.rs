@@ -442,3 +442,34 @@ mod secure {
         .unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_over_the_rate_limit_get_resource_exhausted_then_recover() {
+    let (coord, addr, _dir) = start().await;
+    coord.set_rate_limit(5.0, 10.0);
+    let mut c = client(&addr).await;
+    let s = join(&mut c, "a").await;
+    let mut refused = 0;
+    for _ in 0..30 {
+        match c
+            .heartbeat(pb::HeartbeatRequest {
+                session_id: s.clone(),
+            })
+            .await
+        {
+            Ok(_) => {}
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        refused >= 15,
+        "only {refused} of 30 refused at 10 burst, 5/s"
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    c.heartbeat(pb::HeartbeatRequest { session_id: s })
+        .await
+        .expect("tokens come back with time");
+}
