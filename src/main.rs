@@ -113,9 +113,8 @@ async fn run_coordinator(config: PathBuf, insecure_dev: bool) -> anyhow::Result<
         .map_err(anyhow::Error::msg)?;
     let store = match &cfg.at_rest {
         Some(a) => {
-            let keys = cohort_coordinator::model_store::load_key_dir(&a.key_dir)
-                .map_err(anyhow::Error::msg)?;
-            ModelStore::open_encrypted(&cfg.model_dir, Arc::new(keys))
+            let keys = a.provider().map_err(anyhow::Error::msg)?;
+            ModelStore::open_encrypted(&cfg.model_dir, keys)
         }
         None => {
             tracing::warn!(

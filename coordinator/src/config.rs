@@ -31,13 +31,56 @@ pub struct CoordinatorConfig {
     pub job: JobSection,
 }
 
-/// `[at_rest]`.
+/// `[at_rest]`: one key provider, a key directory or a PKCS#11 token.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AtRestSection {
-    /// Key-encryption keys (`<id>.kek`, `current`), as `cohort provision` or `cohort keys
-    /// rotate` write them; relative to the configuration file.
-    pub key_dir: PathBuf,
+    /// Key-encryption keys (`<id>.kek`, `current`), as `cohort provision` or `cohort
+    /// rotate-keys` write them; relative to the configuration file.
+    #[serde(default)]
+    pub key_dir: Option<PathBuf>,
+    /// Keys in a PKCS#11 token (an HSM) instead.
+    #[serde(default)]
+    pub pkcs11: Option<Pkcs11Section>,
+}
+
+/// `[at_rest.pkcs11]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Section {
+    /// The PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so.
+    pub module: PathBuf,
+    /// The token's label.
+    pub token: String,
+    /// The environment variable that holds the user PIN (never the PIN itself).
+    pub pin_env: String,
+    /// Label of the AES key that wraps new data keys.
+    pub key: String,
+}
+
+impl AtRestSection {
+    /// The configured key provider.
+    pub fn provider(
+        &self,
+    ) -> Result<std::sync::Arc<dyn cohort_crypto::atrest::KeyProvider>, String> {
+        match (&self.key_dir, &self.pkcs11) {
+            (Some(dir), None) => crate::model_store::load_key_dir(dir)
+                .map(|k| std::sync::Arc::new(k) as _)
+                .map_err(|e| e.to_string()),
+            (None, Some(p)) => {
+                let pin = std::env::var(&p.pin_env).map_err(|_| {
+                    format!(
+                        "at_rest.pkcs11.pin_env: environment variable {} is not set",
+                        p.pin_env
+                    )
+                })?;
+                crate::pkcs11::Pkcs11Provider::open(&p.module, &p.token, &pin, &p.key)
+                    .map(|k| std::sync::Arc::new(k) as _)
+                    .map_err(|e| e.to_string())
+            }
+            _ => Err("[at_rest]: give exactly one of key_dir and [at_rest.pkcs11]".into()),
+        }
+    }
 }
 
 /// `[job]`.
@@ -196,10 +239,10 @@ impl CoordinatorConfig {
         let mut cfg = Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         if let Some(dir) = path.parent() {
             cfg.tls = cfg.tls.map(|t| t.relative_to(dir));
-            if let Some(a) = cfg.at_rest.as_mut()
-                && a.key_dir.is_relative()
+            if let Some(k) = cfg.at_rest.as_mut().and_then(|a| a.key_dir.as_mut())
+                && k.is_relative()
             {
-                a.key_dir = dir.join(&a.key_dir);
+                *k = dir.join(&*k);
             }
         }
         Ok(cfg)
@@ -248,6 +291,27 @@ optimizer = "sgd"
         ))
         .unwrap();
         assert!(off.job.job_config().unwrap().secure.is_none());
+    }
+
+    #[test]
+    fn at_rest_takes_exactly_one_provider() {
+        // [at_rest] is a top-level table: it goes before [job].
+        let with = |at_rest: &str| GOOD.replace("[job]\n", &format!("{at_rest}\n[job]\n"));
+        let both = CoordinatorConfig::parse(&with(
+            "[at_rest]\nkey_dir = \"k\"\n[at_rest.pkcs11]\nmodule = \"m.so\"\ntoken = \"t\"\npin_env = \"COHORT_TEST_NO_SUCH_PIN\"\nkey = \"kek-1\"",
+        ))
+        .unwrap();
+        let e = both.at_rest.unwrap().provider().unwrap_err();
+        assert!(e.contains("exactly one"), "{e}");
+        let hsm = CoordinatorConfig::parse(&with(
+            "[at_rest.pkcs11]\nmodule = \"m.so\"\ntoken = \"t\"\npin_env = \"COHORT_TEST_NO_SUCH_PIN\"\nkey = \"kek-1\"",
+        ))
+        .unwrap();
+        let e = hsm.at_rest.unwrap().provider().unwrap_err();
+        assert!(
+            e.contains("COHORT_TEST_NO_SUCH_PIN"),
+            "the PIN comes from the environment: {e}"
+        );
     }
 
     #[test]

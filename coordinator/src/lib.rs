@@ -5,6 +5,7 @@
 pub mod config;
 pub mod listener;
 pub mod model_store;
+pub mod pkcs11;
 pub mod round;
 pub mod service;
 pub mod strategy;

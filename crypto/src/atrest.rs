@@ -27,7 +27,7 @@ fn err(m: impl Into<String>) -> CryptoError {
 }
 
 /// Holds key-encryption keys and wraps or unwraps data keys with them.
-pub trait KeyProvider: Send + Sync {
+pub trait KeyProvider: Send + Sync + std::fmt::Debug {
     /// The id of the KEK new artifacts are wrapped with.
     fn current_id(&self) -> String;
     /// Wraps `dek` under KEK `id`; the result is `nonce || ciphertext || tag`.
