@@ -220,6 +220,7 @@ mod tests {
         assert!(round_from_pb("j", 4, &bad).is_err());
     }
 
+    #[cfg(feature = "model")]
     /// Every byte of a whole secure upload of the Fashion-MNIST CNN (52,138 parameters) as
     /// encoded on the wire, against the same update in plaintext f32.
     #[test]
