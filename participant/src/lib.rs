@@ -325,6 +325,14 @@ async fn train_round(
         .map(|r| round_from_pb(&t.job_id, t.round, r))
         .transpose()
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    // Seal key pieces only to keys their owners' certificates vouch for; check before
+    // spending a round's training on it.
+    if let (Some(info), Some(tls)) = (&secure, &opts.tls)
+        && let Err(e) = info.check_bindings(&tls.ca_pem)
+    {
+        tracing::error!(participant = %opts.id, round = t.round, "refusing to take part: {e}");
+        return Err(Status::aborted(format!("refusing to take part: {e}")));
+    }
     let cfg = TrainConfig::try_from(
         t.config
             .as_ref()
@@ -383,12 +391,7 @@ async fn train_round(
             let (me, sec, n) = (opts.id.clone(), secrets.clone(), report.num_examples as u64);
             let info = Arc::new(info);
             let round_info = info.clone();
-            let ca = opts.tls.as_ref().map(|t| t.ca_pem.clone());
             let protected = with_heartbeats(s, move || {
-                // Seal key pieces only to keys their owners' certificates vouch for.
-                if let Some(ca) = &ca {
-                    round_info.check_bindings(ca)?;
-                }
                 let mut guard = lock(&sec);
                 let x = &mut *guard;
                 x.round_seeds.insert(
@@ -400,7 +403,7 @@ async fn train_round(
             .await
             .map_err(|e| {
                 tracing::error!(participant = %opts.id, round = t.round, "refusing to encrypt: {e}");
-                Status::failed_precondition(format!("refusing to encrypt: {e}"))
+                Status::aborted(format!("refusing to encrypt: {e}"))
             })?;
             header.secure = Some(pb::SecureUpload {
                 weight: protected.weight,
@@ -697,7 +700,10 @@ async fn agent(
             }
             Err(e) => {
                 tracing::warn!(participant = %opts.id, "task failed: {} ({:?})", e.message(), e.code());
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                // This node refused the task itself (Aborted): the same task will come back
+                // until the round moves on, so wait longer before asking again.
+                let pause = if e.code() == Code::Aborted { 1000 } else { 200 };
+                tokio::time::sleep(Duration::from_millis(pause)).await;
             }
         }
     }

@@ -134,4 +134,3 @@ impl TryFrom<&pb::Metrics> for Metrics {
         })
     }
 }
-
