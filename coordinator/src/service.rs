@@ -259,6 +259,19 @@ impl Coordinator {
         Ok(Some(id))
     }
 
+    /// Refuses a message for another job than this coordinator's.
+    fn check_job(&self, id: &str, job_id: &str) -> Result<(), Status> {
+        let job = self.lock().config().job_id.clone();
+        if job_id == job {
+            Ok(())
+        } else {
+            Err(refuse(
+                id,
+                Status::not_found(format!("no job {job_id:?} (this coordinator runs {job:?})")),
+            ))
+        }
+    }
+
     /// The participant of `session`, checked against the caller's certificate identity.
     fn session_of(&self, cert: Option<String>, session: &str) -> Result<String, Status> {
         let id = self.participant(session)?;
@@ -569,13 +582,36 @@ async fn next_message<T>(stream: &mut Streaming<T>) -> Result<Option<T>, Status>
     })
 }
 
-/// A client stream's data chunks and trailer, after its header.
-trait DataPart: Send + 'static {
+/// A client stream of one header, data chunks and a trailer.
+trait DataPart: Send + Sized + 'static {
+    type Header;
+    /// The message's name in errors.
+    const HEADER: &'static str;
+    /// `Some(header)` if this message is the header.
+    fn header(self) -> Option<Self::Header>;
     /// `Some(Ok(data))`, `Some(Err(digest))` for the trailer, `None` for anything else.
     fn split(self) -> Option<Result<Vec<u8>, String>>;
 }
 
+/// The stream's first message, which must be its header.
+async fn first_header<M: DataPart>(stream: &mut Streaming<M>) -> Result<M::Header, Status> {
+    next_message(stream)
+        .await?
+        .and_then(M::header)
+        .ok_or_else(|| {
+            Status::invalid_argument(format!("the first message must be a {}", M::HEADER))
+        })
+}
+
 impl DataPart for pb::UpdateChunk {
+    type Header = pb::UpdateHeader;
+    const HEADER: &'static str = "UpdateHeader";
+    fn header(self) -> Option<pb::UpdateHeader> {
+        match self.part {
+            Some(Part::Header(h)) => Some(h),
+            _ => None,
+        }
+    }
     fn split(self) -> Option<Result<Vec<u8>, String>> {
         match self.part {
             Some(Part::Data(d)) => Some(Ok(d)),
@@ -586,6 +622,14 @@ impl DataPart for pb::UpdateChunk {
 }
 
 impl DataPart for pb::ShareChunk {
+    type Header = pb::ShareHeader;
+    const HEADER: &'static str = "ShareHeader";
+    fn header(self) -> Option<pb::ShareHeader> {
+        match self.part {
+            Some(pb::share_chunk::Part::Header(h)) => Some(h),
+            _ => None,
+        }
+    }
     fn split(self) -> Option<Result<Vec<u8>, String>> {
         use pb::share_chunk::Part as SharePart;
         match self.part {
@@ -764,24 +808,9 @@ impl Federation for Coordinator {
     ) -> Result<Response<pb::SubmitUpdateResponse>, Status> {
         let cert = self.caller(&req)?;
         let mut stream = req.into_inner();
-        let header = match next_message(&mut stream).await? {
-            Some(pb::UpdateChunk {
-                part: Some(Part::Header(h)),
-            }) => h,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "the first message must be an UpdateHeader",
-                ));
-            }
-        };
+        let header = first_header(&mut stream).await?;
         let id = self.session_of(cert, &header.session_id)?;
-        let job = self.lock().config().job_id.clone();
-        if header.job_id != job {
-            return Err(refuse(
-                &id,
-                Status::not_found(format!("no job {:?}", header.job_id)),
-            ));
-        }
+        self.check_job(&id, &header.job_id)?;
         if let Some(sec) = header.secure.as_ref() {
             self.lock()
                 .check_secure_update(&id, header.round, sec.num_bodies as usize)
@@ -856,6 +885,7 @@ impl Federation for Coordinator {
         let cert = self.caller(&req)?;
         let r = req.into_inner();
         let id = self.session_of(cert, &r.session_id)?;
+        self.check_job(&id, &r.job_id)?;
         let (records, pieces) = self
             .lock()
             .decryption_input(&id, r.round, r.attempt)
@@ -879,20 +909,11 @@ impl Federation for Coordinator {
         &self,
         req: Request<Streaming<pb::ShareChunk>>,
     ) -> Result<Response<pb::SubmitShareResponse>, Status> {
-        use pb::share_chunk::Part as SharePart;
         let cert = self.caller(&req)?;
         let mut stream = req.into_inner();
-        let header = match next_message(&mut stream).await? {
-            Some(pb::ShareChunk {
-                part: Some(SharePart::Header(h)),
-            }) => h,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "the first message must be a ShareHeader",
-                ));
-            }
-        };
+        let header = first_header(&mut stream).await?;
         let id = self.session_of(cert, &header.session_id)?;
+        self.check_job(&id, &header.job_id)?;
         let share = if header.refused.is_empty() {
             let expected = self.lock().bodies_len().unwrap_or(0) as u64;
             if header.num_values != expected {
