@@ -6,18 +6,28 @@
 
 use std::collections::BTreeMap;
 
-use rand::Rng;
 use sha2::{Digest, Sha256};
 
 use crate::CryptoError;
 use crate::codec::Codec;
-use crate::glwe::{BODY_DROPPED_BITS, GlweParams, RoundKey, RoundSeed, decryption_share, encrypt};
-use crate::policy::{Manifest, MemberPolicy, SeedLog};
-use crate::seal::{MemberPublic, MemberSecret, SealContext, Sealed, open, seal};
-use crate::sharing::{Committee, Piece};
-use crate::sign::{
-    Kind, Signer25519, VerifyKey, share_digest, share_sha256, upload_digest, verify,
-};
+use crate::params::{BODY_DROPPED_BITS, GlweParams, RoundSeed};
+use crate::policy::Manifest;
+use crate::seal::{MemberPublic, Sealed};
+use crate::sharing::Committee;
+use crate::sign::{Kind, VerifyKey, share_digest, upload_digest, verify};
+// The homomorphic half: what participants and committee members run.
+#[cfg(feature = "he")]
+use crate::glwe::{RoundKey, decryption_share, encrypt};
+#[cfg(feature = "he")]
+use crate::policy::{MemberPolicy, SeedLog};
+#[cfg(feature = "he")]
+use crate::seal::{MemberSecret, SealContext, open, seal};
+#[cfg(feature = "he")]
+use crate::sharing::Piece;
+#[cfg(feature = "he")]
+use crate::sign::{Signer25519, share_sha256};
+#[cfg(feature = "he")]
+use rand::Rng;
 
 /// The scheme's name, as reported by simulations and in reports.
 pub const SCHEME: &str = "threshold-glwe";
@@ -163,6 +173,7 @@ impl RoundInfo {
         self.committee.iter().position(|m| m.id == id)
     }
 
+    #[cfg(feature = "he")]
     fn seal_context(&self, sender: &str, recipient: &str, piece: u32) -> SealContext {
         SealContext {
             job: self.job.clone(),
@@ -211,7 +222,7 @@ impl SealedPiece {
 }
 
 /// The 6 bytes a body travels as: its top 48 bits, little-endian (its low
-/// [`BODY_DROPPED_BITS`] are zero after [`crate::glwe::round_body`]).
+/// [`BODY_DROPPED_BITS`] are zero after [`crate::params::round_body`]).
 pub fn body_wire_bytes(body: u64) -> [u8; 6] {
     let b = (body >> BODY_DROPPED_BITS).to_le_bytes();
     [b[0], b[1], b[2], b[3], b[4], b[5]]
@@ -255,6 +266,7 @@ pub struct ProtectedUpdate {
     pub signature: [u8; 64],
 }
 
+#[cfg(feature = "he")]
 /// Encrypts `update` for the round: a fresh key, the bodies, the key's pieces sealed to the
 /// members that hold them, and a signature binding the round, the declared weight and all of
 /// it. Refuses a seed seen before (`seeds`) and an invalid round.
@@ -403,6 +415,7 @@ pub struct ShareRequest<'a> {
     pub len: usize,
 }
 
+#[cfg(feature = "he")]
 /// A committee member's answer: it checks the request against its policy and the
 /// participants' signatures, opens its pieces and returns its signed decryption share.
 pub fn answer(
@@ -502,7 +515,7 @@ pub fn verify_share(
     )
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "he"))]
 mod tests {
     use super::*;
     use crate::glwe::{Accumulator, decode};

@@ -25,8 +25,11 @@
 pub mod aggregation;
 pub mod atrest;
 pub mod codec;
+#[cfg(feature = "he")]
 mod fft;
+#[cfg(feature = "he")]
 pub mod glwe;
+pub mod params;
 pub mod pki;
 pub mod policy;
 pub mod seal;
@@ -34,7 +37,9 @@ pub mod sharing;
 pub mod sign;
 
 pub use codec::{Codec, NoiseBudget};
-pub use glwe::{Accumulator, GlweParams, RoundKey, RoundSeed, decode, decryption_share, encrypt};
+#[cfg(feature = "he")]
+pub use glwe::{Accumulator, RoundKey, decode, decryption_share, encrypt};
+pub use params::{GlweParams, RoundSeed};
 pub use policy::{Manifest, MemberPolicy, Refusal, SeedLog};
 pub use seal::{MemberPublic, MemberSecret, SealContext, Sealed};
 pub use sharing::{Committee, Piece};

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use sha2::{Digest, Sha256};
 
-use crate::glwe::RoundSeed;
+use crate::params::RoundSeed;
 
 /// What the coordinator asks the committee to decrypt: the participants whose ciphertexts
 /// are in the sum, with their weights, for one round seed.

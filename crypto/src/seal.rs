@@ -13,7 +13,7 @@ use sha2::Sha256;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::CryptoError;
-use crate::glwe::RoundSeed;
+use crate::params::RoundSeed;
 
 /// A committee member's long-term X25519 secret (bound to its certificate identity once
 /// mutual TLS exists).

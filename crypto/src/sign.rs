@@ -8,7 +8,7 @@ use rand::Rng;
 use sha2::{Digest, Sha256};
 
 use crate::CryptoError;
-use crate::glwe::RoundSeed;
+use crate::params::RoundSeed;
 use crate::policy::Manifest;
 
 /// What a signature covers.
