@@ -259,6 +259,16 @@ impl Coordinator {
         Ok(Some(id))
     }
 
+    /// One of the `UPLOAD_SLOTS` model-sized receive buffers, held while an upload or share
+    /// arrives.
+    async fn upload_slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Status> {
+        self.shared
+            .upload_slots
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("shutting down"))
+    }
+
     /// Refuses a message for another job than this coordinator's.
     fn check_job(&self, id: &str, job_id: &str) -> Result<(), Status> {
         let job = self.lock().config().job_id.clone();
@@ -773,20 +783,8 @@ impl Federation for Coordinator {
         let cert = self.caller(&req)?;
         let r = req.into_inner();
         let id = self.session_of(cert, &r.session_id)?;
-        let (version, params, job) = {
-            let o = self.lock();
-            let (v, p) = o.global();
-            (v, p, o.config().job_id.clone())
-        };
-        if r.job_id != job {
-            return Err(refuse(
-                &id,
-                Status::not_found(format!(
-                    "no job {:?} (this coordinator runs {job:?})",
-                    r.job_id
-                )),
-            ));
-        }
+        self.check_job(&id, &r.job_id)?;
+        let (version, params) = self.lock().global();
         if r.version != version {
             return Err(refuse(
                 &id,
@@ -827,12 +825,7 @@ impl Federation for Coordinator {
             .transpose()
             .map_err(|e| refuse(&id, protocol_status(&e)))?;
         // One model-sized buffer per upload in flight, at most UPLOAD_SLOTS of them.
-        let _slot = self
-            .shared
-            .upload_slots
-            .acquire()
-            .await
-            .map_err(|_| Status::unavailable("shutting down"))?;
+        let _slot = self.upload_slot().await?;
         if let Some(sec) = header.secure {
             let pieces = sec
                 .pieces
@@ -927,12 +920,7 @@ impl Federation for Coordinator {
             }
             let signature = bytes64(&header.signature, "share signature")
                 .map_err(|e| refuse(&id, protocol_status(&e)))?;
-            let _slot = self
-                .shared
-                .upload_slots
-                .acquire()
-                .await
-                .map_err(|_| Status::unavailable("shutting down"))?;
+            let _slot = self.upload_slot().await?;
             let (values, sha256) =
                 receive_words(&mut stream, WordAssembler::new(header.num_values), &id).await?;
             Ok(SignedShare {
