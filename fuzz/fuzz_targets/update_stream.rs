@@ -4,7 +4,7 @@
 
 use cohort_protocol::pb::{self, update_chunk::Part};
 use cohort_protocol::secure::{bytes64, sealed_from_pb};
-use cohort_protocol::{BodyAssembler, ParamAssembler};
+use cohort_protocol::{Assembler, BodyAssembler, ParamAssembler, Word};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 
@@ -23,6 +23,24 @@ fn messages(mut data: &[u8]) -> Vec<pb::UpdateChunk> {
     out
 }
 
+/// Data chunks into `asm` until the trailer, whose digest it then checks.
+fn feed<T: Word>(mut asm: Assembler<T>, chunks: impl Iterator<Item = pb::UpdateChunk>) {
+    for c in chunks {
+        match c.part {
+            Some(Part::Data(d)) => {
+                if asm.push(&d).is_err() {
+                    return;
+                }
+            }
+            Some(Part::Trailer(t)) => {
+                let _ = asm.finish_with_digest(&t.digest);
+                return;
+            }
+            _ => return,
+        }
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let mut chunks = messages(data).into_iter();
     let Some(pb::UpdateChunk {
@@ -39,38 +57,8 @@ fuzz_target!(|data: &[u8]| {
                 let _ = sealed_from_pb(p);
             }
             let _ = bytes64(&sec.signature, "signature");
-            let mut asm = BodyAssembler::new(sec.num_bodies.min(limit));
-            for c in chunks {
-                match c.part {
-                    Some(Part::Data(d)) => {
-                        if asm.push(&d).is_err() {
-                            return;
-                        }
-                    }
-                    Some(Part::Trailer(t)) => {
-                        let _ = asm.finish_with_digest(&t.digest);
-                        return;
-                    }
-                    _ => return,
-                }
-            }
+            feed(BodyAssembler::new(sec.num_bodies.min(limit)), chunks);
         }
-        None => {
-            let mut asm = ParamAssembler::new(h.num_parameters.min(limit));
-            for c in chunks {
-                match c.part {
-                    Some(Part::Data(d)) => {
-                        if asm.push(&d).is_err() {
-                            return;
-                        }
-                    }
-                    Some(Part::Trailer(t)) => {
-                        let _ = asm.finish(&t.digest);
-                        return;
-                    }
-                    _ => return,
-                }
-            }
-        }
+        None => feed(ParamAssembler::new(h.num_parameters.min(limit)), chunks),
     }
 });
