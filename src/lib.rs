@@ -1,6 +1,7 @@
 //! The `cohort` command line's library half: the in-process simulation and the plots, so
 //! benchmarks and tests drive exactly what `cohort simulate` runs.
 
+pub mod admin_cli;
 pub mod plot;
 pub mod provision;
 pub mod simulate;

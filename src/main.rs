@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use cohort::simulate;
-use cohort_coordinator::{Coordinator, CoordinatorConfig, ModelStore, Orchestrator};
+use cohort_coordinator::{Coordinator, CoordinatorConfig, ModelStore};
 
 #[derive(Parser)]
 #[command(
@@ -44,6 +44,9 @@ enum Command {
         #[arg(long)]
         insecure_dev: bool,
     },
+    /// Administer a running coordinator over its Admin gRPC service (with an admin
+    /// certificate from `cohort provision`).
+    Admin(cohort::admin_cli::AdminArgs),
     /// Create a federation's CA, certificates (coordinator, participants, custodians, admins,
     /// inference clients), a CRL and ready-to-use configurations in one new directory.
     Provision(cohort::provision::ProvisionArgs),
@@ -105,12 +108,6 @@ async fn run_coordinator(config: PathBuf, insecure_dev: bool) -> anyhow::Result<
         // Fail now, naming the file, rather than at the first connection.
         tls.server_config().map_err(anyhow::Error::msg)?;
     }
-    let job = cfg.job.job_config().map_err(anyhow::Error::msg)?;
-    let strategy =
-        cohort_coordinator::strategy::by_name(&cfg.job.strategy, cfg.job.server_lr as f32)
-            .map_err(anyhow::Error::msg)?;
-    let orch = Orchestrator::new(job, strategy, cfg.allowed_participants.clone())
-        .map_err(anyhow::Error::msg)?;
     let store = match &cfg.at_rest {
         Some(a) => {
             let keys = a.provider().map_err(anyhow::Error::msg)?;
@@ -125,12 +122,37 @@ async fn run_coordinator(config: PathBuf, insecure_dev: bool) -> anyhow::Result<
         }
     }
     .with_context(|| format!("opening model directory {}", cfg.model_dir.display()))?;
-    let coordinator = Coordinator::start(orch, store).map_err(anyhow::Error::msg)?;
+    let state_path = cfg.state_path();
+    let state = cohort_coordinator::State::open(&state_path).map_err(anyhow::Error::msg)?;
+    let admission = cohort_coordinator::Admission {
+        allowed: cfg.allowed_participants.clone(),
+        require_approval: cfg.require_approval,
+    };
+    let coordinator = Coordinator::new(store, state, admission);
+    if let Some(job) = coordinator.recover().map_err(anyhow::Error::msg)? {
+        println!("resumed job {job} from its last completed round");
+    }
+    // Batch mode: the configuration's job runs, and the coordinator exits once it is over.
+    let batch = cfg.job.is_some();
+    if let Some(job) = &cfg.job {
+        coordinator
+            .run_configured(job)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+    }
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, job = %cfg.job.id, "coordinator listening");
+    tracing::info!(%addr, state = %state_path.display(), "coordinator listening");
+    if let Some(m) = cfg.metrics_listen {
+        let l = tokio::net::TcpListener::bind(m)
+            .await
+            .with_context(|| format!("metrics_listen {m}"))?;
+        let metrics_addr = l.local_addr()?;
+        tracing::info!(%metrics_addr, "Prometheus metrics on /metrics");
+        println!("metrics on http://{metrics_addr}/metrics");
+        tokio::spawn(coordinator.metrics().serve(l, std::future::pending()));
+    }
     // Print the bound address on stdout so scripts (and tests) can find an ephemeral port.
     println!("listening on {addr}");
     let c2 = coordinator.clone();
@@ -138,6 +160,9 @@ async fn run_coordinator(config: PathBuf, insecure_dev: bool) -> anyhow::Result<
         tokio::select! {
             _ = shutdown_signal() => tracing::info!("signal received; shutting down"),
             _ = async {
+                if !batch {
+                    return std::future::pending().await;
+                }
                 c2.finished().await;
                 // Keep serving briefly so every participant learns that the job is over.
                 tracing::info!("job finished; shutting down in 2 s");
@@ -162,7 +187,7 @@ async fn run_coordinator(config: PathBuf, insecure_dev: bool) -> anyhow::Result<
             "finished {} rounds; last model version {} in {}",
             history.len(),
             last.round,
-            coordinator.store().weights_path(last.round).display()
+            coordinator.job_store().weights_path(last.round).display()
         );
     }
     Ok(())
@@ -244,6 +269,10 @@ fn main() -> ExitCode {
             } => {
                 init_logs("info");
                 run_participant(config, insecure_dev).await
+            }
+            Command::Admin(args) => {
+                init_logs("warn");
+                cohort::admin_cli::run(args).await
             }
             Command::Provision(args) => {
                 cohort::provision::provision(&args)?;

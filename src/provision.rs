@@ -193,6 +193,14 @@ pub fn provision(a: &ProvisionArgs) -> anyhow::Result<()> {
                     ),
                     false,
                 )?,
+                "admins" => write(
+                    &d.join("admin.toml"),
+                    &format!(
+                        "# Operator {id}. Run: cohort admin --config admin.toml status\ncoordinator = \"{url}\"\n\n{tls}",
+                        url = a.coordinator_url
+                    ),
+                    false,
+                )?,
                 _ => write(&d.join("tls.toml"), tls, false)?,
             }
         }

@@ -411,7 +411,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         (Some(acc), Some(t0.elapsed().as_secs_f64()))
     };
     let final_version = history.last().map(|s| s.round).unwrap_or(0);
-    let model_path = coordinator.store().weights_path(final_version);
+    let model_path = coordinator.job_store().weights_path(final_version);
     let rows: Vec<RoundRow> = history.iter().map(row).collect();
     let report = SimReport {
         dataset: prep.name.clone(),

@@ -244,7 +244,10 @@ upload_delay_ms = {upload_delay_ms}
     }
 
     fn manifest(&self, version: u64) -> serde_json::Value {
-        let p = self.dir.path().join(format!("models/v{version:05}.json"));
+        let p = self
+            .dir
+            .path()
+            .join(format!("models/breast-cancer/v{version:05}.json"));
         let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         serde_json::from_str(&text).unwrap()
     }
@@ -267,7 +270,7 @@ fn coordinator_and_three_participant_processes_complete_three_rounds() {
         let p = fed
             .dir
             .path()
-            .join(format!("models/v{v:05}.safetensors.enc"));
+            .join(format!("models/breast-cancer/v{v:05}.safetensors.enc"));
         let bytes = std::fs::read(&p).unwrap();
         assert!(
             bytes.starts_with(b"COHORT-ENC1"),
@@ -291,7 +294,7 @@ fn coordinator_and_three_participant_processes_complete_three_rounds() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("4 model versions re-wrapped"));
     std::fs::remove_file(kek.join("kek-1.kek")).unwrap();
     let store = cohort_coordinator::ModelStore::open_encrypted(
-        fed.dir.path().join("models"),
+        fed.dir.path().join("models/breast-cancer"),
         std::sync::Arc::new(cohort_coordinator::model_store::load_key_dir(&kek).unwrap()),
     )
     .unwrap();

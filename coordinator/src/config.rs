@@ -28,7 +28,21 @@ pub struct CoordinatorConfig {
     /// Encryption of model artifacts at rest (AES-256-GCM, envelope keys from `key_dir`).
     #[serde(default)]
     pub at_rest: Option<AtRestSection>,
-    pub job: JobSection,
+    /// The coordinator's durable state (redb). Defaults to `state.redb` beside `model_dir`
+    /// (like `model_dir`, relative to the working directory).
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
+    /// Participants not in `allowed_participants` wait for an operator's approval (`cohort
+    /// admin participants approve`) instead of being refused.
+    #[serde(default)]
+    pub require_approval: bool,
+    /// Where Prometheus scrapes `/metrics` (plain HTTP: bind it to a private address).
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// A job to run at start (batch mode: the coordinator exits when it is finished).
+    /// Without one, jobs are created and started over the Admin API.
+    #[serde(default)]
+    pub job: Option<JobSection>,
 }
 
 /// `[at_rest]`: one key provider, a key directory or a PKCS#11 token.
@@ -84,7 +98,7 @@ impl AtRestSection {
 }
 
 /// `[job]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobSection {
     pub id: String,
@@ -109,6 +123,10 @@ pub struct JobSection {
     pub strategy: String,
     #[serde(default = "one")]
     pub server_lr: f64,
+    /// The dataset participants train on, by name (for operators; participants bring
+    /// their own data).
+    #[serde(default)]
+    pub dataset: Option<String>,
     pub model: ModelSpec,
     pub train: TrainConfig,
     /// `[job.secure_aggregation]`; on unless `enabled = false`.
@@ -117,7 +135,7 @@ pub struct JobSection {
 }
 
 /// `[job.secure_aggregation]`: threshold GLWE secure aggregation, on by default.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SecureSection {
     /// `false` runs plaintext rounds: the coordinator sees every update (research only).
@@ -207,6 +225,25 @@ fn secs(key: &str, v: f64) -> Result<Duration, String> {
 }
 
 impl JobSection {
+    /// A job specification on its own (what `cohort admin jobs create` sends): the keys of
+    /// `[job]` at the top level, `[model]`, `[train]` and `[secure_aggregation]` tables.
+    pub fn parse_spec(text: &str) -> Result<Self, String> {
+        let spec: JobSection = toml::from_str(text).map_err(|e| e.to_string())?;
+        spec.job_config()?;
+        Ok(spec)
+    }
+
+    /// This section as a stand-alone job specification ([`Self::parse_spec`] reads it back).
+    pub fn to_spec(&self) -> String {
+        toml::to_string(self).expect("a job section serialises")
+    }
+
+    /// The strategy it names.
+    pub fn strategy(&self) -> Result<Box<dyn crate::Strategy>, String> {
+        crate::strategy::by_name(&self.strategy, self.server_lr as f32)
+            .map_err(|e| format!("job.strategy: {e}"))
+    }
+
     /// The state machine's configuration.
     pub fn job_config(&self) -> Result<JobConfig, String> {
         let min_updates = self.min_updates.unwrap_or(self.min_participants);
@@ -248,9 +285,21 @@ impl CoordinatorConfig {
         Ok(cfg)
     }
 
+    /// The state file: `state_file`, or `state.redb` beside `model_dir`.
+    pub fn state_path(&self) -> PathBuf {
+        self.state_file.clone().unwrap_or_else(|| {
+            self.model_dir
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("state.redb")
+        })
+    }
+
     pub fn parse(text: &str) -> Result<Self, String> {
         let cfg: CoordinatorConfig = toml::from_str(text).map_err(|e| e.to_string())?;
-        cfg.job.job_config()?;
+        if let Some(job) = &cfg.job {
+            job.job_config()?;
+        }
         Ok(cfg)
     }
 }
@@ -280,7 +329,7 @@ optimizer = "sgd"
     #[test]
     fn parses_with_defaults() {
         let c = CoordinatorConfig::parse(GOOD).unwrap();
-        let j = c.job.job_config().unwrap();
+        let j = c.job.as_ref().unwrap().job_config().unwrap();
         assert_eq!(j.min_updates, 2);
         assert_eq!(j.round_timeout, Duration::from_secs(120));
         assert!(c.allowed_participants.is_none());
@@ -290,7 +339,7 @@ optimizer = "sgd"
             "{GOOD}\n[job.secure_aggregation]\nenabled = false\n"
         ))
         .unwrap();
-        assert!(off.job.job_config().unwrap().secure.is_none());
+        assert!(off.job.unwrap().job_config().unwrap().secure.is_none());
     }
 
     #[test]

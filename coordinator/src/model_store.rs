@@ -172,6 +172,50 @@ impl ModelStore {
         Ok(s)
     }
 
+    /// The store of one job's versions: the subdirectory named after the job, with the same
+    /// keys. Job ids are checked to be plain names (see `JobConfig::validate`).
+    pub fn for_job(&self, job_id: &str) -> Result<Self, StoreError> {
+        let mut s = Self::open(self.dir.join(job_id))?;
+        s.keys = self.keys.clone();
+        Ok(s)
+    }
+
+    /// Version `version`'s flat parameters, checked against its manifest's digest.
+    pub fn read_params(&self, version: u64) -> Result<Vec<f32>, StoreError> {
+        let manifest = self.manifest(version)?;
+        let bytes = self.read_weights(version)?;
+        let path = self.weights_path(version);
+        let sha = hex::encode(Sha256::digest(&bytes));
+        if sha != manifest.sha256 {
+            return Err(StoreError::Manifest {
+                path,
+                message: format!(
+                    "SHA-256 {sha} differs from the manifest's {}",
+                    manifest.sha256
+                ),
+            });
+        }
+        let net = manifest
+            .model
+            .build(
+                &manifest.model.initial_parameters(0),
+                &ComputeDevice::Cpu.inference(),
+            )?
+            .load_safetensors(bytes)?;
+        let params = net.to_flat();
+        let digest = cohort_protocol::params_digest(&params);
+        if digest != manifest.params_digest {
+            return Err(StoreError::Manifest {
+                path,
+                message: format!(
+                    "parameters digest {digest} differs from the manifest's {}",
+                    manifest.params_digest
+                ),
+            });
+        }
+        Ok(params)
+    }
+
     /// A version's safetensors bytes, decrypted if need be.
     pub fn read_weights(&self, version: u64) -> Result<Vec<u8>, StoreError> {
         let p = self.weights_path(version);
@@ -195,6 +239,15 @@ impl ModelStore {
             return Ok(0);
         };
         let mut changed = 0;
+        // Each job's versions live in a subdirectory.
+        for entry in std::fs::read_dir(&self.dir).map_err(io(&self.dir))? {
+            let entry = entry.map_err(io(&self.dir))?;
+            if entry.file_type().map_err(io(&entry.path()))?.is_dir() {
+                let mut sub = Self::open(entry.path())?;
+                sub.keys = self.keys.clone();
+                changed += sub.rewrap_all()?;
+            }
+        }
         for v in self.versions()? {
             let p = self.weights_path(v);
             let bytes = std::fs::read(&p).map_err(io(&p))?;
@@ -329,6 +382,7 @@ mod tests {
         let bytes = std::fs::read(store.weights_path(1)).unwrap();
         assert_eq!(hex::encode(Sha256::digest(&bytes)), m1.sha256);
         assert_eq!(m1.params_digest, cohort_protocol::params_digest(&p));
+        assert_eq!(store.read_params(1).unwrap(), p);
         assert!(!dir.path().join("models/v00001.tmp").exists());
     }
 
@@ -346,6 +400,8 @@ mod tests {
         };
         let p = spec.initial_parameters(3);
         store.write("j", &spec, "fedavg", 1, &p, None, 6).unwrap();
+        let job = store.for_job("j").unwrap();
+        job.write("j", &spec, "fedavg", 0, &p, None, 6).unwrap();
         let on_disk = std::fs::read(store.weights_path(1)).unwrap();
         // No parameter's bytes appear in the file (8-byte runs of the little-endian f32s).
         let raw = cohort_protocol::f32_bytes(&p);
@@ -366,7 +422,7 @@ mod tests {
             std::sync::Arc::new(load_key_dir(&kdir).unwrap()),
         )
         .unwrap();
-        assert_eq!(rotated.rewrap_all().unwrap(), 1);
+        assert_eq!(rotated.rewrap_all().unwrap(), 2, "the job's version too");
         std::fs::remove_file(kdir.join("kek-1.kek")).unwrap();
         let after = ModelStore::open_encrypted(
             dir.path().join("models"),
@@ -374,6 +430,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(after.read_weights(1).unwrap(), plain);
+        assert_eq!(after.for_job("j").unwrap().read_params(0).unwrap(), p);
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

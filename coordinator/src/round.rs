@@ -159,8 +159,19 @@ impl SecureSettings {
 impl JobConfig {
     /// Refuses configurations that cannot work, naming the setting.
     pub fn validate(&self) -> Result<(), String> {
-        if self.job_id.is_empty() {
-            return Err("job_id must not be empty".into());
+        // The id names the job's model directory and appears in logs and metrics.
+        if self.job_id.is_empty()
+            || self.job_id.len() > 64
+            || self.job_id.starts_with('.')
+            || !self
+                .job_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(format!(
+                "job id {:?} must be 1 to 64 letters, digits, '-', '_' or '.', not starting with '.'",
+                self.job_id
+            ));
         }
         self.model.validate().map_err(|e| format!("model: {e}"))?;
         self.train.validate().map_err(|e| format!("train: {e}"))?;
@@ -218,6 +229,9 @@ pub struct ParticipantInfo {
     pub id: ParticipantId,
     pub presence: Presence,
     pub num_examples: u64,
+    /// Last sign of life (a poll, heartbeat or upload).
+    #[serde(skip)]
+    pub last_seen: Instant,
 }
 
 /// The work a participant should do now.
@@ -337,7 +351,7 @@ pub enum FailureCause {
 }
 
 /// One completed round.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct RoundSummary {
     pub round: u64,
     /// Attempts it took (1 when it succeeded the first time).
@@ -403,13 +417,21 @@ pub enum Event {
         attempt: u32,
         cause: FailureCause,
     },
-    /// Round complete; `params` is the new global model, version `round`.
+    /// Round complete; `params` is the new global model, version `round`, and
+    /// `strategy_state` the strategy's server state after it (to persist with it).
     RoundCompleted {
         summary: RoundSummary,
         params: Arc<Vec<f32>>,
+        strategy_state: Option<Vec<u8>>,
     },
     JobFinished {
         rounds: u64,
+    },
+    /// An operator paused (`true`) or resumed the job.
+    Paused(bool),
+    /// An operator cancelled the job; the round under way, if any, was abandoned.
+    JobCancelled {
+        round: u64,
     },
 }
 
@@ -483,6 +505,10 @@ pub struct Orchestrator {
     entropy: ChaCha20Rng,
     /// Signs manifests.
     signer: cohort_crypto::Signer25519,
+    /// No new round starts while paused (an operator's choice).
+    paused: bool,
+    /// Set when an operator cancelled the job.
+    cancelled: bool,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -522,7 +548,99 @@ impl Orchestrator {
             version: 0,
             completed: Vec::new(),
             events: VecDeque::new(),
+            paused: false,
+            cancelled: false,
         })
+    }
+
+    /// A job resumed after a restart: `history` holds its completed rounds (oldest first,
+    /// numbered from 1 without gaps), `global` the model version of the last one. The next
+    /// round starts as attempt `attempt`, so nothing about the interrupted attempt is reused
+    /// (its round seed in particular: every round seed is fresh from the OS).
+    pub fn resume(
+        config: JobConfig,
+        strategy: Box<dyn Strategy>,
+        allowed: Option<BTreeSet<ParticipantId>>,
+        history: Vec<RoundSummary>,
+        global: Vec<f32>,
+        attempt: u32,
+    ) -> Result<Self, String> {
+        let mut o = Orchestrator::new(config, strategy, allowed)?;
+        if global.len() != o.global.len() {
+            return Err(format!(
+                "the last model version has {} parameters, the job's model {}",
+                global.len(),
+                o.global.len()
+            ));
+        }
+        for (i, s) in history.iter().enumerate() {
+            if s.round != i as u64 + 1 {
+                return Err(format!(
+                    "completed rounds are not contiguous: round {} where {} was expected",
+                    s.round,
+                    i + 1
+                ));
+            }
+        }
+        let done = history.len() as u64;
+        if done > o.config.rounds {
+            return Err(format!(
+                "{done} rounds completed, but the job has only {}",
+                o.config.rounds
+            ));
+        }
+        o.global = Arc::new(global);
+        o.version = done;
+        o.completed = history;
+        o.phase = if done == o.config.rounds {
+            Phase::Finished
+        } else {
+            Phase::Waiting {
+                round: done + 1,
+                attempt: attempt.max(1),
+            }
+        };
+        Ok(o)
+    }
+
+    /// Pauses (no new round starts; a round under way completes) or resumes.
+    pub fn set_paused(&mut self, paused: bool, now: Instant) {
+        if self.paused == paused || self.is_finished() {
+            return;
+        }
+        self.paused = paused;
+        self.events.push_back(Event::Paused(paused));
+        self.advance(now);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Whether an operator cancelled the job.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled
+    }
+
+    /// Stops the job for good; a round under way is abandoned (nothing of it is kept).
+    pub fn cancel(&mut self) {
+        if self.is_finished() {
+            return;
+        }
+        let round = self.current_round();
+        self.phase = Phase::Finished;
+        self.cancelled = true;
+        self.events.push_back(Event::JobCancelled { round });
+    }
+
+    /// The strategy's server state to persist with the current model version.
+    pub fn strategy_state(&self) -> Option<Vec<u8>> {
+        self.strategy.save_state()
+    }
+
+    /// Restores the strategy's state saved with the version a job resumes from.
+    pub fn restore_strategy_state(&mut self, state: &[u8]) -> Result<(), String> {
+        self.strategy.restore_state(state)
     }
 
     // ----- getters -----
@@ -552,7 +670,11 @@ impl Orchestrator {
 
     /// Name of the current phase, for status displays.
     pub fn phase_name(&self) -> &'static str {
-        self.phase.name()
+        match self.phase {
+            Phase::Waiting { .. } if self.paused => "paused",
+            Phase::Finished if self.cancelled => "cancelled",
+            _ => self.phase.name(),
+        }
     }
 
     /// The participant holding `session`, if the session is current.
@@ -567,6 +689,7 @@ impl Orchestrator {
                 id: id.clone(),
                 presence: p.presence,
                 num_examples: p.num_examples,
+                last_seen: p.last_seen,
             })
             .collect()
     }
@@ -837,6 +960,11 @@ impl Orchestrator {
 
     // ----- outputs -----
 
+    /// Whether [`Self::poll_event`] has something.
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+
     /// The next thing that happened, oldest first.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
@@ -930,6 +1058,9 @@ impl Orchestrator {
         let Phase::Waiting { round, attempt } = self.phase else {
             return;
         };
+        if self.paused {
+            return;
+        }
         let mut online: Vec<ParticipantId> = self
             .online()
             .into_iter()
@@ -1090,8 +1221,11 @@ impl Orchestrator {
     fn complete(&mut self, summary: RoundSummary, params: Arc<Vec<f32>>, now: Instant) {
         let round = summary.round;
         self.completed.push(summary.clone());
-        self.events
-            .push_back(Event::RoundCompleted { summary, params });
+        self.events.push_back(Event::RoundCompleted {
+            summary,
+            params,
+            strategy_state: self.strategy.save_state(),
+        });
         if round >= self.config.rounds {
             self.phase = Phase::Finished;
             self.events.push_back(Event::JobFinished { rounds: round });

@@ -12,7 +12,7 @@
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use cohort_model::Metrics;
 use cohort_protocol::pb::federation_server::{Federation, FederationServer};
@@ -22,11 +22,13 @@ use futures::Stream;
 use tokio::sync::{broadcast, mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::metrics::Metrics as Meters;
 use crate::model_store::ModelStore;
 use crate::round::{
     Event, Orchestrator, PartyKeys, Rejection, RoundSummary, SecureUpdate, ShareAnswer,
     SignedShare, Task, Update,
 };
+use crate::state::State;
 use cohort_crypto::{MemberPublic, VerifyKey};
 use cohort_protocol::WordAssembler;
 use cohort_protocol::secure::{bytes32, bytes64, record_pb, round_pb, sealed_from_pb, sealed_pb};
@@ -36,38 +38,72 @@ const MAX_POLL_WAIT: Duration = Duration::from_secs(30);
 
 /// A model version as it is downloaded.
 struct EncodedModel {
+    job: String,
     version: u64,
     /// Hex SHA-256 of the parameters, as named in tasks.
     digest: String,
     chunks: Vec<pb::ModelChunk>,
 }
 
-/// A running coordinator: the state machine, its plumbing and its model store.
+/// A running coordinator: the state machine of the active job, its plumbing, the durable
+/// state and the model store.
 #[derive(Clone)]
 pub struct Coordinator {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
-struct Shared {
-    /// The state machine. A std mutex: every critical section is short and synchronous.
-    orch: Mutex<Orchestrator>,
+/// Who may join, beyond what the certificates say.
+#[derive(Debug, Clone, Default)]
+pub struct Admission {
+    /// Participant ids admitted without an operator's approval; `None` admits every id
+    /// (unless `require_approval`).
+    pub allowed: Option<std::collections::BTreeSet<String>>,
+    /// Ids not in `allowed` wait, as "pending", until an operator approves them (instead of
+    /// being refused).
+    pub require_approval: bool,
+}
+
+/// The job an event came from (events are processed after the job may have been replaced).
+#[derive(Debug)]
+pub(crate) struct JobContext {
+    pub(crate) config: crate::JobConfig,
+    pub(crate) strategy: &'static str,
+    pub(crate) store: ModelStore,
+}
+
+pub(crate) struct Shared {
+    /// The active job's state machine (`None` until a job is started). A std mutex: every
+    /// critical section is short and synchronous.
+    pub(crate) orch: Mutex<Option<Orchestrator>>,
+    /// The active job's context, replaced with the state machine.
+    pub(crate) context: Mutex<Option<Arc<JobContext>>>,
     /// Events drained from the state machine, in order, for the processor task.
-    to_processor: mpsc::UnboundedSender<Event>,
+    to_processor: mpsc::UnboundedSender<(Arc<JobContext>, Event)>,
     /// Bumped whenever tasks may have changed; long-polls and the timer wait on it.
     changed: watch::Sender<u64>,
     /// Processed events, for observers (progress displays, tests).
     observers: broadcast::Sender<Event>,
-    /// Set once the job has finished and every model version is written.
-    finished: watch::Sender<bool>,
+    /// Processed events as the Admin service streams them.
+    pub(crate) admin_events: broadcast::Sender<pb::AdminEvent>,
+    /// Set once the active job has finished (or was cancelled) and everything is written.
+    pub(crate) finished: watch::Sender<bool>,
     /// The current global model encoded for download (chunks and digest), once per version.
     encoded: Mutex<Option<Arc<EncodedModel>>>,
-    store: ModelStore,
+    /// The root of the model store; each job's versions are in a subdirectory.
+    pub(crate) store: ModelStore,
+    /// Durable state: participants, jobs, rounds, model versions, audit log.
+    pub(crate) state: State,
+    /// Serialises read-modify-write of job records (admin actions, completed rounds).
+    pub(crate) job_records: Mutex<()>,
+    pub(crate) admission: Admission,
+    pub(crate) metrics: Meters,
     /// Uploads whose data is being received at once. Each holds one model-sized buffer
     /// until it is checked and folded into the sum, so this bounds the coordinator's memory
     /// at O(model), whatever the number of participants.
     upload_slots: tokio::sync::Semaphore,
-    /// Set when serving with mutual TLS: every call must carry a participant certificate.
-    require_certificates: std::sync::atomic::AtomicBool,
+    /// Set when serving with mutual TLS: every call must carry a certificate of the role its
+    /// service is for.
+    pub(crate) require_certificates: std::sync::atomic::AtomicBool,
     limiter: RateLimiter,
 }
 
@@ -112,46 +148,67 @@ const RATE_BURST: f64 = 500.0;
 /// Uploads received at once (see `Shared::upload_slots`).
 const UPLOAD_SLOTS: usize = 4;
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl Coordinator {
-    /// Starts the plumbing for `orch` and writes its initial model as version 0. Must be
+    /// A coordinator with no job yet, its state in `state` and model versions under `store`.
+    /// Call [`Coordinator::recover`] to resume the job the state says was active. Must be
     /// called inside a tokio runtime.
-    pub fn start(orch: Orchestrator, store: ModelStore) -> Result<Self, String> {
-        let (version, params) = orch.global();
-        let cfg = orch.config();
-        store
-            .write(
-                &cfg.job_id,
-                &cfg.model,
-                orch.strategy_name(),
-                version,
-                &params,
-                None,
-                unix_ms(),
-            )
-            .map_err(|e| format!("writing the initial model: {e}"))?;
+    pub fn new(store: ModelStore, state: State, admission: Admission) -> Self {
         let (to_processor, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
-            orch: Mutex::new(orch),
+            orch: Mutex::new(None),
+            context: Mutex::new(None),
             to_processor,
             changed: watch::channel(0).0,
             observers: broadcast::channel(4096).0,
+            admin_events: broadcast::channel(4096).0,
             finished: watch::channel(false).0,
             encoded: Mutex::new(None),
             store,
+            state,
+            job_records: Mutex::new(()),
+            admission,
+            metrics: Meters::new(),
             upload_slots: tokio::sync::Semaphore::new(UPLOAD_SLOTS),
             require_certificates: std::sync::atomic::AtomicBool::new(false),
             limiter: RateLimiter::new(RATE_PER_SECOND, RATE_BURST),
         });
         tokio::spawn(process_events(rx, Arc::downgrade(&shared)));
         tokio::spawn(run_timer(Arc::downgrade(&shared)));
-        Ok(Coordinator { shared })
+        Coordinator { shared }
+    }
+
+    /// Runs `orch`'s job at once, with state in memory and every participant admitted (the
+    /// embedded simulation and tests). Must be called inside a tokio runtime.
+    pub fn start(orch: Orchestrator, store: ModelStore) -> Result<Self, String> {
+        let c = Coordinator::new(store, State::in_memory(), Admission::default());
+        c.run_job(orch, "embedded", None)?;
+        Ok(c)
+    }
+
+    /// The root model store.
+    pub fn store(&self) -> &ModelStore {
+        &self.shared.store
+    }
+
+    /// The model store of the active job (the root store when no job is active).
+    pub fn job_store(&self) -> ModelStore {
+        self.shared
+            .context
+            .lock()
+            .expect("context lock")
+            .as_ref()
+            .map(|c| c.store.clone())
+            .unwrap_or_else(|| self.shared.store.clone())
+    }
+
+    /// The Prometheus metrics.
+    pub fn metrics(&self) -> Meters {
+        self.shared.metrics.clone()
+    }
+
+    /// The durable state.
+    pub fn state(&self) -> &State {
+        &self.shared.state
     }
 
     /// The gRPC service, with message size limits set.
@@ -176,10 +233,40 @@ impl Coordinator {
                 Ok(s)
             })
         });
-        tonic::transport::Server::builder()
-            .add_service(self.service())
+        self.router()
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
+    }
+
+    /// Every service a coordinator serves: Federation, Admin, grpc.health.v1 and server
+    /// reflection (v1 and v1alpha), so standard gRPC tools work.
+    fn router(&self) -> tonic::transport::server::Router {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let reflection = |b: tonic_reflection::server::Builder<'static>| {
+            b.register_encoded_file_descriptor_set(cohort_protocol::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let v1 = reflection(tonic_reflection::server::Builder::configure())
+            .build_v1()
+            .expect("the descriptor set built with the protocol is valid");
+        let v1alpha = reflection(tonic_reflection::server::Builder::configure())
+            .build_v1alpha()
+            .expect("the descriptor set built with the protocol is valid");
+        tokio::spawn(async move {
+            use cohort_protocol::pb::{
+                admin_server::AdminServer, federation_server::FederationServer,
+            };
+            health.set_serving::<FederationServer<Coordinator>>().await;
+            health
+                .set_serving::<AdminServer<crate::admin::AdminApi>>()
+                .await;
+        });
+        tonic::transport::Server::builder()
+            .add_service(self.service())
+            .add_service(self.admin_service())
+            .add_service(health_service)
+            .add_service(v1)
+            .add_service(v1alpha)
     }
 
     /// Serves with mutual TLS on `listener` until `shutdown` completes: TLS 1.3 only, a
@@ -198,8 +285,8 @@ impl Coordinator {
         self.shared
             .require_certificates
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        let served = tonic::transport::Server::builder()
-            .add_service(self.service())
+        let served = self
+            .router()
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
         for t in tasks {
@@ -213,7 +300,16 @@ impl Coordinator {
     /// Every call is also counted against its caller's rate limit: the certificate
     /// identity, or the remote address on a plaintext listener.
     fn caller<T>(&self, req: &Request<T>) -> Result<Option<String>, Status> {
-        let id = self.certificate_identity(req)?;
+        self.caller_as(req, cohort_crypto::pki::Role::Participant)
+    }
+
+    /// [`Self::caller`] for a service meant for `role`.
+    pub(crate) fn caller_as<T>(
+        &self,
+        req: &Request<T>,
+        role: cohort_crypto::pki::Role,
+    ) -> Result<Option<String>, Status> {
+        let id = self.certificate_identity(req, role)?;
         let key = id.clone().unwrap_or_else(|| {
             req.remote_addr()
                 .map(|a| a.ip().to_string())
@@ -233,7 +329,11 @@ impl Coordinator {
         *self.shared.limiter.rate.lock().expect("limiter lock") = (per_second, burst);
     }
 
-    fn certificate_identity<T>(&self, req: &Request<T>) -> Result<Option<String>, Status> {
+    fn certificate_identity<T>(
+        &self,
+        req: &Request<T>,
+        wanted: cohort_crypto::pki::Role,
+    ) -> Result<Option<String>, Status> {
         if !self
             .shared
             .require_certificates
@@ -250,10 +350,14 @@ impl Coordinator {
             .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
         let (id, role) = cohort_crypto::pki::identity_of(leaf)
             .map_err(|e| Status::permission_denied(e.to_string()))?;
-        if role != cohort_crypto::pki::Role::Participant {
-            tracing::warn!(identity = %id, %role, "refused: not a participant certificate");
+        if role != wanted {
+            tracing::warn!(identity = %id, %role, "refused: not a {wanted} certificate");
+            let service = match wanted {
+                cohort_crypto::pki::Role::Admin => "the Admin service is for admins",
+                _ => "the Federation service is for participants",
+            };
             return Err(Status::permission_denied(format!(
-                "{id:?} holds a {role} certificate; the Federation service is for participants"
+                "{id:?} holds a {role} certificate; {service}"
             )));
         }
         Ok(Some(id))
@@ -271,7 +375,7 @@ impl Coordinator {
 
     /// Refuses a message for another job than this coordinator's.
     fn check_job(&self, id: &str, job_id: &str) -> Result<(), Status> {
-        let job = self.lock().config().job_id.clone();
+        let job = self.lock()?.config().job_id.clone();
         if job_id == job {
             Ok(())
         } else {
@@ -307,29 +411,42 @@ impl Coordinator {
         let _ = rx.wait_for(|f| *f).await;
     }
 
+    /// Completed rounds of the active job.
     pub fn history(&self) -> Vec<RoundSummary> {
-        self.lock().history().to_vec()
+        self.lock()
+            .map(|o| o.history().to_vec())
+            .unwrap_or_default()
     }
 
-    pub fn store(&self) -> &ModelStore {
-        &self.shared.store
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Orchestrator> {
-        self.shared
+    /// The active job's state machine; `Unavailable` when no job is active.
+    pub(crate) fn lock(&self) -> Result<OrchGuard<'_>, Status> {
+        let g = self
+            .shared
             .orch
             .lock()
-            .expect("state machine lock poisoned")
+            .expect("state machine lock poisoned");
+        if g.is_none() {
+            return Err(Status::unavailable(
+                "no job is active: waiting for an operator to start one",
+            ));
+        }
+        Ok(OrchGuard(g))
     }
 
-    /// Runs `f` on the state machine, then hands its events to the processor and, if anything
-    /// happened (or `bump`), wakes waiters.
-    fn with<R>(&self, bump: bool, f: impl FnOnce(&mut Orchestrator) -> R) -> R {
-        with_orch(&self.shared, bump, f)
+    /// Runs `f` on the active job's state machine, then hands its events to the processor
+    /// and, if anything happened (or `bump`), wakes waiters.
+    pub(crate) fn with<R>(
+        &self,
+        bump: bool,
+        f: impl FnOnce(&mut Orchestrator) -> R,
+    ) -> Result<R, Status> {
+        with_orch(&self.shared, bump, f).ok_or_else(|| {
+            Status::unavailable("no job is active: waiting for an operator to start one")
+        })
     }
 
     fn participant(&self, session: &str) -> Result<String, Status> {
-        self.lock()
+        self.lock()?
             .participant_for_session(session)
             .cloned()
             .ok_or_else(|| {
@@ -340,14 +457,15 @@ impl Coordinator {
 
     /// The download form of model `version`, encoded on first use and then shared by every
     /// task and fetch of that version.
-    fn encoded(&self, version: u64, params: &[f32]) -> Arc<EncodedModel> {
+    fn encoded(&self, job: &str, version: u64, params: &[f32]) -> Arc<EncodedModel> {
         let mut cache = self.shared.encoded.lock().expect("encoded-model lock");
         match &*cache {
-            Some(e) if e.version == version => e.clone(),
+            Some(e) if e.version == version && e.job == job => e.clone(),
             _ => {
                 let chunks = cohort_protocol::model_chunks(params);
                 let digest = chunks.last().map(|c| c.digest.clone()).unwrap_or_default();
                 let e = Arc::new(EncodedModel {
+                    job: job.to_string(),
                     version,
                     digest,
                     chunks,
@@ -358,9 +476,9 @@ impl Coordinator {
         }
     }
 
-    fn task_message(&self, id: &str) -> pb::Task {
+    fn task_message(&self, id: &str) -> Result<pb::Task, Status> {
         let (task, version, params, cfg) = {
-            let o = self.lock();
+            let o = self.lock()?;
             let (v, p) = o.global();
             (o.task_for(id), v, p, o.config().clone())
         };
@@ -380,7 +498,7 @@ impl Coordinator {
                 model: Some((&cfg.model).into()),
                 config: Some((&config).into()),
                 num_parameters: params.len() as u64,
-                model_digest: self.encoded(version, &params).digest.clone(),
+                model_digest: self.encoded(&cfg.job_id, version, &params).digest.clone(),
                 deadline_in_ms: ms(deadline),
                 model_version,
             }),
@@ -393,7 +511,7 @@ impl Coordinator {
                 round,
                 model: Some((&cfg.model).into()),
                 num_parameters: params.len() as u64,
-                model_digest: self.encoded(version, &params).digest.clone(),
+                model_digest: self.encoded(&cfg.job_id, version, &params).digest.clone(),
                 deadline_in_ms: ms(deadline),
                 model_version,
             }),
@@ -412,96 +530,131 @@ impl Coordinator {
             }),
             Task::Idle => Kind::Idle(pb::IdleTask { retry_after_ms: 0 }),
             Task::Finished => Kind::Finished(pb::FinishedTask {
-                reason: format!("job {} finished", cfg.job_id),
+                reason: if self.lock()?.is_cancelled() {
+                    format!("job {} was cancelled by an operator", cfg.job_id)
+                } else {
+                    format!("job {} finished", cfg.job_id)
+                },
             }),
         };
-        pb::Task { kind: Some(kind) }
+        Ok(pb::Task { kind: Some(kind) })
     }
 }
 
-fn with_orch<R>(shared: &Shared, bump: bool, f: impl FnOnce(&mut Orchestrator) -> R) -> R {
-    let mut o = shared.orch.lock().expect("state machine lock poisoned");
-    let out = f(&mut o);
-    let mut any = false;
-    while let Some(ev) = o.poll_event() {
-        any = true;
-        // Sent under the lock, so the processor sees events in the machine's order.
-        let _ = shared.to_processor.send(ev);
+/// The active job's state machine, locked (see [`Coordinator::lock`]).
+pub(crate) struct OrchGuard<'a>(std::sync::MutexGuard<'a, Option<Orchestrator>>);
+
+impl std::ops::Deref for OrchGuard<'_> {
+    type Target = Orchestrator;
+    fn deref(&self) -> &Orchestrator {
+        self.0.as_ref().expect("checked when locked")
     }
-    drop(o);
+}
+
+/// Runs `f` on the active job's state machine (`None` when there is none) and hands the
+/// events it produced to the processor, in order.
+pub(crate) fn with_orch<R>(
+    shared: &Shared,
+    bump: bool,
+    f: impl FnOnce(&mut Orchestrator) -> R,
+) -> Option<R> {
+    let mut g = shared.orch.lock().expect("state machine lock poisoned");
+    let o = g.as_mut()?;
+    let out = f(o);
+    let mut any = false;
+    if o.has_events() {
+        let ctx = shared
+            .context
+            .lock()
+            .expect("context lock")
+            .clone()
+            .expect("a job's context is set with its state machine");
+        while let Some(ev) = o.poll_event() {
+            any = true;
+            // Sent under the lock, so the processor sees events in the machine's order.
+            let _ = shared.to_processor.send((ctx.clone(), ev));
+        }
+    }
+    drop(g);
     if any || bump {
         shared.changed.send_modify(|c| *c += 1);
     }
-    out
+    Some(out)
 }
 
-/// Writes model versions, logs, and rebroadcasts events, strictly in order.
-async fn process_events(mut rx: mpsc::UnboundedReceiver<Event>, shared: Weak<Shared>) {
-    while let Some(ev) = rx.recv().await {
+/// Writes model versions and commits completed rounds to the durable state, logs, counts,
+/// and rebroadcasts events, strictly in order.
+async fn process_events(
+    mut rx: mpsc::UnboundedReceiver<(Arc<JobContext>, Event)>,
+    shared: Weak<Shared>,
+) {
+    while let Some((ctx, ev)) = rx.recv().await {
         let Some(s) = shared.upgrade() else { return };
+        let job = ctx.config.job_id.as_str();
+        s.metrics.observe(job, &ev);
         match &ev {
-            Event::RoundCompleted { summary, params } => {
-                let (job, spec, strategy) = {
-                    let o = s.orch.lock().expect("lock");
-                    (
-                        o.config().job_id.clone(),
-                        o.config().model.clone(),
-                        o.strategy_name(),
-                    )
-                };
-                let store = s.store.clone();
-                let (summary2, params) = (summary.clone(), params.clone());
+            Event::RoundCompleted {
+                summary,
+                params,
+                strategy_state,
+            } => {
+                let (s2, ctx2) = (s.clone(), ctx.clone());
+                let (summary2, params, st) =
+                    (summary.clone(), params.clone(), strategy_state.clone());
                 let written = tokio::task::spawn_blocking(move || {
-                    store.write(
-                        &job,
-                        &spec,
-                        strategy,
-                        summary2.round,
-                        &params,
-                        Some(&summary2),
-                        unix_ms(),
-                    )
+                    crate::control::commit_round(&s2, &ctx2, &summary2, &params, st.as_deref())
                 })
                 .await;
                 match written {
                     Ok(Ok(m)) => tracing::info!(
+                        job,
                         round = summary.round,
                         participants = summary.participants.len(),
                         eval_accuracy = summary.eval.map(|m| m.accuracy),
-                        file = %s.store.weights_path(m.version).display(),
-                        "round complete; model version written"
+                        file = %ctx.store.weights_path(m.version).display(),
+                        sha256 = %m.sha256,
+                        "round complete; model version committed"
                     ),
                     Ok(Err(e)) => {
-                        tracing::error!(round = summary.round, "writing model version failed: {e}")
+                        tracing::error!(
+                            job,
+                            round = summary.round,
+                            "committing the round failed: {e}"
+                        )
                     }
-                    Err(e) => tracing::error!(round = summary.round, "model writer panicked: {e}"),
+                    Err(e) => {
+                        tracing::error!(job, round = summary.round, "model writer panicked: {e}")
+                    }
                 }
             }
             Event::RoundStarted {
                 round,
                 attempt,
                 selected,
-            } => tracing::info!(round, attempt, ?selected, "round started"),
+            } => tracing::info!(job, round, attempt, ?selected, "round started"),
             Event::StragglersDropped { round, ids } => {
-                tracing::warn!(round, ?ids, "stragglers left out at the deadline")
+                tracing::warn!(job, round, ?ids, "stragglers left out at the deadline")
             }
             Event::RoundFailed {
                 round,
                 attempt,
                 cause,
-            } => tracing::warn!(round, attempt, ?cause, "round failed; will retry"),
+            } => tracing::warn!(job, round, attempt, ?cause, "round failed; will retry"),
             Event::ParticipantJoined { id, rejoined } => {
                 tracing::info!(%id, rejoined, "participant joined")
             }
             Event::ParticipantLost { id } => tracing::warn!(%id, "participant lost"),
             Event::ParticipantLeft { id } => tracing::info!(%id, "participant left"),
-            Event::UpdateAccepted { round, id } => tracing::info!(round, %id, "update accepted"),
+            Event::UpdateAccepted { round, id } => {
+                tracing::info!(job, round, %id, "update accepted")
+            }
             Event::DecryptionStarted {
                 round,
                 attempt,
                 participants,
                 committee,
             } => tracing::info!(
+                job,
                 round,
                 attempt,
                 participants,
@@ -509,11 +662,20 @@ async fn process_events(mut rx: mpsc::UnboundedReceiver<Event>, shared: Weak<Sha
                 "training closed; committee asked to decrypt the sum"
             ),
             Event::MemberFailed { round, id, reason } => {
-                tracing::warn!(round, %id, "committee member failed: {reason}; pieces reassigned")
+                tracing::warn!(job, round, %id, "committee member failed: {reason}; pieces reassigned")
             }
-            Event::JobFinished { rounds } => tracing::info!(rounds, "job finished"),
+            Event::JobFinished { rounds } => tracing::info!(job, rounds, "job finished"),
+            Event::Paused(p) => tracing::info!(job, paused = p, "job paused or resumed"),
+            Event::JobCancelled { round } => {
+                tracing::warn!(
+                    job,
+                    round,
+                    "job cancelled; the round under way is abandoned"
+                )
+            }
         }
-        let finished = matches!(ev, Event::JobFinished { .. });
+        let _ = s.admin_events.send(crate::admin::event_pb(job, &ev));
+        let finished = matches!(ev, Event::JobFinished { .. } | Event::JobCancelled { .. });
         let _ = s.observers.send(ev);
         if finished {
             s.finished.send_replace(true);
@@ -532,7 +694,7 @@ async fn run_timer(shared: Weak<Shared>) {
             let Some(s) = shared.upgrade() else { return };
             changed.borrow_and_update();
             let o = s.orch.lock().expect("lock");
-            o.poll_timeout()
+            o.as_ref().and_then(|o| o.poll_timeout())
         };
         let sleep = async {
             match next {
@@ -731,6 +893,7 @@ impl Federation for Coordinator {
             })
             .transpose()
             .map_err(|e| refuse(&id, protocol_status(&e)))?;
+        self.admit(&id, r.num_examples)?;
         self.with(true, |o| {
             o.handle_join_with_keys(
                 &r.participant_id,
@@ -739,9 +902,9 @@ impl Federation for Coordinator {
                 keys,
                 Instant::now(),
             )
-        })
+        })?
         .map_err(|e| refuse(&id, rejection_status(&e)))?;
-        let o = self.lock();
+        let o = self.lock()?;
         Ok(Response::new(pb::JoinResponse {
             session_id: session,
             job_id: o.config().job_id.clone(),
@@ -761,9 +924,9 @@ impl Federation for Coordinator {
         let mut changed = self.shared.changed.subscribe();
         loop {
             changed.borrow_and_update();
-            self.with(false, |o| o.handle_heartbeat(&id, Instant::now()))
+            self.with(false, |o| o.handle_heartbeat(&id, Instant::now()))?
                 .map_err(|e| refuse(&id, rejection_status(&e)))?;
-            let task = self.task_message(&id);
+            let task = self.task_message(&id)?;
             if !matches!(task.kind, Some(Kind::Idle(_))) {
                 return Ok(Response::new(task));
             }
@@ -784,7 +947,10 @@ impl Federation for Coordinator {
         let r = req.into_inner();
         let id = self.session_of(cert, &r.session_id)?;
         self.check_job(&id, &r.job_id)?;
-        let (version, params) = self.lock().global();
+        let (job, (version, params)) = {
+            let o = self.lock()?;
+            (o.config().job_id.clone(), o.global())
+        };
         if r.version != version {
             return Err(refuse(
                 &id,
@@ -794,7 +960,7 @@ impl Federation for Coordinator {
                 )),
             ));
         }
-        let chunks = self.encoded(version, &params).chunks.clone();
+        let chunks = self.encoded(&job, version, &params).chunks.clone();
         Ok(Response::new(Box::pin(futures::stream::iter(
             chunks.into_iter().map(Ok),
         ))))
@@ -810,11 +976,11 @@ impl Federation for Coordinator {
         let id = self.session_of(cert, &header.session_id)?;
         self.check_job(&id, &header.job_id)?;
         if let Some(sec) = header.secure.as_ref() {
-            self.lock()
+            self.lock()?
                 .check_secure_update(&id, header.round, sec.num_bodies as usize)
                 .map_err(|e| refuse(&id, rejection_status(&e)))?;
         } else {
-            self.lock()
+            self.lock()?
                 .check_update(&id, header.round, header.num_parameters as usize)
                 .map_err(|e| refuse(&id, rejection_status(&e)))?;
         }
@@ -846,10 +1012,17 @@ impl Federation for Coordinator {
                 signature,
                 train,
             };
-            self.with(true, |o| {
+            self.shared
+                .metrics
+                .received("update", update.bodies.len() as u64 * 6);
+            let t = Instant::now();
+            let done = self.with(true, |o| {
                 o.handle_secure_update(&id, update, Instant::now())
-            })
-            .map_err(|e| refuse(&id, rejection_status(&e)))?;
+            })?;
+            self.shared
+                .metrics
+                .aggregation("update", t.elapsed().as_secs_f64());
+            done.map_err(|e| refuse(&id, rejection_status(&e)))?;
         } else {
             let asm = ParamAssembler::new(header.num_parameters);
             let (delta, _) = receive_words(&mut stream, asm, &id).await?;
@@ -859,8 +1032,15 @@ impl Federation for Coordinator {
                 num_examples: header.num_examples,
                 train,
             };
-            self.with(true, |o| o.handle_update(&id, update, Instant::now()))
-                .map_err(|e| refuse(&id, rejection_status(&e)))?;
+            self.shared
+                .metrics
+                .received("update", update.delta.len() as u64 * 4);
+            let t = Instant::now();
+            let done = self.with(true, |o| o.handle_update(&id, update, Instant::now()))?;
+            self.shared
+                .metrics
+                .aggregation("update", t.elapsed().as_secs_f64());
+            done.map_err(|e| refuse(&id, rejection_status(&e)))?;
         }
         Ok(Response::new(pb::SubmitUpdateResponse {
             round: header.round,
@@ -880,7 +1060,7 @@ impl Federation for Coordinator {
         let id = self.session_of(cert, &r.session_id)?;
         self.check_job(&id, &r.job_id)?;
         let (records, pieces) = self
-            .lock()
+            .lock()?
             .decryption_input(&id, r.round, r.attempt)
             .map_err(|e| refuse(&id, rejection_status(&e)))?;
         let items = records
@@ -908,7 +1088,7 @@ impl Federation for Coordinator {
         let id = self.session_of(cert, &header.session_id)?;
         self.check_job(&id, &header.job_id)?;
         let share = if header.refused.is_empty() {
-            let expected = self.lock().bodies_len().unwrap_or(0) as u64;
+            let expected = self.lock()?.bodies_len().unwrap_or(0) as u64;
             if header.num_values != expected {
                 return Err(refuse(
                     &id,
@@ -938,8 +1118,17 @@ impl Federation for Coordinator {
             pieces: header.pieces.iter().map(|&k| k as usize).collect(),
             share,
         };
-        self.with(true, |o| o.handle_share(&id, answer, Instant::now()))
-            .map_err(|e| refuse(&id, rejection_status(&e)))?;
+        if let Ok(sh) = &answer.share {
+            self.shared
+                .metrics
+                .received("share", sh.values.len() as u64 * 8);
+        }
+        let t = Instant::now();
+        let done = self.with(true, |o| o.handle_share(&id, answer, Instant::now()))?;
+        self.shared
+            .metrics
+            .aggregation("share", t.elapsed().as_secs_f64());
+        done.map_err(|e| refuse(&id, rejection_status(&e)))?;
         Ok(Response::new(pb::SubmitShareResponse {}))
     }
 
@@ -958,7 +1147,7 @@ impl Federation for Coordinator {
             .map_err(|s| refuse(&id, s))?;
         self.with(true, |o| {
             o.handle_evaluation(&id, r.round, metrics, Instant::now())
-        })
+        })?
         .map_err(|e| refuse(&id, rejection_status(&e)))?;
         Ok(Response::new(pb::SubmitEvaluationResponse {}))
     }
@@ -969,7 +1158,7 @@ impl Federation for Coordinator {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let cert = self.caller(&req)?;
         let id = self.session_of(cert, &req.into_inner().session_id)?;
-        self.with(false, |o| o.handle_heartbeat(&id, Instant::now()))
+        self.with(false, |o| o.handle_heartbeat(&id, Instant::now()))?
             .map_err(|e| refuse(&id, rejection_status(&e)))?;
         Ok(Response::new(pb::HeartbeatResponse {}))
     }
@@ -980,7 +1169,7 @@ impl Federation for Coordinator {
     ) -> Result<Response<pb::LeaveResponse>, Status> {
         let cert = self.caller(&req)?;
         let id = self.session_of(cert, &req.into_inner().session_id)?;
-        self.with(true, |o| o.handle_leave(&id, Instant::now()))
+        self.with(true, |o| o.handle_leave(&id, Instant::now()))?
             .map_err(|e| refuse(&id, rejection_status(&e)))?;
         Ok(Response::new(pb::LeaveResponse {}))
     }

@@ -10,6 +10,14 @@
 pub trait Strategy: Send {
     fn name(&self) -> &'static str;
     fn apply(&mut self, global: &[f32], mean_update: &[f32], round: u64) -> Vec<f32>;
+    /// Server state that must survive a coordinator restart (little-endian bytes), if any.
+    fn save_state(&self) -> Option<Vec<u8>> {
+        None
+    }
+    /// Restores what [`Self::save_state`] saved.
+    fn restore_state(&mut self, _state: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Federated averaging (McMahan et al., 2017): the new model is the weighted mean of the
@@ -81,6 +89,32 @@ impl Strategy for FedAdam {
         }
         out
     }
+    /// The moments m and v, one after the other.
+    fn save_state(&self) -> Option<Vec<u8>> {
+        (!self.m.is_empty()).then(|| {
+            self.m
+                .iter()
+                .chain(&self.v)
+                .flat_map(|x| x.to_le_bytes())
+                .collect()
+        })
+    }
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
+        if state.len() % 8 != 0 {
+            return Err(format!(
+                "fedadam state of {} bytes is not two f32 vectors of one length",
+                state.len()
+            ));
+        }
+        let xs: Vec<f32> = state
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .collect();
+        let (m, v) = xs.split_at(xs.len() / 2);
+        self.m = m.to_vec();
+        self.v = v.to_vec();
+        Ok(())
+    }
 }
 
 /// A strategy by name: `fedavg` or `fedadam` (with `server_lr`).
@@ -121,6 +155,19 @@ mod tests {
             second[0] > out[0] && second[1] < out[1],
             "keeps moving: {second:?}"
         );
+    }
+
+    #[test]
+    fn fedadam_restored_from_its_state_continues_exactly() {
+        let g = vec![0.5f32, -1.0, 2.0];
+        let (d1, d2) = (vec![0.1f32, -0.2, 0.3], vec![-0.05f32, 0.4, 0.0]);
+        let mut a = FedAdam::new(0.1);
+        let g1 = a.apply(&g, &d1, 1);
+        let mut b = FedAdam::new(0.1);
+        b.restore_state(&a.save_state().unwrap()).unwrap();
+        assert_eq!(a.apply(&g1, &d2, 2), b.apply(&g1, &d2, 2));
+        assert!(FedAdam::new(0.1).restore_state(&[0; 12]).is_err());
+        assert_eq!(FedAvg::default().save_state(), None);
     }
 
     #[test]

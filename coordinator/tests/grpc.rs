@@ -260,7 +260,9 @@ async fn bad_updates_get_the_right_status_and_are_never_aggregated() {
     .unwrap();
     let summary = loop {
         match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
-            Ok(Ok(Event::RoundCompleted { summary, params })) => {
+            Ok(Ok(Event::RoundCompleted {
+                summary, params, ..
+            })) => {
                 for (g, g0) in params.iter().zip(&global0) {
                     assert!((g - (g0 + 2.0)).abs() < 1e-6);
                 }

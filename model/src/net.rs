@@ -382,6 +382,24 @@ impl Network {
         Ok(self.map(&mut u))
     }
 
+    /// Replaces every parameter with the tensors of a safetensors file written by
+    /// [`Self::to_safetensors`] for the same spec.
+    pub fn load_safetensors(mut self, bytes: Vec<u8>) -> Result<Network, ModelError> {
+        let mut st = SafetensorsStore::from_bytes(Some(bytes));
+        let res = match &mut self {
+            Network::Mlp(m) => m.load_from(&mut st),
+            Network::Cnn(m) => m.load_from(&mut st),
+        }
+        .map_err(|e| ModelError::Store(format!("{e:?}")))?;
+        if !res.errors.is_empty() || !res.missing.is_empty() {
+            return Err(ModelError::Store(format!(
+                "safetensors does not fit the model: missing {:?}, errors {:?}",
+                res.missing, res.errors
+            )));
+        }
+        Ok(self)
+    }
+
     /// The weights as a safetensors file (tensor names as in [`ModelSpec::layout`]).
     pub fn to_safetensors(&self) -> Result<Vec<u8>, ModelError> {
         let mut st = SafetensorsStore::from_bytes(None);

@@ -13,6 +13,10 @@ pub mod pb {
     tonic::include_proto!("cohort.v1");
 }
 
+/// The encoded `FileDescriptorSet` of every `cohort.v1` file, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/cohort_descriptor.bin"));
+
 /// Parameters per chunk in model downloads and update uploads (1 MiB of f32).
 pub const CHUNK_PARAMS: usize = 256 * 1024;
 

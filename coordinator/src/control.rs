@@ -1,0 +1,611 @@
+//! Jobs and participants under an operator's control, and what survives a restart.
+//!
+//! A job is *created* from a specification, *started* (its initial model becomes version 0
+//! and it takes the coordinator: one job is active at a time), *paused* and *resumed*
+//! (while paused no new round starts; a round under way completes), and ends *finished* or
+//! *cancelled*. Every change an operator makes is committed to the durable state together
+//! with its audit entry before it is answered.
+//!
+//! Recovery: a completed round is committed (model version, round record, strategy state,
+//! job progress) in one transaction after its model file is on disk. After a crash,
+//! [`Coordinator::recover`] rebuilds the active job from the last committed round; the
+//! round that was under way starts again as a new attempt with a fresh round seed, and
+//! participants, whose sessions died with the old process, join again.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tonic::Status;
+
+use crate::config::JobSection;
+use crate::model_store::ModelManifest;
+use crate::round::{Orchestrator, RoundSummary};
+use crate::service::{Coordinator, JobContext, Shared, with_orch};
+use crate::state::{
+    Approval, JobRecord, JobState, ModelRef, ParticipantRecord, RoundRecord, State, StateError,
+    unix_ms,
+};
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    tracing::error!("state: {e}");
+    Status::internal(e.to_string())
+}
+
+fn state_err(e: StateError) -> Status {
+    internal(e)
+}
+
+/// A job record for `cfg`, as created.
+fn new_record(
+    cfg: &crate::JobConfig,
+    strategy: &str,
+    spec: Option<&JobSection>,
+    who: &str,
+) -> JobRecord {
+    let now = unix_ms();
+    JobRecord {
+        id: cfg.job_id.clone(),
+        spec_toml: spec.map(|s| s.to_spec()).unwrap_or_default(),
+        state: JobState::Created,
+        rounds: cfg.rounds,
+        rounds_completed: 0,
+        strategy: strategy.to_string(),
+        model: model_name(&cfg.model),
+        dataset: spec.and_then(|s| s.dataset.clone()).unwrap_or_default(),
+        secure: cfg.secure.is_some(),
+        created_unix_ms: now,
+        updated_unix_ms: now,
+        created_by: who.to_string(),
+        restarts: 0,
+    }
+}
+
+fn model_name(m: &cohort_model::ModelSpec) -> String {
+    use cohort_model::ModelSpec::*;
+    match m {
+        Logistic { inputs, classes } => format!("logistic {inputs}→{classes}"),
+        Mlp {
+            inputs,
+            hidden,
+            classes,
+        } => format!("mlp {inputs}→{hidden:?}→{classes}"),
+        Cnn { classes, .. } => format!("cnn →{classes}"),
+    }
+}
+
+/// Writes a completed round's model version, then commits it with the round record, the
+/// strategy's state and the job's progress. Runs on a blocking thread.
+pub(crate) fn commit_round(
+    shared: &Shared,
+    ctx: &JobContext,
+    summary: &RoundSummary,
+    params: &[f32],
+    strategy_state: Option<&[u8]>,
+) -> Result<ModelManifest, String> {
+    let cfg = &ctx.config;
+    let m = ctx
+        .store
+        .write(
+            &cfg.job_id,
+            &cfg.model,
+            ctx.strategy,
+            summary.round,
+            params,
+            Some(summary),
+            unix_ms(),
+        )
+        .map_err(|e| e.to_string())?;
+    let _g = shared.job_records.lock().expect("job records lock");
+    let mut job = shared
+        .state
+        .job(&cfg.job_id)
+        .map_err(|e| e.to_string())?
+        .unwrap_or_else(|| new_record(cfg, ctx.strategy, None, "embedded"));
+    job.rounds_completed = summary.round;
+    job.updated_unix_ms = unix_ms();
+    if summary.round >= cfg.rounds && job.state.is_active() {
+        job.state = JobState::Finished;
+    }
+    let record = RoundRecord {
+        job_id: cfg.job_id.clone(),
+        summary: summary.clone(),
+        completed_unix_ms: unix_ms(),
+    };
+    shared
+        .state
+        .commit_round(&job, &record, &m, strategy_state)
+        .map_err(|e| e.to_string())?;
+    shared.metrics.job_state(&job.id, job.state);
+    Ok(m)
+}
+
+impl Coordinator {
+    /// Makes `orch` the active job.
+    fn install(&self, orch: Orchestrator) -> Result<(), String> {
+        let cfg = orch.config().clone();
+        let store = self
+            .shared
+            .store
+            .for_job(&cfg.job_id)
+            .map_err(|e| e.to_string())?;
+        let ctx = Arc::new(JobContext {
+            strategy: orch.strategy_name(),
+            config: cfg,
+            store,
+        });
+        {
+            // The same lock order as `with_orch`: state machine, then context.
+            let mut g = self.shared.orch.lock().expect("state machine lock");
+            *self.shared.context.lock().expect("context lock") = Some(ctx);
+            *g = Some(orch);
+        }
+        self.shared.finished.send_replace(false);
+        // Events of the new machine (a restored pause) go out; waiters wake.
+        with_orch(&self.shared, true, |_| ());
+        Ok(())
+    }
+
+    /// Starts `orch`'s job now: writes its initial model as version 0, records it as
+    /// running (with `spec`, if it came from one), and makes it the active job.
+    pub(crate) fn run_job(
+        &self,
+        orch: Orchestrator,
+        who: &str,
+        spec: Option<&JobSection>,
+    ) -> Result<JobRecord, String> {
+        let cfg = orch.config().clone();
+        let mut job = match self
+            .shared
+            .state
+            .job(&cfg.job_id)
+            .map_err(|e| e.to_string())?
+        {
+            Some(j) => j,
+            None => new_record(&cfg, orch.strategy_name(), spec, who),
+        };
+        let (version, params) = orch.global();
+        let store = self
+            .shared
+            .store
+            .for_job(&cfg.job_id)
+            .map_err(|e| e.to_string())?;
+        let m = store
+            .write(
+                &cfg.job_id,
+                &cfg.model,
+                orch.strategy_name(),
+                version,
+                &params,
+                None,
+                unix_ms(),
+            )
+            .map_err(|e| format!("writing the initial model: {e}"))?;
+        job.state = JobState::Running;
+        job.updated_unix_ms = unix_ms();
+        self.shared
+            .state
+            .audited(
+                who,
+                "start_job",
+                &cfg.job_id,
+                "",
+                vec![State::job_write(&job), State::model_write(&m)],
+            )
+            .map_err(|e| e.to_string())?;
+        self.shared.metrics.job_state(&job.id, job.state);
+        self.install(orch)?;
+        tracing::info!(job = %cfg.job_id, by = who, "job started");
+        Ok(job)
+    }
+
+    /// Resumes the job the durable state says was active, from its last completed round.
+    /// Returns its id, or `None` when no job was active.
+    pub fn recover(&self) -> Result<Option<String>, String> {
+        let state = &self.shared.state;
+        let jobs = state.jobs().map_err(|e| e.to_string())?;
+        let mut active: Vec<JobRecord> = jobs.into_iter().filter(|j| j.state.is_active()).collect();
+        if active.len() > 1 {
+            return Err(format!(
+                "the state has {} active jobs ({}); at most one can be",
+                active.len(),
+                active
+                    .iter()
+                    .map(|j| j.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        let Some(mut job) = active.pop() else {
+            return Ok(None);
+        };
+        let id = job.id.clone();
+        let section = JobSection::parse_spec(&job.spec_toml)
+            .map_err(|e| format!("job {id}: stored specification: {e}"))?;
+        let cfg = section.job_config()?;
+        let history: Vec<RoundSummary> = state
+            .rounds(&id)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|r| r.summary)
+            .collect();
+        let done = history.len() as u64;
+        let models: Vec<u64> = state
+            .models(Some(&id))
+            .map_err(|e| e.to_string())?
+            .iter()
+            .map(|m| m.version)
+            .collect();
+        if models != (0..=done).collect::<Vec<_>>() {
+            return Err(format!(
+                "job {id}: model versions {models:?} do not match its {done} completed rounds"
+            ));
+        }
+        let store = self.shared.store.for_job(&id).map_err(|e| e.to_string())?;
+        let global = store.read_params(done).map_err(|e| e.to_string())?;
+        job.restarts += 1;
+        // A new attempt number, so nothing of the interrupted attempt is confused with it.
+        let attempt = job.restarts + 1;
+        let mut orch =
+            Orchestrator::resume(cfg, section.strategy()?, None, history, global, attempt)?;
+        if let Some(st) = state.strategy_state(&id).map_err(|e| e.to_string())? {
+            orch.restore_strategy_state(&st)
+                .map_err(|e| format!("job {id}: {e}"))?;
+        }
+        if job.state == JobState::Paused {
+            orch.set_paused(true, Instant::now());
+        }
+        job.updated_unix_ms = unix_ms();
+        {
+            let _g = self.shared.job_records.lock().expect("job records lock");
+            state.put_job(&job).map_err(|e| e.to_string())?;
+        }
+        self.shared.metrics.job_state(&id, job.state);
+        tracing::warn!(
+            job = %id,
+            completed = done,
+            restarts = job.restarts,
+            "resuming the job after a restart from its last completed round"
+        );
+        self.install(orch)?;
+        Ok(Some(id))
+    }
+
+    /// Runs the configuration file's job: starts it if new, resumes it if the state has it
+    /// active, and refuses a different job under the same id.
+    pub fn run_configured(&self, section: &JobSection) -> Result<(), String> {
+        let cfg = section.job_config()?;
+        match self
+            .shared
+            .state
+            .job(&cfg.job_id)
+            .map_err(|e| e.to_string())?
+        {
+            None => {
+                if let Some(active) = self.active_job_id() {
+                    return Err(format!(
+                        "job {active} is active; the configured job {} cannot start",
+                        cfg.job_id
+                    ));
+                }
+                let orch = Orchestrator::new(cfg, section.strategy()?, None)?;
+                let mut job =
+                    new_record(orch.config(), orch.strategy_name(), Some(section), "config");
+                job.state = JobState::Created;
+                self.shared
+                    .state
+                    .audited(
+                        "config",
+                        "create_job",
+                        &job.id,
+                        "",
+                        vec![State::job_write(&job)],
+                    )
+                    .map_err(|e| e.to_string())?;
+                self.run_job(orch, "config", Some(section))?;
+                Ok(())
+            }
+            Some(j) => {
+                let stored = JobSection::parse_spec(&j.spec_toml)
+                    .and_then(|s| s.job_config())
+                    .ok();
+                if stored.as_ref() != Some(&cfg) {
+                    return Err(format!(
+                        "job {} in the state was created from another specification; give the \
+                         configured job a new id",
+                        cfg.job_id
+                    ));
+                }
+                if self.active_job_id().as_deref() == Some(cfg.job_id.as_str())
+                    || !j.state.is_active()
+                {
+                    // Resumed by `recover`, or already over (finished or cancelled).
+                    if !j.state.is_active() {
+                        self.shared.finished.send_replace(true);
+                    }
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "job {} is {} but not active",
+                        j.id,
+                        j.state.as_str()
+                    ))
+                }
+            }
+        }
+    }
+
+    /// The active job's id, if any.
+    pub fn active_job_id(&self) -> Option<String> {
+        self.shared
+            .orch
+            .lock()
+            .expect("state machine lock")
+            .as_ref()
+            .filter(|o| !o.is_finished())
+            .map(|o| o.config().job_id.clone())
+    }
+
+    /// Whether `id` may join now, recording it as seen; pending participants wait for an
+    /// operator, removed ones are refused.
+    pub(crate) fn admit(&self, id: &str, num_examples: u64) -> Result<(), Status> {
+        let state = &self.shared.state;
+        let adm = &self.shared.admission;
+        let custodian = self
+            .lock()?
+            .config()
+            .secure
+            .as_ref()
+            .is_some_and(|s| s.is_custodian(id));
+        let listed = custodian || adm.allowed.as_ref().is_some_and(|a| a.contains(id));
+        let now = unix_ms();
+        let mut rec = state
+            .participant(id)
+            .map_err(state_err)?
+            .unwrap_or(ParticipantRecord {
+                id: id.to_string(),
+                approval: Approval::Pending,
+                role: if custodian {
+                    "custodian"
+                } else {
+                    "participant"
+                }
+                .into(),
+                first_seen_unix_ms: now,
+                last_seen_unix_ms: now,
+                num_examples,
+            });
+        let known = rec.first_seen_unix_ms != now || rec.approval != Approval::Pending;
+        rec.last_seen_unix_ms = now;
+        rec.num_examples = num_examples;
+        let verdict = match rec.approval {
+            Approval::Removed => Err(Status::permission_denied(format!(
+                "{id} was removed from the federation by an operator"
+            ))),
+            Approval::Approved => Ok(()),
+            Approval::Pending if listed || (adm.allowed.is_none() && !adm.require_approval) => {
+                rec.approval = Approval::Approved;
+                Ok(())
+            }
+            Approval::Pending if adm.require_approval => {
+                if !known {
+                    tracing::warn!(participant = %id, "new participant waiting for approval: `cohort admin participants approve {id}`");
+                }
+                Err(Status::failed_precondition(format!(
+                    "{id} is waiting for an operator's approval"
+                )))
+            }
+            Approval::Pending => Err(Status::permission_denied(format!(
+                "participant {id:?} is not allowed to join"
+            ))),
+        };
+        // Refused newcomers that nobody asked for are not recorded (no state growth from
+        // strangers); everyone else is, with the time they were last seen.
+        if verdict.is_ok() || adm.require_approval || known {
+            state.put_participant(&rec).map_err(state_err)?;
+        }
+        verdict.map_err(|s| {
+            tracing::warn!(participant = %id, "join refused: {}", s.message());
+            s
+        })
+    }
+
+    // ----- admin actions (each audited) -----
+
+    pub(crate) fn create_job(&self, who: &str, spec_toml: &str) -> Result<JobRecord, Status> {
+        let section = JobSection::parse_spec(spec_toml)
+            .map_err(|e| Status::invalid_argument(format!("job specification: {e}")))?;
+        let cfg = section
+            .job_config()
+            .map_err(|e| Status::invalid_argument(format!("job specification: {e}")))?;
+        let _g = self.shared.job_records.lock().expect("job records lock");
+        if self
+            .shared
+            .state
+            .job(&cfg.job_id)
+            .map_err(state_err)?
+            .is_some()
+        {
+            return Err(Status::already_exists(format!(
+                "a job {:?} exists already",
+                cfg.job_id
+            )));
+        }
+        let job = new_record(&cfg, &section.strategy, Some(&section), who);
+        self.shared
+            .state
+            .audited(who, "create_job", &job.id, "", vec![State::job_write(&job)])
+            .map_err(state_err)?;
+        self.shared.metrics.job_state(&job.id, job.state);
+        Ok(job)
+    }
+
+    fn job_or_404(&self, id: &str) -> Result<JobRecord, Status> {
+        self.shared
+            .state
+            .job(id)
+            .map_err(state_err)?
+            .ok_or_else(|| Status::not_found(format!("no job {id:?}")))
+    }
+
+    pub(crate) fn start_job(&self, who: &str, id: &str) -> Result<JobRecord, Status> {
+        let job = self.job_or_404(id)?;
+        if job.state != JobState::Created {
+            return Err(Status::failed_precondition(format!(
+                "job {id} is {}; only a created job can start",
+                job.state.as_str()
+            )));
+        }
+        if let Some(active) = self.active_job_id() {
+            return Err(Status::failed_precondition(format!(
+                "job {active} is active; pause does not free the coordinator: cancel it or wait for it to finish"
+            )));
+        }
+        let section = JobSection::parse_spec(&job.spec_toml).map_err(internal)?;
+        let cfg = section.job_config().map_err(internal)?;
+        let orch = Orchestrator::new(cfg, section.strategy().map_err(internal)?, None)
+            .map_err(Status::invalid_argument)?;
+        self.run_job(orch, who, Some(&section)).map_err(internal)
+    }
+
+    /// Pauses (`true`) or resumes the active job `id`.
+    pub(crate) fn set_paused(
+        &self,
+        who: &str,
+        id: &str,
+        paused: bool,
+    ) -> Result<JobRecord, Status> {
+        let _g = self.shared.job_records.lock().expect("job records lock");
+        let mut job = self.job_or_404(id)?;
+        let (from, to, action) = if paused {
+            (JobState::Running, JobState::Paused, "pause_job")
+        } else {
+            (JobState::Paused, JobState::Running, "resume_job")
+        };
+        if job.state != from || self.active_job_id().as_deref() != Some(id) {
+            return Err(Status::failed_precondition(format!(
+                "job {id} is {}; only a {} job can be {}",
+                job.state.as_str(),
+                from.as_str(),
+                if paused { "paused" } else { "resumed" }
+            )));
+        }
+        job.state = to;
+        job.updated_unix_ms = unix_ms();
+        self.shared
+            .state
+            .audited(who, action, id, "", vec![State::job_write(&job)])
+            .map_err(state_err)?;
+        self.with(true, |o| o.set_paused(paused, Instant::now()))?;
+        self.shared.metrics.job_state(id, job.state);
+        Ok(job)
+    }
+
+    pub(crate) fn cancel_job(
+        &self,
+        who: &str,
+        id: &str,
+        reason: &str,
+    ) -> Result<JobRecord, Status> {
+        let _g = self.shared.job_records.lock().expect("job records lock");
+        let mut job = self.job_or_404(id)?;
+        if !matches!(
+            job.state,
+            JobState::Created | JobState::Running | JobState::Paused
+        ) {
+            return Err(Status::failed_precondition(format!(
+                "job {id} is {} already",
+                job.state.as_str()
+            )));
+        }
+        job.state = JobState::Cancelled;
+        job.updated_unix_ms = unix_ms();
+        self.shared
+            .state
+            .audited(who, "cancel_job", id, reason, vec![State::job_write(&job)])
+            .map_err(state_err)?;
+        if self.active_job_id().as_deref() == Some(id) {
+            self.with(true, |o| o.cancel())?;
+        }
+        self.shared.metrics.job_state(id, job.state);
+        Ok(job)
+    }
+
+    /// Approves (`Approved`) or removes (`Removed`) a participant.
+    pub(crate) fn set_approval(
+        &self,
+        who: &str,
+        id: &str,
+        approval: Approval,
+        reason: &str,
+    ) -> Result<ParticipantRecord, Status> {
+        if id.is_empty() {
+            return Err(Status::invalid_argument("participant_id is empty"));
+        }
+        let state = &self.shared.state;
+        let mut rec = state
+            .participant(id)
+            .map_err(state_err)?
+            .unwrap_or(ParticipantRecord {
+                id: id.to_string(),
+                approval,
+                role: "participant".into(),
+                first_seen_unix_ms: 0,
+                last_seen_unix_ms: 0,
+                num_examples: 0,
+            });
+        rec.approval = approval;
+        let action = match approval {
+            Approval::Approved => "approve_participant",
+            Approval::Removed => "remove_participant",
+            Approval::Pending => "reset_participant",
+        };
+        state
+            .audited(
+                who,
+                action,
+                id,
+                reason,
+                vec![State::participant_write(&rec)],
+            )
+            .map_err(state_err)?;
+        if approval == Approval::Removed {
+            // Ends its session; it is refused when it tries to join again.
+            let _ = self.with(true, |o| o.handle_leave(id, Instant::now()));
+        }
+        Ok(rec)
+    }
+
+    pub(crate) fn promote(&self, who: &str, job: &str, version: u64) -> Result<ModelRef, Status> {
+        if self
+            .shared
+            .state
+            .model(job, version)
+            .map_err(state_err)?
+            .is_none()
+        {
+            return Err(Status::not_found(format!(
+                "no model version {version} of job {job:?}"
+            )));
+        }
+        let to = ModelRef {
+            job_id: job.to_string(),
+            version,
+        };
+        self.shared.state.promote(who, &to).map_err(state_err)?;
+        self.shared.metrics.serving(&to);
+        Ok(to)
+    }
+
+    pub(crate) fn rollback(&self, who: &str) -> Result<ModelRef, Status> {
+        let to = self
+            .shared
+            .state
+            .rollback(who)
+            .map_err(state_err)?
+            .ok_or_else(|| {
+                Status::failed_precondition("nothing to roll back to: fewer than two promotions")
+            })?;
+        self.shared.metrics.serving(&to);
+        Ok(to)
+    }
+}

@@ -1,0 +1,376 @@
+//! Prometheus metrics, served as text on `/metrics` (`metrics_listen` in coordinator.toml).
+//!
+//! Names follow Prometheus conventions (`_total` counters, `_seconds` units). Each is fed
+//! from the coordinator's processed events, so the counts agree with what was committed.
+//! `deploy/prometheus/alerts.yml` holds alerting rules over them.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::round::{Event, FailureCause};
+use crate::state::{JobState, ModelRef};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobLabel {
+    job: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabel {
+    job: String,
+    cause: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    job: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ParticipantLabel {
+    participant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServingLabel {
+    job: String,
+}
+
+/// The coordinator's metrics. Cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    rounds_started: Family<JobLabel, Counter>,
+    rounds_completed: Family<JobLabel, Counter>,
+    round_failures: Family<FailureLabel, Counter>,
+    round_duration: Family<JobLabel, Histogram>,
+    round_participants: Family<JobLabel, Gauge>,
+    stragglers: Family<JobLabel, Counter>,
+    committee_failures: Family<JobLabel, Counter>,
+    job_state: Family<StateLabel, Gauge>,
+    participants_connected: Gauge,
+    participant_last_seen: Family<ParticipantLabel, Gauge>,
+    participants_lost: Counter,
+    bytes_received: Family<KindLabel, Counter>,
+    aggregation_seconds: Family<KindLabel, Histogram>,
+    serving_version: Family<ServingLabel, Gauge>,
+    /// Who is online, to count `participants_connected` exactly.
+    online: Arc<Mutex<BTreeMap<String, bool>>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn duration_buckets() -> Histogram {
+    // 0.1 s … ~30 min.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.1, 2.0, 15,
+    ))
+}
+
+fn fast_buckets() -> Histogram {
+    // 0.1 ms … ~3 s.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        1e-4, 2.0, 15,
+    ))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("cohort");
+        let m = Metrics {
+            registry: Arc::new(Registry::default()),
+            rounds_started: Family::default(),
+            rounds_completed: Family::default(),
+            round_failures: Family::default(),
+            round_duration: Family::new_with_constructor(duration_buckets),
+            round_participants: Family::default(),
+            stragglers: Family::default(),
+            committee_failures: Family::default(),
+            job_state: Family::default(),
+            participants_connected: Gauge::default(),
+            participant_last_seen: Family::default(),
+            participants_lost: Counter::default(),
+            bytes_received: Family::default(),
+            aggregation_seconds: Family::new_with_constructor(fast_buckets),
+            serving_version: Family::default(),
+            online: Arc::default(),
+        };
+        r.register(
+            "rounds_started",
+            "Round attempts started",
+            m.rounds_started.clone(),
+        );
+        r.register(
+            "rounds_completed",
+            "Rounds completed and committed as a model version",
+            m.rounds_completed.clone(),
+        );
+        r.register(
+            "round_failures",
+            "Round attempts that failed, by cause",
+            m.round_failures.clone(),
+        );
+        r.register(
+            "round_duration_seconds",
+            "Time from a completed round's start to its commit",
+            m.round_duration.clone(),
+        );
+        r.register(
+            "round_participants",
+            "Participants aggregated in the last completed round",
+            m.round_participants.clone(),
+        );
+        r.register(
+            "stragglers",
+            "Selected participants left out at a round's deadline",
+            m.stragglers.clone(),
+        );
+        r.register(
+            "committee_member_failures",
+            "Committee members that refused or missed the decryption deadline",
+            m.committee_failures.clone(),
+        );
+        r.register(
+            "job_state",
+            "1 for each job's current state (created, running, paused, finished, cancelled)",
+            m.job_state.clone(),
+        );
+        r.register(
+            "participants_connected",
+            "Participants online in the active job",
+            m.participants_connected.clone(),
+        );
+        r.register(
+            "participant_last_seen_timestamp_seconds",
+            "When each participant joined or was last seen joining or leaving (Unix time)",
+            m.participant_last_seen.clone(),
+        );
+        r.register(
+            "participants_lost",
+            "Participants not heard from within the liveness timeout",
+            m.participants_lost.clone(),
+        );
+        r.register(
+            "received_bytes",
+            "Bytes of uploads (kind=update) and decryption shares (kind=share) received",
+            m.bytes_received.clone(),
+        );
+        r.register(
+            "aggregation_seconds",
+            "Time the state machine spent folding an upload into the sum (kind=update) or \
+             decrypting it (kind=share)",
+            m.aggregation_seconds.clone(),
+        );
+        r.register(
+            "serving_version",
+            "The model version promoted for serving, by job",
+            m.serving_version.clone(),
+        );
+        Metrics {
+            registry: Arc::new(r),
+            ..m
+        }
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    fn job(job: &str) -> JobLabel {
+        JobLabel { job: job.into() }
+    }
+
+    /// Counts what an event says.
+    pub fn observe(&self, job: &str, ev: &Event) {
+        let now = crate::state::unix_ms() as i64 / 1000;
+        match ev {
+            Event::RoundStarted { .. } => {
+                self.rounds_started.get_or_create(&Self::job(job)).inc();
+            }
+            Event::RoundCompleted { summary, .. } => {
+                self.rounds_completed.get_or_create(&Self::job(job)).inc();
+                self.round_duration
+                    .get_or_create(&Self::job(job))
+                    .observe(summary.seconds);
+                self.round_participants
+                    .get_or_create(&Self::job(job))
+                    .set(summary.participants.len() as i64);
+            }
+            Event::RoundFailed { cause, .. } => {
+                let cause = match cause {
+                    FailureCause::TooFewUpdates { .. } => "too_few_updates",
+                    FailureCause::CommitteeUnavailable { .. } => "committee_unavailable",
+                };
+                self.round_failures
+                    .get_or_create(&FailureLabel {
+                        job: job.into(),
+                        cause: cause.into(),
+                    })
+                    .inc();
+            }
+            Event::StragglersDropped { ids, .. } => {
+                self.stragglers
+                    .get_or_create(&Self::job(job))
+                    .inc_by(ids.len() as u64);
+            }
+            Event::MemberFailed { .. } => {
+                self.committee_failures.get_or_create(&Self::job(job)).inc();
+            }
+            Event::ParticipantJoined { id, .. } => self.presence(id, true, now),
+            Event::ParticipantLeft { id } => self.presence(id, false, now),
+            Event::ParticipantLost { id } => {
+                self.participants_lost.inc();
+                self.presence(id, false, now)
+            }
+            Event::JobCancelled { .. } | Event::JobFinished { .. } => {
+                self.online.lock().expect("metrics lock").clear();
+                self.participants_connected.set(0);
+            }
+            _ => {}
+        }
+    }
+
+    fn presence(&self, id: &str, online: bool, now: i64) {
+        let mut o = self.online.lock().expect("metrics lock");
+        o.insert(id.to_string(), online);
+        self.participants_connected
+            .set(o.values().filter(|v| **v).count() as i64);
+        self.participant_last_seen
+            .get_or_create(&ParticipantLabel {
+                participant: id.into(),
+            })
+            .set(now);
+    }
+
+    pub fn job_state(&self, job: &str, state: JobState) {
+        for s in [
+            JobState::Created,
+            JobState::Running,
+            JobState::Paused,
+            JobState::Finished,
+            JobState::Cancelled,
+        ] {
+            self.job_state
+                .get_or_create(&StateLabel {
+                    job: job.into(),
+                    state: s.as_str().into(),
+                })
+                .set(i64::from(s == state));
+        }
+    }
+
+    pub fn received(&self, kind: &str, bytes: u64) {
+        self.bytes_received
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .inc_by(bytes);
+    }
+
+    pub fn aggregation(&self, kind: &str, seconds: f64) {
+        self.aggregation_seconds
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .observe(seconds);
+    }
+
+    pub fn serving(&self, to: &ModelRef) {
+        self.serving_version.clear();
+        self.serving_version
+            .get_or_create(&ServingLabel {
+                job: to.job_id.clone(),
+            })
+            .set(to.version as i64);
+    }
+
+    /// Serves `/metrics` on `listener` until `shutdown` completes.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        use axum::http::header::CONTENT_TYPE;
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let m = self.clone();
+                async move {
+                    (
+                        [(
+                            CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        m.encode(),
+                    )
+                }
+            }),
+        );
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_rounds_and_presence_in_the_text_format() {
+        let m = Metrics::new();
+        m.observe(
+            "bc",
+            &Event::ParticipantJoined {
+                id: "h1".into(),
+                rejoined: false,
+            },
+        );
+        m.observe(
+            "bc",
+            &Event::RoundFailed {
+                round: 1,
+                attempt: 1,
+                cause: FailureCause::TooFewUpdates {
+                    received: 0,
+                    needed: 1,
+                },
+            },
+        );
+        m.job_state("bc", JobState::Running);
+        let text = m.encode();
+        assert!(text.contains("cohort_participants_connected 1"), "{text}");
+        assert!(
+            text.contains(r#"cohort_round_failures_total{job="bc",cause="too_few_updates"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"cohort_job_state{job="bc",state="running"} 1"#),
+            "{text}"
+        );
+        assert!(text.trim_end().ends_with("# EOF"), "{text}");
+    }
+}

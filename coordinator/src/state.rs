@@ -1,0 +1,794 @@
+//! The coordinator's durable state: participants, jobs, completed rounds, model versions,
+//! the version served for inference, and the audit log of admin actions.
+//!
+//! Two layers. [`Backend`] is a transactional key-value store of a few named tables: every
+//! [`Backend::commit`] applies all of its writes or none. [`RedbBackend`] keeps them in an
+//! embedded ACID database (redb: copy-on-write B-trees, fsync on commit), so a `kill -9` at
+//! any instant leaves either the state before a commit or the state after it;
+//! [`MemoryBackend`] is its in-memory twin for tests and simulations. [`State`] is the typed
+//! layer the coordinator uses; records are JSON, so an operator can read them with any tool.
+//!
+//! What a commit groups together is what must never be seen apart: a completed round, its
+//! model version and the job's progress; an admin action and its audit entry.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model_store::ModelManifest;
+use crate::round::RoundSummary;
+
+/// The tables, in a fixed order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Table {
+    Participants,
+    Jobs,
+    Rounds,
+    Models,
+    Audit,
+    /// Singletons: the serving history.
+    Meta,
+    /// Strategies' server state (FedAdam's moments) after each job's last completed round.
+    StrategyState,
+}
+
+impl Table {
+    const ALL: [Table; 7] = [
+        Table::Participants,
+        Table::Jobs,
+        Table::Rounds,
+        Table::Models,
+        Table::Audit,
+        Table::Meta,
+        Table::StrategyState,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Table::Participants => "participants",
+            Table::Jobs => "jobs",
+            Table::Rounds => "rounds",
+            Table::Models => "models",
+            Table::Audit => "audit",
+            Table::Meta => "meta",
+            Table::StrategyState => "strategy_state",
+        }
+    }
+}
+
+/// One write of a commit.
+#[derive(Debug, Clone)]
+pub enum Write {
+    Put(Table, String, Vec<u8>),
+    Delete(Table, String),
+}
+
+/// State that could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state database {path}: {message}")]
+    Db { path: PathBuf, message: String },
+    #[error("state record {table}/{key} is not valid: {message}")]
+    Corrupt {
+        table: &'static str,
+        key: String,
+        message: String,
+    },
+}
+
+/// A transactional store of byte values under string keys, in [`Table`]s.
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// Applies every write, or none of them; returns once they are durable.
+    fn commit(&self, writes: &[Write]) -> Result<(), StateError>;
+    /// Every entry of `table`, in key order.
+    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StateError>;
+    /// One entry.
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StateError>;
+}
+
+/// The in-memory twin of [`RedbBackend`].
+#[derive(Debug, Default)]
+pub struct MemoryBackend {
+    tables: Mutex<BTreeMap<Table, BTreeMap<String, Vec<u8>>>>,
+}
+
+impl Backend for MemoryBackend {
+    fn commit(&self, writes: &[Write]) -> Result<(), StateError> {
+        let mut t = self.tables.lock().expect("state lock");
+        for w in writes {
+            match w {
+                Write::Put(table, k, v) => {
+                    t.entry(*table).or_default().insert(k.clone(), v.clone());
+                }
+                Write::Delete(table, k) => {
+                    t.entry(*table).or_default().remove(k);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StateError> {
+        let t = self.tables.lock().expect("state lock");
+        Ok(t.get(&table).and_then(|m| m.get(key).cloned()))
+    }
+
+    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StateError> {
+        let t = self.tables.lock().expect("state lock");
+        Ok(t.get(&table)
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default())
+    }
+}
+
+/// State in a redb database file.
+pub struct RedbBackend {
+    db: redb::Database,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for RedbBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbBackend")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+fn table_def(t: Table) -> redb::TableDefinition<'static, &'static str, &'static [u8]> {
+    redb::TableDefinition::new(t.name())
+}
+
+impl RedbBackend {
+    /// Opens (or creates) the database at `path`, creating every table.
+    pub fn open(path: &Path) -> Result<Self, StateError> {
+        let err = |e: &dyn std::fmt::Display| StateError::Db {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
+        }
+        let db = redb::Database::create(path).map_err(|e| err(&e))?;
+        let tx = db.begin_write().map_err(|e| err(&e))?;
+        for t in Table::ALL {
+            tx.open_table(table_def(t)).map_err(|e| err(&e))?;
+        }
+        tx.commit().map_err(|e| err(&e))?;
+        Ok(RedbBackend {
+            db,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> StateError {
+        StateError::Db {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl Backend for RedbBackend {
+    fn commit(&self, writes: &[Write]) -> Result<(), StateError> {
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut open: BTreeMap<Table, redb::Table<&str, &[u8]>> = BTreeMap::new();
+            for w in writes {
+                let t = match w {
+                    Write::Put(t, ..) | Write::Delete(t, _) => *t,
+                };
+                if !open.contains_key(&t) {
+                    let table = tx.open_table(table_def(t)).map_err(|e| self.err(e))?;
+                    open.insert(t, table);
+                }
+                let table = open.get_mut(&t).expect("opened above");
+                match w {
+                    Write::Put(_, k, v) => {
+                        table
+                            .insert(k.as_str(), v.as_slice())
+                            .map_err(|e| self.err(e))?;
+                    }
+                    Write::Delete(_, k) => {
+                        table.remove(k.as_str()).map_err(|e| self.err(e))?;
+                    }
+                }
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StateError> {
+        use redb::ReadableDatabase;
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(table_def(table)).map_err(|e| self.err(e))?;
+        Ok(t.get(key)
+            .map_err(|e| self.err(e))?
+            .map(|v| v.value().to_vec()))
+    }
+
+    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StateError> {
+        use redb::{ReadableDatabase, ReadableTable};
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(table_def(table)).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(|e| self.err(e))? {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            out.push((k.value().to_string(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+}
+
+// ----- records -----
+
+/// Whether a participant may take part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Approval {
+    Approved,
+    /// Seen, waiting for an operator (when approval is required).
+    Pending,
+    /// Removed by an operator; refused until approved again.
+    Removed,
+}
+
+impl Approval {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Approval::Approved => "approved",
+            Approval::Pending => "pending",
+            Approval::Removed => "removed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ParticipantRecord {
+    pub id: String,
+    pub approval: Approval,
+    /// "participant" or "custodian".
+    pub role: String,
+    pub first_seen_unix_ms: u64,
+    pub last_seen_unix_ms: u64,
+    pub num_examples: u64,
+}
+
+/// Where a job stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Created,
+    Running,
+    Paused,
+    Finished,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Created => "created",
+            JobState::Running => "running",
+            JobState::Paused => "paused",
+            JobState::Finished => "finished",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Running or paused: the job holds the coordinator.
+    pub fn is_active(self) -> bool {
+        matches!(self, JobState::Running | JobState::Paused)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    /// The specification it was created from (TOML, the keys of `[job]`).
+    pub spec_toml: String,
+    pub state: JobState,
+    pub rounds: u64,
+    pub rounds_completed: u64,
+    pub strategy: String,
+    /// The model's kind and shape, for display.
+    pub model: String,
+    pub dataset: String,
+    pub secure: bool,
+    pub created_unix_ms: u64,
+    pub updated_unix_ms: u64,
+    pub created_by: String,
+    /// Times the coordinator restarted while the job was active.
+    pub restarts: u32,
+}
+
+/// A completed round as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    pub job_id: String,
+    pub summary: RoundSummary,
+    pub completed_unix_ms: u64,
+}
+
+/// One admin action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub seq: u64,
+    pub unix_ms: u64,
+    /// The caller's certificate identity; "config" for the configuration file, "dev" on a
+    /// plaintext development listener.
+    pub who: String,
+    pub action: String,
+    pub target: String,
+    pub detail: String,
+}
+
+/// A model version by job and number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelRef {
+    pub job_id: String,
+    pub version: u64,
+}
+
+fn round_key(job: &str, round: u64) -> String {
+    format!("{job}\u{0}{round:020}")
+}
+
+fn seq_key(seq: u64) -> String {
+    format!("{seq:020}")
+}
+
+const SERVING: &str = "serving";
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("state records serialise")
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(
+    table: Table,
+    key: &str,
+    bytes: &[u8],
+) -> Result<T, StateError> {
+    serde_json::from_slice(bytes).map_err(|e| StateError::Corrupt {
+        table: table.name(),
+        key: key.replace('\u{0}', "/"),
+        message: e.to_string(),
+    })
+}
+
+/// The typed state. Cheap to clone; every method is one commit or one read.
+#[derive(Debug, Clone)]
+pub struct State {
+    backend: Arc<dyn Backend>,
+    /// Serialises read-modify-write sequences (audit numbering, the serving history).
+    writer: Arc<Mutex<()>>,
+}
+
+impl State {
+    pub fn new(backend: Arc<dyn Backend>) -> Self {
+        State {
+            backend,
+            writer: Arc::new(Mutex::new(())),
+        }
+    }
+
+    /// State in memory only (tests, simulations).
+    pub fn in_memory() -> Self {
+        State::new(Arc::new(MemoryBackend::default()))
+    }
+
+    /// State in the redb database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StateError> {
+        Ok(State::new(Arc::new(RedbBackend::open(path)?)))
+    }
+
+    fn all<T: for<'de> Deserialize<'de>>(&self, table: Table) -> Result<Vec<T>, StateError> {
+        self.backend
+            .scan(table)?
+            .iter()
+            .map(|(k, v)| parse(table, k, v))
+            .collect()
+    }
+
+    pub fn participants(&self) -> Result<Vec<ParticipantRecord>, StateError> {
+        self.all(Table::Participants)
+    }
+
+    pub fn participant(&self, id: &str) -> Result<Option<ParticipantRecord>, StateError> {
+        self.one(Table::Participants, id)
+    }
+
+    fn one<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: Table,
+        key: &str,
+    ) -> Result<Option<T>, StateError> {
+        self.backend
+            .get(table, key)?
+            .map(|v| parse(table, key, &v))
+            .transpose()
+    }
+
+    pub fn put_participant(&self, p: &ParticipantRecord) -> Result<(), StateError> {
+        self.backend
+            .commit(&[Write::Put(Table::Participants, p.id.clone(), json(p))])
+    }
+
+    pub fn jobs(&self) -> Result<Vec<JobRecord>, StateError> {
+        let mut jobs: Vec<JobRecord> = self.all(Table::Jobs)?;
+        jobs.sort_by_key(|j| (j.created_unix_ms, j.id.clone()));
+        Ok(jobs)
+    }
+
+    pub fn job(&self, id: &str) -> Result<Option<JobRecord>, StateError> {
+        self.one(Table::Jobs, id)
+    }
+
+    /// Completed rounds of `job`, oldest first.
+    pub fn rounds(&self, job: &str) -> Result<Vec<RoundRecord>, StateError> {
+        let mut r: Vec<RoundRecord> = self
+            .backend
+            .scan(Table::Rounds)?
+            .iter()
+            .filter(|(k, _)| k.split('\u{0}').next() == Some(job))
+            .map(|(k, v)| parse(Table::Rounds, k, v))
+            .collect::<Result<_, _>>()?;
+        r.sort_by_key(|r| r.summary.round);
+        Ok(r)
+    }
+
+    /// Model versions of `job` (every job's when `None`), by job and version.
+    pub fn models(&self, job: Option<&str>) -> Result<Vec<ModelManifest>, StateError> {
+        let mut m: Vec<ModelManifest> = self.all(Table::Models)?;
+        m.retain(|m| job.is_none_or(|j| m.job_id == j));
+        m.sort_by(|a, b| (&a.job_id, a.version).cmp(&(&b.job_id, b.version)));
+        Ok(m)
+    }
+
+    pub fn strategy_state(&self, job: &str) -> Result<Option<Vec<u8>>, StateError> {
+        self.backend.get(Table::StrategyState, job)
+    }
+
+    /// One model version's manifest.
+    pub fn model(&self, job: &str, version: u64) -> Result<Option<ModelManifest>, StateError> {
+        self.one(Table::Models, &round_key(job, version))
+    }
+
+    pub fn model_write(m: &ModelManifest) -> Write {
+        Write::Put(Table::Models, round_key(&m.job_id, m.version), json(m))
+    }
+
+    /// Promotions, oldest first; the last one is served.
+    pub fn serving_history(&self) -> Result<Vec<ModelRef>, StateError> {
+        Ok(self.one(Table::Meta, SERVING)?.unwrap_or_default())
+    }
+
+    pub fn serving(&self) -> Result<Option<ModelRef>, StateError> {
+        Ok(self.serving_history()?.pop())
+    }
+
+    /// The `limit` most recent audit entries, oldest first.
+    pub fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StateError> {
+        let mut all: Vec<AuditEntry> = self.all(Table::Audit)?;
+        let skip = all.len().saturating_sub(limit);
+        Ok(all.split_off(skip))
+    }
+
+    fn next_audit(
+        &self,
+        who: &str,
+        action: &str,
+        target: &str,
+        detail: &str,
+    ) -> Result<AuditEntry, StateError> {
+        let seq = self
+            .backend
+            .scan(Table::Audit)?
+            .last()
+            .map(|(k, v)| parse::<AuditEntry>(Table::Audit, k, v).map(|e| e.seq + 1))
+            .transpose()?
+            .unwrap_or(1);
+        Ok(AuditEntry {
+            seq,
+            unix_ms: unix_ms(),
+            who: who.into(),
+            action: action.into(),
+            target: target.into(),
+            detail: detail.into(),
+        })
+    }
+
+    /// Applies `writes` together with an audit entry for them, in one commit.
+    pub fn audited(
+        &self,
+        who: &str,
+        action: &str,
+        target: &str,
+        detail: &str,
+        mut writes: Vec<Write>,
+    ) -> Result<AuditEntry, StateError> {
+        let _w = self.writer.lock().expect("state writer lock");
+        let entry = self.next_audit(who, action, target, detail)?;
+        writes.push(Write::Put(Table::Audit, seq_key(entry.seq), json(&entry)));
+        self.backend.commit(&writes)?;
+        Ok(entry)
+    }
+
+    /// The write that stores `job`.
+    pub fn job_write(job: &JobRecord) -> Write {
+        Write::Put(Table::Jobs, job.id.clone(), json(job))
+    }
+
+    pub fn participant_write(p: &ParticipantRecord) -> Write {
+        Write::Put(Table::Participants, p.id.clone(), json(p))
+    }
+
+    /// Stores `job` (no audit entry: progress the coordinator itself makes).
+    pub fn put_job(&self, job: &JobRecord) -> Result<(), StateError> {
+        self.backend.commit(&[Self::job_write(job)])
+    }
+
+    /// Records a model version that no round produced (a job's initial model).
+    pub fn put_model(&self, m: &ModelManifest) -> Result<(), StateError> {
+        self.backend.commit(&[Self::model_write(m)])
+    }
+
+    /// A completed round, its model version, the strategy's state and the job's progress,
+    /// in one commit: after a crash either all of them are there or none.
+    pub fn commit_round(
+        &self,
+        job: &JobRecord,
+        round: &RoundRecord,
+        model: &ModelManifest,
+        strategy_state: Option<&[u8]>,
+    ) -> Result<(), StateError> {
+        let mut w = vec![
+            Self::job_write(job),
+            Write::Put(
+                Table::Rounds,
+                round_key(&job.id, round.summary.round),
+                json(round),
+            ),
+            Self::model_write(model),
+        ];
+        match strategy_state {
+            Some(s) => w.push(Write::Put(Table::StrategyState, job.id.clone(), s.to_vec())),
+            None => w.push(Write::Delete(Table::StrategyState, job.id.clone())),
+        }
+        self.backend.commit(&w)
+    }
+
+    /// Promotes `to` (audited).
+    pub fn promote(&self, who: &str, to: &ModelRef) -> Result<AuditEntry, StateError> {
+        let mut h = self.serving_history()?;
+        h.push(to.clone());
+        self.audited(
+            who,
+            "promote",
+            &format!("{}@v{}", to.job_id, to.version),
+            "",
+            vec![Write::Put(Table::Meta, SERVING.into(), json(&h))],
+        )
+    }
+
+    /// Serves the previously promoted version again (audited); `None` when there is none.
+    pub fn rollback(&self, who: &str) -> Result<Option<ModelRef>, StateError> {
+        let mut h = self.serving_history()?;
+        if h.len() < 2 {
+            return Ok(None);
+        }
+        let from = h.pop().expect("two entries");
+        let to = h.last().cloned().expect("one entry left");
+        self.audited(
+            who,
+            "rollback",
+            &format!("{}@v{}", to.job_id, to.version),
+            &format!("from {}@v{}", from.job_id, from.version),
+            vec![Write::Put(Table::Meta, SERVING.into(), json(&h))],
+        )?;
+        Ok(Some(to))
+    }
+}
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id: &str) -> JobRecord {
+        JobRecord {
+            id: id.into(),
+            spec_toml: "id = \"x\"".into(),
+            state: JobState::Created,
+            rounds: 3,
+            rounds_completed: 0,
+            strategy: "fedavg".into(),
+            model: "logistic".into(),
+            dataset: String::new(),
+            secure: true,
+            created_unix_ms: 1,
+            updated_unix_ms: 1,
+            created_by: "admin-1".into(),
+            restarts: 0,
+        }
+    }
+
+    fn manifest(job: &str, version: u64) -> ModelManifest {
+        ModelManifest {
+            job_id: job.into(),
+            version,
+            parent: version.checked_sub(1),
+            round: version,
+            strategy: "fedavg".into(),
+            model: cohort_model::ModelSpec::Logistic {
+                inputs: 2,
+                classes: 2,
+            },
+            num_parameters: 6,
+            sha256: format!("{version:064x}"),
+            params_digest: String::new(),
+            participants: vec!["a".into()],
+            total_examples: 10,
+            train: None,
+            eval: None,
+            created_unix_ms: 5,
+            weights_file: String::new(),
+        }
+    }
+
+    fn summary(round: u64) -> RoundSummary {
+        RoundSummary {
+            round,
+            attempts: 1,
+            participants: vec!["a".into()],
+            stragglers: vec![],
+            total_examples: 10,
+            train: None,
+            eval: None,
+            evaluated_by: 0,
+            seconds: 0.5,
+        }
+    }
+
+    /// The same script against both backends; the redb one is reopened between steps, as a
+    /// restarted coordinator would (never two handles at once: redb allows one per file).
+    fn exercise(open: &dyn Fn() -> State) {
+        let mut j = job("bc");
+        {
+            let s = open();
+            s.audited(
+                "admin-1",
+                "create_job",
+                "bc",
+                "",
+                vec![State::job_write(&j)],
+            )
+            .unwrap();
+            for r in 1..=2 {
+                j.rounds_completed = r;
+                let rr = RoundRecord {
+                    job_id: "bc".into(),
+                    summary: summary(r),
+                    completed_unix_ms: 9,
+                };
+                s.commit_round(&j, &rr, &manifest("bc", r), Some(&[r as u8; 4]))
+                    .unwrap();
+            }
+        }
+        // A second job's rounds do not mix with the first's.
+        open()
+            .commit_round(
+                &job("other"),
+                &RoundRecord {
+                    job_id: "other".into(),
+                    summary: summary(1),
+                    completed_unix_ms: 9,
+                },
+                &manifest("other", 1),
+                None,
+            )
+            .unwrap();
+        let a = ModelRef {
+            job_id: "bc".into(),
+            version: 1,
+        };
+        let b = ModelRef {
+            job_id: "bc".into(),
+            version: 2,
+        };
+        {
+            let s = open();
+            assert_eq!(s.job("bc").unwrap().unwrap().rounds_completed, 2);
+            assert_eq!(
+                s.rounds("bc")
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.summary.round)
+                    .collect::<Vec<_>>(),
+                vec![1, 2]
+            );
+            assert_eq!(s.models(Some("bc")).unwrap().len(), 2);
+            assert_eq!(s.models(None).unwrap().len(), 3);
+            assert_eq!(s.strategy_state("bc").unwrap(), Some(vec![2; 4]));
+            assert_eq!(s.strategy_state("other").unwrap(), None);
+            // Serving: promote twice, roll back once, not past the first.
+            s.promote("admin-1", &a).unwrap();
+            s.promote("admin-2", &b).unwrap();
+        }
+        {
+            let s = open();
+            assert_eq!(s.serving().unwrap(), Some(b));
+            assert_eq!(s.rollback("admin-1").unwrap(), Some(a.clone()));
+        }
+        assert_eq!(open().rollback("admin-1").unwrap(), None);
+        assert_eq!(open().serving().unwrap(), Some(a));
+        let audit = open().audit(100).unwrap();
+        assert_eq!(
+            audit
+                .iter()
+                .map(|e| (e.seq, e.who.as_str(), e.action.as_str()))
+                .collect::<Vec<_>>(),
+            vec![
+                (1, "admin-1", "create_job"),
+                (2, "admin-1", "promote"),
+                (3, "admin-2", "promote"),
+                (4, "admin-1", "rollback"),
+            ]
+        );
+        assert_eq!(open().audit(2).unwrap()[0].seq, 3);
+        // Participants.
+        let p = ParticipantRecord {
+            id: "h1".into(),
+            approval: Approval::Pending,
+            role: "participant".into(),
+            first_seen_unix_ms: 1,
+            last_seen_unix_ms: 2,
+            num_examples: 3,
+        };
+        open().put_participant(&p).unwrap();
+        assert_eq!(open().participant("h1").unwrap(), Some(p));
+        assert_eq!(open().participant("h2").unwrap(), None);
+    }
+
+    #[test]
+    fn memory_backend_keeps_what_was_committed() {
+        let s = State::in_memory();
+        exercise(&|| s.clone());
+    }
+
+    #[test]
+    fn redb_backend_keeps_what_was_committed_across_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state").join("coordinator.redb");
+        exercise(&|| State::open(&path).unwrap());
+    }
+
+    #[test]
+    fn a_corrupt_record_is_named() {
+        let s = State::in_memory();
+        s.backend
+            .commit(&[Write::Put(Table::Jobs, "bc".into(), b"{not json".to_vec())])
+            .unwrap();
+        let e = s.jobs().unwrap_err().to_string();
+        assert!(e.contains("jobs/bc"), "{e}");
+    }
+
+    #[test]
+    fn an_unwritable_database_path_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plain-file");
+        std::fs::write(&file, b"x").unwrap();
+        let e = State::open(&file.join("state.redb"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("plain-file"), "{e}");
+    }
+}
