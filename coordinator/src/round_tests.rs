@@ -547,3 +547,127 @@ fn fraction_is_of_those_online_with_at_least_min_updates() {
         .expect("the round starts once four are online");
     assert_eq!(started.len(), 2);
 }
+
+/// Runs round `round` to completion with a, b and c.
+fn complete_round(h: &mut Harness, round: u64) {
+    for p in ["a", "b", "c"] {
+        h.update(p, round, 1.0, 10).unwrap();
+    }
+    for p in ["a", "b", "c"] {
+        h.eval(p, round, 0.9).unwrap();
+    }
+}
+
+#[test]
+fn a_paused_job_finishes_its_round_then_starts_no_other_until_resumed() {
+    let mut h = Harness::new(config());
+    for p in ["a", "b", "c"] {
+        h.join(p);
+    }
+    h.o.set_paused(true, h.now);
+    assert_eq!(h.o.training_round(), Some(1), "the round under way goes on");
+    complete_round(&mut h, 1);
+    assert_eq!(h.o.global().0, 1);
+    assert_eq!(h.o.phase_name(), "paused");
+    assert_eq!(h.o.task_for("a"), Task::Idle);
+    h.pass(5);
+    h.beat(&["a", "b", "c"]);
+    assert_eq!(h.o.training_round(), None, "no round starts while paused");
+    h.events();
+    h.o.set_paused(false, h.now);
+    let ev = h.events();
+    assert!(ev.contains(&Event::Paused(false)), "{ev:?}");
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, Event::RoundStarted { round: 2, .. })),
+        "resuming starts the next round: {ev:?}"
+    );
+}
+
+#[test]
+fn a_cancelled_job_abandons_its_round_and_refuses_updates() {
+    let mut h = Harness::new(config());
+    for p in ["a", "b", "c"] {
+        h.join(p);
+    }
+    h.update("a", 1, 1.0, 10).unwrap();
+    h.o.cancel();
+    assert!(h.o.is_finished() && h.o.is_cancelled());
+    assert_eq!(h.o.phase_name(), "cancelled");
+    assert_eq!(h.o.task_for("b"), Task::Finished);
+    assert!(matches!(
+        h.update("b", 1, 1.0, 10),
+        Err(Rejection::RoundClosed { .. })
+    ));
+    assert_eq!(h.o.global().0, 0, "nothing of the abandoned round is kept");
+    assert!(h.events().contains(&Event::JobCancelled { round: 1 }));
+}
+
+#[test]
+fn a_resumed_job_continues_from_its_last_completed_round_with_a_new_attempt() {
+    let mut h = Harness::new(config());
+    for p in ["a", "b", "c"] {
+        h.join(p);
+    }
+    complete_round(&mut h, 1);
+    let history = h.o.history().to_vec();
+    let (_, global) = h.o.global();
+    // The process dies during round 2; a new one resumes from round 1's version.
+    let o = Orchestrator::resume(
+        config(),
+        Box::new(FedAvg::default()),
+        None,
+        history.clone(),
+        global.to_vec(),
+        2,
+    )
+    .unwrap();
+    let mut h2 = Harness {
+        o,
+        start: h.start,
+        now: h.now,
+    };
+    assert_eq!(h2.o.global().0, 1);
+    assert_eq!(h2.o.history(), &history[..]);
+    for p in ["a", "b", "c"] {
+        h2.join(p);
+    }
+    assert!(h2.events().iter().any(|e| matches!(
+        e,
+        Event::RoundStarted {
+            round: 2,
+            attempt: 2,
+            ..
+        }
+    )));
+    complete_round(&mut h2, 2);
+    complete_round(&mut h2, 3);
+    assert!(h2.o.is_finished());
+    // Gaps, too many rounds and a model of the wrong size are refused.
+    let resume = |hist: Vec<RoundSummary>, g: Vec<f32>| {
+        Orchestrator::resume(config(), Box::new(FedAvg::default()), None, hist, g, 2)
+    };
+    let mut gap = history.clone();
+    gap[0].round = 2;
+    assert!(
+        resume(gap, global.to_vec())
+            .unwrap_err()
+            .contains("contiguous")
+    );
+    assert!(
+        resume(history.clone(), vec![0.0; 3])
+            .unwrap_err()
+            .contains("parameters")
+    );
+    let four: Vec<RoundSummary> = (1..=4)
+        .map(|r| RoundSummary {
+            round: r,
+            ..history[0].clone()
+        })
+        .collect();
+    assert!(
+        resume(four, global.to_vec())
+            .unwrap_err()
+            .contains("only 3")
+    );
+}

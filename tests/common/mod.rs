@@ -1,0 +1,145 @@
+//! Helpers shared by the end-to-end tests: the binary, child processes that die with the
+//! test, data shares and a provisioned federation.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_cohort");
+
+/// Kills the child when dropped, so a failing test leaves no process behind.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    pub fn wait_for_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let until = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < until,
+                "{} did not exit within {limit:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Writes three disjoint shares of the bundled table (row i goes to share i % 3).
+pub fn write_shares(dir: &Path) -> Vec<PathBuf> {
+    let table = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/breast_cancer.csv"),
+    )
+    .unwrap();
+    let mut lines = table.lines();
+    let header = lines.next().unwrap();
+    let mut shares = vec![format!("{header}\n"); 3];
+    for (i, row) in lines.enumerate() {
+        shares[i % 3] += &format!("{row}\n");
+    }
+    shares
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let p = dir.join(format!("hospital-{i}.csv"));
+            std::fs::write(&p, s).unwrap();
+            p
+        })
+        .collect()
+}
+
+/// `cohort provision` for the three hospitals, an operator and an inference client.
+pub fn provision(dir: &Path) -> PathBuf {
+    let pki = dir.join("pki");
+    let out = Command::new(BIN)
+        .args(["provision", "--out"])
+        .arg(&pki)
+        .args([
+            "--participants",
+            "hospital-0,hospital-1,hospital-2",
+            "--admins",
+            "ops",
+            "--inference",
+            "app",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Keys are readable by their owner only.
+    #[cfg(unix)]
+    for key in [
+        "ca/ca.key",
+        "coordinator/key.pem",
+        "participants/hospital-0/key.pem",
+        "admins/ops/key.pem",
+    ] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(pki.join(key))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{key} has mode {mode:o}");
+    }
+    pki
+}
+
+/// Starts participant `hospital-{i}` of the federation provisioned in `dir/pki`, on `share`.
+pub fn spawn_participant(
+    dir: &Path,
+    addr: &str,
+    i: usize,
+    share: &Path,
+    upload_delay_ms: u64,
+) -> Proc {
+    let cfg = format!(
+        r#"
+coordinator = "https://{addr}"
+id = "hospital-{i}"
+poll_wait_ms = 2000
+[tls]
+ca = "{pki}/participants/hospital-{i}/ca.pem"
+cert = "{pki}/participants/hospital-{i}/cert.pem"
+key = "{pki}/participants/hospital-{i}/key.pem"
+[data]
+format = "csv"
+path = "{path}"
+label = "diagnosis"
+test_fraction = 0.2
+seed = {i}
+[faults]
+upload_delay_ms = {upload_delay_ms}
+"#,
+        path = share.display(),
+        pki = dir.join("pki").display()
+    );
+    let p = dir.join(format!("participant-{i}.toml"));
+    std::fs::write(&p, cfg).unwrap();
+    let child = Command::new(BIN)
+        .args(["participant", "--config"])
+        .arg(&p)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    Proc {
+        child,
+        name: format!("participant {i}"),
+    }
+}

@@ -1,0 +1,620 @@
+//! Operating a coordinator, end to end with the real binary: a job driven through the Admin
+//! API with `cohort admin`, Prometheus metrics scraped while it runs, and `kill -9` at
+//! several points of a round followed by restarts.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+mod common;
+use common::*;
+
+/// A job specification, as `cohort admin jobs create` sends it.
+fn job_spec(id: &str, rounds: u64, round_timeout: f64) -> String {
+    format!(
+        r#"
+id = "{id}"
+dataset = "breast-cancer"
+rounds = {rounds}
+min_participants = 3
+min_updates = 3
+round_timeout_secs = {round_timeout}
+eval_timeout_secs = 10
+liveness_timeout_secs = 5
+seed = 7
+strategy = "fedadam"
+server_lr = 0.05
+
+[model]
+kind = "logistic"
+inputs = 30
+classes = 2
+
+[train]
+epochs = 2
+batch_size = 16
+learning_rate = 0.1
+optimizer = "sgd"
+seed = 1
+
+[secure_aggregation]
+committee_size = 3
+t_min = 2
+decrypt_timeout_secs = 10
+"#
+    )
+}
+
+/// A free loopback port (so a restarted coordinator listens where participants dial).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn coordinator_config(dir: &Path, port: u16, allowed: &str, extra: &str) -> PathBuf {
+    let pki = dir.join("pki");
+    let cfg = format!(
+        r#"
+listen = "127.0.0.1:{port}"
+model_dir = "{models}"
+state_file = "{state}"
+metrics_listen = "127.0.0.1:0"
+allowed_participants = [{allowed}]
+{extra}
+[tls]
+ca = "{pki}/coordinator/ca.pem"
+cert = "{pki}/coordinator/cert.pem"
+key = "{pki}/coordinator/key.pem"
+crl = "{pki}/coordinator/crl.pem"
+
+[at_rest]
+key_dir = "{pki}/coordinator/kek"
+"#,
+        models = dir.join("models").display(),
+        state = dir.join("state/coordinator.redb").display(),
+        pki = pki.display()
+    );
+    let p = dir.join("coordinator.toml");
+    std::fs::write(&p, cfg).unwrap();
+    p
+}
+
+struct Coordinator {
+    proc: Proc,
+    addr: String,
+    metrics: String,
+    log: mpsc::Receiver<String>,
+}
+
+fn spawn_coordinator(cfg: &Path) -> Coordinator {
+    let mut child = Command::new(BIN)
+        .args(["coordinator", "--config"])
+        .arg(cfg)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let (tx, log) = mpsc::channel();
+    let err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            eprintln!("[coordinator] {line}");
+            let _ = tx.send(line);
+        }
+    });
+    let proc = Proc {
+        child,
+        name: "coordinator".into(),
+    };
+    let (mut addr, mut metrics) = (String::new(), String::new());
+    while addr.is_empty() {
+        let mut line = String::new();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "the coordinator exited before listening"
+        );
+        if let Some(a) = line.trim().strip_prefix("listening on ") {
+            addr = a.to_string();
+        } else if let Some(m) = line.trim().strip_prefix("metrics on http://") {
+            metrics = m.trim_end_matches("/metrics").to_string();
+        }
+    }
+    std::thread::spawn(move || for _ in out.lines() {});
+    Coordinator {
+        proc,
+        addr,
+        metrics,
+        log,
+    }
+}
+
+impl Coordinator {
+    /// Waits for a log line containing every one of `words`.
+    fn wait_log(&self, words: &[&str], limit: Duration) -> String {
+        let until = Instant::now() + limit;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if words.iter().all(|w| line.contains(w)) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no coordinator log line with {words:?} within {limit:?}"),
+            }
+        }
+    }
+
+    /// `kill -9`.
+    fn kill_9(mut self) {
+        let pid = self.proc.child.id().to_string();
+        let s = Command::new("kill").args(["-9", &pid]).status().unwrap();
+        assert!(s.success());
+        let _ = self.proc.child.wait();
+    }
+}
+
+/// Runs `cohort admin` as the operator `ops` (or with `config`), returning success and
+/// stdout, with stderr appended on failure.
+fn admin_as(dir: &Path, config: &Path, addr: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(BIN)
+        .arg("admin")
+        .arg("--config")
+        .arg(config)
+        .args(["--coordinator", &format!("https://{addr}")])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        text += &String::from_utf8_lossy(&out.stderr);
+    }
+    (out.status.success(), text)
+}
+
+fn admin(dir: &Path, addr: &str, args: &[&str]) -> String {
+    let (ok, text) = admin_as(dir, &dir.join("pki/admins/ops/admin.toml"), addr, args);
+    assert!(ok, "cohort admin {args:?} failed: {text}");
+    text
+}
+
+/// The row of a table whose first column is `key`, split on runs of spaces.
+fn row(table: &str, key: &str) -> Option<Vec<String>> {
+    table
+        .lines()
+        .map(|l| {
+            l.split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .find(|cells| cells.first().map(String::as_str) == Some(key))
+}
+
+/// Polls until `f` holds, or panics naming `what`.
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let until = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < until, "{what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `rounds_completed/rounds` of a job, from `cohort admin jobs`.
+fn progress(dir: &Path, addr: &str, job: &str) -> (String, u64) {
+    let t = admin(dir, addr, &["jobs"]);
+    let r = row(&t, job).unwrap_or_else(|| panic!("no job {job} in {t}"));
+    let done = r[2].split('/').next().unwrap().parse().unwrap();
+    (r[1].clone(), done)
+}
+
+/// GET /metrics over plain HTTP/1.1.
+fn scrape(addr: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
+    body.to_string()
+}
+
+/// Parses the Prometheus/OpenMetrics text format strictly enough to catch a malformed
+/// exposition: metadata lines, `name{labels} value` samples whose family was declared with a
+/// TYPE, and the closing `# EOF`. Returns each sample's value by `name{labels}`.
+fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    let mut typed: BTreeMap<String, String> = BTreeMap::new();
+    let mut out = BTreeMap::new();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines.last(),
+        Some(&"# EOF"),
+        "the exposition ends with # EOF"
+    );
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+            && !n.starts_with(|c: char| c.is_ascii_digit())
+    };
+    for line in &lines[..lines.len() - 1] {
+        if let Some(meta) = line.strip_prefix("# ") {
+            let mut parts = meta.splitn(3, ' ');
+            let (kind, name) = (parts.next().unwrap(), parts.next().unwrap_or(""));
+            assert!(
+                matches!(kind, "HELP" | "TYPE" | "UNIT"),
+                "bad metadata line {line:?}"
+            );
+            assert!(name_ok(name), "bad metric name in {line:?}");
+            if kind == "TYPE" {
+                let t = parts.next().unwrap_or("");
+                assert!(
+                    matches!(
+                        t,
+                        "counter"
+                            | "gauge"
+                            | "histogram"
+                            | "summary"
+                            | "info"
+                            | "stateset"
+                            | "unknown"
+                            | "gaugehistogram"
+                    ),
+                    "bad type in {line:?}"
+                );
+                typed.insert(name.to_string(), t.to_string());
+            }
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad sample {line:?}"));
+        let name = series.split('{').next().unwrap();
+        assert!(name_ok(name), "bad sample name in {line:?}");
+        if let Some(labels) = series.strip_prefix(name) {
+            if !labels.is_empty() {
+                assert!(
+                    labels.starts_with('{') && labels.ends_with('}'),
+                    "bad labels in {line:?}"
+                );
+                for pair in labels[1..labels.len() - 1].split("\",") {
+                    let (k, v) = pair
+                        .split_once('=')
+                        .unwrap_or_else(|| panic!("bad label in {line:?}"));
+                    assert!(
+                        name_ok(k) && v.starts_with('"'),
+                        "bad label {pair:?} in {line:?}"
+                    );
+                }
+            }
+        }
+        let family = typed
+            .keys()
+            .filter(|f| name.starts_with(f.as_str()))
+            .max_by_key(|f| f.len())
+            .unwrap_or_else(|| panic!("sample {name} has no TYPE line before it"));
+        let _ = family;
+        let v: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line:?}")),
+        };
+        out.insert(series.to_string(), v);
+    }
+    out
+}
+
+#[test]
+fn a_job_runs_start_to_finish_through_the_admin_api() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    provision(dir);
+    let shares = write_shares(dir);
+    let cfg = coordinator_config(
+        dir,
+        free_port(),
+        r#""hospital-0", "hospital-1""#,
+        "require_approval = true",
+    );
+    let coord = spawn_coordinator(&cfg);
+    let addr = coord.addr.clone();
+    let status = admin(dir, &addr, &["status"]);
+    assert!(status.contains("active job   (none)"), "{status}");
+
+    // A participant's certificate cannot call Admin.
+    let as_participant = dir.join("participant-admin.toml");
+    std::fs::write(
+        &as_participant,
+        format!(
+            "coordinator = \"https://{addr}\"\n[tls]\nca = \"pki/participants/hospital-0/ca.pem\"\ncert = \"pki/participants/hospital-0/cert.pem\"\nkey = \"pki/participants/hospital-0/key.pem\"\nserver_name = \"coordinator\"\n"
+        ),
+    )
+    .unwrap();
+    let (ok, text) = admin_as(dir, &as_participant, &addr, &["jobs"]);
+    assert!(!ok && text.contains("PermissionDenied"), "{text}");
+
+    // A bad specification is refused, naming the key.
+    std::fs::write(
+        dir.join("bad.toml"),
+        job_spec("bc", 4, 60.0).replace("rounds = 4", "runds = 4"),
+    )
+    .unwrap();
+    let (ok, text) = admin_as(
+        dir,
+        &dir.join("pki/admins/ops/admin.toml"),
+        &addr,
+        &["jobs", "create", "bad.toml"],
+    );
+    assert!(
+        !ok && text.contains("InvalidArgument") && text.contains("runds"),
+        "{text}"
+    );
+
+    std::fs::write(dir.join("bc.toml"), job_spec("bc", 10, 60.0)).unwrap();
+    let out = admin(dir, &addr, &["jobs", "create", "bc.toml"]);
+    assert!(out.contains("job bc created"), "{out}");
+    assert_eq!(progress(dir, &addr, "bc"), ("created".into(), 0));
+    admin(dir, &addr, &["jobs", "start", "bc"]);
+    let mut parts: Vec<Proc> = (0..3)
+        // Uploads held back 400 ms, so that rounds last long enough to pause between them.
+        .map(|i| spawn_participant(dir, &addr, i, &shares[i], 400))
+        .collect();
+
+    // hospital-2 is not in allowed_participants: it waits for an operator.
+    wait_until(
+        "hospital-2 waiting for approval",
+        Duration::from_secs(30),
+        || {
+            row(&admin(dir, &addr, &["participants"]), "hospital-2")
+                .is_some_and(|r| r[2] == "pending")
+        },
+    );
+    assert_eq!(
+        progress(dir, &addr, "bc").1,
+        0,
+        "no round without hospital-2"
+    );
+    // Paused before it can start: approving hospital-2 starts nothing until resumed.
+    admin(dir, &addr, &["jobs", "pause", "bc"]);
+    admin(
+        dir,
+        &addr,
+        &[
+            "participants",
+            "approve",
+            "hospital-2",
+            "--reason",
+            "contract signed",
+        ],
+    );
+    wait_until("hospital-2 online", Duration::from_secs(30), || {
+        row(&admin(dir, &addr, &["participants"]), "hospital-2").is_some_and(|r| r[3] == "online")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(admin(dir, &addr, &["jobs", "status", "bc"]).contains("phase: paused"));
+    assert_eq!(progress(dir, &addr, "bc"), ("paused".into(), 0));
+    admin(dir, &addr, &["jobs", "resume", "bc"]);
+
+    // Pause after the first round: the round under way completes, no other starts.
+    wait_until("round 1 completed", Duration::from_secs(60), || {
+        progress(dir, &addr, "bc").1 >= 1
+    });
+    admin(dir, &addr, &["jobs", "pause", "bc"]);
+    wait_until("the job paused", Duration::from_secs(60), || {
+        admin(dir, &addr, &["jobs", "status", "bc"]).contains("phase: paused")
+    });
+    let (state, at_pause) = progress(dir, &addr, "bc");
+    assert_eq!(state, "paused");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        progress(dir, &addr, "bc").1,
+        at_pause,
+        "no round runs while paused"
+    );
+
+    // Scraped while paused (counts are stable): valid exposition, counters match the rounds.
+    let m = parse_metrics(&scrape(&coord.metrics));
+    assert_eq!(
+        m[r#"cohort_rounds_completed_total{job="bc"}"#],
+        at_pause as f64
+    );
+    assert_eq!(m[r#"cohort_job_state{job="bc",state="paused"}"#], 1.0);
+    assert_eq!(m["cohort_participants_connected"], 3.0);
+    assert!(m[r#"cohort_round_duration_seconds_count{job="bc"}"#] >= at_pause as f64);
+    assert!(m[r#"cohort_received_bytes_total{kind="update"}"#] > 0.0);
+
+    admin(dir, &addr, &["jobs", "resume", "bc"]);
+    wait_until("the job finished", Duration::from_secs(120), || {
+        progress(dir, &addr, "bc") == ("finished".into(), 10)
+    });
+    for p in parts.iter_mut() {
+        let s = p.wait_for_exit(Duration::from_secs(30));
+        assert!(s.success(), "{} exited with {s}", p.name);
+    }
+    let history = admin(dir, &addr, &["jobs", "status", "bc"]);
+    for r in 1..=10 {
+        let cells = row(&history, &r.to_string()).unwrap_or_else(|| panic!("round {r}: {history}"));
+        assert_eq!(cells[2], "3", "three participants in round {r}: {history}");
+    }
+    let m = parse_metrics(&scrape(&coord.metrics));
+    assert_eq!(m[r#"cohort_rounds_completed_total{job="bc"}"#], 10.0);
+    assert_eq!(m[r#"cohort_job_state{job="bc",state="finished"}"#], 1.0);
+
+    // Models: versions 0..=4, each the child of the one before; promote and roll back.
+    let models = admin(dir, &addr, &["models", "list", "--job", "bc"]);
+    let lineage: Vec<(String, String)> = models
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|c| c.first() == Some(&"bc"))
+        .map(|c| (c[1].to_string(), c[2].to_string()))
+        .collect();
+    let expected: Vec<(String, String)> = (0..=10u64)
+        .map(|v| {
+            let parent = if v == 0 {
+                "-".into()
+            } else {
+                (v - 1).to_string()
+            };
+            (v.to_string(), parent)
+        })
+        .collect();
+    assert_eq!(lineage, expected, "{models}");
+    admin(dir, &addr, &["models", "promote", "bc", "3"]);
+    admin(dir, &addr, &["models", "promote", "bc", "10"]);
+    let out = admin(dir, &addr, &["models", "rollback"]);
+    assert!(out.contains("serving bc v3"), "{out}");
+    assert!(admin(dir, &addr, &["status"]).contains("serving      bc v3"));
+    let (ok, text) = admin_as(
+        dir,
+        &dir.join("pki/admins/ops/admin.toml"),
+        &addr,
+        &["models", "promote", "bc", "11"],
+    );
+    assert!(!ok && text.contains("NotFound"), "{text}");
+
+    // Every action is in the audit log, with who did it.
+    let audit = admin(dir, &addr, &["audit"]);
+    let actions: Vec<(String, String)> = audit
+        .lines()
+        .skip(2)
+        .map(|l| {
+            let c: Vec<&str> = l.split_whitespace().collect();
+            // SEQ, date and time of WHEN, WHO, ACTION, …
+            (c[3].to_string(), c[4].to_string())
+        })
+        .collect();
+    let expected = [
+        "create_job",
+        "start_job",
+        "pause_job",
+        "approve_participant",
+        "resume_job",
+        "pause_job",
+        "resume_job",
+        "promote",
+        "promote",
+        "rollback",
+    ];
+    assert_eq!(
+        actions,
+        expected
+            .iter()
+            .map(|a| ("ops".to_string(), a.to_string()))
+            .collect::<Vec<_>>(),
+        "{audit}"
+    );
+    drop(coord);
+}
+
+#[test]
+fn the_coordinator_survives_kill_9_at_any_point_of_a_round() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    provision(dir);
+    let shares = write_shares(dir);
+    // Batch mode: the configuration's job, and the coordinator exits when it is finished.
+    let job = job_spec("crash", 6, 30.0)
+        .replace("[model]", "[job.model]")
+        .replace("[train]", "[job.train]")
+        .replace("[secure_aggregation]", "[job.secure_aggregation]");
+    let cfg = coordinator_config(
+        dir,
+        free_port(),
+        r#""hospital-0", "hospital-1", "hospital-2""#,
+        &format!("[job]\n{job}"),
+    );
+
+    let mut coord = spawn_coordinator(&cfg);
+    let mut parts: Vec<Proc> = (0..3)
+        .map(|i| spawn_participant(dir, &coord.addr, i, &shares[i], 300))
+        .collect();
+    // Where each kill lands, in the order of a round; the last two repeat the first two.
+    let points: [(&str, &[&str]); 6] = [
+        ("before uploads", &["round started"]),
+        ("during uploads", &["update accepted"]),
+        ("during decryption", &["committee asked to decrypt"]),
+        ("just after commit", &["model version committed"]),
+        ("before uploads", &["round started"]),
+        ("during decryption", &["committee asked to decrypt"]),
+    ];
+    let mut admin_actions = 0;
+    for (i, (point, words)) in points.iter().enumerate() {
+        coord.wait_log(words, Duration::from_secs(120));
+        eprintln!("--- kill -9 {point} ({})", i + 1);
+        coord.kill_9();
+        coord = spawn_coordinator(&cfg);
+        coord.wait_log(
+            &["resuming the job after a restart"],
+            Duration::from_secs(10),
+        );
+        if i == 2 {
+            // An audited admin action between crashes is kept.
+            admin(dir, &coord.addr, &["jobs", "pause", "crash"]);
+            admin(dir, &coord.addr, &["jobs", "resume", "crash"]);
+            admin_actions += 2;
+        }
+    }
+    let s = coord.proc.wait_for_exit(Duration::from_secs(240));
+    assert!(s.success(), "the coordinator exited with {s}");
+    for p in parts.iter_mut() {
+        let s = p.wait_for_exit(Duration::from_secs(30));
+        assert!(s.success(), "{} exited with {s}", p.name);
+    }
+
+    // The durable state: every round once, versions contiguous and on disk, audit intact.
+    let state = cohort_coordinator::State::open(&dir.join("state/coordinator.redb")).unwrap();
+    let job = state.job("crash").unwrap().unwrap();
+    assert_eq!(job.state, cohort_coordinator::state::JobState::Finished);
+    assert_eq!((job.rounds_completed, job.restarts), (6, 6));
+    let rounds: Vec<u64> = state
+        .rounds("crash")
+        .unwrap()
+        .iter()
+        .map(|r| r.summary.round)
+        .collect();
+    assert_eq!(rounds, (1..=6).collect::<Vec<_>>());
+    let models = state.models(Some("crash")).unwrap();
+    assert_eq!(
+        models.iter().map(|m| m.version).collect::<Vec<_>>(),
+        (0..=6).collect::<Vec<_>>()
+    );
+    let keys = std::sync::Arc::new(
+        cohort_coordinator::model_store::load_key_dir(&dir.join("pki/coordinator/kek")).unwrap(),
+    );
+    let store =
+        cohort_coordinator::ModelStore::open_encrypted(dir.join("models/crash"), keys).unwrap();
+    for m in &models {
+        assert_eq!(m.parent, m.version.checked_sub(1));
+        // Each version's weights decrypt to what its committed manifest names.
+        let params = store.read_params(m.version).unwrap();
+        assert_eq!(params.len(), m.num_parameters);
+    }
+    let audit = state.audit(1000).unwrap();
+    assert_eq!(
+        audit.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=2 + admin_actions).collect::<Vec<_>>(),
+        "{audit:?}"
+    );
+    assert_eq!(audit[0].action, "create_job");
+    assert_eq!(audit[1].action, "start_job");
+    assert_eq!(audit[2].action, "pause_job");
+    assert_eq!(audit[2].who, "ops");
+}
