@@ -433,12 +433,12 @@ fn a_job_runs_start_to_finish_through_the_admin_api() {
     // Scraped while paused (counts are stable): valid exposition, counters match the rounds.
     let m = parse_metrics(&scrape(&coord.metrics));
     assert_eq!(
-        m[r#"cohort_rounds_completed_total{job="bc"}"#],
+        m[r#"cohort_rounds_completed_total{job_id="bc"}"#],
         at_pause as f64
     );
-    assert_eq!(m[r#"cohort_job_state{job="bc",state="paused"}"#], 1.0);
+    assert_eq!(m[r#"cohort_job_state{job_id="bc",state="paused"}"#], 1.0);
     assert_eq!(m["cohort_participants_connected"], 3.0);
-    assert!(m[r#"cohort_round_duration_seconds_count{job="bc"}"#] >= at_pause as f64);
+    assert!(m[r#"cohort_round_duration_seconds_count{job_id="bc"}"#] >= at_pause as f64);
     assert!(m[r#"cohort_received_bytes_total{kind="update"}"#] > 0.0);
 
     admin(dir, &addr, &["jobs", "resume", "bc"]);
@@ -454,9 +454,11 @@ fn a_job_runs_start_to_finish_through_the_admin_api() {
         let cells = row(&history, &r.to_string()).unwrap_or_else(|| panic!("round {r}: {history}"));
         assert_eq!(cells[2], "3", "three participants in round {r}: {history}");
     }
-    let m = parse_metrics(&scrape(&coord.metrics));
-    assert_eq!(m[r#"cohort_rounds_completed_total{job="bc"}"#], 10.0);
-    assert_eq!(m[r#"cohort_job_state{job="bc",state="finished"}"#], 1.0);
+    let text = scrape(&coord.metrics);
+    let m = parse_metrics(&text);
+    assert_eq!(m[r#"cohort_rounds_completed_total{job_id="bc"}"#], 10.0);
+    alert_rules_name_exported_metrics(&text);
+    assert_eq!(m[r#"cohort_job_state{job_id="bc",state="finished"}"#], 1.0);
 
     // Models: versions 0..=4, each the child of the one before; promote and roll back.
     let models = admin(dir, &addr, &["models", "list", "--job", "bc"]);
@@ -617,4 +619,183 @@ fn the_coordinator_survives_kill_9_at_any_point_of_a_round() {
     assert_eq!(audit[1].action, "start_job");
     assert_eq!(audit[2].action, "pause_job");
     assert_eq!(audit[2].who, "ops");
+}
+
+/// A virtual environment with grpcio, grpcio-tools and grpcio-health-checking from PyPI,
+/// kept between runs under the target directory.
+fn python_with_grpc() -> PathBuf {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-grpc");
+    let python = venv.join("bin/python");
+    let ready = venv.join("ready");
+    if !ready.exists() {
+        let run = |cmd: &mut Command| {
+            let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+            assert!(
+                out.status.success(),
+                "{cmd:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv));
+        run(Command::new(&python).args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "grpcio",
+            "grpcio-tools",
+            "grpcio-health-checking",
+        ]));
+        std::fs::write(&ready, b"").unwrap();
+    }
+    python
+}
+
+#[test]
+fn a_python_grpcio_client_reads_participants_and_job_status() {
+    let python = python_with_grpc();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    provision(dir);
+    let shares = write_shares(dir);
+    let cfg = coordinator_config(
+        dir,
+        free_port(),
+        r#""hospital-0", "hospital-1", "hospital-2""#,
+        "",
+    );
+    let coord = spawn_coordinator(&cfg);
+    let addr = coord.addr.clone();
+    std::fs::write(dir.join("py.toml"), job_spec("py", 2, 60.0)).unwrap();
+    admin(dir, &addr, &["jobs", "create", "py.toml"]);
+    admin(dir, &addr, &["jobs", "start", "py"]);
+    let mut parts: Vec<Proc> = (0..3)
+        .map(|i| spawn_participant(dir, &addr, i, &shares[i], 0))
+        .collect();
+    wait_until("the job finished", Duration::from_secs(120), || {
+        progress(dir, &addr, "py") == ("finished".into(), 2)
+    });
+    for p in parts.iter_mut() {
+        p.wait_for_exit(Duration::from_secs(30));
+    }
+
+    // Stubs generated from the .proto files, as any team would.
+    let stubs = dir.join("stubs");
+    std::fs::create_dir_all(&stubs).unwrap();
+    let proto = Path::new(env!("CARGO_MANIFEST_DIR")).join("protocol/proto");
+    let out = Command::new(&python)
+        .args(["-m", "grpc_tools.protoc", "-I"])
+        .arg(&proto)
+        .arg(format!("--python_out={}", stubs.display()))
+        .arg(format!("--grpc_python_out={}", stubs.display()))
+        .arg(proto.join("cohort/v1/admin.proto"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/admin_client.py");
+    let out = Command::new(&python)
+        .arg(&script)
+        .arg(&stubs)
+        .arg(&addr)
+        .arg(dir.join("pki/admins/ops"))
+        .arg("py")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["health"], "SERVING", "{v}");
+    let ids: Vec<&str> = v["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["hospital-0", "hospital-1", "hospital-2"], "{v}");
+    assert!(
+        v["participants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["status"] == "approved")
+    );
+    assert_eq!(v["job"]["state"], "finished", "{v}");
+    assert_eq!(v["job"]["rounds_completed"], 2, "{v}");
+    assert_eq!(
+        v["job"]["rounds"][1]["participants"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3,
+        "{v}"
+    );
+    assert_eq!(v["missing_job"], "NOT_FOUND", "{v}");
+    drop(coord);
+}
+
+/// Every `cohort_…` series the alerting rules query is one the coordinator exports.
+fn alert_rules_name_exported_metrics(exposition: &str) {
+    let families: Vec<&str> = exposition
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let rules = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus/alerts.yml"),
+    )
+    .unwrap();
+    let mut checked = 0;
+    for token in rules.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if !token.starts_with("cohort_") {
+            continue;
+        }
+        let known = families.iter().any(|f| {
+            token == *f
+                || ["_total", "_bucket", "_count", "_sum"]
+                    .iter()
+                    .any(|suffix| token.strip_suffix(suffix) == Some(f))
+        });
+        assert!(
+            known,
+            "alerts.yml queries {token}, which /metrics does not export"
+        );
+        checked += 1;
+    }
+    assert!(
+        checked >= 6,
+        "only {checked} metric names found in alerts.yml"
+    );
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_their_unit_tests() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus");
+    for args in [
+        &["check", "rules", "alerts.yml"][..],
+        &["test", "rules", "alerts_test.yml"][..],
+    ] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("promtool (Debian package prometheus, which .ci/run installs): {e}")
+            });
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

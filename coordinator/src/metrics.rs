@@ -2,7 +2,8 @@
 //!
 //! Names follow Prometheus conventions (`_total` counters, `_seconds` units). Each is fed
 //! from the coordinator's processed events, so the counts agree with what was committed.
-//! `deploy/prometheus/alerts.yml` holds alerting rules over them.
+//! `deploy/prometheus/alerts.yml` holds alerting rules over them. Jobs are labelled `job_id`,
+//! not `job`, which Prometheus reserves for the scrape target.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -19,18 +20,18 @@ use crate::state::{JobState, ModelRef};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct JobLabel {
-    job: String,
+    job_id: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FailureLabel {
-    job: String,
+    job_id: String,
     cause: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
-    job: String,
+    job_id: String,
     state: String,
 }
 
@@ -46,7 +47,7 @@ struct KindLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServingLabel {
-    job: String,
+    job_id: String,
 }
 
 /// The coordinator's metrics. Cheap to clone.
@@ -204,7 +205,7 @@ impl Metrics {
     }
 
     fn job(job: &str) -> JobLabel {
-        JobLabel { job: job.into() }
+        JobLabel { job_id: job.into() }
     }
 
     /// Counts what an event says.
@@ -230,7 +231,7 @@ impl Metrics {
                 };
                 self.round_failures
                     .get_or_create(&FailureLabel {
-                        job: job.into(),
+                        job_id: job.into(),
                         cause: cause.into(),
                     })
                     .inc();
@@ -269,7 +270,21 @@ impl Metrics {
             .set(now);
     }
 
+    /// Sets a job's state, and makes sure each of its series exists from the start (at 0),
+    /// so that `increase()` and `rate()` in alerting rules see every job.
     pub fn job_state(&self, job: &str, state: JobState) {
+        let l = Self::job(job);
+        self.rounds_started.get_or_create(&l);
+        self.rounds_completed.get_or_create(&l);
+        self.stragglers.get_or_create(&l);
+        self.committee_failures.get_or_create(&l);
+        self.round_duration.get_or_create(&l);
+        for cause in ["too_few_updates", "committee_unavailable"] {
+            self.round_failures.get_or_create(&FailureLabel {
+                job_id: job.into(),
+                cause: cause.into(),
+            });
+        }
         for s in [
             JobState::Created,
             JobState::Running,
@@ -279,7 +294,7 @@ impl Metrics {
         ] {
             self.job_state
                 .get_or_create(&StateLabel {
-                    job: job.into(),
+                    job_id: job.into(),
                     state: s.as_str().into(),
                 })
                 .set(i64::from(s == state));
@@ -302,7 +317,7 @@ impl Metrics {
         self.serving_version.clear();
         self.serving_version
             .get_or_create(&ServingLabel {
-                job: to.job_id.clone(),
+                job_id: to.job_id.clone(),
             })
             .set(to.version as i64);
     }
@@ -364,11 +379,11 @@ mod tests {
         let text = m.encode();
         assert!(text.contains("cohort_participants_connected 1"), "{text}");
         assert!(
-            text.contains(r#"cohort_round_failures_total{job="bc",cause="too_few_updates"} 1"#),
+            text.contains(r#"cohort_round_failures_total{job_id="bc",cause="too_few_updates"} 1"#),
             "{text}"
         );
         assert!(
-            text.contains(r#"cohort_job_state{job="bc",state="running"} 1"#),
+            text.contains(r#"cohort_job_state{job_id="bc",state="running"} 1"#),
             "{text}"
         );
         assert!(text.trim_end().ends_with("# EOF"), "{text}");
