@@ -197,22 +197,28 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
             w[i] = w[i].max(c.chars().count());
         }
     }
-    let line = |cells: Vec<String>| {
+    // Write errors (a closed pipe, as with `| head`) end the output quietly.
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let mut line = |cells: Vec<String>| {
         let s: Vec<String> = cells
             .iter()
             .enumerate()
             .map(|(i, c)| format!("{c:<width$}", width = w[i]))
             .collect();
-        println!("{}", s.join("  ").trim_end());
+        writeln!(out, "{}", s.join("  ").trim_end())
     };
-    line(header.iter().map(|h| h.to_string()).collect());
-    line(w.iter().map(|n| "-".repeat(*n)).collect());
-    if rows.is_empty() {
-        println!("(none)");
-    }
-    for r in rows {
-        line(r);
-    }
+    let _ = (|| {
+        line(header.iter().map(|h| h.to_string()).collect())?;
+        line(w.iter().map(|n| "-".repeat(*n)).collect())?;
+        if rows.is_empty() {
+            line(vec!["(none)".into()])?;
+        }
+        for r in rows {
+            line(r)?;
+        }
+        Ok::<(), std::io::Error>(())
+    })();
 }
 
 fn jobs_table(jobs: Vec<pb::JobRecord>) {

@@ -287,29 +287,26 @@ fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
             .unwrap_or_else(|| panic!("bad sample {line:?}"));
         let name = series.split('{').next().unwrap();
         assert!(name_ok(name), "bad sample name in {line:?}");
-        if let Some(labels) = series.strip_prefix(name) {
-            if !labels.is_empty() {
+        let labels = &series[name.len()..];
+        if !labels.is_empty() {
+            assert!(
+                labels.starts_with('{') && labels.ends_with('}'),
+                "bad labels in {line:?}"
+            );
+            for pair in labels[1..labels.len() - 1].split("\",") {
+                let (k, v) = pair
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("bad label in {line:?}"));
                 assert!(
-                    labels.starts_with('{') && labels.ends_with('}'),
-                    "bad labels in {line:?}"
+                    name_ok(k) && v.starts_with('"'),
+                    "bad label {pair:?} in {line:?}"
                 );
-                for pair in labels[1..labels.len() - 1].split("\",") {
-                    let (k, v) = pair
-                        .split_once('=')
-                        .unwrap_or_else(|| panic!("bad label in {line:?}"));
-                    assert!(
-                        name_ok(k) && v.starts_with('"'),
-                        "bad label {pair:?} in {line:?}"
-                    );
-                }
             }
         }
-        let family = typed
-            .keys()
-            .filter(|f| name.starts_with(f.as_str()))
-            .max_by_key(|f| f.len())
-            .unwrap_or_else(|| panic!("sample {name} has no TYPE line before it"));
-        let _ = family;
+        assert!(
+            typed.keys().any(|f| name.starts_with(f.as_str())),
+            "sample {name} has no TYPE line before it"
+        );
         let v: f64 = match value {
             "+Inf" => f64::INFINITY,
             "-Inf" => f64::NEG_INFINITY,
@@ -621,12 +618,14 @@ fn the_coordinator_survives_kill_9_at_any_point_of_a_round() {
     assert_eq!(audit[2].who, "ops");
 }
 
-/// A virtual environment with grpcio, grpcio-tools and grpcio-health-checking from PyPI,
+/// A virtual environment with grpcio, grpcio-tools, grpcio-health-checking and
+/// grpcio-reflection from PyPI,
 /// kept between runs under the target directory.
 fn python_with_grpc() -> PathBuf {
     let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-grpc");
     let python = venv.join("bin/python");
-    let ready = venv.join("ready");
+    // Named after what is installed, so that a change reinstalls.
+    let ready = venv.join("ready-grpcio-tools-health-reflection");
     if !ready.exists() {
         let run = |cmd: &mut Command| {
             let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
@@ -647,6 +646,7 @@ fn python_with_grpc() -> PathBuf {
             "grpcio",
             "grpcio-tools",
             "grpcio-health-checking",
+            "grpcio-reflection",
         ]));
         std::fs::write(&ready, b"").unwrap();
     }
@@ -715,6 +715,20 @@ fn a_python_grpcio_client_reads_participants_and_job_status() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["health"], "SERVING", "{v}");
+    for service in [
+        "cohort.v1.Admin",
+        "cohort.v1.Federation",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            v["services"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s == service),
+            "reflection lists {service}: {v}"
+        );
+    }
     let ids: Vec<&str> = v["participants"]
         .as_array()
         .unwrap()

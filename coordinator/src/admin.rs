@@ -242,6 +242,8 @@ impl Admin for AdminApi {
         let participants = c.participants_pb()?;
         let (active_job, phase, round) = c
             .lock()
+            .ok()
+            .filter(|o| !o.is_finished())
             .map(|o| {
                 (
                     o.config().job_id.clone(),

@@ -403,9 +403,8 @@ impl Coordinator {
         if verdict.is_ok() || adm.require_approval || known {
             state.put_participant(&rec).map_err(state_err)?;
         }
-        verdict.map_err(|s| {
+        verdict.inspect_err(|s| {
             tracing::warn!(participant = %id, "join refused: {}", s.message());
-            s
         })
     }
 

@@ -274,13 +274,13 @@ impl Metrics {
     /// so that `increase()` and `rate()` in alerting rules see every job.
     pub fn job_state(&self, job: &str, state: JobState) {
         let l = Self::job(job);
-        self.rounds_started.get_or_create(&l);
-        self.rounds_completed.get_or_create(&l);
-        self.stragglers.get_or_create(&l);
-        self.committee_failures.get_or_create(&l);
-        self.round_duration.get_or_create(&l);
+        let _ = self.rounds_started.get_or_create(&l);
+        let _ = self.rounds_completed.get_or_create(&l);
+        let _ = self.stragglers.get_or_create(&l);
+        let _ = self.committee_failures.get_or_create(&l);
+        let _ = self.round_duration.get_or_create(&l);
         for cause in ["too_few_updates", "committee_unavailable"] {
-            self.round_failures.get_or_create(&FailureLabel {
+            let _ = self.round_failures.get_or_create(&FailureLabel {
                 job_id: job.into(),
                 cause: cause.into(),
             });

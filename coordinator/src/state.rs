@@ -180,11 +180,12 @@ impl Backend for RedbBackend {
                 let t = match w {
                     Write::Put(t, ..) | Write::Delete(t, _) => *t,
                 };
-                if !open.contains_key(&t) {
-                    let table = tx.open_table(table_def(t)).map_err(|e| self.err(e))?;
-                    open.insert(t, table);
-                }
-                let table = open.get_mut(&t).expect("opened above");
+                let table = match open.entry(t) {
+                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        e.insert(tx.open_table(table_def(t)).map_err(|e| self.err(e))?)
+                    }
+                };
                 match w {
                     Write::Put(_, k, v) => {
                         table

@@ -100,7 +100,7 @@ impl Strategy for FedAdam {
         })
     }
     fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
-        if state.len() % 8 != 0 {
+        if !state.len().is_multiple_of(8) {
             return Err(format!(
                 "fedadam state of {} bytes is not two f32 vectors of one length",
                 state.len()

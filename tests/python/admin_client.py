@@ -14,6 +14,7 @@ sys.path.insert(0, stubs)
 import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from cohort.v1 import admin_pb2, admin_pb2_grpc  # noqa: E402
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc  # noqa: E402
 
 
 def read(name):
@@ -32,6 +33,14 @@ with grpc.secure_channel(address, creds, options=options) as channel:
     health = health_pb2_grpc.HealthStub(channel).Check(
         health_pb2.HealthCheckRequest(service="cohort.v1.Admin"), timeout=10
     )
+    # Server reflection: what grpcurl and grpcui use to find the services.
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    answers = reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+    )
+    services = sorted(
+        s.name for a in answers for s in a.list_services_response.service
+    )
     admin = admin_pb2_grpc.AdminStub(channel)
     participants = admin.ListParticipants(admin_pb2.ListParticipantsRequest(), timeout=10)
     job = admin.GetJob(admin_pb2.JobRequest(job_id=job_id), timeout=10)
@@ -43,6 +52,7 @@ with grpc.secure_channel(address, creds, options=options) as channel:
     print(
         json.dumps(
             {
+                "services": services,
                 "health": health_pb2.HealthCheckResponse.ServingStatus.Name(health.status),
                 "participants": [
                     {"id": p.id, "status": p.status, "role": p.role}
