@@ -1,9 +1,8 @@
 //! End-to-end: the real `cohort` binary as one coordinator process and participant processes
 //! on loopback, on real data (the bundled breast-cancer table, split three ways).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -63,40 +62,12 @@ seed = 1
     );
     let cfg_path = dir.path().join("coordinator.toml");
     std::fs::write(&cfg_path, cfg).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["coordinator", "--config"])
-        .arg(&cfg_path)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let (tx, log) = mpsc::channel();
-    let err = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            eprintln!("[coordinator] {line}");
-            let _ = tx.send(line);
-        }
-    });
-    let coordinator = Proc {
-        child,
-        name: "coordinator".into(),
-    };
-    let mut first = String::new();
-    out.read_line(&mut first).unwrap();
-    let addr = first
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
-        .to_string();
-    std::thread::spawn(move || for _ in out.lines() {});
+    let c = spawn_coordinator(&cfg_path);
     Federation {
         dir,
-        coordinator,
-        addr,
-        log,
+        coordinator: c.proc,
+        addr: c.addr,
+        log: c.log,
     }
 }
 

@@ -3,10 +3,9 @@
 //! several points of a round followed by restarts.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
@@ -85,71 +84,11 @@ key_dir = "{pki}/coordinator/kek"
     p
 }
 
-struct Coordinator {
-    proc: Proc,
-    addr: String,
-    metrics: String,
-    log: mpsc::Receiver<String>,
+trait Kill9 {
+    fn kill_9(self);
 }
 
-fn spawn_coordinator(cfg: &Path) -> Coordinator {
-    let mut child = Command::new(BIN)
-        .args(["coordinator", "--config"])
-        .arg(cfg)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let (tx, log) = mpsc::channel();
-    let err = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            eprintln!("[coordinator] {line}");
-            let _ = tx.send(line);
-        }
-    });
-    let proc = Proc {
-        child,
-        name: "coordinator".into(),
-    };
-    let (mut addr, mut metrics) = (String::new(), String::new());
-    while addr.is_empty() {
-        let mut line = String::new();
-        assert!(
-            out.read_line(&mut line).unwrap() > 0,
-            "the coordinator exited before listening"
-        );
-        if let Some(a) = line.trim().strip_prefix("listening on ") {
-            addr = a.to_string();
-        } else if let Some(m) = line.trim().strip_prefix("metrics on http://") {
-            metrics = m.trim_end_matches("/metrics").to_string();
-        }
-    }
-    std::thread::spawn(move || for _ in out.lines() {});
-    Coordinator {
-        proc,
-        addr,
-        metrics,
-        log,
-    }
-}
-
-impl Coordinator {
-    /// Waits for a log line containing every one of `words`.
-    fn wait_log(&self, words: &[&str], limit: Duration) -> String {
-        let until = Instant::now() + limit;
-        loop {
-            let left = until.saturating_duration_since(Instant::now());
-            match self.log.recv_timeout(left) {
-                Ok(line) if words.iter().all(|w| line.contains(w)) => return line,
-                Ok(_) => {}
-                Err(_) => panic!("no coordinator log line with {words:?} within {limit:?}"),
-            }
-        }
-    }
-
+impl Kill9 for CoordinatorProc {
     /// `kill -9`.
     fn kill_9(mut self) {
         let pid = self.proc.child.id().to_string();

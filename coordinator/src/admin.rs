@@ -314,49 +314,32 @@ impl Admin for AdminApi {
         &self,
         req: Request<pb::JobRequest>,
     ) -> Result<Response<pb::JobRecord>, Status> {
-        let who = self.0.admin(&req)?;
-        let id = req.into_inner().job_id;
-        let job = self.0.blocking(move |c| c.start_job(&who, &id)).await?;
-        Ok(Response::new(job_pb(job)))
+        self.job_action(req, |c, who, id| c.start_job(who, id))
+            .await
     }
 
     async fn pause_job(
         &self,
         req: Request<pb::JobRequest>,
     ) -> Result<Response<pb::JobRecord>, Status> {
-        let who = self.0.admin(&req)?;
-        let id = req.into_inner().job_id;
-        let job = self
-            .0
-            .blocking(move |c| c.set_paused(&who, &id, true))
-            .await?;
-        Ok(Response::new(job_pb(job)))
+        self.job_action(req, |c, who, id| c.set_paused(who, id, true))
+            .await
     }
 
     async fn resume_job(
         &self,
         req: Request<pb::JobRequest>,
     ) -> Result<Response<pb::JobRecord>, Status> {
-        let who = self.0.admin(&req)?;
-        let id = req.into_inner().job_id;
-        let job = self
-            .0
-            .blocking(move |c| c.set_paused(&who, &id, false))
-            .await?;
-        Ok(Response::new(job_pb(job)))
+        self.job_action(req, |c, who, id| c.set_paused(who, id, false))
+            .await
     }
 
     async fn cancel_job(
         &self,
         req: Request<pb::JobRequest>,
     ) -> Result<Response<pb::JobRecord>, Status> {
-        let who = self.0.admin(&req)?;
-        let id = req.into_inner().job_id;
-        let job = self
-            .0
-            .blocking(move |c| c.cancel_job(&who, &id, ""))
-            .await?;
-        Ok(Response::new(job_pb(job)))
+        self.job_action(req, |c, who, id| c.cancel_job(who, id, ""))
+            .await
     }
 
     async fn list_jobs(
@@ -486,6 +469,18 @@ impl Admin for AdminApi {
 }
 
 impl AdminApi {
+    /// A state change of one job, by an admin, answered with the job's new record.
+    async fn job_action(
+        &self,
+        req: Request<pb::JobRequest>,
+        f: impl FnOnce(&Coordinator, &str, &str) -> Result<JobRecord, Status> + Send + 'static,
+    ) -> Result<Response<pb::JobRecord>, Status> {
+        let who = self.0.admin(&req)?;
+        let id = req.into_inner().job_id;
+        let job = self.0.blocking(move |c| f(c, &who, &id)).await?;
+        Ok(Response::new(job_pb(job)))
+    }
+
     async fn set_approval(
         &self,
         req: Request<pb::ParticipantRequest>,

@@ -2,8 +2,10 @@
 //! test, data shares and a provisioned federation.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_cohort");
@@ -141,5 +143,74 @@ upload_delay_ms = {upload_delay_ms}
     Proc {
         child,
         name: format!("participant {i}"),
+    }
+}
+
+/// A coordinator process, its address, its metrics address (if any) and its log lines.
+pub struct CoordinatorProc {
+    pub proc: Proc,
+    pub addr: String,
+    pub metrics: String,
+    /// Log lines (stderr), as they come.
+    pub log: mpsc::Receiver<String>,
+}
+
+/// Starts `cohort coordinator --config cfg` and waits until it listens.
+pub fn spawn_coordinator(cfg: &Path) -> CoordinatorProc {
+    let mut child = Command::new(BIN)
+        .args(["coordinator", "--config"])
+        .arg(cfg)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let (tx, log) = mpsc::channel();
+    let err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            eprintln!("[coordinator] {line}");
+            let _ = tx.send(line);
+        }
+    });
+    let proc = Proc {
+        child,
+        name: "coordinator".into(),
+    };
+    let (mut addr, mut metrics) = (String::new(), String::new());
+    while addr.is_empty() {
+        let mut line = String::new();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "the coordinator exited before listening"
+        );
+        if let Some(a) = line.trim().strip_prefix("listening on ") {
+            addr = a.to_string();
+        } else if let Some(m) = line.trim().strip_prefix("metrics on http://") {
+            metrics = m.trim_end_matches("/metrics").to_string();
+        }
+    }
+    std::thread::spawn(move || for _ in out.lines() {});
+    CoordinatorProc {
+        proc,
+        addr,
+        metrics,
+        log,
+    }
+}
+
+impl CoordinatorProc {
+    /// Waits for a log line containing every one of `words`.
+    pub fn wait_log(&self, words: &[&str], limit: Duration) -> String {
+        let until = Instant::now() + limit;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if words.iter().all(|w| line.contains(w)) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no coordinator log line with {words:?} within {limit:?}"),
+            }
+        }
     }
 }
