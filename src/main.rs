@@ -53,15 +53,29 @@ enum Command {
     /// Revoke identities of a provisioned federation: writes a new CRL, which a running
     /// coordinator picks up without a restart.
     Revoke(cohort::provision::RevokeArgs),
+    /// Encrypt a private key file in place with a passphrase (PKCS#8, scrypt and AES-256);
+    /// then name the passphrase's environment variable as `key_passphrase_env` in [tls].
+    ProtectKey {
+        /// The key file (key.pem).
+        #[arg(long)]
+        key: PathBuf,
+        /// The environment variable that holds the passphrase.
+        #[arg(long)]
+        passphrase_env: String,
+    },
     /// Rotate the key-encryption key of encrypted model versions: a new key becomes current
     /// and every version's data key is re-wrapped (the weights are not re-encrypted).
     RotateKeys {
-        /// The [at_rest] key_dir.
-        #[arg(long)]
-        key_dir: PathBuf,
+        /// The coordinator's configuration: its [at_rest] key_dir and its model registry
+        /// (model_dir or [model_store.s3]).
+        #[arg(long, conflicts_with_all = ["key_dir", "model_dir"])]
+        config: Option<PathBuf>,
+        /// The [at_rest] key_dir (with --model-dir, instead of --config).
+        #[arg(long, requires = "model_dir")]
+        key_dir: Option<PathBuf>,
         /// The coordinator's model_dir.
-        #[arg(long)]
-        model_dir: PathBuf,
+        #[arg(long, requires = "key_dir")]
+        model_dir: Option<PathBuf>,
     },
 }
 
@@ -108,20 +122,10 @@ async fn run_coordinator(config: PathBuf, insecure_dev: bool) -> anyhow::Result<
         // Fail now, naming the file, rather than at the first connection.
         tls.server_config().map_err(anyhow::Error::msg)?;
     }
-    let store = match &cfg.at_rest {
-        Some(a) => {
-            let keys = a.provider().map_err(anyhow::Error::msg)?;
-            ModelStore::open_encrypted(&cfg.model_dir, keys)
-        }
-        None => {
-            tracing::warn!(
-                "no [at_rest] section: model versions are stored unencrypted in {}",
-                cfg.model_dir.display()
-            );
-            ModelStore::open(&cfg.model_dir)
-        }
+    if cfg.at_rest.is_none() {
+        tracing::warn!("no [at_rest] section: model versions are stored unencrypted");
     }
-    .with_context(|| format!("opening model directory {}", cfg.model_dir.display()))?;
+    let store = cfg.open_model_store().map_err(anyhow::Error::msg)?;
     let state_path = cfg.state_path();
     let state = cohort_coordinator::State::open(&state_path).map_err(anyhow::Error::msg)?;
     let admission = cohort_coordinator::Admission {
@@ -187,7 +191,10 @@ async fn run_coordinator(config: PathBuf, insecure_dev: bool) -> anyhow::Result<
             "finished {} rounds; last model version {} in {}",
             history.len(),
             last.round,
-            coordinator.job_store().weights_path(last.round).display()
+            coordinator
+                .job_store()
+                .weights_location(last.round)
+                .unwrap_or_else(|e| e.to_string())
         );
     }
     Ok(())
@@ -282,17 +289,65 @@ fn main() -> ExitCode {
                 );
                 Ok(())
             }
-            Command::RotateKeys { key_dir, model_dir } => {
+            Command::RotateKeys {
+                config,
+                key_dir,
+                model_dir,
+            } => {
+                let (key_dir, store) = match (config, key_dir, model_dir) {
+                    (Some(c), _, _) => {
+                        let cfg = CoordinatorConfig::load(&c).map_err(anyhow::Error::msg)?;
+                        let key_dir = cfg
+                            .at_rest
+                            .as_ref()
+                            .and_then(|a| a.key_dir.clone())
+                            .ok_or_else(|| {
+                                anyhow::anyhow!(
+                                    "{}: no [at_rest] key_dir to rotate (PKCS#11 keys rotate in the token)",
+                                    c.display()
+                                )
+                            })?;
+                        let store = CoordinatorConfig {
+                            at_rest: None,
+                            ..cfg
+                        }
+                        .open_model_store()
+                        .map_err(anyhow::Error::msg)?;
+                        (key_dir, store)
+                    }
+                    (None, Some(k), Some(m)) => (k, ModelStore::open(&m)?),
+                    _ => anyhow::bail!("give --config, or --key-dir and --model-dir"),
+                };
                 let id = cohort_coordinator::model_store::add_key(&key_dir)
                     .map_err(anyhow::Error::msg)?;
                 let keys = cohort_coordinator::model_store::load_key_dir(&key_dir)
                     .map_err(anyhow::Error::msg)?;
-                let n = ModelStore::open_encrypted(&model_dir, Arc::new(keys))
-                    .and_then(|s| s.rewrap_all())
+                let n = store
+                    .with_keys(Arc::new(keys))
+                    .rewrap_all()
                     .map_err(anyhow::Error::msg)?;
                 println!(
-                    "{id} is now current; {n} model versions re-wrapped. Old keys stay in {} until you remove them.",
+                    "{id} is now current; {n} model objects re-wrapped. Old keys stay in {} until you remove them.",
                     key_dir.display()
+                );
+                Ok(())
+            }
+            Command::ProtectKey {
+                key,
+                passphrase_env,
+            } => {
+                let pass = std::env::var(&passphrase_env).map_err(|_| {
+                    anyhow::anyhow!("the passphrase variable {passphrase_env} is not set")
+                })?;
+                let pem = std::fs::read_to_string(&key)
+                    .with_context(|| format!("reading {}", key.display()))?;
+                let (salt, iv): ([u8; 16], [u8; 16]) = (rand::random(), rand::random());
+                let enc = cohort_protocol::tls::encrypt_key_pem(&pem, &pass, &salt, &iv)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
+                cohort::provision::write_private(&key, &enc)?;
+                println!(
+                    "{} is encrypted; add key_passphrase_env = \"{passphrase_env}\" to the [tls] section that names it",
+                    key.display()
                 );
                 Ok(())
             }

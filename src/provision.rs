@@ -82,6 +82,15 @@ fn write(path: &Path, text: &str, secret: bool) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
+/// Replaces the private key at `path` with `text`, atomically, mode 0600 (the temporary
+/// file is created 0600 too, so the key is never readable by others).
+pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    write(&tmp, text, true)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+}
+
 /// Replaces `path` atomically (for the CRL, which listeners re-read).
 fn replace(path: &Path, text: &str) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");

@@ -130,7 +130,8 @@ pub struct SimReport {
     pub rounds: Vec<RoundRow>,
     pub federated_accuracy: Option<f64>,
     pub centralised_accuracy: Option<f64>,
-    pub model_path: PathBuf,
+    /// Where the final global model's weights are (a path, or a URL for object storage).
+    pub model_path: String,
     pub federation_seconds: f64,
     pub centralised_seconds: Option<f64>,
 }
@@ -411,7 +412,10 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         (Some(acc), Some(t0.elapsed().as_secs_f64()))
     };
     let final_version = history.last().map(|s| s.round).unwrap_or(0);
-    let model_path = coordinator.job_store().weights_path(final_version);
+    let model_path = coordinator
+        .job_store()
+        .weights_location(final_version)
+        .map_err(anyhow::Error::msg)?;
     let rows: Vec<RoundRow> = history.iter().map(row).collect();
     let report = SimReport {
         dataset: prep.name.clone(),
@@ -446,7 +450,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
             );
         }
         println!("secure aggregation: {secure_label}");
-        println!("global model written to {}", model_path.display());
+        println!("global model written to {model_path}");
     }
     if let Some(p) = &args.report {
         std::fs::write(p, serde_json::to_vec_pretty(&report)?)
@@ -505,6 +509,7 @@ impl SimPki {
             key: write("coordinator.key", &c.key_pem)?,
             crl: Some(write("crl.pem", &ca.crl(&[], 1, 2)?)?),
             server_name: None,
+            key_passphrase_env: None,
         };
         let ids = (0..participants)
             .map(participant_id)
@@ -524,6 +529,7 @@ impl SimPki {
             key: self.dir.path().join(format!("{id}.key")),
             crl: None,
             server_name: Some("coordinator".into()),
+            key_passphrase_env: None,
         };
         Ok(files.node()?)
     }

@@ -30,6 +30,7 @@ allowed_participants = ["hospital-0", "hospital-1", "hospital-2"]
 ca = "{pki}/coordinator/ca.pem"
 cert = "{pki}/coordinator/cert.pem"
 key = "{pki}/coordinator/key.pem"
+key_passphrase_env = "{KEY_PASSPHRASE_ENV}"
 crl = "{pki}/coordinator/crl.pem"
 
 [at_rest]
@@ -113,10 +114,12 @@ fn coordinator_and_three_participant_processes_complete_three_rounds() {
     // Every version is on disk, encrypted at rest; it decrypts with the coordinator's keys
     // (also after a key rotation) to exactly the weights the manifest names.
     for v in 0..=3 {
-        let p = fed
-            .dir
-            .path()
-            .join(format!("models/breast-cancer/v{v:05}.safetensors.enc"));
+        let object = fed.manifest(v)["weights_file"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(object.starts_with("objects/sha256/") && object.ends_with(".safetensors.enc"));
+        let p = fed.dir.path().join("models").join(object);
         let bytes = std::fs::read(&p).unwrap();
         assert!(
             bytes.starts_with(b"COHORT-ENC1"),
@@ -137,12 +140,18 @@ fn coordinator_and_three_participant_processes_complete_three_rounds() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("4 model versions re-wrapped"));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("4 model objects re-wrapped"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     std::fs::remove_file(kek.join("kek-1.kek")).unwrap();
     let store = cohort_coordinator::ModelStore::open_encrypted(
-        fed.dir.path().join("models/breast-cancer"),
+        fed.dir.path().join("models"),
         std::sync::Arc::new(cohort_coordinator::model_store::load_key_dir(&kek).unwrap()),
     )
+    .unwrap()
+    .for_job("breast-cancer")
     .unwrap();
     for v in 0..=3 {
         use sha2::Digest;

@@ -70,6 +70,7 @@ allowed_participants = [{allowed}]
 ca = "{pki}/coordinator/ca.pem"
 cert = "{pki}/coordinator/cert.pem"
 key = "{pki}/coordinator/key.pem"
+key_passphrase_env = "{KEY_PASSPHRASE_ENV}"
 crl = "{pki}/coordinator/crl.pem"
 
 [at_rest]
@@ -537,8 +538,10 @@ fn the_coordinator_survives_kill_9_at_any_point_of_a_round() {
     let keys = std::sync::Arc::new(
         cohort_coordinator::model_store::load_key_dir(&dir.join("pki/coordinator/kek")).unwrap(),
     );
-    let store =
-        cohort_coordinator::ModelStore::open_encrypted(dir.join("models/crash"), keys).unwrap();
+    let store = cohort_coordinator::ModelStore::open_encrypted(dir.join("models"), keys)
+        .unwrap()
+        .for_job("crash")
+        .unwrap();
     for m in &models {
         assert_eq!(m.parent, m.version.checked_sub(1));
         // Each version's weights decrypt to what its committed manifest names.
@@ -558,13 +561,28 @@ fn the_coordinator_survives_kill_9_at_any_point_of_a_round() {
 }
 
 /// A virtual environment with grpcio, grpcio-tools, grpcio-health-checking and
-/// grpcio-reflection from PyPI,
-/// kept between runs under the target directory.
+/// grpcio-reflection from PyPI, kept between runs under the target directory.
 fn python_with_grpc() -> PathBuf {
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-grpc");
+    python_venv(
+        "python-grpc",
+        &[
+            "grpcio",
+            "grpcio-tools",
+            "grpcio-health-checking",
+            "grpcio-reflection",
+        ],
+    )
+}
+
+/// A virtual environment `name` with `packages` from PyPI, kept under the target directory.
+fn python_venv(name: &str, packages: &[&str]) -> PathBuf {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
     let python = venv.join("bin/python");
     // Named after what is installed, so that a change reinstalls.
-    let ready = venv.join("ready-grpcio-tools-health-reflection");
+    let ready = venv.join(format!(
+        "ready-{}",
+        packages.join("-").replace(['[', ']'], "_")
+    ));
     if !ready.exists() {
         let run = |cmd: &mut Command| {
             let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
@@ -576,17 +594,15 @@ fn python_with_grpc() -> PathBuf {
             );
         };
         run(Command::new("python3").args(["-m", "venv"]).arg(&venv));
-        run(Command::new(&python).args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "grpcio",
-            "grpcio-tools",
-            "grpcio-health-checking",
-            "grpcio-reflection",
-        ]));
+        run(Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(packages));
         std::fs::write(&ready, b"").unwrap();
     }
     python
@@ -751,4 +767,137 @@ fn alert_rules_pass_promtool_and_their_unit_tests() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+#[test]
+fn model_versions_go_to_an_s3_compatible_server() {
+    // moto's S3 server, from PyPI, on a free port.
+    let python = python_venv("python-moto", &["moto[server]"]);
+    let port = free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut moto = Proc {
+        child: Command::new(python.with_file_name("moto_server"))
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+        name: "moto_server".into(),
+    };
+    wait_until("moto_server listening", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let out = Command::new(&python)
+        .args([
+            "-c",
+            "import sys, boto3; boto3.client('s3', endpoint_url=sys.argv[1], \
+             aws_access_key_id='test', aws_secret_access_key='test', \
+             region_name='us-east-1').create_bucket(Bucket='cohort-models')",
+            &endpoint,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    provision(dir);
+    let shares = write_shares(dir);
+    let job = job_spec("s3", 2, 30.0)
+        .replace("[model]", "[job.model]")
+        .replace("[train]", "[job.train]")
+        .replace("[secure_aggregation]", "[job.secure_aggregation]");
+    let cfg = coordinator_config(
+        dir,
+        free_port(),
+        r#""hospital-0", "hospital-1", "hospital-2""#,
+        &format!(
+            "[model_store.s3]\nbucket = \"cohort-models\"\nprefix = \"federation-a\"\n\
+             endpoint = \"{endpoint}\"\nallow_http = true\n[job]\n{job}"
+        ),
+    );
+    let creds = [
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+    ];
+    let mut coord = spawn_coordinator_env(&cfg, &creds);
+    let mut parts: Vec<Proc> = (0..3)
+        .map(|i| spawn_participant(dir, &coord.addr, i, &shares[i], 0))
+        .collect();
+    let s = coord.proc.wait_for_exit(Duration::from_secs(120));
+    assert!(s.success(), "the coordinator exited with {s}");
+    for p in parts.iter_mut() {
+        p.wait_for_exit(Duration::from_secs(30));
+    }
+    assert!(
+        !dir.join("models/objects").exists() && !dir.join("models/s3").exists(),
+        "nothing written to model_dir"
+    );
+
+    // Read back from the bucket: every version, checked against its address and manifest.
+    let s3 = cohort_coordinator::model_store::S3Config {
+        bucket: "cohort-models".into(),
+        prefix: "federation-a".into(),
+        region: "us-east-1".into(),
+        endpoint: Some(endpoint.clone()),
+        allow_http: true,
+    };
+    let objects = std::sync::Arc::new(
+        cohort_coordinator::model_store::S3Objects::with_credentials(&s3, "test", "test").unwrap(),
+    );
+    let kek = dir.join("pki/coordinator/kek");
+    let open = || {
+        cohort_coordinator::ModelStore::over(objects.clone())
+            .with_keys(std::sync::Arc::new(
+                cohort_coordinator::model_store::load_key_dir(&kek).unwrap(),
+            ))
+            .for_job("s3")
+            .unwrap()
+    };
+    let store = open();
+    assert_eq!(store.versions().unwrap(), vec![0, 1, 2]);
+    let params: Vec<Vec<f32>> = (0..=2).map(|v| store.read_params(v).unwrap()).collect();
+    use cohort_coordinator::model_store::Objects;
+    let keys = objects.list("objects/sha256/").unwrap();
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    for key in &keys {
+        assert!(key.ends_with(".safetensors.enc"), "{key}");
+        let stored = objects.get(key).unwrap();
+        let raw = cohort_protocol::f32_bytes(&params[2]);
+        assert!(
+            raw.chunks_exact(8)
+                .all(|w| !stored.windows(8).any(|d| d == w)),
+            "{key} holds plaintext model bytes"
+        );
+    }
+    assert!(
+        store
+            .weights_location(2)
+            .unwrap()
+            .starts_with("s3://cohort-models/federation-a/objects/sha256/")
+    );
+
+    // Rotating the key-encryption key re-wraps the objects in the bucket.
+    let out = Command::new(BIN)
+        .args(["rotate-keys", "--config"])
+        .arg(&cfg)
+        .envs(creds)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("3 model objects re-wrapped"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_file(kek.join("kek-1.kek")).unwrap();
+    let after = open();
+    for (v, p) in params.iter().enumerate() {
+        assert_eq!(&after.read_params(v as u64).unwrap(), p);
+    }
+    let _ = moto.child.kill();
 }

@@ -28,6 +28,9 @@ pub struct CoordinatorConfig {
     /// Encryption of model artifacts at rest (AES-256-GCM, envelope keys from `key_dir`).
     #[serde(default)]
     pub at_rest: Option<AtRestSection>,
+    /// Where model versions go instead of `model_dir`: `[model_store.s3]`.
+    #[serde(default)]
+    pub model_store: Option<ModelStoreSection>,
     /// The coordinator's durable state (redb). Defaults to `state.redb` beside `model_dir`
     /// (like `model_dir`, relative to the working directory).
     #[serde(default)]
@@ -43,6 +46,14 @@ pub struct CoordinatorConfig {
     /// Without one, jobs are created and started over the Admin API.
     #[serde(default)]
     pub job: Option<JobSection>,
+}
+
+/// `[model_store]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelStoreSection {
+    /// An S3-compatible bucket (credentials from the environment).
+    pub s3: crate::model_store::S3Config,
 }
 
 /// `[at_rest]`: one key provider, a key directory or a PKCS#11 token.
@@ -283,6 +294,23 @@ impl CoordinatorConfig {
             }
         }
         Ok(cfg)
+    }
+
+    /// The model registry: `[model_store.s3]` or `model_dir`, encrypted with the `[at_rest]`
+    /// keys when that section is present.
+    pub fn open_model_store(&self) -> Result<crate::ModelStore, String> {
+        let store = match &self.model_store {
+            Some(m) => crate::ModelStore::over(std::sync::Arc::new(
+                crate::model_store::S3Objects::new(&m.s3).map_err(|e| e.to_string())?,
+            )),
+            None => crate::ModelStore::open(&self.model_dir).map_err(|e| {
+                format!("opening model directory {}: {e}", self.model_dir.display())
+            })?,
+        };
+        Ok(match &self.at_rest {
+            Some(a) => store.with_keys(a.provider()?),
+            None => store,
+        })
     }
 
     /// The state file: `state_file`, or `state.redb` beside `model_dir`.

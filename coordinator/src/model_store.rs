@@ -1,9 +1,21 @@
-//! Global model versions on the local filesystem: `v00003.safetensors` beside
-//! `v00003.json`, a manifest that names the round, its parent, the participants, the metrics
-//! and the SHA-256 of the weights file. Files are written to a temporary name and renamed,
-//! so a reader never sees half a version.
+//! The model registry: global model versions, content-addressed.
+//!
+//! A version's weights (safetensors) are stored once under the SHA-256 of its parameters
+//! (the flat little-endian f32s: the same digest participants check when they download a
+//! model), `objects/sha256/<hex>.safetensors` (`.safetensors.enc` when encrypted at rest,
+//! with the object's name as associated data, so a ciphertext cannot be passed off under
+//! another address). The address names the parameters rather than the file because
+//! safetensors serialisation is not byte-for-byte deterministic. A version is its manifest,
+//! `<job>/vNNNNN.json`: job, version, parent, round, strategy, participants, metrics, the
+//! address of its weights and the SHA-256 of the stored file. Reading a version checks the
+//! file against that SHA-256 and the parameters against the address.
+//!
+//! Objects live in an [`Objects`] backend: a local directory (default; every write goes to a
+//! temporary name, is synced, and renamed, so a reader never sees half an object), or an
+//! S3-compatible object store ([`S3Objects`], through `object_store`).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use cohort_model::{ComputeDevice, Metrics, ModelSpec};
 use serde::{Deserialize, Serialize};
@@ -13,9 +25,14 @@ use cohort_crypto::atrest::{self, KeyFileProvider, KeyProvider};
 
 use crate::round::RoundSummary;
 
-/// The name a version's weights are bound to when encrypted.
-fn weights_name(version: u64) -> String {
-    format!("v{version:05}.safetensors")
+/// The object holding the weights whose parameters' SHA-256 is `params_digest`.
+fn object_key(params_digest: &str, encrypted: bool) -> String {
+    let ext = if encrypted {
+        ".safetensors.enc"
+    } else {
+        ".safetensors"
+    };
+    format!("objects/sha256/{params_digest}{ext}")
 }
 
 /// The manifest written beside each version.
@@ -31,13 +48,15 @@ pub struct ModelManifest {
     pub num_parameters: usize,
     /// Hex SHA-256 of the safetensors file.
     pub sha256: String,
-    /// Hex SHA-256 of the flat little-endian f32 parameters (as on the wire).
+    /// Hex SHA-256 of the flat little-endian f32 parameters (as on the wire): the weights'
+    /// content address.
     pub params_digest: String,
     pub participants: Vec<String>,
     pub total_examples: u64,
     pub train: Option<Metrics>,
     pub eval: Option<Metrics>,
     pub created_unix_ms: u64,
+    /// The object holding the weights (`objects/sha256/<sha256>.safetensors[.enc]`).
     pub weights_file: String,
 }
 
@@ -55,20 +74,293 @@ pub enum StoreError {
     Manifest { path: PathBuf, message: String },
     #[error("{path}: {message}")]
     Keys { path: PathBuf, message: String },
+    #[error("object store {location}: {message}")]
+    Remote { location: String, message: String },
+    #[error("{location}: no such object")]
+    Missing { location: String },
 }
 
-/// A directory of model versions.
+/// Where the registry's objects live: put, get and list by key (`/`-separated).
+pub trait Objects: Send + Sync + std::fmt::Debug {
+    /// Stores `bytes` under `key`, replacing what was there, atomically.
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError>;
+    /// The object under `key` ([`StoreError::Missing`] when there is none).
+    fn get(&self, key: &str) -> Result<Vec<u8>, StoreError>;
+    fn exists(&self, key: &str) -> Result<bool, StoreError>;
+    /// Keys that start with `prefix` (which ends with `/`), in no particular order.
+    fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+    /// Where `key` is, for people: a path or a URL.
+    fn locate(&self, key: &str) -> String;
+}
+
+/// Objects as files under a directory.
+#[derive(Debug, Clone)]
+pub struct LocalObjects {
+    root: PathBuf,
+}
+
+impl LocalObjects {
+    pub fn new(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let root = root.into();
+        std::fs::create_dir_all(&root).map_err(io(&root))?;
+        Ok(LocalObjects { root })
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+}
+
+impl Objects for LocalObjects {
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let p = self.path(key);
+        if let Some(dir) = p.parent() {
+            std::fs::create_dir_all(dir).map_err(io(dir))?;
+        }
+        write_atomic(&p, bytes)
+    }
+
+    fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {
+        let p = self.path(key);
+        std::fs::read(&p).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => StoreError::Missing {
+                location: p.display().to_string(),
+            },
+            _ => StoreError::Io { path: p, source: e },
+        })
+    }
+
+    fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        Ok(self.path(key).is_file())
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let dir = self.path(prefix.trim_end_matches('/'));
+        let mut out = Vec::new();
+        let mut stack = vec![(dir, prefix.trim_end_matches('/').to_string())];
+        while let Some((d, k)) = stack.pop() {
+            let entries = match std::fs::read_dir(&d) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(StoreError::Io { path: d, source: e }),
+            };
+            for entry in entries {
+                let entry = entry.map_err(io(&d))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let key = if k.is_empty() {
+                    name
+                } else {
+                    format!("{k}/{name}")
+                };
+                if entry.file_type().map_err(io(&entry.path()))?.is_dir() {
+                    stack.push((entry.path(), key));
+                } else if !key.ends_with(".tmp") {
+                    out.push(key);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn locate(&self, key: &str) -> String {
+        self.path(key).display().to_string()
+    }
+}
+
+/// `[model_store.s3]`: an S3-compatible bucket. Credentials come from the environment
+/// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`), never the file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Keys are written under this prefix (several federations can share a bucket).
+    #[serde(default)]
+    pub prefix: String,
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// An S3-compatible server (MinIO, Ceph, …); AWS when absent.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Allow a plain-HTTP endpoint (a server on the same host or a test server).
+    #[serde(default)]
+    pub allow_http: bool,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+
+/// Objects in an S3-compatible bucket, through `object_store`. Its calls run on a runtime of
+/// its own, on a short-lived thread, so the store can be used from any thread, inside a
+/// tokio runtime or not.
+pub struct S3Objects {
+    store: Arc<dyn object_store::ObjectStore>,
+    prefix: String,
+    url: String,
+    /// Taken only in `drop`.
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for S3Objects {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which tokio forbids inside async code; this does not.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl std::fmt::Debug for S3Objects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Objects").field("url", &self.url).finish()
+    }
+}
+
+impl S3Objects {
+    /// A bucket, with credentials from the environment.
+    pub fn new(cfg: &S3Config) -> Result<Self, StoreError> {
+        Self::build(cfg, object_store::aws::AmazonS3Builder::from_env())
+    }
+
+    /// A bucket, with the credentials given (tools and tests; the coordinator reads them
+    /// from the environment).
+    pub fn with_credentials(
+        cfg: &S3Config,
+        access_key_id: &str,
+        secret_access_key: &str,
+    ) -> Result<Self, StoreError> {
+        Self::build(
+            cfg,
+            object_store::aws::AmazonS3Builder::new()
+                .with_access_key_id(access_key_id)
+                .with_secret_access_key(secret_access_key),
+        )
+    }
+
+    fn build(
+        cfg: &S3Config,
+        builder: object_store::aws::AmazonS3Builder,
+    ) -> Result<Self, StoreError> {
+        let url = format!("s3://{}/{}", cfg.bucket, cfg.prefix.trim_matches('/'));
+        let bad = |e: &dyn std::fmt::Display| StoreError::Remote {
+            location: url.clone(),
+            message: e.to_string(),
+        };
+        let mut b = builder
+            .with_bucket_name(&cfg.bucket)
+            .with_region(&cfg.region)
+            .with_allow_http(cfg.allow_http);
+        if let Some(e) = &cfg.endpoint {
+            b = b.with_endpoint(e);
+        }
+        let store = b.build().map_err(|e| bad(&e))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("cohort-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| bad(&e))?;
+        Ok(S3Objects {
+            store: Arc::new(store),
+            prefix: cfg.prefix.trim_matches('/').to_string(),
+            url,
+            rt: Some(rt),
+        })
+    }
+
+    fn path(&self, key: &str) -> object_store::path::Path {
+        if self.prefix.is_empty() {
+            object_store::path::Path::from(key)
+        } else {
+            object_store::path::Path::from(format!("{}/{key}", self.prefix))
+        }
+    }
+
+    /// Runs `f` to completion on this store's runtime, from a thread outside any runtime.
+    fn run<T: Send>(&self, f: impl std::future::Future<Output = T> + Send) -> T {
+        std::thread::scope(|s| {
+            s.spawn(|| self.rt.as_ref().expect("taken only in drop").block_on(f))
+                .join()
+                .expect("object store call panicked")
+        })
+    }
+
+    fn err(&self, key: &str, e: object_store::Error) -> StoreError {
+        match e {
+            object_store::Error::NotFound { .. } => StoreError::Missing {
+                location: self.locate(key),
+            },
+            e => StoreError::Remote {
+                location: self.locate(key),
+                message: e.to_string(),
+            },
+        }
+    }
+}
+
+impl Objects for S3Objects {
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let payload = object_store::PutPayload::from(bytes.to_vec());
+        self.run(self.store.put(&self.path(key), payload))
+            .map(|_| ())
+            .map_err(|e| self.err(key, e))
+    }
+
+    fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {
+        self.run(async {
+            let r = self.store.get(&self.path(key)).await?;
+            r.bytes().await
+        })
+        .map(|b| b.to_vec())
+        .map_err(|e| self.err(key, e))
+    }
+
+    fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        match self.run(self.store.head(&self.path(key))) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.err(key, e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        use futures::TryStreamExt;
+        let p = self.path(prefix.trim_end_matches('/'));
+        let metas: Vec<object_store::ObjectMeta> = self
+            .run(self.store.list(Some(&p)).try_collect())
+            .map_err(|e| self.err(prefix, e))?;
+        let strip = if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix)
+        };
+        Ok(metas
+            .into_iter()
+            .filter_map(|m| m.location.as_ref().strip_prefix(&strip).map(String::from))
+            .collect())
+    }
+
+    fn locate(&self, key: &str) -> String {
+        format!("{}/{key}", self.url.trim_end_matches('/'))
+    }
+}
+
+/// The model registry over an [`Objects`] backend: the whole registry, or one job's view of
+/// it ([`ModelStore::for_job`]; objects are shared, manifests are the job's).
 #[derive(Clone)]
 pub struct ModelStore {
-    dir: PathBuf,
+    objects: Arc<dyn Objects>,
+    /// Manifests are under `<job>/`; the root view (no job) keeps them at the top level.
+    job: Option<String>,
     /// Encrypts weights at rest (envelope encryption, `cohort_crypto::atrest`) when set.
-    keys: Option<std::sync::Arc<dyn KeyProvider>>,
+    keys: Option<Arc<dyn KeyProvider>>,
 }
 
 impl std::fmt::Debug for ModelStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ModelStore")
-            .field("dir", &self.dir)
+            .field("objects", &self.objects)
+            .field("job", &self.job)
             .field("encrypted", &self.keys.is_some())
             .finish()
     }
@@ -155,46 +447,54 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 }
 
 impl ModelStore {
-    /// Opens (creating if needed) a store in `dir`.
+    /// A registry in the local directory `dir` (created if need be).
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StoreError> {
-        let dir = dir.into();
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        Ok(ModelStore { dir, keys: None })
+        Ok(Self::over(Arc::new(LocalObjects::new(dir)?)))
     }
 
-    /// A store whose weights are encrypted at rest with `keys`.
+    /// A registry in `dir` whose weights are encrypted at rest with `keys`.
     pub fn open_encrypted(
         dir: impl Into<PathBuf>,
-        keys: std::sync::Arc<dyn KeyProvider>,
+        keys: Arc<dyn KeyProvider>,
     ) -> Result<Self, StoreError> {
-        let mut s = Self::open(dir)?;
-        s.keys = Some(keys);
-        Ok(s)
+        Ok(Self::open(dir)?.with_keys(keys))
     }
 
-    /// The store of one job's versions: the subdirectory named after the job, with the same
-    /// keys. Job ids are checked to be plain names (see `JobConfig::validate`).
+    /// A registry over any backend.
+    pub fn over(objects: Arc<dyn Objects>) -> Self {
+        ModelStore {
+            objects,
+            job: None,
+            keys: None,
+        }
+    }
+
+    /// The same registry, encrypting weights with `keys`.
+    pub fn with_keys(mut self, keys: Arc<dyn KeyProvider>) -> Self {
+        self.keys = Some(keys);
+        self
+    }
+
+    /// One job's versions (manifests under `<job>/`), with the same objects and keys. Job
+    /// ids are checked to be plain names (see `JobConfig::validate`).
     pub fn for_job(&self, job_id: &str) -> Result<Self, StoreError> {
-        let mut s = Self::open(self.dir.join(job_id))?;
-        s.keys = self.keys.clone();
-        Ok(s)
+        Ok(ModelStore {
+            job: Some(job_id.to_string()),
+            ..self.clone()
+        })
+    }
+
+    fn manifest_key(&self, version: u64) -> String {
+        match &self.job {
+            Some(j) => format!("{j}/v{version:05}.json"),
+            None => format!("v{version:05}.json"),
+        }
     }
 
     /// Version `version`'s flat parameters, checked against its manifest's digest.
     pub fn read_params(&self, version: u64) -> Result<Vec<f32>, StoreError> {
         let manifest = self.manifest(version)?;
-        let bytes = self.read_weights(version)?;
-        let path = self.weights_path(version);
-        let sha = hex::encode(Sha256::digest(&bytes));
-        if sha != manifest.sha256 {
-            return Err(StoreError::Manifest {
-                path,
-                message: format!(
-                    "SHA-256 {sha} differs from the manifest's {}",
-                    manifest.sha256
-                ),
-            });
-        }
+        let bytes = self.weights_of(&manifest)?;
         let net = manifest
             .model
             .build(
@@ -206,7 +506,7 @@ impl ModelStore {
         let digest = cohort_protocol::params_digest(&params);
         if digest != manifest.params_digest {
             return Err(StoreError::Manifest {
-                path,
+                path: PathBuf::from(self.objects.locate(&self.manifest_key(version))),
                 message: format!(
                     "parameters digest {digest} differs from the manifest's {}",
                     manifest.params_digest
@@ -216,69 +516,73 @@ impl ModelStore {
         Ok(params)
     }
 
-    /// A version's safetensors bytes, decrypted if need be.
+    /// A version's safetensors bytes, decrypted if need be and checked against their address.
     pub fn read_weights(&self, version: u64) -> Result<Vec<u8>, StoreError> {
-        let p = self.weights_path(version);
-        let bytes = std::fs::read(&p).map_err(io(&p))?;
-        match &self.keys {
-            Some(k) => atrest::decrypt(k.as_ref(), &weights_name(version), &bytes).map_err(|e| {
-                StoreError::Keys {
-                    path: p,
-                    message: e.to_string(),
-                }
-            }),
-            None => Ok(bytes),
-        }
+        self.weights_of(&self.manifest(version)?)
     }
 
-    /// Re-wraps every encrypted version's data key under the current key-encryption key
+    fn weights_of(&self, m: &ModelManifest) -> Result<Vec<u8>, StoreError> {
+        let key = &m.weights_file;
+        let bytes = self.read_object(key)?;
+        let sha = hex::encode(Sha256::digest(&bytes));
+        if sha != m.sha256 {
+            return Err(StoreError::Manifest {
+                path: PathBuf::from(self.objects.locate(key)),
+                message: format!("SHA-256 {sha} differs from the manifest's {}", m.sha256),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// An object's plaintext, decrypted if need be.
+    fn read_object(&self, key: &str) -> Result<Vec<u8>, StoreError> {
+        let stored = self.objects.get(key)?;
+        Ok(if key.ends_with(".enc") {
+            let k = self.keys.as_ref().ok_or_else(|| StoreError::Keys {
+                path: PathBuf::from(self.objects.locate(key)),
+                message: "encrypted at rest, and no [at_rest] keys are configured".into(),
+            })?;
+            atrest::decrypt(k.as_ref(), key, &stored).map_err(|e| StoreError::Keys {
+                path: PathBuf::from(self.objects.locate(key)),
+                message: e.to_string(),
+            })?
+        } else {
+            stored
+        })
+    }
+
+    /// Re-wraps every encrypted object's data key under the current key-encryption key
     /// (after a rotation); the weights themselves are not re-encrypted. Returns how many
-    /// files changed.
+    /// objects changed.
     pub fn rewrap_all(&self) -> Result<usize, StoreError> {
         let Some(keys) = &self.keys else {
             return Ok(0);
         };
         let mut changed = 0;
-        // Each job's versions live in a subdirectory.
-        for entry in std::fs::read_dir(&self.dir).map_err(io(&self.dir))? {
-            let entry = entry.map_err(io(&self.dir))?;
-            if entry.file_type().map_err(io(&entry.path()))?.is_dir() {
-                let mut sub = Self::open(entry.path())?;
-                sub.keys = self.keys.clone();
-                changed += sub.rewrap_all()?;
+        for key in self.objects.list("objects/sha256/")? {
+            if !key.ends_with(".enc") {
+                continue;
             }
-        }
-        for v in self.versions()? {
-            let p = self.weights_path(v);
-            let bytes = std::fs::read(&p).map_err(io(&p))?;
+            let bytes = self.objects.get(&key)?;
             let re = atrest::rewrap(keys.as_ref(), &bytes).map_err(|e| StoreError::Keys {
-                path: p.clone(),
+                path: PathBuf::from(self.objects.locate(&key)),
                 message: e.to_string(),
             })?;
             if let Some(re) = re {
-                write_atomic(&p, &re)?;
+                self.objects.put(&key, &re)?;
                 changed += 1;
             }
         }
         Ok(changed)
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// Where version `version`'s weights are (a path or a URL), for people.
+    pub fn weights_location(&self, version: u64) -> Result<String, StoreError> {
+        Ok(self.objects.locate(&self.manifest(version)?.weights_file))
     }
 
-    pub fn weights_path(&self, version: u64) -> PathBuf {
-        match self.keys {
-            Some(_) => self.dir.join(format!("{}.enc", weights_name(version))),
-            None => self.dir.join(weights_name(version)),
-        }
-    }
-
-    pub fn manifest_path(&self, version: u64) -> PathBuf {
-        self.dir.join(format!("v{version:05}.json"))
-    }
-
-    /// Writes version `version` (weights first, then the manifest that makes it visible).
+    /// Writes version `version`: its weights (unless an identical object exists), then the
+    /// manifest that makes the version visible.
     #[allow(clippy::too_many_arguments)]
     pub fn write(
         &self,
@@ -290,22 +594,28 @@ impl ModelStore {
         summary: Option<&RoundSummary>,
         created_unix_ms: u64,
     ) -> Result<ModelManifest, StoreError> {
-        let net = spec.build(params, &ComputeDevice::Cpu.inference())?;
-        let bytes = net.to_safetensors()?;
-        let weights = self.weights_path(version);
-        match &self.keys {
-            Some(k) => {
-                let enc =
-                    atrest::encrypt(k.as_ref(), &weights_name(version), &bytes).map_err(|e| {
+        let params_digest = cohort_protocol::params_digest(params);
+        let key = object_key(&params_digest, self.keys.is_some());
+        let sha256 = if self.objects.exists(&key)? {
+            // The same parameters are stored already: this version shares that object.
+            hex::encode(Sha256::digest(self.read_object(&key)?))
+        } else {
+            let net = spec.build(params, &ComputeDevice::Cpu.inference())?;
+            let bytes = net.to_safetensors()?;
+            match &self.keys {
+                Some(k) => {
+                    let enc = atrest::encrypt(k.as_ref(), &key, &bytes).map_err(|e| {
                         StoreError::Keys {
-                            path: weights.clone(),
+                            path: PathBuf::from(self.objects.locate(&key)),
                             message: e.to_string(),
                         }
                     })?;
-                write_atomic(&weights, &enc)?;
+                    self.objects.put(&key, &enc)?;
+                }
+                None => self.objects.put(&key, &bytes)?,
             }
-            None => write_atomic(&weights, &bytes)?,
-        }
+            hex::encode(Sha256::digest(&bytes))
+        };
         let manifest = ModelManifest {
             job_id: job_id.to_string(),
             version,
@@ -314,47 +624,55 @@ impl ModelStore {
             strategy: strategy.to_string(),
             model: spec.clone(),
             num_parameters: params.len(),
-            sha256: hex::encode(Sha256::digest(&bytes)),
-            params_digest: cohort_protocol::params_digest(params),
+            sha256,
+            params_digest,
             participants: summary.map(|s| s.participants.clone()).unwrap_or_default(),
             total_examples: summary.map(|s| s.total_examples).unwrap_or(0),
             train: summary.and_then(|s| s.train),
             eval: summary.and_then(|s| s.eval),
             created_unix_ms,
-            weights_file: weights
-                .file_name()
-                .map(|f| f.to_string_lossy().into_owned())
-                .unwrap_or_default(),
+            weights_file: key,
         };
         let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
-        write_atomic(&self.manifest_path(version), &json)?;
+        self.objects.put(&self.manifest_key(version), &json)?;
         Ok(manifest)
     }
 
     /// Reads a version's manifest.
     pub fn manifest(&self, version: u64) -> Result<ModelManifest, StoreError> {
-        let p = self.manifest_path(version);
-        let bytes = std::fs::read(&p).map_err(io(&p))?;
+        let key = self.manifest_key(version);
+        let bytes = self.objects.get(&key)?;
         serde_json::from_slice(&bytes).map_err(|e| StoreError::Manifest {
-            path: p,
+            path: PathBuf::from(self.objects.locate(&key)),
             message: e.to_string(),
         })
     }
 
     /// Versions present (those whose manifest exists), ascending.
     pub fn versions(&self) -> Result<Vec<u64>, StoreError> {
-        let mut out = Vec::new();
-        for entry in std::fs::read_dir(&self.dir).map_err(io(&self.dir))? {
-            let name = entry.map_err(io(&self.dir))?.file_name();
-            let name = name.to_string_lossy();
-            if let Some(v) = name
-                .strip_prefix('v')
-                .and_then(|s| s.strip_suffix(".json"))
-                .and_then(|s| s.parse().ok())
-            {
-                out.push(v);
-            }
+        let prefix = self
+            .job
+            .as_ref()
+            .map(|j| format!("{j}/"))
+            .unwrap_or_default();
+        let mut out: Vec<u64> = if prefix.is_empty() {
+            self.objects
+                .list("")?
+                .into_iter()
+                .filter(|k| !k.contains('/'))
+                .collect()
+        } else {
+            self.objects.list(&prefix)?
         }
+        .iter()
+        .filter_map(|k| {
+            k.strip_prefix(&prefix)?
+                .strip_prefix('v')?
+                .strip_suffix(".json")?
+                .parse()
+                .ok()
+        })
+        .collect();
         out.sort();
         Ok(out)
     }
@@ -365,9 +683,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn versions_round_trip_with_checksums() {
+    fn versions_are_content_addressed_and_round_trip_with_checksums() {
         let dir = tempfile::tempdir().unwrap();
-        let store = ModelStore::open(dir.path().join("models")).unwrap();
+        let root = ModelStore::open(dir.path().join("models")).unwrap();
+        let store = root.for_job("j").unwrap();
         let spec = ModelSpec::Logistic {
             inputs: 3,
             classes: 2,
@@ -378,12 +697,31 @@ mod tests {
         let m1 = store.write("j", &spec, "fedavg", 1, &p, None, 6).unwrap();
         assert_eq!(m1.parent, Some(0));
         assert_eq!(store.versions().unwrap(), vec![0, 1]);
+        assert_eq!(
+            root.versions().unwrap(),
+            Vec::<u64>::new(),
+            "the job's, not the root's"
+        );
         assert_eq!(store.manifest(1).unwrap(), m1);
-        let bytes = std::fs::read(store.weights_path(1)).unwrap();
+        // The same parameters are one object, named by their SHA-256.
+        assert_eq!(m0.weights_file, m1.weights_file);
+        assert_eq!(m0.sha256, m1.sha256);
+        assert_eq!(
+            m1.weights_file,
+            format!("objects/sha256/{}.safetensors", m1.params_digest)
+        );
+        let bytes = std::fs::read(dir.path().join("models").join(&m1.weights_file)).unwrap();
         assert_eq!(hex::encode(Sha256::digest(&bytes)), m1.sha256);
         assert_eq!(m1.params_digest, cohort_protocol::params_digest(&p));
         assert_eq!(store.read_params(1).unwrap(), p);
-        assert!(!dir.path().join("models/v00001.tmp").exists());
+        // An object that does not match its address is refused.
+        std::fs::write(
+            dir.path().join("models").join(&m1.weights_file),
+            b"tampered",
+        )
+        .unwrap();
+        let e = store.read_weights(1).unwrap_err().to_string();
+        assert!(e.contains("differs from the manifest"), "{e}");
     }
 
     #[test]
@@ -391,18 +729,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let kdir = dir.path().join("keys");
         add_key(&kdir).unwrap();
-        let keys = std::sync::Arc::new(load_key_dir(&kdir).unwrap());
-        let store = ModelStore::open_encrypted(dir.path().join("models"), keys).unwrap();
+        let keys = Arc::new(load_key_dir(&kdir).unwrap());
+        let root = ModelStore::open_encrypted(dir.path().join("models"), keys).unwrap();
+        let store = root.for_job("j").unwrap();
         let spec = ModelSpec::Mlp {
             inputs: 20,
             hidden: vec![16],
             classes: 3,
         };
         let p = spec.initial_parameters(3);
-        store.write("j", &spec, "fedavg", 1, &p, None, 6).unwrap();
-        let job = store.for_job("j").unwrap();
-        job.write("j", &spec, "fedavg", 0, &p, None, 6).unwrap();
-        let on_disk = std::fs::read(store.weights_path(1)).unwrap();
+        let q = spec.initial_parameters(4);
+        let m1 = store.write("j", &spec, "fedavg", 1, &p, None, 6).unwrap();
+        store.write("j", &spec, "fedavg", 2, &q, None, 6).unwrap();
+        assert!(m1.weights_file.ends_with(".safetensors.enc"));
+        let on_disk = std::fs::read(dir.path().join("models").join(&m1.weights_file)).unwrap();
         // No parameter's bytes appear in the file (8-byte runs of the little-endian f32s).
         let raw = cohort_protocol::f32_bytes(&p);
         let leaked = raw
@@ -411,26 +751,34 @@ mod tests {
             .count();
         assert_eq!(leaked, 0, "{leaked} runs of model bytes found on disk");
         let plain = store.read_weights(1).unwrap();
-        assert_eq!(
-            hex::encode(Sha256::digest(&plain)),
-            store.manifest(1).unwrap().sha256
-        );
-        // Rotate: a new key, every version re-wrapped, the old key removed: still readable.
+        assert_eq!(hex::encode(Sha256::digest(&plain)), m1.sha256);
+        assert!(m1.weights_file.contains(&m1.params_digest));
+        // An encrypted object moved to another address does not decrypt there.
+        let m2 = store.manifest(2).unwrap();
+        let models = dir.path().join("models");
+        std::fs::copy(models.join(&m1.weights_file), models.join(&m2.weights_file)).unwrap();
+        assert!(store.read_weights(2).is_err());
+        // Writing the version again restores a missing object.
+        std::fs::remove_file(models.join(&m2.weights_file)).unwrap();
+        store.write("j", &spec, "fedavg", 2, &q, None, 6).unwrap();
+        assert_eq!(store.read_params(2).unwrap(), q);
+        // Rotate: a new key, every object re-wrapped, the old key removed: still readable.
         add_key(&kdir).unwrap();
-        let rotated = ModelStore::open_encrypted(
-            dir.path().join("models"),
-            std::sync::Arc::new(load_key_dir(&kdir).unwrap()),
-        )
-        .unwrap();
-        assert_eq!(rotated.rewrap_all().unwrap(), 2, "the job's version too");
+        let rotated = root
+            .clone()
+            .with_keys(Arc::new(load_key_dir(&kdir).unwrap()));
+        assert_eq!(rotated.rewrap_all().unwrap(), 2);
         std::fs::remove_file(kdir.join("kek-1.kek")).unwrap();
         let after = ModelStore::open_encrypted(
             dir.path().join("models"),
-            std::sync::Arc::new(load_key_dir(&kdir).unwrap()),
+            Arc::new(load_key_dir(&kdir).unwrap()),
         )
+        .unwrap()
+        .for_job("j")
         .unwrap();
         assert_eq!(after.read_weights(1).unwrap(), plain);
-        assert_eq!(after.for_job("j").unwrap().read_params(0).unwrap(), p);
+        assert_eq!(after.read_params(1).unwrap(), p);
+        assert_eq!(after.read_params(2).unwrap(), q);
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

@@ -611,7 +611,7 @@ async fn process_events(
                         round = summary.round,
                         participants = summary.participants.len(),
                         eval_accuracy = summary.eval.map(|m| m.accuracy),
-                        file = %ctx.store.weights_path(m.version).display(),
+                        weights = %m.weights_file,
                         sha256 = %m.sha256,
                         "round complete; model version committed"
                     ),

@@ -25,6 +25,65 @@ pub struct TlsFiles {
     /// The coordinator's name in its certificate (clients; default "coordinator").
     #[serde(default)]
     pub server_name: Option<String>,
+    /// When `key` is encrypted (`cohort protect-key`): the environment variable holding its
+    /// passphrase (never the passphrase itself).
+    #[serde(default)]
+    pub key_passphrase_env: Option<String>,
+}
+
+const ENCRYPTED_LABEL: &str = "-----BEGIN ENCRYPTED PRIVATE KEY-----";
+
+/// Encrypts a PKCS#8 private key (PEM) with `passphrase`: PBES2 with scrypt (log₂N = 15,
+/// r = 8, p = 1) and AES-256-CBC, the standard "ENCRYPTED PRIVATE KEY" form that OpenSSL
+/// also reads. `salt` and `iv` must be fresh random bytes.
+pub fn encrypt_key_pem(
+    pem: &str,
+    passphrase: &str,
+    salt: &[u8; 16],
+    iv: &[u8; 16],
+) -> Result<String, TlsError> {
+    use pkcs8::der::{Decode, pem::LineEnding};
+    if passphrase.is_empty() {
+        return Err(TlsError("the passphrase is empty".into()));
+    }
+    let (label, doc) = pkcs8::SecretDocument::from_pem(pem)
+        .map_err(|e| TlsError(format!("not a PEM private key: {e}")))?;
+    if label != "PRIVATE KEY" {
+        return Err(TlsError(format!(
+            "expected a PKCS#8 \"PRIVATE KEY\", found {label:?}"
+        )));
+    }
+    let info = pkcs8::PrivateKeyInfo::from_der(doc.as_bytes())
+        .map_err(|e| TlsError(format!("not a PKCS#8 private key: {e}")))?;
+    let params = pkcs8::pkcs5::pbes2::Parameters::scrypt_aes256cbc(Default::default(), salt, iv)
+        .map_err(|e| TlsError(e.to_string()))?;
+    let enc = info
+        .encrypt_with_params(params, passphrase)
+        .map_err(|e| TlsError(format!("encrypting the key: {e}")))?;
+    enc.to_pem("ENCRYPTED PRIVATE KEY", LineEnding::LF)
+        .map(|p| p.to_string())
+        .map_err(|e| TlsError(e.to_string()))
+}
+
+/// Decrypts what [`encrypt_key_pem`] wrote.
+pub fn decrypt_key_pem(pem: &str, passphrase: &str) -> Result<String, TlsError> {
+    use pkcs8::der::pem::LineEnding;
+    let (label, doc) =
+        pkcs8::Document::from_pem(pem).map_err(|e| TlsError(format!("not a PEM key: {e}")))?;
+    if label != "ENCRYPTED PRIVATE KEY" {
+        return Err(TlsError(format!(
+            "expected an \"ENCRYPTED PRIVATE KEY\", found {label:?}"
+        )));
+    }
+    let info = pkcs8::EncryptedPrivateKeyInfo::try_from(doc.as_bytes())
+        .map_err(|e| TlsError(format!("not an encrypted PKCS#8 key: {e}")))?;
+    let plain = info
+        .decrypt(passphrase)
+        .map_err(|_| TlsError("wrong passphrase, or the key is damaged".into()))?;
+    plain
+        .to_pem("PRIVATE KEY", LineEnding::LF)
+        .map(|p| p.to_string())
+        .map_err(|e| TlsError(e.to_string()))
 }
 
 /// TLS material that cannot be used, naming the file.
@@ -52,13 +111,37 @@ impl TlsFiles {
         self
     }
 
+    /// The private key as plaintext PKCS#8 PEM, in memory only: decrypted with the
+    /// passphrase from `key_passphrase_env` when the file is encrypted.
+    pub fn key_pem(&self) -> Result<String, TlsError> {
+        let pem = read(&self.key)?;
+        if !pem.contains(ENCRYPTED_LABEL) {
+            return Ok(pem);
+        }
+        let var = self.key_passphrase_env.as_deref().ok_or_else(|| {
+            TlsError(format!(
+                "{}: the key is encrypted; name the environment variable that holds its \
+                 passphrase with key_passphrase_env",
+                self.key.display()
+            ))
+        })?;
+        let pass = std::env::var(var).map_err(|_| {
+            TlsError(format!(
+                "{}: the key's passphrase variable {var} is not set",
+                self.key.display()
+            ))
+        })?;
+        decrypt_key_pem(&pem, &pass)
+            .map_err(|e| TlsError(format!("{}: {}", self.key.display(), e.0)))
+    }
+
     /// The listener's configuration, reading every file now (call again to reload the CRL).
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
         let crl = self.crl.as_deref().map(read).transpose()?;
         server_config(
             &read(&self.ca)?,
             &read(&self.cert)?,
-            &read(&self.key)?,
+            &self.key_pem()?,
             crl.as_deref(),
         )
     }
@@ -68,7 +151,7 @@ impl TlsFiles {
         Ok(NodeTls {
             ca_pem: read(&self.ca)?,
             cert_pem: read(&self.cert)?,
-            key_pem: read(&self.key)?,
+            key_pem: self.key_pem()?,
             server_name: self
                 .server_name
                 .clone()
@@ -166,4 +249,65 @@ pub fn client_config(
         .ca_certificate(Certificate::from_pem(ca_pem))
         .identity(Identity::from_pem(cert_pem, key_pem))
         .domain_name(server_name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cohort_crypto::pki::{Authority, Role, Validity};
+
+    #[test]
+    fn an_encrypted_key_opens_only_with_its_passphrase_and_still_serves() {
+        let v = Validity::days(1);
+        let ca = Authority::generate("test CA", &v).unwrap();
+        let node = ca
+            .issue(
+                "coordinator",
+                Role::Coordinator,
+                &["coordinator".into()],
+                &[],
+                &v,
+            )
+            .unwrap();
+        let enc = encrypt_key_pem(&node.key_pem, "s3cret", &[7; 16], &[9; 16]).unwrap();
+        assert!(enc.starts_with(ENCRYPTED_LABEL), "{enc}");
+        let body: String = node
+            .key_pem
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect();
+        assert!(!enc.contains(&body[..32]), "the plaintext key is visible");
+        assert_eq!(
+            decrypt_key_pem(&enc, "s3cret").unwrap().trim(),
+            node.key_pem.trim()
+        );
+        let e = decrypt_key_pem(&enc, "wrong").unwrap_err().0;
+        assert!(e.contains("wrong passphrase"), "{e}");
+        assert!(encrypt_key_pem(&node.key_pem, "", &[7; 16], &[9; 16]).is_err());
+        assert!(decrypt_key_pem(&node.key_pem, "s3cret").is_err());
+
+        // From files: an encrypted key without its variable is refused, naming what is missing.
+        let dir = std::env::temp_dir().join(format!("cohort-tls-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.cert_pem()).unwrap();
+        std::fs::write(dir.join("cert.pem"), &node.cert_pem).unwrap();
+        std::fs::write(dir.join("key.pem"), &enc).unwrap();
+        let mut files = TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            crl: None,
+            server_name: None,
+            key_passphrase_env: None,
+        };
+        let e = files.server_config().unwrap_err().0;
+        assert!(e.contains("key_passphrase_env"), "{e}");
+        files.key_passphrase_env = Some("COHORT_TLS_TEST_UNSET_VARIABLE".into());
+        let e = files.server_config().unwrap_err().0;
+        assert!(e.contains("COHORT_TLS_TEST_UNSET_VARIABLE"), "{e}");
+        // A plaintext key needs no passphrase.
+        std::fs::write(dir.join("key.pem"), &node.key_pem).unwrap();
+        assert!(files.server_config().is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

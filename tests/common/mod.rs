@@ -63,6 +63,10 @@ pub fn write_shares(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The environment variable that holds the passphrase of the encrypted TLS keys.
+pub const KEY_PASSPHRASE_ENV: &str = "COHORT_TEST_KEY_PASSPHRASE";
+pub const KEY_PASSPHRASE: &str = "correct horse battery staple";
+
 /// `cohort provision` for the three hospitals, an operator and an inference client.
 pub fn provision(dir: &Path) -> PathBuf {
     let pki = dir.join("pki");
@@ -84,12 +88,48 @@ pub fn provision(dir: &Path) -> PathBuf {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The coordinator's and hospital-1's TLS keys are encrypted at rest with a passphrase
+    // (`cohort protect-key`); the processes get it from KEY_PASSPHRASE_ENV.
+    for key in ["coordinator/key.pem", "participants/hospital-1/key.pem"] {
+        let plain = std::fs::read_to_string(pki.join(key)).unwrap();
+        let out = Command::new(BIN)
+            .args([
+                "protect-key",
+                "--passphrase-env",
+                KEY_PASSPHRASE_ENV,
+                "--key",
+            ])
+            .arg(pki.join(key))
+            .env(KEY_PASSPHRASE_ENV, KEY_PASSPHRASE)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let enc = std::fs::read_to_string(pki.join(key)).unwrap();
+        assert!(
+            enc.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----"),
+            "{enc}"
+        );
+        let body = |pem: &str| {
+            pem.lines()
+                .filter(|l| !l.starts_with("-----"))
+                .collect::<String>()
+        };
+        assert!(
+            !enc.contains(&body(&plain)[..40]),
+            "{key} still holds the plaintext key"
+        );
+    }
     // Keys are readable by their owner only.
     #[cfg(unix)]
     for key in [
         "ca/ca.key",
         "coordinator/key.pem",
         "participants/hospital-0/key.pem",
+        "participants/hospital-1/key.pem",
         "admins/ops/key.pem",
     ] {
         use std::os::unix::fs::PermissionsExt;
@@ -119,6 +159,7 @@ poll_wait_ms = 2000
 ca = "{pki}/participants/hospital-{i}/ca.pem"
 cert = "{pki}/participants/hospital-{i}/cert.pem"
 key = "{pki}/participants/hospital-{i}/key.pem"
+key_passphrase_env = "{KEY_PASSPHRASE_ENV}"
 [data]
 format = "csv"
 path = "{path}"
@@ -136,6 +177,7 @@ upload_delay_ms = {upload_delay_ms}
     let child = Command::new(BIN)
         .args(["participant", "--config"])
         .arg(&p)
+        .env(KEY_PASSPHRASE_ENV, KEY_PASSPHRASE)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -157,9 +199,16 @@ pub struct CoordinatorProc {
 
 /// Starts `cohort coordinator --config cfg` and waits until it listens.
 pub fn spawn_coordinator(cfg: &Path) -> CoordinatorProc {
+    spawn_coordinator_env(cfg, &[])
+}
+
+/// [`spawn_coordinator`] with extra environment variables.
+pub fn spawn_coordinator_env(cfg: &Path, env: &[(&str, &str)]) -> CoordinatorProc {
     let mut child = Command::new(BIN)
         .args(["coordinator", "--config"])
         .arg(cfg)
+        .envs(env.iter().copied())
+        .env(KEY_PASSPHRASE_ENV, KEY_PASSPHRASE)
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
