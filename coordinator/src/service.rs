@@ -105,6 +105,44 @@ pub(crate) struct Shared {
     /// service is for.
     pub(crate) require_certificates: std::sync::atomic::AtomicBool,
     limiter: RateLimiter,
+    nonces: NonceLog,
+}
+
+/// Recent message nonces per participant: a state-changing message (an update, a share, an
+/// evaluation) whose nonce was seen before is a replay and is refused. The newest
+/// `NONCES_KEPT` per participant are kept; anything older is refused anyway by the round,
+/// attempt and seed the message is bound to.
+#[derive(Default)]
+struct NonceLog {
+    seen: Mutex<std::collections::HashMap<String, NonceWindow>>,
+}
+
+#[derive(Default)]
+struct NonceWindow {
+    set: std::collections::HashSet<[u8; cohort_protocol::NONCE_BYTES]>,
+    order: std::collections::VecDeque<[u8; cohort_protocol::NONCE_BYTES]>,
+}
+
+const NONCES_KEPT: usize = 256;
+
+impl NonceLog {
+    fn check(&self, id: &str, nonce: &[u8]) -> Result<(), Status> {
+        let n = cohort_protocol::nonce_of(nonce).map_err(|e| protocol_status(&e))?;
+        let mut seen = self.seen.lock().expect("nonce lock");
+        let w = seen.entry(id.to_string()).or_default();
+        if !w.set.insert(n) {
+            return Err(Status::already_exists(
+                "replayed message: its nonce was used before",
+            ));
+        }
+        w.order.push_back(n);
+        if w.order.len() > NONCES_KEPT
+            && let Some(old) = w.order.pop_front()
+        {
+            w.set.remove(&old);
+        }
+        Ok(())
+    }
 }
 
 /// Token buckets per caller: `rate.0` requests per second sustained, bursts of `rate.1`.
@@ -171,6 +209,7 @@ impl Coordinator {
             upload_slots: tokio::sync::Semaphore::new(UPLOAD_SLOTS),
             require_certificates: std::sync::atomic::AtomicBool::new(false),
             limiter: RateLimiter::new(RATE_PER_SECOND, RATE_BURST),
+            nonces: NonceLog::default(),
         });
         tokio::spawn(process_events(rx, Arc::downgrade(&shared)));
         tokio::spawn(run_timer(Arc::downgrade(&shared)));
@@ -384,6 +423,14 @@ impl Coordinator {
                 Status::not_found(format!("no job {job_id:?} (this coordinator runs {job:?})")),
             ))
         }
+    }
+
+    /// Refuses a message whose nonce is missing or was seen before from `id`.
+    fn check_nonce(&self, id: &str, nonce: &[u8]) -> Result<(), Status> {
+        self.shared
+            .nonces
+            .check(id, nonce)
+            .map_err(|s| refuse(id, s))
     }
 
     /// The participant of `session`, checked against the caller's certificate identity.
@@ -975,6 +1022,7 @@ impl Federation for Coordinator {
         let header = first_header(&mut stream).await?;
         let id = self.session_of(cert, &header.session_id)?;
         self.check_job(&id, &header.job_id)?;
+        self.check_nonce(&id, &header.nonce)?;
         if let Some(sec) = header.secure.as_ref() {
             self.lock()?
                 .check_secure_update(&id, header.round, sec.num_bodies as usize)
@@ -1087,6 +1135,7 @@ impl Federation for Coordinator {
         let header = first_header(&mut stream).await?;
         let id = self.session_of(cert, &header.session_id)?;
         self.check_job(&id, &header.job_id)?;
+        self.check_nonce(&id, &header.nonce)?;
         let share = if header.refused.is_empty() {
             let expected = self.lock()?.bodies_len().unwrap_or(0) as u64;
             if header.num_values != expected {
@@ -1139,6 +1188,8 @@ impl Federation for Coordinator {
         let cert = self.caller(&req)?;
         let r = req.into_inner();
         let id = self.session_of(cert, &r.session_id)?;
+        self.check_job(&id, &r.job_id)?;
+        self.check_nonce(&id, &r.nonce)?;
         let metrics = r
             .metrics
             .as_ref()

@@ -82,8 +82,16 @@ async fn poll(c: &mut FederationClient<Channel>, session: &str) -> pb::Task {
     .into_inner()
 }
 
+/// A fresh 16-byte nonce for every message.
+fn nonce() -> Vec<u8> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    [n.to_le_bytes(), (n ^ 0x5bd1_e995).to_le_bytes()].concat()
+}
+
 fn header(session: &str, round: u64, n: u64) -> pb::UpdateHeader {
     pb::UpdateHeader {
+        nonce: nonce(),
         session_id: session.into(),
         job_id: "j".into(),
         round,
@@ -237,13 +245,34 @@ async fn bad_updates_get_the_right_status_and_are_never_aggregated() {
         "{e:?}"
     );
 
-    // After all that, a's real update is accepted once; a duplicate is refused.
-    send(
-        &mut ca,
-        cohort_protocol::update_chunks(header(&sa, 1, P as u64), &good),
-    )
-    .await
-    .unwrap();
+    // A message without a nonce is refused; so is a replayed one (the nonce of a refused
+    // message is spent too).
+    let mut h = header(&sa, 1, P as u64);
+    h.nonce.clear();
+    let e = send(&mut ca, cohort_protocol::update_chunks(h, &good))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("nonce"), "{e:?}");
+    let mut chunks = cohort_protocol::update_chunks(header(&sa, 1, P as u64), &good);
+    chunks.pop();
+    let replayed = send(&mut ca, chunks.clone()).await.unwrap_err();
+    assert_eq!(
+        replayed.code(),
+        Code::InvalidArgument,
+        "no trailer: {replayed:?}"
+    );
+    let e = send(&mut ca, chunks).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert!(e.message().contains("replay"), "{e:?}");
+
+    // After all that, a's real update is accepted once; a duplicate is refused, and so is a
+    // replay of it.
+    let accepted = cohort_protocol::update_chunks(header(&sa, 1, P as u64), &good);
+    send(&mut ca, accepted.clone()).await.unwrap();
+    let e = send(&mut ca, accepted).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    assert!(e.message().contains("replay"), "{e:?}");
     let e = send(
         &mut ca,
         cohort_protocol::update_chunks(header(&sa, 1, P as u64), &good),

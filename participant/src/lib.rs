@@ -295,6 +295,11 @@ async fn with_heartbeats<T: Send + 'static>(
     out
 }
 
+/// A fresh nonce for a state-changing message (the coordinator refuses repeats).
+fn nonce() -> Vec<u8> {
+    rand::random::<[u8; cohort_protocol::NONCE_BYTES]>().to_vec()
+}
+
 fn metrics_pb(loss: f64, accuracy: f64, n: usize) -> pb::Metrics {
     (&Metrics {
         loss,
@@ -367,6 +372,7 @@ async fn train_round(
         tokio::time::sleep(opts.upload_delay).await;
     }
     let mut header = pb::UpdateHeader {
+        nonce: nonce(),
         session_id: s.id.clone(),
         job_id: t.job_id.clone(),
         round: t.round,
@@ -539,6 +545,7 @@ async fn decrypt_round(
     })
     .await;
     let mut header = pb::ShareHeader {
+        nonce: nonce(),
         session_id: s.id.clone(),
         job_id: d.job_id.clone(),
         round: d.round,
@@ -591,6 +598,7 @@ async fn evaluate_round(
     let m = m.map_err(|err| Status::internal(err.to_string()))?;
     s.client
         .submit_evaluation(pb::SubmitEvaluationRequest {
+            nonce: nonce(),
             session_id: s.id.clone(),
             job_id: e.job_id,
             round: e.round,

@@ -36,6 +36,19 @@ pub enum ProtocolError {
     TooLarge { limit: u64 },
 }
 
+/// Bytes of the nonce every state-changing message carries (updates, shares, evaluations).
+pub const NONCE_BYTES: usize = 16;
+
+/// A message's nonce, checked for length.
+pub fn nonce_of(bytes: &[u8]) -> Result<[u8; NONCE_BYTES], ProtocolError> {
+    bytes.try_into().map_err(|_| {
+        ProtocolError::Malformed(format!(
+            "nonce must be {NONCE_BYTES} random bytes, not {}",
+            bytes.len()
+        ))
+    })
+}
+
 /// A value that travels as fixed-width little-endian bytes: f32 parameters, or u64
 /// ciphertext bodies and decryption shares.
 pub trait Word: Copy + Send + 'static {

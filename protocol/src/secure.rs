@@ -283,6 +283,7 @@ mod tests {
         )
         .unwrap();
         let header = |secure| pb::UpdateHeader {
+            nonce: vec![7; crate::NONCE_BYTES],
             session_id: "0123456789abcdef0123456789abcdef".into(),
             job_id: "fashion".into(),
             round: 1,
