@@ -309,6 +309,28 @@ fn a_job_runs_start_to_finish_through_the_admin_api() {
     let out = admin(dir, &addr, &["jobs", "create", "bc.toml"]);
     assert!(out.contains("job bc created"), "{out}");
     assert_eq!(progress(dir, &addr, "bc"), ("created".into(), 0));
+    // An operator watches events from the start.
+    let mut watch = Command::new(BIN)
+        .arg("admin")
+        .arg("--config")
+        .arg(dir.join("pki/admins/ops/admin.toml"))
+        .args(["--coordinator", &format!("https://{addr}"), "events"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let events_out = watch.stdout.take().unwrap();
+    let events = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(events_out)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<String>>()
+    });
+    let watch = Proc {
+        child: watch,
+        name: "cohort admin events".into(),
+    };
+    std::thread::sleep(Duration::from_millis(500));
     admin(dir, &addr, &["jobs", "start", "bc"]);
     let mut parts: Vec<Proc> = (0..3)
         // Uploads held back 400 ms, so that rounds last long enough to pause between them.
@@ -382,6 +404,22 @@ fn a_job_runs_start_to_finish_through_the_admin_api() {
     wait_until("the job finished", Duration::from_secs(120), || {
         progress(dir, &addr, "bc") == ("finished".into(), 10)
     });
+    // The event stream saw the job from start to finish.
+    std::thread::sleep(Duration::from_millis(500));
+    drop(watch);
+    let events = events.join().unwrap();
+    let count = |kind: &str| {
+        events
+            .iter()
+            .filter(|l| l.split_whitespace().nth(2) == Some(kind))
+            .count()
+    };
+    assert_eq!(count("round_completed"), 10, "{events:#?}");
+    assert!(count("round_started") >= 10, "{events:#?}");
+    assert!(count("participant_joined") >= 3, "{events:#?}");
+    for kind in ["job_paused", "job_resumed", "job_finished"] {
+        assert!(count(kind) >= 1, "no {kind}: {events:#?}");
+    }
     for p in parts.iter_mut() {
         let s = p.wait_for_exit(Duration::from_secs(30));
         assert!(s.success(), "{} exited with {s}", p.name);

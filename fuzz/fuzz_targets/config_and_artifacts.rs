@@ -1,5 +1,6 @@
 //! Text and files a node reads: the `[tls]` section of a configuration, a certificate's
-//! identity and role, a CRL, and an encrypted artifact's envelope.
+//! identity and role, a CRL, an encrypted artifact's envelope, and a passphrase-encrypted
+//! private key.
 #![no_main]
 
 use cohort_crypto::atrest::{self, KeyFileProvider};
@@ -12,6 +13,11 @@ fuzz_target!(|data: &[u8]| {
         let _ = toml::from_str::<TlsFiles>(text);
         let _ = pki::revoked_serials(text);
         let _ = pki::serial_of(text);
+        // An encrypted key nobody made with this passphrase must not open.
+        let _ = cohort_protocol::tls::encrypt_key_pem(text, "pass", &[1; 16], &[2; 16]);
+        if cohort_protocol::tls::decrypt_key_pem(text, "pass").is_ok() {
+            panic!("a key nobody encrypted with this passphrase decrypted");
+        }
     }
     let _ = pki::identity_of(data);
     let keys = KeyFileProvider::from_keys(vec![("kek-1".into(), [7; 32])], "kek-1").unwrap();

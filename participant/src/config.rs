@@ -95,34 +95,33 @@ fn default_test_fraction() -> f64 {
 
 impl ParticipantConfig {
     /// Reads `path`; relative data paths are taken from the config file's directory.
+    /// Errors begin with the path.
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mut cfg: ParticipantConfig =
-            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::parse(&text, path.parent().unwrap_or(Path::new(".")))
+            .map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Parses and checks a configuration; relative paths are taken from `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Self, String> {
+        let mut cfg: ParticipantConfig = toml::from_str(text).map_err(|e| e.to_string())?;
         if let Some(data) = cfg.data.as_mut()
             && data.path.is_relative()
-            && let Some(dir) = path.parent()
         {
-            data.path = dir.join(&data.path);
+            data.path = base.join(&data.path);
         }
         if cfg.id.is_empty() {
-            return Err(format!("{}: id must not be empty", path.display()));
+            return Err("id must not be empty".into());
         }
-        if let Some(dir) = path.parent() {
-            cfg.tls = cfg.tls.map(|t| t.relative_to(dir));
-        }
+        cfg.tls = cfg.tls.map(|t| t.relative_to(base));
         match (cfg.role, cfg.data.is_some()) {
             (Role::Participant, false) => {
-                return Err(format!(
-                    "{}: a participant needs a [data] section (or role = \"custodian\")",
-                    path.display()
-                ));
+                return Err(
+                    "a participant needs a [data] section (or role = \"custodian\")".into(),
+                );
             }
             (Role::Custodian, true) => {
-                return Err(format!(
-                    "{}: a custodian holds no data: remove the [data] section",
-                    path.display()
-                ));
+                return Err("a custodian holds no data: remove the [data] section".into());
             }
             _ => {}
         }
