@@ -503,6 +503,17 @@ fn a_job_runs_start_to_finish_through_the_admin_api() {
 
 #[test]
 fn the_coordinator_survives_kill_9_at_any_point_of_a_round() {
+    // Two runs with different timing: uploads held back 300 ms (kills land well inside each
+    // phase), then not at all (kills land wherever the phase boundaries fall).
+    for upload_delay_ms in [300, 0] {
+        eprintln!("=== crash run with uploads delayed {upload_delay_ms} ms");
+        crash_run(upload_delay_ms);
+    }
+}
+
+/// A 6-round job whose coordinator is killed with `kill -9` six times at points of its
+/// rounds, and restarted each time; the job must complete with its state intact.
+fn crash_run(upload_delay_ms: u64) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     provision(dir);
@@ -521,7 +532,7 @@ fn the_coordinator_survives_kill_9_at_any_point_of_a_round() {
 
     let mut coord = spawn_coordinator(&cfg);
     let mut parts: Vec<Proc> = (0..3)
-        .map(|i| spawn_participant(dir, &coord.addr, i, &shares[i], 300))
+        .map(|i| spawn_participant(dir, &coord.addr, i, &shares[i], upload_delay_ms))
         .collect();
     // Where each kill lands, in the order of a round; the last two repeat the first two.
     let points: [(&str, &[&str]); 6] = [
