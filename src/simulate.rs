@@ -337,6 +337,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
             reconnect_for: Duration::from_secs(30),
             upload_delay: Duration::ZERO,
             tls: Some(pki.client(&participant_id(i))?),
+            stay_between_jobs: false,
         };
         let data = Arc::new(local.clone());
         agents.spawn(async move { (i + 1, cohort_participant::run(opts, data).await) });
@@ -350,6 +351,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
             reconnect_for: Duration::from_secs(30),
             upload_delay: Duration::ZERO,
             tls: Some(pki.client(id)?),
+            stay_between_jobs: false,
         };
         agents.spawn(async move { (n + k + 1, cohort_participant::run_custodian(opts).await) });
     }

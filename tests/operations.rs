@@ -333,8 +333,9 @@ fn a_job_runs_start_to_finish_through_the_admin_api() {
     std::thread::sleep(Duration::from_millis(500));
     admin(dir, &addr, &["jobs", "start", "bc"]);
     let mut parts: Vec<Proc> = (0..3)
-        // Uploads held back 400 ms, so that rounds last long enough to pause between them.
-        .map(|i| spawn_participant(dir, &addr, i, &shares[i], 400))
+        // Uploads held back 400 ms, so that rounds last long enough to pause between them;
+        // the nodes stay for the next job.
+        .map(|i| spawn_participant_with(dir, &addr, i, &shares[i], 400, "stay_between_jobs = true"))
         .collect();
 
     // hospital-2 is not in allowed_participants: it waits for an operator.
@@ -420,10 +421,6 @@ fn a_job_runs_start_to_finish_through_the_admin_api() {
     for kind in ["job_paused", "job_resumed", "job_finished"] {
         assert!(count(kind) >= 1, "no {kind}: {events:#?}");
     }
-    for p in parts.iter_mut() {
-        let s = p.wait_for_exit(Duration::from_secs(30));
-        assert!(s.success(), "{} exited with {s}", p.name);
-    }
     let history = admin(dir, &addr, &["jobs", "status", "bc"]);
     for r in 1..=10 {
         let cells = row(&history, &r.to_string()).unwrap_or_else(|| panic!("round {r}: {history}"));
@@ -467,6 +464,19 @@ fn a_job_runs_start_to_finish_through_the_admin_api() {
     );
     assert!(!ok && text.contains("NotFound"), "{text}");
 
+    // The same nodes, still running, take part in the next job.
+    std::fs::write(dir.join("bc2.toml"), job_spec("bc2", 2, 60.0)).unwrap();
+    admin(dir, &addr, &["jobs", "create", "bc2.toml"]);
+    admin(dir, &addr, &["jobs", "start", "bc2"]);
+    wait_until("the second job finished", Duration::from_secs(120), || {
+        progress(dir, &addr, "bc2") == ("finished".into(), 2)
+    });
+    let second = admin(dir, &addr, &["jobs", "status", "bc2"]);
+    assert_eq!(row(&second, "2").unwrap()[2], "3", "{second}");
+    for p in parts.iter_mut() {
+        assert!(p.child.try_wait().unwrap().is_none(), "{} exited", p.name);
+    }
+
     // Every action is in the audit log, with who did it.
     let audit = admin(dir, &addr, &["audit"]);
     let actions: Vec<(String, String)> = audit
@@ -489,6 +499,8 @@ fn a_job_runs_start_to_finish_through_the_admin_api() {
         "promote",
         "promote",
         "rollback",
+        "create_job",
+        "start_job",
     ];
     assert_eq!(
         actions,

@@ -36,6 +36,9 @@ pub struct ParticipantConfig {
     /// Fault injection, for experiments and tests.
     #[serde(default)]
     pub faults: FaultConfig,
+    /// When a job finishes, wait for the coordinator's next job instead of exiting.
+    #[serde(default)]
+    pub stay_between_jobs: bool,
 }
 
 /// `[faults]`: deliberate misbehaviour, off by default.
@@ -137,6 +140,7 @@ impl ParticipantConfig {
             reconnect_for: Duration::from_secs(self.reconnect_for_secs),
             upload_delay: Duration::from_millis(self.faults.upload_delay_ms),
             tls: None,
+            stay_between_jobs: self.stay_between_jobs,
         }
     }
 

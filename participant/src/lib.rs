@@ -105,7 +105,13 @@ pub struct AgentOptions {
     /// secure-aggregation keys to its certificate and checks other nodes' bindings. `None`
     /// only for development against an `--insecure-dev` coordinator.
     pub tls: Option<cohort_protocol::tls::NodeTls>,
+    /// When a job finishes, wait for the coordinator's next job instead of exiting (a node
+    /// of a long-running federation).
+    pub stay_between_jobs: bool,
 }
+
+/// How often a node between jobs asks whether a new one has started.
+const BETWEEN_JOBS_POLL: Duration = Duration::from_secs(2);
 
 /// What the agent did.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -683,6 +689,13 @@ async fn agent(
                 r
             }
             Ok(Some(Kind::Idle(_))) | Ok(None) => Ok(()),
+            Ok(Some(Kind::Finished(f))) if opts.stay_between_jobs => {
+                // A new job replaces the coordinator's sessions: the next poll then fails
+                // with Unauthenticated, and this node joins the new job.
+                tracing::info!(participant = %opts.id, "{}; waiting for the next job", f.reason);
+                tokio::time::sleep(BETWEEN_JOBS_POLL).await;
+                Ok(())
+            }
             Ok(Some(Kind::Finished(f))) => {
                 tracing::info!(participant = %opts.id, "{}", f.reason);
                 let _ = s

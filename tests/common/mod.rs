@@ -150,11 +150,24 @@ pub fn spawn_participant(
     share: &Path,
     upload_delay_ms: u64,
 ) -> Proc {
+    spawn_participant_with(dir, addr, i, share, upload_delay_ms, "")
+}
+
+/// [`spawn_participant`] with extra top-level configuration keys.
+pub fn spawn_participant_with(
+    dir: &Path,
+    addr: &str,
+    i: usize,
+    share: &Path,
+    upload_delay_ms: u64,
+    extra: &str,
+) -> Proc {
     let cfg = format!(
         r#"
 coordinator = "https://{addr}"
 id = "hospital-{i}"
 poll_wait_ms = 2000
+{extra}
 [tls]
 ca = "{pki}/participants/hospital-{i}/ca.pem"
 cert = "{pki}/participants/hospital-{i}/cert.pem"
