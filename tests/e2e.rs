@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 mod common;
@@ -13,8 +12,8 @@ struct Federation {
     dir: tempfile::TempDir,
     coordinator: Proc,
     addr: String,
-    /// Coordinator log lines (stderr), as they come.
-    log: mpsc::Receiver<String>,
+    /// The coordinator's log lines, as they come.
+    log: CoordinatorLog,
 }
 
 fn start_coordinator(rounds: u64, round_timeout: f64, min_updates: usize) -> Federation {
@@ -68,7 +67,7 @@ seed = 1
         dir,
         coordinator: c.proc,
         addr: c.addr,
-        log: c.log,
+        log: CoordinatorLog(c.log),
     }
 }
 
@@ -79,15 +78,7 @@ impl Federation {
 
     /// Waits for a coordinator log line containing every one of `words`.
     fn wait_log(&self, words: &[&str], limit: Duration) -> String {
-        let until = Instant::now() + limit;
-        loop {
-            let left = until.saturating_duration_since(Instant::now());
-            match self.log.recv_timeout(left) {
-                Ok(line) if words.iter().all(|w| line.contains(w)) => return line,
-                Ok(_) => {}
-                Err(_) => panic!("no coordinator log line with {words:?} within {limit:?}"),
-            }
-        }
+        self.log.wait_for(words, limit)
     }
 
     fn manifest(&self, version: u64) -> serde_json::Value {

@@ -265,14 +265,28 @@ pub fn spawn_coordinator_env(cfg: &Path, env: &[(&str, &str)]) -> CoordinatorPro
 impl CoordinatorProc {
     /// Waits for a log line containing every one of `words`.
     pub fn wait_log(&self, words: &[&str], limit: Duration) -> String {
-        let until = Instant::now() + limit;
-        loop {
-            let left = until.saturating_duration_since(Instant::now());
-            match self.log.recv_timeout(left) {
-                Ok(line) if words.iter().all(|w| line.contains(w)) => return line,
-                Ok(_) => {}
-                Err(_) => panic!("no coordinator log line with {words:?} within {limit:?}"),
-            }
+        wait_for_line(&self.log, words, limit)
+    }
+}
+
+/// A coordinator's log lines, kept apart from its process.
+pub struct CoordinatorLog(pub mpsc::Receiver<String>);
+
+impl CoordinatorLog {
+    /// Waits for a log line containing every one of `words`.
+    pub fn wait_for(&self, words: &[&str], limit: Duration) -> String {
+        wait_for_line(&self.0, words, limit)
+    }
+}
+
+fn wait_for_line(log: &mpsc::Receiver<String>, words: &[&str], limit: Duration) -> String {
+    let until = Instant::now() + limit;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        match log.recv_timeout(left) {
+            Ok(line) if words.iter().all(|w| line.contains(w)) => return line,
+            Ok(_) => {}
+            Err(_) => panic!("no coordinator log line with {words:?} within {limit:?}"),
         }
     }
 }
