@@ -221,6 +221,14 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
     })();
 }
 
+fn print_participant(
+    r: Result<tonic::Response<pb::ParticipantRecord>, tonic::Status>,
+) -> anyhow::Result<()> {
+    let p = r.map_err(status_err)?.into_inner();
+    println!("{} is {}", p.id, p.status);
+    Ok(())
+}
+
 fn jobs_table(jobs: Vec<pb::JobRecord>) {
     table(
         &[
@@ -349,26 +357,18 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
                 );
             }
             ParticipantAction::Approve { id, reason } => {
-                let p = c
-                    .approve_participant(pb::ParticipantRequest {
-                        participant_id: id,
-                        reason,
-                    })
-                    .await
-                    .map_err(status_err)?
-                    .into_inner();
-                println!("{} is {}", p.id, p.status);
+                let r = pb::ParticipantRequest {
+                    participant_id: id,
+                    reason,
+                };
+                print_participant(c.approve_participant(r).await)?;
             }
             ParticipantAction::Remove { id, reason } => {
-                let p = c
-                    .remove_participant(pb::ParticipantRequest {
-                        participant_id: id,
-                        reason,
-                    })
-                    .await
-                    .map_err(status_err)?
-                    .into_inner();
-                println!("{} is {}", p.id, p.status);
+                let r = pb::ParticipantRequest {
+                    participant_id: id,
+                    reason,
+                };
+                print_participant(c.remove_participant(r).await)?;
             }
         },
         AdminCommand::Jobs { action } => {
