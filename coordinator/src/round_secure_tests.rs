@@ -471,3 +471,41 @@ fn without_a_majority_of_custodians_no_round_starts() {
 fn ids_of(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
+
+#[test]
+fn a_round_interrupted_by_a_restart_starts_again_with_a_fresh_seed_and_attempt() {
+    let ids = ["a", "b", "c", "d"];
+    let before = Harness::new(3, &ids);
+    let interrupted = before.round_info("a");
+    // The process dies mid-round; its successor resumes the job with no round completed.
+    let (_, global) = before.o.global();
+    let mut after = Harness::with_config(config(3), &[]);
+    after.o = Orchestrator::resume(
+        config(3),
+        Box::new(FedAvg::default()),
+        None,
+        Vec::new(),
+        global.to_vec(),
+        2,
+    )
+    .unwrap();
+    for id in ids {
+        let node = &before.nodes[id];
+        let keys = PartyKeys {
+            seal: node.seal.public(),
+            verify: node.sign.verify_key(),
+            binding: None,
+        };
+        after
+            .o
+            .handle_join_with_keys(id, format!("s2-{id}"), 100, Some(keys), after.now)
+            .unwrap();
+    }
+    let restarted = after.round_info("a");
+    assert_eq!((restarted.round, restarted.attempt), (1, 2));
+    assert_ne!(restarted.seed, interrupted.seed, "a fresh round seed");
+    // A participant that encrypted under the old seed can encrypt under the new one.
+    let mut seeds = SeedLog::default();
+    seeds.use_seed(interrupted.seed).unwrap();
+    seeds.use_seed(restarted.seed).unwrap();
+}
