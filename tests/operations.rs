@@ -47,6 +47,14 @@ decrypt_timeout_secs = 10
     )
 }
 
+/// [`job_spec`] as the body of coordinator.toml's `[job]` (batch mode).
+fn job_section(id: &str, rounds: u64, round_timeout: f64) -> String {
+    job_spec(id, rounds, round_timeout)
+        .replace("[model]", "[job.model]")
+        .replace("[train]", "[job.train]")
+        .replace("[secure_aggregation]", "[job.secure_aggregation]")
+}
+
 /// A free loopback port (so a restarted coordinator listens where participants dial).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -531,10 +539,7 @@ fn crash_run(upload_delay_ms: u64) {
     provision(dir);
     let shares = write_shares(dir);
     // Batch mode: the configuration's job, and the coordinator exits when it is finished.
-    let job = job_spec("crash", 6, 30.0)
-        .replace("[model]", "[job.model]")
-        .replace("[train]", "[job.train]")
-        .replace("[secure_aggregation]", "[job.secure_aggregation]");
+    let job = job_section("crash", 6, 30.0);
     let cfg = coordinator_config(
         dir,
         free_port(),
@@ -601,8 +606,7 @@ fn crash_run(upload_delay_ms: u64) {
     );
     let store = cohort_coordinator::ModelStore::open_encrypted(dir.join("models"), keys)
         .unwrap()
-        .for_job("crash")
-        .unwrap();
+        .for_job("crash");
     for m in &models {
         assert_eq!(m.parent, m.version.checked_sub(1));
         // Each version's weights decrypt to what its committed manifest names.
@@ -868,10 +872,7 @@ fn model_versions_go_to_an_s3_compatible_server() {
     let dir = tmp.path();
     provision(dir);
     let shares = write_shares(dir);
-    let job = job_spec("s3", 2, 30.0)
-        .replace("[model]", "[job.model]")
-        .replace("[train]", "[job.train]")
-        .replace("[secure_aggregation]", "[job.secure_aggregation]");
+    let job = job_section("s3", 2, 30.0);
     let cfg = coordinator_config(
         dir,
         free_port(),
@@ -917,7 +918,6 @@ fn model_versions_go_to_an_s3_compatible_server() {
                 cohort_coordinator::model_store::load_key_dir(&kek).unwrap(),
             ))
             .for_job("s3")
-            .unwrap()
     };
     let store = open();
     assert_eq!(store.versions().unwrap(), vec![0, 1, 2]);

@@ -123,11 +123,7 @@ impl Coordinator {
     /// Makes `orch` the active job.
     fn install(&self, orch: Orchestrator) -> Result<(), String> {
         let cfg = orch.config().clone();
-        let store = self
-            .shared
-            .store
-            .for_job(&cfg.job_id)
-            .map_err(|e| e.to_string())?;
+        let store = self.shared.store.for_job(&cfg.job_id);
         let ctx = Arc::new(JobContext {
             strategy: orch.strategy_name(),
             config: cfg,
@@ -164,11 +160,7 @@ impl Coordinator {
             None => new_record(&cfg, orch.strategy_name(), spec, who),
         };
         let (version, params) = orch.global();
-        let store = self
-            .shared
-            .store
-            .for_job(&cfg.job_id)
-            .map_err(|e| e.to_string())?;
+        let store = self.shared.store.for_job(&cfg.job_id);
         let m = store
             .write(
                 &cfg.job_id,
@@ -240,7 +232,7 @@ impl Coordinator {
                 "job {id}: model versions {models:?} do not match its {done} completed rounds"
             ));
         }
-        let store = self.shared.store.for_job(&id).map_err(|e| e.to_string())?;
+        let store = self.shared.store.for_job(&id);
         let global = store.read_params(done).map_err(|e| e.to_string())?;
         job.restarts += 1;
         // A new attempt number, so nothing of the interrupted attempt is confused with it.

@@ -477,11 +477,11 @@ impl ModelStore {
 
     /// One job's versions (manifests under `<job>/`), with the same objects and keys. Job
     /// ids are checked to be plain names (see `JobConfig::validate`).
-    pub fn for_job(&self, job_id: &str) -> Result<Self, StoreError> {
-        Ok(ModelStore {
+    pub fn for_job(&self, job_id: &str) -> Self {
+        ModelStore {
             job: Some(job_id.to_string()),
             ..self.clone()
-        })
+        }
     }
 
     fn manifest_key(&self, version: u64) -> String {
@@ -686,7 +686,7 @@ mod tests {
     fn versions_are_content_addressed_and_round_trip_with_checksums() {
         let dir = tempfile::tempdir().unwrap();
         let root = ModelStore::open(dir.path().join("models")).unwrap();
-        let store = root.for_job("j").unwrap();
+        let store = root.for_job("j");
         let spec = ModelSpec::Logistic {
             inputs: 3,
             classes: 2,
@@ -731,7 +731,7 @@ mod tests {
         add_key(&kdir).unwrap();
         let keys = Arc::new(load_key_dir(&kdir).unwrap());
         let root = ModelStore::open_encrypted(dir.path().join("models"), keys).unwrap();
-        let store = root.for_job("j").unwrap();
+        let store = root.for_job("j");
         let spec = ModelSpec::Mlp {
             inputs: 20,
             hidden: vec![16],
@@ -774,8 +774,7 @@ mod tests {
             Arc::new(load_key_dir(&kdir).unwrap()),
         )
         .unwrap()
-        .for_job("j")
-        .unwrap();
+        .for_job("j");
         assert_eq!(after.read_weights(1).unwrap(), plain);
         assert_eq!(after.read_params(1).unwrap(), p);
         assert_eq!(after.read_params(2).unwrap(), q);
