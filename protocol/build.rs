@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/cohort/v1/federation.proto",
         "proto/cohort/v1/admin.proto",
+        "proto/cohort/v1/inference.proto",
     ];
     let fds = protox::compile(protos, ["proto"])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);

@@ -35,6 +35,23 @@ enum Command {
         #[arg(long)]
         insecure_dev: bool,
     },
+    /// Serve the promoted global model for inference (gRPC), following promotions through
+    /// the coordinator's model registry.
+    Serve {
+        /// serve.toml
+        #[arg(long)]
+        config: PathBuf,
+        /// auto (a GPU when wgpu finds one, else ndarray), wgpu or ndarray; overrides
+        /// [inference] device.
+        #[arg(long)]
+        device: Option<cohort_coordinator::inference::DeviceChoice>,
+        /// f32 or int8; overrides [inference] precision.
+        #[arg(long)]
+        precision: Option<cohort_model::Precision>,
+        /// Listen without TLS when the config has no [tls] section. Development only.
+        #[arg(long)]
+        insecure_dev: bool,
+    },
     /// Run a participant node (or a key custodian).
     Participant {
         /// participant.toml
@@ -132,9 +149,22 @@ async fn run_coordinator(config: PathBuf, insecure_dev: bool) -> anyhow::Result<
         allowed: cfg.allowed_participants.clone(),
         require_approval: cfg.require_approval,
     };
-    let coordinator = Coordinator::new(store, state, admission);
+    let coordinator = Coordinator::new(store.clone(), state, admission);
     if let Some(job) = coordinator.recover().map_err(anyhow::Error::msg)? {
         println!("resumed job {job} from its last completed round");
+    }
+    if let Err(e) = coordinator.publish_serving() {
+        tracing::error!(error = %e, "cohort serve instances keep their version until it is written");
+    }
+    if let Some(settings) = cfg.inference.clone() {
+        let inference =
+            cohort_coordinator::Inference::new(store, settings, coordinator.metrics().inference())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+        let c = coordinator.clone();
+        tokio::task::spawn_blocking(move || c.attach_inference(inference))
+            .await?
+            .map_err(|e| anyhow::anyhow!("inference: {e}"))?;
+        println!("serving inference on the coordinator's listener");
     }
     // Batch mode: the configuration's job runs, and the coordinator exits once it is over.
     let batch = cfg.job.is_some();
@@ -198,6 +228,78 @@ async fn run_coordinator(config: PathBuf, insecure_dev: bool) -> anyhow::Result<
         );
     }
     Ok(())
+}
+
+async fn run_serve(
+    config: PathBuf,
+    device: Option<cohort_coordinator::inference::DeviceChoice>,
+    precision: Option<cohort_model::Precision>,
+    insecure_dev: bool,
+) -> anyhow::Result<()> {
+    use cohort_coordinator::Inference;
+    let mut cfg =
+        cohort_coordinator::config::ServeConfig::load(&config).map_err(anyhow::Error::msg)?;
+    if cfg.tls.is_none() && !insecure_dev {
+        anyhow::bail!(
+            "{}: no [tls] section. Give it a certificate of the federation (`cohort provision`), \
+             or pass --insecure-dev for a development run without TLS",
+            config.display()
+        );
+    }
+    if let Some(tls) = &cfg.tls {
+        tls.server_config().map_err(anyhow::Error::msg)?;
+    }
+    if let Some(d) = device {
+        cfg.inference.device = d;
+    }
+    if let Some(p) = precision {
+        cfg.inference.precision = p;
+    }
+    let store = cfg.open_model_store().map_err(anyhow::Error::msg)?;
+    let metrics = cohort_coordinator::metrics::Metrics::inference_only();
+    let inference = Inference::new(store, cfg.inference.clone(), metrics.inference())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+    match &cfg.pin {
+        Some(to) => {
+            let (i, to) = (inference.clone(), to.clone());
+            tokio::task::spawn_blocking(move || i.switch(&to))
+                .await?
+                .map_err(|e| anyhow::anyhow!("pinned version: {e}"))?;
+        }
+        None => {
+            tokio::spawn(
+                inference
+                    .clone()
+                    .follow_registry(std::time::Duration::from_millis(cfg.watch_interval_ms)),
+            );
+        }
+    }
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    if let Some(m) = cfg.metrics_listen {
+        let l = tokio::net::TcpListener::bind(m)
+            .await
+            .with_context(|| format!("metrics_listen {m}"))?;
+        println!("metrics on http://{}/metrics", l.local_addr()?);
+        tokio::spawn(metrics.serve(l, std::future::pending()));
+    }
+    tracing::info!(%addr, device = %inference.device(), "inference service listening");
+    println!("listening on {addr}");
+    if cfg.tls.is_none() {
+        tracing::warn!("{INSECURE}");
+        eprintln!("WARNING: {INSECURE}");
+    }
+    cohort_coordinator::inference::serve_alone(
+        inference,
+        listener,
+        cfg.tls.clone(),
+        std::time::Duration::from_secs(2),
+        shutdown_signal(),
+    )
+    .await
+    .map_err(anyhow::Error::msg)
 }
 
 async fn run_participant(config: PathBuf, insecure_dev: bool) -> anyhow::Result<()> {
@@ -269,6 +371,15 @@ fn main() -> ExitCode {
             } => {
                 init_logs("info");
                 run_coordinator(config, insecure_dev).await
+            }
+            Command::Serve {
+                config,
+                device,
+                precision,
+                insecure_dev,
+            } => {
+                init_logs("info");
+                run_serve(config, device, precision, insecure_dev).await
             }
             Command::Participant {
                 config,

@@ -46,6 +46,10 @@ pub struct CoordinatorConfig {
     /// Without one, jobs are created and started over the Admin API.
     #[serde(default)]
     pub job: Option<JobSection>,
+    /// Serve the promoted model on this coordinator's listener (the Inference service),
+    /// switching on every promotion and rollback.
+    #[serde(default)]
+    pub inference: Option<crate::inference::InferenceSettings>,
 }
 
 /// `[model_store]`.
@@ -299,18 +303,11 @@ impl CoordinatorConfig {
     /// The model registry: `[model_store.s3]` or `model_dir`, encrypted with the `[at_rest]`
     /// keys when that section is present.
     pub fn open_model_store(&self) -> Result<crate::ModelStore, String> {
-        let store = match &self.model_store {
-            Some(m) => crate::ModelStore::over(std::sync::Arc::new(
-                crate::model_store::S3Objects::new(&m.s3).map_err(|e| e.to_string())?,
-            )),
-            None => crate::ModelStore::open(&self.model_dir).map_err(|e| {
-                format!("opening model directory {}: {e}", self.model_dir.display())
-            })?,
-        };
-        Ok(match &self.at_rest {
-            Some(a) => store.with_keys(a.provider()?),
-            None => store,
-        })
+        open_store(
+            Some(&self.model_dir),
+            self.model_store.as_ref(),
+            self.at_rest.as_ref(),
+        )
     }
 
     /// The state file: `state_file`, or `state.redb` beside `model_dir`.
@@ -328,7 +325,105 @@ impl CoordinatorConfig {
         if let Some(job) = &cfg.job {
             job.job_config()?;
         }
+        if let Some(i) = &cfg.inference {
+            i.validate()?;
+        }
         Ok(cfg)
+    }
+}
+
+/// The model registry: `[model_store.s3]` or `model_dir`, encrypted with the `[at_rest]` keys
+/// when that section is present.
+fn open_store(
+    model_dir: Option<&Path>,
+    s3: Option<&ModelStoreSection>,
+    at_rest: Option<&AtRestSection>,
+) -> Result<crate::ModelStore, String> {
+    let store = match (s3, model_dir) {
+        (Some(m), _) => crate::ModelStore::over(std::sync::Arc::new(
+            crate::model_store::S3Objects::new(&m.s3).map_err(|e| e.to_string())?,
+        )),
+        (None, Some(dir)) => crate::ModelStore::open(dir)
+            .map_err(|e| format!("opening model directory {}: {e}", dir.display()))?,
+        (None, None) => {
+            return Err("no model registry: set model_dir or [model_store.s3]".to_string());
+        }
+    };
+    Ok(match at_rest {
+        Some(a) => store.with_keys(a.provider()?),
+        None => store,
+    })
+}
+
+fn default_watch_interval_ms() -> u64 {
+    1_000
+}
+
+/// `serve.toml`: a stand-alone inference server (`cohort serve`). It reads versions from the
+/// coordinator's registry (a shared `model_dir` volume or the same S3 bucket, with the same
+/// `[at_rest]` keys) and follows the promoted version through the registry's serving pointer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Address to listen on, e.g. "0.0.0.0:7500".
+    pub listen: SocketAddr,
+    /// The coordinator's `model_dir`.
+    #[serde(default)]
+    pub model_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub model_store: Option<ModelStoreSection>,
+    #[serde(default)]
+    pub at_rest: Option<AtRestSection>,
+    /// Mutual TLS with a certificate of the federation CA (the coordinator role's will do).
+    /// Without it `cohort serve` only starts with `--insecure-dev`.
+    #[serde(default)]
+    pub tls: Option<cohort_protocol::tls::TlsFiles>,
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// How often the serving pointer is read, in milliseconds.
+    #[serde(default = "default_watch_interval_ms")]
+    pub watch_interval_ms: u64,
+    /// Serve this version and ignore promotions.
+    #[serde(default)]
+    pub pin: Option<crate::state::ModelRef>,
+    #[serde(default)]
+    pub inference: crate::inference::InferenceSettings,
+}
+
+impl ServeConfig {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let cfg: ServeConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        if cfg.model_dir.is_none() && cfg.model_store.is_none() {
+            return Err("no model registry: set model_dir or [model_store.s3]".into());
+        }
+        if cfg.watch_interval_ms == 0 {
+            return Err("watch_interval_ms must be positive".into());
+        }
+        cfg.inference.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads `path`; [tls] and [at_rest] paths are relative to its directory.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut cfg = Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Some(dir) = path.parent() {
+            cfg.tls = cfg.tls.map(|t| t.relative_to(dir));
+            if let Some(k) = cfg.at_rest.as_mut().and_then(|a| a.key_dir.as_mut())
+                && k.is_relative()
+            {
+                *k = dir.join(&*k);
+            }
+        }
+        Ok(cfg)
+    }
+
+    pub fn open_model_store(&self) -> Result<crate::ModelStore, String> {
+        open_store(
+            self.model_dir.as_deref(),
+            self.model_store.as_ref(),
+            self.at_rest.as_ref(),
+        )
     }
 }
 

@@ -583,7 +583,7 @@ impl Coordinator {
             version,
         };
         self.shared.state.promote(who, &to).map_err(state_err)?;
-        self.shared.metrics.serving(&to);
+        self.publish_promotion(&to);
         Ok(to)
     }
 
@@ -596,7 +596,23 @@ impl Coordinator {
             .ok_or_else(|| {
                 Status::failed_precondition("nothing to roll back to: fewer than two promotions")
             })?;
-        self.shared.metrics.serving(&to);
+        self.publish_promotion(&to);
         Ok(to)
+    }
+
+    /// After a promotion or rollback is committed: the metric, the registry's serving
+    /// pointer (which `cohort serve` instances follow) and the embedded inference service.
+    /// Failures are logged, not returned: the state already holds the decision, and the
+    /// pointer is rewritten from it at the next start.
+    fn publish_promotion(&self, to: &ModelRef) {
+        self.shared.metrics.serving(to);
+        if let Err(e) = self.shared.store.write_serving(to) {
+            tracing::error!(error = %e, "writing the serving pointer");
+        }
+        if let Some(i) = self.shared.inference.get()
+            && let Err(e) = i.switch(to)
+        {
+            tracing::error!(error = %e, "the embedded inference service keeps its version");
+        }
     }
 }

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod config;
 mod control;
+pub mod inference;
 pub mod listener;
 pub mod metrics;
 pub mod model_store;
@@ -15,6 +16,7 @@ pub mod state;
 pub mod strategy;
 
 pub use config::CoordinatorConfig;
+pub use inference::{Inference, InferenceSettings};
 pub use model_store::{ModelManifest, ModelStore};
 pub use round::{Event, JobConfig, Orchestrator, RoundSummary};
 pub use service::{Admission, Coordinator};

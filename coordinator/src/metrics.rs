@@ -68,6 +68,8 @@ pub struct Metrics {
     bytes_received: Family<KindLabel, Counter>,
     aggregation_seconds: Family<KindLabel, Histogram>,
     serving_version: Family<ServingLabel, Gauge>,
+    /// The inference service's (embedded or `cohort serve`).
+    inference: crate::inference::InferenceMetrics,
     /// Who is online, to count `participants_connected` exactly.
     online: Arc<Mutex<BTreeMap<String, bool>>>,
 }
@@ -117,6 +119,7 @@ impl Metrics {
             bytes_received: Family::default(),
             aggregation_seconds: Family::new_with_constructor(fast_buckets),
             serving_version: Family::default(),
+            inference: crate::inference::InferenceMetrics::new(),
             online: Arc::default(),
         };
         r.register(
@@ -190,10 +193,27 @@ impl Metrics {
             "The model version promoted for serving, by job",
             m.serving_version.clone(),
         );
+        m.inference.register(&mut r);
         Metrics {
             registry: Arc::new(r),
             ..m
         }
+    }
+
+    /// Only the inference service's metrics (`cohort serve`).
+    pub fn inference_only() -> Self {
+        let m = Metrics::new();
+        let mut r = Registry::with_prefix("cohort");
+        m.inference.register(&mut r);
+        Metrics {
+            registry: Arc::new(r),
+            ..m
+        }
+    }
+
+    /// The inference service's share of the metrics.
+    pub fn inference(&self) -> crate::inference::InferenceMetrics {
+        self.inference.clone()
     }
 
     /// The metrics in the Prometheus text format.

@@ -35,6 +35,9 @@ fn object_key(params_digest: &str, encrypted: bool) -> String {
     format!("objects/sha256/{params_digest}{ext}")
 }
 
+/// The serving pointer's key, at the registry's root.
+const SERVING_KEY: &str = "serving.json";
+
 /// The manifest written beside each version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelManifest {
@@ -646,6 +649,29 @@ impl ModelStore {
             path: PathBuf::from(self.objects.locate(&key)),
             message: e.to_string(),
         })
+    }
+
+    /// Records the version promoted for serving at the registry's root (`serving.json`),
+    /// where `cohort serve` instances watch for it. The coordinator's state is the record;
+    /// this pointer follows it (and is rewritten from it when the coordinator starts).
+    pub fn write_serving(&self, to: &crate::state::ModelRef) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec_pretty(to).expect("a model reference serialises");
+        self.objects.put(SERVING_KEY, &bytes)
+    }
+
+    /// The version promoted for serving, if one has been.
+    pub fn read_serving(&self) -> Result<Option<crate::state::ModelRef>, StoreError> {
+        let bytes = match self.objects.get(SERVING_KEY) {
+            Ok(b) => b,
+            Err(StoreError::Missing { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StoreError::Manifest {
+                path: PathBuf::from(self.objects.locate(SERVING_KEY)),
+                message: e.to_string(),
+            })
     }
 
     /// Versions present (those whose manifest exists), ascending.

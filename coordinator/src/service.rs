@@ -106,6 +106,8 @@ pub(crate) struct Shared {
     pub(crate) require_certificates: std::sync::atomic::AtomicBool,
     limiter: RateLimiter,
     nonces: NonceLog,
+    /// The embedded inference service, when `[inference]` is configured.
+    pub(crate) inference: std::sync::OnceLock<crate::inference::Inference>,
 }
 
 /// Recent message nonces per participant: a state-changing message (an update, a share, an
@@ -210,6 +212,7 @@ impl Coordinator {
             require_certificates: std::sync::atomic::AtomicBool::new(false),
             limiter: RateLimiter::new(RATE_PER_SECOND, RATE_BURST),
             nonces: NonceLog::default(),
+            inference: std::sync::OnceLock::new(),
         });
         tokio::spawn(process_events(rx, Arc::downgrade(&shared)));
         tokio::spawn(run_timer(Arc::downgrade(&shared)));
@@ -243,6 +246,31 @@ impl Coordinator {
     /// The Prometheus metrics.
     pub fn metrics(&self) -> Meters {
         self.shared.metrics.clone()
+    }
+
+    /// Serves the Inference service on this coordinator's listener, following promotions
+    /// and rollbacks. Loads the version the state says is promoted, if any (blocking).
+    pub fn attach_inference(&self, inference: crate::inference::Inference) -> Result<(), String> {
+        if let Some(to) = self.shared.state.serving().map_err(|e| e.to_string())? {
+            inference.switch(&to)?;
+        }
+        self.shared
+            .inference
+            .set(inference)
+            .map_err(|_| "an inference service is already attached".to_string())
+    }
+
+    /// Rewrites the registry's serving pointer from the state (the state is the record; a
+    /// crash between the two writes of a promotion leaves the pointer behind).
+    pub fn publish_serving(&self) -> Result<(), String> {
+        match self.shared.state.serving().map_err(|e| e.to_string())? {
+            Some(to) => self
+                .shared
+                .store
+                .write_serving(&to)
+                .map_err(|e| format!("writing the serving pointer: {e}")),
+            None => Ok(()),
+        }
     }
 
     /// The durable state.
@@ -291,6 +319,7 @@ impl Coordinator {
         let v1alpha = reflection(tonic_reflection::server::Builder::configure())
             .build_v1alpha()
             .expect("the descriptor set built with the protocol is valid");
+        let inference = self.shared.inference.get().is_some();
         tokio::spawn(async move {
             use cohort_protocol::pb::{
                 admin_server::AdminServer, federation_server::FederationServer,
@@ -299,10 +328,18 @@ impl Coordinator {
             health
                 .set_serving::<AdminServer<crate::admin::AdminApi>>()
                 .await;
+            if inference {
+                health
+                    .set_serving::<cohort_protocol::pb::inference_server::InferenceServer<
+                        crate::inference::InferenceApi,
+                    >>()
+                    .await;
+            }
         });
         tonic::transport::Server::builder()
             .add_service(self.service())
             .add_service(self.admin_service())
+            .add_optional_service(self.shared.inference.get().map(|i| i.service()))
             .add_service(health_service)
             .add_service(v1)
             .add_service(v1alpha)
@@ -324,6 +361,9 @@ impl Coordinator {
         self.shared
             .require_certificates
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(i) = self.shared.inference.get() {
+            i.require_certificates();
+        }
         let served = self
             .router()
             .serve_with_incoming_shutdown(incoming, shutdown)

@@ -6,6 +6,7 @@
 #![allow(deprecated)] // Device::ndarray() is deprecated in Burn 0.22 in favour of the `flex` backend.
 
 pub mod data;
+pub mod infer;
 pub mod net;
 pub mod partition;
 pub mod train;
@@ -13,6 +14,7 @@ pub mod train;
 use std::path::PathBuf;
 
 pub use data::{Dataset, FeatureShape, IdxSplit, LabelColumn, Standardizer};
+pub use infer::{InferenceModel, Precision};
 pub use net::{ModelSpec, Network};
 pub use partition::{Partition, partition};
 pub use train::{Metrics, Optimizer, TrainConfig, TrainReport, evaluate, train};
@@ -77,6 +79,24 @@ impl ComputeDevice {
     /// A device for training (autodiff).
     pub fn training(self) -> burn::tensor::Device {
         self.inference().autodiff()
+    }
+
+    /// Whether wgpu finds a discrete or integrated GPU (a software adapter such as Mesa's
+    /// lavapipe does not count). Burn panics when the adapter kind asked for is missing, so
+    /// each probe runs on a thread of its own.
+    pub fn gpu_available() -> bool {
+        use burn::tensor::{Device, DeviceKind, Tensor, TensorData};
+        [DeviceKind::DiscreteGpu(0), DeviceKind::IntegratedGpu(0)]
+            .into_iter()
+            .any(|kind| {
+                std::thread::spawn(move || {
+                    let d = Device::wgpu(kind);
+                    let t = Tensor::<1>::from_data(TensorData::new(vec![1.0f32], [1]), &d);
+                    t.into_data().to_vec::<f32>().is_ok()
+                })
+                .join()
+                .unwrap_or(false)
+            })
     }
 }
 

@@ -290,3 +290,110 @@ fn wait_for_line(log: &mpsc::Receiver<String>, words: &[&str], limit: Duration) 
         }
     }
 }
+
+/// A job specification, as `cohort admin jobs create` sends it.
+pub fn job_spec(id: &str, rounds: u64, round_timeout: f64) -> String {
+    format!(
+        r#"
+id = "{id}"
+dataset = "breast-cancer"
+rounds = {rounds}
+min_participants = 3
+min_updates = 3
+round_timeout_secs = {round_timeout}
+eval_timeout_secs = 10
+liveness_timeout_secs = 5
+seed = 7
+strategy = "fedadam"
+server_lr = 0.05
+
+[model]
+kind = "logistic"
+inputs = 30
+classes = 2
+
+[train]
+epochs = 2
+batch_size = 16
+learning_rate = 0.1
+optimizer = "sgd"
+seed = 1
+
+[secure_aggregation]
+committee_size = 3
+t_min = 2
+decrypt_timeout_secs = 10
+"#
+    )
+}
+
+/// [`job_spec`] as the body of coordinator.toml's `[job]` (batch mode).
+pub fn job_section(id: &str, rounds: u64, round_timeout: f64) -> String {
+    job_spec(id, rounds, round_timeout)
+        .replace("[model]", "[job.model]")
+        .replace("[train]", "[job.train]")
+        .replace("[secure_aggregation]", "[job.secure_aggregation]")
+}
+
+/// A free loopback port (so a restarted coordinator listens where participants dial).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn coordinator_config(dir: &Path, port: u16, allowed: &str, extra: &str) -> PathBuf {
+    let pki = dir.join("pki");
+    let cfg = format!(
+        r#"
+listen = "127.0.0.1:{port}"
+model_dir = "{models}"
+state_file = "{state}"
+metrics_listen = "127.0.0.1:0"
+allowed_participants = [{allowed}]
+{extra}
+[tls]
+ca = "{pki}/coordinator/ca.pem"
+cert = "{pki}/coordinator/cert.pem"
+key = "{pki}/coordinator/key.pem"
+key_passphrase_env = "{KEY_PASSPHRASE_ENV}"
+crl = "{pki}/coordinator/crl.pem"
+
+[at_rest]
+key_dir = "{pki}/coordinator/kek"
+"#,
+        models = dir.join("models").display(),
+        state = dir.join("state/coordinator.redb").display(),
+        pki = pki.display()
+    );
+    let p = dir.join("coordinator.toml");
+    std::fs::write(&p, cfg).unwrap();
+    p
+}
+
+/// Runs `cohort admin` as the operator `ops` (or with `config`), returning success and
+/// stdout, with stderr appended on failure.
+pub fn admin_as(dir: &Path, config: &Path, addr: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(BIN)
+        .arg("admin")
+        .arg("--config")
+        .arg(config)
+        .args(["--coordinator", &format!("https://{addr}")])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        text += &String::from_utf8_lossy(&out.stderr);
+    }
+    (out.status.success(), text)
+}
+
+pub fn admin(dir: &Path, addr: &str, args: &[&str]) -> String {
+    let (ok, text) = admin_as(dir, &dir.join("pki/admins/ops/admin.toml"), addr, args);
+    assert!(ok, "cohort admin {args:?} failed: {text}");
+    text
+}
