@@ -524,4 +524,41 @@ optimizer = "sgd"
         let e = CoordinatorConfig::parse(&GOOD.replace("127.0.0.1:7400", "localhost")).unwrap_err();
         assert!(e.contains("listen"), "{e}");
     }
+
+    #[test]
+    fn serve_config_parses_and_names_what_is_wrong() {
+        let good = r#"
+listen = "0.0.0.0:7500"
+model_dir = "models"
+[pin]
+job_id = "j"
+version = 3
+[inference]
+device = "wgpu"
+precision = "int8"
+max_batch = 16
+[inference.candidate]
+version = 2
+share = 0.1
+"#;
+        let c = ServeConfig::parse(good).unwrap();
+        assert_eq!(c.inference.precision, cohort_model::Precision::Int8);
+        assert_eq!(c.inference.device, crate::inference::DeviceChoice::Wgpu);
+        assert_eq!(c.pin.unwrap().version, 3);
+        assert_eq!(c.watch_interval_ms, 1000);
+        let e = ServeConfig::parse(&good.replace("model_dir = \"models\"\n", "")).unwrap_err();
+        assert!(e.contains("model_dir or [model_store.s3]"), "{e}");
+        let e = ServeConfig::parse(&good.replace("\"int8\"", "\"fp16\"")).unwrap_err();
+        assert!(e.contains("fp16"), "{e}");
+        let e = ServeConfig::parse(&good.replace("share = 0.1", "share = 2")).unwrap_err();
+        assert!(e.contains("inference.candidate.share"), "{e}");
+        let e = CoordinatorConfig::parse(&format!("{GOOD}\n[inference]\nqueue = 0\n")).unwrap_err();
+        assert!(e.contains("inference.queue"), "{e}");
+        assert!(
+            CoordinatorConfig::parse(&format!("{GOOD}\n[inference]\n"))
+                .unwrap()
+                .inference
+                .is_some()
+        );
+    }
 }
