@@ -532,40 +532,6 @@ fn python_with_grpc() -> PathBuf {
     )
 }
 
-/// A virtual environment `name` with `packages` from PyPI, kept under the target directory.
-fn python_venv(name: &str, packages: &[&str]) -> PathBuf {
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let python = venv.join("bin/python");
-    // Named after what is installed, so that a change reinstalls.
-    let ready = venv.join(format!(
-        "ready-{}",
-        packages.join("-").replace(['[', ']'], "_")
-    ));
-    if !ready.exists() {
-        let run = |cmd: &mut Command| {
-            let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-            assert!(
-                out.status.success(),
-                "{cmd:?}: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        run(Command::new("python3").args(["-m", "venv"]).arg(&venv));
-        run(Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .args(packages));
-        std::fs::write(&ready, b"").unwrap();
-    }
-    python
-}
-
 #[test]
 fn a_python_grpcio_client_reads_participants_and_job_status() {
     let python = python_with_grpc();

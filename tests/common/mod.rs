@@ -397,3 +397,40 @@ pub fn admin(dir: &Path, addr: &str, args: &[&str]) -> String {
     assert!(ok, "cohort admin {args:?} failed: {text}");
     text
 }
+
+/// A virtual environment `name` with `packages` from PyPI, kept under the target directory.
+pub fn python_venv(name: &str, packages: &[&str]) -> PathBuf {
+    // Tests of one binary run on threads: one creates the environment, the others wait.
+    static CREATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = CREATING.lock().unwrap_or_else(|e| e.into_inner());
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let python = venv.join("bin/python");
+    // Named after what is installed, so that a change reinstalls.
+    let ready = venv.join(format!(
+        "ready-{}",
+        packages.join("-").replace(['[', ']'], "_")
+    ));
+    if !ready.exists() {
+        let run = |cmd: &mut Command| {
+            let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+            assert!(
+                out.status.success(),
+                "{cmd:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv));
+        run(Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(packages));
+        std::fs::write(&ready, b"").unwrap();
+    }
+    python
+}

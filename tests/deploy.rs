@@ -1,0 +1,135 @@
+//! The deployment files: Kubernetes manifests checked against the Kubernetes API schemas by
+//! kubernetes-validate (PyPI, schemas bundled, strict: unknown fields are errors), and the
+//! configurations inside their ConfigMaps parsed by cohort's own parsers.
+
+use std::path::Path;
+use std::process::Command;
+
+mod common;
+use common::python_venv;
+
+const MANIFESTS: [&str; 3] = ["coordinator.yaml", "inference.yaml", "participant.yaml"];
+
+fn k8s_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/k8s")
+}
+
+#[test]
+fn kubernetes_manifests_pass_strict_schema_validation() {
+    let python = python_venv("python-k8s", &["kubernetes-validate"]);
+    let validate = python.with_file_name("kubernetes-validate");
+    let out = Command::new(&validate)
+        .arg("--strict")
+        .args(MANIFESTS.iter().map(|m| k8s_dir().join(m)))
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    // What the issue asks of the resources, by kind and name.
+    for want in [
+        "configmap/cohort-coordinator",
+        "statefulset/cohort-coordinator",
+        "service/cohort-coordinator",
+        "deployment/cohort-inference",
+        "service/cohort-inference",
+        "horizontalpodautoscaler/cohort-inference",
+        "deployment/cohort-participant",
+        "persistentvolumeclaim/cohort-participant-data",
+        "networkpolicy/cohort-participant-no-ingress",
+    ] {
+        assert!(
+            text.contains(&format!("passed for resource {want}")),
+            "{want}:\n{text}"
+        );
+    }
+
+    // The validator does refuse a broken manifest (a misspelt field, a wrong type).
+    let tmp = tempfile::tempdir().unwrap();
+    let inference = std::fs::read_to_string(k8s_dir().join("inference.yaml")).unwrap();
+    for (from, to) in [
+        ("  minReplicas: 2", "  minReplica: 2"),
+        ("  replicas: 2", "  replicas: two"),
+    ] {
+        assert!(inference.contains(from));
+        let bad = tmp.path().join("bad.yaml");
+        std::fs::write(&bad, inference.replace(from, to)).unwrap();
+        let out = Command::new(&validate)
+            .arg("--strict")
+            .arg(&bad)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{to:?} passed validation");
+    }
+}
+
+#[test]
+fn the_manifests_hold_what_operators_rely_on() {
+    let python = python_venv("python-k8s", &["kubernetes-validate"]);
+    // PyYAML comes with kubernetes-validate: print each ConfigMap file and a few fields.
+    let script = r#"
+import sys, yaml, json
+out = {}
+for path in sys.argv[1:]:
+    for doc in yaml.safe_load_all(open(path)):
+        out[doc["kind"] + "/" + doc["metadata"]["name"]] = doc
+print(json.dumps(out))
+"#;
+    let out = Command::new(&python)
+        .arg("-c")
+        .arg(script)
+        .args(MANIFESTS.iter().map(|m| k8s_dir().join(m)))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let get = |k: &str| docs.get(k).unwrap_or_else(|| panic!("no {k}"));
+
+    let hpa = &get("HorizontalPodAutoscaler/cohort-inference")["spec"];
+    assert_eq!(hpa["minReplicas"], 2);
+    assert_eq!(hpa["maxReplicas"], 10);
+    assert_eq!(hpa["metrics"][0]["resource"]["name"], "cpu");
+    assert_eq!(hpa["scaleTargetRef"]["name"], "cohort-inference");
+    let sts = &get("StatefulSet/cohort-coordinator")["spec"];
+    assert_eq!(sts["replicas"], 1, "one active coordinator");
+    assert_eq!(sts["volumeClaimTemplates"][0]["metadata"]["name"], "state");
+    let part = &get("Deployment/cohort-participant")["spec"]["template"]["spec"];
+    assert_eq!(
+        part["volumes"][0]["persistentVolumeClaim"]["claimName"],
+        "cohort-participant-data"
+    );
+
+    // Every container runs a cohort subcommand whose configuration is in a ConfigMap that
+    // cohort's own parser accepts.
+    let text = |cm: &str, key: &str| {
+        get(&format!("ConfigMap/{cm}"))["data"][key]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let c = cohort_coordinator::CoordinatorConfig::parse(&text(
+        "cohort-coordinator",
+        "coordinator.toml",
+    ))
+    .unwrap();
+    assert!(c.tls.is_some() && c.at_rest.is_some() && c.model_store.is_some());
+    assert_eq!(c.state_path(), Path::new("/var/lib/cohort/state.redb"));
+    let s = cohort_coordinator::config::ServeConfig::parse(&text("cohort-inference", "serve.toml"))
+        .unwrap();
+    assert!(s.tls.is_some());
+    assert_eq!(
+        format!("{:?}", s.model_store.unwrap().s3),
+        format!("{:?}", c.model_store.unwrap().s3),
+        "the inference service reads the coordinator's bucket"
+    );
+    let p = cohort_participant::ParticipantConfig::parse(
+        &text("cohort-participant", "participant.toml"),
+        Path::new("/etc/cohort/config"),
+    )
+    .unwrap();
+    assert!(p.tls.is_some() && p.stay_between_jobs);
+}
