@@ -101,7 +101,11 @@ const INSECURE: &str = "INSECURE DEVELOPMENT MODE: no TLS. Anyone who can reach 
 
 fn init_logs(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+        // cubecl logs a warning when `device = "auto"` finds no GPU adapter, which is an
+        // expected answer (`cohort serve` then logs that it serves on ndarray).
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(format!("{default},cubecl_common=error"))
+        });
     // Colour only on a terminal: log files and pipes get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()

@@ -1,5 +1,5 @@
 //! Configuration text: coordinator.toml, a job specification (`cohort admin jobs create`)
-//! and participant.toml. Parsing and validation must refuse bad input with an error, never
+//! participant.toml and serve.toml. Parsing and validation must refuse bad input with an error, never
 //! panic; a specification that parses must survive its own round trip.
 #![no_main]
 
@@ -21,4 +21,5 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(again.job_config().ok(), spec.job_config().ok());
     }
     let _ = ParticipantConfig::parse(text, std::path::Path::new("/fuzz"));
+    let _ = cohort_coordinator::config::ServeConfig::parse(text);
 });
