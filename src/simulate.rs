@@ -132,6 +132,10 @@ pub struct SimReport {
     pub centralised_accuracy: Option<f64>,
     /// Where the final global model's weights are (a path, or a URL for object storage).
     pub model_path: String,
+    /// Held-out rows of every participant answered by the served final model (the
+    /// Inference service over mutual TLS), and the accuracy of those answers.
+    pub served_rows: usize,
+    pub served_accuracy: f64,
     pub federation_seconds: f64,
     pub centralised_seconds: Option<f64>,
 }
@@ -257,7 +261,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
     });
     let secure_label = secure_description(secure.as_ref(), n, args.fraction);
     let job = JobConfig {
-        job_id: "simulation".into(),
+        job_id: SIM_JOB.into(),
         model: spec.clone(),
         train: train.clone(),
         rounds: args.rounds,
@@ -418,6 +422,18 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         .job_store()
         .weights_location(final_version)
         .map_err(anyhow::Error::msg)?;
+    let served = ask_served_model(
+        coordinator.store().clone(),
+        cohort_coordinator::state::ModelRef {
+            job_id: SIM_JOB.into(),
+            version: final_version,
+        },
+        &pki,
+        &prep,
+        args.device,
+    )
+    .await
+    .context("serving the final model")?;
     let rows: Vec<RoundRow> = history.iter().map(row).collect();
     let report = SimReport {
         dataset: prep.name.clone(),
@@ -433,6 +449,8 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         federated_accuracy,
         centralised_accuracy,
         model_path: model_path.clone(),
+        served_rows: served.0,
+        served_accuracy: served.1,
         federation_seconds,
         centralised_seconds,
     };
@@ -453,6 +471,13 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         }
         println!("secure aggregation: {secure_label}");
         println!("global model written to {model_path}");
+        println!(
+            "served model:      {} held-out rows answered over gRPC (Inference, mutual TLS), \
+             accuracy {:.4}, slowest batch {:.1} ms",
+            served.0,
+            served.1,
+            served.2 * 1e3
+        );
     }
     if let Some(p) = &args.report {
         std::fs::write(p, serde_json::to_vec_pretty(&report)?)
@@ -475,6 +500,87 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
 
 fn participant_id(i: usize) -> String {
     format!("participant-{:03}", i + 1)
+}
+
+/// The simulation's job.
+const SIM_JOB: &str = "simulation";
+
+/// The inference client of the simulation.
+const SIM_APP: &str = "app";
+
+/// The final version served by `cohort serve`'s code over mutual TLS, asked for every
+/// participant's held-out rows (prepared as that site prepares its own data) in one batch per
+/// site. Returns the rows answered, their accuracy and the slowest batch's seconds.
+async fn ask_served_model(
+    store: ModelStore,
+    to: cohort_coordinator::state::ModelRef,
+    pki: &SimPki,
+    prep: &Prepared,
+    device: ComputeDevice,
+) -> anyhow::Result<(usize, f64, f64)> {
+    use cohort_coordinator::inference::{DeviceChoice, Inference, InferenceSettings};
+    use cohort_protocol::pb::{self, inference_client::InferenceClient};
+    let settings = InferenceSettings {
+        device: match device {
+            ComputeDevice::Cpu => DeviceChoice::Ndarray,
+            ComputeDevice::Wgpu => DeviceChoice::Wgpu,
+        },
+        queue: 4096,
+        ..InferenceSettings::default()
+    };
+    let metrics = cohort_coordinator::metrics::Metrics::inference_only();
+    let inference =
+        Inference::new(store, settings, metrics.inference()).map_err(anyhow::Error::msg)?;
+    let i = inference.clone();
+    tokio::task::spawn_blocking(move || i.switch(&to))
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(cohort_coordinator::inference::serve_alone(
+        inference,
+        listener,
+        Some(pki.coordinator.clone()),
+        Duration::from_secs(3600),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(pki.client(SIM_APP)?.client_config())?
+        .connect()
+        .await?;
+    let mut client = InferenceClient::new(channel);
+    let (mut rows, mut correct, mut slowest) = (0, 0, 0.0f64);
+    for local in &prep.locals {
+        let t = &local.test;
+        for chunk in (0..t.len()).collect::<Vec<_>>().chunks(1024) {
+            let started = Instant::now();
+            let answer = client
+                .predict_batch(pb::PredictBatchRequest {
+                    examples: chunk
+                        .iter()
+                        .map(|&r| pb::Example {
+                            features: t.row(r).to_vec(),
+                            label: Some(t.labels[r]),
+                        })
+                        .collect(),
+                })
+                .await?
+                .into_inner();
+            slowest = slowest.max(started.elapsed().as_secs_f64());
+            rows += chunk.len();
+            correct += chunk
+                .iter()
+                .zip(&answer.predictions)
+                .filter(|(r, p)| p.class == t.labels[**r])
+                .count();
+        }
+    }
+    let _ = stop_tx.send(());
+    server.await?.map_err(anyhow::Error::msg)?;
+    Ok((rows, correct as f64 / rows.max(1) as f64, slowest))
 }
 
 /// The simulation's throw-away federation PKI: a CA, the coordinator's certificate and one
@@ -521,6 +627,9 @@ impl SimPki {
             write(&format!("{id}.pem"), &p.cert_pem)?;
             write(&format!("{id}.key"), &p.key_pem)?;
         }
+        let app = ca.issue(SIM_APP, Role::Inference, &[], &[], &v)?;
+        write(&format!("{SIM_APP}.pem"), &app.cert_pem)?;
+        write(&format!("{SIM_APP}.key"), &app.key_pem)?;
         Ok(SimPki { dir, coordinator })
     }
 
