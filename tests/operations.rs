@@ -330,7 +330,7 @@ fn a_job_runs_start_to_finish_through_the_admin_api() {
     let text = scrape(&coord.metrics);
     let m = parse_metrics(&text);
     assert_eq!(m[r#"cohort_rounds_completed_total{job_id="bc"}"#], 10.0);
-    alert_rules_name_exported_metrics(&text);
+    alert_rules_name_exported_metrics(|name| !name.starts_with("cohort_inference_"), &text);
     assert_eq!(m[r#"cohort_job_state{job_id="bc",state="finished"}"#], 1.0);
 
     // Models: versions 0..=4, each the child of the one before; promote and roll back.
@@ -634,40 +634,6 @@ fn a_python_grpcio_client_reads_participants_and_job_status() {
     );
     assert_eq!(v["missing_job"], "NOT_FOUND", "{v}");
     drop(coord);
-}
-
-/// Every `cohort_…` series the alerting rules query is one the coordinator exports.
-fn alert_rules_name_exported_metrics(exposition: &str) {
-    let families: Vec<&str> = exposition
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.split(' ').next())
-        .collect();
-    let rules = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus/alerts.yml"),
-    )
-    .unwrap();
-    let mut checked = 0;
-    for token in rules.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
-        if !token.starts_with("cohort_") {
-            continue;
-        }
-        let known = families.iter().any(|f| {
-            token == *f
-                || ["_total", "_bucket", "_count", "_sum"]
-                    .iter()
-                    .any(|suffix| token.strip_suffix(suffix) == Some(f))
-        });
-        assert!(
-            known,
-            "alerts.yml queries {token}, which /metrics does not export"
-        );
-        checked += 1;
-    }
-    assert!(
-        checked >= 6,
-        "only {checked} metric names found in alerts.yml"
-    );
 }
 
 #[test]

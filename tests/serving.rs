@@ -217,7 +217,7 @@ crl = "{pki}/coordinator/crl.pem"
 key_dir = "{pki}/coordinator/kek"
 
 [inference]
-device = "ndarray"
+device = "wgpu"
 max_batch = 16
 max_wait_us = 2000
 
@@ -356,7 +356,7 @@ share = 0.25
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(info.device, "ndarray");
+    assert_eq!(info.device, "wgpu");
     let shares: Vec<(String, u64, f64)> = info
         .variants
         .iter()
@@ -373,15 +373,41 @@ share = 0.25
     assert_eq!(info.variants[0].input_len, 30);
     assert!(info.variants[0].eval_accuracy.unwrap() > 0.8);
 
-    // A batch is answered by one version.
-    let r = alone
-        .predict_batch(pb::PredictBatchRequest {
-            examples: (0..20).map(|i| example(i, None)).collect(),
-        })
+    // A batch is answered by one version, and the same version gives the same logits on
+    // the stand-alone server's wgpu device (lavapipe in CI) as on the coordinator's ndarray.
+    let batch = pb::PredictBatchRequest {
+        examples: (0..64).map(|i| example(i, None)).collect(),
+    };
+    let on_cpu = embedded
+        .predict_batch(batch.clone())
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(r.predictions.len(), 20);
+    let cpu_model = on_cpu.model.unwrap();
+    assert_eq!(
+        (cpu_model.version, cpu_model.device.as_str()),
+        (2, "ndarray")
+    );
+    let on_gpu = loop {
+        let r = alone
+            .predict_batch(batch.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        // Variant b (version 1) answers a quarter of the batches.
+        if r.model.as_ref().unwrap().version == 2 {
+            break r;
+        }
+    };
+    assert_eq!(on_gpu.model.unwrap().device, "wgpu");
+    assert_eq!(on_gpu.predictions.len(), 64);
+    let diff = on_cpu
+        .predictions
+        .iter()
+        .zip(&on_gpu.predictions)
+        .flat_map(|(a, b)| a.logits.iter().zip(&b.logits).map(|(x, y)| (x - y).abs()))
+        .fold(0.0f32, f32::max);
+    assert!(diff < 1e-4, "wgpu and ndarray logits differ by {diff}");
 
     // Metrics of the stand-alone server: requests per version, latency, batches, quality.
     let text = scrape(&serve_metrics);
@@ -426,10 +452,11 @@ share = 0.25
         series(
             &text,
             "cohort_inference_device",
-            &["device=\"ndarray\"", "precision=\"f32\""]
+            &["device=\"wgpu\"", "precision=\"f32\""]
         ),
         1.0
     );
+    alert_rules_name_exported_metrics(|name| name.starts_with("cohort_inference_"), &text);
     // The coordinator exports the same families for its embedded server.
     let text = scrape(&coord.metrics);
     assert!(

@@ -448,7 +448,13 @@ fn worker_loop(model: &InferenceModel, rx: mpsc::Receiver<Item>, wp: &WorkerPara
             .batch_size
             .get_or_create(&wp.label)
             .observe(rows as f64);
-        let out = model.logits(&x, rows);
+        // A panic inside Burn fails this batch's requests, not the worker.
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.logits(&x, rows)))
+            .unwrap_or_else(|_| {
+                Err(cohort_model::ModelError::Store(
+                    "the forward pass panicked".into(),
+                ))
+            });
         wp.queued.fetch_sub(rows, Ordering::SeqCst);
         wp.metrics
             .queued

@@ -434,3 +434,39 @@ pub fn python_venv(name: &str, packages: &[&str]) -> PathBuf {
     }
     python
 }
+
+/// Every `cohort_…` series the alerting rules query that `include` selects is one this
+/// exposition (a /metrics scrape) exports. The coordinator's rules are checked against a
+/// coordinator, the inference rules against `cohort serve`.
+pub fn alert_rules_name_exported_metrics(include: impl Fn(&str) -> bool, exposition: &str) {
+    let families: Vec<&str> = exposition
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let rules = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus/alerts.yml"),
+    )
+    .unwrap();
+    let mut checked = 0;
+    for token in rules.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if !token.starts_with("cohort_") || !include(token) {
+            continue;
+        }
+        let known = families.iter().any(|f| {
+            token == *f
+                || ["_total", "_bucket", "_count", "_sum"]
+                    .iter()
+                    .any(|suffix| token.strip_suffix(suffix) == Some(f))
+        });
+        assert!(
+            known,
+            "alerts.yml queries {token}, which /metrics does not export"
+        );
+        checked += 1;
+    }
+    assert!(
+        checked >= 4,
+        "only {checked} metric names found in alerts.yml"
+    );
+}
