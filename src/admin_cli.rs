@@ -138,29 +138,45 @@ async fn connect(a: &AdminArgs) -> anyhow::Result<AdminClient<Channel>> {
         .clone()
         .or_else(|| cfg.as_ref().map(|c| c.coordinator.clone()))
         .ok_or_else(|| anyhow::anyhow!("give --config admin.toml or --coordinator URL"))?;
-    let mut endpoint = Endpoint::from_shared(url.clone())
-        .with_context(|| format!("coordinator address {url:?}"))?
+    let channel = channel(
+        &url,
+        cfg.as_ref().and_then(|c| c.tls.as_ref()),
+        a.insecure_dev,
+        "use the admin.toml `cohort provision --admins` wrote",
+    )
+    .await?;
+    Ok(AdminClient::new(channel))
+}
+
+/// A channel to `url` with the certificate in `tls` (a client of the federation), or without
+/// TLS when `insecure_dev`; `hint` says where a missing [tls] section comes from.
+pub(crate) async fn channel(
+    url: &str,
+    tls: Option<&cohort_protocol::tls::TlsFiles>,
+    insecure_dev: bool,
+    hint: &str,
+) -> anyhow::Result<Channel> {
+    let mut endpoint = Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("address {url:?}"))?
         .connect_timeout(std::time::Duration::from_secs(5));
-    match cfg.as_ref().and_then(|c| c.tls.as_ref()) {
+    match tls {
         Some(tls) => {
             let node = tls.node().map_err(anyhow::Error::msg)?;
             endpoint = endpoint.tls_config(node.client_config())?;
         }
-        None if a.insecure_dev => {}
+        None if insecure_dev => {}
         None => anyhow::bail!(
-            "no [tls] section: use the admin.toml `cohort provision --admins` wrote, or pass \
-             --insecure-dev for a coordinator without TLS"
+            "no [tls] section: {hint}, or pass --insecure-dev for a server without TLS"
         ),
     }
-    let channel = endpoint
+    endpoint
         .connect()
         .await
-        .with_context(|| format!("connecting to {url}"))?;
-    Ok(AdminClient::new(channel))
+        .with_context(|| format!("connecting to {url}"))
 }
 
-/// A status as the operator reads it: the code and the coordinator's message.
-fn status_err(s: tonic::Status) -> anyhow::Error {
+/// A status as the operator reads it: the code and the server's message.
+pub(crate) fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }
 

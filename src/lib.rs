@@ -3,5 +3,6 @@
 
 pub mod admin_cli;
 pub mod plot;
+pub mod predict_cli;
 pub mod provision;
 pub mod simulate;

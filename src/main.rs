@@ -64,6 +64,9 @@ enum Command {
     /// Administer a running coordinator over its Admin gRPC service (with an admin
     /// certificate from `cohort provision`).
     Admin(cohort::admin_cli::AdminArgs),
+    /// Ask an inference server for predictions of a CSV file's rows or an IDX directory's
+    /// images (with an inference certificate from `cohort provision`).
+    Predict(cohort::predict_cli::PredictArgs),
     /// Create a federation's CA, certificates (coordinator, participants, custodians, admins,
     /// inference clients), a CRL and ready-to-use configurations in one new directory.
     Provision(cohort::provision::ProvisionArgs),
@@ -391,6 +394,10 @@ fn main() -> ExitCode {
             } => {
                 init_logs("info");
                 run_participant(config, insecure_dev).await
+            }
+            Command::Predict(args) => {
+                init_logs("warn");
+                cohort::predict_cli::run(args).await
             }
             Command::Admin(args) => {
                 init_logs("warn");

@@ -7,7 +7,9 @@
 //! DIR/coordinator/{ca,cert,crl}.pem, key.pem    the coordinator's listener ([tls] snippet
 //!                                               in tls.toml)
 //! DIR/<role>s/<id>/{ca,cert}.pem, key.pem       one directory per identity, with its
-//!                                               participant.toml (participants, custodians)
+//!                                               participant.toml (participants, custodians),
+//!                                               admin.toml (admins) or client.toml
+//!                                               (inference clients: `cohort predict`)
 //! ```
 //!
 //! Every key is created with mode 0600 in the directory it belongs to and is never copied.
@@ -206,6 +208,17 @@ pub fn provision(a: &ProvisionArgs) -> anyhow::Result<()> {
                     &d.join("admin.toml"),
                     &format!(
                         "# Operator {id}. Run: cohort admin --config admin.toml status\ncoordinator = \"{url}\"\n\n{tls}",
+                        url = a.coordinator_url
+                    ),
+                    false,
+                )?,
+                "inference" => write(
+                    &d.join("client.toml"),
+                    &format!(
+                        "# Inference client {id}. Run: cohort predict --config client.toml --csv rows.csv\n\
+                         # The coordinator's address serves predictions when it embeds the\n\
+                         # Inference service; point this at `cohort serve` otherwise.\n\
+                         server = \"{url}\"\n\n{tls}",
                         url = a.coordinator_url
                     ),
                     false,

@@ -357,7 +357,7 @@ share = 0.25
         .unwrap()
         .into_inner();
     assert_eq!(info.device, "wgpu");
-    let shares: Vec<(String, u64, f64)> = info
+    let variant_shares: Vec<(String, u64, f64)> = info
         .variants
         .iter()
         .map(|v| {
@@ -366,7 +366,7 @@ share = 0.25
         })
         .collect();
     assert_eq!(
-        shares,
+        variant_shares,
         vec![("a".into(), 2, 0.75), ("b".into(), 1, 0.25)],
         "{info:?}"
     );
@@ -409,6 +409,45 @@ share = 0.25
         .fold(0.0f32, f32::max);
     assert!(diff < 1e-4, "wgpu and ndarray logits differ by {diff}");
 
+    // `cohort predict` from the shell, with the client.toml `cohort provision` wrote.
+    let out = Command::new(BIN)
+        .arg("predict")
+        .arg("--config")
+        .arg(pki.join("inference/app/client.toml"))
+        .args(["--server", &format!("https://{serve_addr}"), "--csv"])
+        .arg(&shares[0])
+        .args(["--label", "diagnosis", "--limit", "50", "--batch", "16"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("serving serve-job v2 (variant a, 75% of requests)"),
+        "{text}"
+    );
+    assert!(text.contains("50 rows answered; by version:"), "{text}");
+    assert!(text.contains("accuracy "), "{text}");
+    // A CSV without the label column: the model wants 30 features, the file has 31 columns.
+    let out = Command::new(BIN)
+        .arg("predict")
+        .arg("--config")
+        .arg(pki.join("inference/app/client.toml"))
+        .args(["--server", &format!("https://{serve_addr}"), "--csv"])
+        .arg(&shares[0])
+        .args(["--limit", "3"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("InvalidArgument") && err.contains("30 features"),
+        "{err}"
+    );
+
     // Metrics of the stand-alone server: requests per version, latency, batches, quality.
     let text = scrape(&serve_metrics);
     let ok = series(
@@ -433,7 +472,7 @@ share = 0.25
             "cohort_inference_requests_total",
             &["outcome=\"invalid\""]
         ),
-        1.0
+        2.0
     );
     assert!(
         series(
