@@ -34,12 +34,19 @@ struct Args {
     /// Devices to measure.
     #[arg(long, value_delimiter = ',', default_value = "ndarray,wgpu")]
     devices: Vec<String>,
+    /// Precisions to measure under load.
+    #[arg(long, value_delimiter = ',', default_value = "f32,int8")]
+    precisions: Vec<Precision>,
     /// Training examples for the served model.
     #[arg(long, default_value_t = 20_000)]
     train: usize,
     /// Fashion-MNIST directory (IDX files).
     #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
     data: PathBuf,
+    /// A Python with onnx, onnxruntime, grpcio, grpcio-tools and safetensors: also measure
+    /// the peer (benches/serve_peer.py, the same model in ONNX Runtime behind grpcio).
+    #[arg(long)]
+    peer_python: Option<PathBuf>,
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -105,6 +112,37 @@ async fn measure(
             let _ = stop_rx.await;
         },
     ));
+    let mut lat = drive(addr, args, images).await;
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    lat.sort_by(f64::total_cmp);
+    let text = metrics.encode();
+    let sum_count = |name: &str| -> (f64, f64) {
+        let get = |suffix: &str| {
+            text.lines()
+                .filter(|l| l.starts_with(&format!("{name}_{suffix}")))
+                .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+                .sum::<f64>()
+        };
+        (get("sum"), get("count"))
+    };
+    let (s, n) = sum_count("cohort_inference_batch_size");
+    Row {
+        device: device.to_string(),
+        precision: precision.to_string(),
+        mode: if max_batch == 1 { "single" } else { "batched" }.into(),
+        max_batch,
+        requests: lat.len(),
+        throughput_rps: lat.len() as f64 / args.seconds,
+        p50_ms: percentile(&lat, 0.50),
+        p99_ms: percentile(&lat, 0.99),
+        mean_batch: if n > 0.0 { s / n } else { 0.0 },
+    }
+}
+
+/// Closed-loop clients sending `Predict` to `addr` for `args.seconds` after a 1-s warm-up;
+/// the latencies in milliseconds.
+async fn drive(addr: std::net::SocketAddr, args: &Args, images: &[Vec<f32>]) -> Vec<f64> {
     let warm_until = Instant::now() + Duration::from_secs(1);
     let until = warm_until + Duration::from_secs_f64(args.seconds);
     let mut tasks = Vec::new();
@@ -151,31 +189,7 @@ async fn measure(
     for t in tasks {
         lat.extend(t.await.unwrap());
     }
-    let _ = stop_tx.send(());
-    let _ = server.await;
-    lat.sort_by(f64::total_cmp);
-    let text = metrics.encode();
-    let sum_count = |name: &str| -> (f64, f64) {
-        let get = |suffix: &str| {
-            text.lines()
-                .filter(|l| l.starts_with(&format!("{name}_{suffix}")))
-                .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-                .sum::<f64>()
-        };
-        (get("sum"), get("count"))
-    };
-    let (s, n) = sum_count("cohort_inference_batch_size");
-    Row {
-        device: device.to_string(),
-        precision: precision.to_string(),
-        mode: if max_batch == 1 { "single" } else { "batched" }.into(),
-        max_batch,
-        requests: lat.len(),
-        throughput_rps: lat.len() as f64 / args.seconds,
-        p50_ms: percentile(&lat, 0.50),
-        p99_ms: percentile(&lat, 0.99),
-        mean_batch: if n > 0.0 { s / n } else { 0.0 },
-    }
+    lat
 }
 
 fn main() {
@@ -266,7 +280,7 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|");
     for &dev in &devices {
-        for prec in [Precision::F32, Precision::Int8] {
+        for &prec in &args.precisions {
             for max_batch in [1, 32] {
                 let r = rt.block_on(measure(&store, &to, dev, prec, max_batch, &args, &images));
                 println!(
@@ -283,6 +297,96 @@ fn main() {
                 rows.push(r);
             }
         }
+    }
+    if let Some(python) = &args.peer_python {
+        let weights = dir.path().join("peer.safetensors");
+        let net = spec
+            .build(&params, &ComputeDevice::Cpu.inference())
+            .unwrap();
+        std::fs::write(&weights, net.to_safetensors().unwrap()).unwrap();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut child = std::process::Command::new(python)
+            .arg(root.join("benches/serve_peer.py"))
+            .arg("--weights")
+            .arg(&weights)
+            .arg("--proto-dir")
+            .arg(root.join("protocol/proto"))
+            .args(["--threads", &args.clients.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting the peer");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let port: u16 = line
+            .trim()
+            .strip_prefix("listening on ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("the peer said {line:?}"));
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        let row = rt.block_on(async {
+            // The peer serves the same model: its logits match cohort's.
+            let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut c = InferenceClient::new(ch);
+            let ours =
+                InferenceModel::load(&spec, &params, ComputeDevice::Cpu, Precision::F32).unwrap();
+            let mut diff = 0.0f32;
+            for img in images.iter().take(100) {
+                let r = c
+                    .predict(pb::PredictRequest {
+                        example: Some(pb::Example {
+                            features: img.clone(),
+                            label: None,
+                        }),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let want = ours.logits(img, 1).unwrap();
+                for (a, b) in r.prediction.unwrap().logits.iter().zip(&want) {
+                    diff = diff.max((a - b).abs());
+                }
+            }
+            assert!(
+                diff < 1e-4,
+                "the peer's logits differ from cohort's by {diff}"
+            );
+            eprintln!("peer logits agree with cohort's within {diff:e} on 100 images");
+            let mut lat = drive(addr, &args, &images).await;
+            lat.sort_by(f64::total_cmp);
+            Row {
+                device: "onnxruntime (CPU)".into(),
+                precision: "f32".into(),
+                mode: "peer: Python grpcio".into(),
+                max_batch: 1,
+                requests: lat.len(),
+                throughput_rps: lat.len() as f64 / args.seconds,
+                p50_ms: percentile(&lat, 0.50),
+                p99_ms: percentile(&lat, 0.99),
+                mean_batch: 1.0,
+            }
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        println!(
+            "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.1} |",
+            row.device,
+            row.precision,
+            row.mode,
+            row.max_batch,
+            row.throughput_rps,
+            row.p50_ms,
+            row.p99_ms,
+            row.mean_batch
+        );
+        rows.push(row);
     }
     if let Some(p) = &args.json {
         let v = serde_json::json!({ "load": rows, "accuracy": accuracy });
