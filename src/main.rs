@@ -60,6 +60,11 @@ enum Command {
         /// Connect without TLS when the config has no [tls] section. Development only.
         #[arg(long)]
         insecure_dev: bool,
+        /// Write the statistics this site standardises its rows with (fitted on its own
+        /// training split) to this JSON file and exit, without connecting: `cohort predict
+        /// --standardizer FILE` prepares rows for the served model the same way.
+        #[arg(long)]
+        export_standardizer: Option<PathBuf>,
     },
     /// Administer a running coordinator over its Admin gRPC service (with an admin
     /// certificate from `cohort provision`).
@@ -309,6 +314,26 @@ async fn run_serve(
     .map_err(anyhow::Error::msg)
 }
 
+fn export_standardizer(config: &std::path::Path, out: &std::path::Path) -> anyhow::Result<()> {
+    let cfg = cohort_participant::ParticipantConfig::load(config).map_err(anyhow::Error::msg)?;
+    let local = cfg.load_data().map_err(anyhow::Error::msg)?;
+    let s = local.standardizer.with_context(|| {
+        format!(
+            "{}: this site does not standardise its data ([data] standardize = false, or \
+             images), so rows need no preparation",
+            config.display()
+        )
+    })?;
+    std::fs::write(out, serde_json::to_vec_pretty(&s)?)
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "wrote the statistics of {} features to {}",
+        s.mean.len(),
+        out.display()
+    );
+    Ok(())
+}
+
 async fn run_participant(config: PathBuf, insecure_dev: bool) -> anyhow::Result<()> {
     let cfg = cohort_participant::ParticipantConfig::load(&config).map_err(anyhow::Error::msg)?;
     let mut opts = cfg.options();
@@ -390,7 +415,13 @@ fn main() -> ExitCode {
             }
             Command::Participant {
                 config,
+                export_standardizer: Some(out),
+                ..
+            } => export_standardizer(&config, &out),
+            Command::Participant {
+                config,
                 insecure_dev,
+                export_standardizer: None,
             } => {
                 init_logs("info");
                 run_participant(config, insecure_dev).await

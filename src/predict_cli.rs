@@ -33,6 +33,10 @@ pub struct PredictArgs {
     /// Images to predict: an MNIST-style IDX directory (its test half, with labels).
     #[arg(long)]
     pub idx: Option<PathBuf>,
+    /// Standardise each row with these statistics first, as the site that wrote them
+    /// (`cohort participant --export-standardizer FILE`) prepares its training data.
+    #[arg(long)]
+    pub standardizer: Option<PathBuf>,
     /// Predict at most this many rows.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -157,6 +161,25 @@ pub async fn run(a: PredictArgs) -> anyhow::Result<()> {
         input.features.truncate(n);
         if let Some(l) = input.labels.as_mut() {
             l.truncate(n);
+        }
+    }
+    if let Some(p) = &a.standardizer {
+        let text = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+        let st: cohort_model::Standardizer = serde_json::from_slice(&text)
+            .map_err(|e| anyhow::anyhow!("{}: not a standardizer: {e}", p.display()))?;
+        for (i, row) in input.features.iter_mut().enumerate() {
+            if row.len() != st.mean.len() {
+                anyhow::bail!(
+                    "row {} has {} features; {} standardises {}",
+                    i + 1,
+                    row.len(),
+                    p.display(),
+                    st.mean.len()
+                );
+            }
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = (*v - st.mean[j]) / st.std[j];
+            }
         }
     }
     let mut client = connect(&a).await?;

@@ -431,6 +431,45 @@ share = 0.25
     );
     assert!(text.contains("50 rows answered; by version:"), "{text}");
     assert!(text.contains("accuracy "), "{text}");
+    // Rows prepared as hospital-0 prepares its own (its exported statistics): the served
+    // model classifies them well.
+    let site = dir.join("hospital-0-standardizer.json");
+    let out = Command::new(BIN)
+        .args(["participant", "--config"])
+        .arg(dir.join("participant-0.toml"))
+        .arg("--export-standardizer")
+        .arg(&site)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(BIN)
+        .arg("predict")
+        .arg("--config")
+        .arg(pki.join("inference/app/client.toml"))
+        .args(["--server", &format!("https://{serve_addr}"), "--csv"])
+        .arg(&shares[0])
+        .args(["--label", "diagnosis", "--standardizer"])
+        .arg(&site)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let accuracy: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("accuracy "))
+        .and_then(|l| l.split(' ').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(accuracy > 0.9, "{text}");
     // A CSV without the label column: the model wants 30 features, the file has 31 columns.
     let out = Command::new(BIN)
         .arg("predict")
