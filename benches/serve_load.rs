@@ -240,10 +240,7 @@ fn main() {
         let mut f32_acc = 0.0;
         for prec in [Precision::F32, Precision::Int8] {
             let m = InferenceModel::load(&spec, &params, dev, prec).unwrap();
-            let mut logits = Vec::new();
-            for c in x.chunks(784 * 500) {
-                logits.extend(m.logits(c, c.len() / 784).unwrap());
-            }
+            let logits = m.logits_in_passes(&x, 500).unwrap();
             let acc = metrics_from_logits(&logits, &test.labels, 10).accuracy;
             if prec == Precision::F32 {
                 f32_acc = acc;

@@ -111,32 +111,36 @@ pub enum ModelAction {
     Rollback,
 }
 
-/// admin.toml.
+/// admin.toml (`coordinator`) or an inference client's client.toml (`server`): where to
+/// connect and with which certificate.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AdminConfig {
-    coordinator: String,
-    tls: Option<cohort_protocol::tls::TlsFiles>,
+pub(crate) struct ClientFile {
+    pub coordinator: Option<String>,
+    pub server: Option<String>,
+    pub tls: Option<cohort_protocol::tls::TlsFiles>,
+}
+
+impl ClientFile {
+    /// Reads `p`; [tls] paths are relative to its directory.
+    pub(crate) fn load(p: &std::path::Path) -> anyhow::Result<Self> {
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        let mut c: ClientFile =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+        if let Some(dir) = p.parent() {
+            c.tls = c.tls.map(|t| t.relative_to(dir));
+        }
+        Ok(c)
+    }
 }
 
 async fn connect(a: &AdminArgs) -> anyhow::Result<AdminClient<Channel>> {
-    let cfg = match &a.config {
-        Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            let mut c: AdminConfig =
-                toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-            if let Some(dir) = p.parent() {
-                c.tls = c.tls.map(|t| t.relative_to(dir));
-            }
-            Some(c)
-        }
-        None => None,
-    };
+    let cfg = a.config.as_deref().map(ClientFile::load).transpose()?;
     let url = a
         .coordinator
         .clone()
-        .or_else(|| cfg.as_ref().map(|c| c.coordinator.clone()))
+        .or_else(|| cfg.as_ref().and_then(|c| c.coordinator.clone()))
         .ok_or_else(|| anyhow::anyhow!("give --config admin.toml or --coordinator URL"))?;
     let channel = channel(
         &url,

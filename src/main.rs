@@ -300,8 +300,10 @@ async fn run_serve(
     tracing::info!(%addr, device = %inference.device(), "inference service listening");
     println!("listening on {addr}");
     if cfg.tls.is_none() {
-        tracing::warn!("{INSECURE}");
-        eprintln!("WARNING: {INSECURE}");
+        const OPEN: &str = "INSECURE DEVELOPMENT MODE: no TLS. Anyone who can reach this port \
+             can query the model, and requests and answers cross the network in the clear.";
+        tracing::warn!("{OPEN}");
+        eprintln!("WARNING: {OPEN}");
     }
     cohort_coordinator::inference::serve_alone(
         inference,

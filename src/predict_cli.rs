@@ -9,7 +9,6 @@ use anyhow::Context;
 use clap::Args;
 use cohort_model::data::{IdxSplit, LabelColumn, load_csv, load_idx_dir};
 use cohort_protocol::pb::{self, inference_client::InferenceClient};
-use serde::Deserialize;
 
 #[derive(Args, Debug)]
 pub struct PredictArgs {
@@ -46,14 +45,6 @@ pub struct PredictArgs {
     /// Print each row's prediction (otherwise only the first 10).
     #[arg(long)]
     pub all: bool,
-}
-
-/// client.toml.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ClientConfig {
-    server: String,
-    tls: Option<cohort_protocol::tls::TlsFiles>,
 }
 
 /// Features row by row, and labels where the input has them.
@@ -122,23 +113,15 @@ fn rows(a: &PredictArgs) -> anyhow::Result<Rows> {
 }
 
 async fn connect(a: &PredictArgs) -> anyhow::Result<InferenceClient<tonic::transport::Channel>> {
-    let cfg: Option<ClientConfig> = match &a.config {
-        Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            let mut c: ClientConfig =
-                toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-            if let Some(dir) = p.parent() {
-                c.tls = c.tls.map(|t| t.relative_to(dir));
-            }
-            Some(c)
-        }
-        None => None,
-    };
+    let cfg = a
+        .config
+        .as_deref()
+        .map(crate::admin_cli::ClientFile::load)
+        .transpose()?;
     let url = a
         .server
         .clone()
-        .or_else(|| cfg.as_ref().map(|c| c.server.clone()))
+        .or_else(|| cfg.as_ref().and_then(|c| c.server.clone()))
         .ok_or_else(|| anyhow::anyhow!("give --config client.toml or --server URL"))?;
     let channel = crate::admin_cli::channel(
         &url,

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 mod common;
-use common::python_venv;
+use common::{python_venv, succeed};
 
 const MANIFESTS: [&str; 3] = ["coordinator.yaml", "inference.yaml", "participant.yaml"];
 
@@ -80,18 +80,13 @@ for path in sys.argv[1:]:
         out[doc["kind"] + "/" + doc["metadata"]["name"]] = doc
 print(json.dumps(out))
 "#;
-    let out = Command::new(&python)
-        .arg("-c")
-        .arg(script)
-        .args(MANIFESTS.iter().map(|m| k8s_dir().join(m)))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeed(
+        Command::new(&python)
+            .arg("-c")
+            .arg(script)
+            .args(MANIFESTS.iter().map(|m| k8s_dir().join(m))),
     );
-    let docs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let docs: serde_json::Value = serde_json::from_str(&out).unwrap();
     let get = |k: &str| docs.get(k).unwrap_or_else(|| panic!("no {k}"));
 
     let hpa = &get("HorizontalPodAutoscaler/cohort-inference")["spec"];
@@ -143,16 +138,10 @@ print(json.dumps(out))
 fn the_dockerfile_passes_hadolint_and_builds_the_binary_in_a_separate_stage() {
     let python = python_venv("python-deploy", DEPLOY_TOOLS);
     let dockerfile = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/Dockerfile");
-    let out = Command::new(python.with_file_name("hadolint"))
-        .arg("--no-color")
-        .arg(&dockerfile)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "hadolint: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        Command::new(python.with_file_name("hadolint"))
+            .arg("--no-color")
+            .arg(&dockerfile),
     );
     let text = std::fs::read_to_string(&dockerfile).unwrap();
     let stages: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();

@@ -25,16 +25,7 @@ listen = "127.0.0.1:0"
 model_dir = "{models}"
 allowed_participants = ["hospital-0", "hospital-1", "hospital-2"]
 
-[tls]
-ca = "{pki}/coordinator/ca.pem"
-cert = "{pki}/coordinator/cert.pem"
-key = "{pki}/coordinator/key.pem"
-key_passphrase_env = "{KEY_PASSPHRASE_ENV}"
-crl = "{pki}/coordinator/crl.pem"
-
-[at_rest]
-key_dir = "{pki}/coordinator/kek"
-
+{sections}
 [job]
 id = "breast-cancer"
 rounds = {rounds}
@@ -58,7 +49,7 @@ optimizer = "sgd"
 seed = 1
 "#,
         models = dir.path().join("models").display(),
-        pki = pki.display()
+        sections = coordinator_sections(&pki)
     );
     let cfg_path = dir.path().join("coordinator.toml");
     std::fs::write(&cfg_path, cfg).unwrap();

@@ -206,16 +206,7 @@ metrics_listen = "127.0.0.1:0"
 model_dir = "{models}"
 watch_interval_ms = 100
 
-[tls]
-ca = "{pki}/coordinator/ca.pem"
-cert = "{pki}/coordinator/cert.pem"
-key = "{pki}/coordinator/key.pem"
-key_passphrase_env = "{KEY_PASSPHRASE_ENV}"
-crl = "{pki}/coordinator/crl.pem"
-
-[at_rest]
-key_dir = "{pki}/coordinator/kek"
-
+{sections}
 [inference]
 device = "wgpu"
 max_batch = 16
@@ -226,7 +217,7 @@ version = 1
 share = 0.25
 "#,
             models = dir.join("models").display(),
-            pki = pki.display()
+            sections = coordinator_sections(&pki)
         ),
     );
 
@@ -410,21 +401,24 @@ share = 0.25
     assert!(diff < 1e-4, "wgpu and ndarray logits differ by {diff}");
 
     // `cohort predict` from the shell, with the client.toml `cohort provision` wrote.
-    let out = Command::new(BIN)
-        .arg("predict")
-        .arg("--config")
-        .arg(pki.join("inference/app/client.toml"))
-        .args(["--server", &format!("https://{serve_addr}"), "--csv"])
-        .arg(&shares[0])
-        .args(["--label", "diagnosis", "--limit", "50", "--batch", "16"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let predict = |args: &[&str]| {
+        let mut c = Command::new(BIN);
+        c.arg("predict")
+            .arg("--config")
+            .arg(pki.join("inference/app/client.toml"))
+            .args(["--server", &format!("https://{serve_addr}"), "--csv"])
+            .arg(&shares[0])
+            .args(args);
+        c
+    };
+    let text = succeed(&mut predict(&[
+        "--label",
+        "diagnosis",
+        "--limit",
+        "50",
+        "--batch",
+        "16",
+    ]));
     assert!(
         text.contains("serving serve-job v2 (variant a, 75% of requests)"),
         "{text}"
@@ -434,34 +428,14 @@ share = 0.25
     // Rows prepared as hospital-0 prepares its own (its exported statistics): the served
     // model classifies them well.
     let site = dir.join("hospital-0-standardizer.json");
-    let out = Command::new(BIN)
-        .args(["participant", "--config"])
-        .arg(dir.join("participant-0.toml"))
-        .arg("--export-standardizer")
-        .arg(&site)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        Command::new(BIN)
+            .args(["participant", "--config"])
+            .arg(dir.join("participant-0.toml"))
+            .arg("--export-standardizer")
+            .arg(&site),
     );
-    let out = Command::new(BIN)
-        .arg("predict")
-        .arg("--config")
-        .arg(pki.join("inference/app/client.toml"))
-        .args(["--server", &format!("https://{serve_addr}"), "--csv"])
-        .arg(&shares[0])
-        .args(["--label", "diagnosis", "--standardizer"])
-        .arg(&site)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = succeed(predict(&["--label", "diagnosis", "--standardizer"]).arg(&site));
     let accuracy: f64 = text
         .lines()
         .find_map(|l| l.strip_prefix("accuracy "))
@@ -471,15 +445,7 @@ share = 0.25
         .unwrap();
     assert!(accuracy > 0.9, "{text}");
     // A CSV without the label column: the model wants 30 features, the file has 31 columns.
-    let out = Command::new(BIN)
-        .arg("predict")
-        .arg("--config")
-        .arg(pki.join("inference/app/client.toml"))
-        .args(["--server", &format!("https://{serve_addr}"), "--csv"])
-        .arg(&shares[0])
-        .args(["--limit", "3"])
-        .output()
-        .unwrap();
+    let out = predict(&["--limit", "3"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(

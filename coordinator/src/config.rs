@@ -290,12 +290,7 @@ impl CoordinatorConfig {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut cfg = Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         if let Some(dir) = path.parent() {
-            cfg.tls = cfg.tls.map(|t| t.relative_to(dir));
-            if let Some(k) = cfg.at_rest.as_mut().and_then(|a| a.key_dir.as_mut())
-                && k.is_relative()
-            {
-                *k = dir.join(&*k);
-            }
+            relative_to(dir, &mut cfg.tls, &mut cfg.at_rest);
         }
         Ok(cfg)
     }
@@ -329,6 +324,21 @@ impl CoordinatorConfig {
             i.validate()?;
         }
         Ok(cfg)
+    }
+}
+
+/// Makes the `[tls]` files and the `[at_rest]` key directory relative to `dir` (the
+/// configuration file's).
+fn relative_to(
+    dir: &Path,
+    tls: &mut Option<cohort_protocol::tls::TlsFiles>,
+    at_rest: &mut Option<AtRestSection>,
+) {
+    *tls = tls.take().map(|t| t.relative_to(dir));
+    if let Some(k) = at_rest.as_mut().and_then(|a| a.key_dir.as_mut())
+        && k.is_relative()
+    {
+        *k = dir.join(&*k);
     }
 }
 
@@ -408,12 +418,7 @@ impl ServeConfig {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut cfg = Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         if let Some(dir) = path.parent() {
-            cfg.tls = cfg.tls.map(|t| t.relative_to(dir));
-            if let Some(k) = cfg.at_rest.as_mut().and_then(|a| a.key_dir.as_mut())
-                && k.is_relative()
-            {
-                *k = dir.join(&*k);
-            }
+            relative_to(dir, &mut cfg.tls, &mut cfg.at_rest);
         }
         Ok(cfg)
     }

@@ -960,7 +960,6 @@ pub async fn serve_alone(
     crl_poll: Duration,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), String> {
-    use tokio_stream::StreamExt;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_not_serving::<pb::inference_server::InferenceServer<InferenceApi>>()
@@ -977,17 +976,12 @@ pub async fn serve_alone(
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
-    let reflection = |b: tonic_reflection::server::Builder<'static>| {
-        b.register_encoded_file_descriptor_set(cohort_protocol::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let v1 = reflection(tonic_reflection::server::Builder::configure())
-        .build_v1()
-        .expect("the descriptor set built with the protocol is valid");
+    let (v1, v1alpha) = crate::service::reflection();
     let router = tonic::transport::Server::builder()
         .add_service(inference.service())
         .add_service(health_service)
-        .add_service(v1);
+        .add_service(v1)
+        .add_service(v1alpha);
     let served = match tls {
         Some(tls) => {
             let (incoming, tasks) = crate::listener::incoming(listener, tls, crl_poll)?;
@@ -1001,18 +995,10 @@ pub async fn serve_alone(
             }
             r
         }
-        None => {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
-                conn.and_then(|s| {
-                    s.set_nodelay(true)?;
-                    Ok(s)
-                })
-            });
-            router
-                .serve_with_incoming_shutdown(incoming, shutdown)
-                .await
-                .map_err(|e| e.to_string())
-        }
+        None => router
+            .serve_with_incoming_shutdown(crate::listener::nodelay(listener), shutdown)
+            .await
+            .map_err(|e| e.to_string()),
     };
     health_task.abort();
     served

@@ -257,3 +257,18 @@ pub fn incoming(
         vec![reload, accept],
     ))
 }
+
+/// A plaintext listener's connections with `TCP_NODELAY` set. tonic sets it only on sockets it
+/// binds itself; without it, Nagle's algorithm and delayed ACKs add ~40 ms to every small
+/// request/response exchange.
+pub fn nodelay(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        conn.and_then(|s| {
+            s.set_nodelay(true)?;
+            Ok(s)
+        })
+    })
+}

@@ -110,6 +110,29 @@ pub(crate) struct Shared {
     pub(crate) inference: std::sync::OnceLock<crate::inference::Inference>,
 }
 
+/// gRPC server reflection, v1 and v1alpha, over every `cohort.v1` service and
+/// `grpc.health.v1`, so grpcurl, grpcui and generated clients work without the .proto files.
+pub(crate) fn reflection() -> (
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+) {
+    let with_sets = |b: tonic_reflection::server::Builder<'static>| {
+        b.register_encoded_file_descriptor_set(cohort_protocol::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1 = with_sets(tonic_reflection::server::Builder::configure())
+        .build_v1()
+        .expect("the descriptor set built with the protocol is valid");
+    let v1alpha = with_sets(tonic_reflection::server::Builder::configure())
+        .build_v1alpha()
+        .expect("the descriptor set built with the protocol is valid");
+    (v1, v1alpha)
+}
+
 /// Recent message nonces per participant: a state-changing message (an update, a share, an
 /// evaluation) whose nonce was seen before is a replay and is refused. The newest
 /// `NONCES_KEPT` per participant are kept; anything older is refused anyway by the round,
@@ -291,17 +314,8 @@ impl Coordinator {
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
-        use tokio_stream::StreamExt;
-        // tonic sets TCP_NODELAY only on sockets it binds itself. Without it, Nagle's
-        // algorithm and delayed ACKs add ~40 ms to every small request/response exchange.
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
-            conn.and_then(|s| {
-                s.set_nodelay(true)?;
-                Ok(s)
-            })
-        });
         self.router()
-            .serve_with_incoming_shutdown(incoming, shutdown)
+            .serve_with_incoming_shutdown(crate::listener::nodelay(listener), shutdown)
             .await
     }
 
@@ -309,16 +323,7 @@ impl Coordinator {
     /// reflection (v1 and v1alpha), so standard gRPC tools work.
     fn router(&self) -> tonic::transport::server::Router {
         let (health, health_service) = tonic_health::server::health_reporter();
-        let reflection = |b: tonic_reflection::server::Builder<'static>| {
-            b.register_encoded_file_descriptor_set(cohort_protocol::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        };
-        let v1 = reflection(tonic_reflection::server::Builder::configure())
-            .build_v1()
-            .expect("the descriptor set built with the protocol is valid");
-        let v1alpha = reflection(tonic_reflection::server::Builder::configure())
-            .build_v1alpha()
-            .expect("the descriptor set built with the protocol is valid");
+        let (v1, v1alpha) = reflection();
         let inference = self.shared.inference.get().is_some();
         tokio::spawn(async move {
             use cohort_protocol::pb::{

@@ -103,6 +103,17 @@ impl InferenceModel {
         self.spec.input_shape().len()
     }
 
+    /// Logits for every example in `x` (laid end to end), `per_pass` examples per forward
+    /// pass.
+    pub fn logits_in_passes(&self, x: &[f32], per_pass: usize) -> Result<Vec<f32>, ModelError> {
+        let d = self.input_len();
+        let mut out = Vec::with_capacity(x.len() / d.max(1) * self.spec.classes());
+        for chunk in x.chunks(d * per_pass.max(1)) {
+            out.extend(self.logits(chunk, chunk.len() / d)?);
+        }
+        Ok(out)
+    }
+
     /// Logits, row-major `[rows, classes]`, for `rows` examples laid end to end in `x`.
     pub fn logits(&self, x: &[f32], rows: usize) -> Result<Vec<f32>, ModelError> {
         let d = self.input_len();
@@ -125,6 +136,15 @@ impl InferenceModel {
             .to_vec::<f32>()
             .map_err(|e| ModelError::Store(format!("reading logits: {e:?}")))
     }
+}
+
+/// The largest absolute difference between two equally long slices (0 for empty ones).
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "comparing slices of different lengths");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Collects each float parameter's id, path and shape.
@@ -203,14 +223,6 @@ mod tests {
             .collect()
     }
 
-    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
-    }
-
     #[test]
     fn int8_on_ndarray_quantizes_every_tensor_and_stays_close() {
         let spec = cnn();
@@ -225,7 +237,7 @@ mod tests {
         );
         let x = inputs(16, 784);
         let (a, b) = (f.logits(&x, 16).unwrap(), q.logits(&x, 16).unwrap());
-        let d = max_diff(&a, &b);
+        let d = max_abs_diff(&a, &b);
         assert!(d > 0.0, "int8 changed nothing: was it quantized?");
         assert!(d < 0.05, "int8 logits differ by {d}");
     }

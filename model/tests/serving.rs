@@ -6,18 +6,11 @@ use std::path::Path;
 use std::time::Instant;
 
 use cohort_model::data::{IdxSplit, load_idx_dir};
+use cohort_model::infer::max_abs_diff;
 use cohort_model::train::metrics_from_logits;
 use cohort_model::{ComputeDevice, InferenceModel, ModelSpec, Optimizer, Precision, TrainConfig};
 
 const FASHION: &str = "/usr/share/datasets/fashion-mnist";
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
 
 #[test]
 fn served_cnn_agrees_across_devices_and_int8_keeps_accuracy() {
@@ -47,10 +40,7 @@ fn served_cnn_agrees_across_devices_and_int8_keeps_accuracy() {
     let run = |dev, prec| {
         let t = Instant::now();
         let m = InferenceModel::load(&spec, &params, dev, prec).unwrap();
-        let mut out = Vec::new();
-        for c in x.chunks(784 * 1000) {
-            out.extend(m.logits(c, c.len() / 784).unwrap());
-        }
+        let out = m.logits_in_passes(&x, 1000).unwrap();
         let acc = metrics_from_logits(&out, &test.labels, 10).accuracy;
         eprintln!(
             "{dev} {prec}: accuracy {acc:.4}, {:.2}s, quantized {:?}",
@@ -61,7 +51,7 @@ fn served_cnn_agrees_across_devices_and_int8_keeps_accuracy() {
     };
     let (cpu, acc_cpu) = run(ComputeDevice::Cpu, Precision::F32);
     let (gpu, acc_gpu) = run(ComputeDevice::Wgpu, Precision::F32);
-    let d = max_diff(&cpu, &gpu);
+    let d = max_abs_diff(&cpu, &gpu);
     eprintln!("max diff f32 {d}");
     let (_, acc_q) = run(ComputeDevice::Cpu, Precision::Int8);
     let (_, acc_qg) = run(ComputeDevice::Wgpu, Precision::Int8);

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use cohort_model::data::{LabelColumn, load_csv};
+use cohort_model::infer::max_abs_diff;
 use cohort_model::train::predict_logits;
 use cohort_model::{ComputeDevice, FeatureShape, ModelSpec, Optimizer, Standardizer, TrainConfig};
 
@@ -13,14 +14,6 @@ fn breast_cancer() -> cohort_model::Dataset {
     let mut ds = load_csv(&p, &LabelColumn::Name("diagnosis".into())).unwrap();
     Standardizer::fit(&ds).apply(&mut ds);
     ds
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -35,7 +28,7 @@ fn wgpu_and_ndarray_agree_on_inference_and_training() {
     };
     let (cpu, gpu) = (on(ComputeDevice::Cpu), on(ComputeDevice::Wgpu));
     assert_eq!(cpu.len(), ds.len() * 2);
-    let d = max_diff(&cpu, &gpu);
+    let d = max_abs_diff(&cpu, &gpu);
     assert!(d < 1e-4, "logits differ by {d}");
 
     let cfg = TrainConfig {
@@ -49,7 +42,7 @@ fn wgpu_and_ndarray_agree_on_inference_and_training() {
         cohort_model::train(&spec, &params, &ds, &cfg, ComputeDevice::Cpu).unwrap();
     let (p_gpu, r_gpu) =
         cohort_model::train(&spec, &params, &ds, &cfg, ComputeDevice::Wgpu).unwrap();
-    let d = max_diff(&p_cpu, &p_gpu);
+    let d = max_abs_diff(&p_cpu, &p_gpu);
     assert!(d < 1e-4, "parameters after training differ by {d}");
     assert!((r_cpu.epoch_loss[1] - r_gpu.epoch_loss[1]).abs() < 1e-4);
     let acc = cohort_model::evaluate(&spec, &p_gpu, &ds, ComputeDevice::Wgpu)
@@ -83,6 +76,6 @@ fn cnn_runs_on_wgpu_like_on_ndarray() {
         let d = dev.inference();
         predict_logits(&spec.build(&params, &d).unwrap(), &ds, &d)
     };
-    let d = max_diff(&on(ComputeDevice::Cpu), &on(ComputeDevice::Wgpu));
+    let d = max_abs_diff(&on(ComputeDevice::Cpu), &on(ComputeDevice::Wgpu));
     assert!(d < 1e-4, "CNN logits differ by {d}");
 }

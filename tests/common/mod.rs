@@ -344,16 +344,11 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-pub fn coordinator_config(dir: &Path, port: u16, allowed: &str, extra: &str) -> PathBuf {
-    let pki = dir.join("pki");
-    let cfg = format!(
+/// The `[tls]` and `[at_rest]` sections of a server holding the coordinator's certificate (its
+/// key encrypted with [`KEY_PASSPHRASE`]) and key-encryption keys, from `pki`.
+pub fn coordinator_sections(pki: &Path) -> String {
+    format!(
         r#"
-listen = "127.0.0.1:{port}"
-model_dir = "{models}"
-state_file = "{state}"
-metrics_listen = "127.0.0.1:0"
-allowed_participants = [{allowed}]
-{extra}
 [tls]
 ca = "{pki}/coordinator/ca.pem"
 cert = "{pki}/coordinator/cert.pem"
@@ -364,9 +359,24 @@ crl = "{pki}/coordinator/crl.pem"
 [at_rest]
 key_dir = "{pki}/coordinator/kek"
 "#,
+        pki = pki.display()
+    )
+}
+
+pub fn coordinator_config(dir: &Path, port: u16, allowed: &str, extra: &str) -> PathBuf {
+    let pki = dir.join("pki");
+    let cfg = format!(
+        r#"
+listen = "127.0.0.1:{port}"
+model_dir = "{models}"
+state_file = "{state}"
+metrics_listen = "127.0.0.1:0"
+allowed_participants = [{allowed}]
+{extra}
+{sections}"#,
         models = dir.join("models").display(),
         state = dir.join("state/coordinator.redb").display(),
-        pki = pki.display()
+        sections = coordinator_sections(&pki)
     );
     let p = dir.join("coordinator.toml");
     std::fs::write(&p, cfg).unwrap();
@@ -469,4 +479,16 @@ pub fn alert_rules_name_exported_metrics(include: impl Fn(&str) -> bool, exposit
         checked >= 4,
         "only {checked} metric names found in alerts.yml"
     );
+}
+
+/// Runs `cmd`, which must succeed; its stdout (stdout and stderr in the panic message if not).
+pub fn succeed(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
