@@ -91,7 +91,7 @@ async fn measure(
         max_batch,
         max_wait_us: 2_000,
         queue: 4_096,
-        candidate: None,
+        ..InferenceSettings::default()
     };
     let metrics = Metrics::inference_only();
     let inf = Inference::new(store.clone(), settings, metrics.inference()).unwrap();

@@ -105,6 +105,14 @@ pub struct InferenceSettings {
     /// An A/B split: another version of the promoted job takes `share` of requests.
     #[serde(default)]
     pub candidate: Option<Candidate>,
+    /// Examples per second one caller (one client certificate; one address without TLS) may
+    /// have predicted, sustained; 0 for no limit. Bounds how fast one application can query
+    /// the model (and so extract it). Over it: RESOURCE_EXHAUSTED.
+    #[serde(default)]
+    pub caller_rate: f64,
+    /// Examples one caller may send in a burst above `caller_rate` (default: one second's).
+    #[serde(default)]
+    pub caller_burst: Option<f64>,
 }
 
 impl Default for InferenceSettings {
@@ -116,6 +124,8 @@ impl Default for InferenceSettings {
             max_wait_us: default_max_wait_us(),
             queue: default_queue(),
             candidate: None,
+            caller_rate: 0.0,
+            caller_burst: None,
         }
     }
 }
@@ -148,6 +158,19 @@ impl InferenceSettings {
             return Err(format!(
                 "inference.max_wait_us must be at most 1000000 (1 s), not {}",
                 self.max_wait_us
+            ));
+        }
+        if !(self.caller_rate >= 0.0 && self.caller_rate.is_finite()) {
+            return Err(format!(
+                "inference.caller_rate must be 0 (no limit) or a positive number, not {}",
+                self.caller_rate
+            ));
+        }
+        if let Some(b) = self.caller_burst
+            && !(b >= 1.0 && b.is_finite())
+        {
+            return Err(format!(
+                "inference.caller_burst must be at least 1, not {b}"
             ));
         }
         if let Some(c) = &self.candidate
@@ -245,7 +268,7 @@ impl InferenceMetrics {
         r.register(
             "inference_requests",
             "Inference requests answered, by variant, version and outcome (ok, invalid, \
-             exhausted, unavailable, error)",
+             exhausted, limited, unavailable, error)",
             self.requests.clone(),
         );
         r.register(
@@ -491,6 +514,8 @@ struct Inner {
     counter: AtomicU64,
     metrics: InferenceMetrics,
     require_certificates: AtomicBool,
+    /// Per-caller token buckets, when `caller_rate` is set.
+    limiter: Option<crate::service::RateLimiter>,
 }
 
 /// The inference service. Cheap to clone.
@@ -526,6 +551,14 @@ impl Inference {
             })
             .set(1);
         tracing::info!(%device, precision = %settings.precision, "inference service");
+        let limiter = (settings.caller_rate > 0.0).then(|| {
+            crate::service::RateLimiter::new(
+                settings.caller_rate,
+                settings
+                    .caller_burst
+                    .unwrap_or(settings.caller_rate.max(1.0)),
+            )
+        });
         Ok(Inference {
             inner: Arc::new(Inner {
                 settings,
@@ -537,6 +570,7 @@ impl Inference {
                 counter: AtomicU64::new(0),
                 metrics,
                 require_certificates: AtomicBool::new(false),
+                limiter,
             }),
         })
     }
@@ -697,6 +731,22 @@ impl Inference {
         }
     }
 
+    /// Refuses `caller` when `rows` more examples would take it over its rate.
+    fn limit(&self, caller: &str, rows: usize) -> Result<(), Status> {
+        let Some(l) = &self.inner.limiter else {
+            return Ok(());
+        };
+        if l.allow_n(caller, Instant::now(), rows as f64) {
+            return Ok(());
+        }
+        self.inner.metrics.outcome(None, "limited");
+        tracing::warn!(%caller, rows, "refused: over the inference rate limit");
+        Err(Status::resource_exhausted(format!(
+            "{caller}: over the limit of {} examples per second; slow down",
+            self.inner.settings.caller_rate
+        )))
+    }
+
     /// Queues `rows` examples on one variant and waits for their logits.
     async fn run(
         &self,
@@ -796,10 +846,15 @@ impl Inference {
             .max_decoding_message_size(cohort_protocol::MAX_MESSAGE_BYTES)
     }
 
-    fn caller<T>(&self, req: &Request<T>) -> Result<(), Status> {
+    /// The caller's identity (its certificate's, or its address on a plaintext listener),
+    /// once its role is checked.
+    fn caller<T>(&self, req: &Request<T>) -> Result<String, Status> {
         use cohort_crypto::pki::Role;
         if !self.inner.require_certificates.load(Ordering::SeqCst) {
-            return Ok(());
+            return Ok(req
+                .remote_addr()
+                .map(|a| a.ip().to_string())
+                .unwrap_or_else(|| "unknown".into()));
         }
         let leaf = req
             .peer_certs()
@@ -808,7 +863,7 @@ impl Inference {
         let (id, role) = cohort_crypto::pki::identity_of(&leaf)
             .map_err(|e| Status::permission_denied(e.to_string()))?;
         match role {
-            Role::Inference | Role::Admin => Ok(()),
+            Role::Inference | Role::Admin => Ok(id),
             _ => {
                 tracing::warn!(identity = %id, %role, "refused: not an inference certificate");
                 Err(Status::permission_denied(format!(
@@ -860,7 +915,8 @@ impl pb::inference_server::Inference for InferenceApi {
         &self,
         req: Request<pb::PredictRequest>,
     ) -> Result<Response<pb::PredictResponse>, Status> {
-        self.0.caller(&req)?;
+        let caller = self.0.caller(&req)?;
+        self.0.limit(&caller, 1)?;
         let ex = req
             .into_inner()
             .example
@@ -880,7 +936,7 @@ impl pb::inference_server::Inference for InferenceApi {
         &self,
         req: Request<pb::PredictBatchRequest>,
     ) -> Result<Response<pb::PredictBatchResponse>, Status> {
-        self.0.caller(&req)?;
+        let caller = self.0.caller(&req)?;
         let examples = req.into_inner().examples;
         let rows = examples.len();
         let cap = self.0.inner.settings.queue;
@@ -892,6 +948,7 @@ impl pb::inference_server::Inference for InferenceApi {
                 "a batch may hold at most {cap} examples (the queue's capacity), not {rows}"
             )));
         }
+        self.0.limit(&caller, rows)?;
         let labels: Vec<Option<u32>> = examples.iter().map(|e| e.label).collect();
         let x: Vec<f32> = examples.into_iter().flat_map(|e| e.features).collect();
         let (v, logits, started) = self.0.run(x, rows).await?;
@@ -1160,6 +1217,37 @@ mod tests {
         assert_eq!(logits, want, "answered by version 0's weights");
         let (v, _, _) = inf.run(x, 1).await.unwrap();
         assert_eq!(v.model, version(1));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_caller_over_its_rate_is_refused_and_others_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = registry(dir.path());
+        let mut s = settings(8, 0, 64);
+        s.caller_rate = 1.0;
+        s.caller_burst = Some(5.0);
+        let inf = Inference::new(store, s, InferenceMetrics::new()).unwrap();
+        inf.switch(&version(0)).unwrap();
+        // A burst of 5 examples, then nothing until the bucket refills (1 a second).
+        inf.limit("app-1", 3).unwrap();
+        inf.limit("app-1", 2).unwrap();
+        let e = inf.limit("app-1", 1).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            e.message()
+                .contains("app-1: over the limit of 1 examples per second"),
+            "{e:?}"
+        );
+        // Another caller has its own bucket; a batch larger than the burst never passes.
+        inf.limit("app-2", 5).unwrap();
+        assert!(inf.limit("app-3", 6).is_err());
+        let mut bad = settings(8, 0, 64);
+        bad.caller_rate = -1.0;
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .contains("inference.caller_rate")
+        );
     }
 
     #[test]

@@ -171,13 +171,13 @@ impl NonceLog {
 }
 
 /// Token buckets per caller: `rate.0` requests per second sustained, bursts of `rate.1`.
-struct RateLimiter {
+pub(crate) struct RateLimiter {
     rate: Mutex<(f64, f64)>,
     buckets: Mutex<std::collections::HashMap<String, (f64, Instant)>>,
 }
 
 impl RateLimiter {
-    fn new(per_second: f64, burst: f64) -> Self {
+    pub(crate) fn new(per_second: f64, burst: f64) -> Self {
         RateLimiter {
             rate: Mutex::new((per_second, burst)),
             buckets: Mutex::new(std::collections::HashMap::new()),
@@ -185,6 +185,11 @@ impl RateLimiter {
     }
 
     fn allow(&self, key: &str, now: Instant) -> bool {
+        self.allow_n(key, now, 1.0)
+    }
+
+    /// Whether `key` may spend `cost` tokens now (and spends them if so).
+    pub(crate) fn allow_n(&self, key: &str, now: Instant, cost: f64) -> bool {
         let (rate, burst) = *self.rate.lock().expect("limiter lock");
         let mut b = self.buckets.lock().expect("limiter lock");
         if b.len() > 100_000 {
@@ -194,8 +199,8 @@ impl RateLimiter {
         let (tokens, at) = b.entry(key.to_string()).or_insert((burst, now));
         *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(burst);
         *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
+        if *tokens >= cost {
+            *tokens -= cost;
             true
         } else {
             false
