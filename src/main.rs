@@ -295,7 +295,10 @@ async fn run_serve(
             .await
             .with_context(|| format!("metrics_listen {m}"))?;
         println!("metrics on http://{}/metrics", l.local_addr()?);
-        tokio::spawn(metrics.serve(l, std::future::pending()));
+        let i = inference.clone();
+        tokio::spawn(
+            metrics.serve_with_readiness(l, std::future::pending(), move || i.serving().is_some()),
+        );
     }
     tracing::info!(%addr, device = %inference.device(), "inference service listening");
     println!("listening on {addr}");

@@ -94,6 +94,10 @@ print(json.dumps(out))
     assert_eq!(hpa["maxReplicas"], 10);
     assert_eq!(hpa["metrics"][0]["resource"]["name"], "cpu");
     assert_eq!(hpa["scaleTargetRef"]["name"], "cohort-inference");
+    // An inference pod gets traffic only once it has loaded a version (`/ready`).
+    let inf = &get("Deployment/cohort-inference")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(inf["readinessProbe"]["httpGet"]["path"], "/ready");
+    assert_eq!(inf["args"][0], "serve");
     let sts = &get("StatefulSet/cohort-coordinator")["spec"];
     assert_eq!(sts["replicas"], 1, "one active coordinator");
     assert_eq!(sts["volumeClaimTemplates"][0]["metadata"]["name"], "state");

@@ -96,17 +96,22 @@ fn spawn_serve(dir: &Path, cfg: &str) -> (Proc, String, String) {
     (proc, addr, metrics)
 }
 
-fn scrape(addr: &str) -> String {
+/// The whole HTTP/1.1 response to `GET path`.
+fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     write!(
         s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
     body
+}
+
+fn scrape(addr: &str) -> String {
+    http_get(addr, "/metrics")
 }
 
 /// The value of the series `name{labels…}` whose labels include every one of `labels`.
@@ -251,9 +256,11 @@ share = 0.25
         .await
         .unwrap();
 
+    assert!(http_get(&serve_metrics, "/ready").starts_with("HTTP/1.1 503"));
     admin(dir, &coord.addr, &["models", "promote", "serve-job", "1"]);
     wait_version(&mut embedded, 1).await;
     wait_version(&mut alone, 1).await;
+    assert!(http_get(&serve_metrics, "/ready").starts_with("HTTP/1.1 200"));
 
     // Bad input is named.
     let e = alone

@@ -342,28 +342,54 @@ impl Metrics {
             .set(to.version as i64);
     }
 
-    /// Serves `/metrics` on `listener` until `shutdown` completes.
+    /// Serves `/metrics` on `listener` until `shutdown` completes, and `/ready` (always 200).
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        self.serve_with_readiness(listener, shutdown, || true).await
+    }
+
+    /// Serves `/metrics`, and `/ready`: 200 when `ready()` says so, 503 otherwise (for
+    /// Kubernetes readiness probes: `cohort serve` is ready once a version is loaded).
+    pub async fn serve_with_readiness(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+        ready: impl Fn() -> bool + Clone + Send + Sync + 'static,
+    ) -> std::io::Result<()> {
+        use axum::http::StatusCode;
         use axum::http::header::CONTENT_TYPE;
-        let app = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let m = self.clone();
-                async move {
-                    (
-                        [(
-                            CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        m.encode(),
-                    )
-                }
-            }),
-        );
+        let app = axum::Router::new()
+            .route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let m = self.clone();
+                    async move {
+                        (
+                            [(
+                                CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            m.encode(),
+                        )
+                    }
+                }),
+            )
+            .route(
+                "/ready",
+                axum::routing::get(move || {
+                    let ready = ready.clone();
+                    async move {
+                        if ready() {
+                            (StatusCode::OK, "ready\n")
+                        } else {
+                            (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                        }
+                    }
+                }),
+            );
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
