@@ -277,10 +277,20 @@ impl Coordinator {
     }
 
     /// Serves the Inference service on this coordinator's listener, following promotions
-    /// and rollbacks. Loads the version the state says is promoted, if any (blocking).
+    /// and rollbacks. Loads the version the state says is promoted, if any (blocking). A
+    /// version that cannot be loaded is logged and counted, and the coordinator runs on:
+    /// training does not depend on serving, and the next promotion tries again.
     pub fn attach_inference(&self, inference: crate::inference::Inference) -> Result<(), String> {
-        if let Some(to) = self.shared.state.serving().map_err(|e| e.to_string())? {
-            inference.switch(&to)?;
+        if let Some(to) = self.shared.state.serving().map_err(|e| e.to_string())?
+            && let Err(e) = inference.switch(&to)
+        {
+            tracing::error!(
+                job = %to.job_id,
+                version = to.version,
+                error = %e,
+                "the promoted version cannot be served; Predict answers UNAVAILABLE until the \
+                 next promotion"
+            );
         }
         self.shared
             .inference
