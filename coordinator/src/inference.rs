@@ -15,7 +15,6 @@
 //!   fixed share of requests (a low-discrepancy sequence, so the share is exact over any
 //!   window). Every answer names its version and variant; metrics are per version.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::time::{Duration, Instant};
@@ -345,6 +344,7 @@ type Reply = tokio::sync::oneshot::Sender<Result<Vec<f32>, String>>;
 struct Item {
     x: Vec<f32>,
     rows: usize,
+    enqueued: Instant,
     reply: Reply,
 }
 
@@ -357,7 +357,7 @@ struct Variant {
     input_len: usize,
     classes: usize,
     quantized: Vec<String>,
-    tx: Mutex<mpsc::Sender<Item>>,
+    tx: mpsc::Sender<Item>,
 }
 
 /// What is being served: variant a, and b when there is an A/B split.
@@ -441,9 +441,10 @@ fn worker_loop(model: &InferenceModel, rx: mpsc::Receiver<Item>, wp: &WorkerPara
                 Err(_) => return,
             },
         };
-        let deadline = Instant::now() + wp.max_wait;
+        // The oldest example waits at most `max_wait` for company.
+        let deadline = first.enqueued + wp.max_wait;
         let mut rows = first.rows;
-        let mut items = VecDeque::from([first]);
+        let mut items = vec![first];
         while rows < wp.max_batch {
             let left = deadline.saturating_duration_since(Instant::now());
             let next = if left.is_zero() {
@@ -454,7 +455,7 @@ fn worker_loop(model: &InferenceModel, rx: mpsc::Receiver<Item>, wp: &WorkerPara
             match next {
                 Some(i) if rows + i.rows <= wp.max_batch => {
                     rows += i.rows;
-                    items.push_back(i);
+                    items.push(i);
                 }
                 Some(i) => {
                     carried = Some(i);
@@ -701,7 +702,7 @@ impl Inference {
             manifest,
             share,
             quantized,
-            tx: Mutex::new(tx),
+            tx,
         })
     }
 
@@ -792,10 +793,12 @@ impl Inference {
         }
         inner.metrics.queued.set((before + rows) as i64);
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let sent =
-            v.tx.lock()
-                .expect("worker queue lock")
-                .send(Item { x, rows, reply });
+        let sent = v.tx.send(Item {
+            x,
+            rows,
+            enqueued: Instant::now(),
+            reply,
+        });
         if sent.is_err() {
             inner.queued.fetch_sub(rows, Ordering::SeqCst);
             inner.metrics.outcome(Some(&v), "error");
