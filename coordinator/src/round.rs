@@ -173,6 +173,13 @@ impl JobConfig {
                 self.job_id
             ));
         }
+        // The registry's own names at its root.
+        if matches!(self.job_id.as_str(), "objects" | "serving.json") {
+            return Err(format!(
+                "job id {:?} is reserved by the model registry",
+                self.job_id
+            ));
+        }
         self.model.validate().map_err(|e| format!("model: {e}"))?;
         self.train.validate().map_err(|e| format!("train: {e}"))?;
         if self.rounds == 0 {

@@ -518,6 +518,12 @@ fn invalid_job_configs_name_the_setting() {
     let mut c = config();
     c.rounds = 0;
     assert!(c.validate().unwrap_err().contains("rounds"));
+    for reserved in ["objects", "serving.json"] {
+        let mut c = config();
+        c.job_id = reserved.into();
+        let e = c.validate().unwrap_err();
+        assert!(e.contains("reserved by the model registry"), "{e}");
+    }
 }
 
 #[test]
