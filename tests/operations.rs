@@ -785,5 +785,47 @@ fn model_versions_go_to_an_s3_compatible_server() {
     for (v, p) in params.iter().enumerate() {
         assert_eq!(&after.read_params(v as u64).unwrap(), p);
     }
+
+    // Serving from the bucket: the coordinator again, in service mode, promotes; a `cohort
+    // serve` replica reading the same bucket follows the serving pointer written there.
+    let s3_section = format!(
+        "[model_store.s3]\nbucket = \"cohort-models\"\nprefix = \"federation-a\"\n\
+         endpoint = \"{endpoint}\"\nallow_http = true\n"
+    );
+    let cfg = coordinator_config(dir, free_port(), "", &s3_section);
+    let coord = spawn_coordinator_env(&cfg, &creds);
+    admin(dir, &coord.addr, &["models", "promote", "s3", "2"]);
+    assert!(objects.exists("serving.json").unwrap());
+    let (_serve, serve_addr, _) = spawn_serve(
+        dir,
+        &format!(
+            "listen = \"127.0.0.1:0\"\nwatch_interval_ms = 100\n{s3_section}\n[inference]\n\
+             device = \"ndarray\"\n{sections}",
+            sections = coordinator_sections(&dir.join("pki"))
+        ),
+        &creds,
+    );
+    let served = |want: &str| {
+        wait_until(
+            &format!("cohort serve serves {want}"),
+            Duration::from_secs(20),
+            || {
+                let out = Command::new(BIN)
+                    .arg("predict")
+                    .arg("--config")
+                    .arg(dir.join("pki/inference/app/client.toml"))
+                    .args(["--server", &format!("https://{serve_addr}"), "--csv"])
+                    .arg(&shares[0])
+                    .args(["--label", "diagnosis", "--limit", "5"])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout).contains(&format!("serving s3 {want} "))
+            },
+        )
+    };
+    served("v2");
+    admin(dir, &coord.addr, &["models", "promote", "s3", "1"]);
+    served("v1");
+    drop(coord);
     let _ = moto.child.kill();
 }

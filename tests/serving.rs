@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cohort_protocol::pb::{self, inference_client::InferenceClient};
@@ -61,39 +61,6 @@ async fn wait_version(c: &mut InferenceClient<Channel>, version: u64) {
         assert!(Instant::now() < until, "version {version} is not served");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// Starts `cohort serve` and waits until it listens; returns it with its gRPC and metrics
-/// addresses.
-fn spawn_serve(dir: &Path, cfg: &str) -> (Proc, String, String) {
-    use std::io::{BufRead, BufReader};
-    let p = dir.join("serve.toml");
-    std::fs::write(&p, cfg).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&p)
-        .env(KEY_PASSPHRASE_ENV, KEY_PASSPHRASE)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let (mut addr, mut metrics) = (String::new(), String::new());
-    while addr.is_empty() {
-        let mut line = String::new();
-        assert!(out.read_line(&mut line).unwrap() > 0, "cohort serve exited");
-        if let Some(a) = line.trim().strip_prefix("listening on ") {
-            addr = a.to_string();
-        } else if let Some(m) = line.trim().strip_prefix("metrics on http://") {
-            metrics = m.trim_end_matches("/metrics").to_string();
-        }
-    }
-    std::thread::spawn(move || for _ in out.lines() {});
-    let proc = Proc {
-        child,
-        name: "cohort serve".into(),
-    };
-    (proc, addr, metrics)
 }
 
 /// The whole HTTP/1.1 response to `GET path`.
@@ -224,6 +191,7 @@ share = 0.25
             models = dir.join("models").display(),
             sections = coordinator_sections(&pki)
         ),
+        &[],
     );
 
     let mut embedded = client(dir, "inference/app", &coord.addr).await;

@@ -492,3 +492,36 @@ pub fn succeed(cmd: &mut Command) -> String {
     );
     stdout
 }
+
+/// Starts `cohort serve` and waits until it listens; returns it with its gRPC and metrics
+/// addresses.
+pub fn spawn_serve(dir: &Path, cfg: &str, env: &[(&str, &str)]) -> (Proc, String, String) {
+    let p = dir.join("serve.toml");
+    std::fs::write(&p, cfg).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&p)
+        .envs(env.iter().copied())
+        .env(KEY_PASSPHRASE_ENV, KEY_PASSPHRASE)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let (mut addr, mut metrics) = (String::new(), String::new());
+    while addr.is_empty() {
+        let mut line = String::new();
+        assert!(out.read_line(&mut line).unwrap() > 0, "cohort serve exited");
+        if let Some(a) = line.trim().strip_prefix("listening on ") {
+            addr = a.to_string();
+        } else if let Some(m) = line.trim().strip_prefix("metrics on http://") {
+            metrics = m.trim_end_matches("/metrics").to_string();
+        }
+    }
+    std::thread::spawn(move || for _ in out.lines() {});
+    let proc = Proc {
+        child,
+        name: "cohort serve".into(),
+    };
+    (proc, addr, metrics)
+}
