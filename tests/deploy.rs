@@ -1,7 +1,7 @@
 //! The deployment files: Kubernetes manifests checked against the Kubernetes API schemas by
 //! kubernetes-validate (PyPI, schemas bundled, strict: unknown fields are errors), the
 //! configurations inside their ConfigMaps parsed by cohort's own parsers, and the container
-//! image's Dockerfile linted by hadolint.
+//! image's Dockerfile linted by hadolint. The example configurations parse as well.
 
 use std::path::Path;
 use std::process::Command;
@@ -165,4 +165,28 @@ fn the_dockerfile_passes_hadolint_and_builds_the_binary_in_a_separate_stage() {
     }
     // The image's binary runs as a non-root user.
     assert!(text.contains("USER 10001"));
+}
+
+#[test]
+fn the_example_configurations_parse() {
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let read = |p: &str| std::fs::read_to_string(ex.join(p)).unwrap();
+    let c =
+        cohort_coordinator::CoordinatorConfig::parse(&read("configs/coordinator.toml")).unwrap();
+    assert!(c.job.is_some());
+    let s = cohort_coordinator::config::ServeConfig::parse(&read("configs/serve.toml")).unwrap();
+    assert!(s.pin.is_none() && s.inference.candidate.is_none());
+    for p in ["configs/participant.toml", "configs/custodian.toml"] {
+        cohort_participant::ParticipantConfig::parse(&read(p), &ex.join("configs"))
+            .unwrap_or_else(|e| panic!("{p}: {e}"));
+    }
+    for job in std::fs::read_dir(ex.join("jobs")).unwrap() {
+        let p = job.unwrap().path();
+        let spec = cohort_coordinator::config::JobSection::parse_spec(
+            &std::fs::read_to_string(&p).unwrap(),
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        spec.job_config()
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    }
 }
