@@ -231,7 +231,7 @@ fn main() {
 
     // Accuracy of each variant on the whole test set.
     let devices: Vec<ComputeDevice> = args.devices.iter().map(|d| d.parse().unwrap()).collect();
-    let x: Vec<f32> = (0..test.len()).flat_map(|i| test.row(i).to_vec()).collect();
+    let x = &test.features;
     println!("## Fashion-MNIST test set (10,000 images)\n");
     println!("| device | precision | accuracy | change vs f32 | int8 tensors |");
     println!("|---|---|---|---|---|");
@@ -240,7 +240,7 @@ fn main() {
         let mut f32_acc = 0.0;
         for prec in [Precision::F32, Precision::Int8] {
             let m = InferenceModel::load(&spec, &params, dev, prec).unwrap();
-            let logits = m.logits_in_passes(&x, 500).unwrap();
+            let logits = m.logits_in_passes(x, 500).unwrap();
             let acc = metrics_from_logits(&logits, &test.labels, 10).accuracy;
             if prec == Precision::F32 {
                 f32_acc = acc;

@@ -464,21 +464,23 @@ fn worker_loop(model: &InferenceModel, rx: mpsc::Receiver<Item>, wp: &WorkerPara
                 None => break,
             }
         }
-        let mut x = Vec::with_capacity(rows * model.input_len());
-        for i in &items {
-            x.extend_from_slice(&i.x);
-        }
+        let x: Vec<f32> = match items.as_mut_slice() {
+            // One request: its buffer is the batch.
+            [only] => std::mem::take(&mut only.x),
+            all => all.iter().flat_map(|i| i.x.iter().copied()).collect(),
+        };
         wp.metrics
             .batch_size
             .get_or_create(&wp.label)
             .observe(rows as f64);
         // A panic inside Burn fails this batch's requests, not the worker.
-        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.logits(&x, rows)))
-            .unwrap_or_else(|_| {
-                Err(cohort_model::ModelError::Store(
-                    "the forward pass panicked".into(),
-                ))
-            });
+        let out =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.logits_vec(x, rows)))
+                .unwrap_or_else(|_| {
+                    Err(cohort_model::ModelError::Store(
+                        "the forward pass panicked".into(),
+                    ))
+                });
         wp.queued.fetch_sub(rows, Ordering::SeqCst);
         wp.metrics
             .queued
@@ -675,8 +677,7 @@ impl Inference {
         let what = |e: crate::model_store::StoreError| {
             format!("version {} of job {:?}: {e}", m.version, m.job_id)
         };
-        let manifest = store.manifest(m.version).map_err(what)?;
-        let params = store.read_params(m.version).map_err(what)?;
+        let (manifest, params) = store.read_version(m.version).map_err(what)?;
         let wp = WorkerParams {
             max_batch: inner.settings.max_batch,
             max_wait: Duration::from_micros(inner.settings.max_wait_us),
@@ -707,26 +708,46 @@ impl Inference {
     }
 
     /// Follows the registry's serving pointer (written by the coordinator on promote and
-    /// rollback), checking every `interval`. Runs until the task is dropped.
+    /// rollback), checking every `interval`. A version that failed to load is tried again
+    /// only after `RELOAD_RETRY` (or once the pointer moves), not at every check. Runs until
+    /// the task is dropped.
     pub async fn follow_registry(self, interval: Duration) {
+        const RELOAD_RETRY: Duration = Duration::from_secs(30);
+        let mut failed: Option<(ModelRef, Instant)> = None;
         let mut last_error = String::new();
         loop {
             let me = self.clone();
+            let skip = failed.clone();
             let r = tokio::task::spawn_blocking(move || {
-                match me.inner.store.read_serving().map_err(|e| e.to_string())? {
-                    Some(to) => me.switch(&to),
-                    None => Ok(()),
+                let to = me
+                    .inner
+                    .store
+                    .read_serving()
+                    .map_err(|e| (None, e.to_string()))?;
+                match to {
+                    Some(to)
+                        if !skip
+                            .as_ref()
+                            .is_some_and(|(f, at)| *f == to && at.elapsed() < RELOAD_RETRY) =>
+                    {
+                        me.switch(&to).map_err(|e| (Some(to), e))
+                    }
+                    _ => Ok(()),
                 }
             })
             .await
-            .unwrap_or_else(|e| Err(e.to_string()));
+            .unwrap_or_else(|e| Err((None, e.to_string())));
             match r {
-                Err(e) if e != last_error => {
-                    tracing::error!(error = %e, "following the promoted version");
-                    last_error = e;
-                }
-                Err(_) => {}
                 Ok(()) => last_error.clear(),
+                Err((to, e)) => {
+                    if let Some(to) = to {
+                        failed = Some((to, Instant::now()));
+                    }
+                    if e != last_error {
+                        tracing::error!(error = %e, "following the promoted version");
+                        last_error = e;
+                    }
+                }
             }
             tokio::time::sleep(interval).await;
         }
@@ -859,22 +880,11 @@ impl Inference {
                 .map(|a| a.ip().to_string())
                 .unwrap_or_else(|| "unknown".into()));
         }
-        let leaf = req
-            .peer_certs()
-            .and_then(|c| c.first().cloned())
-            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-        let (id, role) = cohort_crypto::pki::identity_of(&leaf)
-            .map_err(|e| Status::permission_denied(e.to_string()))?;
-        match role {
-            Role::Inference | Role::Admin => Ok(id),
-            _ => {
-                tracing::warn!(identity = %id, %role, "refused: not an inference certificate");
-                Err(Status::permission_denied(format!(
-                    "{id:?} holds a {role} certificate; the Inference service is for inference \
-                     clients and admins"
-                )))
-            }
-        }
+        crate::service::certificate_identity(
+            req,
+            &[Role::Inference, Role::Admin],
+            "the Inference service is for inference clients and admins",
+        )
     }
 }
 

@@ -496,6 +496,12 @@ impl ModelStore {
 
     /// Version `version`'s flat parameters, checked against its manifest's digest.
     pub fn read_params(&self, version: u64) -> Result<Vec<f32>, StoreError> {
+        Ok(self.read_version(version)?.1)
+    }
+
+    /// Version `version`'s manifest and flat parameters (checked against the manifest's
+    /// digest), reading the manifest once.
+    pub fn read_version(&self, version: u64) -> Result<(ModelManifest, Vec<f32>), StoreError> {
         let manifest = self.manifest(version)?;
         let bytes = self.weights_of(&manifest)?;
         let net = manifest
@@ -516,7 +522,7 @@ impl ModelStore {
                 ),
             });
         }
-        Ok(params)
+        Ok((manifest, params))
     }
 
     /// A version's safetensors bytes, decrypted if need be and checked against their address.

@@ -133,6 +133,32 @@ pub(crate) fn reflection() -> (
     (v1, v1alpha)
 }
 
+/// The identity in the caller's client certificate, if its role is one of `allowed`;
+/// otherwise `PermissionDenied` naming the role and what `service` is for. Every refusal is
+/// logged with the identity.
+pub(crate) fn certificate_identity<T>(
+    req: &Request<T>,
+    allowed: &[cohort_crypto::pki::Role],
+    service: &str,
+) -> Result<String, Status> {
+    let leaf = req
+        .peer_certs()
+        .and_then(|certs| certs.first().cloned())
+        .ok_or_else(|| {
+            tracing::warn!("refused a call without a client certificate");
+            Status::unauthenticated("a client certificate is required")
+        })?;
+    let (id, role) = cohort_crypto::pki::identity_of(&leaf)
+        .map_err(|e| Status::permission_denied(e.to_string()))?;
+    if !allowed.contains(&role) {
+        tracing::warn!(identity = %id, %role, "refused: {service}");
+        return Err(Status::permission_denied(format!(
+            "{id:?} holds a {role} certificate; {service}"
+        )));
+    }
+    Ok(id)
+}
+
 /// Recent message nonces per participant: a state-changing message (an update, a share, an
 /// evaluation) whose nonce was seen before is a replay and is refused. The newest
 /// `NONCES_KEPT` per participant are kept; anything older is refused anyway by the round,
@@ -440,26 +466,11 @@ impl Coordinator {
         {
             return Ok(None);
         }
-        let certs = req.peer_certs().ok_or_else(|| {
-            tracing::warn!("refused a call without a client certificate");
-            Status::unauthenticated("a client certificate is required")
-        })?;
-        let leaf = certs
-            .first()
-            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-        let (id, role) = cohort_crypto::pki::identity_of(leaf)
-            .map_err(|e| Status::permission_denied(e.to_string()))?;
-        if role != wanted {
-            tracing::warn!(identity = %id, %role, "refused: not a {wanted} certificate");
-            let service = match wanted {
-                cohort_crypto::pki::Role::Admin => "the Admin service is for admins",
-                _ => "the Federation service is for participants",
-            };
-            return Err(Status::permission_denied(format!(
-                "{id:?} holds a {role} certificate; {service}"
-            )));
-        }
-        Ok(Some(id))
+        let service = match wanted {
+            cohort_crypto::pki::Role::Admin => "the Admin service is for admins",
+            _ => "the Federation service is for participants",
+        };
+        certificate_identity(req, &[wanted], service).map(Some)
     }
 
     /// One of the `UPLOAD_SLOTS` model-sized receive buffers, held while an upload or share

@@ -116,6 +116,11 @@ impl InferenceModel {
 
     /// Logits, row-major `[rows, classes]`, for `rows` examples laid end to end in `x`.
     pub fn logits(&self, x: &[f32], rows: usize) -> Result<Vec<f32>, ModelError> {
+        self.logits_vec(x.to_vec(), rows)
+    }
+
+    /// [`Self::logits`] taking the input buffer, which becomes the tensor's without a copy.
+    pub fn logits_vec(&self, x: Vec<f32>, rows: usize) -> Result<Vec<f32>, ModelError> {
         let d = self.input_len();
         if rows == 0 || x.len() != rows * d {
             return Err(ModelError::DataMismatch(format!(
@@ -128,7 +133,7 @@ impl InferenceModel {
                 "value {i} of the input is not finite"
             )));
         }
-        let t = Tensor::<2>::from_data(TensorData::new(x.to_vec(), [rows, d]), &self.device);
+        let t = Tensor::<2>::from_data(TensorData::new(x, [rows, d]), &self.device);
         self.net
             .forward(t)
             .into_data()

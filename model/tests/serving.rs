@@ -36,11 +36,11 @@ fn served_cnn_agrees_across_devices_and_int8_keeps_accuracy() {
     )
     .unwrap();
     eprintln!("trained in {:.1}s", t.elapsed().as_secs_f64());
-    let x: Vec<f32> = (0..test.len()).flat_map(|i| test.row(i).to_vec()).collect();
+    let x = &test.features;
     let run = |dev, prec| {
         let t = Instant::now();
         let m = InferenceModel::load(&spec, &params, dev, prec).unwrap();
-        let out = m.logits_in_passes(&x, 1000).unwrap();
+        let out = m.logits_in_passes(x, 1000).unwrap();
         let acc = metrics_from_logits(&out, &test.labels, 10).accuracy;
         eprintln!(
             "{dev} {prec}: accuracy {acc:.4}, {:.2}s, quantized {:?}",
