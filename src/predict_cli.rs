@@ -39,7 +39,7 @@ pub struct PredictArgs {
     /// Predict at most this many rows.
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Rows per PredictBatch call.
+    /// Rows per PredictBatch call (fewer where that many would not fit in one message).
     #[arg(long, default_value_t = 256)]
     pub batch: usize,
     /// Print each row's prediction (otherwise only the first 10).
@@ -190,8 +190,11 @@ pub async fn run(a: PredictArgs) -> anyhow::Result<()> {
         "{:>6}  {:>5}  {:>11}  {:>5}  version",
         "row", "class", "probability", "label"
     );
-    for (b, chunk) in input.features.chunks(a.batch).enumerate() {
-        let start = b * a.batch;
+    // A batch larger than one request may carry is sent as several requests.
+    let features = input.features.first().map_or(1, Vec::len);
+    let per_request = a.batch.min(cohort_protocol::examples_per_request(features));
+    for (b, chunk) in input.features.chunks(per_request).enumerate() {
+        let start = b * per_request;
         let examples = chunk
             .iter()
             .enumerate()

@@ -79,6 +79,11 @@ pub struct SimArgs {
     /// Write a JSON summary here.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Write each participant's rows as JSON here ({"train": [[row, ...], ...], "test":
+    /// [...]}, zero-based rows of the IDX training and test files, or of the CSV table), so
+    /// another framework can be run on exactly the same shares.
+    #[arg(long)]
+    pub export_partition: Option<PathBuf>,
     /// Draw accuracy per round as an SVG here.
     #[arg(long)]
     pub plot: Option<PathBuf>,
@@ -147,6 +152,15 @@ struct Prepared {
     pooled_train: Dataset,
     pooled_test: Dataset,
     standardize: bool,
+    /// Each participant's rows of the source: (training rows, held-out rows).
+    shares: Shares,
+}
+
+/// Each participant's rows of the source data, for `--export-partition`.
+#[derive(Debug, Serialize)]
+struct Shares {
+    train: Vec<Vec<usize>>,
+    test: Vec<Vec<usize>>,
 }
 
 fn prepare(args: &SimArgs) -> anyhow::Result<Prepared> {
@@ -154,8 +168,6 @@ fn prepare(args: &SimArgs) -> anyhow::Result<Prepared> {
     if n == 0 {
         bail!("--participants must be at least 1");
     }
-    let split_local =
-        |share: Dataset, i: usize| share.split(args.test_fraction, args.seed + i as u64);
     match &args.dataset {
         Some(dir) if dir.is_dir() => {
             let train = load_idx_dir(dir, IdxSplit::Train)?;
@@ -189,6 +201,10 @@ fn prepare(args: &SimArgs) -> anyhow::Result<Prepared> {
                 pooled_train: train,
                 pooled_test: test,
                 standardize: false,
+                shares: Shares {
+                    train: parts,
+                    test: test_parts,
+                },
             })
         }
         source => {
@@ -208,8 +224,20 @@ fn prepare(args: &SimArgs) -> anyhow::Result<Prepared> {
                 cohort_model::partition(&ds.labels, ds.num_classes, n, args.partition, args.seed)?;
             let mut locals = Vec::with_capacity(n);
             let (mut trains, mut tests) = (Vec::new(), Vec::new());
+            let mut shares = Shares {
+                train: Vec::with_capacity(n),
+                test: Vec::with_capacity(n),
+            };
             for (i, p) in parts.iter().enumerate() {
-                let (tr, te) = split_local(ds.subset(p), i)?;
+                let (tr, te) = ds
+                    .subset(p)
+                    .split_indices(args.test_fraction, args.seed + i as u64)?;
+                shares.train.push(tr.iter().map(|&r| p[r]).collect());
+                shares.test.push(te.iter().map(|&r| p[r]).collect());
+                let (tr, te) = (
+                    ds.subset(shares.train.last().unwrap()),
+                    ds.subset(shares.test.last().unwrap()),
+                );
                 trains.push(tr.clone());
                 tests.push(te.clone());
                 locals.push(LocalData::from_split(tr, te, true));
@@ -220,6 +248,7 @@ fn prepare(args: &SimArgs) -> anyhow::Result<Prepared> {
                 pooled_train: Dataset::concat(&trains.iter().collect::<Vec<_>>())?,
                 pooled_test: Dataset::concat(&tests.iter().collect::<Vec<_>>())?,
                 standardize: true,
+                shares,
             })
         }
     }
@@ -233,6 +262,10 @@ fn fmt_opt(v: Option<f64>, digits: usize) -> String {
 /// Runs the simulation and prints what happened; returns the report.
 pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
     let prep = prepare(&args)?;
+    if let Some(p) = &args.export_partition {
+        std::fs::write(p, serde_json::to_vec(&prep.shares)?)
+            .with_context(|| format!("writing the partition to {}", p.display()))?;
+    }
     let first = &prep.locals[0].train;
     let spec = ModelSpec::for_shape(first.shape, first.num_classes, &args.hidden);
     let lr = args.lr.unwrap_or(match args.optimizer {
@@ -509,8 +542,8 @@ const SIM_JOB: &str = "simulation";
 const SIM_APP: &str = "app";
 
 /// The final version served by `cohort serve`'s code over mutual TLS, asked for every
-/// participant's held-out rows (prepared as that site prepares its own data) in one batch per
-/// site. Returns the rows answered, their accuracy and the slowest batch's seconds.
+/// participant's held-out rows (prepared as that site prepares its own data), in batches as
+/// large as a request may carry. Returns the rows answered, their accuracy and the slowest batch's seconds.
 async fn ask_served_model(
     store: ModelStore,
     to: cohort_coordinator::state::ModelRef,
@@ -551,11 +584,14 @@ async fn ask_served_model(
         .tls_config(pki.client(SIM_APP)?.client_config())?
         .connect()
         .await?;
-    let mut client = InferenceClient::new(channel);
+    let mut client = InferenceClient::new(channel)
+        .max_decoding_message_size(cohort_protocol::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(cohort_protocol::MAX_MESSAGE_BYTES);
     let (mut rows, mut correct, mut slowest) = (0, 0, 0.0f64);
     for local in &prep.locals {
         let t = &local.test;
-        for chunk in (0..t.len()).collect::<Vec<_>>().chunks(1024) {
+        let per_request = cohort_protocol::examples_per_request(t.shape.len()).min(1024);
+        for chunk in (0..t.len()).collect::<Vec<_>>().chunks(per_request) {
             let started = Instant::now();
             let answer = client
                 .predict_batch(pb::PredictBatchRequest {

@@ -378,6 +378,97 @@ fn dedicated_custodians_decrypt_and_the_result_is_the_same() {
     assert!(fed >= 0.95, "federated accuracy {fed}");
 }
 
+/// Writes an MNIST-style IDX directory of 28×28 images: class k is a bright 6×6 square at
+/// one of ten places, on seeded noise, so a CNN can learn it in a round or two.
+fn write_idx_images(dir: &Path, train: usize, test: usize) {
+    fn idx(path: PathBuf, dims: &[u32], data: &[u8]) {
+        let mut out = vec![0, 0, 0x08, dims.len() as u8];
+        for d in dims {
+            out.extend(d.to_be_bytes());
+        }
+        out.extend_from_slice(data);
+        std::fs::write(path, out).unwrap();
+    }
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    std::fs::create_dir_all(dir).unwrap();
+    for (prefix, n) in [("train", train), ("t10k", test)] {
+        let (mut pixels, mut labels) = (Vec::with_capacity(n * 784), Vec::with_capacity(n));
+        for _ in 0..n {
+            let class = (next() % 10) as usize;
+            let (top, left) = (2 + (class / 5) * 12, 1 + (class % 5) * 5);
+            for r in 0..28 {
+                for c in 0..28 {
+                    let inside = (top..top + 6).contains(&r) && (left..left + 6).contains(&c);
+                    let noise = (next() % 64) as u8;
+                    pixels.push(if inside { 191 + noise } else { noise });
+                }
+            }
+            labels.push(class as u8);
+        }
+        idx(
+            dir.join(format!("{prefix}-images-idx3-ubyte")),
+            &[n as u32, 28, 28],
+            &pixels,
+        );
+        idx(
+            dir.join(format!("{prefix}-labels-idx1-ubyte")),
+            &[n as u32],
+            &labels,
+        );
+    }
+}
+
+/// The README's Fashion-MNIST command, shortened (two rounds on a generated IDX set of the
+/// same shape): it runs to its very end, including the served model answering every site's
+/// held-out images, which need several requests per site at 784 values an image.
+#[test]
+fn an_image_simulation_runs_to_the_end_and_serves_every_held_out_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("images");
+    write_idx_images(&data, 1200, 3000);
+    let (stdout, r) = simulate(
+        dir.path(),
+        "images",
+        &[
+            "--dataset",
+            data.to_str().unwrap(),
+            "--participants",
+            "10",
+            "--partition",
+            "dirichlet:0.5",
+            "--rounds",
+            "2",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--lr",
+            "0.05",
+        ],
+    );
+    assert_eq!(r["model"]["kind"], "cnn", "{r}");
+    assert_eq!(r["rounds"].as_array().unwrap().len(), 2);
+    // Every site's share of the 3,000 test images went through the Inference service.
+    assert_eq!(r["served_rows"], 3000, "{stdout}");
+    let (fed, served) = (
+        r["federated_accuracy"].as_f64().unwrap(),
+        r["served_accuracy"].as_f64().unwrap(),
+    );
+    assert!(fed > 0.5, "federated accuracy {fed} after two rounds");
+    assert!(
+        (fed - served).abs() < 1e-9,
+        "served {served} vs federated {fed}"
+    );
+    let central = r["centralised_accuracy"].as_f64().unwrap();
+    assert!(central > 0.5, "centralised accuracy {central}");
+}
+
 mod tls {
     //! The coordinator's mutual TLS, against a real coordinator process: who gets in, who
     //! does not, and revocation without a restart.

@@ -154,6 +154,16 @@ impl Dataset {
 
     /// Seeded, stratified split: about `test_fraction` of each class goes to the second set.
     pub fn split(&self, test_fraction: f64, seed: u64) -> Result<(Dataset, Dataset), DataError> {
+        let (train, test) = self.split_indices(test_fraction, seed)?;
+        Ok((self.subset(&train), self.subset(&test)))
+    }
+
+    /// The row indices [`Self::split`] puts in each set, in that order.
+    pub fn split_indices(
+        &self,
+        test_fraction: f64,
+        seed: u64,
+    ) -> Result<(Vec<usize>, Vec<usize>), DataError> {
         if !(0.0..1.0).contains(&test_fraction) {
             return Err(DataError::Invalid(format!(
                 "test fraction {test_fraction} is not in [0, 1)"
@@ -173,7 +183,7 @@ impl Dataset {
         }
         train.shuffle(&mut rng);
         test.shuffle(&mut rng);
-        Ok((self.subset(&train), self.subset(&test)))
+        Ok((train, test))
     }
 }
 

@@ -3,10 +3,10 @@
 //!
 //! This crate knows nothing about the network, async runtimes or cryptography: it takes data,
 //! parameters, seeds and a device, and returns numbers.
-#![allow(deprecated)] // Device::ndarray() is deprecated in Burn 0.22 in favour of the `flex` backend.
 
 pub mod data;
 pub mod infer;
+pub mod kernels;
 pub mod net;
 pub mod partition;
 pub mod train;
@@ -69,7 +69,7 @@ impl ComputeDevice {
     /// A device for inference (no autodiff).
     pub fn inference(self) -> burn::tensor::Device {
         match self {
-            ComputeDevice::Cpu => burn::tensor::Device::ndarray(),
+            ComputeDevice::Cpu => burn::tensor::Device::flex(),
             ComputeDevice::Wgpu => {
                 burn::tensor::Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)
             }

@@ -12,8 +12,8 @@ use rand::rngs::ChaCha8Rng;
 use rand_distr::{Distribution, Uniform};
 use serde::{Deserialize, Serialize};
 
-use crate::ModelError;
 use crate::data::FeatureShape;
+use crate::{ModelError, kernels};
 
 /// What network a federation trains. Every participant builds the same one from it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -321,6 +321,24 @@ pub struct Cnn {
     shape: [usize; 3],
 }
 
+impl Cnn {
+    /// Convolution, ReLU, 2×2 max-pooling. On the CPU (f32 weights) through cohort's kernels
+    /// ([`crate::kernels`]), elsewhere through Burn's modules; both compute the same function.
+    fn block(&self, conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+        let (weight, bias) = (conv.weight.val(), conv.bias.as_ref().map(|b| b.val()));
+        match bias {
+            Some(bias)
+                if kernels::supported(&x)
+                    && kernels::supported(&weight)
+                    && kernels::supported(&bias) =>
+            {
+                kernels::max_pool2x2(self.act.forward(kernels::conv3x3(x, weight, bias)))
+            }
+            _ => self.pool.forward(self.act.forward(conv.forward(x))),
+        }
+    }
+}
+
 /// A network built from a [`ModelSpec`].
 // Built once per task and never moved in a hot loop, so the variants' size difference costs
 // nothing worth a Box (which Burn's derive would have to see through).
@@ -350,8 +368,8 @@ impl Network {
                 let [c, h, w] = m.shape;
                 let b = x.dims()[0];
                 let x: Tensor<4> = x.reshape([b, c, h, w]);
-                let x = m.pool.forward(m.act.forward(m.conv1.forward(x)));
-                let x = m.pool.forward(m.act.forward(m.conv2.forward(x)));
+                let x = m.block(&m.conv1, x);
+                let x = m.block(&m.conv2, x);
                 let x: Tensor<2> = x.flatten(1, 3);
                 m.fc2.forward(m.act.forward(m.fc1.forward(x)))
             }

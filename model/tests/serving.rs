@@ -1,6 +1,5 @@
 //! A served Fashion-MNIST CNN: the same logits on wgpu and ndarray, and int8 within a point of
 //! f32 on the real test set. Needs Debian's dataset-fashion-mnist (`.ci/run` installs it).
-#![allow(deprecated)]
 
 use std::path::Path;
 use std::time::Instant;

@@ -1,6 +1,5 @@
 //! The wgpu device against the ndarray device on the same inputs. Without a GPU this runs on
 //! Mesa's software Vulkan driver (lavapipe), which `.ci/run` installs.
-#![allow(deprecated)]
 
 use std::path::Path;
 

@@ -23,6 +23,18 @@ pub const CHUNK_PARAMS: usize = 256 * 1024;
 /// Largest gRPC message either side accepts: a chunk plus headroom for its framing.
 pub const MAX_MESSAGE_BYTES: usize = 4 * CHUNK_PARAMS + 64 * 1024;
 
+/// The most labelled examples of `features` values each that one `PredictBatchRequest` can
+/// carry within [`MAX_MESSAGE_BYTES`] (at least 1; a single example larger than the limit is
+/// refused by the server with a clear status). Clients split larger batches with it.
+pub fn examples_per_request(features: usize) -> usize {
+    // An encoded Example: the packed floats (tag, length varint, 4 bytes each), the optional
+    // label (tag + varint) and the repeated field's own tag and length: 4 bytes a value plus
+    // at most 22 bytes of framing.
+    let per_example = 4 * features + 22;
+    // Leave room for the request's and gRPC's own framing.
+    ((MAX_MESSAGE_BYTES - 1024) / per_example).max(1)
+}
+
 /// A malformed or inconsistent message.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ProtocolError {
@@ -273,6 +285,34 @@ mod convert;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_predict_batch_fits_the_message_limit() {
+        use prost::Message;
+        for features in [1, 30, 784, 3 * 32 * 32, 300_000] {
+            let n = examples_per_request(features);
+            let req = pb::PredictBatchRequest {
+                examples: (0..n)
+                    .map(|i| pb::Example {
+                        features: vec![1.5; features],
+                        label: Some(u32::MAX - i as u32),
+                    })
+                    .collect(),
+            };
+            let len = req.encoded_len();
+            if n > 1 {
+                assert!(len <= MAX_MESSAGE_BYTES, "{features} features: {len} bytes");
+                // Not needlessly small either, where framing is a small part of an example.
+                if features >= 784 {
+                    assert!(
+                        len > MAX_MESSAGE_BYTES * 9 / 10,
+                        "{features}: only {len} bytes"
+                    );
+                }
+            }
+        }
+        assert_eq!(examples_per_request(300_000), 1);
+    }
 
     #[test]
     fn chunks_reassemble_with_digest() {

@@ -1,0 +1,558 @@
+//! CPU kernels for the image CNN's hot operations, registered with Burn as a backend extension
+//! of its `flex` CPU backend, with hand-written backward passes for autodiff.
+//!
+//! Why: profiling one local epoch of the Fashion-MNIST CNN on burn-flex 0.22.1 showed two
+//! thirds of the time in two places. `max_pool2d_with_indices` is a generic 3-D loop that
+//! computes window bounds with divisions for every output (12 ns an output), and the weight
+//! gradient of a convolution is Burn's default (a convolution of the input with the output
+//! gradient as a 28×28 kernel), 5× the cost of the forward pass. Here a 3×3 "same"
+//! convolution is im2col into one buffer per image and a `gemm` call, forward and backward,
+//! and a 2×2 max-pool keeps the winning position of each window in one byte.
+//!
+//! Batches are spread over the current Rayon pool, one image at a time, so a participant
+//! training with one thread runs them in order and one with all cores splits the batch.
+//! Only f32 tensors on the flex device take these paths ([`supported`]); any other device or
+//! element type (wgpu, int8 weights) uses Burn's own modules, which compute the same function.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, AutodiffBackend, Backend, Dispatch, DispatchDevice, Flex};
+use burn::backend::{TensorMetadata, backend_extension};
+use burn::tensor::{DType, Shape, Tensor, TensorData};
+use rayon::prelude::*;
+
+/// The CNN's operations, as a Burn backend extension (flex, and autodiff over flex).
+#[backend_extension(Flex, Autodiff)]
+pub trait CnnKernels: Backend {
+    /// 3×3 convolution, stride 1, zero padding 1 ("same"): `x` `[B, C, H, W]`, `weight`
+    /// `[O, C, 3, 3]`, `bias` `[O]`, out `[B, O, H, W]`.
+    fn conv3x3(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
+    /// 2×2 max-pooling with stride 2 (an odd last row or column is dropped, as PyTorch and
+    /// Burn do): `[B, C, H, W]` to `[B, C, H/2, W/2]`.
+    fn max_pool2x2(x: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+/// Whether `t` can take these kernels: an f32 tensor on the flex device (with or without
+/// autodiff).
+pub fn supported<const D: usize>(t: &Tensor<D>) -> bool {
+    t.dtype() == DType::F32 && matches!(t.device().inner().as_dispatch(), DispatchDevice::Flex(_))
+}
+
+/// [`CnnKernels::conv3x3`] on tensors. Callers check [`supported`] for every argument.
+pub fn conv3x3(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as CnnKernels>::conv3x3(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+    ))
+}
+
+/// [`CnnKernels::max_pool2x2`] on tensors. Callers check [`supported`].
+pub fn max_pool2x2(x: Tensor<4>) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as CnnKernels>::max_pool2x2(x.into_dispatch()))
+}
+
+impl CnnKernels for Flex {
+    fn conv3x3(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
+        conv3x3_forward(&x, &weight, &bias)
+    }
+
+    fn max_pool2x2(x: FlexTensor) -> FlexTensor {
+        max_pool2x2_forward(&x).0
+    }
+}
+
+#[derive(Debug)]
+struct Conv3x3Backward;
+
+impl Backward<Flex, 3> for Conv3x3Backward {
+    /// The input and the weight.
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_w, node_b] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node);
+        let (x, w) = ops.state;
+        let g = conv3x3_backward(&x, &w, &grad, node_x.is_some());
+        if let (Some(node), Some(gx)) = (node_x, g.x) {
+            grads.register::<Flex>(node.id, gx);
+        }
+        if let Some(node) = node_w {
+            grads.register::<Flex>(node.id, g.weight);
+        }
+        if let Some(node) = node_b {
+            grads.register::<Flex>(node.id, g.bias);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct MaxPool2x2Backward;
+
+impl Backward<Flex, 1> for MaxPool2x2Backward {
+    /// The input's shape and each window's winning position (0..4, row-major in the window).
+    type State = (Shape, Arc<Vec<u8>>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node);
+        if let Some(node) = node_x {
+            let (shape, winners) = ops.state;
+            grads.register::<Flex>(node.id, max_pool2x2_backward(&shape, &winners, &grad));
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> CnnKernels for Autodiff<Flex, C> {
+    fn conv3x3(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        match Conv3x3Backward
+            .prepare::<C>([x.node(), weight.node(), bias.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (x, w, b) = (Self::inner(x), Self::inner(weight), Self::inner(bias));
+                let out = conv3x3_forward(&x, &w, &b);
+                prep.finish((x, w), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(conv3x3_forward(
+                &Self::inner(x),
+                &Self::inner(weight),
+                &Self::inner(bias),
+            )),
+        }
+    }
+
+    fn max_pool2x2(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        match MaxPool2x2Backward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let x = Self::inner(x);
+                let (out, winners) = max_pool2x2_forward(&x);
+                prep.finish((x.shape(), Arc::new(winners)), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(max_pool2x2_forward(&Self::inner(x)).0),
+        }
+    }
+}
+
+/// A tensor's values in row-major order (borrowed when it is already laid out so).
+fn values(t: &FlexTensor) -> Cow<'_, [f32]> {
+    assert_eq!(
+        t.dtype(),
+        DType::F32,
+        "cohort's CNN kernels take f32 tensors"
+    );
+    match t.as_slice::<f32>() {
+        Some(s) => Cow::Borrowed(s),
+        None => Cow::Owned(
+            t.to_contiguous()
+                .as_slice::<f32>()
+                .expect("contiguous")
+                .to_vec(),
+        ),
+    }
+}
+
+fn tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+fn dims4(t: &FlexTensor) -> [usize; 4] {
+    t.shape().dims::<4>()
+}
+
+/// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]`, each given by its row and column strides.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    assert!(dst.len() >= m * n, "gemm destination too small");
+    assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
+    assert!(k == 0 || n == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
+    // SAFETY: the asserts above keep every index gemm reads or writes inside the slices, and
+    // `dst` does not alias the inputs (it is borrowed mutably).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// One image's im2col: row `(c, ki, kj)` holds the input shifted by `(ki - 1, kj - 1)`, zero
+/// outside, so that `weight[O, C·9] · cols[C·9, H·W]` is the convolution.
+fn im2col(x: &[f32], c: usize, h: usize, w: usize, cols: &mut [f32]) {
+    let hw = h * w;
+    for ci in 0..c {
+        let plane = &x[ci * hw..(ci + 1) * hw];
+        for ki in 0..3 {
+            for kj in 0..3 {
+                let row = &mut cols[(ci * 9 + ki * 3 + kj) * hw..][..hw];
+                for oh in 0..h {
+                    let out = &mut row[oh * w..(oh + 1) * w];
+                    let ih = oh as isize + ki as isize - 1;
+                    if ih < 0 || ih >= h as isize {
+                        out.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[ih as usize * w..(ih as usize + 1) * w];
+                    match kj {
+                        0 => {
+                            out[0] = 0.0;
+                            out[1..].copy_from_slice(&src[..w - 1]);
+                        }
+                        1 => out.copy_from_slice(src),
+                        _ => {
+                            out[..w - 1].copy_from_slice(&src[1..]);
+                            out[w - 1] = 0.0;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: adds each row of `cols` back at its shift into `dx`.
+fn col2im(cols: &[f32], c: usize, h: usize, w: usize, dx: &mut [f32]) {
+    let hw = h * w;
+    for ci in 0..c {
+        let plane = &mut dx[ci * hw..(ci + 1) * hw];
+        for ki in 0..3 {
+            for kj in 0..3 {
+                let row = &cols[(ci * 9 + ki * 3 + kj) * hw..][..hw];
+                for oh in 0..h {
+                    let ih = oh as isize + ki as isize - 1;
+                    if ih < 0 || ih >= h as isize {
+                        continue;
+                    }
+                    let src = &row[oh * w..(oh + 1) * w];
+                    let dst = &mut plane[ih as usize * w..(ih as usize + 1) * w];
+                    let (d, s) = match kj {
+                        0 => (&mut dst[..w - 1], &src[1..]),
+                        1 => (&mut dst[..], src),
+                        _ => (&mut dst[1..], &src[..w - 1]),
+                    };
+                    for (a, b) in d.iter_mut().zip(s) {
+                        *a += b;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn check_conv(x: [usize; 4], w: [usize; 4], b: usize) {
+    let [_, c, h, wd] = x;
+    assert!(
+        w[1] == c && w[2] == 3 && w[3] == 3 && b == w[0] && h > 0 && wd > 0,
+        "conv3x3: input {x:?}, weight {w:?}, bias [{b}] do not fit"
+    );
+}
+
+/// Forward pass of [`CnnKernels::conv3x3`].
+pub fn conv3x3_forward(x: &FlexTensor, weight: &FlexTensor, bias: &FlexTensor) -> FlexTensor {
+    let [n, c, h, w] = dims4(x);
+    let o = dims4(weight)[0];
+    check_conv(dims4(x), dims4(weight), bias.shape().num_elements());
+    let (xv, wv, bv) = (values(x), values(weight), values(bias));
+    let (hw, k) = (h * w, c * 9);
+    let mut out = vec![0.0f32; n * o * hw];
+    out.par_chunks_mut(o * hw).enumerate().for_each_init(
+        || vec![0.0f32; k * hw],
+        |cols, (b, out)| {
+            im2col(&xv[b * c * hw..(b + 1) * c * hw], c, h, w, cols);
+            for (oc, row) in out.chunks_mut(hw).enumerate() {
+                row.fill(bv[oc]);
+            }
+            matmul((o, hw, k), out, true, &wv, (k, 1), cols, (hw, 1));
+        },
+    );
+    tensor(out, Shape::new([n, o, h, w]))
+}
+
+/// Images per group in the backward pass (see [`conv3x3_backward`]).
+const GROUP: usize = 4;
+
+/// Gradients of [`CnnKernels::conv3x3`].
+pub struct Conv3x3Grads {
+    /// `None` unless asked for (the first layer's input needs none).
+    pub x: Option<FlexTensor>,
+    pub weight: FlexTensor,
+    pub bias: FlexTensor,
+}
+
+/// Backward pass of [`CnnKernels::conv3x3`] for the output gradient `grad` `[B, O, H, W]`.
+pub fn conv3x3_backward(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    grad: &FlexTensor,
+    want_x: bool,
+) -> Conv3x3Grads {
+    let [n, c, h, w] = dims4(x);
+    let o = dims4(weight)[0];
+    assert_eq!(dims4(grad), [n, o, h, w], "conv3x3: output gradient shape");
+    let (xv, wv, gv) = (values(x), values(weight), values(grad));
+    let (hw, k) = (h * w, c * 9);
+    let mut dx = vec![0.0f32; if want_x { n * c * hw } else { 0 }];
+    // Images go in fixed groups whatever the thread count; each group sums its images' weight
+    // and bias gradients, and the groups' sums are added in order, so the result is the same
+    // bit for bit with one thread or many.
+    let mut dx_groups: Vec<Option<&mut [f32]>> = if want_x {
+        dx.chunks_mut(c * hw * GROUP).map(Some).collect()
+    } else {
+        (0..n.div_ceil(GROUP)).map(|_| None).collect()
+    };
+    let groups: Vec<(Vec<f32>, Vec<f32>)> = dx_groups
+        .par_iter_mut()
+        .enumerate()
+        .map(|(group, dxg)| {
+            let (mut cols, mut dw, mut db) =
+                (vec![0.0f32; k * hw], vec![0.0f32; o * k], vec![0.0f32; o]);
+            for b in group * GROUP..((group + 1) * GROUP).min(n) {
+                let g = &gv[b * o * hw..(b + 1) * o * hw];
+                im2col(&xv[b * c * hw..(b + 1) * c * hw], c, h, w, &mut cols);
+                // dW[O, K] += g[O, HW] · colsᵀ[HW, K]
+                matmul((o, k, hw), &mut dw, true, g, (hw, 1), &cols, (1, hw));
+                for (oc, row) in g.chunks(hw).enumerate() {
+                    db[oc] += row.iter().sum::<f32>();
+                }
+                if let Some(dxg) = dxg.as_deref_mut() {
+                    // dcols[K, HW] = Wᵀ[K, O] · g[O, HW], scattered back onto the input.
+                    matmul((k, hw, o), &mut cols, false, &wv, (1, k), g, (hw, 1));
+                    let local = b - group * GROUP;
+                    col2im(
+                        &cols,
+                        c,
+                        h,
+                        w,
+                        &mut dxg[local * c * hw..(local + 1) * c * hw],
+                    );
+                }
+            }
+            (dw, db)
+        })
+        .collect();
+    let (mut dw, mut db) = (vec![0.0f32; o * k], vec![0.0f32; o]);
+    for (gw, gb) in &groups {
+        dw.iter_mut().zip(gw).for_each(|(a, b)| *a += b);
+        db.iter_mut().zip(gb).for_each(|(a, b)| *a += b);
+    }
+    Conv3x3Grads {
+        x: want_x.then(|| tensor(dx, Shape::new([n, c, h, w]))),
+        weight: tensor(dw, Shape::new([o, c, 3, 3])),
+        bias: tensor(db, Shape::new([o])),
+    }
+}
+
+/// Forward pass of [`CnnKernels::max_pool2x2`]: the output and each window's winner (the
+/// first largest value, or the first NaN, in row-major window order).
+pub fn max_pool2x2_forward(x: &FlexTensor) -> (FlexTensor, Vec<u8>) {
+    let [n, c, h, w] = dims4(x);
+    let (oh, ow) = (h / 2, w / 2);
+    let xv = values(x);
+    let mut out = vec![0.0f32; n * c * oh * ow];
+    let mut winners = vec![0u8; n * c * oh * ow];
+    if oh * ow > 0 {
+        out.par_chunks_mut(oh * ow)
+            .zip(winners.par_chunks_mut(oh * ow))
+            .enumerate()
+            .for_each(|(p, (out, win))| {
+                let plane = &xv[p * h * w..(p + 1) * h * w];
+                for i in 0..oh {
+                    let (r0, r1) = (&plane[2 * i * w..], &plane[(2 * i + 1) * w..]);
+                    for j in 0..ow {
+                        let v = [r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]];
+                        let mut best = 0;
+                        for q in 1..4 {
+                            if v[q] > v[best] || (v[q].is_nan() && !v[best].is_nan()) {
+                                best = q;
+                            }
+                        }
+                        out[i * ow + j] = v[best];
+                        win[i * ow + j] = best as u8;
+                    }
+                }
+            });
+    }
+    (tensor(out, Shape::new([n, c, oh, ow])), winners)
+}
+
+/// Backward pass of [`CnnKernels::max_pool2x2`]: each output's gradient goes to its winner.
+pub fn max_pool2x2_backward(x_shape: &Shape, winners: &[u8], grad: &FlexTensor) -> FlexTensor {
+    let [n, c, h, w] = x_shape.dims::<4>();
+    let (oh, ow) = (h / 2, w / 2);
+    let gv = values(grad);
+    assert_eq!(
+        gv.len(),
+        n * c * oh * ow,
+        "max_pool2x2: output gradient shape"
+    );
+    let mut dx = vec![0.0f32; n * c * h * w];
+    if oh * ow > 0 {
+        dx.par_chunks_mut(h * w).enumerate().for_each(|(p, plane)| {
+            let (g, win) = (
+                &gv[p * oh * ow..][..oh * ow],
+                &winners[p * oh * ow..][..oh * ow],
+            );
+            for i in 0..oh {
+                for j in 0..ow {
+                    let q = win[i * ow + j] as usize;
+                    plane[(2 * i + q / 2) * w + 2 * j + q % 2] = g[i * ow + j];
+                }
+            }
+        });
+    }
+    tensor(dx, x_shape.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::module::Module;
+    use burn::nn::PaddingConfig2d;
+    use burn::nn::conv::Conv2dConfig;
+    use burn::nn::pool::MaxPool2dConfig;
+    use burn::tensor::Device;
+
+    fn input(dev: &Device, shape: [usize; 4], seed: usize) -> Tensor<4> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| (((i + seed) * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        Tensor::from_data(TensorData::new(v, shape), dev)
+    }
+
+    fn close(a: Tensor<4>, b: Tensor<4>, what: &str) {
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            a.into_data().convert::<f32>().into_vec().unwrap(),
+            b.into_data().convert::<f32>().into_vec().unwrap(),
+        );
+        assert_eq!(a.len(), b.len(), "{what}");
+        let d = crate::infer::max_abs_diff(&a, &b);
+        assert!(d < 1e-4, "{what}: differs from Burn's by {d}");
+    }
+
+    #[test]
+    fn conv3x3_matches_burns_conv2d_forward_and_backward() {
+        let dev = Device::flex().autodiff();
+        for (shape, out) in [([2, 1, 6, 6], 3), ([3, 4, 5, 7], 2), ([1, 2, 1, 1], 4)] {
+            let conv = Conv2dConfig::new([shape[1], out], [3, 3])
+                .with_padding(PaddingConfig2d::Same)
+                .init(&dev);
+            let x = input(&dev, shape, 3).require_grad();
+            let w = conv.weight.val();
+            let b = conv.bias.as_ref().unwrap().val();
+            assert!(supported(&x) && supported(&w) && supported(&b));
+            let (burn_out, ours) = (
+                conv.forward(x.clone()),
+                conv3x3(x.clone(), w.clone(), b.clone()),
+            );
+            close(burn_out.clone(), ours.clone(), "forward");
+            // The same upstream gradient through both: a weighted sum of the outputs.
+            let weights = input(&dev, burn_out.dims(), 11);
+            let g1 = (burn_out * weights.clone()).sum().backward();
+            let g2 = (ours * weights).sum().backward();
+            close(x.grad(&g1).unwrap(), x.grad(&g2).unwrap(), "input gradient");
+            close(
+                w.grad(&g1).unwrap(),
+                w.grad(&g2).unwrap(),
+                "weight gradient",
+            );
+            let (b1, b2) = (b.grad(&g1).unwrap(), b.grad(&g2).unwrap());
+            close(
+                b1.reshape([1, 1, 1, out]),
+                b2.reshape([1, 1, 1, out]),
+                "bias gradient",
+            );
+        }
+    }
+
+    #[test]
+    fn max_pool2x2_matches_burns_max_pool2d_forward_and_backward() {
+        let dev = Device::flex().autodiff();
+        let pool = MaxPool2dConfig::new([2, 2]).init();
+        for shape in [[2, 3, 4, 6], [1, 2, 5, 7], [1, 1, 1, 3]] {
+            // Coarse values, so windows hold ties; both must send the gradient to one place.
+            let x = input(&dev, shape, 5).mul_scalar(2.0).round().require_grad();
+            let (a, b) = (pool.forward(x.clone()), max_pool2x2(x.clone()));
+            close(a.clone(), b.clone(), "forward");
+            let weights = input(&dev, a.dims(), 2);
+            let g1 = (a * weights.clone()).sum().backward();
+            let g2 = (b * weights).sum().backward();
+            let (d1, d2) = (x.grad(&g1).unwrap(), x.grad(&g2).unwrap());
+            // Ties may be broken differently; the total gradient per window may not.
+            let sum = |t: Tensor<4>| -> Vec<f32> {
+                t.sum_dim(3).sum_dim(2).into_data().into_vec().unwrap()
+            };
+            assert_eq!(sum(d1.clone()).len(), sum(d2.clone()).len());
+            let diff = crate::infer::max_abs_diff(&sum(d1), &sum(d2));
+            assert!(diff < 1e-4, "pooled gradient mass differs by {diff}");
+        }
+    }
+
+    #[test]
+    fn ties_and_nan_pick_the_first_winner() {
+        let x = tensor(
+            vec![1.0, 1.0, 0.0, 5.0, 0.0, 1.0, 5.0, f32::NAN],
+            Shape::new([1, 1, 2, 4]),
+        );
+        let (out, winners) = max_pool2x2_forward(&x);
+        let out = values(&out);
+        assert_eq!(out[0], 1.0);
+        assert!(out[1].is_nan(), "NaN propagates");
+        assert_eq!(winners, vec![0, 3]);
+        let dx = max_pool2x2_backward(
+            &x.shape(),
+            &winners,
+            &tensor(vec![2.0, 3.0], Shape::new([1, 1, 1, 2])),
+        );
+        assert_eq!(
+            values(&dx).to_vec(),
+            vec![2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0]
+        );
+    }
+}
