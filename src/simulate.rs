@@ -11,7 +11,8 @@ use cohort_coordinator::round::SecureSettings;
 use cohort_coordinator::{Coordinator, JobConfig, ModelStore, Orchestrator, RoundSummary};
 use cohort_model::data::{IdxSplit, load_csv, load_idx_dir, parse_csv};
 use cohort_model::{
-    ComputeDevice, Dataset, LabelColumn, ModelSpec, Optimizer, Partition, Standardizer, TrainConfig,
+    ComputeDevice, ComputeSlots, Dataset, LabelColumn, ModelSpec, Optimizer, Partition, Sharing,
+    Standardizer, TrainConfig,
 };
 use cohort_participant::{AgentOptions, LocalData};
 use serde::Serialize;
@@ -70,6 +71,11 @@ pub struct SimArgs {
     /// Compute device for training and evaluation: ndarray (cpu) or wgpu.
     #[arg(long, default_value = "ndarray")]
     pub device: ComputeDevice,
+    /// How participants training at the same time share this machine's cores: per-core (one
+    /// training per core, each on one thread), one-at-a-time (each on all cores) or
+    /// unmanaged (all at once on one pool).
+    #[arg(long, default_value = "per-core")]
+    pub sharing: Sharing,
     /// Seconds a round may take before stragglers are left out.
     #[arg(long, default_value_t = 600.0)]
     pub round_timeout: f64,
@@ -365,6 +371,8 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
     let mut events = coordinator.subscribe();
     let started = Instant::now();
     let mut agents = tokio::task::JoinSet::new();
+    let compute = ComputeSlots::for_this_machine(args.sharing)
+        .context("starting the training thread pools")?;
     for (i, local) in prep.locals.iter().enumerate() {
         let opts = AgentOptions {
             id: participant_id(i),
@@ -375,6 +383,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
             upload_delay: Duration::ZERO,
             tls: Some(pki.client(&participant_id(i))?),
             stay_between_jobs: false,
+            compute: Some(compute.clone()),
         };
         let data = Arc::new(local.clone());
         agents.spawn(async move { (i + 1, cohort_participant::run(opts, data).await) });
@@ -389,6 +398,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
             upload_delay: Duration::ZERO,
             tls: Some(pki.client(id)?),
             stay_between_jobs: false,
+            compute: None,
         };
         agents.spawn(async move { (n + k + 1, cohort_participant::run_custodian(opts).await) });
     }

@@ -4,6 +4,7 @@
 //! This crate knows nothing about the network, async runtimes or cryptography: it takes data,
 //! parameters, seeds and a device, and returns numbers.
 
+pub mod compute;
 pub mod data;
 pub mod infer;
 pub mod kernels;
@@ -13,6 +14,7 @@ pub mod train;
 
 use std::path::PathBuf;
 
+pub use compute::{ComputeSlots, Sharing};
 pub use data::{Dataset, FeatureShape, IdxSplit, LabelColumn, Standardizer};
 pub use infer::{InferenceModel, Precision};
 pub use net::{ModelSpec, Network};

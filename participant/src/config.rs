@@ -141,6 +141,7 @@ impl ParticipantConfig {
             upload_delay: Duration::from_millis(self.faults.upload_delay_ms),
             tls: None,
             stay_between_jobs: self.stay_between_jobs,
+            compute: None,
         }
     }
 

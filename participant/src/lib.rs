@@ -18,7 +18,9 @@ use cohort_protocol::secure::{bytes32, bytes64, record_from_pb, round_from_pb, s
 use rand::SeedableRng;
 use rand::rngs::ChaCha20Rng;
 
-use cohort_model::{ComputeDevice, Dataset, Metrics, ModelSpec, Standardizer, TrainConfig};
+use cohort_model::{
+    ComputeDevice, ComputeSlots, Dataset, Metrics, ModelSpec, Standardizer, TrainConfig,
+};
 use cohort_protocol::pb::federation_client::FederationClient;
 use cohort_protocol::pb::{self, task::Kind};
 use cohort_protocol::{MAX_MESSAGE_BYTES, ParamAssembler};
@@ -108,6 +110,17 @@ pub struct AgentOptions {
     /// When a job finishes, wait for the coordinator's next job instead of exiting (a node
     /// of a long-running federation).
     pub stay_between_jobs: bool,
+    /// Cores shared with other participants training in the same process (a simulation);
+    /// `None`: train on the process-wide pool, every core (a node of its own).
+    pub compute: Option<Arc<ComputeSlots>>,
+}
+
+/// Runs `f` on a pool of `compute`, or directly when there is none.
+fn on_compute<T: Send>(compute: Option<&ComputeSlots>, f: impl FnOnce() -> T + Send) -> T {
+    match compute {
+        Some(c) => c.run(f),
+        None => f(),
+    }
 }
 
 /// How often a node between jobs asks whether a new one has started.
@@ -358,10 +371,12 @@ async fn train_round(
         &t.model_digest,
     )
     .await?;
-    let (d, dev) = (data.clone(), opts.device);
+    let (d, dev, compute) = (data.clone(), opts.device, opts.compute.clone());
     let start = global.clone();
     let trained = with_heartbeats(s, move || {
-        cohort_model::train(&spec, &start, &d.train, &cfg, dev)
+        on_compute(compute.as_deref(), || {
+            cohort_model::train(&spec, &start, &d.train, &cfg, dev)
+        })
     })
     .await;
     let (params, report) = match trained {
@@ -596,9 +611,11 @@ async fn evaluate_round(
         &e.model_digest,
     )
     .await?;
-    let (d, dev) = (data.clone(), opts.device);
+    let (d, dev, compute) = (data.clone(), opts.device, opts.compute.clone());
     let m = with_heartbeats(s, move || {
-        cohort_model::evaluate(&spec, &params, &d.test, dev)
+        on_compute(compute.as_deref(), || {
+            cohort_model::evaluate(&spec, &params, &d.test, dev)
+        })
     })
     .await;
     let m = m.map_err(|err| Status::internal(err.to_string()))?;
