@@ -1,9 +1,9 @@
 //! Load generator for the Inference service: the Fashion-MNIST CNN served over loopback gRPC,
-//! closed-loop clients sending `Predict`, on ndarray and wgpu, f32 and int8, with and
+//! closed-loop clients sending `Predict`, on the CPU and wgpu, f32 and int8, with and
 //! without micro-batching. Prints throughput and p50/p99 latency, and the int8 model's
 //! accuracy change on the Fashion-MNIST test set.
 //!
-//! `cargo bench --bench serve_load -- [--seconds 5] [--clients 32] [--devices ndarray,wgpu]`
+//! `cargo bench --bench serve_load -- [--seconds 5] [--clients 32] [--devices cpu,wgpu]`
 //!
 //! The model is trained first (Adam, `--train` examples, one epoch) so the accuracy figures
 //! mean something; latency does not depend on the weights. The server is the product's own
@@ -32,7 +32,7 @@ struct Args {
     #[arg(long, default_value_t = 32)]
     clients: usize,
     /// Devices to measure.
-    #[arg(long, value_delimiter = ',', default_value = "ndarray,wgpu")]
+    #[arg(long, value_delimiter = ',', default_value = "cpu,wgpu")]
     devices: Vec<String>,
     /// Precisions to measure under load.
     #[arg(long, value_delimiter = ',', default_value = "f32,int8")]
@@ -84,7 +84,7 @@ async fn measure(
 ) -> Row {
     let settings = InferenceSettings {
         device: match device {
-            ComputeDevice::Cpu => DeviceChoice::Ndarray,
+            ComputeDevice::Cpu => DeviceChoice::Cpu,
             ComputeDevice::Wgpu => DeviceChoice::Wgpu,
         },
         precision,
@@ -199,7 +199,7 @@ fn main() {
         if ComputeDevice::gpu_available() {
             "found (auto serves on wgpu)"
         } else {
-            "none (auto serves on ndarray)"
+            "none (auto serves on the CPU)"
         }
     );
     let train = load_idx_dir(&args.data, IdxSplit::Train)

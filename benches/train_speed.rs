@@ -36,7 +36,7 @@ struct Args {
     /// Train on the first N training examples only (0: all).
     #[arg(long, default_value_t = 0)]
     limit: usize,
-    /// ndarray-compatible name `cpu`, or `wgpu`.
+    /// `cpu` or `wgpu`.
     #[arg(long, default_value = "cpu")]
     device: ComputeDevice,
     /// Fashion-MNIST directory (IDX files).

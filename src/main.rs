@@ -41,7 +41,7 @@ enum Command {
         /// serve.toml
         #[arg(long)]
         config: PathBuf,
-        /// auto (a GPU when wgpu finds one, else ndarray), wgpu or ndarray; overrides
+        /// auto (a GPU when wgpu finds one, else the CPU), wgpu or cpu; overrides
         /// [inference] device.
         #[arg(long)]
         device: Option<cohort_coordinator::inference::DeviceChoice>,
@@ -110,7 +110,7 @@ const INSECURE: &str = "INSECURE DEVELOPMENT MODE: no TLS. Anyone who can reach 
 fn init_logs(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         // cubecl logs a warning when `device = "auto"` finds no GPU adapter, which is an
-        // expected answer (`cohort serve` then logs that it serves on ndarray).
+        // expected answer (`cohort serve` then logs that it serves on the CPU).
         .unwrap_or_else(|_| {
             tracing_subscriber::EnvFilter::new(format!("{default},cubecl_common=error"))
         });

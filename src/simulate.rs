@@ -68,8 +68,8 @@ pub struct SimArgs {
     pub strategy: String,
     #[arg(long, default_value_t = 1.0)]
     pub server_lr: f64,
-    /// Compute device for training and evaluation: ndarray (cpu) or wgpu.
-    #[arg(long, default_value = "ndarray")]
+    /// Compute device for training and evaluation: cpu or wgpu.
+    #[arg(long, default_value = "cpu")]
     pub device: ComputeDevice,
     /// How participants training at the same time share this machine's cores: per-core (one
     /// training per core, each on one thread), one-at-a-time (each on all cores) or
@@ -565,7 +565,7 @@ async fn ask_served_model(
     use cohort_protocol::pb::{self, inference_client::InferenceClient};
     let settings = InferenceSettings {
         device: match device {
-            ComputeDevice::Cpu => DeviceChoice::Ndarray,
+            ComputeDevice::Cpu => DeviceChoice::Cpu,
             ComputeDevice::Wgpu => DeviceChoice::Wgpu,
         },
         queue: 4096,

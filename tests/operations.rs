@@ -800,7 +800,7 @@ fn model_versions_go_to_an_s3_compatible_server() {
         dir,
         &format!(
             "listen = \"127.0.0.1:0\"\nwatch_interval_ms = 100\n{s3_section}\n[inference]\n\
-             device = \"ndarray\"\n{sections}",
+             device = \"cpu\"\n{sections}",
             sections = coordinator_sections(&dir.join("pki"))
         ),
         &creds,

@@ -163,7 +163,7 @@ async fn promotions_switch_both_servers_under_load_with_no_failed_request() {
         dir,
         port,
         allowed,
-        "[inference]\ndevice = \"ndarray\"\nmax_batch = 8\nmax_wait_us = 1000\n",
+        "[inference]\ndevice = \"cpu\"\nmax_batch = 8\nmax_wait_us = 1000\n",
     );
     let coord = spawn_coordinator(&cfg);
     // And a stand-alone server on the same registry, with an A/B split: version 1 keeps a
@@ -340,7 +340,7 @@ share = 0.25
     assert!(info.variants[0].eval_accuracy.unwrap() > 0.8);
 
     // A batch is answered by one version, and the same version gives the same logits on
-    // the stand-alone server's wgpu device (lavapipe in CI) as on the coordinator's ndarray.
+    // the stand-alone server's wgpu device (lavapipe in CI) as on the coordinator's CPU.
     let batch = pb::PredictBatchRequest {
         examples: (0..64).map(|i| example(i, None)).collect(),
     };
@@ -350,10 +350,7 @@ share = 0.25
         .unwrap()
         .into_inner();
     let cpu_model = on_cpu.model.unwrap();
-    assert_eq!(
-        (cpu_model.version, cpu_model.device.as_str()),
-        (2, "ndarray")
-    );
+    assert_eq!((cpu_model.version, cpu_model.device.as_str()), (2, "cpu"));
     let on_gpu = loop {
         let r = alone
             .predict_batch(batch.clone())
@@ -373,7 +370,7 @@ share = 0.25
         .zip(&on_gpu.predictions)
         .flat_map(|(a, b)| a.logits.iter().zip(&b.logits).map(|(x, y)| (x - y).abs()))
         .fold(0.0f32, f32::max);
-    assert!(diff < 1e-4, "wgpu and ndarray logits differ by {diff}");
+    assert!(diff < 1e-4, "wgpu and CPU logits differ by {diff}");
 
     // `cohort predict` from the shell, with the client.toml `cohort provision` wrote.
     let predict = |args: &[&str]| {

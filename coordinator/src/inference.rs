@@ -2,7 +2,7 @@
 //! `ModelInfo` over gRPC, in `cohort serve` or embedded in the coordinator.
 //!
 //! - **Workers.** Each served version runs on one OS thread that owns its Burn model (wgpu or
-//!   ndarray, f32 or int8). Requests reach it through a queue; the worker takes what is
+//!   CPU, f32 or int8). Requests reach it through a queue; the worker takes what is
 //!   waiting, up to `max_batch` examples or until the oldest has waited `max_wait_us`, and
 //!   runs them as one forward pass (micro-batching). Examples waiting across all workers are
 //!   bounded by `queue`: past it a request is refused with `RESOURCE_EXHAUSTED` at once, so
@@ -34,14 +34,16 @@ use crate::model_store::{ModelManifest, ModelStore};
 use crate::state::ModelRef;
 
 /// Which device serves: `auto` takes a GPU when wgpu finds one (discrete or integrated) and
-/// ndarray otherwise; `wgpu` takes wgpu's default adapter, a software one included.
+/// the CPU otherwise; `wgpu` takes wgpu's default adapter, a software one included.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceChoice {
     #[default]
     Auto,
     Wgpu,
-    Ndarray,
+    /// Burn's flex backend (`ndarray`, the backend cohort used before, is accepted too).
+    #[serde(alias = "ndarray")]
+    Cpu,
 }
 
 impl std::str::FromStr for DeviceChoice {
@@ -50,8 +52,8 @@ impl std::str::FromStr for DeviceChoice {
         match s {
             "auto" => Ok(DeviceChoice::Auto),
             "wgpu" | "gpu" => Ok(DeviceChoice::Wgpu),
-            "ndarray" | "cpu" => Ok(DeviceChoice::Ndarray),
-            _ => Err(format!("unknown device {s:?}: use auto, wgpu or ndarray")),
+            "cpu" | "ndarray" => Ok(DeviceChoice::Cpu),
+            _ => Err(format!("unknown device {s:?}: use auto, wgpu or cpu")),
         }
     }
 }
@@ -61,12 +63,12 @@ impl DeviceChoice {
     pub fn resolve(self) -> ComputeDevice {
         match self {
             DeviceChoice::Wgpu => ComputeDevice::Wgpu,
-            DeviceChoice::Ndarray => ComputeDevice::Cpu,
+            DeviceChoice::Cpu => ComputeDevice::Cpu,
             DeviceChoice::Auto => {
                 if ComputeDevice::gpu_available() {
                     ComputeDevice::Wgpu
                 } else {
-                    tracing::info!("no GPU adapter found: serving on ndarray (CPU)");
+                    tracing::info!("no GPU adapter found: serving on the CPU");
                     ComputeDevice::Cpu
                 }
             }
@@ -1157,7 +1159,7 @@ mod tests {
 
     fn settings(max_batch: usize, max_wait_us: u64, queue: usize) -> InferenceSettings {
         InferenceSettings {
-            device: DeviceChoice::Ndarray,
+            device: DeviceChoice::Cpu,
             max_batch,
             max_wait_us,
             queue,

@@ -155,6 +155,13 @@ impl<C: CheckpointStrategy> CnnKernels for Autodiff<Flex, C> {
     }
 }
 
+/// Whether `items` independent pieces of work go to the current Rayon pool. Handing work to
+/// a pool wakes its threads (tens of microseconds a call), worth it only when there is more
+/// than one piece and more than one thread; otherwise the calling thread does it all.
+fn parallel(items: usize) -> bool {
+    items > 1 && rayon::current_num_threads() > 1
+}
+
 /// A tensor's values in row-major order (borrowed when it is already laid out so).
 fn values(t: &FlexTensor) -> Cow<'_, [f32]> {
     assert_eq!(
@@ -301,16 +308,23 @@ pub fn conv3x3_forward(x: &FlexTensor, weight: &FlexTensor, bias: &FlexTensor) -
     let (xv, wv, bv) = (values(x), values(weight), values(bias));
     let (hw, k) = (h * w, c * 9);
     let mut out = vec![0.0f32; n * o * hw];
-    out.par_chunks_mut(o * hw).enumerate().for_each_init(
-        || vec![0.0f32; k * hw],
-        |cols, (b, out)| {
-            im2col(&xv[b * c * hw..(b + 1) * c * hw], c, h, w, cols);
-            for (oc, row) in out.chunks_mut(hw).enumerate() {
-                row.fill(bv[oc]);
-            }
-            matmul((o, hw, k), out, true, &wv, (k, 1), cols, (hw, 1));
-        },
-    );
+    let image = |b: usize, out: &mut [f32]| {
+        let mut cols = vec![0.0f32; k * hw];
+        im2col(&xv[b * c * hw..(b + 1) * c * hw], c, h, w, &mut cols);
+        for (oc, row) in out.chunks_mut(hw).enumerate() {
+            row.fill(bv[oc]);
+        }
+        matmul((o, hw, k), out, true, &wv, (k, 1), &cols, (hw, 1));
+    };
+    if parallel(n) {
+        out.par_chunks_mut(o * hw)
+            .enumerate()
+            .for_each(|(b, out)| image(b, out));
+    } else {
+        out.chunks_mut(o * hw)
+            .enumerate()
+            .for_each(|(b, out)| image(b, out));
+    }
     tensor(out, Shape::new([n, o, h, w]))
 }
 
@@ -346,36 +360,37 @@ pub fn conv3x3_backward(
     } else {
         (0..n.div_ceil(GROUP)).map(|_| None).collect()
     };
-    let groups: Vec<(Vec<f32>, Vec<f32>)> = dx_groups
-        .par_iter_mut()
-        .enumerate()
-        .map(|(group, dxg)| {
-            let (mut cols, mut dw, mut db) =
-                (vec![0.0f32; k * hw], vec![0.0f32; o * k], vec![0.0f32; o]);
-            for b in group * GROUP..((group + 1) * GROUP).min(n) {
-                let g = &gv[b * o * hw..(b + 1) * o * hw];
-                im2col(&xv[b * c * hw..(b + 1) * c * hw], c, h, w, &mut cols);
-                // dW[O, K] += g[O, HW] · colsᵀ[HW, K]
-                matmul((o, k, hw), &mut dw, true, g, (hw, 1), &cols, (1, hw));
-                for (oc, row) in g.chunks(hw).enumerate() {
-                    db[oc] += row.iter().sum::<f32>();
-                }
-                if let Some(dxg) = dxg.as_deref_mut() {
-                    // dcols[K, HW] = Wᵀ[K, O] · g[O, HW], scattered back onto the input.
-                    matmul((k, hw, o), &mut cols, false, &wv, (1, k), g, (hw, 1));
-                    let local = b - group * GROUP;
-                    col2im(
-                        &cols,
-                        c,
-                        h,
-                        w,
-                        &mut dxg[local * c * hw..(local + 1) * c * hw],
-                    );
-                }
+    let group = |(group, dxg): (usize, &mut Option<&mut [f32]>)| {
+        let (mut cols, mut dw, mut db) =
+            (vec![0.0f32; k * hw], vec![0.0f32; o * k], vec![0.0f32; o]);
+        for b in group * GROUP..((group + 1) * GROUP).min(n) {
+            let g = &gv[b * o * hw..(b + 1) * o * hw];
+            im2col(&xv[b * c * hw..(b + 1) * c * hw], c, h, w, &mut cols);
+            // dW[O, K] += g[O, HW] · colsᵀ[HW, K]
+            matmul((o, k, hw), &mut dw, true, g, (hw, 1), &cols, (1, hw));
+            for (oc, row) in g.chunks(hw).enumerate() {
+                db[oc] += row.iter().sum::<f32>();
             }
-            (dw, db)
-        })
-        .collect();
+            if let Some(dxg) = dxg.as_deref_mut() {
+                // dcols[K, HW] = Wᵀ[K, O] · g[O, HW], scattered back onto the input.
+                matmul((k, hw, o), &mut cols, false, &wv, (1, k), g, (hw, 1));
+                let local = b - group * GROUP;
+                col2im(
+                    &cols,
+                    c,
+                    h,
+                    w,
+                    &mut dxg[local * c * hw..(local + 1) * c * hw],
+                );
+            }
+        }
+        (dw, db)
+    };
+    let groups: Vec<(Vec<f32>, Vec<f32>)> = if parallel(dx_groups.len()) {
+        dx_groups.par_iter_mut().enumerate().map(group).collect()
+    } else {
+        dx_groups.iter_mut().enumerate().map(group).collect()
+    };
     let (mut dw, mut db) = (vec![0.0f32; o * k], vec![0.0f32; o]);
     for (gw, gb) in &groups {
         dw.iter_mut().zip(gw).for_each(|(a, b)| *a += b);
@@ -397,26 +412,34 @@ pub fn max_pool2x2_forward(x: &FlexTensor) -> (FlexTensor, Vec<u8>) {
     let mut out = vec![0.0f32; n * c * oh * ow];
     let mut winners = vec![0u8; n * c * oh * ow];
     if oh * ow > 0 {
-        out.par_chunks_mut(oh * ow)
-            .zip(winners.par_chunks_mut(oh * ow))
-            .enumerate()
-            .for_each(|(p, (out, win))| {
-                let plane = &xv[p * h * w..(p + 1) * h * w];
-                for i in 0..oh {
-                    let (r0, r1) = (&plane[2 * i * w..], &plane[(2 * i + 1) * w..]);
-                    for j in 0..ow {
-                        let v = [r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]];
-                        let mut best = 0;
-                        for q in 1..4 {
-                            if v[q] > v[best] || (v[q].is_nan() && !v[best].is_nan()) {
-                                best = q;
-                            }
+        let plane = |(p, (out, win)): (usize, (&mut [f32], &mut [u8]))| {
+            let plane = &xv[p * h * w..(p + 1) * h * w];
+            for i in 0..oh {
+                let (r0, r1) = (&plane[2 * i * w..], &plane[(2 * i + 1) * w..]);
+                for j in 0..ow {
+                    let v = [r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]];
+                    let mut best = 0;
+                    for q in 1..4 {
+                        if v[q] > v[best] || (v[q].is_nan() && !v[best].is_nan()) {
+                            best = q;
                         }
-                        out[i * ow + j] = v[best];
-                        win[i * ow + j] = best as u8;
                     }
+                    out[i * ow + j] = v[best];
+                    win[i * ow + j] = best as u8;
                 }
-            });
+            }
+        };
+        if parallel(n * c) {
+            out.par_chunks_mut(oh * ow)
+                .zip(winners.par_chunks_mut(oh * ow))
+                .enumerate()
+                .for_each(plane);
+        } else {
+            out.chunks_mut(oh * ow)
+                .zip(winners.chunks_mut(oh * ow))
+                .enumerate()
+                .for_each(plane);
+        }
     }
     (tensor(out, Shape::new([n, c, oh, ow])), winners)
 }
@@ -433,7 +456,7 @@ pub fn max_pool2x2_backward(x_shape: &Shape, winners: &[u8], grad: &FlexTensor) 
     );
     let mut dx = vec![0.0f32; n * c * h * w];
     if oh * ow > 0 {
-        dx.par_chunks_mut(h * w).enumerate().for_each(|(p, plane)| {
+        let scatter = |(p, plane): (usize, &mut [f32])| {
             let (g, win) = (
                 &gv[p * oh * ow..][..oh * ow],
                 &winners[p * oh * ow..][..oh * ow],
@@ -444,9 +467,87 @@ pub fn max_pool2x2_backward(x_shape: &Shape, winners: &[u8], grad: &FlexTensor) 
                     plane[(2 * i + q / 2) * w + 2 * j + q % 2] = g[i * ow + j];
                 }
             }
-        });
+        };
+        if parallel(n * c) {
+            dx.par_chunks_mut(h * w).enumerate().for_each(scatter);
+        } else {
+            dx.chunks_mut(h * w).enumerate().for_each(scatter);
+        }
     }
     tensor(dx, x_shape.clone())
+}
+
+/// Rows up to which [`linear_int8`] reads the int8 weight directly.
+const INT8_DIRECT_ROWS: usize = 4;
+
+/// A linear layer (`x · weight + bias`, Burn's layout: `weight` `[in, out]`) whose weight is
+/// int8 with one symmetric scale (a served model, see `crate::infer`), for a few rows at a
+/// time on the flex device: each int8 weight is converted in registers as it is used, instead
+/// of the whole weight being dequantized into a new f32 tensor first, so a one-example request
+/// reads a quarter of the bytes f32 would. `None` where that does not apply (more rows,
+/// another device, scheme or dtype, autodiff): Burn's own path then computes the same thing.
+pub fn linear_int8(
+    x: &Tensor<2>,
+    weight: &Tensor<2>,
+    bias: Option<&Tensor<1>>,
+) -> Option<Tensor<2>> {
+    use burn::backend::{
+        BackendTensor, DispatchAutodiffContext, DispatchTensor, DispatchTensorKind,
+    };
+    use burn::tensor::quantization::QuantValue;
+    let [rows, d_in] = x.dims();
+    let DType::QFloat(scheme) = weight.dtype() else {
+        return None;
+    };
+    if rows == 0 || rows > INT8_DIRECT_ROWS || scheme.value != QuantValue::Q8S {
+        return None;
+    }
+    let flex_float = |t: DispatchTensor| match t {
+        DispatchTensor {
+            kind: DispatchTensorKind::Flex(BackendTensor::Float(t)),
+            autodiff: DispatchAutodiffContext::Disabled,
+        } if t.dtype() == DType::F32 => Some(t),
+        _ => None,
+    };
+    let DispatchTensorKind::Flex(BackendTensor::Quantized(q)) = weight.clone().into_dispatch().kind
+    else {
+        return None;
+    };
+    let [w_in, out] = q.tensor().shape().dims::<2>();
+    if w_in != d_in || q.scales().len() != 1 {
+        return None;
+    }
+    let scale = q.scales()[0];
+    let qt = q.tensor().to_contiguous();
+    let qv = qt.as_slice::<i8>()?;
+    let xt = flex_float(x.clone().into_dispatch())?;
+    let xv = values(&xt);
+    let bias = match bias {
+        Some(b) if matches!(b.dtype(), DType::QFloat(_)) => Some(b.clone().dequantize()),
+        b => b.cloned(),
+    };
+    let bt = match bias {
+        Some(b) => Some(flex_float(b.into_dispatch())?),
+        None => None,
+    };
+    let bv = bt.as_ref().map(values);
+    let mut y = vec![0.0f32; rows * out];
+    let mut acc = vec![0.0f32; out];
+    for (r, yr) in y.chunks_mut(out).enumerate() {
+        acc.fill(0.0);
+        for (xi, wrow) in xv[r * d_in..(r + 1) * d_in].iter().zip(qv.chunks(out)) {
+            for (a, &w) in acc.iter_mut().zip(wrow) {
+                *a += xi * w as f32;
+            }
+        }
+        for (o, (yo, a)) in yr.iter_mut().zip(&acc).enumerate() {
+            *yo = scale * a + bv.as_ref().map_or(0.0, |b| b[o]);
+        }
+    }
+    Some(Tensor::from_dispatch(DispatchTensor {
+        kind: DispatchTensorKind::Flex(BackendTensor::Float(tensor(y, Shape::new([rows, out])))),
+        autodiff: DispatchAutodiffContext::Disabled,
+    }))
 }
 
 #[cfg(test)]
@@ -468,8 +569,8 @@ mod tests {
 
     fn close(a: Tensor<4>, b: Tensor<4>, what: &str) {
         let (a, b): (Vec<f32>, Vec<f32>) = (
-            a.into_data().convert::<f32>().into_vec().unwrap(),
-            b.into_data().convert::<f32>().into_vec().unwrap(),
+            a.into_data().convert::<f32>().try_into_vec().unwrap(),
+            b.into_data().convert::<f32>().try_into_vec().unwrap(),
         );
         assert_eq!(a.len(), b.len(), "{what}");
         let d = crate::infer::max_abs_diff(&a, &b);
@@ -526,12 +627,42 @@ mod tests {
             let (d1, d2) = (x.grad(&g1).unwrap(), x.grad(&g2).unwrap());
             // Ties may be broken differently; the total gradient per window may not.
             let sum = |t: Tensor<4>| -> Vec<f32> {
-                t.sum_dim(3).sum_dim(2).into_data().into_vec().unwrap()
+                t.sum_dim(3).sum_dim(2).into_data().try_into_vec().unwrap()
             };
             assert_eq!(sum(d1.clone()).len(), sum(d2.clone()).len());
             let diff = crate::infer::max_abs_diff(&sum(d1), &sum(d2));
             assert!(diff < 1e-4, "pooled gradient mass differs by {diff}");
         }
+    }
+
+    #[test]
+    fn int8_linear_reads_the_quantized_weight_directly_and_matches_burn() {
+        use burn::module::Quantizer;
+        use burn::nn::LinearConfig;
+        use burn::tensor::quantization::{Calibration, QuantStore, QuantValue};
+        let dev = Device::flex();
+        let scheme = dev
+            .settings()
+            .quantization
+            .scheme
+            .with_value(QuantValue::Q8S)
+            .with_store(QuantStore::Native);
+        let layer = LinearConfig::new(20, 7)
+            .init(&dev)
+            .quantize_weights(&mut Quantizer::new(Calibration::MinMax, scheme));
+        let bias = layer.bias.as_ref().map(|b| b.val());
+        for rows in [1, 3] {
+            let x: Tensor<2> = input(&dev, [1, 1, rows, 20], 1).reshape([rows, 20]);
+            let ours = linear_int8(&x, &layer.weight.val(), bias.as_ref())
+                .expect("an int8 weight on the CPU takes the direct path");
+            close(
+                ours.reshape([1, 1, rows, 7]),
+                layer.forward(x).reshape([1, 1, rows, 7]),
+                "int8 linear",
+            );
+        }
+        let many: Tensor<2> = input(&dev, [1, 1, 8, 20], 1).reshape([8, 20]);
+        assert!(linear_int8(&many, &layer.weight.val(), bias.as_ref()).is_none());
     }
 
     #[test]

@@ -56,7 +56,7 @@ pub enum ModelError {
     Store(String),
 }
 
-/// Where tensors live: Burn's ndarray backend on the CPU, or wgpu (a GPU, or Mesa's software
+/// Where tensors live: Burn's flex backend on the CPU, or wgpu (a GPU, or Mesa's software
 /// Vulkan driver where there is none).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -97,7 +97,7 @@ impl ComputeDevice {
                 std::thread::spawn(move || {
                     let d = Device::wgpu(kind);
                     let t = Tensor::<1>::from_data(TensorData::new(vec![1.0f32], [1]), &d);
-                    t.into_data().to_vec::<f32>().is_ok()
+                    t.into_data().try_into_vec::<f32>().is_ok()
                 })
                 .join()
                 .unwrap_or(false)
@@ -113,7 +113,7 @@ impl std::str::FromStr for ComputeDevice {
         match s {
             "cpu" | "ndarray" => Ok(ComputeDevice::Cpu),
             "wgpu" | "gpu" => Ok(ComputeDevice::Wgpu),
-            _ => Err(format!("unknown device {s:?}: use ndarray (cpu) or wgpu")),
+            _ => Err(format!("unknown device {s:?}: use cpu or wgpu")),
         }
     }
 }
@@ -121,7 +121,7 @@ impl std::str::FromStr for ComputeDevice {
 impl std::fmt::Display for ComputeDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            ComputeDevice::Cpu => "ndarray",
+            ComputeDevice::Cpu => "cpu",
             ComputeDevice::Wgpu => "wgpu",
         })
     }

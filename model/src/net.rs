@@ -6,7 +6,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d, Relu};
 use burn::store::{ModuleSnapshot, SafetensorsStore};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use rand::SeedableRng;
 use rand::rngs::ChaCha8Rng;
 use rand_distr::{Distribution, Uniform};
@@ -321,11 +321,36 @@ pub struct Cnn {
     shape: [usize; 3],
 }
 
+/// `layer.forward(x)`, with int8 weights read directly for small batches on the CPU
+/// ([`kernels::linear_int8`]).
+fn linear(layer: &Linear, x: Tensor<2>) -> Tensor<2> {
+    let weight = layer.weight.val();
+    if matches!(weight.dtype(), DType::QFloat(_)) {
+        let bias = layer.bias.as_ref().map(|b| b.val());
+        if let Some(y) = kernels::linear_int8(&x, &weight, bias.as_ref()) {
+            return y;
+        }
+    }
+    layer.forward(x)
+}
+
 impl Cnn {
     /// Convolution, ReLU, 2×2 max-pooling. On the CPU (f32 weights) through cohort's kernels
     /// ([`crate::kernels`]), elsewhere through Burn's modules; both compute the same function.
+    ///
+    /// Int8 weights (a served model, see [`crate::infer`]) are dequantized for the pass: the
+    /// convolutions' weights are small (at most a few thousand values), so this costs far less
+    /// than the generic int8 convolution would.
     fn block(&self, conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-        let (weight, bias) = (conv.weight.val(), conv.bias.as_ref().map(|b| b.val()));
+        let f32_of = |t: Tensor<1>| match t.dtype() {
+            DType::QFloat(_) => t.dequantize(),
+            _ => t,
+        };
+        let weight = match conv.weight.val() {
+            w if matches!(w.dtype(), DType::QFloat(_)) => w.dequantize(),
+            w => w,
+        };
+        let bias = conv.bias.as_ref().map(|b| f32_of(b.val()));
         match bias {
             Some(bias)
                 if kernels::supported(&x)
@@ -357,7 +382,7 @@ impl Network {
                 let mut x = x;
                 let last = m.layers.len() - 1;
                 for (k, layer) in m.layers.iter().enumerate() {
-                    x = layer.forward(x);
+                    x = linear(layer, x);
                     if k < last {
                         x = m.act.forward(x);
                     }
@@ -371,7 +396,7 @@ impl Network {
                 let x = m.block(&m.conv1, x);
                 let x = m.block(&m.conv2, x);
                 let x: Tensor<2> = x.flatten(1, 3);
-                m.fc2.forward(m.act.forward(m.fc1.forward(x)))
+                linear(&m.fc2, m.act.forward(linear(&m.fc1, x)))
             }
         }
     }
@@ -441,7 +466,7 @@ impl ModuleVisitor for Flatten {
             p.val()
                 .into_data()
                 .convert::<f32>()
-                .to_vec::<f32>()
+                .try_into_vec::<f32>()
                 .expect("f32 tensor data"),
         );
     }

@@ -240,7 +240,7 @@ pub fn predict_logits(model: &Network, data: &Dataset, dev: &Device) -> Vec<f32>
                 .forward(x)
                 .into_data()
                 .convert::<f32>()
-                .to_vec::<f32>()
+                .try_into_vec::<f32>()
                 .expect("f32 logits"),
         );
     }

@@ -1,4 +1,4 @@
-//! A served Fashion-MNIST CNN: the same logits on wgpu and ndarray, and int8 within a point of
+//! A served Fashion-MNIST CNN: the same logits on wgpu and the CPU, and int8 within a point of
 //! f32 on the real test set. Needs Debian's dataset-fashion-mnist (`.ci/run` installs it).
 
 use std::path::Path;
@@ -54,7 +54,7 @@ fn served_cnn_agrees_across_devices_and_int8_keeps_accuracy() {
     eprintln!("max diff f32 {d}");
     let (_, acc_q) = run(ComputeDevice::Cpu, Precision::Int8);
     let (_, acc_qg) = run(ComputeDevice::Wgpu, Precision::Int8);
-    assert!(d < 1e-4, "wgpu and ndarray logits differ by {d}");
+    assert!(d < 1e-4, "wgpu and CPU logits differ by {d}");
     assert!(acc_cpu > 0.7, "f32 accuracy {acc_cpu}");
     assert_eq!(acc_cpu, acc_gpu);
     assert!(

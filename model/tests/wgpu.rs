@@ -1,4 +1,4 @@
-//! The wgpu device against the ndarray device on the same inputs. Without a GPU this runs on
+//! The wgpu device against the CPU (flex) device on the same inputs. Without a GPU this runs on
 //! Mesa's software Vulkan driver (lavapipe), which `.ci/run` installs.
 
 use std::path::Path;
@@ -16,7 +16,7 @@ fn breast_cancer() -> cohort_model::Dataset {
 }
 
 #[test]
-fn wgpu_and_ndarray_agree_on_inference_and_training() {
+fn wgpu_and_cpu_agree_on_inference_and_training() {
     let ds = breast_cancer();
     let spec = ModelSpec::for_shape(FeatureShape::Flat(30), 2, &[16]);
     let params = spec.initial_parameters(5);
@@ -51,7 +51,7 @@ fn wgpu_and_ndarray_agree_on_inference_and_training() {
 }
 
 #[test]
-fn cnn_runs_on_wgpu_like_on_ndarray() {
+fn cnn_runs_on_wgpu_like_on_the_cpu() {
     let spec = ModelSpec::Cnn {
         channels: 1,
         height: 28,
