@@ -12,5 +12,5 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import onnxruntime, g
     || { echo "could not install the peer (onnxruntime, grpcio) from PyPI" >&2; exit 1; }
 fi
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
-cargo bench --bench serve_load -- --devices ndarray --precisions f32 \
+cargo bench --bench serve_load -- --devices cpu --precisions f32 \
   --peer-python "$venv/bin/python" "$@"

@@ -424,18 +424,21 @@ fn write_idx_images(dir: &Path, train: usize, test: usize) {
     }
 }
 
-/// The README's Fashion-MNIST command, shortened (two rounds on a generated IDX set of the
-/// same shape): it runs to its very end, including the served model answering every site's
+/// The README's Fashion-MNIST command, shortened (three rounds of five local epochs on a small
+/// generated IDX set of the same shape): it runs to its very end, including the served model answering every site's
 /// held-out images, which need several requests per site at 784 values an image.
 #[test]
 fn an_image_simulation_runs_to_the_end_and_serves_every_held_out_image() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("images");
-    write_idx_images(&data, 1200, 3000);
+    write_idx_images(&data, 3000, 6000);
+    let shares = dir.path().join("shares.json");
     let (stdout, r) = simulate(
         dir.path(),
         "images",
         &[
+            "--export-partition",
+            shares.to_str().unwrap(),
             "--dataset",
             data.to_str().unwrap(),
             "--participants",
@@ -443,9 +446,9 @@ fn an_image_simulation_runs_to_the_end_and_serves_every_held_out_image() {
             "--partition",
             "dirichlet:0.5",
             "--rounds",
-            "2",
+            "3",
             "--epochs",
-            "1",
+            "5",
             "--batch-size",
             "32",
             "--lr",
@@ -453,20 +456,33 @@ fn an_image_simulation_runs_to_the_end_and_serves_every_held_out_image() {
         ],
     );
     assert_eq!(r["model"]["kind"], "cnn", "{r}");
-    assert_eq!(r["rounds"].as_array().unwrap().len(), 2);
-    // Every site's share of the 3,000 test images went through the Inference service.
-    assert_eq!(r["served_rows"], 3000, "{stdout}");
+    assert_eq!(r["rounds"].as_array().unwrap().len(), 3);
+    // Every site's share of the 6,000 test images (600 each, two requests) was served.
+    assert_eq!(r["served_rows"], 6000, "{stdout}");
     let (fed, served) = (
         r["federated_accuracy"].as_f64().unwrap(),
         r["served_accuracy"].as_f64().unwrap(),
     );
-    assert!(fed > 0.5, "federated accuracy {fed} after two rounds");
+    assert!(fed > 0.5, "federated accuracy {fed} after three rounds");
     assert!(
         (fed - served).abs() < 1e-9,
         "served {served} vs federated {fed}"
     );
     let central = r["centralised_accuracy"].as_f64().unwrap();
     assert!(central > 0.5, "centralised accuracy {central}");
+    // The exported shares: ten participants, every training and test image exactly once.
+    let shares: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&shares).unwrap()).unwrap();
+    for (part, n) in [("train", 3000), ("test", 6000)] {
+        let lists = shares[part].as_array().unwrap();
+        assert_eq!(lists.len(), 10);
+        let mut rows: Vec<u64> = lists
+            .iter()
+            .flat_map(|l| l.as_array().unwrap().iter().map(|v| v.as_u64().unwrap()))
+            .collect();
+        rows.sort_unstable();
+        assert_eq!(rows, (0..n).collect::<Vec<u64>>(), "{part} shares");
+    }
 }
 
 mod tls {
