@@ -17,7 +17,20 @@ struct Federation {
 }
 
 fn start_coordinator(rounds: u64, round_timeout: f64, min_updates: usize) -> Federation {
-    let dir = tempfile::tempdir().unwrap();
+    start_coordinator_in(
+        tempfile::tempdir().unwrap(),
+        rounds,
+        round_timeout,
+        min_updates,
+    )
+}
+
+fn start_coordinator_in(
+    dir: tempfile::TempDir,
+    rounds: u64,
+    round_timeout: f64,
+    min_updates: usize,
+) -> Federation {
     let pki = provision(dir.path());
     let cfg = format!(
         r#"
@@ -160,6 +173,101 @@ fn coordinator_and_three_participant_processes_complete_three_rounds() {
         (100..=130).contains(&n),
         "evaluated on {n} held-out rows (about 20% of 569)"
     );
+}
+
+/// A small tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// `None` where mounting is not permitted (not root): the caller says it was skipped.
+    fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the file system holding `dir` until a write fails with "no space left".
+fn fill(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let p = dir.join("filler");
+    let mut f = std::fs::File::create(&p).unwrap();
+    let block = vec![0u8; 4096];
+    loop {
+        match f.write_all(&block).and_then(|_| f.sync_all()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(28) => return p, // ENOSPC
+            Err(e) => panic!("filling {}: {e}", dir.display()),
+        }
+    }
+}
+
+/// The model registry's disk fills up after round 1: round 2 completes but cannot be
+/// committed, so the job holds it (round 3 does not start, no version 2 exists), says why
+/// and retries; once space is freed, round 2 is committed and the job finishes normally.
+#[test]
+fn a_full_disk_holds_the_job_at_its_round_until_storage_works_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_mount) = Tmpfs::mount(&dir.path().join("models"), "2m") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root); CI runs as root");
+        return;
+    };
+    let mut fed = start_coordinator_in(dir, 3, 60.0, 3);
+    let shares = write_shares(fed.dir.path());
+    // Uploads wait 1.5 s, so there is time to fill the disk between rounds 1 and 2.
+    let mut parts: Vec<Proc> = (0..3)
+        .map(|i| fed.participant(i, &shares[i], 1500))
+        .collect();
+    fed.wait_log(
+        &["round=1", "model version committed"],
+        Duration::from_secs(60),
+    );
+    let filler = fill(&fed.dir.path().join("models"));
+    let failed = fed.wait_log(
+        &["round=2", "could not be committed"],
+        Duration::from_secs(60),
+    );
+    assert!(failed.contains("No space left"), "{failed}");
+    // Held: no round 3, no version 2, while the coordinator keeps retrying.
+    std::thread::sleep(Duration::from_secs(3));
+    let log: Vec<String> = fed.log.0.try_iter().collect();
+    let log = log.join("\n");
+    assert!(
+        !log.contains("round=3"),
+        "a round started on an unstored version:\n{log}"
+    );
+    assert!(
+        log.contains("committing the round failed"),
+        "no retry:\n{log}"
+    );
+    let v2 = fed.dir.path().join("models/breast-cancer/v00002.json");
+    assert!(!v2.exists());
+    std::fs::remove_file(filler).unwrap();
+    fed.wait_log(
+        &["round=2", "storage accepts commits again"],
+        Duration::from_secs(60),
+    );
+    let status = fed.coordinator.wait_for_exit(Duration::from_secs(120));
+    assert!(status.success(), "coordinator exited with {status}");
+    for p in parts.iter_mut() {
+        let s = p.wait_for_exit(Duration::from_secs(30));
+        assert!(s.success(), "{} exited with {s}", p.name);
+    }
+    for v in 1..=3 {
+        let m = fed.manifest(v);
+        assert_eq!(m["round"], v, "{m}");
+        assert_eq!(m["parent"], v - 1, "{m}");
+    }
 }
 
 #[test]

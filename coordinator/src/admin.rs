@@ -207,6 +207,8 @@ pub(crate) fn event_pb(job: &str, ev: &Event) -> pb::AdminEvent {
             },
         ),
         Event::JobFinished { rounds } => ("job_finished", *rounds, vec![], String::new()),
+        Event::CommitFailed { round, reason } => ("commit_failed", *round, vec![], reason.clone()),
+        Event::CommitRecovered { round } => ("commit_recovered", *round, vec![], String::new()),
         Event::Paused(true) => ("job_paused", 0, vec![], String::new()),
         Event::Paused(false) => ("job_resumed", 0, vec![], String::new()),
         Event::JobCancelled { round } => ("job_cancelled", *round, vec![], String::new()),

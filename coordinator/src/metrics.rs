@@ -61,6 +61,8 @@ pub struct Metrics {
     round_participants: Family<JobLabel, Gauge>,
     stragglers: Family<JobLabel, Counter>,
     committee_failures: Family<JobLabel, Counter>,
+    commit_failures: Family<JobLabel, Counter>,
+    commit_pending: Family<JobLabel, Gauge>,
     job_state: Family<StateLabel, Gauge>,
     participants_connected: Gauge,
     participant_last_seen: Family<ParticipantLabel, Gauge>,
@@ -112,6 +114,8 @@ impl Metrics {
             round_participants: Family::default(),
             stragglers: Family::default(),
             committee_failures: Family::default(),
+            commit_failures: Family::default(),
+            commit_pending: Family::default(),
             job_state: Family::default(),
             participants_connected: Gauge::default(),
             participant_last_seen: Family::default(),
@@ -156,6 +160,16 @@ impl Metrics {
             "committee_member_failures",
             "Committee members that refused or missed the decryption deadline",
             m.committee_failures.clone(),
+        );
+        r.register(
+            "commit_failures",
+            "Failed attempts to commit a completed round (model version and state) to storage",
+            m.commit_failures.clone(),
+        );
+        r.register(
+            "commit_failing",
+            "1 while a job holds a completed round that storage has refused to commit",
+            m.commit_pending.clone(),
         );
         r.register(
             "job_state",
@@ -264,6 +278,12 @@ impl Metrics {
             Event::MemberFailed { .. } => {
                 self.committee_failures.get_or_create(&Self::job(job)).inc();
             }
+            Event::CommitFailed { .. } => {
+                self.commit_pending.get_or_create(&Self::job(job)).set(1);
+            }
+            Event::CommitRecovered { .. } => {
+                self.commit_pending.get_or_create(&Self::job(job)).set(0);
+            }
             Event::ParticipantJoined { id, .. } => self.presence(id, true, now),
             Event::ParticipantLeft { id } => self.presence(id, false, now),
             Event::ParticipantLost { id } => {
@@ -276,6 +296,11 @@ impl Metrics {
             }
             _ => {}
         }
+    }
+
+    /// One failed attempt to commit a round of `job`.
+    pub fn commit_failure(&self, job: &str) {
+        self.commit_failures.get_or_create(&Self::job(job)).inc();
     }
 
     fn presence(&self, id: &str, online: bool, now: i64) {
@@ -298,6 +323,8 @@ impl Metrics {
         let _ = self.rounds_completed.get_or_create(&l);
         let _ = self.stragglers.get_or_create(&l);
         let _ = self.committee_failures.get_or_create(&l);
+        let _ = self.commit_failures.get_or_create(&l);
+        let _ = self.commit_pending.get_or_create(&l);
         let _ = self.round_duration.get_or_create(&l);
         for cause in ["too_few_updates", "committee_unavailable"] {
             let _ = self.round_failures.get_or_create(&FailureLabel {

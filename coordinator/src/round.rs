@@ -425,7 +425,9 @@ pub enum Event {
         cause: FailureCause,
     },
     /// Round complete; `params` is the new global model, version `round`, and
-    /// `strategy_state` the strategy's server state after it (to persist with it).
+    /// `strategy_state` the strategy's server state after it (to persist with it). The
+    /// machine starts nothing more until the driver reports the round durably committed
+    /// ([`Orchestrator::committed`]) or its commit failed ([`Orchestrator::commit_failed`]).
     RoundCompleted {
         summary: RoundSummary,
         params: Arc<Vec<f32>>,
@@ -433,6 +435,16 @@ pub enum Event {
     },
     JobFinished {
         rounds: u64,
+    },
+    /// Committing round `round` failed (storage full, unreachable, refusing): the job waits,
+    /// holding the round, until a commit succeeds.
+    CommitFailed {
+        round: u64,
+        reason: String,
+    },
+    /// Round `round` was committed after earlier commits of it had failed; the job goes on.
+    CommitRecovered {
+        round: u64,
     },
     /// An operator paused (`true`) or resumed the job.
     Paused(bool),
@@ -480,6 +492,12 @@ enum Phase {
     /// Secure jobs: the committee decrypts the sum.
     Decrypting(Box<secure::Decrypting>),
     Evaluating(Evaluating),
+    /// Round `round` is complete and waits to be durably committed; `failure` holds why the
+    /// last commit failed, if one did.
+    Committing {
+        round: u64,
+        failure: Option<String>,
+    },
     Finished,
 }
 
@@ -490,6 +508,10 @@ impl Phase {
             Phase::Training(_) => "training",
             Phase::Decrypting(_) => "decrypting",
             Phase::Evaluating(_) => "evaluating",
+            Phase::Committing { failure: None, .. } => "committing",
+            Phase::Committing {
+                failure: Some(_), ..
+            } => "paused: storage failure",
             Phase::Finished => "finished",
         }
     }
@@ -1029,6 +1051,7 @@ impl Orchestrator {
             Phase::Training(t) => t.round,
             Phase::Decrypting(d) => d.round,
             Phase::Evaluating(e) => e.summary.round,
+            Phase::Committing { round, .. } => *round,
             Phase::Finished => self.config.rounds,
         }
     }
@@ -1186,7 +1209,7 @@ impl Orchestrator {
             .filter(|id| !self.is_custodian(id))
             .collect();
         if !self.config.evaluate || evaluators.is_empty() {
-            self.complete(summary, self.global.clone(), now);
+            self.complete(summary, self.global.clone());
             return;
         }
         self.phase = Phase::Evaluating(Evaluating {
@@ -1222,10 +1245,10 @@ impl Orchestrator {
         summary.eval = Metrics::weighted_mean(&metrics);
         summary.evaluated_by = metrics.len();
         summary.seconds = now.duration_since(e.started).as_secs_f64();
-        self.complete(summary, e.params, now);
+        self.complete(summary, e.params);
     }
 
-    fn complete(&mut self, summary: RoundSummary, params: Arc<Vec<f32>>, now: Instant) {
+    fn complete(&mut self, summary: RoundSummary, params: Arc<Vec<f32>>) {
         let round = summary.round;
         self.completed.push(summary.clone());
         self.events.push_back(Event::RoundCompleted {
@@ -1233,6 +1256,63 @@ impl Orchestrator {
             params,
             strategy_state: self.strategy.save_state(),
         });
+        self.phase = Phase::Committing {
+            round,
+            failure: None,
+        };
+    }
+
+    /// The round whose commit the machine waits for, if any.
+    pub fn awaiting_commit(&self) -> Option<u64> {
+        match self.phase {
+            Phase::Committing { round, .. } => Some(round),
+            _ => None,
+        }
+    }
+
+    /// Why the last commit of the waiting round failed, if it did.
+    pub fn commit_failure(&self) -> Option<&str> {
+        match &self.phase {
+            Phase::Committing { failure, .. } => failure.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Committing round `round` failed: the job holds the round and starts nothing until a
+    /// later commit of it succeeds. Ignored unless the machine waits for that round.
+    pub fn commit_failed(&mut self, round: u64, reason: String) {
+        if let Phase::Committing {
+            round: waiting,
+            failure,
+        } = &mut self.phase
+            && *waiting == round
+        {
+            if failure.as_deref() != Some(reason.as_str()) {
+                self.events.push_back(Event::CommitFailed {
+                    round,
+                    reason: reason.clone(),
+                });
+            }
+            *failure = Some(reason);
+        }
+    }
+
+    /// Round `round` is durably committed: the next round may start (or the job finishes).
+    /// Ignored unless the machine waits for that round.
+    pub fn committed(&mut self, round: u64, now: Instant) {
+        let Phase::Committing {
+            round: waiting,
+            failure,
+        } = &self.phase
+        else {
+            return;
+        };
+        if *waiting != round {
+            return;
+        }
+        if failure.is_some() {
+            self.events.push_back(Event::CommitRecovered { round });
+        }
         if round >= self.config.rounds {
             self.phase = Phase::Finished;
             self.events.push_back(Event::JobFinished { rounds: round });

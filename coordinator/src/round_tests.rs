@@ -4,11 +4,15 @@ use super::*;
 use crate::strategy::FedAvg;
 use cohort_model::Optimizer;
 
-/// Drives an [`Orchestrator`] with a clock that only moves when told.
+/// Drives an [`Orchestrator`] with a clock that only moves when told, committing completed
+/// rounds as the coordinator's driver does, to a store that can be told to fail.
 struct Harness {
     o: Orchestrator,
     start: Instant,
     now: Instant,
+    /// Commit attempts so far, and the numbers (1-based) of those that fail.
+    commits: usize,
+    failing: BTreeSet<usize>,
 }
 
 fn config() -> JobConfig {
@@ -47,6 +51,22 @@ impl Harness {
             o: Orchestrator::new(config, Box::new(FedAvg::default()), None).unwrap(),
             start,
             now: start,
+            commits: 0,
+            failing: BTreeSet::new(),
+        }
+    }
+
+    /// The driver's part: commits the round the machine waits for, if any (once a call, as
+    /// the real driver retries on its own timer).
+    fn commit(&mut self) {
+        if let Some(round) = self.o.awaiting_commit() {
+            self.commits += 1;
+            if self.failing.contains(&self.commits) {
+                self.o
+                    .commit_failed(round, format!("disk full (attempt {})", self.commits));
+            } else {
+                self.o.committed(round, self.now);
+            }
         }
     }
 
@@ -69,6 +89,7 @@ impl Harness {
             }
             self.o.handle_timeout(self.now);
         }
+        self.commit();
     }
 
     /// Participants that are alive poll (and so heartbeat) all the time; this stands for that.
@@ -90,7 +111,9 @@ impl Harness {
                 num_examples: n as usize,
             }),
         };
-        self.o.handle_update(id, u, self.now)
+        let r = self.o.handle_update(id, u, self.now);
+        self.commit();
+        r
     }
 
     fn eval(&mut self, id: &str, round: u64, acc: f64) -> Result<(), Rejection> {
@@ -100,7 +123,9 @@ impl Harness {
             auc: None,
             num_examples: 10,
         };
-        self.o.handle_evaluation(id, round, m, self.now)
+        let r = self.o.handle_evaluation(id, round, m, self.now);
+        self.commit();
+        r
     }
 
     fn events(&mut self) -> Vec<Event> {
@@ -632,6 +657,8 @@ fn a_resumed_job_continues_from_its_last_completed_round_with_a_new_attempt() {
         o,
         start: h.start,
         now: h.now,
+        commits: 0,
+        failing: BTreeSet::new(),
     };
     assert_eq!(h2.o.global().0, 1);
     assert_eq!(h2.o.history(), &history[..]);
@@ -676,4 +703,119 @@ fn a_resumed_job_continues_from_its_last_completed_round_with_a_new_attempt() {
             .unwrap_err()
             .contains("only 3")
     );
+}
+
+/// Completes round `round` with a, b and c (each updating and evaluating).
+fn finish_round(h: &mut Harness, round: u64) {
+    for id in ["a", "b", "c"] {
+        h.update(id, round, 0.1, 10).unwrap();
+    }
+    for id in ["a", "b", "c"] {
+        h.eval(id, round, 0.9).unwrap();
+    }
+}
+
+#[test]
+fn a_round_whose_commit_fails_is_held_and_no_round_builds_on_it_until_storage_works() {
+    let mut h = Harness::new(config());
+    h.failing = [2, 3].into(); // the second commit (round 2) fails twice
+    for id in ["a", "b", "c"] {
+        h.join(id);
+    }
+    finish_round(&mut h, 1);
+    assert_eq!(
+        h.o.training_round(),
+        Some(2),
+        "round 1 committed, round 2 started"
+    );
+    h.events();
+    finish_round(&mut h, 2);
+    // Round 2 completed but its commit failed: nothing starts, the status says why.
+    let ev = h.events();
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, Event::RoundCompleted { summary, .. } if summary.round == 2)),
+        "{ev:?}"
+    );
+    assert!(
+        ev.iter().any(|e| matches!(e, Event::CommitFailed { round: 2, reason } if reason.contains("disk full"))),
+        "{ev:?}"
+    );
+    assert!(
+        !ev.iter().any(|e| matches!(e, Event::RoundStarted { .. })),
+        "{ev:?}"
+    );
+    assert_eq!(h.o.awaiting_commit(), Some(2));
+    assert_eq!(h.o.phase_name(), "paused: storage failure");
+    assert!(h.o.commit_failure().unwrap().contains("disk full"));
+    for id in ["a", "b", "c"] {
+        assert_eq!(
+            h.o.task_for(id),
+            Task::Idle,
+            "no work while the round is held"
+        );
+    }
+    // Time passes; participants stay; the driver retries (and fails once more: no new event
+    // for the same reason... the reason names the attempt, so one more event).
+    h.pass(5);
+    h.beat(&["a", "b", "c"]);
+    assert_eq!(h.o.awaiting_commit(), Some(2));
+    assert_eq!(h.o.training_round(), None);
+    // Storage works again: round 2 is committed and round 3 starts from version 2.
+    h.pass(5);
+    let ev = h.events();
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, Event::CommitRecovered { round: 2 })),
+        "{ev:?}"
+    );
+    assert!(
+        ev.iter().any(|e| matches!(
+            e,
+            Event::RoundStarted {
+                round: 3,
+                attempt: 1,
+                ..
+            }
+        )),
+        "{ev:?}"
+    );
+    assert_eq!(h.o.global().0, 2);
+    assert_eq!(h.commits, 4);
+    finish_round(&mut h, 3);
+    assert!(h.o.is_finished());
+    assert!(
+        h.events()
+            .iter()
+            .any(|e| matches!(e, Event::JobFinished { rounds: 3 }))
+    );
+}
+
+#[test]
+fn the_last_round_finishes_the_job_only_once_committed() {
+    let mut h = Harness::new(config());
+    h.failing = [3].into();
+    for id in ["a", "b", "c"] {
+        h.join(id);
+    }
+    for round in 1..=3 {
+        finish_round(&mut h, round);
+    }
+    assert!(!h.o.is_finished(), "round 3 is not stored yet");
+    assert!(
+        !h.events()
+            .iter()
+            .any(|e| matches!(e, Event::JobFinished { .. }))
+    );
+    h.pass(1);
+    assert!(h.o.is_finished());
+    assert!(
+        h.events()
+            .iter()
+            .any(|e| matches!(e, Event::JobFinished { rounds: 3 }))
+    );
+    // Reports for rounds the machine does not wait for change nothing.
+    h.o.commit_failed(2, "late".into());
+    h.o.committed(1, h.now);
+    assert!(h.o.is_finished() && h.events().is_empty());
 }

@@ -716,34 +716,25 @@ async fn process_events(
                 params,
                 strategy_state,
             } => {
-                let (s2, ctx2) = (s.clone(), ctx.clone());
-                let (summary2, params, st) =
-                    (summary.clone(), params.clone(), strategy_state.clone());
-                let written = tokio::task::spawn_blocking(move || {
-                    crate::control::commit_round(&s2, &ctx2, &summary2, &params, st.as_deref())
-                })
-                .await;
-                match written {
-                    Ok(Ok(m)) => tracing::info!(
-                        job,
-                        round = summary.round,
-                        participants = summary.participants.len(),
-                        eval_accuracy = summary.eval.map(|m| m.accuracy),
-                        weights = %m.weights_file,
-                        sha256 = %m.sha256,
-                        "round complete; model version committed"
-                    ),
-                    Ok(Err(e)) => {
-                        tracing::error!(
-                            job,
-                            round = summary.round,
-                            "committing the round failed: {e}"
-                        )
-                    }
-                    Err(e) => {
-                        tracing::error!(job, round = summary.round, "model writer panicked: {e}")
-                    }
-                }
+                // The state machine starts nothing more until this commit is reported, so
+                // the next round's events cannot overtake it; other events go on being
+                // processed (and streamed) while storage fails.
+                tokio::spawn(commit_until_durable(
+                    Arc::downgrade(&s),
+                    ctx.clone(),
+                    summary.clone(),
+                    params.clone(),
+                    strategy_state.clone(),
+                ));
+            }
+            Event::CommitFailed { round, reason } => tracing::error!(
+                job,
+                round,
+                "the completed round could not be committed: {reason}; the job holds it and \
+                 retries until storage accepts it"
+            ),
+            Event::CommitRecovered { round } => {
+                tracing::info!(job, round, "storage accepts commits again; the job goes on")
             }
             Event::RoundStarted {
                 round,
@@ -798,6 +789,92 @@ async fn process_events(
         if finished {
             s.finished.send_replace(true);
         }
+    }
+}
+
+/// First wait before committing a round again after a failure; it doubles up to
+/// [`COMMIT_RETRY_MAX`].
+const COMMIT_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(500);
+const COMMIT_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Writes a completed round's model version and commits it to the durable state, retrying
+/// while that fails (disk full, permissions, the object store down), then tells the state
+/// machine, which holds the round until then: a round is never built on a version that was
+/// not stored. Each failure is logged, counted and reported to the machine (the job's status
+/// says "paused: storage failure"). Stops if the job is cancelled or replaced meanwhile; a
+/// restarted coordinator redoes the round from the last committed version.
+async fn commit_until_durable(
+    shared: Weak<Shared>,
+    ctx: Arc<JobContext>,
+    summary: RoundSummary,
+    params: Arc<Vec<f32>>,
+    strategy_state: Option<Vec<u8>>,
+) {
+    let (job, round) = (ctx.config.job_id.clone(), summary.round);
+    let (summary, strategy_state) = (Arc::new(summary), strategy_state.map(Arc::new));
+    let mut wait = COMMIT_RETRY_FIRST;
+    loop {
+        let Some(s) = shared.upgrade() else { return };
+        let (s2, ctx2, sum2, p2, st2) = (
+            s.clone(),
+            ctx.clone(),
+            summary.clone(),
+            params.clone(),
+            strategy_state.clone(),
+        );
+        let written = tokio::task::spawn_blocking(move || {
+            crate::control::commit_round(&s2, &ctx2, &sum2, &p2, st2.as_deref().map(Vec::as_slice))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the model writer panicked: {e}")));
+        let same_job = |o: &Orchestrator| o.config().job_id == job;
+        match written {
+            Ok(m) => {
+                tracing::info!(
+                    job,
+                    round,
+                    participants = summary.participants.len(),
+                    eval_accuracy = summary.eval.map(|m| m.accuracy),
+                    weights = %m.weights_file,
+                    sha256 = %m.sha256,
+                    "round complete; model version committed"
+                );
+                with_orch(&s, true, |o| {
+                    if same_job(o) {
+                        o.committed(round, Instant::now())
+                    }
+                });
+                return;
+            }
+            Err(e) => {
+                s.metrics.commit_failure(&job);
+                let waiting = with_orch(&s, true, |o| {
+                    let waiting = same_job(o) && o.awaiting_commit() == Some(round);
+                    if waiting {
+                        o.commit_failed(round, e.clone());
+                    }
+                    waiting
+                })
+                .unwrap_or(false);
+                if !waiting {
+                    tracing::warn!(
+                        job,
+                        round,
+                        "committing the round failed ({e}); the job is no longer active, so it is not retried"
+                    );
+                    return;
+                }
+                tracing::warn!(
+                    job,
+                    round,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "committing the round failed: {e}"
+                );
+            }
+        }
+        drop(s);
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(COMMIT_RETRY_MAX);
     }
 }
 
