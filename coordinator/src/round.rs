@@ -67,7 +67,7 @@ pub struct JobConfig {
     pub secure: Option<SecureSettings>,
 }
 
-/// How a job aggregates securely (design: secure-aggregation.md).
+/// How a job aggregates securely (protocol: docs/secure-aggregation.md).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SecureSettings {
     /// Committee size n_D; the committee is drawn from each round's selected participants.

@@ -1,4 +1,4 @@
-//! The secure-aggregation half of the round state machine (design: secure-aggregation.md).
+//! The secure-aggregation half of the round state machine (protocol: docs/secure-aggregation.md).
 //!
 //! Training collects ciphertext bodies into a wrapping u64 [`Accumulator`] (O(model)
 //! memory) and keeps each upload's signed record and sealed key pieces (O(committee · N) per

@@ -22,7 +22,7 @@ pub struct Codec {
 }
 
 impl Default for Codec {
-    /// The design's example: δ = 31, f = 16, B = 32, W ≤ 1024.
+    /// The defaults of docs/secure-aggregation.md: δ = 31, f = 16, B = 32, W ≤ 1024.
     fn default() -> Self {
         Codec {
             delta_log: 31,

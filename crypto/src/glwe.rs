@@ -1,4 +1,4 @@
-//! Threshold GLWE aggregation on tfhe-rs `core_crypto` (design: secure-aggregation.md).
+//! Threshold GLWE aggregation on tfhe-rs `core_crypto` (protocol: docs/secure-aggregation.md).
 //!
 //! Every participant of a round encrypts under its own fresh binary key with the *same*
 //! round seed, so all ciphertexts share one mask A, regenerated from the seed by anyone. Only

@@ -1,5 +1,5 @@
 //! cohort's cryptography for secure aggregation: threshold GLWE on tfhe-rs `core_crypto`
-//! (see `../shared/design/secure-aggregation.md` and `docs/ARCHITECTURE.md`).
+//! (see `docs/secure-aggregation.md` and `docs/ARCHITECTURE.md`).
 //!
 //! - [`codec`]: fixed-point encoding of updates and the capacity check that refuses
 //!   configurations that could overflow.

@@ -3,7 +3,7 @@
 
 use crate::codec::NoiseBudget;
 
-/// GLWE parameters (profile A of the design: k = 1, N = 2048, q = 2^64, T-uniform(17) noise).
+/// GLWE parameters (docs/secure-aggregation.md: k = 1, N = 2048, q = 2^64, T-uniform(17) noise).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GlweParams {
     pub polynomial_size: usize,
