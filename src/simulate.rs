@@ -317,7 +317,8 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
     };
     let strategy = cohort_coordinator::strategy::by_name(&args.strategy, args.server_lr as f32)
         .map_err(anyhow::Error::msg)?;
-    let orch = Orchestrator::new(job, strategy, None).map_err(anyhow::Error::msg)?;
+    let orch =
+        Orchestrator::new(job, strategy, None, rand::random()).map_err(anyhow::Error::msg)?;
     let strategy_name = orch.strategy_name();
     let out = args.out.clone().unwrap_or_else(|| {
         let t = std::time::SystemTime::now()

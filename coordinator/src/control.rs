@@ -237,8 +237,15 @@ impl Coordinator {
         job.restarts += 1;
         // A new attempt number, so nothing of the interrupted attempt is confused with it.
         let attempt = job.restarts + 1;
-        let mut orch =
-            Orchestrator::resume(cfg, section.strategy()?, None, history, global, attempt)?;
+        let mut orch = Orchestrator::resume(
+            cfg,
+            section.strategy()?,
+            None,
+            history,
+            global,
+            attempt,
+            rand::random(),
+        )?;
         if let Some(st) = state.strategy_state(&id).map_err(|e| e.to_string())? {
             orch.restore_strategy_state(&st)
                 .map_err(|e| format!("job {id}: {e}"))?;
@@ -279,7 +286,7 @@ impl Coordinator {
                         cfg.job_id
                     ));
                 }
-                let orch = Orchestrator::new(cfg, section.strategy()?, None)?;
+                let orch = Orchestrator::new(cfg, section.strategy()?, None, rand::random())?;
                 let mut job =
                     new_record(orch.config(), orch.strategy_name(), Some(section), "config");
                 job.state = JobState::Created;
@@ -453,8 +460,13 @@ impl Coordinator {
         }
         let section = JobSection::parse_spec(&job.spec_toml).map_err(internal)?;
         let cfg = section.job_config().map_err(internal)?;
-        let orch = Orchestrator::new(cfg, section.strategy().map_err(internal)?, None)
-            .map_err(Status::invalid_argument)?;
+        let orch = Orchestrator::new(
+            cfg,
+            section.strategy().map_err(internal)?,
+            None,
+            rand::random(),
+        )
+        .map_err(Status::invalid_argument)?;
         self.run_job(orch, who, Some(&section)).map_err(internal)
     }
 

@@ -262,6 +262,7 @@ impl Metrics {
                 let cause = match cause {
                     FailureCause::TooFewUpdates { .. } => "too_few_updates",
                     FailureCause::CommitteeUnavailable { .. } => "committee_unavailable",
+                    FailureCause::Undecodable { .. } => "undecodable",
                 };
                 self.round_failures
                     .get_or_create(&FailureLabel {
@@ -326,7 +327,7 @@ impl Metrics {
         let _ = self.commit_failures.get_or_create(&l);
         let _ = self.commit_pending.get_or_create(&l);
         let _ = self.round_duration.get_or_create(&l);
-        for cause in ["too_few_updates", "committee_unavailable"] {
+        for cause in ["too_few_updates", "committee_unavailable", "undecodable"] {
             let _ = self.round_failures.get_or_create(&FailureLabel {
                 job_id: job.into(),
                 cause: cause.into(),

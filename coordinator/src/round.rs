@@ -355,6 +355,8 @@ pub enum FailureCause {
     TooFewUpdates { received: usize, needed: usize },
     /// Fewer than the threshold of committee members answered, so nothing was decrypted.
     CommitteeUnavailable { answered: usize, needed: usize },
+    /// The decrypted sum did not decode (shares that do not belong together).
+    Undecodable { reason: String },
 }
 
 /// One completed round.
@@ -552,14 +554,19 @@ impl std::fmt::Debug for Orchestrator {
 
 impl Orchestrator {
     /// A job starting from the seeded initial model of `config.model`.
+    ///
+    /// `entropy` seeds the machine's own randomness (round seeds of secure aggregation, its
+    /// signing key): the driver draws it from the operating system, tests pass a constant.
+    /// The machine reads no other source of randomness, and no clock.
     pub fn new(
         config: JobConfig,
         strategy: Box<dyn Strategy>,
         allowed: Option<BTreeSet<ParticipantId>>,
+        entropy: [u8; 32],
     ) -> Result<Self, String> {
         config.validate()?;
         let global = Arc::new(config.model.initial_parameters(config.seed));
-        let mut entropy = ChaCha20Rng::from_rng(&mut rand::rng());
+        let mut entropy = ChaCha20Rng::from_seed(entropy);
         let signer = cohort_crypto::Signer25519::generate(&mut entropy);
         Ok(Orchestrator {
             entropy,
@@ -585,7 +592,7 @@ impl Orchestrator {
     /// A job resumed after a restart: `history` holds its completed rounds (oldest first,
     /// numbered from 1 without gaps), `global` the model version of the last one. The next
     /// round starts as attempt `attempt`, so nothing about the interrupted attempt is reused
-    /// (its round seed in particular: every round seed is fresh from the OS).
+    /// (its round seed in particular: the driver passes fresh `entropy` at every start).
     pub fn resume(
         config: JobConfig,
         strategy: Box<dyn Strategy>,
@@ -593,8 +600,9 @@ impl Orchestrator {
         history: Vec<RoundSummary>,
         global: Vec<f32>,
         attempt: u32,
+        entropy: [u8; 32],
     ) -> Result<Self, String> {
-        let mut o = Orchestrator::new(config, strategy, allowed)?;
+        let mut o = Orchestrator::new(config, strategy, allowed, entropy)?;
         if global.len() != o.global.len() {
             return Err(format!(
                 "the last model version has {} parameters, the job's model {}",

@@ -488,10 +488,8 @@ impl Orchestrator {
         let mean = match decode(&d.acc, &[], self.global.len(), &d.info.codec) {
             Ok(m) => m,
             Err(e) => {
-                tracing::error!(round = d.round, "decoding failed: {e}");
-                let cause = FailureCause::CommitteeUnavailable {
-                    answered: d.answered.len(),
-                    needed: d.committee.threshold(),
+                let cause = FailureCause::Undecodable {
+                    reason: e.to_string(),
                 };
                 self.fail_attempt(d.round, d.attempt, cause, now);
                 return;

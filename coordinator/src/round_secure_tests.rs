@@ -69,7 +69,7 @@ impl Harness {
 
     fn with_config(config: JobConfig, ids: &[&str]) -> Self {
         let mut h = Harness {
-            o: Orchestrator::new(config, Box::new(FedAvg::default()), None).unwrap(),
+            o: Orchestrator::new(config, Box::new(FedAvg::default()), None, [3; 32]).unwrap(),
             now: Instant::now(),
             nodes: BTreeMap::new(),
             rng: ChaCha8Rng::seed_from_u64(1),
@@ -308,7 +308,7 @@ fn a_silent_member_has_its_pieces_reassigned() {
     }
     let (version, after) = h.o.global();
     assert_eq!(version, 1);
-    let before = Orchestrator::new(config(5), Box::new(FedAvg::default()), None)
+    let before = Orchestrator::new(config(5), Box::new(FedAvg::default()), None, [3; 32])
         .unwrap()
         .global()
         .1;
@@ -487,6 +487,7 @@ fn a_round_interrupted_by_a_restart_starts_again_with_a_fresh_seed_and_attempt()
         Vec::new(),
         global.to_vec(),
         2,
+        [4; 32],
     )
     .unwrap();
     for id in ids {

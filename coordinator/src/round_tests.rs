@@ -48,7 +48,7 @@ impl Harness {
     fn new(config: JobConfig) -> Self {
         let start = Instant::now();
         Harness {
-            o: Orchestrator::new(config, Box::new(FedAvg::default()), None).unwrap(),
+            o: Orchestrator::new(config, Box::new(FedAvg::default()), None, [1; 32]).unwrap(),
             start,
             now: start,
             commits: 0,
@@ -508,7 +508,13 @@ fn fraction_selects_a_seeded_subset_and_others_are_refused() {
 #[test]
 fn allowlist_refuses_strangers() {
     let allowed = ["a".to_string()].into_iter().collect();
-    let mut o = Orchestrator::new(config(), Box::new(FedAvg::default()), Some(allowed)).unwrap();
+    let mut o = Orchestrator::new(
+        config(),
+        Box::new(FedAvg::default()),
+        Some(allowed),
+        [1; 32],
+    )
+    .unwrap();
     let now = Instant::now();
     assert!(o.handle_join("a", "s1".into(), 1, now).is_ok());
     assert_eq!(
@@ -651,6 +657,7 @@ fn a_resumed_job_continues_from_its_last_completed_round_with_a_new_attempt() {
         history.clone(),
         global.to_vec(),
         2,
+        [2; 32],
     )
     .unwrap();
     let mut h2 = Harness {
@@ -678,7 +685,15 @@ fn a_resumed_job_continues_from_its_last_completed_round_with_a_new_attempt() {
     assert!(h2.o.is_finished());
     // Gaps, too many rounds and a model of the wrong size are refused.
     let resume = |hist: Vec<RoundSummary>, g: Vec<f32>| {
-        Orchestrator::resume(config(), Box::new(FedAvg::default()), None, hist, g, 2)
+        Orchestrator::resume(
+            config(),
+            Box::new(FedAvg::default()),
+            None,
+            hist,
+            g,
+            2,
+            [2; 32],
+        )
     };
     let mut gap = history.clone();
     gap[0].round = 2;

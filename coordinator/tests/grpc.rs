@@ -45,7 +45,8 @@ fn job() -> JobConfig {
 async fn start() -> (Coordinator, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let allowed: BTreeSet<String> = ["a", "b"].iter().map(|s| s.to_string()).collect();
-    let orch = Orchestrator::new(job(), Box::new(FedAvg::default()), Some(allowed)).unwrap();
+    let orch =
+        Orchestrator::new(job(), Box::new(FedAvg::default()), Some(allowed), [7; 32]).unwrap();
     let store = ModelStore::open(dir.path()).unwrap();
     let c = Coordinator::start(orch, store).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -372,7 +373,7 @@ mod secure {
         let dir = tempfile::tempdir().unwrap();
         let mut job = job();
         job.secure = Some(SecureSettings::default());
-        let orch = Orchestrator::new(job, Box::new(FedAvg::default()), None).unwrap();
+        let orch = Orchestrator::new(job, Box::new(FedAvg::default()), None, [7; 32]).unwrap();
         let coord = Coordinator::start(orch, ModelStore::open(dir.path()).unwrap()).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = format!("http://{}", listener.local_addr().unwrap());
