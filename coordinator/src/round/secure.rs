@@ -511,5 +511,4 @@ impl Orchestrator {
 }
 
 #[cfg(test)]
-#[path = "round_secure_tests.rs"]
 mod tests;

@@ -1354,9 +1354,7 @@ fn splitmix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-#[path = "round_secure.rs"]
 mod secure;
 
 #[cfg(test)]
-#[path = "round_tests.rs"]
 mod tests;
