@@ -143,13 +143,16 @@ pub fn provision(a: &ProvisionArgs) -> anyhow::Result<()> {
     }
     let ca_dir = a.out.join("ca");
     std::fs::create_dir_all(&ca_dir).with_context(|| format!("creating {}", ca_dir.display()))?;
-    let ca = Authority::generate(&a.federation, &Validity::days(a.days * 10))?;
+    let ca = Authority::generate(
+        &a.federation,
+        &Validity::days(std::time::SystemTime::now(), a.days * 10),
+    )?;
     write(&ca_dir.join("ca.pem"), ca.cert_pem(), false)?;
     write(&ca_dir.join("ca.key"), ca.key_pem(), true)?;
     write(&ca_dir.join("revoked.txt"), "", false)?;
-    let crl = ca.crl(&[], 1, 30)?;
+    let crl = ca.crl(&[], 1, 30, std::time::SystemTime::now())?;
     write(&a.out.join("crl.pem"), &crl, false)?;
-    let validity = Validity::days(a.days);
+    let validity = Validity::days(std::time::SystemTime::now(), a.days);
 
     let coord = a.out.join("coordinator");
     std::fs::create_dir_all(&coord)?;
@@ -271,7 +274,7 @@ pub fn revoke(a: &RevokeArgs) -> anyhow::Result<()> {
     let number = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_secs());
-    let crl = ca.crl(&serials, number, 30)?;
+    let crl = ca.crl(&serials, number, 30, std::time::SystemTime::now())?;
     replace(&revoked_path, &(lines.join("\n") + "\n"))?;
     replace(&a.dir.join("crl.pem"), &crl)?;
     let coord_crl = a.dir.join("coordinator").join("crl.pem");

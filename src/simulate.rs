@@ -643,7 +643,7 @@ impl SimPki {
         let dir = tempfile::Builder::new()
             .prefix("cohort-sim-pki")
             .tempdir()?;
-        let v = Validity::days(2);
+        let v = Validity::days(std::time::SystemTime::now(), 2);
         let ca = Authority::generate("cohort simulation (throw-away)", &v)?;
         let write = |name: &str, text: &str| -> anyhow::Result<std::path::PathBuf> {
             let p = dir.path().join(name);
@@ -662,7 +662,10 @@ impl SimPki {
             ca: ca_path,
             cert: write("coordinator.pem", &c.cert_pem)?,
             key: write("coordinator.key", &c.key_pem)?,
-            crl: Some(write("crl.pem", &ca.crl(&[], 1, 2)?)?),
+            crl: Some(write(
+                "crl.pem",
+                &ca.crl(&[], 1, 2, std::time::SystemTime::now())?,
+            )?),
             server_name: None,
             key_passphrase_env: None,
         };

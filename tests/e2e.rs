@@ -702,14 +702,18 @@ mod tls {
         // No client certificate.
         assert!(join(&addr, &ca_pem, None, "hospital-0").await.is_err());
         // A certificate from another CA.
-        let other = Authority::generate("elsewhere", &Validity::days(1)).unwrap();
+        let other = Authority::generate(
+            "elsewhere",
+            &Validity::days(std::time::SystemTime::now(), 1),
+        )
+        .unwrap();
         let o = other
             .issue(
                 "hospital-0",
                 Role::Participant,
                 &[],
                 &[],
-                &Validity::days(1),
+                &Validity::days(std::time::SystemTime::now(), 1),
             )
             .unwrap();
         assert!(

@@ -901,12 +901,22 @@ mod tests {
         use crate::pki::{Authority, Role, Validity, binding_message, sign_with_key};
         use x509_parser::prelude::*;
         let mut rng = ChaCha8Rng::seed_from_u64(6);
-        let ca = Authority::generate("federation", &Validity::days(1)).unwrap();
+        let ca = Authority::generate(
+            "federation",
+            &Validity::days(std::time::SystemTime::now(), 1),
+        )
+        .unwrap();
         let parties: Vec<Party> = (0..3).map(|i| party(&format!("p{i}"), &mut rng)).collect();
         let mut info = info(&parties, 2, 2);
         for m in info.committee.iter_mut() {
             let cert = ca
-                .issue(&m.id, Role::Participant, &[], &[], &Validity::days(1))
+                .issue(
+                    &m.id,
+                    Role::Participant,
+                    &[],
+                    &[],
+                    &Validity::days(std::time::SystemTime::now(), 1),
+                )
                 .unwrap();
             let der = parse_x509_pem(cert.cert_pem.as_bytes()).unwrap().1.contents;
             let sig = sign_with_key(

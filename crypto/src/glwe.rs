@@ -69,17 +69,12 @@ fn block_seed(seed: RoundSeed, block: usize) -> CompressionSeed {
     )))
 }
 
-/// Threads the crypto uses by default: `COHORT_CRYPTO_THREADS` if set, else every core.
+/// Threads the crypto uses by default: every core of the machine. (Results do not depend
+/// on it; [`encrypt_threads`] and [`decryption_share_threads`] take a count instead.)
 pub fn default_threads() -> usize {
-    std::env::var("COHORT_CRYPTO_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&n: &usize| n > 0)
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// Runs `f(block_index, block)` over the `block_len`-sized blocks of `out` on up to

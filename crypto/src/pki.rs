@@ -108,9 +108,8 @@ pub struct Validity {
 }
 
 impl Validity {
-    /// From now (less five minutes of clock skew) for `days`.
-    pub fn days(days: u64) -> Self {
-        let now = SystemTime::now();
+    /// From `now` (less five minutes of clock skew) for `days`. The caller reads the clock.
+    pub fn days(now: SystemTime, days: u64) -> Self {
         Validity {
             not_before: now - Duration::from_secs(300),
             not_after: now + Duration::from_secs(days * 86_400),
@@ -237,10 +236,15 @@ impl Authority {
         })
     }
 
-    /// A CRL naming `revoked` serial numbers, valid for `days`; `number` must grow with each
-    /// new CRL.
-    pub fn crl(&self, revoked: &[Vec<u8>], number: u64, days: u64) -> Result<String, CryptoError> {
-        let now = SystemTime::now();
+    /// A CRL naming `revoked` serial numbers, issued at `now` and valid for `days`; `number`
+    /// must grow with each new CRL. The caller reads the clock.
+    pub fn crl(
+        &self,
+        revoked: &[Vec<u8>],
+        number: u64,
+        days: u64,
+        now: SystemTime,
+    ) -> Result<String, CryptoError> {
         let params = CertificateRevocationListParams {
             this_update: when(now - Duration::from_secs(300)),
             next_update: when(now + Duration::from_secs(days.max(1) * 86_400)),
@@ -391,14 +395,18 @@ mod tests {
 
     #[test]
     fn issued_certificates_carry_identity_and_role_and_reload() {
-        let ca = Authority::generate("test federation", &Validity::days(10)).unwrap();
+        let ca = Authority::generate(
+            "test federation",
+            &Validity::days(std::time::SystemTime::now(), 10),
+        )
+        .unwrap();
         let p = ca
             .issue(
                 "hospital-a",
                 Role::Participant,
                 &[],
                 &[],
-                &Validity::days(1),
+                &Validity::days(std::time::SystemTime::now(), 1),
             )
             .unwrap();
         assert_eq!(
@@ -412,23 +420,37 @@ mod tests {
                 Role::Coordinator,
                 &["localhost".into()],
                 &["127.0.0.1".parse().unwrap()],
-                &Validity::days(1),
+                &Validity::days(std::time::SystemTime::now(), 1),
             )
             .unwrap();
         assert_eq!(identity_of(&der(&c.cert_pem)).unwrap().1, Role::Coordinator);
         // A reloaded authority issues certificates too, and CRLs.
         let again = Authority::from_pem(ca.cert_pem(), ca.key_pem()).unwrap();
         let a = again
-            .issue("ops", Role::Admin, &[], &[], &Validity::days(1))
+            .issue(
+                "ops",
+                Role::Admin,
+                &[],
+                &[],
+                &Validity::days(std::time::SystemTime::now(), 1),
+            )
             .unwrap();
         assert_eq!(identity_of(&der(&a.cert_pem)).unwrap().1, Role::Admin);
-        let crl = again.crl(std::slice::from_ref(&p.serial), 2, 7).unwrap();
+        let crl = again
+            .crl(std::slice::from_ref(&p.serial), 2, 7, SystemTime::now())
+            .unwrap();
         assert!(crl.contains("BEGIN X509 CRL"));
         assert_eq!(revoked_serials(&crl).unwrap(), vec![p.serial.clone()]);
         assert_eq!(serial_of_der(&der(&p.cert_pem)).unwrap(), p.serial);
         assert!(
-            ca.issue("a/b", Role::Participant, &[], &[], &Validity::days(1))
-                .is_err()
+            ca.issue(
+                "a/b",
+                Role::Participant,
+                &[],
+                &[],
+                &Validity::days(std::time::SystemTime::now(), 1)
+            )
+            .is_err()
         );
         assert!("auditor".parse::<Role>().is_err());
         // Key bindings: signed by the certificate's key, checked against the CA and identity.
@@ -439,7 +461,11 @@ mod tests {
         let other_keys = binding_message(&[3; 32], &[2; 32]);
         assert!(verify_binding(ca.cert_pem(), &cert, "hospital-a", &other_keys, &sig).is_err());
         assert!(verify_binding(ca.cert_pem(), &cert, "hospital-b", &msg, &sig).is_err());
-        let stranger = Authority::generate("elsewhere", &Validity::days(1)).unwrap();
+        let stranger = Authority::generate(
+            "elsewhere",
+            &Validity::days(std::time::SystemTime::now(), 1),
+        )
+        .unwrap();
         assert!(verify_binding(stranger.cert_pem(), &cert, "hospital-a", &msg, &sig).is_err());
         let admin_sig = sign_with_key(&a.key_pem, &msg).unwrap();
         assert!(verify_binding(ca.cert_pem(), &der(&a.cert_pem), "ops", &msg, &admin_sig).is_err());

@@ -258,7 +258,7 @@ mod tests {
 
     #[test]
     fn an_encrypted_key_opens_only_with_its_passphrase_and_still_serves() {
-        let v = Validity::days(1);
+        let v = Validity::days(std::time::SystemTime::now(), 1);
         let ca = Authority::generate("test CA", &v).unwrap();
         let node = ca
             .issue(
