@@ -146,6 +146,27 @@ fn model_pb(m: crate::ModelManifest, serving: &Option<crate::state::ModelRef>) -
     }
 }
 
+/// The gRPC status for a control-plane refusal (the Admin service's edge, and the
+/// Federation service's for admissions).
+pub(crate) fn control_status(e: crate::control::ControlError) -> Status {
+    use crate::control::ControlError as E;
+    match e {
+        E::NotFound(m) => Status::not_found(m),
+        E::AlreadyExists(m) => Status::already_exists(m),
+        E::InvalidArgument(m) => Status::invalid_argument(m),
+        E::FailedPrecondition(m) => Status::failed_precondition(m),
+        E::PermissionDenied(m) => Status::permission_denied(m),
+        E::Unavailable(m) => Status::unavailable(m),
+        E::Internal(m) => Status::internal(m),
+    }
+}
+
+impl From<crate::control::ControlError> for Status {
+    fn from(e: crate::control::ControlError) -> Status {
+        control_status(e)
+    }
+}
+
 /// An event as the Admin service streams it.
 pub(crate) fn event_pb(job: &str, ev: &Event) -> pb::AdminEvent {
     let (kind, round, participants, detail): (&str, u64, Vec<String>, String) = match ev {
@@ -308,7 +329,10 @@ impl Admin for AdminApi {
     ) -> Result<Response<pb::JobRecord>, Status> {
         let who = self.0.admin(&req)?;
         let spec = req.into_inner().spec_toml;
-        let job = self.0.blocking(move |c| c.create_job(&who, &spec)).await?;
+        let job = self
+            .0
+            .blocking(move |c| Ok(c.create_job(&who, &spec)?))
+            .await?;
         Ok(Response::new(job_pb(job)))
     }
 
@@ -407,7 +431,7 @@ impl Admin for AdminApi {
         let r = req.into_inner();
         let to = self
             .0
-            .blocking(move |c| c.promote(&who, &r.job_id, r.version))
+            .blocking(move |c| Ok(c.promote(&who, &r.job_id, r.version)?))
             .await?;
         self.model_record(&to)
     }
@@ -417,7 +441,7 @@ impl Admin for AdminApi {
         req: Request<pb::RollbackModelRequest>,
     ) -> Result<Response<pb::ModelRecord>, Status> {
         let who = self.0.admin(&req)?;
-        let to = self.0.blocking(move |c| c.rollback(&who)).await?;
+        let to = self.0.blocking(move |c| Ok(c.rollback(&who)?)).await?;
         self.model_record(&to)
     }
 
@@ -475,11 +499,13 @@ impl AdminApi {
     async fn job_action(
         &self,
         req: Request<pb::JobRequest>,
-        f: impl FnOnce(&Coordinator, &str, &str) -> Result<JobRecord, Status> + Send + 'static,
+        f: impl FnOnce(&Coordinator, &str, &str) -> Result<JobRecord, crate::control::ControlError>
+        + Send
+        + 'static,
     ) -> Result<Response<pb::JobRecord>, Status> {
         let who = self.0.admin(&req)?;
         let id = req.into_inner().job_id;
-        let job = self.0.blocking(move |c| f(c, &who, &id)).await?;
+        let job = self.0.blocking(move |c| Ok(f(c, &who, &id)?)).await?;
         Ok(Response::new(job_pb(job)))
     }
 
@@ -492,7 +518,7 @@ impl AdminApi {
         let r = req.into_inner();
         let id = r.participant_id.clone();
         self.0
-            .blocking(move |c| c.set_approval(&who, &r.participant_id, approval, &r.reason))
+            .blocking(move |c| Ok(c.set_approval(&who, &r.participant_id, approval, &r.reason)?))
             .await?;
         let p = self
             .0

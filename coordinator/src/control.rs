@@ -15,8 +15,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tonic::Status;
-
 use crate::config::JobSection;
 use crate::model_store::ModelManifest;
 use crate::round::{Orchestrator, RoundSummary};
@@ -26,12 +24,44 @@ use crate::state::{
     unix_ms,
 };
 
-fn internal(e: impl std::fmt::Display) -> Status {
-    tracing::error!("state: {e}");
-    Status::internal(e.to_string())
+/// Why an operator's or a participant's request to the control plane was refused. Each
+/// service edge maps these to its protocol's codes (gRPC: `admin::control_status`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// No such job, version or participant.
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The request itself is malformed (an empty id, a bad job specification).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// Not possible in the current state (a job already active, nothing to roll back to).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The caller is not allowed (a removed or pending participant).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// No job is active to act on.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The durable state or the model store failed.
+    #[error("{0}")]
+    Internal(String),
 }
 
-fn state_err(e: StateError) -> Status {
+/// The active job's state machine is needed but there is none (the driver's lock and `with`
+/// say so as a gRPC status, since the Federation edge answers them directly).
+fn no_job(_: tonic::Status) -> ControlError {
+    ControlError::Unavailable("no job is active: waiting for an operator to start one".into())
+}
+
+fn internal(e: impl std::fmt::Display) -> ControlError {
+    tracing::error!("state: {e}");
+    ControlError::Internal(e.to_string())
+}
+
+fn state_err(e: StateError) -> ControlError {
     internal(e)
 }
 
@@ -346,11 +376,12 @@ impl Coordinator {
 
     /// Whether `id` may join now, recording it as seen; pending participants wait for an
     /// operator, removed ones are refused.
-    pub(crate) fn admit(&self, id: &str, num_examples: u64) -> Result<(), Status> {
+    pub(crate) fn admit(&self, id: &str, num_examples: u64) -> Result<(), ControlError> {
         let state = &self.shared.state;
         let adm = &self.shared.admission;
         let custodian = self
-            .lock()?
+            .lock()
+            .map_err(no_job)?
             .config()
             .secure
             .as_ref()
@@ -377,7 +408,7 @@ impl Coordinator {
         rec.last_seen_unix_ms = now;
         rec.num_examples = num_examples;
         let verdict = match rec.approval {
-            Approval::Removed => Err(Status::permission_denied(format!(
+            Approval::Removed => Err(ControlError::PermissionDenied(format!(
                 "{id} was removed from the federation by an operator"
             ))),
             Approval::Approved => Ok(()),
@@ -389,11 +420,11 @@ impl Coordinator {
                 if !known {
                     tracing::warn!(participant = %id, "new participant waiting for approval: `cohort admin participants approve {id}`");
                 }
-                Err(Status::failed_precondition(format!(
+                Err(ControlError::FailedPrecondition(format!(
                     "{id} is waiting for an operator's approval"
                 )))
             }
-            Approval::Pending => Err(Status::permission_denied(format!(
+            Approval::Pending => Err(ControlError::PermissionDenied(format!(
                 "participant {id:?} is not allowed to join"
             ))),
         };
@@ -403,18 +434,18 @@ impl Coordinator {
             state.put_participant(&rec).map_err(state_err)?;
         }
         verdict.inspect_err(|s| {
-            tracing::warn!(participant = %id, "join refused: {}", s.message());
+            tracing::warn!(participant = %id, "join refused: {s}");
         })
     }
 
     // ----- admin actions (each audited) -----
 
-    pub(crate) fn create_job(&self, who: &str, spec_toml: &str) -> Result<JobRecord, Status> {
+    pub(crate) fn create_job(&self, who: &str, spec_toml: &str) -> Result<JobRecord, ControlError> {
         let section = JobSection::parse_spec(spec_toml)
-            .map_err(|e| Status::invalid_argument(format!("job specification: {e}")))?;
+            .map_err(|e| ControlError::InvalidArgument(format!("job specification: {e}")))?;
         let cfg = section
             .job_config()
-            .map_err(|e| Status::invalid_argument(format!("job specification: {e}")))?;
+            .map_err(|e| ControlError::InvalidArgument(format!("job specification: {e}")))?;
         let _g = self.shared.job_records.lock().expect("job records lock");
         if self
             .shared
@@ -423,7 +454,7 @@ impl Coordinator {
             .map_err(state_err)?
             .is_some()
         {
-            return Err(Status::already_exists(format!(
+            return Err(ControlError::AlreadyExists(format!(
                 "a job {:?} exists already",
                 cfg.job_id
             )));
@@ -437,24 +468,24 @@ impl Coordinator {
         Ok(job)
     }
 
-    fn job_or_404(&self, id: &str) -> Result<JobRecord, Status> {
+    fn job_or_404(&self, id: &str) -> Result<JobRecord, ControlError> {
         self.shared
             .state
             .job(id)
             .map_err(state_err)?
-            .ok_or_else(|| Status::not_found(format!("no job {id:?}")))
+            .ok_or_else(|| ControlError::NotFound(format!("no job {id:?}")))
     }
 
-    pub(crate) fn start_job(&self, who: &str, id: &str) -> Result<JobRecord, Status> {
+    pub(crate) fn start_job(&self, who: &str, id: &str) -> Result<JobRecord, ControlError> {
         let job = self.job_or_404(id)?;
         if job.state != JobState::Created {
-            return Err(Status::failed_precondition(format!(
+            return Err(ControlError::FailedPrecondition(format!(
                 "job {id} is {}; only a created job can start",
                 job.state.as_str()
             )));
         }
         if let Some(active) = self.active_job_id() {
-            return Err(Status::failed_precondition(format!(
+            return Err(ControlError::FailedPrecondition(format!(
                 "job {active} is active; pause does not free the coordinator: cancel it or wait for it to finish"
             )));
         }
@@ -466,7 +497,7 @@ impl Coordinator {
             None,
             rand::random(),
         )
-        .map_err(Status::invalid_argument)?;
+        .map_err(ControlError::InvalidArgument)?;
         self.run_job(orch, who, Some(&section)).map_err(internal)
     }
 
@@ -476,7 +507,7 @@ impl Coordinator {
         who: &str,
         id: &str,
         paused: bool,
-    ) -> Result<JobRecord, Status> {
+    ) -> Result<JobRecord, ControlError> {
         let _g = self.shared.job_records.lock().expect("job records lock");
         let mut job = self.job_or_404(id)?;
         let (from, to, action) = if paused {
@@ -485,7 +516,7 @@ impl Coordinator {
             (JobState::Paused, JobState::Running, "resume_job")
         };
         if job.state != from || self.active_job_id().as_deref() != Some(id) {
-            return Err(Status::failed_precondition(format!(
+            return Err(ControlError::FailedPrecondition(format!(
                 "job {id} is {}; only a {} job can be {}",
                 job.state.as_str(),
                 from.as_str(),
@@ -498,7 +529,8 @@ impl Coordinator {
             .state
             .audited(who, action, id, "", vec![State::job_write(&job)])
             .map_err(state_err)?;
-        self.with(true, |o| o.set_paused(paused, Instant::now()))?;
+        self.with(true, |o| o.set_paused(paused, Instant::now()))
+            .map_err(no_job)?;
         self.shared.metrics.job_state(id, job.state);
         Ok(job)
     }
@@ -508,14 +540,14 @@ impl Coordinator {
         who: &str,
         id: &str,
         reason: &str,
-    ) -> Result<JobRecord, Status> {
+    ) -> Result<JobRecord, ControlError> {
         let _g = self.shared.job_records.lock().expect("job records lock");
         let mut job = self.job_or_404(id)?;
         if !matches!(
             job.state,
             JobState::Created | JobState::Running | JobState::Paused
         ) {
-            return Err(Status::failed_precondition(format!(
+            return Err(ControlError::FailedPrecondition(format!(
                 "job {id} is {} already",
                 job.state.as_str()
             )));
@@ -527,7 +559,7 @@ impl Coordinator {
             .audited(who, "cancel_job", id, reason, vec![State::job_write(&job)])
             .map_err(state_err)?;
         if self.active_job_id().as_deref() == Some(id) {
-            self.with(true, |o| o.cancel())?;
+            self.with(true, |o| o.cancel()).map_err(no_job)?;
         }
         self.shared.metrics.job_state(id, job.state);
         Ok(job)
@@ -540,9 +572,11 @@ impl Coordinator {
         id: &str,
         approval: Approval,
         reason: &str,
-    ) -> Result<ParticipantRecord, Status> {
+    ) -> Result<ParticipantRecord, ControlError> {
         if id.is_empty() {
-            return Err(Status::invalid_argument("participant_id is empty"));
+            return Err(ControlError::InvalidArgument(
+                "participant_id is empty".into(),
+            ));
         }
         let state = &self.shared.state;
         let mut rec = state
@@ -578,7 +612,12 @@ impl Coordinator {
         Ok(rec)
     }
 
-    pub(crate) fn promote(&self, who: &str, job: &str, version: u64) -> Result<ModelRef, Status> {
+    pub(crate) fn promote(
+        &self,
+        who: &str,
+        job: &str,
+        version: u64,
+    ) -> Result<ModelRef, ControlError> {
         if self
             .shared
             .state
@@ -586,7 +625,7 @@ impl Coordinator {
             .map_err(state_err)?
             .is_none()
         {
-            return Err(Status::not_found(format!(
+            return Err(ControlError::NotFound(format!(
                 "no model version {version} of job {job:?}"
             )));
         }
@@ -599,14 +638,16 @@ impl Coordinator {
         Ok(to)
     }
 
-    pub(crate) fn rollback(&self, who: &str) -> Result<ModelRef, Status> {
+    pub(crate) fn rollback(&self, who: &str) -> Result<ModelRef, ControlError> {
         let to = self
             .shared
             .state
             .rollback(who)
             .map_err(state_err)?
             .ok_or_else(|| {
-                Status::failed_precondition("nothing to roll back to: fewer than two promotions")
+                ControlError::FailedPrecondition(
+                    "nothing to roll back to: fewer than two promotions".into(),
+                )
             })?;
         self.publish_promotion(&to);
         Ok(to)
