@@ -5,6 +5,7 @@
 //! machine and the participant's agent call these functions.
 
 use std::collections::BTreeMap;
+use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
 
@@ -52,14 +53,16 @@ pub struct PublicKeys {
 }
 
 impl PublicKeys {
-    /// Checks that these are `id`'s own keys, bound to its certificate from `ca_pem`'s CA.
-    pub fn check(&self, ca_pem: &str, id: &str) -> Result<(), CryptoError> {
+    /// Checks that these are `id`'s own keys, bound to its certificate (valid at `now`)
+    /// from `ca_pem`'s CA.
+    pub fn check(&self, ca_pem: &str, id: &str, now: SystemTime) -> Result<(), CryptoError> {
         KeyBinding::check(
             self.binding.as_ref(),
             ca_pem,
             id,
             &self.seal.0,
             &self.verify.0,
+            now,
         )
     }
 }
@@ -74,13 +77,14 @@ pub struct KeyBinding {
 
 impl KeyBinding {
     /// Checks that `id`'s keys `seal`/`verify` are bound to `id`'s certificate from the CA
-    /// of `ca_pem`.
+    /// of `ca_pem`, valid at `now`.
     pub fn check(
         binding: Option<&KeyBinding>,
         ca_pem: &str,
         id: &str,
         seal: &[u8; 32],
         verify: &[u8; 32],
+        now: SystemTime,
     ) -> Result<(), CryptoError> {
         let b = binding.ok_or_else(|| {
             CryptoError::Pki(format!(
@@ -93,13 +97,14 @@ impl KeyBinding {
             id,
             &crate::pki::binding_message(seal, verify),
             &b.signature,
+            now,
         )
     }
 }
 
 impl RoundInfo {
-    /// Checks every committee member's key binding against the federation CA.
-    pub fn check_bindings(&self, ca_pem: &str) -> Result<(), CryptoError> {
+    /// Checks every committee member's key binding against the federation CA, at `now`.
+    pub fn check_bindings(&self, ca_pem: &str, now: SystemTime) -> Result<(), CryptoError> {
         for m in &self.committee {
             KeyBinding::check(
                 m.binding.as_ref(),
@@ -107,6 +112,7 @@ impl RoundInfo {
                 &m.id,
                 &m.seal_key.0,
                 &m.verify_key.0,
+                now,
             )?;
         }
         Ok(())
@@ -929,19 +935,29 @@ mod tests {
                 signature: sig,
             });
         }
-        info.check_bindings(ca.cert_pem()).unwrap();
+        info.check_bindings(ca.cert_pem(), SystemTime::now())
+            .unwrap();
         // A coordinator that swaps a member's sealing key for its own is caught.
         let mut swapped = info.clone();
         swapped.committee[1].seal_key = MemberSecret::generate(&mut rng).public();
-        let e = swapped.check_bindings(ca.cert_pem()).unwrap_err();
+        let e = swapped
+            .check_bindings(ca.cert_pem(), SystemTime::now())
+            .unwrap_err();
         assert!(e.to_string().contains("p1"), "{e}");
         // So is one that presents p2's certificate for p1, or no binding at all.
         let mut moved = info.clone();
         moved.committee[1].binding = moved.committee[2].binding.clone();
-        assert!(moved.check_bindings(ca.cert_pem()).is_err());
+        assert!(
+            moved
+                .check_bindings(ca.cert_pem(), SystemTime::now())
+                .is_err()
+        );
         let mut bare = info;
         bare.committee[0].binding = None;
-        assert!(bare.check_bindings(ca.cert_pem()).is_err());
+        assert!(
+            bare.check_bindings(ca.cert_pem(), SystemTime::now())
+                .is_err()
+        );
     }
 
     #[test]

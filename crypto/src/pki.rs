@@ -306,6 +306,13 @@ pub fn serial_of(cert_pem: &str) -> Result<Vec<u8>, CryptoError> {
     Ok(cert.raw_serial().to_vec())
 }
 
+/// The DER bytes of a PEM certificate (what a TLS peer presents).
+pub fn der_of(cert_pem: &str) -> Result<Vec<u8>, CryptoError> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+        .map_err(|e| pki(format!("not a PEM certificate: {e}")))?;
+    Ok(pem.contents)
+}
+
 /// What a participant signs with its certificate's key to bind its secure-aggregation keys
 /// (X25519 sealing key, Ed25519 signing key) to its identity, so that nobody relaying them (the
 /// coordinator) can substitute its own.
@@ -321,14 +328,15 @@ pub fn sign_with_key(key_pem: &str, msg: &[u8]) -> Result<Vec<u8>, CryptoError> 
         .map_err(|e| pki(format!("signing with the certificate key: {e}")))
 }
 
-/// Checks that `cert_der` was issued by the CA of `ca_pem`, is valid now, names `identity`
-/// as a participant, and that its key signed `msg` with `signature`.
+/// Checks that `cert_der` was issued by the CA of `ca_pem`, is valid at `now`, names
+/// `identity` as a participant, and that its key signed `msg` with `signature`.
 pub fn verify_binding(
     ca_pem: &str,
     cert_der: &[u8],
     identity: &str,
     msg: &[u8],
     signature: &[u8],
+    now: SystemTime,
 ) -> Result<(), CryptoError> {
     use x509_parser::prelude::*;
     let (_, ca_pem) = parse_x509_pem(ca_pem.as_bytes()).map_err(|e| pki(format!("CA: {e}")))?;
@@ -340,7 +348,12 @@ pub fn verify_binding(
             "{identity:?}'s certificate is not from this federation's CA"
         ))
     })?;
-    if !cert.validity().is_valid() {
+    let at = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .ok()
+        .and_then(|d| ASN1Time::from_timestamp(d.as_secs() as i64).ok())
+        .ok_or_else(|| pki("the time given is not a valid certificate time"))?;
+    if !cert.validity().is_valid_at(at) {
         return Err(pki(format!(
             "{identity:?}'s certificate is expired or not yet valid"
         )));
@@ -457,17 +470,65 @@ mod tests {
         let msg = binding_message(&[1; 32], &[2; 32]);
         let sig = sign_with_key(&p.key_pem, &msg).unwrap();
         let cert = der(&p.cert_pem);
-        verify_binding(ca.cert_pem(), &cert, "hospital-a", &msg, &sig).unwrap();
+        verify_binding(
+            ca.cert_pem(),
+            &cert,
+            "hospital-a",
+            &msg,
+            &sig,
+            SystemTime::now(),
+        )
+        .unwrap();
         let other_keys = binding_message(&[3; 32], &[2; 32]);
-        assert!(verify_binding(ca.cert_pem(), &cert, "hospital-a", &other_keys, &sig).is_err());
-        assert!(verify_binding(ca.cert_pem(), &cert, "hospital-b", &msg, &sig).is_err());
+        assert!(
+            verify_binding(
+                ca.cert_pem(),
+                &cert,
+                "hospital-a",
+                &other_keys,
+                &sig,
+                SystemTime::now()
+            )
+            .is_err()
+        );
+        assert!(
+            verify_binding(
+                ca.cert_pem(),
+                &cert,
+                "hospital-b",
+                &msg,
+                &sig,
+                SystemTime::now()
+            )
+            .is_err()
+        );
         let stranger = Authority::generate(
             "elsewhere",
             &Validity::days(std::time::SystemTime::now(), 1),
         )
         .unwrap();
-        assert!(verify_binding(stranger.cert_pem(), &cert, "hospital-a", &msg, &sig).is_err());
+        assert!(
+            verify_binding(
+                stranger.cert_pem(),
+                &cert,
+                "hospital-a",
+                &msg,
+                &sig,
+                SystemTime::now()
+            )
+            .is_err()
+        );
         let admin_sig = sign_with_key(&a.key_pem, &msg).unwrap();
-        assert!(verify_binding(ca.cert_pem(), &der(&a.cert_pem), "ops", &msg, &admin_sig).is_err());
+        assert!(
+            verify_binding(
+                ca.cert_pem(),
+                &der(&a.cert_pem),
+                "ops",
+                &msg,
+                &admin_sig,
+                SystemTime::now()
+            )
+            .is_err()
+        );
     }
 }

@@ -1,0 +1,235 @@
+//! Training and evaluation tasks: local training on the node's own data (on a shared
+//! compute pool in a simulation), the update's upload in plaintext or encrypted, and
+//! federated evaluation of a new version.
+
+use super::*;
+
+/// Runs `f` on a pool of `compute`, or directly when there is none.
+pub(crate) fn on_compute<T: Send>(
+    compute: Option<&ComputeSlots>,
+    f: impl FnOnce() -> T + Send,
+) -> T {
+    match compute {
+        Some(c) => c.run(f),
+        None => f(),
+    }
+}
+
+pub(crate) fn metrics_pb(loss: f64, accuracy: f64, n: usize) -> pb::Metrics {
+    (&Metrics {
+        loss,
+        accuracy,
+        auc: None,
+        num_examples: n,
+    })
+        .into()
+}
+
+/// The model spec a task names; a task without a valid one is refused.
+pub(crate) fn task_model(model: Option<&pb::ModelSpec>) -> Result<ModelSpec, Status> {
+    let m = model.ok_or_else(|| Status::invalid_argument("task without model"))?;
+    ModelSpec::try_from(m).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+pub(crate) async fn train_round(
+    s: &mut Session,
+    opts: &AgentOptions,
+    data: &Arc<LocalData>,
+    secrets: &SharedSecrets,
+    t: pb::TrainTask,
+) -> Result<(), Status> {
+    let spec = task_model(t.model.as_ref())?;
+    let secure = t
+        .secure
+        .as_ref()
+        .map(|r| round_from_pb(&t.job_id, t.round, r))
+        .transpose()
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    // Seal key pieces only to keys their owners' certificates vouch for; check before
+    // spending a round's training on it.
+    if let (Some(info), Some(tls)) = (&secure, &opts.tls)
+        && let Err(e) = info.check_bindings(&tls.ca_pem, std::time::SystemTime::now())
+    {
+        tracing::error!(participant = %opts.id, round = t.round, "refusing to take part: {e}");
+        return Err(Status::aborted(format!("refusing to take part: {e}")));
+    }
+    let cfg = TrainConfig::try_from(
+        t.config
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("task without config"))?,
+    )
+    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let global = fetch_model(
+        s,
+        &t.job_id,
+        t.model_version,
+        t.num_parameters,
+        &t.model_digest,
+    )
+    .await?;
+    let (d, dev, compute) = (data.clone(), opts.device, opts.compute.clone());
+    let start = global.clone();
+    let trained = with_heartbeats(s, move || {
+        on_compute(compute.as_deref(), || {
+            cohort_model::train(&spec, &start, &d.train, &cfg, dev)
+        })
+    })
+    .await;
+    let (params, report) = match trained {
+        Ok(x) => x,
+        Err(e) => {
+            // Nothing is sent: the coordinator counts this participant as a straggler.
+            tracing::error!(participant = %opts.id, round = t.round, "local training failed: {e}");
+            return Ok(());
+        }
+    };
+    let delta: Vec<f32> = params.iter().zip(&global).map(|(p, g)| p - g).collect();
+    if !opts.upload_delay.is_zero() {
+        tracing::info!(participant = %opts.id, round = t.round, "fault injection: delaying the upload by {:?}", opts.upload_delay);
+        tokio::time::sleep(opts.upload_delay).await;
+    }
+    let mut header = pb::UpdateHeader {
+        nonce: nonce(),
+        session_id: s.id.clone(),
+        job_id: t.job_id.clone(),
+        round: t.round,
+        num_parameters: delta.len() as u64,
+        num_examples: report.num_examples as u64,
+        train: Some(metrics_pb(
+            *report.epoch_loss.last().unwrap_or(&f64::NAN),
+            report.last_epoch_accuracy,
+            report.num_examples,
+        )),
+        train_seconds: report.seconds,
+        secure: None,
+    };
+    match secure {
+        None => {
+            let chunks = cohort_protocol::update_chunks(header, &delta);
+            s.client
+                .submit_update(futures::stream::iter(chunks))
+                .await?;
+        }
+        Some(info) => {
+            let (me, sec, n) = (opts.id.clone(), secrets.clone(), report.num_examples as u64);
+            let info = Arc::new(info);
+            let round_info = info.clone();
+            let protected = with_heartbeats(s, move || {
+                let mut guard = lock(&sec);
+                let x = &mut *guard;
+                x.round_seeds.insert(
+                    (round_info.job.clone(), round_info.round, round_info.attempt),
+                    round_info.seed,
+                );
+                aggregation::protect(&round_info, &me, &x.sign, &mut x.seeds, &delta, n, &mut x.rng)
+            })
+            .await
+            .map_err(|e| {
+                tracing::error!(participant = %opts.id, round = t.round, "refusing to encrypt: {e}");
+                Status::aborted(format!("refusing to encrypt: {e}"))
+            })?;
+            header.secure = Some(pb::SecureUpload {
+                weight: protected.weight,
+                pieces: protected
+                    .pieces
+                    .iter()
+                    .map(cohort_protocol::secure::sealed_pb)
+                    .collect(),
+                signature: protected.signature.to_vec(),
+                num_bodies: protected.bodies.len() as u64,
+            });
+            let bodies: Vec<cohort_protocol::Body> = protected
+                .bodies
+                .iter()
+                .map(|&b| cohort_protocol::Body(b))
+                .collect();
+            let chunks = cohort_protocol::update_chunks(header, &bodies);
+            s.client
+                .submit_update(futures::stream::iter(chunks))
+                .await?;
+            tracing::info!(participant = %opts.id, round = t.round, weight = protected.weight, "encrypted update sent");
+            return Ok(());
+        }
+    }
+    tracing::info!(participant = %opts.id, round = t.round, loss = report.epoch_loss.last(), "update sent");
+    Ok(())
+}
+
+pub(crate) async fn evaluate_round(
+    s: &mut Session,
+    opts: &AgentOptions,
+    data: &Arc<LocalData>,
+    e: pb::EvaluateTask,
+) -> Result<(), Status> {
+    let spec = task_model(e.model.as_ref())?;
+    let params = fetch_model(
+        s,
+        &e.job_id,
+        e.model_version,
+        e.num_parameters,
+        &e.model_digest,
+    )
+    .await?;
+    let (d, dev, compute) = (data.clone(), opts.device, opts.compute.clone());
+    let m = with_heartbeats(s, move || {
+        on_compute(compute.as_deref(), || {
+            cohort_model::evaluate(&spec, &params, &d.test, dev)
+        })
+    })
+    .await;
+    let m = m.map_err(|err| Status::internal(err.to_string()))?;
+    s.client
+        .submit_evaluation(pb::SubmitEvaluationRequest {
+            nonce: nonce(),
+            session_id: s.id.clone(),
+            job_id: e.job_id,
+            round: e.round,
+            metrics: Some((&m).into()),
+        })
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cohort_model::Sharing;
+
+    #[test]
+    fn a_task_without_a_valid_model_is_refused_as_invalid() {
+        let e = task_model(None).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains("without model"));
+        let bad = ModelSpec::Logistic {
+            inputs: 0,
+            classes: 2,
+        };
+        let e = task_model(Some(&(&bad).into())).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        let good = ModelSpec::Logistic {
+            inputs: 3,
+            classes: 2,
+        };
+        assert_eq!(task_model(Some(&(&good).into())).unwrap(), good);
+    }
+
+    #[test]
+    fn local_work_runs_on_a_shared_pool_when_given_one() {
+        let slots = ComputeSlots::new(Sharing::PerCore, 2).unwrap();
+        assert_eq!(on_compute(Some(&slots), rayon::current_num_threads), 1);
+        let all = ComputeSlots::new(Sharing::OneAtATime, 3).unwrap();
+        assert_eq!(on_compute(Some(&all), rayon::current_num_threads), 3);
+        assert_eq!(on_compute(None, || 5), 5);
+    }
+
+    #[test]
+    fn training_metrics_travel_without_an_auc() {
+        let m = metrics_pb(0.25, 0.75, 40);
+        let back = Metrics::try_from(&m).unwrap();
+        assert_eq!(
+            (back.loss, back.accuracy, back.num_examples),
+            (0.25, 0.75, 40)
+        );
+        assert_eq!(back.auc, None);
+    }
+}
