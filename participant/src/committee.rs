@@ -249,7 +249,7 @@ mod tests {
         // The binding speaks for site-a's keys only.
         assert!(bound.check(ca.cert_pem(), "site-b", now).is_err());
         let mut other = public(&b.keys(Some(&tls)).unwrap(), &issued.cert_pem);
-        other.seal = bound.seal.clone();
+        other.seal = bound.seal;
         assert!(other.check(ca.cert_pem(), "site-a", now).is_err());
     }
 }

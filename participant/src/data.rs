@@ -72,9 +72,9 @@ mod tests {
             "fitted on the training rows only"
         );
         for (i, row) in d.test.features.chunks(2).enumerate() {
-            for j in 0..2 {
+            for (j, v) in row.iter().enumerate() {
                 let expected = (test.row(i)[j] - s.mean[j]) / s.std[j];
-                assert!((row[j] - expected).abs() < 1e-5);
+                assert!((v - expected).abs() < 1e-5);
             }
         }
         let mean0: f32 = d.train.features.iter().step_by(2).sum::<f32>() / d.train.len() as f32;
