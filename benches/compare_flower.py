@@ -43,7 +43,8 @@ def fashion(a, cohort):
     tmp = tempfile.mkdtemp()
     shares = os.path.join(tmp, "shares.json")
     rows = []
-    env = dict(os.environ, RAY_DEDUP_LOGS="0", PYTHONWARNINGS="ignore")
+    # Ray's workers import flower_fashion.py's helper module (benches/torch_cnn.py) too.
+    env = dict(os.environ, RAY_DEDUP_LOGS="0", PYTHONWARNINGS="ignore", PYTHONPATH=HERE)
     for i in range(a.repeats):
         t = timed([cohort, "simulate", "--dataset", a.data, "--participants", "10",
                    "--partition", "dirichlet:0.5", "--rounds", str(a.rounds), "--epochs", "1",

@@ -10,7 +10,6 @@ local epoch of plain SGD, lr 0.05, batch 32, on one thread; FedAvg weights by ex
 every round ends with federated evaluation on each client's test rows. Writes the final
 round's example-weighted test accuracy to OUT_JSON.
 """
-import gzip
 import json
 import os
 import sys
@@ -24,6 +23,8 @@ from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 from flwr.server.strategy import FedAvg
 from flwr.simulation import run_simulation
 
+from torch_cnn import Cnn, read_idx  # beside this file; compare_flower.py puts it on PYTHONPATH
+
 PARTITION, OUT = sys.argv[1], sys.argv[2]
 ROUNDS = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 3
 SECAGG = "--secagg" in sys.argv
@@ -35,44 +36,17 @@ with open(PARTITION) as f:
 CLIENTS = len(SHARES["train"])
 
 
-def read_idx(stem):
-    for name in (stem + ".gz", stem):
-        path = os.path.join(DATA, name)
-        if os.path.exists(path):
-            with (gzip.open if name.endswith(".gz") else open)(path, "rb") as f:
-                raw = f.read()
-            ndim = raw[3]
-            dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-            return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-    raise SystemExit(f"{DATA} has no {stem}: apt-get install dataset-fashion-mnist")
-
-
 _FILES = {}
 
 
 def load(prefix, rows):
     # Each Ray worker reads the files once (Flower builds a client per message).
     if prefix not in _FILES:
-        _FILES[prefix] = (read_idx(f"{prefix}-images-idx3-ubyte"), read_idx(f"{prefix}-labels-idx1-ubyte"))
+        _FILES[prefix] = (read_idx(DATA, f"{prefix}-images-idx3-ubyte"), read_idx(DATA, f"{prefix}-labels-idx1-ubyte"))
     images, labels = _FILES[prefix]
     x = images[rows].astype(np.float32) / 255.0
     y = labels[rows].astype(np.int64)
     return torch.from_numpy(x.reshape(-1, 1, 28, 28).copy()), torch.from_numpy(y.copy())
-
-
-class Cnn(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.fc1 = nn.Linear(16 * 7 * 7, 64)
-        self.fc2 = nn.Linear(64, 10)
-        self.pool = nn.MaxPool2d(2)
-
-    def forward(self, x):
-        x = self.pool(torch.relu(self.conv1(x)))
-        x = self.pool(torch.relu(self.conv2(x)))
-        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
 def get_weights(model):

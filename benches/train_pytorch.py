@@ -10,7 +10,6 @@ Both: plain SGD (or Adam), cross-entropy, a fresh shuffle of the training rows e
 each batch gathered from the shuffled indices (as cohort does).
 """
 import argparse
-import gzip
 import json
 import os
 import time
@@ -19,30 +18,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from torch_cnn import Cnn, read_idx
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-
-
-def read_idx(path):
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def idx_file(d, stem):
-    for name in (stem + ".gz", stem):
-        if os.path.exists(os.path.join(d, name)):
-            return os.path.join(d, name)
-    raise SystemExit(f"{d} has no {stem}[.gz]: apt-get install dataset-fashion-mnist")
 
 
 def fashion(d):
     out = []
     for prefix in ("train", "t10k"):
-        x = read_idx(idx_file(d, f"{prefix}-images-idx3-ubyte")).astype(np.float32) / 255.0
-        y = read_idx(idx_file(d, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
+        x = read_idx(d, f"{prefix}-images-idx3-ubyte").astype(np.float32) / 255.0
+        y = read_idx(d, f"{prefix}-labels-idx1-ubyte").astype(np.int64)
         out += [torch.from_numpy(x.reshape(-1, 1, 28, 28).copy()), torch.from_numpy(y.copy())]
     return out
 
@@ -59,21 +45,6 @@ def breast_cancer():
     std[std < 1e-12] = 1.0
     f = lambda a: torch.from_numpy(((a - mean) / std).astype(np.float32))
     return f(x[tr]), torch.from_numpy(y[tr]), f(x[te]), torch.from_numpy(y[te])
-
-
-class Cnn(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.fc1 = nn.Linear(16 * 7 * 7, 64)
-        self.fc2 = nn.Linear(64, 10)
-        self.pool = nn.MaxPool2d(2)
-
-    def forward(self, x):
-        x = self.pool(torch.relu(self.conv1(x)))
-        x = self.pool(torch.relu(self.conv2(x)))
-        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
 def mlp():

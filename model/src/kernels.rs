@@ -308,22 +308,24 @@ pub fn conv3x3_forward(x: &FlexTensor, weight: &FlexTensor, bias: &FlexTensor) -
     let (xv, wv, bv) = (values(x), values(weight), values(bias));
     let (hw, k) = (h * w, c * 9);
     let mut out = vec![0.0f32; n * o * hw];
-    let image = |b: usize, out: &mut [f32]| {
-        let mut cols = vec![0.0f32; k * hw];
-        im2col(&xv[b * c * hw..(b + 1) * c * hw], c, h, w, &mut cols);
+    // One im2col buffer per worker, reused for each of its images.
+    let image = |cols: &mut Vec<f32>, (b, out): (usize, &mut [f32])| {
+        im2col(&xv[b * c * hw..(b + 1) * c * hw], c, h, w, cols);
         for (oc, row) in out.chunks_mut(hw).enumerate() {
             row.fill(bv[oc]);
         }
-        matmul((o, hw, k), out, true, &wv, (k, 1), &cols, (hw, 1));
+        matmul((o, hw, k), out, true, &wv, (k, 1), cols, (hw, 1));
     };
+    let new_cols = || vec![0.0f32; k * hw];
     if parallel(n) {
         out.par_chunks_mut(o * hw)
             .enumerate()
-            .for_each(|(b, out)| image(b, out));
+            .for_each_init(new_cols, image);
     } else {
+        let mut cols = new_cols();
         out.chunks_mut(o * hw)
             .enumerate()
-            .for_each(|(b, out)| image(b, out));
+            .for_each(|item| image(&mut cols, item));
     }
     tensor(out, Shape::new([n, o, h, w]))
 }
@@ -481,7 +483,7 @@ pub fn max_pool2x2_backward(x_shape: &Shape, winners: &[u8], grad: &FlexTensor) 
 const INT8_DIRECT_ROWS: usize = 4;
 
 /// A linear layer (`x · weight + bias`, Burn's layout: `weight` `[in, out]`) whose weight is
-/// int8 with one symmetric scale (a served model, see `crate::infer`), for a few rows at a
+/// int8 with one symmetric scale and whose bias is f32 (a served model, see `crate::infer`), for a few rows at a
 /// time on the flex device: each int8 weight is converted in registers as it is used, instead
 /// of the whole weight being dequantized into a new f32 tensor first, so a one-example request
 /// reads a quarter of the bytes f32 would. `None` where that does not apply (more rows,
@@ -522,12 +524,8 @@ pub fn linear_int8(
     let qv = qt.as_slice::<i8>()?;
     let xt = flex_float(x.clone().into_dispatch())?;
     let xv = values(&xt);
-    let bias = match bias {
-        Some(b) if matches!(b.dtype(), DType::QFloat(_)) => Some(b.clone().dequantize()),
-        b => b.cloned(),
-    };
     let bt = match bias {
-        Some(b) => Some(flex_float(b.into_dispatch())?),
+        Some(b) => Some(flex_float(b.clone().into_dispatch())?),
         None => None,
     };
     let bv = bt.as_ref().map(values);

@@ -337,21 +337,10 @@ fn linear(layer: &Linear, x: Tensor<2>) -> Tensor<2> {
 impl Cnn {
     /// Convolution, ReLU, 2×2 max-pooling. On the CPU (f32 weights) through cohort's kernels
     /// ([`crate::kernels`]), elsewhere through Burn's modules; both compute the same function.
-    ///
-    /// Int8 weights (a served model, see [`crate::infer`]) are dequantized for the pass: the
-    /// convolutions' weights are small (at most a few thousand values), so this costs far less
-    /// than the generic int8 convolution would.
+    /// (Int8 serving leaves the convolutions' weights in f32, see [`crate::infer`].)
     fn block(&self, conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-        let f32_of = |t: Tensor<1>| match t.dtype() {
-            DType::QFloat(_) => t.dequantize(),
-            _ => t,
-        };
-        let weight = match conv.weight.val() {
-            w if matches!(w.dtype(), DType::QFloat(_)) => w.dequantize(),
-            w => w,
-        };
-        let bias = conv.bias.as_ref().map(|b| f32_of(b.val()));
-        match bias {
+        let weight = conv.weight.val();
+        match conv.bias.as_ref().map(|b| b.val()) {
             Some(bias)
                 if kernels::supported(&x)
                     && kernels::supported(&weight)

@@ -15,6 +15,17 @@ pub(crate) fn on_compute<T: Send>(
     }
 }
 
+/// Local training or evaluation: on a blocking thread, on this agent's compute pool if it
+/// shares one, while heartbeats keep the session alive.
+async fn local_step<T: Send + 'static>(
+    s: &Session,
+    opts: &AgentOptions,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let compute = opts.compute.clone();
+    with_heartbeats(s, move || on_compute(compute.as_deref(), f)).await
+}
+
 pub(crate) fn metrics_pb(loss: f64, accuracy: f64, n: usize) -> pb::Metrics {
     (&Metrics {
         loss,
@@ -67,12 +78,10 @@ pub(crate) async fn train_round(
         &t.model_digest,
     )
     .await?;
-    let (d, dev, compute) = (data.clone(), opts.device, opts.compute.clone());
+    let (d, dev) = (data.clone(), opts.device);
     let start = global.clone();
-    let trained = with_heartbeats(s, move || {
-        on_compute(compute.as_deref(), || {
-            cohort_model::train(&spec, &start, &d.train, &cfg, dev)
-        })
+    let trained = local_step(s, opts, move || {
+        cohort_model::train(&spec, &start, &d.train, &cfg, dev)
     })
     .await;
     let (params, report) = match trained {
@@ -170,11 +179,9 @@ pub(crate) async fn evaluate_round(
         &e.model_digest,
     )
     .await?;
-    let (d, dev, compute) = (data.clone(), opts.device, opts.compute.clone());
-    let m = with_heartbeats(s, move || {
-        on_compute(compute.as_deref(), || {
-            cohort_model::evaluate(&spec, &params, &d.test, dev)
-        })
+    let (d, dev) = (data.clone(), opts.device);
+    let m = local_step(s, opts, move || {
+        cohort_model::evaluate(&spec, &params, &d.test, dev)
     })
     .await;
     let m = m.map_err(|err| Status::internal(err.to_string()))?;
