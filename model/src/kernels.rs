@@ -645,9 +645,13 @@ mod tests {
             .scheme
             .with_value(QuantValue::Q8S)
             .with_store(QuantStore::Native);
-        let layer = LinearConfig::new(20, 7)
-            .init(&dev)
-            .quantize_weights(&mut Quantizer::new(Calibration::MinMax, scheme));
+        // The weight int8 and the bias f32, as `InferenceModel` serves a linear layer.
+        let layer = LinearConfig::new(20, 7).init(&dev);
+        let weight_only = burn::module::ParamGroup::from_ids(vec![layer.weight.id]);
+        let layer = layer.quantize_weights_group(
+            &mut Quantizer::new(Calibration::MinMax, scheme),
+            weight_only,
+        );
         let bias = layer.bias.as_ref().map(|b| b.val());
         for rows in [1, 3] {
             let x: Tensor<2> = input(&dev, [1, 1, rows, 20], 1).reshape([rows, 20]);
