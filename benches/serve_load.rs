@@ -7,7 +7,7 @@
 //!
 //! The model is trained first (Adam, `--train` examples, one epoch) so the accuracy figures
 //! mean something; latency does not depend on the weights. The server is the product's own
-//! (`cohort_coordinator::inference::serve_alone`), without TLS so the figures are the
+//! (`cohort_serving::serve_alone`), without TLS so the figures are the
 //! service's and not the handshake's. Needs Debian's dataset-fashion-mnist.
 
 use std::path::PathBuf;
@@ -15,13 +15,12 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use cohort_coordinator::ModelStore;
-use cohort_coordinator::inference::{DeviceChoice, Inference, InferenceSettings};
-use cohort_coordinator::metrics::Metrics;
-use cohort_coordinator::state::ModelRef;
 use cohort_model::data::{IdxSplit, load_idx_dir};
 use cohort_model::train::metrics_from_logits;
 use cohort_model::{ComputeDevice, InferenceModel, ModelSpec, Optimizer, Precision, TrainConfig};
 use cohort_protocol::pb::{self, inference_client::InferenceClient};
+use cohort_serving::{DeviceChoice, Inference, InferenceSettings};
+use cohort_storage::ModelRef;
 
 #[derive(Parser)]
 struct Args {
@@ -93,8 +92,9 @@ async fn measure(
         queue: 4_096,
         ..InferenceSettings::default()
     };
-    let metrics = Metrics::inference_only();
-    let inf = Inference::new(store.clone(), settings, metrics.inference()).unwrap();
+    let metrics = cohort_serving::InferenceMetrics::new();
+    let encode = metrics.exporter();
+    let inf = Inference::new(store.clone(), settings, metrics).unwrap();
     let (i2, to2) = (inf.clone(), to.clone());
     tokio::task::spawn_blocking(move || i2.switch(&to2))
         .await
@@ -103,7 +103,7 @@ async fn measure(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(cohort_coordinator::inference::serve_alone(
+    let server = tokio::spawn(cohort_serving::serve_alone(
         inf,
         listener,
         None,
@@ -116,7 +116,7 @@ async fn measure(
     let _ = stop_tx.send(());
     let _ = server.await;
     lat.sort_by(f64::total_cmp);
-    let text = metrics.encode();
+    let text = encode();
     let sum_count = |name: &str| -> (f64, f64) {
         let get = |suffix: &str| {
             text.lines()

@@ -44,7 +44,7 @@ enum Command {
         /// auto (a GPU when wgpu finds one, else the CPU), wgpu or cpu; overrides
         /// [inference] device.
         #[arg(long)]
-        device: Option<cohort_coordinator::inference::DeviceChoice>,
+        device: Option<cohort_serving::DeviceChoice>,
         /// f32 or int8; overrides [inference] precision.
         #[arg(long)]
         precision: Option<cohort_model::Precision>,
@@ -244,13 +244,12 @@ async fn run_coordinator(config: PathBuf, insecure_dev: bool) -> anyhow::Result<
 
 async fn run_serve(
     config: PathBuf,
-    device: Option<cohort_coordinator::inference::DeviceChoice>,
+    device: Option<cohort_serving::DeviceChoice>,
     precision: Option<cohort_model::Precision>,
     insecure_dev: bool,
 ) -> anyhow::Result<()> {
-    use cohort_coordinator::Inference;
-    let mut cfg =
-        cohort_coordinator::config::ServeConfig::load(&config).map_err(anyhow::Error::msg)?;
+    use cohort_serving::Inference;
+    let mut cfg = cohort_serving::ServeConfig::load(&config).map_err(anyhow::Error::msg)?;
     if cfg.tls.is_none() && !insecure_dev {
         anyhow::bail!(
             "{}: no [tls] section. Give it a certificate of the federation (`cohort provision`), \
@@ -268,8 +267,9 @@ async fn run_serve(
         cfg.inference.precision = p;
     }
     let store = cfg.open_model_store().map_err(anyhow::Error::msg)?;
-    let metrics = cohort_coordinator::metrics::Metrics::inference_only();
-    let inference = Inference::new(store, cfg.inference.clone(), metrics.inference())
+    let metrics = cohort_serving::InferenceMetrics::new();
+    let encode = metrics.exporter();
+    let inference = Inference::new(store, cfg.inference.clone(), metrics)
         .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
     match &cfg.pin {
         Some(to) => {
@@ -296,9 +296,12 @@ async fn run_serve(
             .with_context(|| format!("metrics_listen {m}"))?;
         println!("metrics on http://{}/metrics", l.local_addr()?);
         let i = inference.clone();
-        tokio::spawn(
-            metrics.serve_with_readiness(l, std::future::pending(), move || i.serving().is_some()),
-        );
+        tokio::spawn(cohort_protocol::server::serve_metrics(
+            l,
+            std::future::pending(),
+            encode,
+            move || i.serving().is_some(),
+        ));
     }
     tracing::info!(%addr, device = %inference.device(), "inference service listening");
     println!("listening on {addr}");
@@ -308,7 +311,7 @@ async fn run_serve(
         tracing::warn!("{OPEN}");
         eprintln!("WARNING: {OPEN}");
     }
-    cohort_coordinator::inference::serve_alone(
+    cohort_serving::serve_alone(
         inference,
         listener,
         cfg.tls.clone(),
@@ -476,9 +479,9 @@ fn main() -> ExitCode {
                     (None, Some(k), Some(m)) => (k, ModelStore::open(&m)?),
                     _ => anyhow::bail!("give --config, or --key-dir and --model-dir"),
                 };
-                let id = cohort_coordinator::model_store::add_key(&key_dir)
+                let id = cohort_storage::add_key(&key_dir)
                     .map_err(anyhow::Error::msg)?;
-                let keys = cohort_coordinator::model_store::load_key_dir(&key_dir)
+                let keys = cohort_storage::load_key_dir(&key_dir)
                     .map_err(anyhow::Error::msg)?;
                 let n = store
                     .with_keys(Arc::new(keys))

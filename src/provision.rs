@@ -163,7 +163,7 @@ pub fn provision(a: &ProvisionArgs) -> anyhow::Result<()> {
     write(&coord.join("cert.pem"), &c.cert_pem, false)?;
     write(&coord.join("key.pem"), &c.key_pem, true)?;
     write(&coord.join("crl.pem"), &crl, false)?;
-    cohort_coordinator::model_store::add_key(&coord.join("kek")).map_err(anyhow::Error::msg)?;
+    cohort_storage::add_key(&coord.join("kek")).map_err(anyhow::Error::msg)?;
     write(
         &coord.join("tls.toml"),
         "# Paste into coordinator.toml (paths relative to that file).\n[tls]\nca = \"ca.pem\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\ncrl = \"crl.pem\"   # replace it with the federation's newest CRL: it is re-read while running\n\n# Model versions encrypted at rest (AES-256-GCM; rotate with `cohort rotate-keys`).\n[at_rest]\nkey_dir = \"kek\"\n",

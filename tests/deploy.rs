@@ -122,8 +122,7 @@ print(json.dumps(out))
     .unwrap();
     assert!(c.tls.is_some() && c.at_rest.is_some() && c.model_store.is_some());
     assert_eq!(c.state_path(), Path::new("/var/lib/cohort/state.redb"));
-    let s = cohort_coordinator::config::ServeConfig::parse(&text("cohort-inference", "serve.toml"))
-        .unwrap();
+    let s = cohort_serving::ServeConfig::parse(&text("cohort-inference", "serve.toml")).unwrap();
     assert!(s.tls.is_some());
     assert_eq!(
         format!("{:?}", s.model_store.unwrap().s3),
@@ -174,7 +173,7 @@ fn the_example_configurations_parse() {
     let c =
         cohort_coordinator::CoordinatorConfig::parse(&read("configs/coordinator.toml")).unwrap();
     assert!(c.job.is_some());
-    let s = cohort_coordinator::config::ServeConfig::parse(&read("configs/serve.toml")).unwrap();
+    let s = cohort_serving::ServeConfig::parse(&read("configs/serve.toml")).unwrap();
     assert!(s.pin.is_none() && s.inference.candidate.is_none());
     for p in ["configs/participant.toml", "configs/custodian.toml"] {
         cohort_participant::ParticipantConfig::parse(&read(p), &ex.join("configs"))

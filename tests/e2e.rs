@@ -143,7 +143,7 @@ fn coordinator_and_three_participant_processes_complete_three_rounds() {
     std::fs::remove_file(kek.join("kek-1.kek")).unwrap();
     let store = cohort_coordinator::ModelStore::open_encrypted(
         fed.dir.path().join("models"),
-        std::sync::Arc::new(cohort_coordinator::model_store::load_key_dir(&kek).unwrap()),
+        std::sync::Arc::new(cohort_storage::load_key_dir(&kek).unwrap()),
     )
     .unwrap()
     .for_job("breast-cancer");

@@ -480,7 +480,7 @@ fn crash_run(upload_delay_ms: u64) {
     // The durable state: every round once, versions contiguous and on disk, audit intact.
     let state = cohort_coordinator::State::open(&dir.join("state/coordinator.redb")).unwrap();
     let job = state.job("crash").unwrap().unwrap();
-    assert_eq!(job.state, cohort_coordinator::state::JobState::Finished);
+    assert_eq!(job.state, cohort_storage::state::JobState::Finished);
     assert_eq!((job.rounds_completed, job.restarts), (6, 6));
     let rounds: Vec<u64> = state
         .rounds("crash")
@@ -495,7 +495,7 @@ fn crash_run(upload_delay_ms: u64) {
         (0..=6).collect::<Vec<_>>()
     );
     let keys = std::sync::Arc::new(
-        cohort_coordinator::model_store::load_key_dir(&dir.join("pki/coordinator/kek")).unwrap(),
+        cohort_storage::load_key_dir(&dir.join("pki/coordinator/kek")).unwrap(),
     );
     let store = cohort_coordinator::ModelStore::open_encrypted(dir.join("models"), keys)
         .unwrap()
@@ -726,7 +726,7 @@ fn model_versions_go_to_an_s3_compatible_server() {
     );
 
     // Read back from the bucket: every version, checked against its address and manifest.
-    let s3 = cohort_coordinator::model_store::S3Config {
+    let s3 = cohort_storage::S3Config {
         bucket: "cohort-models".into(),
         prefix: "federation-a".into(),
         region: "us-east-1".into(),
@@ -734,20 +734,20 @@ fn model_versions_go_to_an_s3_compatible_server() {
         allow_http: true,
     };
     let objects = std::sync::Arc::new(
-        cohort_coordinator::model_store::S3Objects::with_credentials(&s3, "test", "test").unwrap(),
+        cohort_storage::S3Objects::with_credentials(&s3, "test", "test").unwrap(),
     );
     let kek = dir.join("pki/coordinator/kek");
     let open = || {
         cohort_coordinator::ModelStore::over(objects.clone())
             .with_keys(std::sync::Arc::new(
-                cohort_coordinator::model_store::load_key_dir(&kek).unwrap(),
+                cohort_storage::load_key_dir(&kek).unwrap(),
             ))
             .for_job("s3")
     };
     let store = open();
     assert_eq!(store.versions().unwrap(), vec![0, 1, 2]);
     let params: Vec<Vec<f32>> = (0..=2).map(|v| store.read_params(v).unwrap()).collect();
-    use cohort_coordinator::model_store::Objects;
+    use cohort_storage::Objects;
     let keys = objects.list("objects/sha256/").unwrap();
     assert_eq!(keys.len(), 3, "{keys:?}");
     for key in &keys {

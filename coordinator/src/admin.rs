@@ -15,9 +15,9 @@ use cohort_protocol::pb::{self};
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::driver::Coordinator;
 use crate::round::{Event, Presence, RoundSummary};
-use crate::service::Coordinator;
-use crate::state::{Approval, JobRecord, ParticipantRecord, unix_ms};
+use cohort_storage::state::{Approval, JobRecord, ParticipantRecord, unix_ms};
 
 /// The identity an action is recorded under on a plaintext development listener.
 const DEV_IDENTITY: &str = "insecure-dev";
@@ -127,7 +127,10 @@ fn round_pb(s: &RoundSummary, completed: u64) -> pb::RoundRecord {
     }
 }
 
-fn model_pb(m: crate::ModelManifest, serving: &Option<crate::state::ModelRef>) -> pb::ModelRecord {
+fn model_pb(
+    m: crate::ModelManifest,
+    serving: &Option<cohort_storage::ModelRef>,
+) -> pb::ModelRecord {
     pb::ModelRecord {
         serving: serving
             .as_ref()
@@ -158,6 +161,11 @@ pub(crate) fn control_status(e: crate::control::ControlError) -> Status {
         E::PermissionDenied(m) => Status::permission_denied(m),
         E::Unavailable(m) => Status::unavailable(m),
         E::Internal(m) => Status::internal(m),
+        e @ (E::State(_) | E::Registry(_) | E::Inconsistent(_)) => {
+            tracing::error!("{e}");
+            Status::internal(e.to_string())
+        }
+        e @ (E::Spec(_) | E::Job(_)) => Status::invalid_argument(e.to_string()),
     }
 }
 
@@ -168,7 +176,7 @@ impl From<crate::control::ControlError> for Status {
 }
 
 /// An event as the Admin service streams it.
-pub(crate) fn event_pb(job: &str, ev: &Event) -> pb::AdminEvent {
+fn event_pb(job: &str, ev: &Event) -> pb::AdminEvent {
     let (kind, round, participants, detail): (&str, u64, Vec<String>, String) = match ev {
         Event::ParticipantJoined { id, rejoined } => (
             "participant_joined",
@@ -481,7 +489,7 @@ impl Admin for AdminApi {
         let stream = futures::stream::unfold(rx, |mut rx| async move {
             loop {
                 match rx.recv().await {
-                    Ok(ev) => return Some((Ok(ev), rx)),
+                    Ok((job, ev)) => return Some((Ok(event_pb(&job, &ev)), rx)),
                     // A slow watcher misses events rather than holding the coordinator up.
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!("an event watcher fell behind; {n} events skipped");
@@ -531,7 +539,7 @@ impl AdminApi {
 
     fn model_record(
         &self,
-        to: &crate::state::ModelRef,
+        to: &cohort_storage::ModelRef,
     ) -> Result<Response<pb::ModelRecord>, Status> {
         let state = self.0.state();
         let m = state

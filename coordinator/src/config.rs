@@ -1,4 +1,6 @@
-//! Coordinator configuration from TOML, validated at start with messages that name the key.
+//! Coordinator configuration from TOML (`coordinator.toml`, and job specifications), checked
+//! with errors that name the key. Parsing opens nothing: the registry and its key provider are
+//! opened by [`CoordinatorConfig::open_model_store`], the state file by the caller.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -8,7 +10,38 @@ use std::time::Duration;
 use cohort_model::{ModelSpec, TrainConfig};
 use serde::Deserialize;
 
-use crate::round::{JobConfig, SecureSettings};
+use cohort_serving::{InferenceSettings, InvalidSetting};
+use cohort_storage::settings::{AtRestSection, ModelStoreSection, OpenError, open_registry};
+
+use crate::round::{JobConfig, JobError, SecureSettings};
+use crate::strategy::StrategyError;
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// What is wrong in the file at `path`.
+    #[error("{}: {source}", path.display())]
+    In {
+        path: PathBuf,
+        source: Box<ConfigError>,
+    },
+    /// Not TOML, an unknown key or a value of the wrong type (the text names it).
+    #[error("{0}")]
+    Syntax(String),
+    #[error("job.{key} must be a positive number of seconds, not {value}")]
+    Seconds { key: &'static str, value: f64 },
+    #[error("job: {0}")]
+    Job(#[from] JobError),
+    #[error("job.strategy: {0}")]
+    Strategy(#[from] StrategyError),
+    #[error(transparent)]
+    Inference(#[from] InvalidSetting),
+}
 
 /// `coordinator.toml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -49,67 +82,7 @@ pub struct CoordinatorConfig {
     /// Serve the promoted model on this coordinator's listener (the Inference service),
     /// switching on every promotion and rollback.
     #[serde(default)]
-    pub inference: Option<crate::inference::InferenceSettings>,
-}
-
-/// `[model_store]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelStoreSection {
-    /// An S3-compatible bucket (credentials from the environment).
-    pub s3: crate::model_store::S3Config,
-}
-
-/// `[at_rest]`: one key provider, a key directory or a PKCS#11 token.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AtRestSection {
-    /// Key-encryption keys (`<id>.kek`, `current`), as `cohort provision` or `cohort
-    /// rotate-keys` write them; relative to the configuration file.
-    #[serde(default)]
-    pub key_dir: Option<PathBuf>,
-    /// Keys in a PKCS#11 token (an HSM) instead.
-    #[serde(default)]
-    pub pkcs11: Option<Pkcs11Section>,
-}
-
-/// `[at_rest.pkcs11]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Pkcs11Section {
-    /// The PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so.
-    pub module: PathBuf,
-    /// The token's label.
-    pub token: String,
-    /// The environment variable that holds the user PIN (never the PIN itself).
-    pub pin_env: String,
-    /// Label of the AES key that wraps new data keys.
-    pub key: String,
-}
-
-impl AtRestSection {
-    /// The configured key provider.
-    pub fn provider(
-        &self,
-    ) -> Result<std::sync::Arc<dyn cohort_crypto::atrest::KeyProvider>, String> {
-        match (&self.key_dir, &self.pkcs11) {
-            (Some(dir), None) => crate::model_store::load_key_dir(dir)
-                .map(|k| std::sync::Arc::new(k) as _)
-                .map_err(|e| e.to_string()),
-            (None, Some(p)) => {
-                let pin = std::env::var(&p.pin_env).map_err(|_| {
-                    format!(
-                        "at_rest.pkcs11.pin_env: environment variable {} is not set",
-                        p.pin_env
-                    )
-                })?;
-                crate::pkcs11::Pkcs11Provider::open(&p.module, &p.token, &pin, &p.key)
-                    .map(|k| std::sync::Arc::new(k) as _)
-                    .map_err(|e| e.to_string())
-            }
-            _ => Err("[at_rest]: give exactly one of key_dir and [at_rest.pkcs11]".into()),
-        }
-    }
+    pub inference: Option<InferenceSettings>,
 }
 
 /// `[job]`.
@@ -189,7 +162,7 @@ impl Default for SecureSection {
 
 impl SecureSection {
     /// The job's secure settings, `None` when disabled.
-    pub fn settings(&self, min_updates: usize) -> Result<Option<SecureSettings>, String> {
+    pub fn settings(&self, min_updates: usize) -> Result<Option<SecureSettings>, ConfigError> {
         if !self.enabled {
             return Ok(None);
         }
@@ -232,18 +205,19 @@ fn default_liveness() -> f64 {
     30.0
 }
 
-fn secs(key: &str, v: f64) -> Result<Duration, String> {
-    Duration::try_from_secs_f64(v)
+fn secs(key: &'static str, value: f64) -> Result<Duration, ConfigError> {
+    Duration::try_from_secs_f64(value)
         .ok()
         .filter(|d| !d.is_zero())
-        .ok_or_else(|| format!("job.{key} must be a positive number of seconds, not {v}"))
+        .ok_or(ConfigError::Seconds { key, value })
 }
 
 impl JobSection {
     /// A job specification on its own (what `cohort admin jobs create` sends): the keys of
     /// `[job]` at the top level, `[model]`, `[train]` and `[secure_aggregation]` tables.
-    pub fn parse_spec(text: &str) -> Result<Self, String> {
-        let spec: JobSection = toml::from_str(text).map_err(|e| e.to_string())?;
+    pub fn parse_spec(text: &str) -> Result<Self, ConfigError> {
+        let spec: JobSection =
+            toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
         spec.job_config()?;
         Ok(spec)
     }
@@ -254,13 +228,15 @@ impl JobSection {
     }
 
     /// The strategy it names.
-    pub fn strategy(&self) -> Result<Box<dyn crate::Strategy>, String> {
-        crate::strategy::by_name(&self.strategy, self.server_lr as f32)
-            .map_err(|e| format!("job.strategy: {e}"))
+    pub fn strategy(&self) -> Result<Box<dyn crate::Strategy>, ConfigError> {
+        Ok(crate::strategy::by_name(
+            &self.strategy,
+            self.server_lr as f32,
+        )?)
     }
 
     /// The state machine's configuration.
-    pub fn job_config(&self) -> Result<JobConfig, String> {
+    pub fn job_config(&self) -> Result<JobConfig, ConfigError> {
         let min_updates = self.min_updates.unwrap_or(self.min_participants);
         let cfg = JobConfig {
             job_id: self.id.clone(),
@@ -277,28 +253,37 @@ impl JobSection {
             seed: self.seed,
             secure: self.secure_aggregation.settings(min_updates)?,
         };
-        cfg.validate().map_err(|e| format!("job: {e}"))?;
-        crate::strategy::by_name(&self.strategy, self.server_lr as f32)
-            .map_err(|e| format!("job.strategy: {e}"))?;
+        cfg.validate()?;
+        self.strategy()?;
         Ok(cfg)
     }
 }
 
 impl CoordinatorConfig {
     /// Reads and validates `path`; errors begin with the path.
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mut cfg = Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg = Self::parse(&text).map_err(|e| ConfigError::In {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })?;
         if let Some(dir) = path.parent() {
-            relative_to(dir, &mut cfg.tls, &mut cfg.at_rest);
+            cfg.tls = cfg.tls.take().map(|t| t.relative_to(dir));
+            if let Some(a) = cfg.at_rest.as_mut() {
+                a.relative_to(dir);
+            }
         }
         Ok(cfg)
     }
 
-    /// The model registry: `[model_store.s3]` or `model_dir`, encrypted with the `[at_rest]`
-    /// keys when that section is present.
-    pub fn open_model_store(&self) -> Result<crate::ModelStore, String> {
-        open_store(
+    /// Opens the model registry: `[model_store.s3]` or `model_dir`, encrypted with the
+    /// `[at_rest]` keys when that section is present (this reads the key directory or logs
+    /// in to the PKCS#11 token).
+    pub fn open_model_store(&self) -> Result<crate::ModelStore, OpenError> {
+        open_registry(
             Some(&self.model_dir),
             self.model_store.as_ref(),
             self.at_rest.as_ref(),
@@ -315,8 +300,9 @@ impl CoordinatorConfig {
         })
     }
 
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let cfg: CoordinatorConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let cfg: CoordinatorConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
         if let Some(job) = &cfg.job {
             job.job_config()?;
         }
@@ -324,111 +310,6 @@ impl CoordinatorConfig {
             i.validate()?;
         }
         Ok(cfg)
-    }
-}
-
-/// Makes the `[tls]` files and the `[at_rest]` key directory relative to `dir` (the
-/// configuration file's).
-fn relative_to(
-    dir: &Path,
-    tls: &mut Option<cohort_protocol::tls::TlsFiles>,
-    at_rest: &mut Option<AtRestSection>,
-) {
-    *tls = tls.take().map(|t| t.relative_to(dir));
-    if let Some(k) = at_rest.as_mut().and_then(|a| a.key_dir.as_mut())
-        && k.is_relative()
-    {
-        *k = dir.join(&*k);
-    }
-}
-
-/// The model registry: `[model_store.s3]` or `model_dir`, encrypted with the `[at_rest]` keys
-/// when that section is present.
-fn open_store(
-    model_dir: Option<&Path>,
-    s3: Option<&ModelStoreSection>,
-    at_rest: Option<&AtRestSection>,
-) -> Result<crate::ModelStore, String> {
-    let store = match (s3, model_dir) {
-        (Some(m), _) => crate::ModelStore::over(std::sync::Arc::new(
-            crate::model_store::S3Objects::new(&m.s3).map_err(|e| e.to_string())?,
-        )),
-        (None, Some(dir)) => crate::ModelStore::open(dir)
-            .map_err(|e| format!("opening model directory {}: {e}", dir.display()))?,
-        (None, None) => {
-            return Err("no model registry: set model_dir or [model_store.s3]".to_string());
-        }
-    };
-    Ok(match at_rest {
-        Some(a) => store.with_keys(a.provider()?),
-        None => store,
-    })
-}
-
-fn default_watch_interval_ms() -> u64 {
-    1_000
-}
-
-/// `serve.toml`: a stand-alone inference server (`cohort serve`). It reads versions from the
-/// coordinator's registry (a shared `model_dir` volume or the same S3 bucket, with the same
-/// `[at_rest]` keys) and follows the promoted version through the registry's serving pointer.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServeConfig {
-    /// Address to listen on, e.g. "0.0.0.0:7500".
-    pub listen: SocketAddr,
-    /// The coordinator's `model_dir`.
-    #[serde(default)]
-    pub model_dir: Option<PathBuf>,
-    #[serde(default)]
-    pub model_store: Option<ModelStoreSection>,
-    #[serde(default)]
-    pub at_rest: Option<AtRestSection>,
-    /// Mutual TLS with a certificate of the federation CA (the coordinator role's will do).
-    /// Without it `cohort serve` only starts with `--insecure-dev`.
-    #[serde(default)]
-    pub tls: Option<cohort_protocol::tls::TlsFiles>,
-    #[serde(default)]
-    pub metrics_listen: Option<SocketAddr>,
-    /// How often the serving pointer is read, in milliseconds.
-    #[serde(default = "default_watch_interval_ms")]
-    pub watch_interval_ms: u64,
-    /// Serve this version and ignore promotions.
-    #[serde(default)]
-    pub pin: Option<crate::state::ModelRef>,
-    #[serde(default)]
-    pub inference: crate::inference::InferenceSettings,
-}
-
-impl ServeConfig {
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let cfg: ServeConfig = toml::from_str(text).map_err(|e| e.to_string())?;
-        if cfg.model_dir.is_none() && cfg.model_store.is_none() {
-            return Err("no model registry: set model_dir or [model_store.s3]".into());
-        }
-        if cfg.watch_interval_ms == 0 {
-            return Err("watch_interval_ms must be positive".into());
-        }
-        cfg.inference.validate()?;
-        Ok(cfg)
-    }
-
-    /// Reads `path`; [tls] and [at_rest] paths are relative to its directory.
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mut cfg = Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        if let Some(dir) = path.parent() {
-            relative_to(dir, &mut cfg.tls, &mut cfg.at_rest);
-        }
-        Ok(cfg)
-    }
-
-    pub fn open_model_store(&self) -> Result<crate::ModelStore, String> {
-        open_store(
-            self.model_dir.as_deref(),
-            self.model_store.as_ref(),
-            self.at_rest.as_ref(),
-        )
     }
 }
 
@@ -478,13 +359,13 @@ optimizer = "sgd"
             "[at_rest]\nkey_dir = \"k\"\n[at_rest.pkcs11]\nmodule = \"m.so\"\ntoken = \"t\"\npin_env = \"COHORT_TEST_NO_SUCH_PIN\"\nkey = \"kek-1\"",
         ))
         .unwrap();
-        let e = both.at_rest.unwrap().provider().unwrap_err();
+        let e = both.at_rest.unwrap().provider().unwrap_err().to_string();
         assert!(e.contains("exactly one"), "{e}");
         let hsm = CoordinatorConfig::parse(&with(
             "[at_rest.pkcs11]\nmodule = \"m.so\"\ntoken = \"t\"\npin_env = \"COHORT_TEST_NO_SUCH_PIN\"\nkey = \"kek-1\"",
         ))
         .unwrap();
-        let e = hsm.at_rest.unwrap().provider().unwrap_err();
+        let e = hsm.at_rest.unwrap().provider().unwrap_err().to_string();
         assert!(
             e.contains("COHORT_TEST_NO_SUCH_PIN"),
             "the PIN comes from the environment: {e}"
@@ -496,7 +377,8 @@ optimizer = "sgd"
         let e = CoordinatorConfig::parse(&format!(
             "{GOOD}\n[job.secure_aggregation]\nmax_total_weight = 100000\n"
         ))
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(
             e.contains("secure_aggregation") && e.contains("2^(63 − δ)"),
             "{e}"
@@ -504,29 +386,39 @@ optimizer = "sgd"
         let e = CoordinatorConfig::parse(&format!(
             "{GOOD}\n[job.secure_aggregation]\ncommittee_size = 13\n"
         ))
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("committee_size"), "{e}");
         let e = CoordinatorConfig::parse(&format!("{GOOD}\n[job.secure_aggregation]\nt_mn = 2\n"))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("t_mn"), "{e}");
     }
 
     #[test]
     fn errors_name_the_key() {
         let e = CoordinatorConfig::parse(&GOOD.replace("rounds = 3", "rounds = 3\nrunds = 4"))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("runds"), "{e}");
-        let e = CoordinatorConfig::parse(&GOOD.replace("rounds = 3", "rounds = 0")).unwrap_err();
+        let e = CoordinatorConfig::parse(&GOOD.replace("rounds = 3", "rounds = 0"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("rounds"), "{e}");
-        let e = CoordinatorConfig::parse(&GOOD.replace("\"sgd\"", "\"lbfgs\"")).unwrap_err();
+        let e = CoordinatorConfig::parse(&GOOD.replace("\"sgd\"", "\"lbfgs\""))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("lbfgs"), "{e}");
         let e = CoordinatorConfig::parse(&GOOD.replace(
             "min_participants = 2",
             "min_participants = 2\nround_timeout_secs = -1",
         ))
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("round_timeout_secs"), "{e}");
-        let e = CoordinatorConfig::parse(&GOOD.replace("127.0.0.1:7400", "localhost")).unwrap_err();
+        let e = CoordinatorConfig::parse(&GOOD.replace("127.0.0.1:7400", "localhost"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("listen"), "{e}");
     }
 
@@ -546,18 +438,26 @@ max_batch = 16
 version = 2
 share = 0.1
 "#;
-        let c = ServeConfig::parse(good).unwrap();
+        let c = cohort_serving::ServeConfig::parse(good).unwrap();
         assert_eq!(c.inference.precision, cohort_model::Precision::Int8);
-        assert_eq!(c.inference.device, crate::inference::DeviceChoice::Wgpu);
+        assert_eq!(c.inference.device, cohort_serving::DeviceChoice::Wgpu);
         assert_eq!(c.pin.unwrap().version, 3);
         assert_eq!(c.watch_interval_ms, 1000);
-        let e = ServeConfig::parse(&good.replace("model_dir = \"models\"\n", "")).unwrap_err();
+        let e = cohort_serving::ServeConfig::parse(&good.replace("model_dir = \"models\"\n", ""))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("model_dir or [model_store.s3]"), "{e}");
-        let e = ServeConfig::parse(&good.replace("\"int8\"", "\"fp16\"")).unwrap_err();
+        let e = cohort_serving::ServeConfig::parse(&good.replace("\"int8\"", "\"fp16\""))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("fp16"), "{e}");
-        let e = ServeConfig::parse(&good.replace("share = 0.1", "share = 2")).unwrap_err();
+        let e = cohort_serving::ServeConfig::parse(&good.replace("share = 0.1", "share = 2"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("inference.candidate.share"), "{e}");
-        let e = CoordinatorConfig::parse(&format!("{GOOD}\n[inference]\nqueue = 0\n")).unwrap_err();
+        let e = CoordinatorConfig::parse(&format!("{GOOD}\n[inference]\nqueue = 0\n"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("inference.queue"), "{e}");
         assert!(
             CoordinatorConfig::parse(&format!("{GOOD}\n[inference]\n"))

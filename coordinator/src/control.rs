@@ -15,18 +15,18 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use cohort_storage::ModelRef;
+
 use crate::config::JobSection;
-use crate::model_store::ModelManifest;
+use crate::driver::{Coordinator, JobContext, NoJob, new_record, with_orch};
 use crate::round::{Orchestrator, RoundSummary};
-use crate::service::{Coordinator, JobContext, Shared, with_orch};
-use crate::state::{
-    Approval, JobRecord, JobState, ModelRef, ParticipantRecord, RoundRecord, State, StateError,
-    unix_ms,
+use cohort_storage::state::{
+    Approval, JobRecord, JobState, ParticipantRecord, State, StateError, unix_ms,
 };
 
 /// Why an operator's or a participant's request to the control plane was refused. Each
 /// service edge maps these to its protocol's codes (gRPC: `admin::control_status`).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// No such job, version or participant.
     #[error("{0}")]
@@ -48,12 +48,25 @@ pub enum ControlError {
     /// The durable state or the model store failed.
     #[error("{0}")]
     Internal(String),
+    #[error("state: {0}")]
+    State(#[from] StateError),
+    #[error("model registry: {0}")]
+    Registry(#[from] cohort_storage::StoreError),
+    /// A job specification that cannot run.
+    #[error(transparent)]
+    Spec(#[from] crate::config::ConfigError),
+    /// A job that cannot run or resume as recorded.
+    #[error(transparent)]
+    Job(#[from] crate::round::JobError),
+    /// The durable state contradicts itself (the text says how); nothing is changed.
+    #[error("the state is inconsistent: {0}")]
+    Inconsistent(String),
 }
 
-/// The active job's state machine is needed but there is none (the driver's lock and `with`
-/// say so as a gRPC status, since the Federation edge answers them directly).
-fn no_job(_: tonic::Status) -> ControlError {
-    ControlError::Unavailable("no job is active: waiting for an operator to start one".into())
+impl From<NoJob> for ControlError {
+    fn from(e: NoJob) -> ControlError {
+        ControlError::Unavailable(e.to_string())
+    }
 }
 
 fn internal(e: impl std::fmt::Display) -> ControlError {
@@ -65,93 +78,20 @@ fn state_err(e: StateError) -> ControlError {
     internal(e)
 }
 
-/// A job record for `cfg`, as created.
-fn new_record(
-    cfg: &crate::JobConfig,
-    strategy: &str,
-    spec: Option<&JobSection>,
-    who: &str,
-) -> JobRecord {
-    let now = unix_ms();
-    JobRecord {
-        id: cfg.job_id.clone(),
-        spec_toml: spec.map(|s| s.to_spec()).unwrap_or_default(),
-        state: JobState::Created,
-        rounds: cfg.rounds,
-        rounds_completed: 0,
-        strategy: strategy.to_string(),
-        model: model_name(&cfg.model),
-        dataset: spec.and_then(|s| s.dataset.clone()).unwrap_or_default(),
-        secure: cfg.secure.is_some(),
-        created_unix_ms: now,
-        updated_unix_ms: now,
-        created_by: who.to_string(),
-        restarts: 0,
-    }
-}
-
-fn model_name(m: &cohort_model::ModelSpec) -> String {
-    use cohort_model::ModelSpec::*;
-    match m {
-        Logistic { inputs, classes } => format!("logistic {inputs}→{classes}"),
-        Mlp {
-            inputs,
-            hidden,
-            classes,
-        } => format!("mlp {inputs}→{hidden:?}→{classes}"),
-        Cnn { classes, .. } => format!("cnn →{classes}"),
-    }
-}
-
-/// Writes a completed round's model version, then commits it with the round record, the
-/// strategy's state and the job's progress. Runs on a blocking thread.
-pub(crate) fn commit_round(
-    shared: &Shared,
-    ctx: &JobContext,
-    summary: &RoundSummary,
-    params: &[f32],
-    strategy_state: Option<&[u8]>,
-) -> Result<ModelManifest, String> {
-    let cfg = &ctx.config;
-    let m = ctx
-        .store
-        .write(
-            &cfg.job_id,
-            &cfg.model,
-            ctx.strategy,
-            summary.round,
-            params,
-            Some(summary),
-            unix_ms(),
-        )
-        .map_err(|e| e.to_string())?;
-    let _g = shared.job_records.lock().expect("job records lock");
-    let mut job = shared
-        .state
-        .job(&cfg.job_id)
-        .map_err(|e| e.to_string())?
-        .unwrap_or_else(|| new_record(cfg, ctx.strategy, None, "embedded"));
-    job.rounds_completed = summary.round;
-    job.updated_unix_ms = unix_ms();
-    if summary.round >= cfg.rounds && job.state.is_active() {
-        job.state = JobState::Finished;
-    }
-    let record = RoundRecord {
-        job_id: cfg.job_id.clone(),
-        summary: summary.clone(),
-        completed_unix_ms: unix_ms(),
-    };
-    shared
-        .state
-        .commit_round(&job, &record, &m, strategy_state)
-        .map_err(|e| e.to_string())?;
-    shared.metrics.job_state(&job.id, job.state);
-    Ok(m)
-}
-
 impl Coordinator {
+    /// Runs `orch`'s job at once, with state in memory and every participant admitted (the
+    /// embedded simulation and tests). Must be called inside a tokio runtime.
+    pub fn start(
+        orch: Orchestrator,
+        store: cohort_storage::ModelStore,
+    ) -> Result<Self, ControlError> {
+        let c = Coordinator::new(store, State::in_memory(), crate::Admission::default());
+        c.run_job(orch, "embedded", None)?;
+        Ok(c)
+    }
+
     /// Makes `orch` the active job.
-    fn install(&self, orch: Orchestrator) -> Result<(), String> {
+    fn install(&self, orch: Orchestrator) {
         let cfg = orch.config().clone();
         let store = self.shared.store.for_job(&cfg.job_id);
         let ctx = Arc::new(JobContext {
@@ -168,7 +108,6 @@ impl Coordinator {
         self.shared.finished.send_replace(false);
         // Events of the new machine (a restored pause) go out; waiters wake.
         with_orch(&self.shared, true, |_| ());
-        Ok(())
     }
 
     /// Starts `orch`'s job now: writes its initial model as version 0, records it as
@@ -178,56 +117,46 @@ impl Coordinator {
         orch: Orchestrator,
         who: &str,
         spec: Option<&JobSection>,
-    ) -> Result<JobRecord, String> {
+    ) -> Result<JobRecord, ControlError> {
         let cfg = orch.config().clone();
-        let mut job = match self
-            .shared
-            .state
-            .job(&cfg.job_id)
-            .map_err(|e| e.to_string())?
-        {
+        let mut job = match self.shared.state.job(&cfg.job_id)? {
             Some(j) => j,
             None => new_record(&cfg, orch.strategy_name(), spec, who),
         };
         let (version, params) = orch.global();
         let store = self.shared.store.for_job(&cfg.job_id);
-        let m = store
-            .write(
-                &cfg.job_id,
-                &cfg.model,
-                orch.strategy_name(),
-                version,
-                &params,
-                None,
-                unix_ms(),
-            )
-            .map_err(|e| format!("writing the initial model: {e}"))?;
+        let m = store.write(
+            &cfg.job_id,
+            &cfg.model,
+            orch.strategy_name(),
+            version,
+            &params,
+            None,
+            unix_ms(),
+        )?;
         job.state = JobState::Running;
         job.updated_unix_ms = unix_ms();
-        self.shared
-            .state
-            .audited(
-                who,
-                "start_job",
-                &cfg.job_id,
-                "",
-                vec![State::job_write(&job), State::model_write(&m)],
-            )
-            .map_err(|e| e.to_string())?;
+        self.shared.state.audited(
+            who,
+            "start_job",
+            &cfg.job_id,
+            "",
+            vec![State::job_write(&job), State::model_write(&m)],
+        )?;
         self.shared.metrics.job_state(&job.id, job.state);
-        self.install(orch)?;
+        self.install(orch);
         tracing::info!(job = %cfg.job_id, by = who, "job started");
         Ok(job)
     }
 
     /// Resumes the job the durable state says was active, from its last completed round.
     /// Returns its id, or `None` when no job was active.
-    pub fn recover(&self) -> Result<Option<String>, String> {
+    pub fn recover(&self) -> Result<Option<String>, ControlError> {
         let state = &self.shared.state;
-        let jobs = state.jobs().map_err(|e| e.to_string())?;
+        let jobs = state.jobs()?;
         let mut active: Vec<JobRecord> = jobs.into_iter().filter(|j| j.state.is_active()).collect();
         if active.len() > 1 {
-            return Err(format!(
+            return Err(ControlError::Inconsistent(format!(
                 "the state has {} active jobs ({}); at most one can be",
                 active.len(),
                 active
@@ -235,35 +164,27 @@ impl Coordinator {
                     .map(|j| j.id.as_str())
                     .collect::<Vec<_>>()
                     .join(", ")
-            ));
+            )));
         }
         let Some(mut job) = active.pop() else {
             return Ok(None);
         };
         let id = job.id.clone();
-        let section = JobSection::parse_spec(&job.spec_toml)
-            .map_err(|e| format!("job {id}: stored specification: {e}"))?;
+        let section = JobSection::parse_spec(&job.spec_toml).map_err(|e| {
+            ControlError::Inconsistent(format!("job {id}: stored specification: {e}"))
+        })?;
         let cfg = section.job_config()?;
-        let history: Vec<RoundSummary> = state
-            .rounds(&id)
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .map(|r| r.summary)
-            .collect();
+        let history: Vec<RoundSummary> =
+            state.rounds(&id)?.into_iter().map(|r| r.summary).collect();
         let done = history.len() as u64;
-        let models: Vec<u64> = state
-            .models(Some(&id))
-            .map_err(|e| e.to_string())?
-            .iter()
-            .map(|m| m.version)
-            .collect();
+        let models: Vec<u64> = state.models(Some(&id))?.iter().map(|m| m.version).collect();
         if models != (0..=done).collect::<Vec<_>>() {
-            return Err(format!(
+            return Err(ControlError::Inconsistent(format!(
                 "job {id}: model versions {models:?} do not match its {done} completed rounds"
-            ));
+            )));
         }
         let store = self.shared.store.for_job(&id);
-        let global = store.read_params(done).map_err(|e| e.to_string())?;
+        let global = store.read_params(done)?;
         job.restarts += 1;
         // A new attempt number, so nothing of the interrupted attempt is confused with it.
         let attempt = job.restarts + 1;
@@ -276,9 +197,8 @@ impl Coordinator {
             attempt,
             rand::random(),
         )?;
-        if let Some(st) = state.strategy_state(&id).map_err(|e| e.to_string())? {
-            orch.restore_strategy_state(&st)
-                .map_err(|e| format!("job {id}: {e}"))?;
+        if let Some(st) = state.strategy_state(&id)? {
+            orch.restore_strategy_state(&st)?;
         }
         if job.state == JobState::Paused {
             orch.set_paused(true, Instant::now());
@@ -286,7 +206,7 @@ impl Coordinator {
         job.updated_unix_ms = unix_ms();
         {
             let _g = self.shared.job_records.lock().expect("job records lock");
-            state.put_job(&job).map_err(|e| e.to_string())?;
+            state.put_job(&job)?;
         }
         self.shared.metrics.job_state(&id, job.state);
         tracing::warn!(
@@ -295,41 +215,33 @@ impl Coordinator {
             restarts = job.restarts,
             "resuming the job after a restart from its last completed round"
         );
-        self.install(orch)?;
+        self.install(orch);
         Ok(Some(id))
     }
 
     /// Runs the configuration file's job: starts it if new, resumes it if the state has it
     /// active, and refuses a different job under the same id.
-    pub fn run_configured(&self, section: &JobSection) -> Result<(), String> {
+    pub fn run_configured(&self, section: &JobSection) -> Result<(), ControlError> {
         let cfg = section.job_config()?;
-        match self
-            .shared
-            .state
-            .job(&cfg.job_id)
-            .map_err(|e| e.to_string())?
-        {
+        match self.shared.state.job(&cfg.job_id)? {
             None => {
                 if let Some(active) = self.active_job_id() {
-                    return Err(format!(
+                    return Err(ControlError::FailedPrecondition(format!(
                         "job {active} is active; the configured job {} cannot start",
                         cfg.job_id
-                    ));
+                    )));
                 }
                 let orch = Orchestrator::new(cfg, section.strategy()?, None, rand::random())?;
                 let mut job =
                     new_record(orch.config(), orch.strategy_name(), Some(section), "config");
                 job.state = JobState::Created;
-                self.shared
-                    .state
-                    .audited(
-                        "config",
-                        "create_job",
-                        &job.id,
-                        "",
-                        vec![State::job_write(&job)],
-                    )
-                    .map_err(|e| e.to_string())?;
+                self.shared.state.audited(
+                    "config",
+                    "create_job",
+                    &job.id,
+                    "",
+                    vec![State::job_write(&job)],
+                )?;
                 self.run_job(orch, "config", Some(section))?;
                 Ok(())
             }
@@ -338,11 +250,11 @@ impl Coordinator {
                     .and_then(|s| s.job_config())
                     .ok();
                 if stored.as_ref() != Some(&cfg) {
-                    return Err(format!(
+                    return Err(ControlError::AlreadyExists(format!(
                         "job {} in the state was created from another specification; give the \
                          configured job a new id",
                         cfg.job_id
-                    ));
+                    )));
                 }
                 if self.active_job_id().as_deref() == Some(cfg.job_id.as_str())
                     || !j.state.is_active()
@@ -353,11 +265,11 @@ impl Coordinator {
                     }
                     Ok(())
                 } else {
-                    Err(format!(
+                    Err(ControlError::FailedPrecondition(format!(
                         "job {} is {} but not active",
                         j.id,
                         j.state.as_str()
-                    ))
+                    )))
                 }
             }
         }
@@ -380,8 +292,7 @@ impl Coordinator {
         let state = &self.shared.state;
         let adm = &self.shared.admission;
         let custodian = self
-            .lock()
-            .map_err(no_job)?
+            .lock()?
             .config()
             .secure
             .as_ref()
@@ -489,16 +400,10 @@ impl Coordinator {
                 "job {active} is active; pause does not free the coordinator: cancel it or wait for it to finish"
             )));
         }
-        let section = JobSection::parse_spec(&job.spec_toml).map_err(internal)?;
-        let cfg = section.job_config().map_err(internal)?;
-        let orch = Orchestrator::new(
-            cfg,
-            section.strategy().map_err(internal)?,
-            None,
-            rand::random(),
-        )
-        .map_err(ControlError::InvalidArgument)?;
-        self.run_job(orch, who, Some(&section)).map_err(internal)
+        let section = JobSection::parse_spec(&job.spec_toml)?;
+        let cfg = section.job_config()?;
+        let orch = Orchestrator::new(cfg, section.strategy()?, None, rand::random())?;
+        self.run_job(orch, who, Some(&section))
     }
 
     /// Pauses (`true`) or resumes the active job `id`.
@@ -529,8 +434,7 @@ impl Coordinator {
             .state
             .audited(who, action, id, "", vec![State::job_write(&job)])
             .map_err(state_err)?;
-        self.with(true, |o| o.set_paused(paused, Instant::now()))
-            .map_err(no_job)?;
+        self.with(true, |o| o.set_paused(paused, Instant::now()))?;
         self.shared.metrics.job_state(id, job.state);
         Ok(job)
     }
@@ -559,7 +463,7 @@ impl Coordinator {
             .audited(who, "cancel_job", id, reason, vec![State::job_write(&job)])
             .map_err(state_err)?;
         if self.active_job_id().as_deref() == Some(id) {
-            self.with(true, |o| o.cancel()).map_err(no_job)?;
+            self.with(true, |o| o.cancel())?;
         }
         self.shared.metrics.job_state(id, job.state);
         Ok(job)

@@ -16,7 +16,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::round::{Event, FailureCause};
-use crate::state::{JobState, ModelRef};
+use cohort_storage::ModelRef;
+use cohort_storage::state::JobState;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct JobLabel {
@@ -71,7 +72,7 @@ pub struct Metrics {
     aggregation_seconds: Family<KindLabel, Histogram>,
     serving_version: Family<ServingLabel, Gauge>,
     /// The inference service's (embedded or `cohort serve`).
-    inference: crate::inference::InferenceMetrics,
+    inference: cohort_serving::InferenceMetrics,
     /// Who is online, to count `participants_connected` exactly.
     online: Arc<Mutex<BTreeMap<String, bool>>>,
 }
@@ -123,7 +124,7 @@ impl Metrics {
             bytes_received: Family::default(),
             aggregation_seconds: Family::new_with_constructor(fast_buckets),
             serving_version: Family::default(),
-            inference: crate::inference::InferenceMetrics::new(),
+            inference: cohort_serving::InferenceMetrics::new(),
             online: Arc::default(),
         };
         r.register(
@@ -214,19 +215,8 @@ impl Metrics {
         }
     }
 
-    /// Only the inference service's metrics (`cohort serve`).
-    pub fn inference_only() -> Self {
-        let m = Metrics::new();
-        let mut r = Registry::with_prefix("cohort");
-        m.inference.register(&mut r);
-        Metrics {
-            registry: Arc::new(r),
-            ..m
-        }
-    }
-
     /// The inference service's share of the metrics.
-    pub fn inference(&self) -> crate::inference::InferenceMetrics {
+    pub fn inference(&self) -> cohort_serving::InferenceMetrics {
         self.inference.clone()
     }
 
@@ -244,7 +234,7 @@ impl Metrics {
 
     /// Counts what an event says.
     pub fn observe(&self, job: &str, ev: &Event) {
-        let now = crate::state::unix_ms() as i64 / 1000;
+        let now = cohort_storage::state::unix_ms() as i64 / 1000;
         match ev {
             Event::RoundStarted { .. } => {
                 self.rounds_started.get_or_create(&Self::job(job)).inc();
@@ -379,47 +369,14 @@ impl Metrics {
         self.serve_with_readiness(listener, shutdown, || true).await
     }
 
-    /// Serves `/metrics`, and `/ready`: 200 when `ready()` says so, 503 otherwise (for
-    /// Kubernetes readiness probes: `cohort serve` is ready once a version is loaded).
+    /// Serves `/metrics`, and `/ready`: 200 when `ready()` says so, 503 otherwise.
     pub async fn serve_with_readiness(
         self,
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
         ready: impl Fn() -> bool + Clone + Send + Sync + 'static,
     ) -> std::io::Result<()> {
-        use axum::http::StatusCode;
-        use axum::http::header::CONTENT_TYPE;
-        let app = axum::Router::new()
-            .route(
-                "/metrics",
-                axum::routing::get(move || {
-                    let m = self.clone();
-                    async move {
-                        (
-                            [(
-                                CONTENT_TYPE,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            )],
-                            m.encode(),
-                        )
-                    }
-                }),
-            )
-            .route(
-                "/ready",
-                axum::routing::get(move || {
-                    let ready = ready.clone();
-                    async move {
-                        if ready() {
-                            (StatusCode::OK, "ready\n")
-                        } else {
-                            (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-                        }
-                    }
-                }),
-            );
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
+        cohort_protocol::server::serve_metrics(listener, shutdown, move || self.encode(), ready)
             .await
     }
 }

@@ -4,6 +4,21 @@
 //! aggregation, decrypted from the encrypted sum), so a strategy only ever sees the mean: this
 //! keeps every strategy compatible with secure aggregation.
 
+/// A strategy that cannot be built or restored.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum StrategyError {
+    #[error("unknown strategy {0:?}: use fedavg or fedadam")]
+    Unknown(String),
+    #[error("server_lr must be positive, not {0}")]
+    ServerLr(f32),
+    #[error("{strategy} state of {bytes} bytes is not {expected}")]
+    State {
+        strategy: &'static str,
+        bytes: usize,
+        expected: &'static str,
+    },
+}
+
 /// A server-side update rule. `apply` gets the current global parameters and the
 /// example-weighted mean of participants' updates (local minus global) and returns the new
 /// global parameters.
@@ -15,7 +30,7 @@ pub trait Strategy: Send {
         None
     }
     /// Restores what [`Self::save_state`] saved.
-    fn restore_state(&mut self, _state: &[u8]) -> Result<(), String> {
+    fn restore_state(&mut self, _state: &[u8]) -> Result<(), StrategyError> {
         Ok(())
     }
 }
@@ -99,12 +114,13 @@ impl Strategy for FedAdam {
                 .collect()
         })
     }
-    fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), StrategyError> {
         if !state.len().is_multiple_of(8) {
-            return Err(format!(
-                "fedadam state of {} bytes is not two f32 vectors of one length",
-                state.len()
-            ));
+            return Err(StrategyError::State {
+                strategy: "fedadam",
+                bytes: state.len(),
+                expected: "two f32 vectors of one length",
+            });
         }
         let xs: Vec<f32> = state
             .chunks_exact(4)
@@ -118,14 +134,14 @@ impl Strategy for FedAdam {
 }
 
 /// A strategy by name: `fedavg` or `fedadam` (with `server_lr`).
-pub fn by_name(name: &str, server_lr: f32) -> Result<Box<dyn Strategy>, String> {
+pub fn by_name(name: &str, server_lr: f32) -> Result<Box<dyn Strategy>, StrategyError> {
     if !(server_lr > 0.0 && server_lr.is_finite()) {
-        return Err(format!("server_lr must be positive, not {server_lr}"));
+        return Err(StrategyError::ServerLr(server_lr));
     }
     match name {
         "fedavg" => Ok(Box::new(FedAvg { server_lr })),
         "fedadam" => Ok(Box::new(FedAdam::new(server_lr))),
-        _ => Err(format!("unknown strategy {name:?}: use fedavg or fedadam")),
+        _ => Err(StrategyError::Unknown(name.to_string())),
     }
 }
 
@@ -172,7 +188,17 @@ mod tests {
 
     #[test]
     fn by_name_refuses_unknown() {
-        assert!(by_name("fedprox", 1.0).err().unwrap().contains("fedavg"));
+        assert_eq!(
+            by_name("fedprox", 1.0).err(),
+            Some(StrategyError::Unknown("fedprox".into()))
+        );
+        assert!(
+            by_name("fedprox", 1.0)
+                .err()
+                .unwrap()
+                .to_string()
+                .contains("fedavg")
+        );
         assert!(by_name("fedavg", 0.0).is_err());
         assert_eq!(by_name("fedadam", 0.1).unwrap().name(), "fedadam");
     }

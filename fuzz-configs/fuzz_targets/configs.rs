@@ -21,5 +21,5 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(again.job_config().ok(), spec.job_config().ok());
     }
     let _ = ParticipantConfig::parse(text, std::path::Path::new("/fuzz"));
-    let _ = cohort_coordinator::config::ServeConfig::parse(text);
+    let _ = cohort_serving::ServeConfig::parse(text);
 });

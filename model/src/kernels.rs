@@ -565,13 +565,20 @@ mod tests {
         Tensor::from_data(TensorData::new(v, shape), dev)
     }
 
+    fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
     fn close(a: Tensor<4>, b: Tensor<4>, what: &str) {
         let (a, b): (Vec<f32>, Vec<f32>) = (
             a.into_data().convert::<f32>().try_into_vec().unwrap(),
             b.into_data().convert::<f32>().try_into_vec().unwrap(),
         );
         assert_eq!(a.len(), b.len(), "{what}");
-        let d = crate::infer::max_abs_diff(&a, &b);
+        let d = max_abs_diff(&a, &b);
         assert!(d < 1e-4, "{what}: differs from Burn's by {d}");
     }
 
@@ -628,7 +635,7 @@ mod tests {
                 t.sum_dim(3).sum_dim(2).into_data().try_into_vec().unwrap()
             };
             assert_eq!(sum(d1.clone()).len(), sum(d2.clone()).len());
-            let diff = crate::infer::max_abs_diff(&sum(d1), &sum(d2));
+            let diff = max_abs_diff(&sum(d1), &sum(d2));
             assert!(diff < 1e-4, "pooled gradient mass differs by {diff}");
         }
     }

@@ -277,6 +277,8 @@ pub fn share_chunks(header: pb::ShareHeader, share: &[u64]) -> Vec<pb::ShareChun
 }
 
 pub mod secure;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod tls;
 
 #[cfg(feature = "model")]

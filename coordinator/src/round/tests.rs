@@ -2,7 +2,9 @@
 
 use super::*;
 use crate::strategy::FedAvg;
-use cohort_model::Optimizer;
+use std::time::Duration;
+
+use cohort_model::{ModelSpec, Optimizer, TrainConfig};
 
 /// Drives an [`Orchestrator`] with a clock that only moves when told, committing completed
 /// rounds as the coordinator's driver does, to a store that can be told to fail.
@@ -542,17 +544,22 @@ fn poll_timeout_names_the_next_deadline() {
 fn invalid_job_configs_name_the_setting() {
     let mut c = config();
     c.min_updates = 4;
-    assert!(c.validate().unwrap_err().contains("min_updates"));
+    assert!(
+        c.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("min_updates")
+    );
     let mut c = config();
     c.fraction = 0.0;
-    assert!(c.validate().unwrap_err().contains("fraction"));
+    assert!(c.validate().unwrap_err().to_string().contains("fraction"));
     let mut c = config();
     c.rounds = 0;
-    assert!(c.validate().unwrap_err().contains("rounds"));
+    assert!(c.validate().unwrap_err().to_string().contains("rounds"));
     for reserved in ["objects", "serving.json"] {
         let mut c = config();
         c.job_id = reserved.into();
-        let e = c.validate().unwrap_err();
+        let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("reserved by the model registry"), "{e}");
     }
 }
@@ -700,11 +707,13 @@ fn a_resumed_job_continues_from_its_last_completed_round_with_a_new_attempt() {
     assert!(
         resume(gap, global.to_vec())
             .unwrap_err()
+            .to_string()
             .contains("contiguous")
     );
     assert!(
         resume(history.clone(), vec![0.0; 3])
             .unwrap_err()
+            .to_string()
             .contains("parameters")
     );
     let four: Vec<RoundSummary> = (1..=4)
@@ -716,6 +725,7 @@ fn a_resumed_job_continues_from_its_last_completed_round_with_a_new_attempt() {
     assert!(
         resume(four, global.to_vec())
             .unwrap_err()
+            .to_string()
             .contains("only 3")
     );
 }

@@ -17,8 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model_store::ModelManifest;
-use crate::round::RoundSummary;
+use crate::records::{ModelManifest, ModelRef, RoundSummary};
 
 /// The tables, in a fixed order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -324,13 +323,6 @@ pub struct AuditEntry {
     pub action: String,
     pub target: String,
     pub detail: String,
-}
-
-/// A model version by job and number.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ModelRef {
-    pub job_id: String,
-    pub version: u64,
 }
 
 fn round_key(job: &str, round: u64) -> String {

@@ -1,4 +1,4 @@
-//! The coordinator's mutual-TLS listener: TLS 1.3 handshakes off the accept loop, the CRL
+//! The mutual-TLS listener of every cohort server (coordinator and `cohort serve`): TLS 1.3 handshakes off the accept loop, the CRL
 //! re-read while serving, and connections of certificates revoked since they connected are
 //! closed at once.
 
@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use cohort_protocol::tls::TlsFiles;
+use crate::tls::{TlsError, TlsFiles};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -148,8 +148,8 @@ pub fn incoming(
     listener: tokio::net::TcpListener,
     tls: TlsFiles,
     crl_poll: Duration,
-) -> Result<(Incoming, Vec<tokio::task::JoinHandle<()>>), String> {
-    let config = Arc::new(RwLock::new(tls.server_config().map_err(|e| e.to_string())?));
+) -> Result<(Incoming, Vec<tokio::task::JoinHandle<()>>), TlsError> {
+    let config = Arc::new(RwLock::new(tls.server_config()?));
     let registry = Arc::new(Registry::default());
     let (tx, rx) = mpsc::channel(64);
     let reload = {

@@ -14,16 +14,17 @@
 //! temporary name, is synced, and renamed, so a reader never sees half an object), or an
 //! S3-compatible object store ([`S3Objects`], through `object_store`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use cohort_model::{ComputeDevice, Metrics, ModelSpec};
-use serde::{Deserialize, Serialize};
+use cohort_model::{ComputeDevice, ModelSpec};
 use sha2::{Digest, Sha256};
 
-use cohort_crypto::atrest::{self, KeyFileProvider, KeyProvider};
+use cohort_crypto::atrest::{self, KeyProvider};
 
-use crate::round::RoundSummary;
+use crate::error::StoreError;
+use crate::objects::{LocalObjects, Objects};
+use crate::records::{ModelManifest, ModelRef, RoundSummary};
 
 /// The object holding the weights whose parameters' SHA-256 is `params_digest`.
 fn object_key(params_digest: &str, encrypted: bool) -> String {
@@ -37,316 +38,6 @@ fn object_key(params_digest: &str, encrypted: bool) -> String {
 
 /// The serving pointer's key, at the registry's root.
 const SERVING_KEY: &str = "serving.json";
-
-/// The manifest written beside each version.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ModelManifest {
-    pub job_id: String,
-    pub version: u64,
-    /// Version this one was aggregated from (`None` for the initial model).
-    pub parent: Option<u64>,
-    pub round: u64,
-    pub strategy: String,
-    pub model: ModelSpec,
-    pub num_parameters: usize,
-    /// Hex SHA-256 of the safetensors file.
-    pub sha256: String,
-    /// Hex SHA-256 of the flat little-endian f32 parameters (as on the wire): the weights'
-    /// content address.
-    pub params_digest: String,
-    pub participants: Vec<String>,
-    pub total_examples: u64,
-    pub train: Option<Metrics>,
-    pub eval: Option<Metrics>,
-    pub created_unix_ms: u64,
-    /// The object holding the weights (`objects/sha256/<sha256>.safetensors[.enc]`).
-    pub weights_file: String,
-}
-
-/// Errors writing or reading versions.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Model(#[from] cohort_model::ModelError),
-    #[error("{path}: manifest is not valid: {message}")]
-    Manifest { path: PathBuf, message: String },
-    #[error("{path}: {message}")]
-    Keys { path: PathBuf, message: String },
-    #[error("object store {location}: {message}")]
-    Remote { location: String, message: String },
-    #[error("{location}: no such object")]
-    Missing { location: String },
-}
-
-/// Where the registry's objects live: put, get and list by key (`/`-separated).
-pub trait Objects: Send + Sync + std::fmt::Debug {
-    /// Stores `bytes` under `key`, replacing what was there, atomically.
-    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError>;
-    /// The object under `key` ([`StoreError::Missing`] when there is none).
-    fn get(&self, key: &str) -> Result<Vec<u8>, StoreError>;
-    fn exists(&self, key: &str) -> Result<bool, StoreError>;
-    /// Keys that start with `prefix` (which ends with `/`), in no particular order.
-    fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
-    /// Where `key` is, for people: a path or a URL.
-    fn locate(&self, key: &str) -> String;
-}
-
-/// Objects as files under a directory.
-#[derive(Debug, Clone)]
-pub struct LocalObjects {
-    root: PathBuf,
-}
-
-impl LocalObjects {
-    pub fn new(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
-        let root = root.into();
-        std::fs::create_dir_all(&root).map_err(io(&root))?;
-        Ok(LocalObjects { root })
-    }
-
-    fn path(&self, key: &str) -> PathBuf {
-        self.root.join(key)
-    }
-}
-
-impl Objects for LocalObjects {
-    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
-        let p = self.path(key);
-        if let Some(dir) = p.parent() {
-            std::fs::create_dir_all(dir).map_err(io(dir))?;
-        }
-        write_atomic(&p, bytes)
-    }
-
-    fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {
-        let p = self.path(key);
-        std::fs::read(&p).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => StoreError::Missing {
-                location: p.display().to_string(),
-            },
-            _ => StoreError::Io { path: p, source: e },
-        })
-    }
-
-    fn exists(&self, key: &str) -> Result<bool, StoreError> {
-        Ok(self.path(key).is_file())
-    }
-
-    fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        let dir = self.path(prefix.trim_end_matches('/'));
-        let mut out = Vec::new();
-        let mut stack = vec![(dir, prefix.trim_end_matches('/').to_string())];
-        while let Some((d, k)) = stack.pop() {
-            let entries = match std::fs::read_dir(&d) {
-                Ok(e) => e,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(StoreError::Io { path: d, source: e }),
-            };
-            for entry in entries {
-                let entry = entry.map_err(io(&d))?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                let key = if k.is_empty() {
-                    name
-                } else {
-                    format!("{k}/{name}")
-                };
-                if entry.file_type().map_err(io(&entry.path()))?.is_dir() {
-                    stack.push((entry.path(), key));
-                } else if !key.ends_with(".tmp") {
-                    out.push(key);
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    fn locate(&self, key: &str) -> String {
-        self.path(key).display().to_string()
-    }
-}
-
-/// `[model_store.s3]`: an S3-compatible bucket. Credentials come from the environment
-/// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`), never the file.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct S3Config {
-    pub bucket: String,
-    /// Keys are written under this prefix (several federations can share a bucket).
-    #[serde(default)]
-    pub prefix: String,
-    #[serde(default = "default_region")]
-    pub region: String,
-    /// An S3-compatible server (MinIO, Ceph, …); AWS when absent.
-    #[serde(default)]
-    pub endpoint: Option<String>,
-    /// Allow a plain-HTTP endpoint (a server on the same host or a test server).
-    #[serde(default)]
-    pub allow_http: bool,
-}
-
-fn default_region() -> String {
-    "us-east-1".into()
-}
-
-/// Objects in an S3-compatible bucket, through `object_store`. Its calls run on a runtime of
-/// its own, on a short-lived thread, so the store can be used from any thread, inside a
-/// tokio runtime or not.
-pub struct S3Objects {
-    store: Arc<dyn object_store::ObjectStore>,
-    prefix: String,
-    url: String,
-    /// Taken only in `drop`.
-    rt: Option<tokio::runtime::Runtime>,
-}
-
-impl Drop for S3Objects {
-    fn drop(&mut self) {
-        // Dropping a runtime blocks, which tokio forbids inside async code; this does not.
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-impl std::fmt::Debug for S3Objects {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("S3Objects").field("url", &self.url).finish()
-    }
-}
-
-impl S3Objects {
-    /// A bucket, with credentials from the environment.
-    pub fn new(cfg: &S3Config) -> Result<Self, StoreError> {
-        Self::build(cfg, object_store::aws::AmazonS3Builder::from_env())
-    }
-
-    /// A bucket, with the credentials given (tools and tests; the coordinator reads them
-    /// from the environment).
-    pub fn with_credentials(
-        cfg: &S3Config,
-        access_key_id: &str,
-        secret_access_key: &str,
-    ) -> Result<Self, StoreError> {
-        Self::build(
-            cfg,
-            object_store::aws::AmazonS3Builder::new()
-                .with_access_key_id(access_key_id)
-                .with_secret_access_key(secret_access_key),
-        )
-    }
-
-    fn build(
-        cfg: &S3Config,
-        builder: object_store::aws::AmazonS3Builder,
-    ) -> Result<Self, StoreError> {
-        let url = format!("s3://{}/{}", cfg.bucket, cfg.prefix.trim_matches('/'));
-        let bad = |e: &dyn std::fmt::Display| StoreError::Remote {
-            location: url.clone(),
-            message: e.to_string(),
-        };
-        let mut b = builder
-            .with_bucket_name(&cfg.bucket)
-            .with_region(&cfg.region)
-            .with_allow_http(cfg.allow_http);
-        if let Some(e) = &cfg.endpoint {
-            b = b.with_endpoint(e);
-        }
-        let store = b.build().map_err(|e| bad(&e))?;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("cohort-s3")
-            .enable_all()
-            .build()
-            .map_err(|e| bad(&e))?;
-        Ok(S3Objects {
-            store: Arc::new(store),
-            prefix: cfg.prefix.trim_matches('/').to_string(),
-            url,
-            rt: Some(rt),
-        })
-    }
-
-    fn path(&self, key: &str) -> object_store::path::Path {
-        if self.prefix.is_empty() {
-            object_store::path::Path::from(key)
-        } else {
-            object_store::path::Path::from(format!("{}/{key}", self.prefix))
-        }
-    }
-
-    /// Runs `f` to completion on this store's runtime, from a thread outside any runtime.
-    fn run<T: Send>(&self, f: impl std::future::Future<Output = T> + Send) -> T {
-        std::thread::scope(|s| {
-            s.spawn(|| self.rt.as_ref().expect("taken only in drop").block_on(f))
-                .join()
-                .expect("object store call panicked")
-        })
-    }
-
-    fn err(&self, key: &str, e: object_store::Error) -> StoreError {
-        match e {
-            object_store::Error::NotFound { .. } => StoreError::Missing {
-                location: self.locate(key),
-            },
-            e => StoreError::Remote {
-                location: self.locate(key),
-                message: e.to_string(),
-            },
-        }
-    }
-}
-
-impl Objects for S3Objects {
-    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
-        let payload = object_store::PutPayload::from(bytes.to_vec());
-        self.run(self.store.put(&self.path(key), payload))
-            .map(|_| ())
-            .map_err(|e| self.err(key, e))
-    }
-
-    fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {
-        self.run(async {
-            let r = self.store.get(&self.path(key)).await?;
-            r.bytes().await
-        })
-        .map(|b| b.to_vec())
-        .map_err(|e| self.err(key, e))
-    }
-
-    fn exists(&self, key: &str) -> Result<bool, StoreError> {
-        match self.run(self.store.head(&self.path(key))) {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(self.err(key, e)),
-        }
-    }
-
-    fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        use futures::TryStreamExt;
-        let p = self.path(prefix.trim_end_matches('/'));
-        let metas: Vec<object_store::ObjectMeta> = self
-            .run(self.store.list(Some(&p)).try_collect())
-            .map_err(|e| self.err(prefix, e))?;
-        let strip = if self.prefix.is_empty() {
-            String::new()
-        } else {
-            format!("{}/", self.prefix)
-        };
-        Ok(metas
-            .into_iter()
-            .filter_map(|m| m.location.as_ref().strip_prefix(&strip).map(String::from))
-            .collect())
-    }
-
-    fn locate(&self, key: &str) -> String {
-        format!("{}/{key}", self.url.trim_end_matches('/'))
-    }
-}
 
 /// The model registry over an [`Objects`] backend: the whole registry, or one job's view of
 /// it ([`ModelStore::for_job`]; objects are shared, manifests are the job's).
@@ -367,86 +58,6 @@ impl std::fmt::Debug for ModelStore {
             .field("encrypted", &self.keys.is_some())
             .finish()
     }
-}
-
-/// Keys for encryption at rest from a key directory: `<id>.kek` files (64 hex digits, mode
-/// 0600) and a `current` file naming the one that wraps new data keys. `cohort keys` writes
-/// and rotates them.
-pub fn load_key_dir(dir: &Path) -> Result<KeyFileProvider, StoreError> {
-    let bad = |message: String| StoreError::Keys {
-        path: dir.to_path_buf(),
-        message,
-    };
-    let current_path = dir.join("current");
-    let current = std::fs::read_to_string(&current_path).map_err(io(&current_path))?;
-    let mut keys = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
-        let path = entry.map_err(io(dir))?.path();
-        let Some(id) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".kek"))
-        else {
-            continue;
-        };
-        let text = std::fs::read_to_string(&path).map_err(io(&path))?;
-        let bytes = hex::decode(text.trim())
-            .ok()
-            .and_then(|b| <[u8; 32]>::try_from(b).ok())
-            .ok_or_else(|| bad(format!("{}: not 64 hex digits", path.display())))?;
-        keys.push((id.to_string(), bytes));
-    }
-    KeyFileProvider::from_keys(keys, current.trim()).map_err(|e| bad(e.to_string()))
-}
-
-/// Adds a new key to `dir` (creating it) and makes it current. Returns its id.
-pub fn add_key(dir: &Path) -> Result<String, StoreError> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let n = std::fs::read_dir(dir)
-        .map_err(io(dir))?
-        .filter(|e| {
-            e.as_ref()
-                .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".kek"))
-        })
-        .count();
-    let id = format!("kek-{}", n + 1);
-    let key = KeyFileProvider::new_key().map_err(|e| StoreError::Keys {
-        path: dir.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    let path = dir.join(format!("{id}.kek"));
-    let mut o = std::fs::OpenOptions::new();
-    o.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        o.mode(0o600);
-    }
-    use std::io::Write;
-    o.open(&path)
-        .and_then(|mut f| {
-            f.write_all(hex::encode(key).as_bytes())
-                .and_then(|_| f.sync_all())
-        })
-        .map_err(io(&path))?;
-    write_atomic(&dir.join("current"), id.as_bytes())?;
-    Ok(id)
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
 }
 
 impl ModelStore {
@@ -660,13 +271,13 @@ impl ModelStore {
     /// Records the version promoted for serving at the registry's root (`serving.json`),
     /// where `cohort serve` instances watch for it. The coordinator's state is the record;
     /// this pointer follows it (and is rewritten from it when the coordinator starts).
-    pub fn write_serving(&self, to: &crate::state::ModelRef) -> Result<(), StoreError> {
+    pub fn write_serving(&self, to: &ModelRef) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec_pretty(to).expect("a model reference serialises");
         self.objects.put(SERVING_KEY, &bytes)
     }
 
     /// The version promoted for serving, if one has been.
-    pub fn read_serving(&self) -> Result<Option<crate::state::ModelRef>, StoreError> {
+    pub fn read_serving(&self) -> Result<Option<ModelRef>, StoreError> {
         let bytes = match self.objects.get(SERVING_KEY) {
             Ok(b) => b,
             Err(StoreError::Missing { .. }) => return Ok(None),
@@ -713,6 +324,7 @@ impl ModelStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::{add_key, load_key_dir};
 
     #[test]
     fn versions_are_content_addressed_and_round_trip_with_checksums() {

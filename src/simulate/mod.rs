@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use cohort_coordinator::round::Event;
 use cohort_coordinator::round::SecureSettings;
-use cohort_coordinator::{Coordinator, JobConfig, ModelStore, Orchestrator, RoundSummary};
+use cohort_coordinator::{Coordinator, JobConfig, ModelStore, Orchestrator};
 use cohort_model::data::{IdxSplit, load_csv, load_idx_dir, parse_csv};
 use cohort_model::{
     ComputeDevice, ComputeSlots, Dataset, LabelColumn, ModelSpec, Optimizer, Partition, Sharing,
@@ -17,8 +17,15 @@ use cohort_model::{
 use cohort_participant::{AgentOptions, LocalData};
 use serde::Serialize;
 
+mod report;
+mod served;
+
+pub use report::{RoundRow, SimReport};
+use report::{fmt_opt, model_name, print_table, row, secure_description, secure_json};
+use served::{SimPki, ask_served_model};
+
 /// The bundled breast-cancer table (scikit-learn, BSD-3-Clause; see examples/data).
-const BREAST_CANCER: &str = include_str!("../examples/data/breast_cancer.csv");
+const BREAST_CANCER: &str = include_str!("../../examples/data/breast_cancer.csv");
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct SimArgs {
@@ -110,45 +117,6 @@ pub struct SimArgs {
     /// No progress bar or table (the report and exit code still tell the outcome).
     #[arg(long, short)]
     pub quiet: bool,
-}
-
-/// One round in the report.
-#[derive(Debug, Serialize)]
-pub struct RoundRow {
-    pub round: u64,
-    pub participants: usize,
-    pub stragglers: Vec<String>,
-    pub train_loss: Option<f64>,
-    pub train_accuracy: Option<f64>,
-    pub eval_loss: Option<f64>,
-    pub eval_accuracy: Option<f64>,
-    pub eval_auc: Option<f64>,
-    pub seconds: f64,
-}
-
-/// The `--report` JSON.
-#[derive(Debug, Serialize)]
-pub struct SimReport {
-    pub dataset: String,
-    pub participants: usize,
-    pub partition: String,
-    pub model: ModelSpec,
-    pub train: TrainConfig,
-    pub strategy: String,
-    pub device: String,
-    pub seed: u64,
-    pub secure_aggregation: serde_json::Value,
-    pub rounds: Vec<RoundRow>,
-    pub federated_accuracy: Option<f64>,
-    pub centralised_accuracy: Option<f64>,
-    /// Where the final global model's weights are (a path, or a URL for object storage).
-    pub model_path: String,
-    /// Held-out rows of every participant answered by the served final model (the
-    /// Inference service over mutual TLS), and the accuracy of those answers.
-    pub served_rows: usize,
-    pub served_accuracy: f64,
-    pub federation_seconds: f64,
-    pub centralised_seconds: Option<f64>,
 }
 
 /// The data of each simulated participant, plus the pooled raw splits for the baseline.
@@ -258,11 +226,6 @@ fn prepare(args: &SimArgs) -> anyhow::Result<Prepared> {
             })
         }
     }
-}
-
-fn fmt_opt(v: Option<f64>, digits: usize) -> String {
-    v.map(|x| format!("{x:.digits$}"))
-        .unwrap_or_else(|| "-".into())
 }
 
 /// Runs the simulation and prints what happened; returns the report.
@@ -468,7 +431,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         .map_err(anyhow::Error::msg)?;
     let served = ask_served_model(
         coordinator.store().clone(),
-        cohort_coordinator::state::ModelRef {
+        cohort_storage::ModelRef {
             job_id: SIM_JOB.into(),
             version: final_version,
         },
@@ -551,236 +514,6 @@ const SIM_JOB: &str = "simulation";
 
 /// The inference client of the simulation.
 const SIM_APP: &str = "app";
-
-/// The final version served by `cohort serve`'s code over mutual TLS, asked for every
-/// participant's held-out rows (prepared as that site prepares its own data), in batches as
-/// large as a request may carry. Returns the rows answered, their accuracy and the slowest batch's seconds.
-async fn ask_served_model(
-    store: ModelStore,
-    to: cohort_coordinator::state::ModelRef,
-    pki: &SimPki,
-    prep: &Prepared,
-    device: ComputeDevice,
-) -> anyhow::Result<(usize, f64, f64)> {
-    use cohort_coordinator::inference::{DeviceChoice, Inference, InferenceSettings};
-    use cohort_protocol::pb::{self, inference_client::InferenceClient};
-    let settings = InferenceSettings {
-        device: match device {
-            ComputeDevice::Cpu => DeviceChoice::Cpu,
-            ComputeDevice::Wgpu => DeviceChoice::Wgpu,
-        },
-        queue: 4096,
-        ..InferenceSettings::default()
-    };
-    let metrics = cohort_coordinator::metrics::Metrics::inference_only();
-    let inference =
-        Inference::new(store, settings, metrics.inference()).map_err(anyhow::Error::msg)?;
-    let i = inference.clone();
-    tokio::task::spawn_blocking(move || i.switch(&to))
-        .await?
-        .map_err(anyhow::Error::msg)?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(cohort_coordinator::inference::serve_alone(
-        inference,
-        listener,
-        Some(pki.coordinator.clone()),
-        Duration::from_secs(3600),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
-    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
-        .tls_config(pki.client(SIM_APP)?.client_config())?
-        .connect()
-        .await?;
-    let mut client = InferenceClient::new(channel)
-        .max_decoding_message_size(cohort_protocol::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(cohort_protocol::MAX_MESSAGE_BYTES);
-    let (mut rows, mut correct, mut slowest) = (0, 0, 0.0f64);
-    for local in &prep.locals {
-        let t = &local.test;
-        let per_request = cohort_protocol::examples_per_request(t.shape.len()).min(1024);
-        for chunk in (0..t.len()).collect::<Vec<_>>().chunks(per_request) {
-            let started = Instant::now();
-            let answer = client
-                .predict_batch(pb::PredictBatchRequest {
-                    examples: chunk
-                        .iter()
-                        .map(|&r| pb::Example {
-                            features: t.row(r).to_vec(),
-                            label: Some(t.labels[r]),
-                        })
-                        .collect(),
-                })
-                .await?
-                .into_inner();
-            slowest = slowest.max(started.elapsed().as_secs_f64());
-            rows += chunk.len();
-            correct += chunk
-                .iter()
-                .zip(&answer.predictions)
-                .filter(|(r, p)| p.class == t.labels[**r])
-                .count();
-        }
-    }
-    let _ = stop_tx.send(());
-    server.await?.map_err(anyhow::Error::msg)?;
-    Ok((rows, correct as f64 / rows.max(1) as f64, slowest))
-}
-
-/// The simulation's throw-away federation PKI: a CA, the coordinator's certificate and one
-/// participant certificate per agent, in a temporary directory removed at the end.
-struct SimPki {
-    dir: tempfile::TempDir,
-    coordinator: cohort_protocol::tls::TlsFiles,
-}
-
-impl SimPki {
-    fn new(participants: usize, custodians: &[String]) -> anyhow::Result<Self> {
-        use cohort_crypto::pki::{Authority, Role, Validity};
-        let dir = tempfile::Builder::new()
-            .prefix("cohort-sim-pki")
-            .tempdir()?;
-        let v = Validity::days(std::time::SystemTime::now(), 2);
-        let ca = Authority::generate("cohort simulation (throw-away)", &v)?;
-        let write = |name: &str, text: &str| -> anyhow::Result<std::path::PathBuf> {
-            let p = dir.path().join(name);
-            std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
-            Ok(p)
-        };
-        let ca_path = write("ca.pem", ca.cert_pem())?;
-        let c = ca.issue(
-            "coordinator",
-            Role::Coordinator,
-            &["coordinator".to_string()],
-            &["127.0.0.1".parse().expect("an IP address")],
-            &v,
-        )?;
-        let coordinator = cohort_protocol::tls::TlsFiles {
-            ca: ca_path,
-            cert: write("coordinator.pem", &c.cert_pem)?,
-            key: write("coordinator.key", &c.key_pem)?,
-            crl: Some(write(
-                "crl.pem",
-                &ca.crl(&[], 1, 2, std::time::SystemTime::now())?,
-            )?),
-            server_name: None,
-            key_passphrase_env: None,
-        };
-        let ids = (0..participants)
-            .map(participant_id)
-            .chain(custodians.iter().cloned());
-        for id in ids {
-            let p = ca.issue(&id, Role::Participant, &[], &[], &v)?;
-            write(&format!("{id}.pem"), &p.cert_pem)?;
-            write(&format!("{id}.key"), &p.key_pem)?;
-        }
-        let app = ca.issue(SIM_APP, Role::Inference, &[], &[], &v)?;
-        write(&format!("{SIM_APP}.pem"), &app.cert_pem)?;
-        write(&format!("{SIM_APP}.key"), &app.key_pem)?;
-        Ok(SimPki { dir, coordinator })
-    }
-
-    fn client(&self, id: &str) -> anyhow::Result<cohort_protocol::tls::NodeTls> {
-        let files = cohort_protocol::tls::TlsFiles {
-            ca: self.coordinator.ca.clone(),
-            cert: self.dir.path().join(format!("{id}.pem")),
-            key: self.dir.path().join(format!("{id}.key")),
-            crl: None,
-            server_name: Some("coordinator".into()),
-            key_passphrase_env: None,
-        };
-        Ok(files.node()?)
-    }
-}
-
-/// How the run aggregates, in words.
-fn secure_description(s: Option<&SecureSettings>, n: usize, fraction: f64) -> String {
-    match s {
-        None => "OFF (plaintext rounds: the coordinator sees every update)".into(),
-        Some(s) => {
-            let selected = ((n as f64 * fraction).ceil() as usize).clamp(1, n);
-            let c = s.committee_for(selected);
-            let who = if s.custodians.is_empty() {
-                "committee"
-            } else {
-                "custodian committee"
-            };
-            format!(
-                "on ({}: tfhe-rs GLWE N={}, fresh keys every round, {}-of-{} {who}, T_min {})",
-                cohort_crypto::aggregation::SCHEME,
-                s.params.polynomial_size,
-                s.threshold_for(c),
-                c,
-                s.t_min
-            )
-        }
-    }
-}
-
-/// The report's `secure_aggregation`: the scheme and its parameters, or `false`.
-fn secure_json(s: Option<&SecureSettings>) -> serde_json::Value {
-    match s {
-        None => serde_json::Value::Bool(false),
-        Some(s) => serde_json::json!({
-            "scheme": cohort_crypto::aggregation::SCHEME,
-            "library": "tfhe-rs 1.8.2 core_crypto",
-            "glwe_dimension": 1,
-            "polynomial_size": s.params.polynomial_size,
-            "noise": format!("t-uniform(2^{})", s.params.noise_log2),
-            "smudging": format!("uniform(±2^{})", s.params.smudging_log2),
-            "committee_size": s.committee_for(usize::MAX),
-            "custodians": s.custodians,
-            "threshold": "strict majority",
-            "t_min": s.t_min,
-            "clip": s.codec.clip,
-            "frac_bits": s.codec.frac_bits,
-            "delta_log": s.codec.delta_log,
-            "max_total_weight": s.codec.max_total_weight,
-        }),
-    }
-}
-
-fn model_name(spec: &ModelSpec) -> String {
-    match spec {
-        ModelSpec::Logistic { .. } => "logistic regression".into(),
-        ModelSpec::Mlp { hidden, .. } => format!("MLP {hidden:?}"),
-        ModelSpec::Cnn { .. } => "CNN".into(),
-    }
-}
-
-fn row(s: &RoundSummary) -> RoundRow {
-    RoundRow {
-        round: s.round,
-        participants: s.participants.len(),
-        stragglers: s.stragglers.clone(),
-        train_loss: s.train.map(|m| m.loss),
-        train_accuracy: s.train.map(|m| m.accuracy),
-        eval_loss: s.eval.map(|m| m.loss),
-        eval_accuracy: s.eval.map(|m| m.accuracy),
-        eval_auc: s.eval.and_then(|m| m.auc),
-        seconds: s.seconds,
-    }
-}
-
-fn print_table(history: &[RoundSummary]) {
-    println!(
-        "{:>5}  {:>12}  {:>10}  {:>17}  {:>8}",
-        "round", "participants", "train loss", "held-out accuracy", "seconds"
-    );
-    for s in history {
-        println!(
-            "{:>5}  {:>12}  {:>10}  {:>17}  {:>8.2}",
-            s.round,
-            s.participants.len(),
-            fmt_opt(s.train.map(|m| m.loss), 4),
-            fmt_opt(s.eval.map(|m| m.accuracy), 4),
-            s.seconds
-        );
-    }
-}
 
 /// Trains the same model on the pooled training data (standardised with pooled statistics,
 /// as a central party would) for as many epochs as each participant ran in total, and

@@ -1,0 +1,208 @@
+//! What a job does ([`JobConfig`]) and how it aggregates securely ([`SecureSettings`]),
+//! checked before a job starts with errors that name the setting ([`JobError`]).
+
+use std::time::Duration;
+
+use cohort_crypto::{Codec, GlweParams};
+use cohort_model::{ModelSpec, TrainConfig};
+
+use super::ParticipantId;
+
+/// A job that cannot run as configured, or cannot resume from what was stored.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum JobError {
+    /// A setting out of range or inconsistent with another; the text names it.
+    #[error("{0}")]
+    Invalid(String),
+    /// The stored history or model version does not fit the job.
+    #[error("cannot resume: {0}")]
+    Resume(String),
+    /// The strategy's stored server state cannot be restored.
+    #[error("strategy state: {0}")]
+    Strategy(#[from] crate::strategy::StrategyError),
+}
+
+fn invalid(message: String) -> JobError {
+    JobError::Invalid(message)
+}
+
+/// What the job does, validated by [`JobConfig::validate`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobConfig {
+    pub job_id: String,
+    pub model: ModelSpec,
+    /// Local training settings; `seed` is the base of every participant's per-round seed.
+    pub train: TrainConfig,
+    pub rounds: u64,
+    /// Participants that must be available before a round starts.
+    pub min_participants: usize,
+    /// Share of available participants selected each round (at least `min_updates`, and
+    /// T_min in secure jobs).
+    pub fraction: f64,
+    /// Updates needed to aggregate; fewer at the deadline fails the round.
+    pub min_updates: usize,
+    /// Time allowed for training and upload.
+    pub round_timeout: Duration,
+    /// Time allowed for federated evaluation.
+    pub eval_timeout: Duration,
+    /// Evaluate each new global model on participants' held-out data.
+    pub evaluate: bool,
+    /// A participant not heard from for this long is marked lost.
+    pub liveness_timeout: Duration,
+    /// Seed of the initial model and of participant selection.
+    pub seed: u64,
+    /// Secure aggregation settings; `None` runs plaintext rounds (research comparisons only:
+    /// the coordinator then sees every participant's update).
+    pub secure: Option<SecureSettings>,
+}
+
+/// How a job aggregates securely (protocol: docs/secure-aggregation.md).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecureSettings {
+    /// Committee size n_D; the committee is drawn from each round's selected participants.
+    /// The threshold is a strict majority, ⌊n_D/2⌋ + 1. Fewer selected → all of them.
+    pub committee_size: usize,
+    /// Fewest participants a manifest may list (members refuse smaller ones).
+    pub t_min: usize,
+    pub codec: Codec,
+    pub params: GlweParams,
+    /// Time committee members have to answer before their pieces are reassigned.
+    pub decrypt_timeout: Duration,
+    /// Dedicated key custodians: when given, they are every round's committee (those online;
+    /// at least a strict majority of them must be) instead of members drawn from the round's
+    /// participants, and they never train or evaluate.
+    pub custodians: Vec<ParticipantId>,
+}
+
+impl Default for SecureSettings {
+    fn default() -> Self {
+        SecureSettings {
+            committee_size: 5,
+            t_min: 2,
+            codec: Codec::default(),
+            params: GlweParams::default(),
+            decrypt_timeout: Duration::from_secs(30),
+            custodians: Vec::new(),
+        }
+    }
+}
+
+impl SecureSettings {
+    /// The committee a round with `selected` participants gets.
+    pub fn committee_for(&self, selected: usize) -> usize {
+        if self.custodians.is_empty() {
+            self.committee_size.min(selected).max(1)
+        } else {
+            self.custodians.len()
+        }
+    }
+
+    /// Members needed to decrypt with a committee of `members`: a strict majority of the
+    /// configured custodians, or of the drawn committee.
+    pub fn threshold_for(&self, members: usize) -> usize {
+        if self.custodians.is_empty() {
+            members / 2 + 1
+        } else {
+            self.custodians.len() / 2 + 1
+        }
+    }
+
+    pub fn is_custodian(&self, id: &str) -> bool {
+        self.custodians.iter().any(|c| c == id)
+    }
+
+    /// Refuses settings that cannot work or could overflow, naming the bound.
+    pub fn validate(&self, min_participants: usize) -> Result<(), JobError> {
+        let c = if self.custodians.is_empty() {
+            cohort_crypto::Committee::new(self.committee_size, self.committee_size / 2 + 1)
+                .map_err(|e| invalid(format!("secure_aggregation.committee_size: {e}")))?
+        } else {
+            let mut ids: Vec<&String> = self.custodians.iter().collect();
+            ids.sort();
+            ids.dedup();
+            if ids.len() != self.custodians.len() || ids.iter().any(|i| i.is_empty()) {
+                return Err(invalid(
+                    "secure_aggregation.custodians: ids must be distinct and not empty".into(),
+                ));
+            }
+            let n = self.custodians.len();
+            cohort_crypto::Committee::new(n, n / 2 + 1)
+                .map_err(|e| invalid(format!("secure_aggregation.custodians: {e}")))?
+        };
+        if self.t_min == 0 || self.t_min > min_participants {
+            return Err(invalid(format!(
+                "secure_aggregation.t_min must be between 1 and min_participants ({min_participants}), not {}",
+                self.t_min
+            )));
+        }
+        if self.decrypt_timeout.is_zero() {
+            return Err(invalid(
+                "secure_aggregation.decrypt_timeout must be positive".into(),
+            ));
+        }
+        // The largest committee has the most pieces, hence the most decryption shares.
+        self.codec
+            .check(&self.params.budget(c.pieces()))
+            .map_err(|e| invalid(format!("secure_aggregation: {e}")))
+    }
+}
+
+impl JobConfig {
+    /// Refuses configurations that cannot work, naming the setting.
+    pub fn validate(&self) -> Result<(), JobError> {
+        // The id names the job's model directory and appears in logs and metrics.
+        if self.job_id.is_empty()
+            || self.job_id.len() > 64
+            || self.job_id.starts_with('.')
+            || !self
+                .job_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(invalid(format!(
+                "job id {:?} must be 1 to 64 letters, digits, '-', '_' or '.', not starting with '.'",
+                self.job_id
+            )));
+        }
+        // The registry's own names at its root.
+        if matches!(self.job_id.as_str(), "objects" | "serving.json") {
+            return Err(invalid(format!(
+                "job id {:?} is reserved by the model registry",
+                self.job_id
+            )));
+        }
+        self.model
+            .validate()
+            .map_err(|e| invalid(format!("model: {e}")))?;
+        self.train
+            .validate()
+            .map_err(|e| invalid(format!("train: {e}")))?;
+        if self.rounds == 0 {
+            return Err(invalid("rounds must be at least 1".into()));
+        }
+        if self.min_participants == 0 {
+            return Err(invalid("min_participants must be at least 1".into()));
+        }
+        if !(self.fraction > 0.0 && self.fraction <= 1.0) {
+            return Err(invalid(format!(
+                "fraction must be in (0, 1], not {}",
+                self.fraction
+            )));
+        }
+        if self.min_updates == 0 || self.min_updates > self.min_participants {
+            return Err(invalid(format!(
+                "min_updates must be between 1 and min_participants ({}), not {}",
+                self.min_participants, self.min_updates
+            )));
+        }
+        if self.round_timeout.is_zero() || self.liveness_timeout.is_zero() {
+            return Err(invalid(
+                "round_timeout and liveness_timeout must be positive".into(),
+            ));
+        }
+        if let Some(sec) = &self.secure {
+            sec.validate(self.min_participants)?;
+        }
+        Ok(())
+    }
+}

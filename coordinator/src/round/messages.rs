@@ -1,0 +1,234 @@
+//! The state machine's inputs and outputs as domain types: tasks, updates, shares and
+//! evaluations as received, refusals ([`Rejection`], mapped to gRPC codes at the service
+//! edge), and the [`Event`]s it reports.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use cohort_crypto::VerifyKey;
+use cohort_crypto::aggregation::{RoundInfo, SealedPiece};
+use cohort_model::{Metrics, TrainConfig};
+use serde::Serialize;
+
+use super::ParticipantId;
+
+/// Where a participant stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Presence {
+    Online,
+    /// Not heard from within the liveness timeout.
+    Lost,
+    /// Left on its own.
+    Left,
+}
+
+/// A participant's public keys for secure aggregation, sent when it joins.
+pub type PartyKeys = cohort_crypto::aggregation::PublicKeys;
+
+/// A participant as the registry sees it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ParticipantInfo {
+    pub id: ParticipantId,
+    pub presence: Presence,
+    pub num_examples: u64,
+    /// Last sign of life (a poll, heartbeat or upload).
+    #[serde(skip)]
+    pub last_seen: Instant,
+}
+
+/// The work a participant should do now.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Task {
+    Train {
+        round: u64,
+        model_version: u64,
+        config: TrainConfig,
+        deadline: Instant,
+        /// The secure round to encrypt for; `None` in plaintext jobs.
+        secure: Option<Arc<RoundInfo>>,
+    },
+    /// A committee member's part of decryption.
+    Decrypt(DecryptRequest),
+    Evaluate {
+        round: u64,
+        model_version: u64,
+        deadline: Instant,
+    },
+    /// Nothing to do; poll again.
+    Idle,
+    /// The job is over.
+    Finished,
+}
+
+/// What a committee member is asked to decrypt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecryptRequest {
+    pub info: Arc<RoundInfo>,
+    pub manifest_digest: [u8; 32],
+    pub manifest_participants: usize,
+    /// The coordinator's signature over the manifest digest.
+    pub manifest_signature: [u8; 64],
+    pub coordinator_key: VerifyKey,
+    pub pieces: Vec<usize>,
+    /// Increases with each reassignment to this member.
+    pub request: u32,
+    pub deadline: Instant,
+}
+
+/// A securely aggregated update after transfer: ciphertext bodies and sealed key pieces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecureUpdate {
+    pub round: u64,
+    pub weight: u64,
+    pub bodies: Vec<u64>,
+    /// SHA-256 of the bodies' little-endian bytes, computed by the driver as they arrived.
+    pub bodies_sha256: [u8; 32],
+    pub pieces: Vec<SealedPiece>,
+    pub signature: [u8; 64],
+    pub train: Option<Metrics>,
+}
+
+/// A committee member's answer after transfer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShareAnswer {
+    pub round: u64,
+    pub attempt: u32,
+    pub request: u32,
+    pub pieces: Vec<usize>,
+    /// The share, or why the member refused.
+    pub share: Result<SignedShare, String>,
+}
+
+/// A decryption share as received.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SignedShare {
+    pub values: Vec<u64>,
+    /// SHA-256 of the values' little-endian bytes, computed by the driver as they arrived.
+    pub sha256: [u8; 32],
+    /// The member's signature over the manifest, its id and `sha256`.
+    pub signature: [u8; 64],
+}
+
+/// An update after transfer: the local model minus the global model it started from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Update {
+    pub round: u64,
+    pub delta: Vec<f32>,
+    /// Aggregation weight: examples trained on.
+    pub num_examples: u64,
+    pub train: Option<Metrics>,
+}
+
+/// Why an input was refused. Each maps to one gRPC status code at the service edge.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Rejection {
+    #[error("unknown participant {0:?}")]
+    UnknownParticipant(String),
+    #[error("participant {0:?} is not allowed to join this federation")]
+    NotAllowed(String),
+    #[error("round {round} is not open (current round {current}, {phase})")]
+    RoundClosed {
+        round: u64,
+        current: u64,
+        phase: &'static str,
+    },
+    #[error("participant {0:?} was not selected for round {1}")]
+    NotSelected(String, u64),
+    #[error("participant {0:?} already submitted for round {1}")]
+    Duplicate(String, u64),
+    #[error("update has {got} parameters, the model has {expected}")]
+    ParameterCount { expected: usize, got: usize },
+    #[error("update is invalid: {0}")]
+    Invalid(String),
+}
+
+/// Why a round attempt failed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureCause {
+    /// Fewer than `min_updates` updates arrived before the deadline.
+    TooFewUpdates { received: usize, needed: usize },
+    /// Fewer than the threshold of committee members answered, so nothing was decrypted.
+    CommitteeUnavailable { answered: usize, needed: usize },
+    /// The decrypted sum did not decode (shares that do not belong together).
+    Undecodable { reason: String },
+}
+
+pub use cohort_storage::RoundSummary;
+
+/// What happened, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    ParticipantJoined {
+        id: ParticipantId,
+        rejoined: bool,
+    },
+    ParticipantLost {
+        id: ParticipantId,
+    },
+    ParticipantLeft {
+        id: ParticipantId,
+    },
+    RoundStarted {
+        round: u64,
+        attempt: u32,
+        selected: Vec<ParticipantId>,
+    },
+    UpdateAccepted {
+        round: u64,
+        id: ParticipantId,
+    },
+    /// Training closed on a securely aggregated round; the committee is asked to decrypt
+    /// the sum over `participants`.
+    DecryptionStarted {
+        round: u64,
+        attempt: u32,
+        participants: usize,
+        committee: Vec<ParticipantId>,
+    },
+    /// A committee member did not answer in time or refused; its pieces went to others.
+    MemberFailed {
+        round: u64,
+        id: ParticipantId,
+        reason: String,
+    },
+    /// Selected participants whose update did not arrive by the deadline.
+    StragglersDropped {
+        round: u64,
+        ids: Vec<ParticipantId>,
+    },
+    RoundFailed {
+        round: u64,
+        attempt: u32,
+        cause: FailureCause,
+    },
+    /// Round complete; `params` is the new global model, version `round`, and
+    /// `strategy_state` the strategy's server state after it (to persist with it). The
+    /// machine starts nothing more until the driver reports the round durably committed
+    /// ([`Orchestrator::committed`]) or its commit failed ([`Orchestrator::commit_failed`]).
+    RoundCompleted {
+        summary: RoundSummary,
+        params: Arc<Vec<f32>>,
+        strategy_state: Option<Vec<u8>>,
+    },
+    JobFinished {
+        rounds: u64,
+    },
+    /// Committing round `round` failed (storage full, unreachable, refusing): the job waits,
+    /// holding the round, until a commit succeeds.
+    CommitFailed {
+        round: u64,
+        reason: String,
+    },
+    /// Round `round` was committed after earlier commits of it had failed; the job goes on.
+    CommitRecovered {
+        round: u64,
+    },
+    /// An operator paused (`true`) or resumed the job.
+    Paused(bool),
+    /// An operator cancelled the job; the round under way, if any, was abandoned.
+    JobCancelled {
+        round: u64,
+    },
+}

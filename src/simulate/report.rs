@@ -1,0 +1,137 @@
+//! What `cohort simulate` reports: the `--report` JSON, the table of rounds, and how the
+//! secure-aggregation settings are described.
+
+use cohort_coordinator::RoundSummary;
+use cohort_coordinator::round::SecureSettings;
+use cohort_model::{ModelSpec, TrainConfig};
+use serde::Serialize;
+
+/// One round in the report.
+#[derive(Debug, Serialize)]
+pub struct RoundRow {
+    pub round: u64,
+    pub participants: usize,
+    pub stragglers: Vec<String>,
+    pub train_loss: Option<f64>,
+    pub train_accuracy: Option<f64>,
+    pub eval_loss: Option<f64>,
+    pub eval_accuracy: Option<f64>,
+    pub eval_auc: Option<f64>,
+    pub seconds: f64,
+}
+
+/// The `--report` JSON.
+#[derive(Debug, Serialize)]
+pub struct SimReport {
+    pub dataset: String,
+    pub participants: usize,
+    pub partition: String,
+    pub model: ModelSpec,
+    pub train: TrainConfig,
+    pub strategy: String,
+    pub device: String,
+    pub seed: u64,
+    pub secure_aggregation: serde_json::Value,
+    pub rounds: Vec<RoundRow>,
+    pub federated_accuracy: Option<f64>,
+    pub centralised_accuracy: Option<f64>,
+    /// Where the final global model's weights are (a path, or a URL for object storage).
+    pub model_path: String,
+    /// Held-out rows of every participant answered by the served final model (the
+    /// Inference service over mutual TLS), and the accuracy of those answers.
+    pub served_rows: usize,
+    pub served_accuracy: f64,
+    pub federation_seconds: f64,
+    pub centralised_seconds: Option<f64>,
+}
+
+pub(super) fn fmt_opt(v: Option<f64>, digits: usize) -> String {
+    v.map(|x| format!("{x:.digits$}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// How the run aggregates, in words.
+pub(super) fn secure_description(s: Option<&SecureSettings>, n: usize, fraction: f64) -> String {
+    match s {
+        None => "OFF (plaintext rounds: the coordinator sees every update)".into(),
+        Some(s) => {
+            let selected = ((n as f64 * fraction).ceil() as usize).clamp(1, n);
+            let c = s.committee_for(selected);
+            let who = if s.custodians.is_empty() {
+                "committee"
+            } else {
+                "custodian committee"
+            };
+            format!(
+                "on ({}: tfhe-rs GLWE N={}, fresh keys every round, {}-of-{} {who}, T_min {})",
+                cohort_crypto::aggregation::SCHEME,
+                s.params.polynomial_size,
+                s.threshold_for(c),
+                c,
+                s.t_min
+            )
+        }
+    }
+}
+
+/// The report's `secure_aggregation`: the scheme and its parameters, or `false`.
+pub(super) fn secure_json(s: Option<&SecureSettings>) -> serde_json::Value {
+    match s {
+        None => serde_json::Value::Bool(false),
+        Some(s) => serde_json::json!({
+            "scheme": cohort_crypto::aggregation::SCHEME,
+            "library": "tfhe-rs 1.8.2 core_crypto",
+            "glwe_dimension": 1,
+            "polynomial_size": s.params.polynomial_size,
+            "noise": format!("t-uniform(2^{})", s.params.noise_log2),
+            "smudging": format!("uniform(±2^{})", s.params.smudging_log2),
+            "committee_size": s.committee_for(usize::MAX),
+            "custodians": s.custodians,
+            "threshold": "strict majority",
+            "t_min": s.t_min,
+            "clip": s.codec.clip,
+            "frac_bits": s.codec.frac_bits,
+            "delta_log": s.codec.delta_log,
+            "max_total_weight": s.codec.max_total_weight,
+        }),
+    }
+}
+
+pub(super) fn model_name(spec: &ModelSpec) -> String {
+    match spec {
+        ModelSpec::Logistic { .. } => "logistic regression".into(),
+        ModelSpec::Mlp { hidden, .. } => format!("MLP {hidden:?}"),
+        ModelSpec::Cnn { .. } => "CNN".into(),
+    }
+}
+
+pub(super) fn row(s: &RoundSummary) -> RoundRow {
+    RoundRow {
+        round: s.round,
+        participants: s.participants.len(),
+        stragglers: s.stragglers.clone(),
+        train_loss: s.train.map(|m| m.loss),
+        train_accuracy: s.train.map(|m| m.accuracy),
+        eval_loss: s.eval.map(|m| m.loss),
+        eval_accuracy: s.eval.map(|m| m.accuracy),
+        eval_auc: s.eval.and_then(|m| m.auc),
+        seconds: s.seconds,
+    }
+}
+
+pub(super) fn print_table(history: &[RoundSummary]) {
+    println!(
+        "{:>5}  {:>12}  {:>10}  {:>17}  {:>8}",
+        "round", "participants", "train loss", "held-out accuracy", "seconds"
+    );
+    for s in history {
+        println!(
+            "{:>5}  {:>12}  {:>10}  {:>17}  {:>8.2}",
+            s.round,
+            s.participants.len(),
+            fmt_opt(s.train.map(|m| m.loss), 4),
+            fmt_opt(s.eval.map(|m| m.accuracy), 4),
+            s.seconds
+        );
+    }
+}
