@@ -373,3 +373,97 @@ fn the_architecture_map_names_every_crate_and_module() {
         missing.join("\n")
     );
 }
+
+/// A file's text before its test module, comments and strings removed.
+fn product_code(f: &Path) -> String {
+    let text = std::fs::read_to_string(f).unwrap();
+    let body: Vec<&str> = text
+        .lines()
+        .take_while(|l| !(l.starts_with("#[cfg(") && l.contains("test")))
+        .collect();
+    code_of(&body.join("\n"))
+}
+
+/// The non-test source files under `dir`.
+fn product_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    rs_files(dir, &mut files);
+    files.retain(|f| {
+        f.file_name().is_some_and(|n| n != "tests.rs")
+            && !f.components().any(|c| c.as_os_str() == "tests")
+    });
+    files
+}
+
+#[test]
+fn the_invariants_in_the_architecture_map_hold_in_the_code() {
+    // (where, what must not appear in its product code, the invariant)
+    let rules: &[(&str, &[&str], &str)] = &[
+        (
+            "coordinator/src/round",
+            &[
+                "Instant::now",
+                "SystemTime",
+                "rand::rng()",
+                "thread_rng",
+                "tracing::",
+                "std::fs",
+                "tokio",
+                "tonic",
+            ],
+            "Orchestrator: no I/O, no async, no clock, no entropy but its seed, no logging",
+        ),
+        (
+            "crypto/src",
+            &[
+                "SystemTime::now",
+                "Instant::now",
+                "std::env",
+                "tokio",
+                "tonic",
+                "burn",
+                "rand::rng()",
+                "thread_rng",
+            ],
+            "crypto: no clock, no environment, no gRPC, tokio or Burn; randomness is an argument",
+        ),
+        (
+            "model/src",
+            &["tokio", "tonic", "prost"],
+            "model: no async, no network",
+        ),
+        (
+            "storage/src",
+            &["tonic", "cohort_coordinator", "cohort_serving"],
+            "storage knows nothing of the services above it",
+        ),
+        (
+            "serving/src",
+            &["cohort_coordinator"],
+            "serving does not depend on the coordinator",
+        ),
+    ];
+    let mut broken = Vec::new();
+    for (dir, banned, rule) in rules {
+        for f in product_files(&root().join(dir)) {
+            let code = product_code(&f);
+            for b in *banned {
+                if code.contains(b) {
+                    broken.push(format!("{} uses {b}: {rule}", f.display()));
+                }
+            }
+        }
+    }
+    // Only `protocol` defines prost messages.
+    for (krate, src) in crates() {
+        if krate == "protocol" {
+            continue;
+        }
+        for f in product_files(&src) {
+            if product_code(&f).contains("prost::Message") {
+                broken.push(format!("{} defines a prost message", f.display()));
+            }
+        }
+    }
+    assert!(broken.is_empty(), "{}", broken.join("\n"));
+}

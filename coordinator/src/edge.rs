@@ -187,8 +187,17 @@ pub(crate) trait DataPart: Send + Sized + 'static {
     const HEADER: &'static str;
     /// `Some(header)` if this message is the header.
     fn header(self) -> Option<Self::Header>;
-    /// `Some(Ok(data))`, `Some(Err(digest))` for the trailer, `None` for anything else.
-    fn split(self) -> Option<Result<Vec<u8>, String>>;
+    /// A data chunk or the trailer; `None` for anything else (a second header).
+    fn split(self) -> Option<StreamPart>;
+}
+
+/// What follows a stream's header.
+pub(crate) enum StreamPart {
+    Data(Vec<u8>),
+    /// The trailer, with the hex SHA-256 of everything sent.
+    Trailer {
+        digest: String,
+    },
 }
 
 /// The stream's first message, which must be its header.
@@ -212,10 +221,10 @@ impl DataPart for pb::UpdateChunk {
             _ => None,
         }
     }
-    fn split(self) -> Option<Result<Vec<u8>, String>> {
+    fn split(self) -> Option<StreamPart> {
         match self.part {
-            Some(Part::Data(d)) => Some(Ok(d)),
-            Some(Part::Trailer(t)) => Some(Err(t.digest)),
+            Some(Part::Data(d)) => Some(StreamPart::Data(d)),
+            Some(Part::Trailer(t)) => Some(StreamPart::Trailer { digest: t.digest }),
             _ => None,
         }
     }
@@ -230,11 +239,11 @@ impl DataPart for pb::ShareChunk {
             _ => None,
         }
     }
-    fn split(self) -> Option<Result<Vec<u8>, String>> {
+    fn split(self) -> Option<StreamPart> {
         use pb::share_chunk::Part as SharePart;
         match self.part {
-            Some(SharePart::Data(d)) => Some(Ok(d)),
-            Some(SharePart::Trailer(t)) => Some(Err(t.digest)),
+            Some(SharePart::Data(d)) => Some(StreamPart::Data(d)),
+            Some(SharePart::Trailer(t)) => Some(StreamPart::Trailer { digest: t.digest }),
             _ => None,
         }
     }
@@ -249,8 +258,10 @@ pub(crate) async fn receive_words<T: cohort_protocol::Word, M: DataPart>(
     let digest = loop {
         match next_message(stream).await.map_err(|s| refuse(id, s))? {
             Some(m) => match m.split() {
-                Some(Ok(d)) => asm.push(&d).map_err(|e| refuse(id, protocol_status(&e)))?,
-                Some(Err(digest)) => break digest,
+                Some(StreamPart::Data(d)) => {
+                    asm.push(&d).map_err(|e| refuse(id, protocol_status(&e)))?
+                }
+                Some(StreamPart::Trailer { digest }) => break digest,
                 None => {
                     return Err(refuse(
                         id,

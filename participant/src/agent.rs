@@ -106,3 +106,287 @@ pub(crate) async fn agent(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The loop against a scripted coordinator (an in-process Federation server on a loopback
+    //! socket whose PollTask answers follow a script): what it does with each kind of task
+    //! and failure. The whole loop against the real coordinator runs in the end-to-end tests.
+
+    use std::collections::VecDeque;
+    use std::pin::Pin;
+
+    use cohort_protocol::pb::federation_server::{Federation, FederationServer};
+    use tonic::{Request, Response, Streaming};
+
+    use super::*;
+
+    type Script = VecDeque<Result<Kind, Status>>;
+
+    /// What the scripted coordinator saw.
+    #[derive(Default)]
+    struct Seen {
+        joins: Vec<String>,
+        /// The session of each poll.
+        polls: Vec<String>,
+        left: Vec<String>,
+    }
+
+    #[derive(Clone, Default)]
+    struct Scripted {
+        script: Arc<Mutex<Script>>,
+        seen: Arc<Mutex<Seen>>,
+        /// Join answers this instead of a session.
+        refuse_join: Option<Code>,
+    }
+
+    type Stream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>;
+
+    fn not_scripted<T>() -> Result<T, Status> {
+        Err(Status::unimplemented("not in the script"))
+    }
+
+    #[tonic::async_trait]
+    impl Federation for Scripted {
+        async fn join(
+            &self,
+            req: Request<pb::JoinRequest>,
+        ) -> Result<Response<pb::JoinResponse>, Status> {
+            let mut seen = self.seen.lock().unwrap();
+            seen.joins.push(req.into_inner().participant_id);
+            if let Some(code) = self.refuse_join {
+                return Err(Status::new(code, "not admitted"));
+            }
+            Ok(Response::new(pb::JoinResponse {
+                session_id: format!("session-{}", seen.joins.len()),
+                job_id: "job".into(),
+                heartbeat_interval_ms: 1_000,
+            }))
+        }
+
+        async fn poll_task(
+            &self,
+            req: Request<pb::PollTaskRequest>,
+        ) -> Result<Response<pb::Task>, Status> {
+            self.seen
+                .lock()
+                .unwrap()
+                .polls
+                .push(req.into_inner().session_id);
+            let next = self.script.lock().unwrap().pop_front();
+            let kind = match next {
+                Some(k) => k?,
+                None => Kind::Finished(pb::FinishedTask {
+                    reason: "job finished".into(),
+                }),
+            };
+            Ok(Response::new(pb::Task { kind: Some(kind) }))
+        }
+
+        type FetchModelStream = Stream<pb::ModelChunk>;
+        async fn fetch_model(
+            &self,
+            _: Request<pb::FetchModelRequest>,
+        ) -> Result<Response<Self::FetchModelStream>, Status> {
+            not_scripted()
+        }
+
+        async fn submit_update(
+            &self,
+            _: Request<Streaming<pb::UpdateChunk>>,
+        ) -> Result<Response<pb::SubmitUpdateResponse>, Status> {
+            not_scripted()
+        }
+
+        async fn submit_evaluation(
+            &self,
+            _: Request<pb::SubmitEvaluationRequest>,
+        ) -> Result<Response<pb::SubmitEvaluationResponse>, Status> {
+            not_scripted()
+        }
+
+        async fn heartbeat(
+            &self,
+            _: Request<pb::HeartbeatRequest>,
+        ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+            Ok(Response::new(pb::HeartbeatResponse::default()))
+        }
+
+        async fn leave(
+            &self,
+            req: Request<pb::LeaveRequest>,
+        ) -> Result<Response<pb::LeaveResponse>, Status> {
+            self.seen
+                .lock()
+                .unwrap()
+                .left
+                .push(req.into_inner().session_id);
+            Ok(Response::new(pb::LeaveResponse::default()))
+        }
+
+        type FetchDecryptionInputStream = Stream<pb::DecryptionInput>;
+        async fn fetch_decryption_input(
+            &self,
+            _: Request<pb::FetchDecryptionInputRequest>,
+        ) -> Result<Response<Self::FetchDecryptionInputStream>, Status> {
+            not_scripted()
+        }
+
+        async fn submit_share(
+            &self,
+            _: Request<Streaming<pb::ShareChunk>>,
+        ) -> Result<Response<pb::SubmitShareResponse>, Status> {
+            not_scripted()
+        }
+    }
+
+    /// Serves `script` on a loopback socket; returns the options to reach it and what it saw.
+    async fn scripted(script: Script) -> (AgentOptions, Arc<Mutex<Seen>>) {
+        serve(Scripted {
+            script: Arc::new(Mutex::new(script)),
+            ..Scripted::default()
+        })
+        .await
+    }
+
+    async fn serve(fake: Scripted) -> (AgentOptions, Arc<Mutex<Seen>>) {
+        let seen = fake.seen.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(FederationServer::new(fake))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let opts = AgentOptions {
+            id: "site-a".into(),
+            coordinator: format!("http://{addr}"),
+            device: ComputeDevice::Cpu,
+            poll_wait: Duration::from_millis(50),
+            reconnect_for: Duration::from_secs(10),
+            upload_delay: Duration::ZERO,
+            tls: None,
+            stay_between_jobs: false,
+            compute: None,
+        };
+        (opts, seen)
+    }
+
+    fn data() -> Arc<LocalData> {
+        let ds = cohort_model::Dataset::new(
+            (0..40).map(|i| (i % 7) as f32).collect(),
+            (0..20).map(|i| (i % 2) as u32).collect(),
+            cohort_model::FeatureShape::Flat(2),
+            2,
+        )
+        .unwrap();
+        Arc::new(LocalData::prepare(ds, 0.25, true, 1).unwrap())
+    }
+
+    fn idle() -> Result<Kind, Status> {
+        Ok(Kind::Idle(pb::IdleTask { retry_after_ms: 0 }))
+    }
+
+    #[tokio::test]
+    async fn rejoins_with_a_new_session_after_losing_the_coordinator_and_leaves_when_finished() {
+        let (opts, seen) = scripted(VecDeque::from([
+            idle(),
+            Err(Status::unavailable("coordinator restarting")),
+            idle(),
+            Err(Status::unauthenticated(
+                "unknown or expired session: join again",
+            )),
+            idle(),
+        ]))
+        .await;
+        let report = run(opts, data()).await.unwrap();
+        assert_eq!(report, AgentReport::default(), "no work was asked for");
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.joins, ["site-a", "site-a", "site-a"]);
+        assert_eq!(
+            seen.polls,
+            [
+                "session-1",
+                "session-1",
+                "session-2",
+                "session-2",
+                "session-3",
+                "session-3"
+            ],
+            "every poll after a rejoin uses the new session"
+        );
+        assert_eq!(
+            seen.left,
+            ["session-3"],
+            "it leaves once, when the job is finished"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_task_that_fails_is_retried_on_the_same_session() {
+        // A training task whose model cannot be fetched fails (Unimplemented here): the loop
+        // logs it, waits and polls again on the same session; it neither rejoins nor counts
+        // a round.
+        let train = Kind::Train(pb::TrainTask {
+            job_id: "job".into(),
+            round: 1,
+            model: Some(
+                (&cohort_model::ModelSpec::Logistic {
+                    inputs: 2,
+                    classes: 2,
+                })
+                    .into(),
+            ),
+            config: Some(
+                (&cohort_model::TrainConfig {
+                    epochs: 1,
+                    batch_size: 4,
+                    learning_rate: 0.1,
+                    optimizer: cohort_model::Optimizer::Sgd,
+                    seed: 1,
+                })
+                    .into(),
+            ),
+            num_parameters: 6,
+            model_digest: "0".repeat(64),
+            deadline_in_ms: 10_000,
+            model_version: 0,
+            secure: None,
+        });
+        let (opts, seen) = scripted(VecDeque::from([Ok(train), idle()])).await;
+        let report = run(opts, data()).await.unwrap();
+        assert_eq!(report.rounds_trained, 0);
+        let s = seen.lock().unwrap();
+        assert_eq!(s.joins.len(), 1, "a failed task is not a lost coordinator");
+        assert_eq!(s.polls.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_refused_join_ends_the_agent_and_an_unreachable_one_is_retried() {
+        for code in [Code::PermissionDenied, Code::InvalidArgument] {
+            let (opts, seen) = serve(Scripted {
+                refuse_join: Some(code),
+                ..Scripted::default()
+            })
+            .await;
+            match run(opts, data()).await {
+                Err(AgentError::Refused(s)) => assert_eq!(s.code(), code),
+                other => panic!("{code:?}: {other:?}"),
+            }
+            assert_eq!(
+                seen.lock().unwrap().joins.len(),
+                1,
+                "a refusal is not retried"
+            );
+        }
+        // Unavailable while joining is retried with backoff until `reconnect_for` runs out.
+        let (mut opts, seen) = serve(Scripted {
+            refuse_join: Some(Code::Unavailable),
+            ..Scripted::default()
+        })
+        .await;
+        opts.reconnect_for = Duration::from_millis(800);
+        assert!(run(opts, data()).await.is_err());
+        assert!(seen.lock().unwrap().joins.len() >= 2, "retried");
+    }
+}
