@@ -11,7 +11,9 @@ use cohort_model::{ModelSpec, TrainConfig};
 use serde::Deserialize;
 
 use cohort_serving::{InferenceSettings, InvalidSetting};
-use cohort_storage::settings::{AtRestSection, ModelStoreSection, OpenError, open_registry};
+use cohort_storage::settings::{
+    AtRestSection, FileError, ModelStoreSection, OpenError, load_file, open_registry,
+};
 
 use crate::round::{JobConfig, JobError, SecureSettings};
 use crate::strategy::StrategyError;
@@ -19,17 +21,6 @@ use crate::strategy::StrategyError;
 /// A configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    /// What is wrong in the file at `path`.
-    #[error("{}: {source}", path.display())]
-    In {
-        path: PathBuf,
-        source: Box<ConfigError>,
-    },
     /// Not TOML, an unknown key or a value of the wrong type (the text names it).
     #[error("{0}")]
     Syntax(String),
@@ -261,22 +252,8 @@ impl JobSection {
 
 impl CoordinatorConfig {
     /// Reads and validates `path`; errors begin with the path.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let mut cfg = Self::parse(&text).map_err(|e| ConfigError::In {
-            path: path.to_path_buf(),
-            source: Box::new(e),
-        })?;
-        if let Some(dir) = path.parent() {
-            cfg.tls = cfg.tls.take().map(|t| t.relative_to(dir));
-            if let Some(a) = cfg.at_rest.as_mut() {
-                a.relative_to(dir);
-            }
-        }
-        Ok(cfg)
+    pub fn load(path: &Path) -> Result<Self, FileError<ConfigError>> {
+        load_file(path, Self::parse, |c| (&mut c.tls, &mut c.at_rest))
     }
 
     /// Opens the model registry: `[model_store.s3]` or `model_dir`, encrypted with the

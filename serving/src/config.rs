@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use cohort_protocol::tls::TlsFiles;
-use cohort_storage::settings::{AtRestSection, ModelStoreSection, OpenError, open_registry};
+use cohort_storage::settings::{
+    AtRestSection, FileError, ModelStoreSection, OpenError, load_file, open_registry,
+};
 use cohort_storage::{ModelRef, ModelStore};
 use serde::Deserialize;
 
@@ -50,16 +52,6 @@ pub struct ServeConfig {
 /// A `serve.toml` that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeConfigError {
-    #[error("{}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{}: {source}", path.display())]
-    In {
-        path: PathBuf,
-        source: Box<ServeConfigError>,
-    },
     #[error("{0}")]
     Syntax(String),
     #[error("no model registry: set model_dir or [model_store.s3]")]
@@ -85,22 +77,8 @@ impl ServeConfig {
     }
 
     /// Reads `path`; `[tls]` and `[at_rest]` paths are relative to its directory.
-    pub fn load(path: &Path) -> Result<Self, ServeConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ServeConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let mut cfg = Self::parse(&text).map_err(|e| ServeConfigError::In {
-            path: path.to_path_buf(),
-            source: Box::new(e),
-        })?;
-        if let Some(dir) = path.parent() {
-            cfg.tls = cfg.tls.take().map(|t| t.relative_to(dir));
-            if let Some(a) = cfg.at_rest.as_mut() {
-                a.relative_to(dir);
-            }
-        }
-        Ok(cfg)
+    pub fn load(path: &Path) -> Result<Self, FileError<ServeConfigError>> {
+        load_file(path, Self::parse, |c| (&mut c.tls, &mut c.at_rest))
     }
 
     /// Opens the registry it names (and its key provider).

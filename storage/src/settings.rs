@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cohort_crypto::atrest::KeyProvider;
+use cohort_protocol::tls::TlsFiles;
 use serde::Deserialize;
 
 use crate::objects::{S3Config, S3Objects};
@@ -45,6 +46,43 @@ pub struct Pkcs11Section {
     pub pin_env: String,
     /// Label of the AES key that wraps new data keys.
     pub key: String,
+}
+
+/// A configuration file that cannot be used: its path, and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError<E: std::error::Error + 'static> {
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Invalid { path: PathBuf, source: E },
+}
+
+/// Reads a configuration file with `parse`, then makes the `[tls]` files and the `[at_rest]`
+/// key directory that `paths` gives relative to the file's directory.
+pub fn load_file<T, E: std::error::Error + 'static>(
+    path: &Path,
+    parse: impl FnOnce(&str) -> Result<T, E>,
+    paths: impl FnOnce(&mut T) -> (&mut Option<TlsFiles>, &mut Option<AtRestSection>),
+) -> Result<T, FileError<E>> {
+    let text = std::fs::read_to_string(path).map_err(|source| FileError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut cfg = parse(&text).map_err(|source| FileError::Invalid {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if let Some(dir) = path.parent() {
+        let (tls, at_rest) = paths(&mut cfg);
+        *tls = tls.take().map(|t| t.relative_to(dir));
+        if let Some(a) = at_rest.as_mut() {
+            a.relative_to(dir);
+        }
+    }
+    Ok(cfg)
 }
 
 /// A registry that could not be opened.
