@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use cohort_coordinator::round::Event;
 use cohort_coordinator::round::SecureSettings;
-use cohort_coordinator::{Coordinator, JobConfig, ModelStore, Orchestrator};
+use cohort_coordinator::{Coordinator, JobConfig, ModelStore, Orchestrator, RoundSummary};
 use cohort_model::data::{IdxSplit, load_csv, load_idx_dir, parse_csv};
 use cohort_model::{
     ComputeDevice, ComputeSlots, Dataset, LabelColumn, ModelSpec, Optimizer, Partition, Sharing,
@@ -19,6 +19,7 @@ use serde::Serialize;
 
 mod report;
 mod served;
+mod virtual_engine;
 
 pub use report::{RoundRow, SimReport};
 use report::{fmt_opt, model_name, print_table, row, secure_description, secure_json};
@@ -117,6 +118,71 @@ pub struct SimArgs {
     /// No progress bar or table (the report and exit code still tell the outcome).
     #[arg(long, short)]
     pub quiet: bool,
+    /// How participants run: `networked` (each a gRPC client over mutual TLS to a real
+    /// coordinator service), `virtual` (data shards driven in this process by the same state
+    /// machine, memory O(model × cores)), or `auto` (virtual above 100 participants).
+    #[arg(long, default_value = "auto")]
+    pub engine: Engine,
+}
+
+/// How simulated participants run (`--engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Engine {
+    Auto,
+    Networked,
+    Virtual,
+}
+
+impl Engine {
+    /// Participants above which `auto` takes the virtual engine.
+    pub const AUTO_VIRTUAL_ABOVE: usize = 100;
+
+    fn resolve(self, participants: usize) -> Engine {
+        match self {
+            Engine::Auto if participants > Self::AUTO_VIRTUAL_ABOVE => Engine::Virtual,
+            Engine::Auto => Engine::Networked,
+            e => e,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Engine::Auto => "auto",
+            Engine::Networked => "networked",
+            Engine::Virtual => "virtual",
+        }
+    }
+}
+
+/// The progress bar's view of the events.
+struct Progress {
+    bar: indicatif::ProgressBar,
+    selected: usize,
+    received: usize,
+    last: String,
+}
+
+impl Progress {
+    fn on(&mut self, ev: &Event) {
+        match ev {
+            Event::RoundStarted { selected, .. } => {
+                (self.selected, self.received) = (selected.len(), 0);
+            }
+            Event::UpdateAccepted { .. } => self.received += 1,
+            Event::RoundCompleted { summary, .. } => {
+                self.bar.inc(1);
+                self.last = format!(
+                    ", last held-out accuracy {}",
+                    fmt_opt(summary.eval.map(|m| m.accuracy), 4)
+                );
+            }
+            _ => {}
+        }
+        self.bar.set_message(format!(
+            "{}/{} updates{}",
+            self.received, self.selected, self.last
+        ));
+    }
 }
 
 /// The data of each simulated participant, plus the pooled raw splits for the baseline.
@@ -292,27 +358,20 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
     });
     let store = ModelStore::open(out.join("models"))
         .with_context(|| format!("creating {}", out.display()))?;
-    let coordinator = Coordinator::start(orch, store).map_err(anyhow::Error::msg)?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    // TLS exactly as in production, from a throw-away CA in a temporary directory.
-    let pki = SimPki::new(n, &custodian_ids)?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = {
-        let (c, files) = (coordinator.clone(), pki.coordinator.clone());
-        tokio::spawn(async move {
-            c.serve_tls(listener, files, Duration::from_secs(3600), async {
-                let _ = stop_rx.await;
-            })
-            .await
-        })
+    let engine = args.engine.resolve(n);
+    // TLS exactly as in production, from a throw-away CA in a temporary directory (the
+    // virtual engine's participants need no certificates; the served model's client does).
+    let pki = match engine {
+        Engine::Virtual => SimPki::new(0, &[])?,
+        _ => SimPki::new(n, &custodian_ids)?,
     };
 
     if !args.quiet {
         eprintln!(
-            "cohort simulate: {} participants ({}), {} rounds, {} on {}, device {}, secure aggregation: {secure_label}",
+            "cohort simulate: {} participants ({}, {} engine), {} rounds, {} on {}, device {}, secure aggregation: {secure_label}",
             n,
             args.partition,
+            engine.name(),
             args.rounds,
             model_name(&spec),
             prep.name,
@@ -332,82 +391,43 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         b.enable_steady_tick(Duration::from_millis(250));
         b
     };
-    let mut events = coordinator.subscribe();
-    let started = Instant::now();
-    let mut agents = tokio::task::JoinSet::new();
-    let compute = ComputeSlots::for_this_machine(args.sharing)
-        .context("starting the training thread pools")?;
-    for (i, local) in prep.locals.iter().enumerate() {
-        let opts = AgentOptions {
-            id: participant_id(i),
-            coordinator: format!("https://{addr}"),
-            device: args.device,
-            poll_wait: Duration::from_secs(10),
-            reconnect_for: Duration::from_secs(30),
-            upload_delay: Duration::ZERO,
-            tls: Some(pki.client(&participant_id(i))?),
-            stay_between_jobs: false,
-            compute: Some(compute.clone()),
-        };
-        let data = Arc::new(local.clone());
-        agents.spawn(async move { (i + 1, cohort_participant::run(opts, data).await) });
-    }
-    for (k, id) in custodian_ids.iter().enumerate() {
-        let opts = AgentOptions {
-            id: id.clone(),
-            coordinator: format!("https://{addr}"),
-            device: args.device,
-            poll_wait: Duration::from_secs(10),
-            reconnect_for: Duration::from_secs(30),
-            upload_delay: Duration::ZERO,
-            tls: Some(pki.client(id)?),
-            stay_between_jobs: false,
-            compute: None,
-        };
-        agents.spawn(async move { (n + k + 1, cohort_participant::run_custodian(opts).await) });
-    }
-    let progress = {
-        let bar = bar.clone();
-        tokio::spawn(async move {
-            let (mut selected, mut received, mut last) = (0usize, 0usize, String::new());
-            while let Ok(ev) = events.recv().await {
-                match ev {
-                    Event::RoundStarted { selected: s, .. } => {
-                        (selected, received) = (s.len(), 0);
-                    }
-                    Event::UpdateAccepted { .. } => received += 1,
-                    Event::RoundCompleted { summary, .. } => {
-                        bar.inc(1);
-                        last = format!(
-                            ", last held-out accuracy {}",
-                            fmt_opt(summary.eval.map(|m| m.accuracy), 4)
-                        );
-                    }
-                    Event::JobFinished { .. } => break,
-                    _ => {}
-                }
-                bar.set_message(format!("{received}/{selected} updates{last}"));
-            }
-        })
+    let mut progress = Progress {
+        bar: bar.clone(),
+        selected: 0,
+        received: 0,
+        last: String::new(),
     };
-    // Participants end when the job is finished (they are told so) or when they fail; a
-    // failure ends the simulation at once (dropping the set aborts the others).
-    while let Some(joined) = agents.join_next().await {
-        match joined {
-            Ok((_, Ok(_))) => {}
-            Ok((i, Err(e))) => bail!("participant {i} failed: {e}"),
-            Err(e) => bail!("a participant panicked: {e}"),
+    let (history, federation_seconds) = match engine {
+        Engine::Virtual => {
+            let clients: Vec<(String, Option<Arc<LocalData>>)> = prep
+                .locals
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (participant_id(i), Some(Arc::new(l.clone()))))
+                .chain(custodian_ids.iter().map(|c| (c.clone(), None)))
+                .collect();
+            let (st, device) = (store.clone(), args.device);
+            let started = Instant::now();
+            let history = tokio::task::spawn_blocking(move || {
+                virtual_engine::run(orch, &st, clients, device, |ev| progress.on(ev))
+            })
+            .await??;
+            (history, started.elapsed().as_secs_f64())
         }
-    }
-    tokio::time::timeout(Duration::from_secs(10), coordinator.finished())
-        .await
-        .context("all participants ended but the job did not finish")?;
-    let federation_seconds = started.elapsed().as_secs_f64();
+        _ => {
+            networked(NetworkedRun {
+                args: &args,
+                prep: &prep,
+                orch,
+                store: &store,
+                pki: &pki,
+                custodian_ids: &custodian_ids,
+                progress,
+            })
+            .await?
+        }
+    };
     bar.finish_and_clear();
-    let _ = progress.await;
-    let history = coordinator.history();
-    let _ = stop_tx.send(());
-    server.await?.map_err(anyhow::Error::msg)?;
     if (history.len() as u64) < args.rounds {
         bail!(
             "the federation stopped after {} of {} rounds",
@@ -425,12 +445,12 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         (Some(acc), Some(t0.elapsed().as_secs_f64()))
     };
     let final_version = history.last().map(|s| s.round).unwrap_or(0);
-    let model_path = coordinator
-        .job_store()
+    let model_path = store
+        .for_job(SIM_JOB)
         .weights_location(final_version)
         .map_err(anyhow::Error::msg)?;
     let served = ask_served_model(
-        coordinator.store().clone(),
+        store.clone(),
         cohort_storage::ModelRef {
             job_id: SIM_JOB.into(),
             version: final_version,
@@ -537,4 +557,104 @@ fn centralised(
     let (params, _) =
         cohort_model::train(spec, &spec.initial_parameters(cfg.seed), &tr, &cfg, device)?;
     Ok(cohort_model::evaluate(spec, &params, &te, device)?.accuracy)
+}
+
+/// What the networked engine needs.
+struct NetworkedRun<'a> {
+    args: &'a SimArgs,
+    prep: &'a Prepared,
+    orch: Orchestrator,
+    store: &'a ModelStore,
+    pki: &'a SimPki,
+    custodian_ids: &'a [String],
+    progress: Progress,
+}
+
+/// The networked engine: a coordinator service on a loopback socket with mutual TLS, and one
+/// participant agent (a gRPC client) per participant. Returns the completed rounds and the
+/// federation's seconds.
+async fn networked(run: NetworkedRun<'_>) -> anyhow::Result<(Vec<RoundSummary>, f64)> {
+    let NetworkedRun {
+        args,
+        prep,
+        orch,
+        store,
+        pki,
+        custodian_ids,
+        mut progress,
+    } = run;
+    let n = args.participants;
+    let coordinator = Coordinator::start(orch, store.clone()).map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = {
+        let (c, files) = (coordinator.clone(), pki.coordinator.clone());
+        tokio::spawn(async move {
+            c.serve_tls(listener, files, Duration::from_secs(3600), async {
+                let _ = stop_rx.await;
+            })
+            .await
+        })
+    };
+    let mut events = coordinator.subscribe();
+    let started = Instant::now();
+    let mut agents = tokio::task::JoinSet::new();
+    let compute = ComputeSlots::for_this_machine(args.sharing)
+        .context("starting the training thread pools")?;
+    for (i, local) in prep.locals.iter().enumerate() {
+        let opts = AgentOptions {
+            id: participant_id(i),
+            coordinator: format!("https://{addr}"),
+            device: args.device,
+            poll_wait: Duration::from_secs(10),
+            reconnect_for: Duration::from_secs(30),
+            upload_delay: Duration::ZERO,
+            tls: Some(pki.client(&participant_id(i))?),
+            stay_between_jobs: false,
+            compute: Some(compute.clone()),
+        };
+        let data = Arc::new(local.clone());
+        agents.spawn(async move { (i + 1, cohort_participant::run(opts, data).await) });
+    }
+    for (k, id) in custodian_ids.iter().enumerate() {
+        let opts = AgentOptions {
+            id: id.clone(),
+            coordinator: format!("https://{addr}"),
+            device: args.device,
+            poll_wait: Duration::from_secs(10),
+            reconnect_for: Duration::from_secs(30),
+            upload_delay: Duration::ZERO,
+            tls: Some(pki.client(id)?),
+            stay_between_jobs: false,
+            compute: None,
+        };
+        agents.spawn(async move { (n + k + 1, cohort_participant::run_custodian(opts).await) });
+    }
+    let progress = tokio::spawn(async move {
+        while let Ok(ev) = events.recv().await {
+            progress.on(&ev);
+            if matches!(ev, Event::JobFinished { .. }) {
+                break;
+            }
+        }
+    });
+    // Participants end when the job is finished (they are told so) or when they fail; a
+    // failure ends the simulation at once (dropping the set aborts the others).
+    while let Some(joined) = agents.join_next().await {
+        match joined {
+            Ok((_, Ok(_))) => {}
+            Ok((i, Err(e))) => bail!("participant {i} failed: {e}"),
+            Err(e) => bail!("a participant panicked: {e}"),
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(10), coordinator.finished())
+        .await
+        .context("all participants ended but the job did not finish")?;
+    let federation_seconds = started.elapsed().as_secs_f64();
+    let _ = progress.await;
+    let history = coordinator.history();
+    let _ = stop_tx.send(());
+    server.await?.map_err(anyhow::Error::msg)?;
+    Ok((history, federation_seconds))
 }
