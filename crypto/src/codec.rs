@@ -111,6 +111,48 @@ impl Codec {
         Ok(())
     }
 
+    /// A codec for rounds whose weights add up to at most `max_total_weight`: the default
+    /// encoding when that fits; otherwise, keeping at least 12 fractional bits if any
+    /// encoding can (8 otherwise), the smallest Δ whose noise margin holds that weight, with
+    /// the widest clip range (32, 8, then 2) and then the most fractional bits (up to the
+    /// default's 16) its sums leave room for. Larger rounds trade per-value
+    /// precision for capacity; [`Codec::check`] proves the result cannot overflow. Refuses a
+    /// weight no encoding carries.
+    pub fn for_total_weight(
+        max_total_weight: u64,
+        noise: &NoiseBudget,
+    ) -> Result<Codec, CryptoError> {
+        let d = Codec {
+            max_total_weight,
+            ..Codec::default()
+        };
+        if d.check(noise).is_ok() {
+            return Ok(d);
+        }
+        // Precision first (12 fractional bits or more), then range.
+        for min_frac in [12, 8] {
+            for delta_log in d.delta_log..62 {
+                for clip in [32.0, 8.0, 2.0] {
+                    for frac_bits in (min_frac..=d.frac_bits).rev() {
+                        let c = Codec {
+                            delta_log,
+                            frac_bits,
+                            clip,
+                            max_total_weight,
+                        };
+                        if c.check(noise).is_ok() {
+                            return Ok(c);
+                        }
+                    }
+                }
+            }
+        }
+        Err(CryptoError::Capacity(format!(
+            "no encoding carries sums of total weight {max_total_weight} with at least 8 \
+             fractional bits in a 64-bit plaintext"
+        )))
+    }
+
     /// Fixed-point message of one value (clipped).
     pub fn encode(&self, x: f32) -> i64 {
         let x = if x.is_nan() {
@@ -155,6 +197,35 @@ mod tests {
     #[test]
     fn default_fits() {
         Codec::default().check(&budget()).unwrap();
+    }
+
+    #[test]
+    fn larger_rounds_get_a_codec_that_provably_fits() {
+        assert_eq!(
+            Codec::for_total_weight(1024, &budget()).unwrap(),
+            Codec::default()
+        );
+        let mut last = Codec::default();
+        for w in [2048u64, 20_000, 200_000] {
+            let c = Codec::for_total_weight(w, &budget()).unwrap();
+            c.check(&budget()).unwrap();
+            assert_eq!(c.max_total_weight, w);
+            assert!(c.frac_bits >= 8);
+            // More weight never buys range or precision back.
+            assert!(
+                c.max_message() <= last.max_message() && c.delta_log >= last.delta_log,
+                "{w}: {c:?} after {last:?}"
+            );
+            // A sum of W values at the clip bound decodes exactly.
+            let m = c.encode(c.clip);
+            let sum = (m as i128 * w as i128) as i64;
+            assert_eq!(c.message(c.plaintext(sum)), sum, "{w}");
+            last = c;
+        }
+        // 20,000 participants of weight 1 each, with room: about four decimal digits a value.
+        let c = Codec::for_total_weight(20_000, &budget()).unwrap();
+        assert!(c.frac_bits >= 12, "{c:?}");
+        assert!(Codec::for_total_weight(1 << 20, &budget()).is_err());
     }
 
     #[test]

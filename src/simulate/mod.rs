@@ -219,13 +219,25 @@ fn prepare(args: &SimArgs) -> anyhow::Result<Prepared> {
                 args.partition,
                 args.seed,
             )?;
-            let test_parts = cohort_model::partition(
-                &test.labels,
-                test.num_classes,
-                n,
-                Partition::Iid,
-                args.seed + 1,
-            )?;
+            // Each participant's held-out share of the test set: iid, or round-robin when
+            // there are too few test images for two each (cross-device runs: 10,000
+            // participants of Fashion-MNIST hold one test image each).
+            let test_parts = if test.len() >= 2 * n {
+                cohort_model::partition(
+                    &test.labels,
+                    test.num_classes,
+                    n,
+                    Partition::Iid,
+                    args.seed + 1,
+                )?
+            } else if test.len() >= n {
+                (0..n).map(|p| (p..test.len()).step_by(n).collect()).collect()
+            } else {
+                bail!(
+                    "{} test images are too few for {n} participants (at least one each)",
+                    test.len()
+                );
+            };
             let locals = parts
                 .iter()
                 .zip(&test_parts)
@@ -321,12 +333,35 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
     if args.plaintext && !custodian_ids.is_empty() {
         bail!("--custodians needs secure aggregation: drop --plaintext");
     }
-    let secure = (!args.plaintext).then(|| SecureSettings {
-        committee_size: args.committee,
-        t_min: n.min(2),
-        custodians: custodian_ids.clone(),
-        ..SecureSettings::default()
-    });
+    // Rounds of more than 512 participants need a codec with room for their total weight
+    // (each participant's weight is at least 1; twice the participants leaves room for
+    // unequal shares): fewer fractional bits, proven not to overflow.
+    let per_round = ((n as f64 * args.fraction).ceil() as u64).max(1);
+    let secure = if args.plaintext {
+        None
+    } else {
+        let d = SecureSettings::default();
+        let members = if custodian_ids.is_empty() {
+            args.committee.min(n)
+        } else {
+            custodian_ids.len()
+        };
+        let pieces = cohort_crypto::Committee::new(members, members / 2 + 1)
+            .map(|c| c.pieces())
+            .unwrap_or(1);
+        let codec = cohort_crypto::Codec::for_total_weight(
+            (2 * per_round).max(d.codec.max_total_weight),
+            &d.params.budget(pieces),
+        )
+        .map_err(|e| anyhow::anyhow!("secure aggregation of {per_round} participants: {e}"))?;
+        Some(SecureSettings {
+            committee_size: args.committee,
+            t_min: n.min(2),
+            custodians: custodian_ids.clone(),
+            codec,
+            ..d
+        })
+    };
     let secure_label = secure_description(secure.as_ref(), n, args.fraction);
     let job = JobConfig {
         job_id: SIM_JOB.into(),
