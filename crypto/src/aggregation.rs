@@ -102,6 +102,22 @@ impl KeyBinding {
     }
 }
 
+/// Examples per unit of aggregation weight for a round of `participants` whose examples add
+/// up to `total_examples`, so that their weights (each at least 1) add up to at most
+/// `max_total_weight`.
+pub fn weight_unit(total_examples: u64, participants: usize, max_total_weight: u64) -> u64 {
+    let room = max_total_weight
+        .saturating_sub(participants as u64)
+        .max(1);
+    total_examples.div_ceil(room).max(1)
+}
+
+/// The weight a participant with `num_examples` declares under `unit`: rounded, at least 1.
+pub fn weight_for(num_examples: u64, unit: u64, max_total_weight: u64) -> u64 {
+    let unit = unit.max(1);
+    (num_examples.saturating_add(unit / 2) / unit).clamp(1, max_total_weight)
+}
+
 impl RoundInfo {
     /// Checks every committee member's key binding against the federation CA, at `now`.
     pub fn check_bindings(&self, ca_pem: &str, now: SystemTime) -> Result<(), CryptoError> {
@@ -171,8 +187,7 @@ impl RoundInfo {
 
     /// The aggregation weight a participant with `num_examples` declares.
     pub fn weight_for(&self, num_examples: u64) -> u64 {
-        let unit = self.weight_unit.max(1);
-        (num_examples.saturating_add(unit / 2) / unit).clamp(1, self.codec.max_total_weight)
+        weight_for(num_examples, self.weight_unit, self.codec.max_total_weight)
     }
 
     pub fn member_index(&self, id: &str) -> Option<usize> {

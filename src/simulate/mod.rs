@@ -22,6 +22,7 @@ mod served;
 mod virtual_engine;
 
 pub use report::{RoundRow, SimReport};
+pub use virtual_engine::EngineSeconds;
 use report::{fmt_opt, model_name, print_table, row, secure_description, secure_json};
 use served::{SimPki, ask_served_model};
 
@@ -123,6 +124,19 @@ pub struct SimArgs {
     /// machine, memory O(model × cores)), or `auto` (virtual above 100 participants).
     #[arg(long, default_value = "auto")]
     pub engine: Engine,
+    /// Secure aggregation as deployed (`full`: every update encrypted, the sum decrypted by
+    /// the committee), or `emulated` by its exact integer arithmetic (the same codec and
+    /// weights, no encryption: the same model bit for bit, much faster; virtual engine only,
+    /// and the report says so).
+    #[arg(long, default_value = "full")]
+    pub secure: SecureMode,
+}
+
+/// How secure aggregation runs in a simulation (`--secure`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SecureMode {
+    Full,
+    Emulated,
 }
 
 /// How simulated participants run (`--engine`).
@@ -362,7 +376,21 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
             ..d
         })
     };
-    let secure_label = secure_description(secure.as_ref(), n, args.fraction);
+    let engine = args.engine.resolve(n);
+    let emulated = secure.is_some() && args.secure == SecureMode::Emulated;
+    let engine = match (emulated, args.engine, engine) {
+        (true, Engine::Networked, _) => {
+            bail!("--secure emulated runs in the virtual engine: drop --engine networked")
+        }
+        (true, _, _) => Engine::Virtual,
+        (false, _, e) => e,
+    };
+    let mut secure_label = secure_description(secure.as_ref(), n, args.fraction);
+    if emulated {
+        secure_label.push_str(
+            "; EMULATED: the same codec and weights in exact integer arithmetic, no encryption",
+        );
+    }
     let job = JobConfig {
         job_id: SIM_JOB.into(),
         model: spec.clone(),
@@ -370,15 +398,20 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         rounds: args.rounds,
         min_participants: n,
         fraction: args.fraction,
-        min_updates: 1,
+        // A secure round needs t_min updates; an emulated one needs as many.
+        min_updates: secure.as_ref().map_or(1, |s| s.t_min.max(1)),
         round_timeout: Duration::try_from_secs_f64(args.round_timeout)
             .context("--round-timeout must be a positive number of seconds")?,
         eval_timeout: Duration::from_secs(120),
         evaluate: true,
         liveness_timeout: Duration::from_secs(60),
         seed: args.seed,
-        secure: secure.clone(),
+        secure: if emulated { None } else { secure.clone() },
     };
+    let emulation = secure
+        .as_ref()
+        .filter(|_| emulated)
+        .map(|s| virtual_engine::Emulation { codec: s.codec });
     let strategy = cohort_coordinator::strategy::by_name(&args.strategy, args.server_lr as f32)
         .map_err(anyhow::Error::msg)?;
     let orch =
@@ -393,7 +426,6 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
     });
     let store = ModelStore::open(out.join("models"))
         .with_context(|| format!("creating {}", out.display()))?;
-    let engine = args.engine.resolve(n);
     // TLS exactly as in production, from a throw-away CA in a temporary directory (the
     // virtual engine's participants need no certificates; the served model's client does).
     let pki = match engine {
@@ -432,6 +464,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         received: 0,
         last: String::new(),
     };
+    let mut engine_seconds = None;
     let (history, federation_seconds) = match engine {
         Engine::Virtual => {
             let clients: Vec<(String, Option<Arc<LocalData>>)> = prep
@@ -443,10 +476,13 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
                 .collect();
             let (st, device) = (store.clone(), args.device);
             let started = Instant::now();
-            let history = tokio::task::spawn_blocking(move || {
-                virtual_engine::run(orch, &st, clients, device, |ev| progress.on(ev))
+            let (history, seconds) = tokio::task::spawn_blocking(move || {
+                virtual_engine::run(orch, &st, clients, device, emulation, |ev| {
+                    progress.on(ev)
+                })
             })
             .await??;
+            engine_seconds = Some(seconds);
             (history, started.elapsed().as_secs_f64())
         }
         _ => {
@@ -506,7 +542,16 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         strategy: strategy_name.to_string(),
         device: args.device.to_string(),
         seed: args.seed,
-        secure_aggregation: secure_json(secure.as_ref()),
+        secure_aggregation: {
+            let mut j = secure_json(secure.as_ref());
+            if let Some(o) = j.as_object_mut() {
+                o.insert(
+                    "mode".into(),
+                    if emulated { "emulated" } else { "full" }.into(),
+                );
+            }
+            j
+        },
         rounds: rows,
         federated_accuracy,
         centralised_accuracy,
@@ -515,6 +560,8 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         served_accuracy: served.1,
         federation_seconds,
         centralised_seconds,
+        engine: engine.name().to_string(),
+        engine_seconds,
     };
     if !args.quiet {
         print_table(&history);

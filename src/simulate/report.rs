@@ -43,6 +43,10 @@ pub struct SimReport {
     pub served_accuracy: f64,
     pub federation_seconds: f64,
     pub centralised_seconds: Option<f64>,
+    /// `networked` or `virtual`.
+    pub engine: String,
+    /// Where the virtual engine's time went.
+    pub engine_seconds: Option<super::virtual_engine::EngineSeconds>,
 }
 
 pub(super) fn fmt_opt(v: Option<f64>, digits: usize) -> String {

@@ -35,6 +35,31 @@ use rand::SeedableRng;
 use rand::rngs::ChaCha20Rng;
 use rayon::prelude::*;
 
+/// Where a virtual run's time went, in seconds: thread time summed over the pool for the
+/// participants' work (training, encryption, evaluation), wall time on the driving thread
+/// for the rest (folding uploads into the sum, which checks every signature and sealed
+/// piece; committee shares; decoding and the strategy, committing versions).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct EngineSeconds {
+    pub train: f64,
+    pub encrypt: f64,
+    pub evaluate: f64,
+    pub aggregate: f64,
+    pub decrypt: f64,
+    pub commit: f64,
+}
+
+/// Secure aggregation emulated by its exact integer arithmetic: the state machine runs a
+/// plaintext job, and each participant sends what the encrypted sum would carry for it: its
+/// update through the codec (clipped, rounded to `frac_bits`) and its declared weight
+/// instead of its examples. Every partial sum is then a multiple of 2^-f below 2^53 in an
+/// f64, exact in any order, and the mean is the decrypted sum's decoding, bit for bit. No
+/// encryption, no committee.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Emulation {
+    pub(super) codec: cohort_crypto::Codec,
+}
+
 /// One virtual participant: its data (none for a key custodian) and its keys.
 struct Client {
     id: String,
@@ -45,7 +70,14 @@ struct Client {
     seeds: SeedLog,
 }
 
-/// What one participant's work produced, to be fed to the state machine.
+/// What one participant's work produced, to be fed to the state machine, and the thread
+/// seconds it took (training or evaluation, encryption).
+struct Work {
+    done: Done,
+    seconds: f64,
+    encrypt_seconds: f64,
+}
+
 enum Done {
     Update(Update),
     Secure(SecureUpdate),
@@ -62,8 +94,10 @@ pub(super) fn run(
     store: &ModelStore,
     clients: Vec<(String, Option<Arc<LocalData>>)>,
     device: ComputeDevice,
+    emulation: Option<Emulation>,
     mut on_event: impl FnMut(&Event),
-) -> anyhow::Result<Vec<RoundSummary>> {
+) -> anyhow::Result<(Vec<RoundSummary>, EngineSeconds)> {
+    let mut time = EngineSeconds::default();
     let cfg = orch.config().clone();
     let strategy = orch.strategy_name();
     let job_store = store.for_job(&cfg.job_id);
@@ -113,6 +147,7 @@ pub(super) fn run(
                 summary, params, ..
             } = &ev
             {
+                let t0 = Instant::now();
                 job_store
                     .write(
                         &cfg.job_id,
@@ -125,10 +160,11 @@ pub(super) fn run(
                     )
                     .with_context(|| format!("committing round {}", summary.round))?;
                 orch.committed(summary.round, Instant::now());
+                time.commit += t0.elapsed().as_secs_f64();
             }
         }
         if orch.is_finished() {
-            return Ok(orch.history().to_vec());
+            return Ok((orch.history().to_vec(), time));
         }
         let tasks: Vec<(usize, Task)> = clients
             .iter()
@@ -147,6 +183,7 @@ pub(super) fn run(
         // Decryption first: a committee member's answer needs only the state machine.
         for (i, t) in &tasks {
             if let Task::Decrypt(_) = t {
+                let t0 = Instant::now();
                 let answer = decrypt(&orch, &mut clients[*i], global.len())?;
                 if let Some(a) = answer {
                     let id = clients[*i].id.clone();
@@ -154,12 +191,32 @@ pub(super) fn run(
                         .map_err(|e| anyhow::anyhow!("{id}: share refused: {e}"))?;
                     progressed = true;
                 }
+                time.decrypt += t0.elapsed().as_secs_f64();
             }
         }
         let work: Vec<(usize, Task)> = tasks
             .into_iter()
             .filter(|(_, t)| matches!(t, Task::Train { .. } | Task::Evaluate { .. }))
             .collect();
+        // Emulated secure aggregation: the weight unit the secure round would announce, from
+        // everyone asked to train now (the round's selection).
+        let quantize = emulation.map(|e| {
+            let training: Vec<&Client> = work
+                .iter()
+                .filter(|(_, t)| matches!(t, Task::Train { .. }))
+                .map(|(i, _)| &clients[*i])
+                .collect();
+            let examples: u64 = training
+                .iter()
+                .map(|c| c.data.as_ref().map_or(0, |d| d.train.len() as u64).max(1))
+                .sum();
+            let unit = aggregation::weight_unit(
+                examples,
+                training.len(),
+                e.codec.max_total_weight,
+            );
+            (e.codec, unit)
+        });
         for chunk in work.chunks(window) {
             // Each client of the window works on its own thread; results come back in the
             // window's order, which is participant order.
@@ -173,13 +230,26 @@ pub(super) fn run(
                 rest = tail;
                 offset = i + 1;
             }
-            let done: Vec<(String, Done)> = slots
+            let done: Vec<(String, bool, Work)> = slots
                 .into_par_iter()
-                .map(|(c, t)| (c.id.clone(), work_of(c, t, &cfg.model, &global, device)))
+                .map(|(c, t)| {
+                    let training = matches!(t, Task::Train { .. });
+                    (
+                        c.id.clone(),
+                        training,
+                        work_of(c, t, &cfg.model, &global, device, quantize),
+                    )
+                })
                 .collect();
-            for (id, d) in done {
+            for (id, training, w) in done {
+                if training {
+                    time.train += w.seconds;
+                } else {
+                    time.evaluate += w.seconds;
+                }
+                time.encrypt += w.encrypt_seconds;
                 let now = Instant::now();
-                let fed = match d {
+                let fed = match w.done {
                     Done::Update(u) => orch.handle_update(&id, u, now),
                     Done::Secure(u) => orch.handle_secure_update(&id, u, now),
                     Done::Evaluated { round, metrics } => {
@@ -191,6 +261,11 @@ pub(super) fn run(
                     }
                 };
                 fed.map_err(|e| anyhow::anyhow!("{id}: refused: {e}"))?;
+                if training {
+                    // Folding (and the checks before it), and for the last update of a
+                    // round, closing it: the decoding and the strategy.
+                    time.aggregate += now.elapsed().as_secs_f64();
+                }
                 progressed = true;
             }
         }
@@ -210,6 +285,26 @@ fn work_of(
     spec: &cohort_model::ModelSpec,
     global: &[f32],
     device: ComputeDevice,
+    quantize: Option<(cohort_crypto::Codec, u64)>,
+) -> Work {
+    let started = Instant::now();
+    let mut encrypt_seconds = 0.0;
+    let done = work_done(c, t, spec, global, device, quantize, &mut encrypt_seconds);
+    Work {
+        done,
+        seconds: started.elapsed().as_secs_f64() - encrypt_seconds,
+        encrypt_seconds,
+    }
+}
+
+fn work_done(
+    c: &mut Client,
+    t: &Task,
+    spec: &cohort_model::ModelSpec,
+    global: &[f32],
+    device: ComputeDevice,
+    quantize: Option<(cohort_crypto::Codec, u64)>,
+    encrypt_seconds: &mut f64,
 ) -> Done {
     let Some(data) = c.data.clone() else {
         return Done::Nothing("a key custodian holds no data".into());
@@ -235,6 +330,23 @@ fn work_of(
             });
             let n = report.num_examples as u64;
             match secure {
+                None if quantize.is_some() => {
+                    let (codec, unit) = quantize.expect("checked");
+                    let scale = (1u64 << codec.frac_bits) as f64;
+                    Done::Update(Update {
+                        round: *round,
+                        num_examples: aggregation::weight_for(
+                            n,
+                            unit,
+                            codec.max_total_weight,
+                        ),
+                        delta: delta
+                            .iter()
+                            .map(|&x| (codec.encode(x) as f64 / scale) as f32)
+                            .collect(),
+                        train,
+                    })
+                }
                 None => Done::Update(Update {
                     round: *round,
                     num_examples: n,
@@ -242,10 +354,13 @@ fn work_of(
                     train,
                 }),
                 Some(info) => {
+                    let t0 = Instant::now();
                     let mut rng = ChaCha20Rng::from_seed(rand::random());
-                    match aggregation::protect(
+                    let protected = aggregation::protect(
                         info, &c.id, &c.sign, &mut c.seeds, &delta, n, &mut rng,
-                    ) {
+                    );
+                    *encrypt_seconds = t0.elapsed().as_secs_f64();
+                    match protected {
                         Ok(p) => Done::Secure(SecureUpdate {
                             round: *round,
                             weight: p.weight,
@@ -401,10 +516,14 @@ mod tests {
 
     /// The final parameters of a run on a pool of `threads`.
     fn final_params(secure: bool, threads: usize) -> Vec<f32> {
+        run_with(job(secure), None, threads)
+    }
+
+    fn run_with(job: JobConfig, emulation: Option<Emulation>, threads: usize) -> Vec<f32> {
         let dir = tempfile::tempdir().unwrap();
         let store = ModelStore::open(dir.path()).unwrap();
         let orch = Orchestrator::new(
-            job(secure),
+            job,
             cohort_coordinator::strategy::by_name("fedavg", 1.0).unwrap(),
             None,
             [9; 32],
@@ -415,9 +534,9 @@ mod tests {
             .build()
             .unwrap();
         let mut events = Vec::new();
-        let history = pool
+        let (history, _) = pool
             .install(|| {
-                run(orch, &store, clients(), ComputeDevice::Cpu, |e| {
+                run(orch, &store, clients(), ComputeDevice::Cpu, emulation, |e| {
                     events.push(format!("{e:?}").chars().take(40).collect::<String>())
                 })
             })
@@ -443,5 +562,24 @@ mod tests {
         let (p, s) = (final_params(false, 2), final_params(true, 2));
         let d = p.iter().zip(&s).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
         assert!(d < 1e-3, "secure and plaintext models differ by {d}");
+    }
+
+    #[test]
+    fn emulated_secure_aggregation_gives_the_encrypted_sums_model_bit_for_bit() {
+        let secure = job(true);
+        let codec = secure.secure.as_ref().unwrap().codec;
+        let mut plain = job(false);
+        plain.min_updates = 2; // the secure job's t_min
+        let emulated = run_with(plain, Some(Emulation { codec }), 2);
+        assert_eq!(emulated, run_with(secure, None, 2));
+        // A codec for larger rounds (fewer fractional bits) still agrees.
+        let budget = cohort_crypto::GlweParams::default().budget(3);
+        let wide = cohort_crypto::Codec::for_total_weight(20_000, &budget).unwrap();
+        let mut secure = job(true);
+        secure.secure.as_mut().unwrap().codec = wide;
+        let mut plain = job(false);
+        plain.min_updates = 2;
+        let emulated = run_with(plain, Some(Emulation { codec: wide }), 1);
+        assert_eq!(emulated, run_with(secure, None, 2));
     }
 }

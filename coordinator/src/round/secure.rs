@@ -110,11 +110,6 @@ impl Orchestrator {
             .iter()
             .map(|id| self.participants[id].num_examples.max(1))
             .sum();
-        let room = sec
-            .codec
-            .max_total_weight
-            .saturating_sub(selected.len() as u64)
-            .max(1);
         let info = RoundInfo {
             job: self.config.job_id.clone(),
             round,
@@ -125,7 +120,11 @@ impl Orchestrator {
             t_min: sec.t_min,
             codec: sec.codec,
             params: sec.params,
-            weight_unit: examples.div_ceil(room).max(1),
+            weight_unit: cohort_crypto::aggregation::weight_unit(
+                examples,
+                selected.len(),
+                sec.codec.max_total_weight,
+            ),
         };
         let committee = info
             .validate()
