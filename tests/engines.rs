@@ -42,7 +42,11 @@ async fn both_engines_give_the_same_model_bit_for_bit() {
     ] {
         let net = simulate("networked", extra, &dir.path().join(format!("{name}-n"))).await;
         let vir = simulate("virtual", extra, &dir.path().join(format!("{name}-v"))).await;
-        assert_eq!(weights(&net), weights(&vir), "{name}: the final models differ");
+        assert_eq!(
+            weights(&net),
+            weights(&vir),
+            "{name}: the final models differ"
+        );
         let per_round = |r: &SimReport| -> Vec<(usize, Option<f64>)> {
             r.rounds
                 .iter()
@@ -75,6 +79,76 @@ async fn auto_takes_the_virtual_engine_for_many_participants() {
     )
     .await;
     assert_eq!(r.rounds.len(), 4);
-    assert!(r.rounds.iter().all(|x| x.participants == 12), "{:?}", r.rounds);
+    assert!(
+        r.rounds.iter().all(|x| x.participants == 12),
+        "{:?}",
+        r.rounds
+    );
     assert!(r.served_rows > 0);
+}
+
+/// The README's cross-device command, shortened: 10,000 Fashion-MNIST participants (one test
+/// image each), one round of 600 of them with real encryption (past the default codec's
+/// 1,024-weight capacity, so the widened codec runs), then the same round emulated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_participants_of_fashion_mnist() {
+    let data = "/usr/share/datasets/fashion-mnist";
+    assert!(
+        std::path::Path::new(data).is_dir(),
+        "{data} is missing: scripts/install-test-deps installs dataset-fashion-mnist"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--dataset",
+        data,
+        "--participants",
+        "10000",
+        "--fraction",
+        "0.06",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--lr",
+        "0.05",
+    ];
+    let one_round = |out: &str, secure: &'static str| {
+        let mut argv = vec![
+            "simulate",
+            "--quiet",
+            "--no-baseline",
+            "--rounds",
+            "1",
+            "--secure",
+            secure,
+            "--out",
+        ];
+        argv.push(Box::leak(
+            dir.path()
+                .join(out)
+                .to_str()
+                .unwrap()
+                .to_string()
+                .into_boxed_str(),
+        ));
+        argv.extend_from_slice(&args);
+        Cli::parse_from(argv).args
+    };
+    let full = run(one_round("full", "full")).await.unwrap();
+    assert_eq!(full.engine, "virtual");
+    assert_eq!(full.rounds[0].participants, 600);
+    let codec = &full.secure_aggregation;
+    assert_eq!(codec["max_total_weight"], 1200);
+    assert_eq!(codec["mode"], "full");
+    assert_eq!(
+        full.served_rows, 10_000,
+        "every participant's test image answered"
+    );
+    let emulated = run(one_round("emulated", "emulated")).await.unwrap();
+    assert_eq!(emulated.secure_aggregation["mode"], "emulated");
+    assert_eq!(
+        weights(&full),
+        weights(&emulated),
+        "emulation = encryption, bit for bit"
+    );
 }

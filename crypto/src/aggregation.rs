@@ -106,9 +106,7 @@ impl KeyBinding {
 /// up to `total_examples`, so that their weights (each at least 1) add up to at most
 /// `max_total_weight`.
 pub fn weight_unit(total_examples: u64, participants: usize, max_total_weight: u64) -> u64 {
-    let room = max_total_weight
-        .saturating_sub(participants as u64)
-        .max(1);
+    let room = max_total_weight.saturating_sub(participants as u64).max(1);
     total_examples.div_ceil(room).max(1)
 }
 

@@ -22,9 +22,9 @@ mod served;
 mod virtual_engine;
 
 pub use report::{RoundRow, SimReport};
-pub use virtual_engine::EngineSeconds;
 use report::{fmt_opt, model_name, print_table, row, secure_description, secure_json};
 use served::{SimPki, ask_served_model};
+pub use virtual_engine::EngineSeconds;
 
 /// The bundled breast-cancer table (scikit-learn, BSD-3-Clause; see examples/data).
 const BREAST_CANCER: &str = include_str!("../../examples/data/breast_cancer.csv");
@@ -245,7 +245,9 @@ fn prepare(args: &SimArgs) -> anyhow::Result<Prepared> {
                     args.seed + 1,
                 )?
             } else if test.len() >= n {
-                (0..n).map(|p| (p..test.len()).step_by(n).collect()).collect()
+                (0..n)
+                    .map(|p| (p..test.len()).step_by(n).collect())
+                    .collect()
             } else {
                 bail!(
                     "{} test images are too few for {n} participants (at least one each)",
@@ -477,9 +479,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
             let (st, device) = (store.clone(), args.device);
             let started = Instant::now();
             let (history, seconds) = tokio::task::spawn_blocking(move || {
-                virtual_engine::run(orch, &st, clients, device, emulation, |ev| {
-                    progress.on(ev)
-                })
+                virtual_engine::run(orch, &st, clients, device, emulation, |ev| progress.on(ev))
             })
             .await??;
             engine_seconds = Some(seconds);

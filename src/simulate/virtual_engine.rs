@@ -22,9 +22,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use cohort_coordinator::round::{
-    PartyKeys, SecureUpdate, ShareAnswer, SignedShare, Task, Update,
-};
+use cohort_coordinator::round::{PartyKeys, SecureUpdate, ShareAnswer, SignedShare, Task, Update};
 use cohort_coordinator::{Event, Orchestrator, RoundSummary};
 use cohort_crypto::aggregation::{self, ShareRequest, UploadRecord};
 use cohort_crypto::{MemberPolicy, MemberSecret, SeedLog, Signer25519, VerifyKey};
@@ -81,7 +79,10 @@ struct Work {
 enum Done {
     Update(Update),
     Secure(SecureUpdate),
-    Evaluated { round: u64, metrics: cohort_model::Metrics },
+    Evaluated {
+        round: u64,
+        metrics: cohort_model::Metrics,
+    },
     /// Local training or encryption failed: nothing is sent (a straggler).
     Nothing(String),
 }
@@ -180,19 +181,36 @@ pub(super) fn run(
         }
         let global = orch.global().1;
         let mut progressed = false;
-        // Decryption first: a committee member's answer needs only the state machine.
+        // Decryption first: the committee members' inputs come from the state machine, their
+        // shares are computed at once (one member a thread), then handed back in order.
+        let t0 = Instant::now();
+        let mut inputs = Vec::new();
         for (i, t) in &tasks {
-            if let Task::Decrypt(_) = t {
-                let t0 = Instant::now();
-                let answer = decrypt(&orch, &mut clients[*i], global.len())?;
-                if let Some(a) = answer {
-                    let id = clients[*i].id.clone();
-                    orch.handle_share(&id, a, Instant::now())
-                        .map_err(|e| anyhow::anyhow!("{id}: share refused: {e}"))?;
-                    progressed = true;
-                }
-                time.decrypt += t0.elapsed().as_secs_f64();
+            if let Task::Decrypt(req) = t {
+                inputs.push((*i, decryption_input(&orch, &clients[*i], req)?));
             }
+        }
+        if !inputs.is_empty() {
+            let mut members: Vec<(&mut Client, DecryptionInput)> = Vec::new();
+            let mut rest: &mut [Client] = &mut clients;
+            let mut offset = 0;
+            for (i, input) in inputs {
+                let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - offset);
+                let (c, tail) = tail.split_first_mut().expect("index in range");
+                members.push((c, input));
+                rest = tail;
+                offset = i + 1;
+            }
+            let answers: Vec<(String, ShareAnswer)> = members
+                .into_par_iter()
+                .map(|(c, input)| (c.id.clone(), answer(c, input, global.len())))
+                .collect();
+            for (id, a) in answers {
+                orch.handle_share(&id, a, Instant::now())
+                    .map_err(|e| anyhow::anyhow!("{id}: share refused: {e}"))?;
+                progressed = true;
+            }
+            time.decrypt += t0.elapsed().as_secs_f64();
         }
         let work: Vec<(usize, Task)> = tasks
             .into_iter()
@@ -210,11 +228,7 @@ pub(super) fn run(
                 .iter()
                 .map(|c| c.data.as_ref().map_or(0, |d| d.train.len() as u64).max(1))
                 .sum();
-            let unit = aggregation::weight_unit(
-                examples,
-                training.len(),
-                e.codec.max_total_weight,
-            );
+            let unit = aggregation::weight_unit(examples, training.len(), e.codec.max_total_weight);
             (e.codec, unit)
         });
         for chunk in work.chunks(window) {
@@ -316,11 +330,11 @@ fn work_done(
             secure,
             ..
         } => {
-            let (params, report) = match cohort_model::train(spec, global, &data.train, config, device)
-            {
-                Ok(x) => x,
-                Err(e) => return Done::Nothing(format!("local training failed: {e}")),
-            };
+            let (params, report) =
+                match cohort_model::train(spec, global, &data.train, config, device) {
+                    Ok(x) => x,
+                    Err(e) => return Done::Nothing(format!("local training failed: {e}")),
+                };
             let delta: Vec<f32> = params.iter().zip(global).map(|(p, g)| p - g).collect();
             let train = Some(cohort_model::Metrics {
                 loss: *report.epoch_loss.last().unwrap_or(&f64::NAN),
@@ -335,11 +349,7 @@ fn work_done(
                     let scale = (1u64 << codec.frac_bits) as f64;
                     Done::Update(Update {
                         round: *round,
-                        num_examples: aggregation::weight_for(
-                            n,
-                            unit,
-                            codec.max_total_weight,
-                        ),
+                        num_examples: aggregation::weight_for(n, unit, codec.max_total_weight),
                         delta: delta
                             .iter()
                             .map(|&x| (codec.encode(x) as f64 / scale) as f32)
@@ -357,7 +367,13 @@ fn work_done(
                     let t0 = Instant::now();
                     let mut rng = ChaCha20Rng::from_seed(rand::random());
                     let protected = aggregation::protect(
-                        info, &c.id, &c.sign, &mut c.seeds, &delta, n, &mut rng,
+                        info,
+                        &c.id,
+                        &c.sign,
+                        &mut c.seeds,
+                        &delta,
+                        n,
+                        &mut rng,
                     );
                     *encrypt_seconds = t0.elapsed().as_secs_f64();
                     match protected {
@@ -388,17 +404,19 @@ fn work_done(
     }
 }
 
-/// A committee member's decryption share for its open request, checked as the participant
-/// agent checks it (the coordinator's signature on the manifest, every upload's signature,
-/// the member's policy). `None` when it has no open request.
-fn decrypt(
+/// What a committee member needs to answer its decryption request, from the state machine.
+struct DecryptionInput {
+    req: cohort_coordinator::round::DecryptRequest,
+    records: Vec<UploadRecord>,
+    keys: BTreeMap<String, VerifyKey>,
+    pieces: Vec<(String, cohort_crypto::aggregation::SealedPiece)>,
+}
+
+fn decryption_input(
     orch: &Orchestrator,
-    c: &mut Client,
-    len: usize,
-) -> anyhow::Result<Option<ShareAnswer>> {
-    let Task::Decrypt(req) = orch.task_for(&c.id) else {
-        return Ok(None);
-    };
+    c: &Client,
+    req: &cohort_coordinator::round::DecryptRequest,
+) -> anyhow::Result<DecryptionInput> {
     let (records, pieces) = orch
         .decryption_input(&c.id, req.info.round, req.info.attempt)
         .map_err(|e| anyhow::anyhow!("{}: decryption input: {e}", c.id))?;
@@ -406,7 +424,23 @@ fn decrypt(
         .iter()
         .map(|(r, k)| (r.participant.clone(), k.verify))
         .collect();
-    let records: Vec<UploadRecord> = records.into_iter().map(|(r, _)| r).collect();
+    Ok(DecryptionInput {
+        req: req.clone(),
+        records: records.into_iter().map(|(r, _)| r).collect(),
+        keys,
+        pieces,
+    })
+}
+
+/// A committee member's decryption share, checked as the participant agent checks it (the
+/// coordinator's signature on the manifest, every upload's signature, the member's policy).
+fn answer(c: &mut Client, input: DecryptionInput, len: usize) -> ShareAnswer {
+    let DecryptionInput {
+        req,
+        records,
+        keys,
+        pieces,
+    } = input;
     let manifest = req.info.manifest(
         records
             .iter()
@@ -448,13 +482,13 @@ fn decrypt(
     } else {
         Err("the manifest does not match the coordinator's signature".into())
     };
-    Ok(Some(ShareAnswer {
+    ShareAnswer {
         round: req.info.round,
         attempt: req.info.attempt,
         request: req.request,
         pieces: req.pieces.clone(),
         share,
-    }))
+    }
 }
 
 #[cfg(test)]
@@ -536,9 +570,14 @@ mod tests {
         let mut events = Vec::new();
         let (history, _) = pool
             .install(|| {
-                run(orch, &store, clients(), ComputeDevice::Cpu, emulation, |e| {
-                    events.push(format!("{e:?}").chars().take(40).collect::<String>())
-                })
+                run(
+                    orch,
+                    &store,
+                    clients(),
+                    ComputeDevice::Cpu,
+                    emulation,
+                    |e| events.push(format!("{e:?}").chars().take(40).collect::<String>()),
+                )
             })
             .unwrap();
         assert_eq!(history.len(), 3);
@@ -560,7 +599,11 @@ mod tests {
         // And the secure run computes the plaintext run's model: the encrypted sum decodes
         // to the fixed-point mean (within the codec's resolution).
         let (p, s) = (final_params(false, 2), final_params(true, 2));
-        let d = p.iter().zip(&s).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let d = p
+            .iter()
+            .zip(&s)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
         assert!(d < 1e-3, "secure and plaintext models differ by {d}");
     }
 
