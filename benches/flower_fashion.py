@@ -1,6 +1,6 @@
 """Flower 1.42 + PyTorch simulation of the Fashion-MNIST task in benches/compare_flower.py.
 
-Usage: python flower_fashion.py PARTITION_JSON OUT_JSON [--rounds 3] [--secagg]
+Usage: python flower_fashion.py PARTITION_JSON OUT_JSON [--rounds 3] [--secagg] [--fraction F]
 
 The shares are the ones `cohort simulate --export-partition` wrote for its own run (each
 client's training and test rows of /usr/share/datasets/fashion-mnist), so both systems train
@@ -28,6 +28,8 @@ from torch_cnn import Cnn, read_idx  # beside this file; compare_flower.py puts 
 PARTITION, OUT = sys.argv[1], sys.argv[2]
 ROUNDS = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 3
 SECAGG = "--secagg" in sys.argv
+# Fraction of the clients trained each round (evaluation asks every client, as cohort does).
+FRACTION = float(sys.argv[sys.argv.index("--fraction") + 1]) if "--fraction" in sys.argv else 1.0
 DATA = os.environ.get("FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
 EPOCHS, BATCH, LR = 1, 32, 0.05
 
@@ -104,9 +106,9 @@ def weighted_accuracy(metrics):
 def strategy():
     torch.manual_seed(0)
     return FedAvg(
-        fraction_fit=1.0,
+        fraction_fit=FRACTION,
         fraction_evaluate=1.0,
-        min_fit_clients=CLIENTS,
+        min_fit_clients=max(1, int(FRACTION * CLIENTS)),
         min_evaluate_clients=CLIENTS,
         min_available_clients=CLIENTS,
         initial_parameters=ndarrays_to_parameters(get_weights(Cnn())),

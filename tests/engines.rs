@@ -152,3 +152,34 @@ async fn ten_thousand_participants_of_fashion_mnist() {
         "emulation = encryption, bit for bit"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropouts_are_left_out_and_the_job_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = simulate(
+        "auto",
+        &[
+            "--participants",
+            "20",
+            "--dropout",
+            "0.2",
+            "--secure",
+            "emulated",
+        ],
+        dir.path(),
+    )
+    .await;
+    assert_eq!(r.engine, "virtual", "--dropout takes the virtual engine");
+    assert_eq!(r.rounds.len(), 4);
+    let left_out: usize = r.rounds.iter().map(|x| x.stragglers.len()).sum();
+    assert!(
+        left_out > 0,
+        "a fifth of 80 selections drop out: {:?}",
+        r.rounds
+    );
+    assert!(
+        r.rounds
+            .iter()
+            .all(|x| x.participants + x.stragglers.len() == 20)
+    );
+}

@@ -130,6 +130,11 @@ pub struct SimArgs {
     /// and the report says so).
     #[arg(long, default_value = "full")]
     pub secure: SecureMode,
+    /// Fault injection, virtual engine: each participant selected for a round drops out of it
+    /// (its update never arrives) with this probability, drawn from the round's seed; the
+    /// round goes on without it at its deadline, as in a real federation.
+    #[arg(long, default_value_t = 0.0)]
+    pub dropout: f64,
 }
 
 /// How secure aggregation runs in a simulation (`--secure`).
@@ -380,10 +385,17 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
     };
     let engine = args.engine.resolve(n);
     let emulated = secure.is_some() && args.secure == SecureMode::Emulated;
-    let engine = match (emulated, args.engine, engine) {
-        (true, Engine::Networked, _) => {
-            bail!("--secure emulated runs in the virtual engine: drop --engine networked")
-        }
+    if !(0.0..1.0).contains(&args.dropout) {
+        bail!(
+            "--dropout must be at least 0 and below 1, not {}",
+            args.dropout
+        );
+    }
+    let virtual_only = emulated || args.dropout > 0.0;
+    let engine = match (virtual_only, args.engine, engine) {
+        (true, Engine::Networked, _) => bail!(
+            "--secure emulated and --dropout run in the virtual engine: drop --engine networked"
+        ),
         (true, _, _) => Engine::Virtual,
         (false, _, e) => e,
     };
@@ -476,10 +488,12 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
                 .map(|(i, l)| (participant_id(i), Some(Arc::new(l.clone()))))
                 .chain(custodian_ids.iter().map(|c| (c.clone(), None)))
                 .collect();
-            let (st, device) = (store.clone(), args.device);
+            let (st, device, dropout) = (store.clone(), args.device, args.dropout);
             let started = Instant::now();
             let (history, seconds) = tokio::task::spawn_blocking(move || {
-                virtual_engine::run(orch, &st, clients, device, emulation, |ev| progress.on(ev))
+                virtual_engine::run(orch, &st, clients, device, emulation, dropout, |ev| {
+                    progress.on(ev)
+                })
             })
             .await??;
             engine_seconds = Some(seconds);

@@ -58,6 +58,39 @@ pub(super) struct Emulation {
     pub(super) codec: cohort_crypto::Codec,
 }
 
+/// The state machine's clock: real time, plus every jump to a deadline the engine made when
+/// nothing else could happen (participants that dropped out are then left out as stragglers,
+/// without waiting out the round's timeout).
+#[derive(Default)]
+struct Clock {
+    skipped: std::time::Duration,
+}
+
+impl Clock {
+    fn now(&self) -> Instant {
+        Instant::now() + self.skipped
+    }
+
+    fn jump_to(&mut self, t: Instant) {
+        self.skipped += t.saturating_duration_since(self.now());
+    }
+}
+
+/// Whether the participant whose round seed is `seed` drops out of the round (its update
+/// never arrives) at rate `rate`: a draw from the seed alone, so the same participants drop
+/// out whatever the threads.
+fn drops_out(seed: u64, rate: f64) -> bool {
+    if rate <= 0.0 {
+        return false;
+    }
+    let mut z = seed ^ 0x0d20_9f0c_a115_eed0;
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    ((z >> 11) as f64 / (1u64 << 53) as f64) < rate
+}
+
 /// One virtual participant: its data (none for a key custodian) and its keys.
 struct Client {
     id: String,
@@ -85,6 +118,8 @@ enum Done {
     },
     /// Local training or encryption failed: nothing is sent (a straggler).
     Nothing(String),
+    /// Dropped out of the round on purpose (`--dropout`).
+    DroppedOut,
 }
 
 /// Runs `orch`'s job to its end with `clients` (id, data; `None` for a key custodian),
@@ -96,9 +131,11 @@ pub(super) fn run(
     clients: Vec<(String, Option<Arc<LocalData>>)>,
     device: ComputeDevice,
     emulation: Option<Emulation>,
+    dropout: f64,
     mut on_event: impl FnMut(&Event),
 ) -> anyhow::Result<(Vec<RoundSummary>, EngineSeconds)> {
     let mut time = EngineSeconds::default();
+    let mut clock = Clock::default();
     let cfg = orch.config().clone();
     let strategy = orch.strategy_name();
     let job_store = store.for_job(&cfg.job_id);
@@ -136,7 +173,7 @@ pub(super) fn run(
             verify: c.sign.verify_key(),
             binding: None,
         });
-        orch.handle_join_with_keys(&c.id, format!("virtual-{}", c.id), n, keys, Instant::now())
+        orch.handle_join_with_keys(&c.id, format!("virtual-{}", c.id), n, keys, clock.now())
             .map_err(|e| anyhow::anyhow!("{}: {e}", c.id))?;
     }
     let window = 2 * rayon::current_num_threads().max(1);
@@ -160,7 +197,7 @@ pub(super) fn run(
                         cohort_storage::state::unix_ms(),
                     )
                     .with_context(|| format!("committing round {}", summary.round))?;
-                orch.committed(summary.round, Instant::now());
+                orch.committed(summary.round, clock.now());
                 time.commit += t0.elapsed().as_secs_f64();
             }
         }
@@ -206,7 +243,7 @@ pub(super) fn run(
                 .map(|(c, input)| (c.id.clone(), answer(c, input, global.len())))
                 .collect();
             for (id, a) in answers {
-                orch.handle_share(&id, a, Instant::now())
+                orch.handle_share(&id, a, clock.now())
                     .map_err(|e| anyhow::anyhow!("{id}: share refused: {e}"))?;
                 progressed = true;
             }
@@ -251,7 +288,7 @@ pub(super) fn run(
                     (
                         c.id.clone(),
                         training,
-                        work_of(c, t, &cfg.model, &global, device, quantize),
+                        work_of(c, t, &cfg.model, &global, device, quantize, dropout),
                     )
                 })
                 .collect();
@@ -262,12 +299,16 @@ pub(super) fn run(
                     time.evaluate += w.seconds;
                 }
                 time.encrypt += w.encrypt_seconds;
-                let now = Instant::now();
+                let (now, t0) = (clock.now(), Instant::now());
                 let fed = match w.done {
                     Done::Update(u) => orch.handle_update(&id, u, now),
                     Done::Secure(u) => orch.handle_secure_update(&id, u, now),
                     Done::Evaluated { round, metrics } => {
                         orch.handle_evaluation(&id, round, metrics, now)
+                    }
+                    Done::DroppedOut => {
+                        tracing::debug!(participant = %id, "dropped out of the round");
+                        continue;
                     }
                     Done::Nothing(why) => {
                         tracing::warn!(participant = %id, "sends nothing this round: {why}");
@@ -278,16 +319,31 @@ pub(super) fn run(
                 if training {
                     // Folding (and the checks before it), and for the last update of a
                     // round, closing it: the decoding and the strategy.
-                    time.aggregate += now.elapsed().as_secs_f64();
+                    time.aggregate += t0.elapsed().as_secs_f64();
                 }
                 progressed = true;
             }
         }
         if !progressed {
-            bail!(
-                "no participant could make progress in phase {}",
-                orch.phase_name()
-            );
+            // Everyone still asked has answered or dropped out: the state machine's next
+            // deadline comes now (stragglers are left out, or the attempt fails and is
+            // retried, as in a real federation).
+            match orch.poll_timeout() {
+                Some(t) => {
+                    clock.jump_to(t);
+                    // Virtual participants are alive throughout (a dropout loses one update,
+                    // not the participant): they answer for the time skipped.
+                    let now = clock.now();
+                    for c in &clients {
+                        let _ = orch.handle_heartbeat(&c.id, now);
+                    }
+                    orch.handle_timeout(now);
+                }
+                None => bail!(
+                    "no participant could make progress in phase {}",
+                    orch.phase_name()
+                ),
+            }
         }
     }
 }
@@ -300,10 +356,14 @@ fn work_of(
     global: &[f32],
     device: ComputeDevice,
     quantize: Option<(cohort_crypto::Codec, u64)>,
+    dropout: f64,
 ) -> Work {
     let started = Instant::now();
     let mut encrypt_seconds = 0.0;
-    let done = work_done(c, t, spec, global, device, quantize, &mut encrypt_seconds);
+    let done = match t {
+        Task::Train { config, .. } if drops_out(config.seed, dropout) => Done::DroppedOut,
+        _ => work_done(c, t, spec, global, device, quantize, &mut encrypt_seconds),
+    };
     Work {
         done,
         seconds: started.elapsed().as_secs_f64() - encrypt_seconds,
@@ -554,6 +614,16 @@ mod tests {
     }
 
     fn run_with(job: JobConfig, emulation: Option<Emulation>, threads: usize) -> Vec<f32> {
+        run_dropping(job, emulation, threads, 0.0).0
+    }
+
+    /// The final parameters and the rounds of a run where participants drop out at `dropout`.
+    fn run_dropping(
+        job: JobConfig,
+        emulation: Option<Emulation>,
+        threads: usize,
+        dropout: f64,
+    ) -> (Vec<f32>, Vec<RoundSummary>) {
         let dir = tempfile::tempdir().unwrap();
         let store = ModelStore::open(dir.path()).unwrap();
         let orch = Orchestrator::new(
@@ -576,16 +646,20 @@ mod tests {
                     clients(),
                     ComputeDevice::Cpu,
                     emulation,
+                    dropout,
                     |e| events.push(format!("{e:?}").chars().take(40).collect::<String>()),
                 )
             })
             .unwrap();
         assert_eq!(history.len(), 3);
-        let sizes: Vec<usize> = history.iter().map(|s| s.participants.len()).collect();
+        let sizes: Vec<usize> = history
+            .iter()
+            .map(|s| s.participants.len() + s.stragglers.len())
+            .collect();
         assert_eq!(sizes, [7, 7, 7], "⌈9 × 0.7⌉ selected a round");
         assert!(history.iter().all(|s| s.eval.is_some()));
         assert!(events.iter().any(|e| e.starts_with("RoundCompleted")));
-        store.for_job("virtual").read_params(3).unwrap()
+        (store.for_job("virtual").read_params(3).unwrap(), history)
     }
 
     #[test]
@@ -624,5 +698,28 @@ mod tests {
         plain.min_updates = 2;
         let emulated = run_with(plain, Some(Emulation { codec: wide }), 1);
         assert_eq!(emulated, run_with(secure, None, 2));
+    }
+
+    #[test]
+    fn dropped_participants_are_left_out_the_same_way_whatever_the_threads() {
+        for secure in [false, true] {
+            let (one, rounds) = run_dropping(job(secure), None, 1, 0.3);
+            let (two, again) = run_dropping(job(secure), None, 2, 0.3);
+            assert_eq!(one, two, "secure {secure}");
+            let left_out: Vec<&Vec<String>> = rounds.iter().map(|s| &s.stragglers).collect();
+            assert_eq!(
+                left_out,
+                again.iter().map(|s| &s.stragglers).collect::<Vec<_>>()
+            );
+            assert!(
+                left_out.iter().any(|s| !s.is_empty()),
+                "at 30%, someone of 21 drops out"
+            );
+            assert_ne!(
+                one,
+                run_with(job(secure), None, 2),
+                "the dropouts changed the model"
+            );
+        }
     }
 }
