@@ -156,6 +156,7 @@ async fn ten_thousand_participants_of_fashion_mnist() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropouts_are_left_out_and_the_job_finishes() {
     let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("rounds.csv");
     let r = simulate(
         "auto",
         &[
@@ -165,10 +166,20 @@ async fn dropouts_are_left_out_and_the_job_finishes() {
             "0.2",
             "--secure",
             "emulated",
+            "--rounds-log",
+            log.to_str().unwrap(),
         ],
-        dir.path(),
+        &dir.path().join("run"),
     )
     .await;
+    let lines: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(lines.len(), 5, "a header and a line a round: {lines:?}");
+    assert!(lines[0].starts_with("round,participants,stragglers"));
+    assert!(lines[4].starts_with("4,"));
     assert_eq!(r.engine, "virtual", "--dropout takes the virtual engine");
     assert_eq!(r.rounds.len(), 4);
     let left_out: usize = r.rounds.iter().map(|x| x.stragglers.len()).sum();

@@ -6,21 +6,25 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use cohort_coordinator::round::Event;
+
 use cohort_coordinator::round::SecureSettings;
-use cohort_coordinator::{Coordinator, JobConfig, ModelStore, Orchestrator, RoundSummary};
+use cohort_coordinator::{JobConfig, ModelStore, Orchestrator};
 use cohort_model::data::{IdxSplit, load_csv, load_idx_dir, parse_csv};
 use cohort_model::{
-    ComputeDevice, ComputeSlots, Dataset, LabelColumn, ModelSpec, Optimizer, Partition, Sharing,
-    Standardizer, TrainConfig,
+    ComputeDevice, Dataset, LabelColumn, ModelSpec, Optimizer, Partition, Sharing, Standardizer,
+    TrainConfig,
 };
-use cohort_participant::{AgentOptions, LocalData};
+use cohort_participant::LocalData;
 use serde::Serialize;
 
+mod networked;
+mod progress;
 mod report;
 mod served;
 mod virtual_engine;
 
+use networked::{NetworkedRun, networked};
+use progress::{Progress, RoundsLog};
 pub use report::{RoundRow, SimReport};
 use report::{fmt_opt, model_name, print_table, row, secure_description, secure_json};
 use served::{SimPki, ask_served_model};
@@ -130,6 +134,10 @@ pub struct SimArgs {
     /// and the report says so).
     #[arg(long, default_value = "full")]
     pub secure: SecureMode,
+    /// Append each round to this CSV file as it completes (round, participants, stragglers,
+    /// losses, accuracies, AUC, seconds), for following long runs.
+    #[arg(long)]
+    pub rounds_log: Option<PathBuf>,
     /// Fault injection, virtual engine: each participant selected for a round drops out of it
     /// (its update never arrives) with this probability, drawn from the round's seed; the
     /// round goes on without it at its deadline, as in a real federation.
@@ -170,37 +178,6 @@ impl Engine {
             Engine::Networked => "networked",
             Engine::Virtual => "virtual",
         }
-    }
-}
-
-/// The progress bar's view of the events.
-struct Progress {
-    bar: indicatif::ProgressBar,
-    selected: usize,
-    received: usize,
-    last: String,
-}
-
-impl Progress {
-    fn on(&mut self, ev: &Event) {
-        match ev {
-            Event::RoundStarted { selected, .. } => {
-                (self.selected, self.received) = (selected.len(), 0);
-            }
-            Event::UpdateAccepted { .. } => self.received += 1,
-            Event::RoundCompleted { summary, .. } => {
-                self.bar.inc(1);
-                self.last = format!(
-                    ", last held-out accuracy {}",
-                    fmt_opt(summary.eval.map(|m| m.accuracy), 4)
-                );
-            }
-            _ => {}
-        }
-        self.bar.set_message(format!(
-            "{}/{} updates{}",
-            self.received, self.selected, self.last
-        ));
     }
 }
 
@@ -465,7 +442,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         let b = indicatif::ProgressBar::new(args.rounds);
         b.set_style(
             indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} rounds, {msg} [{elapsed}]",
+                "{bar:30} {pos}/{len} rounds ({per_sec}, ETA {eta}), {msg} [{elapsed}]",
             )
             .expect("valid template"),
         );
@@ -477,6 +454,10 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         selected: 0,
         received: 0,
         last: String::new(),
+        log: match &args.rounds_log {
+            Some(p) => Some(RoundsLog::create(p)?),
+            None => None,
+        },
     };
     let mut engine_seconds = None;
     let (history, federation_seconds) = match engine {
@@ -653,104 +634,4 @@ fn centralised(
     let (params, _) =
         cohort_model::train(spec, &spec.initial_parameters(cfg.seed), &tr, &cfg, device)?;
     Ok(cohort_model::evaluate(spec, &params, &te, device)?.accuracy)
-}
-
-/// What the networked engine needs.
-struct NetworkedRun<'a> {
-    args: &'a SimArgs,
-    prep: &'a Prepared,
-    orch: Orchestrator,
-    store: &'a ModelStore,
-    pki: &'a SimPki,
-    custodian_ids: &'a [String],
-    progress: Progress,
-}
-
-/// The networked engine: a coordinator service on a loopback socket with mutual TLS, and one
-/// participant agent (a gRPC client) per participant. Returns the completed rounds and the
-/// federation's seconds.
-async fn networked(run: NetworkedRun<'_>) -> anyhow::Result<(Vec<RoundSummary>, f64)> {
-    let NetworkedRun {
-        args,
-        prep,
-        orch,
-        store,
-        pki,
-        custodian_ids,
-        mut progress,
-    } = run;
-    let n = args.participants;
-    let coordinator = Coordinator::start(orch, store.clone()).map_err(anyhow::Error::msg)?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = {
-        let (c, files) = (coordinator.clone(), pki.coordinator.clone());
-        tokio::spawn(async move {
-            c.serve_tls(listener, files, Duration::from_secs(3600), async {
-                let _ = stop_rx.await;
-            })
-            .await
-        })
-    };
-    let mut events = coordinator.subscribe();
-    let started = Instant::now();
-    let mut agents = tokio::task::JoinSet::new();
-    let compute = ComputeSlots::for_this_machine(args.sharing)
-        .context("starting the training thread pools")?;
-    for (i, local) in prep.locals.iter().enumerate() {
-        let opts = AgentOptions {
-            id: participant_id(i),
-            coordinator: format!("https://{addr}"),
-            device: args.device,
-            poll_wait: Duration::from_secs(10),
-            reconnect_for: Duration::from_secs(30),
-            upload_delay: Duration::ZERO,
-            tls: Some(pki.client(&participant_id(i))?),
-            stay_between_jobs: false,
-            compute: Some(compute.clone()),
-        };
-        let data = Arc::new(local.clone());
-        agents.spawn(async move { (i + 1, cohort_participant::run(opts, data).await) });
-    }
-    for (k, id) in custodian_ids.iter().enumerate() {
-        let opts = AgentOptions {
-            id: id.clone(),
-            coordinator: format!("https://{addr}"),
-            device: args.device,
-            poll_wait: Duration::from_secs(10),
-            reconnect_for: Duration::from_secs(30),
-            upload_delay: Duration::ZERO,
-            tls: Some(pki.client(id)?),
-            stay_between_jobs: false,
-            compute: None,
-        };
-        agents.spawn(async move { (n + k + 1, cohort_participant::run_custodian(opts).await) });
-    }
-    let progress = tokio::spawn(async move {
-        while let Ok(ev) = events.recv().await {
-            progress.on(&ev);
-            if matches!(ev, Event::JobFinished { .. }) {
-                break;
-            }
-        }
-    });
-    // Participants end when the job is finished (they are told so) or when they fail; a
-    // failure ends the simulation at once (dropping the set aborts the others).
-    while let Some(joined) = agents.join_next().await {
-        match joined {
-            Ok((_, Ok(_))) => {}
-            Ok((i, Err(e))) => bail!("participant {i} failed: {e}"),
-            Err(e) => bail!("a participant panicked: {e}"),
-        }
-    }
-    tokio::time::timeout(Duration::from_secs(10), coordinator.finished())
-        .await
-        .context("all participants ended but the job did not finish")?;
-    let federation_seconds = started.elapsed().as_secs_f64();
-    let _ = progress.await;
-    let history = coordinator.history();
-    let _ = stop_tx.send(());
-    server.await?.map_err(anyhow::Error::msg)?;
-    Ok((history, federation_seconds))
 }
