@@ -69,8 +69,8 @@ async fn auto_takes_the_virtual_engine_for_many_participants() {
         &[
             "--participants",
             "120",
-            "--fraction",
-            "0.1",
+            "--clients-per-round",
+            "12",
             "--test-fraction",
             "0.3",
             "--plaintext",
@@ -85,6 +85,26 @@ async fn auto_takes_the_virtual_engine_for_many_participants() {
         r.rounds
     );
     assert!(r.served_rows > 0);
+    // Poisson sampling: each participant with probability 0.1, so the rounds' sizes vary.
+    let r = simulate(
+        "auto",
+        &[
+            "--participants",
+            "120",
+            "--sampling",
+            "poisson",
+            "--fraction",
+            "0.1",
+            "--test-fraction",
+            "0.3",
+            "--plaintext",
+        ],
+        &dir.path().join("poisson"),
+    )
+    .await;
+    let sizes: Vec<usize> = r.rounds.iter().map(|x| x.participants).collect();
+    assert!(sizes.iter().all(|&n| (2..=30).contains(&n)), "{sizes:?}");
+    assert!(sizes.iter().min() != sizes.iter().max(), "{sizes:?}");
 }
 
 /// The README's cross-device command, shortened: 10,000 Fashion-MNIST participants (one test

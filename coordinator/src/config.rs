@@ -15,7 +15,7 @@ use cohort_storage::settings::{
     AtRestSection, FileError, ModelStoreSection, OpenError, load_file, open_registry,
 };
 
-use crate::round::{JobConfig, JobError, SecureSettings};
+use crate::round::{JobConfig, JobError, Sampling, SecureSettings};
 use crate::strategy::StrategyError;
 
 /// A configuration that cannot be used.
@@ -86,8 +86,17 @@ pub struct JobSection {
     /// Defaults to `min_participants`.
     #[serde(default)]
     pub min_updates: Option<usize>,
+    /// Share of the available participants drawn a round (with `sampling = "poisson"`:
+    /// each one's probability of being drawn).
     #[serde(default = "one")]
     pub fraction: f64,
+    /// Participants drawn a round, instead of a `fraction` of those available.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clients_per_round: Option<usize>,
+    /// `uniform` (default: a fixed number, without replacement) or `poisson` (each available
+    /// participant independently with probability `fraction`).
+    #[serde(default)]
+    pub sampling: SamplingName,
     #[serde(default = "default_round_timeout")]
     pub round_timeout_secs: f64,
     #[serde(default = "default_eval_timeout")]
@@ -111,6 +120,15 @@ pub struct JobSection {
     /// `[job.secure_aggregation]`; on unless `enabled = false`.
     #[serde(default)]
     pub secure_aggregation: SecureSection,
+}
+
+/// `[job] sampling`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SamplingName {
+    #[default]
+    Uniform,
+    Poisson,
 }
 
 /// `[job.secure_aggregation]`: threshold GLWE secure aggregation, on by default.
@@ -236,6 +254,18 @@ impl JobSection {
             rounds: self.rounds,
             min_participants: self.min_participants,
             fraction: self.fraction,
+            sampling: match (self.sampling, self.clients_per_round) {
+                (SamplingName::Uniform, None) => Sampling::Fraction,
+                (SamplingName::Uniform, Some(k)) => Sampling::Count(k),
+                (SamplingName::Poisson, None) => Sampling::Poisson,
+                (SamplingName::Poisson, Some(_)) => {
+                    return Err(ConfigError::Job(JobError::Invalid(
+                        "job.clients_per_round: Poisson sampling draws each participant with \
+                         probability `fraction`; give one or the other"
+                            .into(),
+                    )));
+                }
+            },
             min_updates,
             round_timeout: secs("round_timeout_secs", self.round_timeout_secs)?,
             eval_timeout: secs("eval_timeout_secs", self.eval_timeout_secs)?,
@@ -370,6 +400,46 @@ optimizer = "sgd"
             .unwrap_err()
             .to_string();
         assert!(e.contains("t_mn"), "{e}");
+    }
+
+    #[test]
+    fn sampling_is_a_fraction_a_count_or_poisson() {
+        let with = |extra: &str| {
+            CoordinatorConfig::parse(&GOOD.replace(
+                "min_participants = 2",
+                &format!("min_participants = 2\n{extra}"),
+            ))
+            .map(|c| c.job.unwrap().job_config().unwrap().sampling)
+        };
+        assert_eq!(with("").unwrap(), Sampling::Fraction);
+        assert_eq!(with("clients_per_round = 2").unwrap(), Sampling::Count(2));
+        assert_eq!(
+            with("sampling = \"poisson\"\nfraction = 0.5").unwrap(),
+            Sampling::Poisson
+        );
+        let e = CoordinatorConfig::parse(&GOOD.replace(
+            "min_participants = 2",
+            "min_participants = 2\nsampling = \"poisson\"\nclients_per_round = 2",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("clients_per_round"), "{e}");
+        let e = CoordinatorConfig::parse(&GOOD.replace(
+            "min_participants = 2",
+            "min_participants = 2\nsampling = \"stratified\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("stratified"), "{e}");
+        // A specification keeps its sampling through its own round trip.
+        let spec = JobSection::parse_spec(
+            "id = \"j\"\nrounds = 1\nmin_participants = 2\nclients_per_round = 2\n\
+             [model]\nkind = \"logistic\"\ninputs = 3\nclasses = 2\n\
+             [train]\nepochs = 1\nbatch_size = 4\nlearning_rate = 0.1\noptimizer = \"sgd\"\n",
+        )
+        .unwrap();
+        let again = JobSection::parse_spec(&spec.to_spec()).unwrap();
+        assert_eq!(again.job_config().unwrap().sampling, Sampling::Count(2));
     }
 
     #[test]

@@ -32,6 +32,7 @@ fn job() -> JobConfig {
         rounds: 2,
         min_participants: 2,
         fraction: 1.0,
+        sampling: Default::default(),
         min_updates: 2,
         round_timeout: Duration::from_secs(30),
         eval_timeout: Duration::from_secs(30),

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use cohort_coordinator::round::SecureSettings;
+use cohort_coordinator::round::{Sampling, SecureSettings};
 use cohort_coordinator::{JobConfig, ModelStore, Orchestrator};
 use cohort_model::data::{IdxSplit, load_csv, load_idx_dir, parse_csv};
 use cohort_model::{
@@ -76,6 +76,13 @@ pub struct SimArgs {
     /// Share of participants selected each round.
     #[arg(long, default_value_t = 1.0)]
     pub fraction: f64,
+    /// Participants drawn a round, instead of a `--fraction` of them.
+    #[arg(long)]
+    pub clients_per_round: Option<usize>,
+    /// `uniform`: a fixed number a round, without replacement; `poisson`: each participant
+    /// independently with probability `--fraction` (the round's size varies).
+    #[arg(long, default_value = "uniform")]
+    pub sampling: SamplingArg,
     /// Server strategy: fedavg or fedadam.
     #[arg(long, default_value = "fedavg")]
     pub strategy: String,
@@ -150,6 +157,13 @@ pub struct SimArgs {
 pub enum SecureMode {
     Full,
     Emulated,
+}
+
+/// How a round's participants are drawn (`--sampling`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SamplingArg {
+    Uniform,
+    Poisson,
 }
 
 /// How simulated participants run (`--engine`).
@@ -334,7 +348,21 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
     // Rounds of more than 512 participants need a codec with room for their total weight
     // (each participant's weight is at least 1; twice the participants leaves room for
     // unequal shares): fewer fractional bits, proven not to overflow.
-    let per_round = ((n as f64 * args.fraction).ceil() as u64).max(1);
+    let sampling = match (args.sampling, args.clients_per_round) {
+        (SamplingArg::Uniform, None) => Sampling::Fraction,
+        (SamplingArg::Uniform, Some(k)) => Sampling::Count(k),
+        (SamplingArg::Poisson, None) => Sampling::Poisson,
+        (SamplingArg::Poisson, Some(_)) => bail!(
+            "--clients-per-round and --sampling poisson exclude each other: Poisson sampling \
+             draws each participant with probability --fraction"
+        ),
+    };
+    // The most a round can draw (Poisson: its expected size, then twice that for room).
+    let per_round = match sampling {
+        Sampling::Count(k) => k.min(n) as u64,
+        _ => ((n as f64 * args.fraction).ceil() as u64).max(1),
+    }
+    .max(1);
     let secure = if args.plaintext {
         None
     } else {
@@ -376,7 +404,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         (true, _, _) => Engine::Virtual,
         (false, _, e) => e,
     };
-    let mut secure_label = secure_description(secure.as_ref(), n, args.fraction);
+    let mut secure_label = secure_description(secure.as_ref(), n, per_round);
     if emulated {
         secure_label.push_str(
             "; EMULATED: the same codec and weights in exact integer arithmetic, no encryption",
@@ -389,6 +417,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         rounds: args.rounds,
         min_participants: n,
         fraction: args.fraction,
+        sampling,
         // A secure round needs t_min updates; an emulated one needs as many.
         min_updates: secure.as_ref().map_or(1, |s| s.t_min.max(1)),
         round_timeout: Duration::try_from_secs_f64(args.round_timeout)

@@ -55,11 +55,11 @@ pub(super) fn fmt_opt(v: Option<f64>, digits: usize) -> String {
 }
 
 /// How the run aggregates, in words.
-pub(super) fn secure_description(s: Option<&SecureSettings>, n: usize, fraction: f64) -> String {
+pub(super) fn secure_description(s: Option<&SecureSettings>, n: usize, per_round: u64) -> String {
     match s {
         None => "OFF (plaintext rounds: the coordinator sees every update)".into(),
         Some(s) => {
-            let selected = ((n as f64 * fraction).ceil() as usize).clamp(1, n);
+            let selected = (per_round as usize).clamp(1, n);
             let c = s.committee_for(selected);
             let who = if s.custodians.is_empty() {
                 "committee"

@@ -579,6 +579,7 @@ mod tests {
             rounds: 3,
             min_participants: 9,
             fraction: 0.7,
+            sampling: Default::default(),
             min_updates: 1,
             round_timeout: Duration::from_secs(60),
             eval_timeout: Duration::from_secs(60),

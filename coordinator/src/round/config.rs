@@ -26,6 +26,22 @@ fn invalid(message: String) -> JobError {
     JobError::Invalid(message)
 }
 
+/// How a round's participants are drawn from the available ones, seeded by the job seed, the
+/// round and the attempt. Never fewer than a round needs to aggregate (`min_updates`, and
+/// T_min in secure jobs), never more than secure aggregation's total weight allows.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Sampling {
+    /// ⌈`fraction` × available⌉ of them, uniformly without replacement.
+    #[default]
+    Fraction,
+    /// This many of them (all, when fewer are available), uniformly without replacement.
+    Count(usize),
+    /// Each independently with probability `fraction`: the round's size varies (the sampling
+    /// that privacy accounting of subsampled mechanisms assumes). A draw smaller than a round
+    /// needs is topped up from the same seeded order.
+    Poisson,
+}
+
 /// What the job does, validated by [`JobConfig::validate`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobConfig {
@@ -39,6 +55,8 @@ pub struct JobConfig {
     /// Share of available participants selected each round (at least `min_updates`, and
     /// T_min in secure jobs).
     pub fraction: f64,
+    /// How the round's participants are drawn.
+    pub sampling: Sampling,
     /// Updates needed to aggregate; fewer at the deadline fails the round.
     pub min_updates: usize,
     /// Time allowed for training and upload.
@@ -182,6 +200,9 @@ impl JobConfig {
         }
         if self.min_participants == 0 {
             return Err(invalid("min_participants must be at least 1".into()));
+        }
+        if self.sampling == Sampling::Count(0) {
+            return Err(invalid("clients_per_round must be at least 1".into()));
         }
         if !(self.fraction > 0.0 && self.fraction <= 1.0) {
             return Err(invalid(format!(

@@ -35,7 +35,7 @@ mod messages;
 mod progress;
 mod secure;
 
-pub use config::{JobConfig, JobError, SecureSettings};
+pub use config::{JobConfig, JobError, Sampling, SecureSettings};
 pub use messages::*;
 
 /// Identity of a participant (its configured id; the certificate subject once mTLS exists).

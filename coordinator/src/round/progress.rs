@@ -5,9 +5,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use rand::SeedableRng;
 use rand::rngs::ChaCha8Rng;
 use rand::seq::SliceRandom;
+use rand::{RngExt, SeedableRng};
 
 use super::*;
 
@@ -78,16 +78,29 @@ impl Orchestrator {
                 return; // not enough custodians to ever decrypt
             }
         }
-        // A `fraction` of those online, but never fewer than a round needs to aggregate.
-        let mut want = ((online.len() as f64 * self.config.fraction).ceil() as usize)
-            .max(self.needed_updates())
-            .min(online.len());
+        let mut rng = ChaCha8Rng::seed_from_u64(selection_seed(self.config.seed, round, attempt));
+        online.shuffle(&mut rng);
+        let drawn = match self.config.sampling {
+            Sampling::Fraction => (online.len() as f64 * self.config.fraction).ceil() as usize,
+            Sampling::Count(k) => k,
+            Sampling::Poisson => {
+                // Each one's coin, in the seeded order; the chosen ones first.
+                let coins: Vec<bool> = online
+                    .iter()
+                    .map(|_| rng.random::<f64>() < self.config.fraction)
+                    .collect();
+                let mut order: Vec<usize> = (0..online.len()).collect();
+                order.sort_by_key(|&i| !coins[i]);
+                online = order.iter().map(|&i| online[i].clone()).collect();
+                coins.iter().filter(|c| **c).count()
+            }
+        };
+        // Never fewer than a round needs to aggregate.
+        let mut want = drawn.max(self.needed_updates()).min(online.len());
         if let Some(sec) = &self.config.secure {
             // Every participant's weight is at least 1.
             want = want.min(sec.codec.max_total_weight as usize);
         }
-        let mut rng = ChaCha8Rng::seed_from_u64(selection_seed(self.config.seed, round, attempt));
-        online.shuffle(&mut rng);
         online.truncate(want);
         let secure = self
             .config

@@ -34,6 +34,7 @@ fn config() -> JobConfig {
         rounds: 3,
         min_participants: 3,
         fraction: 1.0,
+        sampling: Default::default(),
         min_updates: 2,
         round_timeout: Duration::from_secs(30),
         eval_timeout: Duration::from_secs(10),
@@ -843,4 +844,78 @@ fn the_last_round_finishes_the_job_only_once_committed() {
     h.o.commit_failed(2, "late".into());
     h.o.committed(1, h.now);
     assert!(h.o.is_finished() && h.events().is_empty());
+}
+
+/// The participants selected for the first round when `n` join at once (the round starts
+/// when the last one joins).
+fn first_selection(cfg: JobConfig, n: usize) -> Vec<ParticipantId> {
+    let mut h = Harness::new(cfg);
+    for i in 0..n {
+        let id = format!("p{i:02}");
+        h.o.handle_join(&id, id.clone(), 1, h.now).unwrap();
+    }
+    h.events()
+        .into_iter()
+        .find_map(|e| match e {
+            Event::RoundStarted { selected, .. } => Some(selected),
+            _ => None,
+        })
+        .unwrap()
+}
+
+#[test]
+fn a_count_of_clients_per_round_is_drawn_exactly() {
+    let mut cfg = config();
+    cfg.min_participants = 20;
+    cfg.min_updates = 1;
+    cfg.sampling = Sampling::Count(5);
+    let picked = first_selection(cfg.clone(), 20);
+    assert_eq!(picked.len(), 5);
+    assert_eq!(first_selection(cfg.clone(), 20), picked, "seeded");
+    cfg.seed += 1;
+    assert_ne!(
+        first_selection(cfg.clone(), 20),
+        picked,
+        "another seed, another draw"
+    );
+    // Never fewer than a round needs, never more than are there.
+    cfg.min_updates = 7;
+    assert_eq!(first_selection(cfg.clone(), 20).len(), 7);
+    cfg.sampling = Sampling::Count(50);
+    assert_eq!(first_selection(cfg.clone(), 20).len(), 20);
+    cfg.sampling = Sampling::Count(0);
+    assert!(
+        cfg.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("clients_per_round")
+    );
+}
+
+#[test]
+fn poisson_sampling_draws_each_participant_with_the_fraction() {
+    let mut cfg = config();
+    cfg.min_participants = 40;
+    cfg.min_updates = 1;
+    cfg.fraction = 0.25;
+    cfg.sampling = Sampling::Poisson;
+    let sizes: Vec<usize> = (0..40)
+        .map(|seed| {
+            let mut c = cfg.clone();
+            c.seed = seed;
+            first_selection(c, 40).len()
+        })
+        .collect();
+    let mean = sizes.iter().sum::<usize>() as f64 / sizes.len() as f64;
+    assert!(
+        (mean - 10.0).abs() < 1.5,
+        "mean round size {mean}, expected 40 × 0.25"
+    );
+    assert!(
+        sizes.iter().min() != sizes.iter().max(),
+        "the size varies: {sizes:?}"
+    );
+    // A draw smaller than a round needs is topped up.
+    cfg.min_updates = 30;
+    assert!(first_selection(cfg, 40).len() >= 30);
 }

@@ -47,6 +47,7 @@ fn config(committee: usize) -> JobConfig {
         rounds: 2,
         min_participants: 4,
         fraction: 1.0,
+        sampling: Default::default(),
         min_updates: 2,
         round_timeout: Duration::from_secs(30),
         eval_timeout: Duration::from_secs(10),
