@@ -18,7 +18,7 @@ use crate::sharing::Committee;
 use crate::sign::{Kind, VerifyKey, share_digest, upload_digest, verify};
 // The homomorphic half: what participants and committee members run.
 #[cfg(feature = "he")]
-use crate::glwe::{RoundKey, decryption_share, encrypt};
+use crate::glwe::{RoundKey, decryption_share_threads, default_threads, encrypt_threads};
 #[cfg(feature = "he")]
 use crate::policy::{MemberPolicy, SeedLog};
 #[cfg(feature = "he")]
@@ -298,12 +298,38 @@ pub fn protect(
     num_examples: u64,
     rng: &mut impl Rng,
 ) -> Result<ProtectedUpdate, CryptoError> {
+    let threads = default_threads();
+    protect_on(info, me, signer, seeds, update, num_examples, rng, threads)
+}
+
+/// [`protect`] with the encryption on `threads` threads (1 when the caller already runs
+/// many participants in parallel, as a simulation does); the result does not depend on it.
+#[cfg(feature = "he")]
+#[allow(clippy::too_many_arguments)]
+pub fn protect_on(
+    info: &RoundInfo,
+    me: &str,
+    signer: &Signer25519,
+    seeds: &mut SeedLog,
+    update: &[f32],
+    num_examples: u64,
+    rng: &mut impl Rng,
+    threads: usize,
+) -> Result<ProtectedUpdate, CryptoError> {
     let committee = info.validate()?;
     seeds.use_seed(info.seed)?;
     let weight = info.weight_for(num_examples);
     let messages: Vec<i64> = update.iter().map(|&x| info.codec.encode(x)).collect();
     let key = RoundKey::generate(&info.params, rng);
-    let bodies = encrypt(&key, info.seed, &messages, &info.codec, &info.params, rng);
+    let bodies = encrypt_threads(
+        &key,
+        info.seed,
+        &messages,
+        &info.codec,
+        &info.params,
+        rng,
+        threads,
+    );
     let mut pieces = Vec::new();
     for (k, piece) in committee
         .share_compact(key.coefficients(), rng)
@@ -445,6 +471,22 @@ pub fn answer(
     policy: &mut MemberPolicy,
     rng: &mut impl Rng,
 ) -> Result<(Vec<u64>, [u8; 64]), CryptoError> {
+    let threads = default_threads();
+    answer_on(req, me, secret, signer, policy, rng, threads)
+}
+
+/// [`answer`] with the decryption share computed on `threads` threads; the share does not
+/// depend on it.
+#[cfg(feature = "he")]
+pub fn answer_on(
+    req: &ShareRequest<'_>,
+    me: &str,
+    secret: &MemberSecret,
+    signer: &Signer25519,
+    policy: &mut MemberPolicy,
+    rng: &mut impl Rng,
+    threads: usize,
+) -> Result<(Vec<u64>, [u8; 64]), CryptoError> {
     let info = req.info;
     let committee = info.validate()?;
     let mine = info.member_index(me).ok_or_else(|| {
@@ -512,7 +554,8 @@ pub fn answer(
             }
         }
     }
-    let share = decryption_share(&[(1, &r)], info.seed, req.len, &info.params, rng)?;
+    let share =
+        decryption_share_threads(&[(1, &r)], info.seed, req.len, &info.params, rng, threads)?;
     let signature = signer.sign(Kind::Share, &share_digest(m, me, &share_sha256(&share)));
     Ok((share, signature))
 }

@@ -238,9 +238,11 @@ pub(super) fn run(
                 rest = tail;
                 offset = i + 1;
             }
+            // Members answer at once, one a thread, each share on the threads left over.
+            let threads = (rayon::current_num_threads() / members.len()).max(1);
             let answers: Vec<(String, ShareAnswer)> = members
                 .into_par_iter()
-                .map(|(c, input)| (c.id.clone(), answer(c, input, global.len())))
+                .map(|(c, input)| (c.id.clone(), answer(c, input, global.len(), threads)))
                 .collect();
             for (id, a) in answers {
                 orch.handle_share(&id, a, clock.now())
@@ -426,7 +428,8 @@ fn work_done(
                 Some(info) => {
                     let t0 = Instant::now();
                     let mut rng = ChaCha20Rng::from_seed(rand::random());
-                    let protected = aggregation::protect(
+                    // One thread: the pool already runs a participant on every core.
+                    let protected = aggregation::protect_on(
                         info,
                         &c.id,
                         &c.sign,
@@ -434,6 +437,7 @@ fn work_done(
                         &delta,
                         n,
                         &mut rng,
+                        1,
                     );
                     *encrypt_seconds = t0.elapsed().as_secs_f64();
                     match protected {
@@ -494,7 +498,7 @@ fn decryption_input(
 
 /// A committee member's decryption share, checked as the participant agent checks it (the
 /// coordinator's signature on the manifest, every upload's signature, the member's policy).
-fn answer(c: &mut Client, input: DecryptionInput, len: usize) -> ShareAnswer {
+fn answer(c: &mut Client, input: DecryptionInput, len: usize, threads: usize) -> ShareAnswer {
     let DecryptionInput {
         req,
         records,
@@ -517,7 +521,7 @@ fn answer(c: &mut Client, input: DecryptionInput, len: usize) -> ShareAnswer {
         .is_ok();
     let mut rng = ChaCha20Rng::from_seed(rand::random());
     let share = if signed {
-        aggregation::answer(
+        aggregation::answer_on(
             &ShareRequest {
                 info: &req.info,
                 manifest: &manifest,
@@ -532,6 +536,7 @@ fn answer(c: &mut Client, input: DecryptionInput, len: usize) -> ShareAnswer {
             &c.sign,
             &mut c.policy,
             &mut rng,
+            threads,
         )
         .map(|(values, signature)| SignedShare {
             sha256: cohort_crypto::sign::share_sha256(&values),
