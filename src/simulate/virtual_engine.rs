@@ -228,16 +228,7 @@ pub(super) fn run(
             }
         }
         if !inputs.is_empty() {
-            let mut members: Vec<(&mut Client, DecryptionInput)> = Vec::new();
-            let mut rest: &mut [Client] = &mut clients;
-            let mut offset = 0;
-            for (i, input) in inputs {
-                let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - offset);
-                let (c, tail) = tail.split_first_mut().expect("index in range");
-                members.push((c, input));
-                rest = tail;
-                offset = i + 1;
-            }
+            let members = pick_mut(&mut clients, inputs);
             // Members answer at once, one a thread, each share on the threads left over.
             let threads = (rayon::current_num_threads() / members.len()).max(1);
             let answers: Vec<(String, ShareAnswer)> = members
@@ -273,16 +264,7 @@ pub(super) fn run(
         for chunk in work.chunks(window) {
             // Each client of the window works on its own thread; results come back in the
             // window's order, which is participant order.
-            let mut slots: Vec<(&mut Client, &Task)> = Vec::with_capacity(chunk.len());
-            let mut rest: &mut [Client] = &mut clients;
-            let mut offset = 0;
-            for (i, t) in chunk {
-                let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - offset);
-                let (c, tail) = tail.split_first_mut().expect("index in range");
-                slots.push((c, t));
-                rest = tail;
-                offset = i + 1;
-            }
+            let slots = pick_mut(&mut clients, chunk.iter().map(|(i, t)| (*i, t)));
             let done: Vec<(String, bool, Work)> = slots
                 .into_par_iter()
                 .map(|(c, t)| {
@@ -348,6 +330,27 @@ pub(super) fn run(
             }
         }
     }
+}
+
+/// Mutable borrows of the items at `picked`'s indices (strictly increasing), each with its
+/// companion value, so that each can be worked on by another thread.
+fn pick_mut<T, U>(
+    items: &mut [T],
+    picked: impl IntoIterator<Item = (usize, U)>,
+) -> Vec<(&mut T, U)> {
+    let mut out = Vec::new();
+    let mut rest = items;
+    let mut offset = 0;
+    for (i, u) in picked {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - offset);
+        let (item, tail) = tail
+            .split_first_mut()
+            .expect("indices increase and are in range");
+        out.push((item, u));
+        rest = tail;
+        offset = i + 1;
+    }
+    out
 }
 
 /// A participant's training or evaluation task, as the participant agent does it.
