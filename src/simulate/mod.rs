@@ -198,7 +198,8 @@ impl Engine {
 /// The data of each simulated participant, plus the pooled raw splits for the baseline.
 struct Prepared {
     name: String,
-    locals: Vec<LocalData>,
+    /// Each participant's data, shared with its agent or virtual participant (not copied).
+    locals: Vec<Arc<LocalData>>,
     pooled_train: Dataset,
     pooled_test: Dataset,
     standardize: bool,
@@ -253,10 +254,12 @@ fn prepare(args: &SimArgs) -> anyhow::Result<Prepared> {
             let locals = parts
                 .iter()
                 .zip(&test_parts)
-                .map(|(p, t)| LocalData {
-                    train: train.subset(p),
-                    test: test.subset(t),
-                    standardizer: None,
+                .map(|(p, t)| {
+                    Arc::new(LocalData {
+                        train: train.subset(p),
+                        test: test.subset(t),
+                        standardizer: None,
+                    })
                 })
                 .collect();
             Ok(Prepared {
@@ -304,7 +307,7 @@ fn prepare(args: &SimArgs) -> anyhow::Result<Prepared> {
                 );
                 trains.push(tr.clone());
                 tests.push(te.clone());
-                locals.push(LocalData::from_split(tr, te, true));
+                locals.push(Arc::new(LocalData::from_split(tr, te, true)));
             }
             Ok(Prepared {
                 name,
@@ -495,7 +498,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
                 .locals
                 .iter()
                 .enumerate()
-                .map(|(i, l)| (participant_id(i), Some(Arc::new(l.clone()))))
+                .map(|(i, l)| (participant_id(i), Some(l.clone())))
                 .chain(custodian_ids.iter().map(|c| (c.clone(), None)))
                 .collect();
             let (st, device, dropout) = (store.clone(), args.device, args.dropout);

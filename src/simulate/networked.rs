@@ -1,7 +1,6 @@
 //! The networked engine: a coordinator service on a loopback socket with mutual TLS, and one
 //! participant agent (a gRPC client, the code of `cohort participant`) per participant.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -68,7 +67,7 @@ pub(super) async fn networked(run: NetworkedRun<'_>) -> anyhow::Result<(Vec<Roun
             stay_between_jobs: false,
             compute: Some(compute.clone()),
         };
-        let data = Arc::new(local.clone());
+        let data = local.clone();
         agents.spawn(async move { (i + 1, cohort_participant::run(opts, data).await) });
     }
     for (k, id) in custodian_ids.iter().enumerate() {
