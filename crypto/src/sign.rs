@@ -109,6 +109,26 @@ pub fn share_sha256(share: &[u64]) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// Checks that `manifest` is the one a decryption task names: its digest is `named`, it has
+/// `participants` entries, and `signature` is the coordinator's (`coordinator`) over it. A
+/// committee member checks this before it answers.
+pub fn verify_manifest(
+    manifest: &Manifest,
+    named: &[u8; 32],
+    participants: usize,
+    coordinator: &VerifyKey,
+    signature: &[u8; 64],
+) -> Result<(), CryptoError> {
+    let digest = manifest.digest();
+    if digest != *named || manifest.entries.len() != participants {
+        return Err(CryptoError::Signature(
+            "the records sent are not the manifest the task names".into(),
+        ));
+    }
+    verify(coordinator, Kind::Manifest, &digest, signature)
+        .map_err(|e| CryptoError::Signature(format!("manifest: {e}")))
+}
+
 /// Digest of a decryption share: the manifest it answers, the member, and [`share_sha256`].
 pub fn share_digest(manifest: &Manifest, member: &str, share_sha256: &[u8; 32]) -> [u8; 32] {
     let mut h = Sha256::new();

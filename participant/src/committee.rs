@@ -126,19 +126,17 @@ pub(crate) async fn decrypt_round(
                     .map_err(|e| e.to_string())?;
             }
         }
-        let digest = manifest.digest();
-        if task_digest != digest || count != manifest.entries.len() {
-            return Err("the records sent are not the manifest the task names".to_string());
-        }
+        let named = bytes32(&task_digest, "manifest_digest").map_err(|e| e.to_string())?;
         let key = bytes32(&coord_key, "coordinator_key").map_err(|e| e.to_string())?;
         let sig = bytes64(&coord_sig, "manifest_signature").map_err(|e| e.to_string())?;
-        cohort_crypto::sign::verify(
+        cohort_crypto::sign::verify_manifest(
+            &manifest,
+            &named,
+            count,
             &cohort_crypto::VerifyKey(key),
-            SigKind::Manifest,
-            &digest,
             &sig,
         )
-        .map_err(|e| format!("manifest: {e}"))?;
+        .map_err(|e| e.to_string())?;
         let mut guard = lock(&sec);
         let x = &mut *guard;
         if let Some(seed) = x

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cohort_crypto::aggregation::{self, ShareRequest};
-use cohort_crypto::{Kind as SigKind, MemberPolicy, MemberSecret, RoundSeed, SeedLog, Signer25519};
+use cohort_crypto::{MemberPolicy, MemberSecret, RoundSeed, SeedLog, Signer25519};
 use cohort_protocol::secure::{bytes32, bytes64, record_from_pb, round_from_pb, sealed_from_pb};
 use rand::SeedableRng;
 use rand::rngs::ChaCha20Rng;

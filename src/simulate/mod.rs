@@ -178,12 +178,19 @@ impl Engine {
     /// Participants above which `auto` takes the virtual engine.
     pub const AUTO_VIRTUAL_ABOVE: usize = 100;
 
-    fn resolve(self, participants: usize) -> Engine {
-        match self {
-            Engine::Auto if participants > Self::AUTO_VIRTUAL_ABOVE => Engine::Virtual,
+    /// The engine that runs: `auto` takes the virtual one above the threshold or when a
+    /// feature only it has is asked for (`virtual_only`), which `networked` refuses.
+    fn resolve(self, participants: usize, virtual_only: bool) -> anyhow::Result<Engine> {
+        Ok(match self {
+            Engine::Networked if virtual_only => bail!(
+                "--secure emulated and --dropout run in the virtual engine: drop --engine networked"
+            ),
+            Engine::Auto if virtual_only || participants > Self::AUTO_VIRTUAL_ABOVE => {
+                Engine::Virtual
+            }
             Engine::Auto => Engine::Networked,
             e => e,
-        }
+        })
     }
 
     fn name(self) -> &'static str {
@@ -391,7 +398,6 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
             ..d
         })
     };
-    let engine = args.engine.resolve(n);
     let emulated = secure.is_some() && args.secure == SecureMode::Emulated;
     if !(0.0..1.0).contains(&args.dropout) {
         bail!(
@@ -399,14 +405,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
             args.dropout
         );
     }
-    let virtual_only = emulated || args.dropout > 0.0;
-    let engine = match (virtual_only, args.engine, engine) {
-        (true, Engine::Networked, _) => bail!(
-            "--secure emulated and --dropout run in the virtual engine: drop --engine networked"
-        ),
-        (true, _, _) => Engine::Virtual,
-        (false, _, e) => e,
-    };
+    let engine = args.engine.resolve(n, emulated || args.dropout > 0.0)?;
     let mut secure_label = secure_description(secure.as_ref(), n, per_round);
     if emulated {
         secure_label.push_str(

@@ -29,8 +29,8 @@ use cohort_crypto::{MemberPolicy, MemberSecret, SeedLog, Signer25519, VerifyKey}
 use cohort_model::ComputeDevice;
 use cohort_participant::LocalData;
 use cohort_storage::ModelStore;
-use rand::SeedableRng;
-use rand::rngs::ChaCha20Rng;
+use rand::rngs::{ChaCha8Rng, ChaCha20Rng};
+use rand::{RngExt, SeedableRng};
 use rayon::prelude::*;
 
 /// Where a virtual run's time went, in seconds: thread time summed over the pool for the
@@ -80,15 +80,17 @@ impl Clock {
 /// never arrives) at rate `rate`: a draw from the seed alone, so the same participants drop
 /// out whatever the threads.
 fn drops_out(seed: u64, rate: f64) -> bool {
-    if rate <= 0.0 {
-        return false;
-    }
-    let mut z = seed ^ 0x0d20_9f0c_a115_eed0;
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
-    ((z >> 11) as f64 / (1u64 << 53) as f64) < rate
+    rate > 0.0 && ChaCha8Rng::seed_from_u64(seed ^ 0x0d20_9f0c_a115_eed0).random::<f64>() < rate
+}
+
+/// What every participant's work in one step of the engine shares.
+struct Step<'a> {
+    spec: &'a cohort_model::ModelSpec,
+    global: &'a [f32],
+    device: ComputeDevice,
+    /// Emulated secure aggregation: the codec and the round's weight unit.
+    quantize: Option<(cohort_crypto::Codec, u64)>,
+    dropout: f64,
 }
 
 /// One virtual participant: its data (none for a key custodian) and its keys.
@@ -261,6 +263,13 @@ pub(super) fn run(
             let unit = aggregation::weight_unit(examples, training.len(), e.codec.max_total_weight);
             (e.codec, unit)
         });
+        let step = Step {
+            spec: &cfg.model,
+            global: &global,
+            device,
+            quantize,
+            dropout,
+        };
         for chunk in work.chunks(window) {
             // Each client of the window works on its own thread; results come back in the
             // window's order, which is participant order.
@@ -269,11 +278,7 @@ pub(super) fn run(
                 .into_par_iter()
                 .map(|(c, t)| {
                     let training = matches!(t, Task::Train { .. });
-                    (
-                        c.id.clone(),
-                        training,
-                        work_of(c, t, &cfg.model, &global, device, quantize, dropout),
-                    )
+                    (c.id.clone(), training, work_of(c, t, &step))
                 })
                 .collect();
             for (id, training, w) in done {
@@ -354,20 +359,12 @@ fn pick_mut<T, U>(
 }
 
 /// A participant's training or evaluation task, as the participant agent does it.
-fn work_of(
-    c: &mut Client,
-    t: &Task,
-    spec: &cohort_model::ModelSpec,
-    global: &[f32],
-    device: ComputeDevice,
-    quantize: Option<(cohort_crypto::Codec, u64)>,
-    dropout: f64,
-) -> Work {
+fn work_of(c: &mut Client, t: &Task, step: &Step<'_>) -> Work {
     let started = Instant::now();
     let mut encrypt_seconds = 0.0;
     let done = match t {
-        Task::Train { config, .. } if drops_out(config.seed, dropout) => Done::DroppedOut,
-        _ => work_done(c, t, spec, global, device, quantize, &mut encrypt_seconds),
+        Task::Train { config, .. } if drops_out(config.seed, step.dropout) => Done::DroppedOut,
+        _ => work_done(c, t, step, &mut encrypt_seconds),
     };
     Work {
         done,
@@ -376,15 +373,13 @@ fn work_of(
     }
 }
 
-fn work_done(
-    c: &mut Client,
-    t: &Task,
-    spec: &cohort_model::ModelSpec,
-    global: &[f32],
-    device: ComputeDevice,
-    quantize: Option<(cohort_crypto::Codec, u64)>,
-    encrypt_seconds: &mut f64,
-) -> Done {
+fn work_done(c: &mut Client, t: &Task, step: &Step<'_>, encrypt_seconds: &mut f64) -> Done {
+    let Step {
+        spec,
+        global,
+        device,
+        ..
+    } = *step;
     let Some(data) = c.data.clone() else {
         return Done::Nothing("a key custodian holds no data".into());
     };
@@ -408,27 +403,25 @@ fn work_done(
                 num_examples: report.num_examples,
             });
             let n = report.num_examples as u64;
-            match secure {
-                None if quantize.is_some() => {
-                    let (codec, unit) = quantize.expect("checked");
-                    let scale = (1u64 << codec.frac_bits) as f64;
-                    Done::Update(Update {
-                        round: *round,
-                        num_examples: aggregation::weight_for(n, unit, codec.max_total_weight),
-                        delta: delta
-                            .iter()
-                            .map(|&x| (codec.encode(x) as f64 / scale) as f32)
-                            .collect(),
-                        train,
-                    })
-                }
-                None => Done::Update(Update {
+            match (secure, step.quantize) {
+                // What the encrypted sum would carry: the declared weight, and each value as
+                // the codec encodes and decodes it.
+                (None, Some((codec, unit))) => Done::Update(Update {
+                    round: *round,
+                    num_examples: aggregation::weight_for(n, unit, codec.max_total_weight),
+                    delta: delta
+                        .iter()
+                        .map(|&x| codec.mean(codec.encode(x), 1))
+                        .collect(),
+                    train,
+                }),
+                (None, None) => Done::Update(Update {
                     round: *round,
                     num_examples: n,
                     delta,
                     train,
                 }),
-                Some(info) => {
+                (Some(info), _) => {
                     let t0 = Instant::now();
                     let mut rng = ChaCha20Rng::from_seed(rand::random());
                     // One thread: the pool already runs a participant on every core.
@@ -514,17 +507,16 @@ fn answer(c: &mut Client, input: DecryptionInput, len: usize, threads: usize) ->
             .map(|r| (r.participant.clone(), r.weight))
             .collect(),
     );
-    let signed = manifest.digest() == req.manifest_digest
-        && cohort_crypto::sign::verify(
-            &req.coordinator_key,
-            cohort_crypto::sign::Kind::Manifest,
-            &req.manifest_digest,
-            &req.manifest_signature,
-        )
-        .is_ok();
+    let signed = cohort_crypto::sign::verify_manifest(
+        &manifest,
+        &req.manifest_digest,
+        req.manifest_participants,
+        &req.coordinator_key,
+        &req.manifest_signature,
+    );
     let mut rng = ChaCha20Rng::from_seed(rand::random());
-    let share = if signed {
-        aggregation::answer_on(
+    let share = match signed {
+        Ok(()) => aggregation::answer_on(
             &ShareRequest {
                 info: &req.info,
                 manifest: &manifest,
@@ -546,9 +538,8 @@ fn answer(c: &mut Client, input: DecryptionInput, len: usize, threads: usize) ->
             values,
             signature,
         })
-        .map_err(|e| e.to_string())
-    } else {
-        Err("the manifest does not match the coordinator's signature".into())
+        .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
     };
     ShareAnswer {
         round: req.info.round,
