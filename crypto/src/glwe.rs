@@ -275,6 +275,34 @@ impl Accumulator {
         Ok(())
     }
 
+    /// Adds another accumulator's sum (a partial sum over other participants, as a
+    /// hierarchical aggregator sends it): the result is what adding each of its
+    /// participants here would have given, bit for bit (addition mod 2^64 commutes).
+    pub fn add_partial(&mut self, partial: &Accumulator) -> Result<(), CryptoError> {
+        if partial.sum.len() != self.sum.len() {
+            return Err(CryptoError::Length {
+                expected: self.sum.len(),
+                got: partial.sum.len(),
+            });
+        }
+        for (s, v) in self.sum.iter_mut().zip(&partial.sum) {
+            *s = s.wrapping_add(*v);
+        }
+        self.total_weight += partial.total_weight;
+        self.count += partial.count;
+        Ok(())
+    }
+
+    /// A partial sum as it arrives from elsewhere: the weighted sum of `count` participants'
+    /// bodies, whose weights add up to `total_weight`.
+    pub fn from_parts(sum: Vec<u64>, total_weight: u64, count: usize) -> Self {
+        Accumulator {
+            sum,
+            total_weight,
+            count,
+        }
+    }
+
     /// Adds a committee member's decryption share (it carries no weight).
     pub fn add_share(&mut self, share: &[u64]) -> Result<(), CryptoError> {
         if share.len() != self.sum.len() {
@@ -752,5 +780,31 @@ mod tests {
             })
         ));
         assert_eq!(acc.count(), 0);
+        assert!(acc.add_partial(&Accumulator::new(5)).is_err());
+    }
+
+    #[test]
+    fn partial_sums_add_up_to_the_whole_sum_bit_for_bit() {
+        let bodies: Vec<Vec<u64>> = (0..7u64)
+            .map(|i| (0..6).map(|k| u64::MAX / 3 * i + k * 0x9e37_79b9).collect())
+            .collect();
+        let mut whole = Accumulator::new(6);
+        for (i, b) in bodies.iter().enumerate() {
+            whole.add(i as u64 + 1, b).unwrap();
+        }
+        let (mut first, mut second) = (Accumulator::new(6), Accumulator::new(6));
+        for (i, b) in bodies.iter().enumerate() {
+            let part = if i < 3 { &mut first } else { &mut second };
+            part.add(i as u64 + 1, b).unwrap();
+        }
+        let mut merged = Accumulator::new(6);
+        merged.add_partial(&second).unwrap();
+        let first = Accumulator::from_parts(first.sum().to_vec(), first.total_weight(), 3);
+        merged.add_partial(&first).unwrap();
+        assert_eq!(merged.sum(), whole.sum());
+        assert_eq!(
+            (merged.total_weight(), merged.count()),
+            (whole.total_weight(), 7)
+        );
     }
 }

@@ -120,6 +120,47 @@ pub struct Update {
     pub train: Option<Metrics>,
 }
 
+/// Many participants' updates summed elsewhere and sent as one: a hierarchical aggregator
+/// (a simulation worker that owns a shard of virtual participants) folds its participants'
+/// updates into one partial sum and sends it with each participant's signed record. Folding
+/// it is what folding each update would have done: exactly so in secure rounds (addition
+/// mod 2^64) and emulated ones (exact multiples of 2^-f); in plaintext rounds up to the
+/// rounding of the f64 sum's grouping.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartialSum {
+    pub round: u64,
+    /// Every participant in the sum, in the order it was folded.
+    pub contributions: Vec<Contribution>,
+    pub values: PartialValues,
+}
+
+/// What a [`PartialSum`] adds up.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PartialValues {
+    /// Plaintext rounds: Σ w_i · Δ_i over the contributions, w_i their examples.
+    Plain(Vec<f64>),
+    /// Secure rounds: Σ w_i · bodies_i mod 2^64, w_i their declared weights.
+    Secure(Vec<u64>),
+}
+
+/// One participant's part of a [`PartialSum`]: its weight and metrics, and in secure rounds
+/// its signed upload record (bodies digest, sealed key pieces, signature) without the bodies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Contribution {
+    pub id: ParticipantId,
+    pub weight: u64,
+    pub train: Option<Metrics>,
+    pub secure: Option<SecureRecord>,
+}
+
+/// The signed part of a secure upload that travels with a partial sum.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecureRecord {
+    pub bodies_sha256: [u8; 32],
+    pub pieces: Vec<SealedPiece>,
+    pub signature: [u8; 64],
+}
+
 /// Why an input was refused. Each maps to one gRPC status code at the service edge.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Rejection {

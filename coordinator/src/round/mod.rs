@@ -32,6 +32,7 @@ use crate::strategy::Strategy;
 
 mod config;
 mod messages;
+mod partial;
 mod progress;
 mod secure;
 

@@ -30,12 +30,12 @@ use super::{
 #[derive(Debug)]
 pub(super) struct SecureTraining {
     pub(super) info: Arc<RoundInfo>,
-    committee: Committee,
-    acc: Accumulator,
+    pub(super) committee: Committee,
+    pub(super) acc: Accumulator,
     /// Each accepted upload's signed record and the key that verified it.
-    records: BTreeMap<ParticipantId, (UploadRecord, PartyKeys)>,
+    pub(super) records: BTreeMap<ParticipantId, (UploadRecord, PartyKeys)>,
     /// Every sealed piece, with its sender.
-    pieces: Vec<(ParticipantId, SealedPiece)>,
+    pub(super) pieces: Vec<(ParticipantId, SealedPiece)>,
 }
 
 /// The committee decrypting a round's sum.

@@ -919,3 +919,51 @@ fn poisson_sampling_draws_each_participant_with_the_fraction() {
     cfg.min_updates = 30;
     assert!(first_selection(cfg, 40).len() >= 30);
 }
+
+#[test]
+fn a_plaintext_partial_sum_counts_as_its_participants_updates() {
+    let contribution = |id: &str, weight: u64| Contribution {
+        id: id.into(),
+        weight,
+        train: None,
+        secure: None,
+    };
+    let mut h = Harness::new(config());
+    for p in ["a", "b", "c"] {
+        h.join(p);
+    }
+    let (_, g0) = h.o.global();
+    // "a" and "b" (weights 10 and 30, updates 1 and 2) summed by an aggregator.
+    let partial = |ids: &[(&str, u64)], sum: f64| PartialSum {
+        round: 1,
+        contributions: ids.iter().map(|(id, w)| contribution(id, *w)).collect(),
+        values: PartialValues::Plain(vec![sum; P]),
+    };
+    // Non-finite sums, wrong lengths and strangers are refused whole.
+    assert!(
+        h.o.handle_partial_sum(partial(&[("a", 10), ("b", 30)], f64::NAN), h.now)
+            .is_err()
+    );
+    let mut short = partial(&[("a", 10)], 10.0);
+    short.values = PartialValues::Plain(vec![10.0; P - 1]);
+    assert!(matches!(
+        h.o.handle_partial_sum(short, h.now),
+        Err(Rejection::ParameterCount { .. })
+    ));
+    assert!(matches!(
+        h.o.handle_partial_sum(partial(&[("a", 10), ("nobody", 1)], 10.0), h.now),
+        Err(Rejection::UnknownParticipant(_))
+    ));
+    assert!(matches!(h.o.phase, Phase::Training(ref t) if t.received.is_empty()));
+    h.o.handle_partial_sum(partial(&[("a", 10), ("b", 30)], 70.0), h.now)
+        .unwrap();
+    assert_eq!(h.o.training_round(), Some(1), "still waiting for c");
+    h.update("c", 1, -1.0, 60).unwrap();
+    let (v, g1) = h.o.global();
+    assert_eq!(v, 1);
+    // What full_job_aggregates_weighted_mean_and_evaluates gets from three updates.
+    let mean = (10.0 + 30.0 * 2.0 - 60.0) / 100.0;
+    for (a, b) in g1.iter().zip(g0.iter()) {
+        assert!((a - (b + mean)).abs() < 1e-6);
+    }
+}

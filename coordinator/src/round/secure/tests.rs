@@ -10,7 +10,10 @@ use cohort_model::{ModelSpec, Optimizer, TrainConfig};
 use rand::SeedableRng;
 use rand::rngs::ChaCha8Rng;
 
-use super::super::{JobConfig, PartyKeys, SecureSettings, SignedShare, Update};
+use super::super::{
+    Contribution, JobConfig, PartialSum, PartialValues, PartyKeys, SecureRecord, SecureSettings,
+    SignedShare, Update,
+};
 use super::*;
 use crate::strategy::FedAvg;
 
@@ -510,4 +513,110 @@ fn a_round_interrupted_by_a_restart_starts_again_with_a_fresh_seed_and_attempt()
     let mut seeds = SeedLog::default();
     seeds.use_seed(interrupted.seed).unwrap();
     seeds.use_seed(restarted.seed).unwrap();
+}
+
+impl Harness {
+    /// `id`'s encrypted upload of `value`, not yet sent.
+    fn protected(&mut self, id: &str, value: f32, examples: u64) -> aggregation::ProtectedUpdate {
+        let info = self.round_info(id);
+        let node = self.nodes.get_mut(id).unwrap();
+        aggregation::protect(
+            &info,
+            id,
+            &node.sign,
+            &mut node.seeds,
+            &[value; P],
+            examples,
+            &mut self.rng,
+        )
+        .unwrap()
+    }
+}
+
+/// A partial sum of `uploads` as a simulation worker folds it.
+fn partial_of(uploads: &[(&str, aggregation::ProtectedUpdate)]) -> PartialSum {
+    let mut acc = cohort_crypto::Accumulator::new(uploads[0].1.bodies.len());
+    let contributions = uploads
+        .iter()
+        .map(|(id, p)| {
+            acc.add(p.weight, &p.bodies).unwrap();
+            Contribution {
+                id: id.to_string(),
+                weight: p.weight,
+                train: None,
+                secure: Some(SecureRecord {
+                    bodies_sha256: aggregation::bodies_sha256(&p.bodies),
+                    pieces: p.pieces.clone(),
+                    signature: p.signature,
+                }),
+            }
+        })
+        .collect();
+    PartialSum {
+        round: 1,
+        contributions,
+        values: PartialValues::Secure(acc.sum().to_vec()),
+    }
+}
+
+#[test]
+fn partial_sums_give_the_model_of_the_single_uploads_and_are_checked_whole() {
+    // The same uploads, sent one by one or as two partial sums: the same model, bit for bit.
+    let run = |partial: bool| {
+        let mut h = Harness::new(3, &IDS);
+        let uploads: Vec<(&str, aggregation::ProtectedUpdate)> = IDS
+            .iter()
+            .zip([1.0, 2.0, 3.0, 6.0])
+            .map(|(id, v)| (*id, h.protected(id, v, 100)))
+            .collect();
+        if partial {
+            // A record whose weight is not the signed one: the whole partial sum is refused
+            // and nothing of it counted.
+            let mut bad = partial_of(&uploads[..2]);
+            bad.contributions[1].weight += 1;
+            let e = h.o.handle_partial_sum(bad, h.now).unwrap_err();
+            assert!(e.to_string().contains("signature"), "{e}");
+            assert!(matches!(h.o.phase, Phase::Training(ref t) if t.received.is_empty()));
+            // A participant twice in one sum.
+            let mut twice = partial_of(&uploads[..2]);
+            twice.contributions[1].id = "a".into();
+            assert!(matches!(
+                h.o.handle_partial_sum(twice, h.now),
+                Err(Rejection::Duplicate(..))
+            ));
+            h.o.handle_partial_sum(partial_of(&uploads[..2]), h.now)
+                .unwrap();
+            // A participant already in: refused.
+            assert!(matches!(
+                h.o.handle_partial_sum(partial_of(&uploads[1..3]), h.now),
+                Err(Rejection::Duplicate(..))
+            ));
+            h.o.handle_partial_sum(partial_of(&uploads[2..]), h.now)
+                .unwrap();
+        } else {
+            for (id, p) in uploads {
+                let u = SecureUpdate {
+                    round: 1,
+                    weight: p.weight,
+                    bodies_sha256: aggregation::bodies_sha256(&p.bodies),
+                    bodies: p.bodies,
+                    pieces: p.pieces,
+                    signature: p.signature,
+                    train: None,
+                };
+                h.o.handle_secure_update(id, u, h.now).unwrap();
+            }
+        }
+        assert_eq!(h.o.phase_name(), "decrypting");
+        for id in h.round_info_committee() {
+            if let Some(r) = h.answer(&id) {
+                r.unwrap();
+            }
+        }
+        let (version, params) = h.o.global();
+        assert_eq!(version, 1);
+        params
+    };
+    let (one_by_one, partial) = (run(false), run(true));
+    assert_eq!(one_by_one, partial);
 }
