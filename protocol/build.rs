@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/cohort/v1/federation.proto",
         "proto/cohort/v1/admin.proto",
         "proto/cohort/v1/inference.proto",
+        "proto/cohort/v1/simulation.proto",
     ];
     let fds = protox::compile(protos, ["proto"])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);

@@ -1,7 +1,7 @@
 //! `cohort simulate`: a coordinator and N participants in one process, talking over real
 //! loopback gRPC, then a centralised model trained on the pooled data for comparison.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,20 +9,20 @@ use anyhow::{Context, bail};
 
 use cohort_coordinator::round::{Sampling, SecureSettings};
 use cohort_coordinator::{JobConfig, ModelStore, Orchestrator};
-use cohort_model::data::{IdxSplit, load_csv, load_idx_dir, parse_csv};
 use cohort_model::{
-    ComputeDevice, Dataset, LabelColumn, ModelSpec, Optimizer, Partition, Sharing, Standardizer,
+    ComputeDevice, ModelSpec, Optimizer, Partition, Sharing, Standardizer,
     TrainConfig,
 };
 use cohort_participant::LocalData;
-use serde::Serialize;
 
+mod data;
 mod networked;
 mod progress;
 mod report;
 mod served;
 mod virtual_engine;
 
+use data::{DataSettings, Prepared, prepare};
 use networked::{NetworkedRun, networked};
 use progress::{Progress, RoundsLog};
 pub use report::{RoundRow, SimReport};
@@ -30,8 +30,6 @@ use report::{fmt_opt, model_name, print_table, row, secure_description, secure_j
 use served::{SimPki, ask_served_model};
 pub use virtual_engine::EngineSeconds;
 
-/// The bundled breast-cancer table (scikit-learn, BSD-3-Clause; see examples/data).
-const BREAST_CANCER: &str = include_str!("../../examples/data/breast_cancer.csv");
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct SimArgs {
@@ -202,135 +200,9 @@ impl Engine {
     }
 }
 
-/// The data of each simulated participant, plus the pooled raw splits for the baseline.
-struct Prepared {
-    name: String,
-    /// Each participant's data, shared with its agent or virtual participant (not copied).
-    locals: Vec<Arc<LocalData>>,
-    pooled_train: Dataset,
-    pooled_test: Dataset,
-    standardize: bool,
-    /// Each participant's rows of the source: (training rows, held-out rows).
-    shares: Shares,
-}
-
-/// Each participant's rows of the source data, for `--export-partition`.
-#[derive(Debug, Serialize)]
-struct Shares {
-    train: Vec<Vec<usize>>,
-    test: Vec<Vec<usize>>,
-}
-
-fn prepare(args: &SimArgs) -> anyhow::Result<Prepared> {
-    let n = args.participants;
-    if n == 0 {
-        bail!("--participants must be at least 1");
-    }
-    match &args.dataset {
-        Some(dir) if dir.is_dir() => {
-            let train = load_idx_dir(dir, IdxSplit::Train)?;
-            let test = load_idx_dir(dir, IdxSplit::Test)?;
-            let parts = cohort_model::partition(
-                &train.labels,
-                train.num_classes,
-                n,
-                args.partition,
-                args.seed,
-            )?;
-            // Each participant's held-out share of the test set: iid, or round-robin when
-            // there are too few test images for two each (cross-device runs: 10,000
-            // participants of Fashion-MNIST hold one test image each).
-            let test_parts = if test.len() >= 2 * n {
-                cohort_model::partition(
-                    &test.labels,
-                    test.num_classes,
-                    n,
-                    Partition::Iid,
-                    args.seed + 1,
-                )?
-            } else if test.len() >= n {
-                (0..n)
-                    .map(|p| (p..test.len()).step_by(n).collect())
-                    .collect()
-            } else {
-                bail!(
-                    "{} test images are too few for {n} participants (at least one each)",
-                    test.len()
-                );
-            };
-            let locals = parts
-                .iter()
-                .zip(&test_parts)
-                .map(|(p, t)| {
-                    Arc::new(LocalData {
-                        train: train.subset(p),
-                        test: test.subset(t),
-                        standardizer: None,
-                    })
-                })
-                .collect();
-            Ok(Prepared {
-                name: dir.display().to_string(),
-                locals,
-                pooled_train: train,
-                pooled_test: test,
-                standardize: false,
-                shares: Shares {
-                    train: parts,
-                    test: test_parts,
-                },
-            })
-        }
-        source => {
-            let label: LabelColumn = args.label.parse().expect("infallible");
-            let (ds, name) = match source {
-                Some(path) => (load_csv(path, &label)?, path.display().to_string()),
-                None => (
-                    parse_csv(
-                        BREAST_CANCER,
-                        Path::new("breast_cancer.csv (bundled)"),
-                        &LabelColumn::Name("diagnosis".into()),
-                    )?,
-                    "breast_cancer.csv (bundled, scikit-learn)".to_string(),
-                ),
-            };
-            let parts =
-                cohort_model::partition(&ds.labels, ds.num_classes, n, args.partition, args.seed)?;
-            let mut locals = Vec::with_capacity(n);
-            let (mut trains, mut tests) = (Vec::new(), Vec::new());
-            let mut shares = Shares {
-                train: Vec::with_capacity(n),
-                test: Vec::with_capacity(n),
-            };
-            for (i, p) in parts.iter().enumerate() {
-                let (tr, te) = ds
-                    .subset(p)
-                    .split_indices(args.test_fraction, args.seed + i as u64)?;
-                shares.train.push(tr.iter().map(|&r| p[r]).collect());
-                shares.test.push(te.iter().map(|&r| p[r]).collect());
-                let (tr, te) = (
-                    ds.subset(shares.train.last().unwrap()),
-                    ds.subset(shares.test.last().unwrap()),
-                );
-                trains.push(tr.clone());
-                tests.push(te.clone());
-                locals.push(Arc::new(LocalData::from_split(tr, te, true)));
-            }
-            Ok(Prepared {
-                name,
-                locals,
-                pooled_train: Dataset::concat(&trains.iter().collect::<Vec<_>>())?,
-                pooled_test: Dataset::concat(&tests.iter().collect::<Vec<_>>())?,
-                standardize: true,
-                shares,
-            })
-        }
-    }
-}
-
 /// Runs the simulation and prints what happened; returns the report.
 pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
-    let prep = prepare(&args)?;
+    let prep = prepare(&DataSettings::from(&args))?;
     if let Some(p) = &args.export_partition {
         std::fs::write(p, serde_json::to_vec(&prep.shares)?)
             .with_context(|| format!("writing the partition to {}", p.display()))?;
