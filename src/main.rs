@@ -25,6 +25,10 @@ enum Command {
     /// Run a whole federation on this machine: a coordinator and N participants over real
     /// loopback gRPC. With no flags: 3 hospitals on the bundled breast-cancer table.
     Simulate(Box<simulate::SimArgs>),
+    /// One worker process of a simulation run with `--workers` (started by `cohort simulate`
+    /// itself, or as a Kubernetes Indexed Job with `--workers-listen` on the driver): owns a
+    /// shard of the participants and sends one partial sum a round.
+    SimWorker(simulate::workers::WorkerArgs),
     /// Run a coordinator.
     Coordinator {
         /// coordinator.toml
@@ -404,6 +408,10 @@ fn main() -> ExitCode {
             Command::Simulate(args) => {
                 init_logs("warn");
                 simulate::run(*args).await.map(|_| ())
+            }
+            Command::SimWorker(args) => {
+                init_logs("warn");
+                simulate::workers::run_worker(args).await
             }
             Command::Coordinator {
                 config,

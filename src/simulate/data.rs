@@ -165,4 +165,3 @@ pub(super) fn prepare(args: &DataSettings) -> anyhow::Result<Prepared> {
         }
     }
 }
-

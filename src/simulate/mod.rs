@@ -10,8 +10,7 @@ use anyhow::{Context, bail};
 use cohort_coordinator::round::{Sampling, SecureSettings};
 use cohort_coordinator::{JobConfig, ModelStore, Orchestrator};
 use cohort_model::{
-    ComputeDevice, ModelSpec, Optimizer, Partition, Sharing, Standardizer,
-    TrainConfig,
+    ComputeDevice, ModelSpec, Optimizer, Partition, Sharing, Standardizer, TrainConfig,
 };
 use cohort_participant::LocalData;
 
@@ -21,6 +20,7 @@ mod progress;
 mod report;
 mod served;
 mod virtual_engine;
+pub mod workers;
 
 use data::{DataSettings, Prepared, prepare};
 use networked::{NetworkedRun, networked};
@@ -29,7 +29,6 @@ pub use report::{RoundRow, SimReport};
 use report::{fmt_opt, model_name, print_table, row, secure_description, secure_json};
 use served::{SimPki, ask_served_model};
 pub use virtual_engine::EngineSeconds;
-
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct SimArgs {
@@ -148,6 +147,22 @@ pub struct SimArgs {
     /// round goes on without it at its deadline, as in a real federation.
     #[arg(long, default_value_t = 0.0)]
     pub dropout: f64,
+    /// Run the participants in this many worker processes (virtual engine), each owning a
+    /// shard of them and sending one partial sum a round over mutual-TLS gRPC; this process
+    /// runs the state machine and the committee (dedicated --custodians in secure jobs).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// With --workers: listen for workers started elsewhere (`cohort sim-worker`, e.g. a
+    /// Kubernetes Indexed Job) on this address instead of starting them here.
+    #[arg(long)]
+    pub workers_listen: Option<std::net::SocketAddr>,
+    /// With --workers-listen: directory with the driver's TLS material (ca.pem, driver.pem,
+    /// driver.key, and crl.pem if any).
+    #[arg(long)]
+    pub workers_tls: Option<PathBuf>,
+    /// The cohort executable local workers run (default: this one).
+    #[arg(long, hide = true)]
+    pub worker_command: Option<PathBuf>,
 }
 
 /// How secure aggregation runs in a simulation (`--secure`).
@@ -181,7 +196,8 @@ impl Engine {
     fn resolve(self, participants: usize, virtual_only: bool) -> anyhow::Result<Engine> {
         Ok(match self {
             Engine::Networked if virtual_only => bail!(
-                "--secure emulated and --dropout run in the virtual engine: drop --engine networked"
+                "--secure emulated, --dropout and --workers run in the virtual engine: drop \
+                 --engine networked"
             ),
             Engine::Auto if virtual_only || participants > Self::AUTO_VIRTUAL_ABOVE => {
                 Engine::Virtual
@@ -277,7 +293,26 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
             args.dropout
         );
     }
-    let engine = args.engine.resolve(n, emulated || args.dropout > 0.0)?;
+    let engine = args
+        .engine
+        .resolve(n, emulated || args.dropout > 0.0 || args.workers > 0)?;
+    if args.workers > 0 {
+        if secure.is_some() && !emulated && custodian_ids.is_empty() {
+            bail!(
+                "--workers needs the committee to be key custodians run by this process: add \
+                 --custodians {} (or --secure emulated, or --plaintext)",
+                args.committee
+            );
+        }
+        if args.workers > n {
+            bail!(
+                "--workers {} is more than the {n} participants",
+                args.workers
+            );
+        }
+    } else if args.workers_listen.is_some() || args.workers_tls.is_some() {
+        bail!("--workers-listen and --workers-tls go with --workers N");
+    }
     let mut secure_label = secure_description(secure.as_ref(), n, per_round);
     if emulated {
         secure_label.push_str(
@@ -365,8 +400,9 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
     let mut engine_seconds = None;
     let (history, federation_seconds) = match engine {
         Engine::Virtual => {
-            let clients: Vec<(String, Option<Arc<LocalData>>)> = prep
-                .locals
+            // With workers, the participants are theirs; the custodians stay here.
+            let own = if args.workers > 0 { 0 } else { n };
+            let clients: Vec<(String, Option<Arc<LocalData>>)> = prep.locals[..own]
                 .iter()
                 .enumerate()
                 .map(|(i, l)| (participant_id(i), Some(l.clone())))
@@ -374,12 +410,46 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
                 .collect();
             let (st, device, dropout) = (store.clone(), args.device, args.dropout);
             let started = Instant::now();
-            let (history, seconds) = tokio::task::spawn_blocking(move || {
-                virtual_engine::run(orch, &st, clients, device, emulation, dropout, |ev| {
-                    progress.on(ev)
-                })
+            let workers = match args.workers {
+                0 => None,
+                _ => Some(start_workers(&args, &prep, &pki).await?),
+            };
+            let hub = workers.as_ref().map(|w| w.hub.clone());
+            let ran = tokio::task::spawn_blocking(move || {
+                let ran = hub
+                    .as_deref()
+                    .map(|hub| {
+                        Ok::<_, anyhow::Error>(workers::Remote {
+                            hub,
+                            shards: hub.wait_ready()?,
+                        })
+                    })
+                    .transpose()
+                    .and_then(|remote| {
+                        virtual_engine::run(
+                            orch,
+                            &st,
+                            clients,
+                            remote,
+                            device,
+                            emulation,
+                            dropout,
+                            |ev| progress.on(ev),
+                        )
+                    });
+                if let Some(hub) = &hub {
+                    match &ran {
+                        Ok(_) => hub.finish(),
+                        Err(e) => hub.fail(format!("{e:#}")),
+                    }
+                }
+                ran
             })
-            .await??;
+            .await?;
+            if let Some(w) = workers {
+                w.stop().await;
+            }
+            let (history, seconds) = ran?;
             engine_seconds = Some(seconds);
             (history, started.elapsed().as_secs_f64())
         }
@@ -503,6 +573,66 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         std::fs::write(p, svg).with_context(|| format!("writing plot {}", p.display()))?;
     }
     Ok(report)
+}
+
+/// Starts the `SimulationWorkers` service and, unless they are started elsewhere
+/// (`--workers-listen`), `--workers` local worker processes.
+async fn start_workers(
+    args: &SimArgs,
+    prep: &Prepared,
+    pki: &SimPki,
+) -> anyhow::Result<workers::driver::Workers> {
+    let plan = cohort_protocol::pb::WorkerPlan {
+        participants: args.participants as u32,
+        seed: args.seed,
+        dataset: args
+            .dataset
+            .as_ref()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default(),
+        label: args.label.clone(),
+        partition: args.partition.to_string(),
+        test_fraction: args.test_fraction,
+        device: args.device.to_string(),
+        dropout: args.dropout,
+        first: 0,
+        end: 0,
+    };
+    let examples = workers::driver::examples_of(&prep.locals);
+    match (&args.workers_listen, &args.workers_tls) {
+        (Some(listen), Some(dir)) => {
+            let crl = dir.join("crl.pem");
+            let tls = cohort_protocol::tls::TlsFiles {
+                ca: dir.join("ca.pem"),
+                cert: dir.join("driver.pem"),
+                key: dir.join("driver.key"),
+                crl: crl.exists().then_some(crl),
+                server_name: None,
+                key_passphrase_env: None,
+            };
+            workers::driver::Workers::start(args.workers, plan, examples, *listen, tls, None).await
+        }
+        (Some(_), None) => {
+            bail!("--workers-listen needs --workers-tls DIR (ca.pem, driver.pem, driver.key)")
+        }
+        (None, _) => {
+            let exe = match &args.worker_command {
+                Some(p) => p.clone(),
+                None => {
+                    std::env::current_exe().context("finding this executable for the workers")?
+                }
+            };
+            workers::driver::Workers::start(
+                args.workers,
+                plan,
+                examples,
+                "127.0.0.1:0".parse().expect("an address"),
+                pki.coordinator.clone(),
+                Some((&exe, pki.dir.path())),
+            )
+            .await
+        }
+    }
 }
 
 fn participant_id(i: usize) -> String {

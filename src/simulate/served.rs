@@ -134,6 +134,11 @@ impl SimPki {
             write(&format!("{id}.pem"), &p.cert_pem)?;
             write(&format!("{id}.key"), &p.key_pem)?;
         }
+        // Simulation workers (`--workers`) share one certificate, as the pods of a
+        // Kubernetes Indexed Job share a Secret.
+        let worker = ca.issue("worker", Role::Participant, &[], &[], &v)?;
+        write("worker.pem", &worker.cert_pem)?;
+        write("worker.key", &worker.key_pem)?;
         let app = ca.issue(SIM_APP, Role::Inference, &[], &[], &v)?;
         write(&format!("{SIM_APP}.pem"), &app.cert_pem)?;
         write(&format!("{SIM_APP}.key"), &app.key_pem)?;

@@ -29,6 +29,8 @@ use cohort_crypto::{MemberPolicy, MemberSecret, SeedLog, Signer25519, VerifyKey}
 use cohort_model::ComputeDevice;
 use cohort_participant::LocalData;
 use cohort_storage::ModelStore;
+
+use super::workers::{Remote, ShardResult};
 use rand::rngs::{ChaCha8Rng, ChaCha20Rng};
 use rand::{RngExt, SeedableRng};
 use rayon::prelude::*;
@@ -84,18 +86,18 @@ fn drops_out(seed: u64, rate: f64) -> bool {
 }
 
 /// What every participant's work in one step of the engine shares.
-struct Step<'a> {
-    spec: &'a cohort_model::ModelSpec,
-    global: &'a [f32],
-    device: ComputeDevice,
+pub(super) struct Step<'a> {
+    pub(super) spec: &'a cohort_model::ModelSpec,
+    pub(super) global: &'a [f32],
+    pub(super) device: ComputeDevice,
     /// Emulated secure aggregation: the codec and the round's weight unit.
-    quantize: Option<(cohort_crypto::Codec, u64)>,
-    dropout: f64,
+    pub(super) quantize: Option<(cohort_crypto::Codec, u64)>,
+    pub(super) dropout: f64,
 }
 
 /// One virtual participant: its data (none for a key custodian) and its keys.
-struct Client {
-    id: String,
+pub(super) struct Client {
+    pub(super) id: String,
     data: Option<Arc<LocalData>>,
     seal: MemberSecret,
     sign: Signer25519,
@@ -103,15 +105,44 @@ struct Client {
     seeds: SeedLog,
 }
 
-/// What one participant's work produced, to be fed to the state machine, and the thread
-/// seconds it took (training or evaluation, encryption).
-struct Work {
-    done: Done,
-    seconds: f64,
-    encrypt_seconds: f64,
+impl Client {
+    /// A participant with fresh keys (they only protect; the sums they carry are exact, so
+    /// their randomness changes no result).
+    pub(super) fn new(id: String, data: Option<Arc<LocalData>>, rng: &mut ChaCha20Rng) -> Self {
+        Client {
+            id,
+            data,
+            seal: MemberSecret::generate(rng),
+            sign: Signer25519::generate(rng),
+            policy: MemberPolicy::default(),
+            seeds: SeedLog::default(),
+        }
+    }
+
+    /// Training examples (0 for a key custodian).
+    pub(super) fn examples(&self) -> u64 {
+        self.data.as_ref().map_or(0, |d| d.train.len() as u64)
+    }
+
+    /// The public keys it joins a secure job with.
+    pub(super) fn public_keys(&self) -> PartyKeys {
+        PartyKeys {
+            seal: self.seal.public(),
+            verify: self.sign.verify_key(),
+            binding: None,
+        }
+    }
 }
 
-enum Done {
+/// What one participant's work produced, to be fed to the state machine, and the thread
+/// seconds it took (training or evaluation, encryption).
+pub(super) struct Work {
+    pub(super) done: Done,
+    pub(super) seconds: f64,
+    pub(super) encrypt_seconds: f64,
+}
+
+pub(super) enum Done {
     Update(Update),
     Secure(SecureUpdate),
     Evaluated {
@@ -124,13 +155,16 @@ enum Done {
     DroppedOut,
 }
 
-/// Runs `orch`'s job to its end with `clients` (id, data; `None` for a key custodian),
-/// writing every committed version to `store` (version 0 first). `on_event` sees every
-/// event of the machine, in order. Returns the completed rounds.
+/// Runs `orch`'s job to its end with `clients` (id, data; `None` for a key custodian) in
+/// this process and, with `remote`, the participants of worker processes, writing every
+/// committed version to `store` (version 0 first). `on_event` sees every event of the
+/// machine, in order. Returns the completed rounds.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn run(
     mut orch: Orchestrator,
     store: &ModelStore,
     clients: Vec<(String, Option<Arc<LocalData>>)>,
+    remote: Option<Remote<'_>>,
     device: ComputeDevice,
     emulation: Option<Emulation>,
     dropout: f64,
@@ -153,30 +187,39 @@ pub(super) fn run(
             cohort_storage::state::unix_ms(),
         )
         .context("writing the initial model")?;
-    // Keys only protect; the sums they carry are exact, so their randomness does not change
-    // any result.
     let mut rng = ChaCha20Rng::from_seed(rand::random());
     let mut clients: Vec<Client> = clients
         .into_iter()
-        .map(|(id, data)| Client {
-            id,
-            data,
-            seal: MemberSecret::generate(&mut rng),
-            sign: Signer25519::generate(&mut rng),
-            policy: MemberPolicy::default(),
-            seeds: SeedLog::default(),
-        })
+        .map(|(id, data)| Client::new(id, data, &mut rng))
         .collect();
     let secure = cfg.secure.is_some();
     for c in &clients {
-        let n = c.data.as_ref().map_or(0, |d| d.train.len() as u64);
-        let keys = secure.then(|| PartyKeys {
-            seal: c.seal.public(),
-            verify: c.sign.verify_key(),
-            binding: None,
-        });
-        orch.handle_join_with_keys(&c.id, format!("virtual-{}", c.id), n, keys, clock.now())
-            .map_err(|e| anyhow::anyhow!("{}: {e}", c.id))?;
+        let keys = secure.then(|| c.public_keys());
+        orch.handle_join_with_keys(
+            &c.id,
+            format!("virtual-{}", c.id),
+            c.examples(),
+            keys,
+            clock.now(),
+        )
+        .map_err(|e| anyhow::anyhow!("{}: {e}", c.id))?;
+    }
+    // Participants in worker processes join with the keys their workers made.
+    let examples: BTreeMap<&str, u64> = remote
+        .iter()
+        .flat_map(|r| r.shards.iter().flatten())
+        .map(|p| (p.id.as_str(), p.examples))
+        .collect();
+    for p in remote.iter().flat_map(|r| r.shards.iter().flatten()) {
+        let keys = if secure { p.keys.clone() } else { None };
+        orch.handle_join_with_keys(
+            &p.id,
+            format!("worker-{}", p.id),
+            p.examples,
+            keys,
+            clock.now(),
+        )
+        .map_err(|e| anyhow::anyhow!("{}: {e}", p.id))?;
     }
     let window = 2 * rayon::current_num_threads().max(1);
     loop {
@@ -212,7 +255,11 @@ pub(super) fn run(
             .map(|(i, c)| (i, orch.task_for(&c.id)))
             .filter(|(_, t)| !matches!(t, Task::Idle))
             .collect();
-        if tasks.is_empty() {
+        let remote_work = match &remote {
+            Some(r) => r.tasks(&orch)?,
+            None => Vec::new(),
+        };
+        if tasks.is_empty() && remote_work.iter().all(|w| w.is_empty()) {
             bail!(
                 "the job is stuck in phase {} with nothing for any participant to do",
                 orch.phase_name()
@@ -251,16 +298,20 @@ pub(super) fn run(
         // Emulated secure aggregation: the weight unit the secure round would announce, from
         // everyone asked to train now (the round's selection).
         let quantize = emulation.map(|e| {
-            let training: Vec<&Client> = work
+            let training: Vec<u64> = work
                 .iter()
                 .filter(|(_, t)| matches!(t, Task::Train { .. }))
-                .map(|(i, _)| &clients[*i])
+                .map(|(i, _)| clients[*i].examples())
+                .chain(
+                    remote_work
+                        .iter()
+                        .flatten()
+                        .filter(|(_, t)| matches!(t, Task::Train { .. }))
+                        .map(|(id, _)| examples[id.as_str()]),
+                )
                 .collect();
-            let examples: u64 = training
-                .iter()
-                .map(|c| c.data.as_ref().map_or(0, |d| d.train.len() as u64).max(1))
-                .sum();
-            let unit = aggregation::weight_unit(examples, training.len(), e.codec.max_total_weight);
+            let total: u64 = training.iter().map(|n| n.max(&1)).sum();
+            let unit = aggregation::weight_unit(total, training.len(), e.codec.max_total_weight);
             (e.codec, unit)
         });
         let step = Step {
@@ -313,6 +364,18 @@ pub(super) fn run(
                 progressed = true;
             }
         }
+        if let Some(r) = &remote
+            && remote_work.iter().any(|w| !w.is_empty())
+        {
+            // Each worker's participants work in its process; its partial sum comes back as
+            // one, folded in shard order.
+            for result in r.run_step(remote_work, &step)? {
+                time.train += result.train_seconds;
+                time.encrypt += result.encrypt_seconds;
+                time.evaluate += result.evaluate_seconds;
+                progressed |= feed_shard(&mut orch, result, clock.now(), &mut time)?;
+            }
+        }
         if !progressed {
             // Everyone still asked has answered or dropped out: the state machine's next
             // deadline comes now (stragglers are left out, or the attempt fails and is
@@ -326,6 +389,9 @@ pub(super) fn run(
                     for c in &clients {
                         let _ = orch.handle_heartbeat(&c.id, now);
                     }
+                    for p in remote.iter().flat_map(|r| r.shards.iter().flatten()) {
+                        let _ = orch.handle_heartbeat(&p.id, now);
+                    }
                     orch.handle_timeout(now);
                 }
                 None => bail!(
@@ -337,9 +403,37 @@ pub(super) fn run(
     }
 }
 
+/// Feeds one worker's results to the state machine: its partial sum, its participants'
+/// evaluations; says whether anything was fed.
+fn feed_shard(
+    orch: &mut Orchestrator,
+    result: ShardResult,
+    now: Instant,
+    time: &mut EngineSeconds,
+) -> anyhow::Result<bool> {
+    let mut fed = false;
+    for (id, why) in &result.unanswered {
+        tracing::debug!(participant = %id, "sends nothing this round: {why}");
+    }
+    if let Some(partial) = result.partial {
+        let t0 = Instant::now();
+        let who = partial.contributions.len();
+        orch.handle_partial_sum(partial, now)
+            .map_err(|e| anyhow::anyhow!("a worker's partial sum of {who} updates refused: {e}"))?;
+        time.aggregate += t0.elapsed().as_secs_f64();
+        fed = true;
+    }
+    for (id, round, metrics) in result.evaluations {
+        orch.handle_evaluation(&id, round, metrics, now)
+            .map_err(|e| anyhow::anyhow!("{id}: evaluation refused: {e}"))?;
+        fed = true;
+    }
+    Ok(fed)
+}
+
 /// Mutable borrows of the items at `picked`'s indices (strictly increasing), each with its
 /// companion value, so that each can be worked on by another thread.
-fn pick_mut<T, U>(
+pub(super) fn pick_mut<T, U>(
     items: &mut [T],
     picked: impl IntoIterator<Item = (usize, U)>,
 ) -> Vec<(&mut T, U)> {
@@ -359,7 +453,7 @@ fn pick_mut<T, U>(
 }
 
 /// A participant's training or evaluation task, as the participant agent does it.
-fn work_of(c: &mut Client, t: &Task, step: &Step<'_>) -> Work {
+pub(super) fn work_of(c: &mut Client, t: &Task, step: &Step<'_>) -> Work {
     let started = Instant::now();
     let mut encrypt_seconds = 0.0;
     let done = match t {
@@ -644,6 +738,7 @@ mod tests {
                     orch,
                     &store,
                     clients(),
+                    None,
                     ComputeDevice::Cpu,
                     emulation,
                     dropout,

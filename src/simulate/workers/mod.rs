@@ -1,0 +1,468 @@
+//! Simulation workers: the virtual engine's participants spread over separate processes
+//! (`cohort simulate --workers N`, or a Kubernetes Indexed Job), each owning a contiguous
+//! shard of them and speaking cohort's gRPC protocol (`SimulationWorkers`, mutual TLS) to the
+//! simulation's driver, the process that runs the state machine and the committee.
+//!
+//! Each step of the job the driver sends every worker its participants' tasks (the round,
+//! the global model, each one's training settings); the worker trains them one after another
+//! on its cores, exactly as the single-process engine does, and folds their updates into one
+//! partial sum in participant order, which it returns with each participant's signed record
+//! (hierarchical aggregation: the encryption is additive). The driver folds the partial sums
+//! in shard order. In secure and emulated jobs every sum is exact, so the model equals the
+//! single-process engine's bit for bit; in plaintext jobs it is an f64 sum grouped by shard,
+//! equal up to rounding.
+//!
+//! - [`driver`]: the driver's side: the service the workers dial, starting local workers,
+//!   and [`Remote`], through which the engine hands out a step and collects its results.
+//! - [`worker`]: the worker process (`cohort sim-worker`).
+//! - this module: the step and its result as the engine sees them, their wire forms, and
+//!   the worker's fold.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use cohort_coordinator::round::{
+    Contribution, PartialSum, PartialValues, PartyKeys, SecureRecord, Task,
+};
+use cohort_crypto::aggregation::RoundInfo;
+use cohort_crypto::{Accumulator, Codec, MemberPublic, VerifyKey};
+use cohort_model::{ComputeDevice, Metrics, ModelSpec, TrainConfig};
+use cohort_protocol::pb;
+use cohort_protocol::secure::{
+    bytes32, bytes64, round_from_pb, round_pb, sealed_from_pb, sealed_pb,
+};
+use rayon::prelude::*;
+
+use super::virtual_engine::{Client, Done, Step, pick_mut, work_of};
+
+pub(super) mod driver;
+mod worker;
+
+pub(super) use driver::Remote;
+pub use worker::{WorkerArgs, run_worker};
+
+/// A participant of a worker process, as its worker announced it.
+#[derive(Debug, Clone)]
+pub(super) struct RemoteParticipant {
+    pub(super) id: String,
+    pub(super) examples: u64,
+    pub(super) keys: Option<PartyKeys>,
+}
+
+/// What one worker's participants do in one step of the engine.
+#[derive(Debug, Clone)]
+pub(super) struct ShardStep {
+    pub(super) job_id: String,
+    pub(super) round: u64,
+    pub(super) model_version: u64,
+    pub(super) model: ModelSpec,
+    pub(super) global: Arc<Vec<f32>>,
+    pub(super) secure: Option<Arc<RoundInfo>>,
+    /// Emulated secure aggregation: the codec and the round's weight unit.
+    pub(super) emulation: Option<(Codec, u64)>,
+    pub(super) train: Vec<(String, TrainConfig)>,
+    pub(super) evaluate: Vec<String>,
+}
+
+/// What one worker's participants produced in a step.
+#[derive(Debug, Default)]
+pub(super) struct ShardResult {
+    /// The partial sum of its updates (none when nobody trained or everyone dropped out).
+    pub(super) partial: Option<PartialSum>,
+    /// (participant, round, metrics).
+    pub(super) evaluations: Vec<(String, u64, Metrics)>,
+    /// Participants that sent nothing, and why.
+    pub(super) unanswered: Vec<(String, String)>,
+    pub(super) train_seconds: f64,
+    pub(super) encrypt_seconds: f64,
+    pub(super) evaluate_seconds: f64,
+}
+
+/// The worker's side of a step: its participants work on the Rayon pool in windows of twice
+/// the thread count, as in the single-process engine, and their updates are folded into one
+/// partial sum in participant order.
+pub(super) fn work_shard(
+    clients: &mut [Client],
+    index: &HashMap<String, usize>,
+    step: &ShardStep,
+    device: ComputeDevice,
+    dropout: f64,
+) -> anyhow::Result<ShardResult> {
+    let deadline = Instant::now();
+    let mut tasks: Vec<(usize, Task)> = Vec::new();
+    let position = |id: &str| {
+        index
+            .get(id)
+            .copied()
+            .with_context(|| format!("the driver sent a task for {id}, not this worker's"))
+    };
+    for (id, config) in &step.train {
+        tasks.push((
+            position(id)?,
+            Task::Train {
+                round: step.round,
+                model_version: step.model_version,
+                config: config.clone(),
+                deadline,
+                secure: step.secure.clone(),
+            },
+        ));
+    }
+    for id in &step.evaluate {
+        tasks.push((
+            position(id)?,
+            Task::Evaluate {
+                round: step.round,
+                model_version: step.model_version,
+                deadline,
+            },
+        ));
+    }
+    tasks.sort_by_key(|(i, _)| *i);
+    if tasks.windows(2).any(|w| w[0].0 == w[1].0) {
+        bail!("the driver sent one participant two tasks in a step");
+    }
+    let work = Step {
+        spec: &step.model,
+        global: &step.global,
+        device,
+        quantize: step.emulation,
+        dropout,
+    };
+    let mut out = ShardResult::default();
+    let mut contributions = Vec::new();
+    let mut plain: Option<Vec<f64>> = None;
+    let mut secure: Option<Accumulator> = None;
+    let window = 2 * rayon::current_num_threads().max(1);
+    for chunk in tasks.chunks(window) {
+        let slots = pick_mut(clients, chunk.iter().map(|(i, t)| (*i, t)));
+        let done: Vec<(String, bool, super::virtual_engine::Work)> = slots
+            .into_par_iter()
+            .map(|(c, t)| {
+                let training = matches!(t, Task::Train { .. });
+                (c.id.clone(), training, work_of(c, t, &work))
+            })
+            .collect();
+        for (id, training, w) in done {
+            if training {
+                out.train_seconds += w.seconds;
+            } else {
+                out.evaluate_seconds += w.seconds;
+            }
+            out.encrypt_seconds += w.encrypt_seconds;
+            match w.done {
+                // The same arithmetic as the state machine's fold of one update.
+                Done::Update(u) => {
+                    let sum = plain.get_or_insert_with(|| vec![0.0; u.delta.len()]);
+                    let weight = u.num_examples as f64;
+                    for (a, d) in sum.iter_mut().zip(&u.delta) {
+                        *a += weight * *d as f64;
+                    }
+                    contributions.push(Contribution {
+                        id,
+                        weight: u.num_examples,
+                        train: u.train,
+                        secure: None,
+                    });
+                }
+                Done::Secure(u) => {
+                    secure
+                        .get_or_insert_with(|| Accumulator::new(u.bodies.len()))
+                        .add(u.weight, &u.bodies)?;
+                    contributions.push(Contribution {
+                        id,
+                        weight: u.weight,
+                        train: u.train,
+                        secure: Some(SecureRecord {
+                            bodies_sha256: u.bodies_sha256,
+                            pieces: u.pieces,
+                            signature: u.signature,
+                        }),
+                    });
+                }
+                Done::Evaluated { round, metrics } => out.evaluations.push((id, round, metrics)),
+                Done::Nothing(why) => out.unanswered.push((id, why)),
+                Done::DroppedOut => out.unanswered.push((id, "dropped out".into())),
+            }
+        }
+    }
+    let values = match (plain, secure) {
+        (Some(p), None) => Some(PartialValues::Plain(p)),
+        (None, Some(a)) => Some(PartialValues::Secure(a.sum().to_vec())),
+        (None, None) => None,
+        (Some(_), Some(_)) => bail!("plaintext and encrypted updates in one step"),
+    };
+    out.partial = values.map(|values| PartialSum {
+        round: step.round,
+        contributions,
+        values,
+    });
+    Ok(out)
+}
+
+// The wire forms.
+
+pub(super) fn keys_pb(k: &PartyKeys) -> pb::SecureKeys {
+    pb::SecureKeys {
+        seal_key: k.seal.0.to_vec(),
+        verify_key: k.verify.0.to_vec(),
+        binding: Vec::new(),
+    }
+}
+
+pub(super) fn keys_from_pb(k: &pb::SecureKeys) -> anyhow::Result<PartyKeys> {
+    Ok(PartyKeys {
+        seal: MemberPublic(bytes32(&k.seal_key, "seal_key")?),
+        verify: VerifyKey(bytes32(&k.verify_key, "verify_key")?),
+        binding: None,
+    })
+}
+
+impl ShardStep {
+    pub(super) fn to_pb(&self, step: u64) -> pb::WorkStep {
+        pb::WorkStep {
+            step,
+            finished: false,
+            round: self.round,
+            model_version: self.model_version,
+            global: cohort_protocol::f32_bytes(&self.global),
+            secure: self.secure.as_deref().map(round_pb),
+            emulation: self.emulation.map(|(c, unit)| pb::Emulation {
+                delta_log: c.delta_log,
+                frac_bits: c.frac_bits,
+                clip: c.clip,
+                max_total_weight: c.max_total_weight,
+                weight_unit: unit,
+            }),
+            train: self
+                .train
+                .iter()
+                .map(|(id, config)| pb::ClientTraining {
+                    participant_id: id.clone(),
+                    config: Some(config.into()),
+                })
+                .collect(),
+            evaluate: self.evaluate.clone(),
+            job_id: self.job_id.clone(),
+            model: Some((&self.model).into()),
+        }
+    }
+
+    pub(super) fn from_pb(m: &pb::WorkStep) -> anyhow::Result<Self> {
+        if !m.global.len().is_multiple_of(4) {
+            bail!(
+                "a global model of {} bytes (not whole f32s)",
+                m.global.len()
+            );
+        }
+        let global = m
+            .global
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .collect();
+        let model = m.model.as_ref().context("a step without its model")?;
+        Ok(ShardStep {
+            job_id: m.job_id.clone(),
+            round: m.round,
+            model_version: m.model_version,
+            model: ModelSpec::try_from(model).map_err(anyhow::Error::msg)?,
+            global: Arc::new(global),
+            secure: m
+                .secure
+                .as_ref()
+                .map(|s| round_from_pb(&m.job_id, m.round, s).map(Arc::new))
+                .transpose()?,
+            emulation: m.emulation.as_ref().map(|e| {
+                (
+                    Codec {
+                        delta_log: e.delta_log,
+                        frac_bits: e.frac_bits,
+                        clip: e.clip,
+                        max_total_weight: e.max_total_weight,
+                    },
+                    e.weight_unit,
+                )
+            }),
+            train: m
+                .train
+                .iter()
+                .map(|t| {
+                    let config = t.config.as_ref().context("training without its settings")?;
+                    Ok((
+                        t.participant_id.clone(),
+                        TrainConfig::try_from(config).map_err(anyhow::Error::msg)?,
+                    ))
+                })
+                .collect::<anyhow::Result<_>>()?,
+            evaluate: m.evaluate.clone(),
+        })
+    }
+}
+
+/// Contributions a result part carries at most (their sealed pieces make each a few KB).
+const CONTRIBUTIONS_PER_PART: usize = 256;
+
+impl ShardResult {
+    /// The result as the parts of a `SubmitStep` stream: the first carries the sum, the
+    /// seconds and the evaluations; contributions follow in parts of bounded size.
+    pub(super) fn to_pb(&self, shard: u32, step: u64) -> Vec<pb::StepResult> {
+        let mut first = pb::StepResult {
+            shard,
+            step,
+            evaluations: self
+                .evaluations
+                .iter()
+                .map(|(id, _, m)| pb::WorkerEvaluation {
+                    participant_id: id.clone(),
+                    metrics: Some(m.into()),
+                })
+                .collect(),
+            unanswered: self
+                .unanswered
+                .iter()
+                .map(|(id, why)| pb::Unanswered {
+                    participant_id: id.clone(),
+                    dropped_out: why == "dropped out",
+                    reason: why.clone(),
+                })
+                .collect(),
+            train_seconds: self.train_seconds,
+            encrypt_seconds: self.encrypt_seconds,
+            evaluate_seconds: self.evaluate_seconds,
+            ..Default::default()
+        };
+        let Some(p) = &self.partial else {
+            return vec![first];
+        };
+        match &p.values {
+            PartialValues::Plain(v) => {
+                first.plain_sum = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            }
+            PartialValues::Secure(v) => {
+                first.secure_sum = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            }
+        }
+        let mut parts = vec![first];
+        for (k, chunk) in p.contributions.chunks(CONTRIBUTIONS_PER_PART).enumerate() {
+            let contributions = chunk
+                .iter()
+                .map(|c| {
+                    let s = c.secure.as_ref();
+                    pb::Contribution {
+                        participant_id: c.id.clone(),
+                        weight: c.weight,
+                        train: c.train.as_ref().map(Into::into),
+                        bodies_sha256: s.map(|s| s.bodies_sha256.to_vec()).unwrap_or_default(),
+                        pieces: s
+                            .map(|s| s.pieces.iter().map(sealed_pb).collect())
+                            .unwrap_or_default(),
+                        signature: s.map(|s| s.signature.to_vec()).unwrap_or_default(),
+                    }
+                })
+                .collect();
+            if k == 0 {
+                parts[0].contributions = contributions;
+            } else {
+                parts.push(pb::StepResult {
+                    shard,
+                    step,
+                    contributions,
+                    ..Default::default()
+                });
+            }
+        }
+        parts
+    }
+
+    /// Reassembles a result from its parts; `round` is the step's.
+    pub(super) fn from_pb(parts: Vec<pb::StepResult>, round: u64) -> anyhow::Result<Self> {
+        let Some(first) = parts.first() else {
+            bail!("an empty result");
+        };
+        let mut out = ShardResult {
+            train_seconds: first.train_seconds,
+            encrypt_seconds: first.encrypt_seconds,
+            evaluate_seconds: first.evaluate_seconds,
+            ..Default::default()
+        };
+        let words = |b: &[u8], what: &str| -> anyhow::Result<Vec<[u8; 8]>> {
+            if !b.len().is_multiple_of(8) {
+                bail!("{what} of {} bytes (not whole 8-byte words)", b.len());
+            }
+            Ok(b.chunks_exact(8)
+                .map(|w| w.try_into().expect("8 bytes"))
+                .collect())
+        };
+        let values = match (first.plain_sum.is_empty(), first.secure_sum.is_empty()) {
+            (true, true) => None,
+            (false, true) => Some(PartialValues::Plain(
+                words(&first.plain_sum, "plain_sum")?
+                    .into_iter()
+                    .map(f64::from_le_bytes)
+                    .collect(),
+            )),
+            (true, false) => Some(PartialValues::Secure(
+                words(&first.secure_sum, "secure_sum")?
+                    .into_iter()
+                    .map(u64::from_le_bytes)
+                    .collect(),
+            )),
+            (false, false) => bail!("a result with both a plaintext and a secure sum"),
+        };
+        for e in &first.evaluations {
+            let m = e
+                .metrics
+                .as_ref()
+                .context("an evaluation without metrics")?;
+            out.evaluations.push((
+                e.participant_id.clone(),
+                round,
+                Metrics::try_from(m).map_err(anyhow::Error::msg)?,
+            ));
+        }
+        out.unanswered = first
+            .unanswered
+            .iter()
+            .map(|u| (u.participant_id.clone(), u.reason.clone()))
+            .collect();
+        let mut contributions = Vec::new();
+        for c in parts.iter().flat_map(|p| &p.contributions) {
+            let secure = if c.signature.is_empty() {
+                None
+            } else {
+                Some(SecureRecord {
+                    bodies_sha256: bytes32(&c.bodies_sha256, "bodies_sha256")?,
+                    pieces: c
+                        .pieces
+                        .iter()
+                        .map(sealed_from_pb)
+                        .collect::<Result<_, _>>()?,
+                    signature: bytes64(&c.signature, "signature")?,
+                })
+            };
+            contributions.push(Contribution {
+                id: c.participant_id.clone(),
+                weight: c.weight,
+                train: c
+                    .train
+                    .as_ref()
+                    .map(Metrics::try_from)
+                    .transpose()
+                    .map_err(anyhow::Error::msg)?,
+                secure,
+            });
+        }
+        out.partial = match values {
+            Some(values) => Some(PartialSum {
+                round,
+                contributions,
+                values,
+            }),
+            None if contributions.is_empty() => None,
+            None => bail!("contributions without a sum"),
+        };
+        Ok(out)
+    }
+}
