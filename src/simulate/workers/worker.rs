@@ -158,7 +158,7 @@ async fn connect(url: &str, tls: &cohort_protocol::tls::NodeTls) -> anyhow::Resu
         .tls_config(tls.client_config())?
         .connect_timeout(Duration::from_secs(5));
     let mut last = None;
-    for _ in 0..60 {
+    for _ in 0..120 {
         match endpoint.connect().await {
             Ok(c) => return Ok(c),
             Err(e) => last = Some(e),
