@@ -14,6 +14,7 @@ use cohort_model::{
 };
 use cohort_participant::LocalData;
 
+mod client;
 mod data;
 mod networked;
 mod progress;

@@ -13,8 +13,8 @@ use cohort_protocol::pb::simulation_workers_server::{SimulationWorkers, Simulati
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{RemoteParticipant, ShardResult, ShardStep, keys_from_pb};
+use crate::simulate::client::Step;
 use crate::simulate::participant_id;
-use crate::simulate::virtual_engine::Step;
 
 /// How long the driver waits for every worker to register and prepare its data.
 const READY_TIMEOUT: Duration = Duration::from_secs(900);

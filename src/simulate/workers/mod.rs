@@ -35,7 +35,7 @@ use cohort_protocol::secure::{
 };
 use rayon::prelude::*;
 
-use super::virtual_engine::{Client, Done, Step, pick_mut, work_of};
+use super::client::{Client, Done, Step, Work, pick_mut, work_of};
 
 pub(super) mod driver;
 mod worker;
@@ -138,7 +138,7 @@ pub(super) fn work_shard(
     let window = 2 * rayon::current_num_threads().max(1);
     for chunk in tasks.chunks(window) {
         let slots = pick_mut(clients, chunk.iter().map(|(i, t)| (*i, t)));
-        let done: Vec<(String, bool, super::virtual_engine::Work)> = slots
+        let done: Vec<(String, bool, Work)> = slots
             .into_par_iter()
             .map(|(c, t)| {
                 let training = matches!(t, Task::Train { .. });

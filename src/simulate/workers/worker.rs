@@ -16,9 +16,9 @@ use rand::rngs::ChaCha20Rng;
 use tonic::transport::Channel;
 
 use super::{ShardStep, keys_pb, work_shard};
+use crate::simulate::client::Client;
 use crate::simulate::data::{DataSettings, prepare};
 use crate::simulate::participant_id;
-use crate::simulate::virtual_engine::Client;
 
 /// `cohort sim-worker`: one worker of a simulation run with `--workers` (started by
 /// `cohort simulate` itself on one machine, or as a Kubernetes Indexed Job).

@@ -1,0 +1,312 @@
+//! A virtual participant ([`Client`]) and its work: local training with the round's seed,
+//! the update encrypted under a fresh key (or quantized, when secure aggregation is
+//! emulated), federated evaluation, and a committee member's decryption share, each as the
+//! participant agent does it. The virtual engine and simulation workers run them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use cohort_coordinator::Orchestrator;
+use cohort_coordinator::round::{PartyKeys, SecureUpdate, ShareAnswer, SignedShare, Task, Update};
+use cohort_crypto::aggregation::{self, ShareRequest, UploadRecord};
+use cohort_crypto::{MemberPolicy, MemberSecret, SeedLog, Signer25519, VerifyKey};
+use cohort_model::ComputeDevice;
+use cohort_participant::LocalData;
+use rand::rngs::{ChaCha8Rng, ChaCha20Rng};
+use rand::{RngExt, SeedableRng};
+
+/// Whether the participant whose round seed is `seed` drops out of the round (its update
+/// never arrives) at rate `rate`: a draw from the seed alone, so the same participants drop
+/// out whatever the threads.
+fn drops_out(seed: u64, rate: f64) -> bool {
+    rate > 0.0 && ChaCha8Rng::seed_from_u64(seed ^ 0x0d20_9f0c_a115_eed0).random::<f64>() < rate
+}
+
+/// What every participant's work in one step of the engine shares.
+pub(super) struct Step<'a> {
+    pub(super) spec: &'a cohort_model::ModelSpec,
+    pub(super) global: &'a [f32],
+    pub(super) device: ComputeDevice,
+    /// Emulated secure aggregation: the codec and the round's weight unit.
+    pub(super) quantize: Option<(cohort_crypto::Codec, u64)>,
+    pub(super) dropout: f64,
+}
+
+/// One virtual participant: its data (none for a key custodian) and its keys.
+pub(super) struct Client {
+    pub(super) id: String,
+    data: Option<Arc<LocalData>>,
+    seal: MemberSecret,
+    sign: Signer25519,
+    policy: MemberPolicy,
+    seeds: SeedLog,
+}
+
+impl Client {
+    /// A participant with fresh keys (they only protect; the sums they carry are exact, so
+    /// their randomness changes no result).
+    pub(super) fn new(id: String, data: Option<Arc<LocalData>>, rng: &mut ChaCha20Rng) -> Self {
+        Client {
+            id,
+            data,
+            seal: MemberSecret::generate(rng),
+            sign: Signer25519::generate(rng),
+            policy: MemberPolicy::default(),
+            seeds: SeedLog::default(),
+        }
+    }
+
+    /// Training examples (0 for a key custodian).
+    pub(super) fn examples(&self) -> u64 {
+        self.data.as_ref().map_or(0, |d| d.train.len() as u64)
+    }
+
+    /// The public keys it joins a secure job with.
+    pub(super) fn public_keys(&self) -> PartyKeys {
+        PartyKeys {
+            seal: self.seal.public(),
+            verify: self.sign.verify_key(),
+            binding: None,
+        }
+    }
+}
+
+/// What one participant's work produced, to be fed to the state machine, and the thread
+/// seconds it took (training or evaluation, encryption).
+pub(super) struct Work {
+    pub(super) done: Done,
+    pub(super) seconds: f64,
+    pub(super) encrypt_seconds: f64,
+}
+
+pub(super) enum Done {
+    Update(Update),
+    Secure(SecureUpdate),
+    Evaluated {
+        round: u64,
+        metrics: cohort_model::Metrics,
+    },
+    /// Local training or encryption failed: nothing is sent (a straggler).
+    Nothing(String),
+    /// Dropped out of the round on purpose (`--dropout`).
+    DroppedOut,
+}
+
+/// Mutable borrows of the items at `picked`'s indices (strictly increasing), each with its
+/// companion value, so that each can be worked on by another thread.
+pub(super) fn pick_mut<T, U>(
+    items: &mut [T],
+    picked: impl IntoIterator<Item = (usize, U)>,
+) -> Vec<(&mut T, U)> {
+    let mut out = Vec::new();
+    let mut rest = items;
+    let mut offset = 0;
+    for (i, u) in picked {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - offset);
+        let (item, tail) = tail
+            .split_first_mut()
+            .expect("indices increase and are in range");
+        out.push((item, u));
+        rest = tail;
+        offset = i + 1;
+    }
+    out
+}
+
+/// A participant's training or evaluation task, as the participant agent does it.
+pub(super) fn work_of(c: &mut Client, t: &Task, step: &Step<'_>) -> Work {
+    let started = Instant::now();
+    let mut encrypt_seconds = 0.0;
+    let done = match t {
+        Task::Train { config, .. } if drops_out(config.seed, step.dropout) => Done::DroppedOut,
+        _ => work_done(c, t, step, &mut encrypt_seconds),
+    };
+    Work {
+        done,
+        seconds: started.elapsed().as_secs_f64() - encrypt_seconds,
+        encrypt_seconds,
+    }
+}
+
+fn work_done(c: &mut Client, t: &Task, step: &Step<'_>, encrypt_seconds: &mut f64) -> Done {
+    let Step {
+        spec,
+        global,
+        device,
+        ..
+    } = *step;
+    let Some(data) = c.data.clone() else {
+        return Done::Nothing("a key custodian holds no data".into());
+    };
+    match t {
+        Task::Train {
+            round,
+            config,
+            secure,
+            ..
+        } => {
+            let (params, report) =
+                match cohort_model::train(spec, global, &data.train, config, device) {
+                    Ok(x) => x,
+                    Err(e) => return Done::Nothing(format!("local training failed: {e}")),
+                };
+            let delta: Vec<f32> = params.iter().zip(global).map(|(p, g)| p - g).collect();
+            let train = Some(cohort_model::Metrics {
+                loss: *report.epoch_loss.last().unwrap_or(&f64::NAN),
+                accuracy: report.last_epoch_accuracy,
+                auc: None,
+                num_examples: report.num_examples,
+            });
+            let n = report.num_examples as u64;
+            match (secure, step.quantize) {
+                // What the encrypted sum would carry: the declared weight, and each value as
+                // the codec encodes and decodes it.
+                (None, Some((codec, unit))) => Done::Update(Update {
+                    round: *round,
+                    num_examples: aggregation::weight_for(n, unit, codec.max_total_weight),
+                    delta: delta
+                        .iter()
+                        .map(|&x| codec.mean(codec.encode(x), 1))
+                        .collect(),
+                    train,
+                }),
+                (None, None) => Done::Update(Update {
+                    round: *round,
+                    num_examples: n,
+                    delta,
+                    train,
+                }),
+                (Some(info), _) => {
+                    let t0 = Instant::now();
+                    let mut rng = ChaCha20Rng::from_seed(rand::random());
+                    // One thread: the pool already runs a participant on every core.
+                    let protected = aggregation::protect_on(
+                        info,
+                        &c.id,
+                        &c.sign,
+                        &mut c.seeds,
+                        &delta,
+                        n,
+                        &mut rng,
+                        1,
+                    );
+                    *encrypt_seconds = t0.elapsed().as_secs_f64();
+                    match protected {
+                        Ok(p) => Done::Secure(SecureUpdate {
+                            round: *round,
+                            weight: p.weight,
+                            bodies_sha256: aggregation::bodies_sha256(&p.bodies),
+                            bodies: p.bodies,
+                            pieces: p.pieces,
+                            signature: p.signature,
+                            train,
+                        }),
+                        Err(e) => Done::Nothing(format!("refusing to encrypt: {e}")),
+                    }
+                }
+            }
+        }
+        Task::Evaluate { round, .. } => {
+            match cohort_model::evaluate(spec, global, &data.test, device) {
+                Ok(metrics) => Done::Evaluated {
+                    round: *round,
+                    metrics,
+                },
+                Err(e) => Done::Nothing(format!("evaluation failed: {e}")),
+            }
+        }
+        _ => Done::Nothing("not a training or evaluation task".into()),
+    }
+}
+
+/// What a committee member needs to answer its decryption request, from the state machine.
+pub(super) struct DecryptionInput {
+    req: cohort_coordinator::round::DecryptRequest,
+    records: Vec<UploadRecord>,
+    keys: BTreeMap<String, VerifyKey>,
+    pieces: Vec<(String, cohort_crypto::aggregation::SealedPiece)>,
+}
+
+pub(super) fn decryption_input(
+    orch: &Orchestrator,
+    c: &Client,
+    req: &cohort_coordinator::round::DecryptRequest,
+) -> anyhow::Result<DecryptionInput> {
+    let (records, pieces) = orch
+        .decryption_input(&c.id, req.info.round, req.info.attempt)
+        .map_err(|e| anyhow::anyhow!("{}: decryption input: {e}", c.id))?;
+    let keys: BTreeMap<String, VerifyKey> = records
+        .iter()
+        .map(|(r, k)| (r.participant.clone(), k.verify))
+        .collect();
+    Ok(DecryptionInput {
+        req: req.clone(),
+        records: records.into_iter().map(|(r, _)| r).collect(),
+        keys,
+        pieces,
+    })
+}
+
+/// A committee member's decryption share, checked as the participant agent checks it (the
+/// coordinator's signature on the manifest, every upload's signature, the member's policy).
+pub(super) fn answer(
+    c: &mut Client,
+    input: DecryptionInput,
+    len: usize,
+    threads: usize,
+) -> ShareAnswer {
+    let DecryptionInput {
+        req,
+        records,
+        keys,
+        pieces,
+    } = input;
+    let manifest = req.info.manifest(
+        records
+            .iter()
+            .map(|r| (r.participant.clone(), r.weight))
+            .collect(),
+    );
+    let signed = cohort_crypto::sign::verify_manifest(
+        &manifest,
+        &req.manifest_digest,
+        req.manifest_participants,
+        &req.coordinator_key,
+        &req.manifest_signature,
+    );
+    let mut rng = ChaCha20Rng::from_seed(rand::random());
+    let share = match signed {
+        Ok(()) => aggregation::answer_on(
+            &ShareRequest {
+                info: &req.info,
+                manifest: &manifest,
+                uploads: &records,
+                keys: &keys,
+                pieces: &pieces,
+                assigned: &req.pieces,
+                len,
+            },
+            &c.id,
+            &c.seal,
+            &c.sign,
+            &mut c.policy,
+            &mut rng,
+            threads,
+        )
+        .map(|(values, signature)| SignedShare {
+            sha256: cohort_crypto::sign::share_sha256(&values),
+            values,
+            signature,
+        })
+        .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    ShareAnswer {
+        round: req.info.round,
+        attempt: req.info.attempt,
+        request: req.request,
+        pieces: req.pieces.clone(),
+        share,
+    }
+}
