@@ -11,7 +11,7 @@ use cohort_model::{Dataset, LabelColumn, Partition};
 use cohort_participant::LocalData;
 use serde::Serialize;
 
-use super::SimArgs;
+use super::{SimArgs, synthetic};
 
 /// The bundled breast-cancer table (scikit-learn, BSD-3-Clause; see examples/data).
 const BREAST_CANCER: &str = include_str!("../../examples/data/breast_cancer.csv");
@@ -40,128 +40,254 @@ impl From<&SimArgs> for DataSettings {
     }
 }
 
-/// The data of each simulated participant, plus the pooled raw splits for the baseline.
+/// The data of each simulated participant, and where the pooled data for the baseline is.
 pub(super) struct Prepared {
     pub(super) name: String,
     /// Each participant's data, shared with its agent or virtual participant (not copied).
     pub(super) locals: Vec<Arc<LocalData>>,
-    pub(super) pooled_train: Dataset,
-    pub(super) pooled_test: Dataset,
+    pooled: Pooled,
     pub(super) standardize: bool,
     /// Each participant's rows of the source: (training rows, held-out rows).
     pub(super) shares: Shares,
 }
 
-/// Each participant's rows of the source data, for `--export-partition`.
+/// The pooled raw training and held-out data, for the centralised baseline.
+enum Pooled {
+    Held(Box<(Dataset, Dataset)>),
+    /// The participants' own (unstandardised) data, concatenated when asked for.
+    Locals,
+}
+
+impl Prepared {
+    /// The pooled raw training and held-out data.
+    pub(super) fn pooled(&self) -> anyhow::Result<(Dataset, Dataset)> {
+        Ok(match &self.pooled {
+            Pooled::Held(both) => (both.0.clone(), both.1.clone()),
+            Pooled::Locals => {
+                let train: Vec<&Dataset> = self.locals.iter().map(|l| &l.train).collect();
+                let test: Vec<&Dataset> = self.locals.iter().map(|l| &l.test).collect();
+                (Dataset::concat(&train)?, Dataset::concat(&test)?)
+            }
+        })
+    }
+}
+
+/// Each participant's rows of the source data, for `--export-partition` (synthetic data:
+/// rows of the participants' data concatenated in order).
 #[derive(Debug, Serialize)]
 pub(super) struct Shares {
     train: Vec<Vec<usize>>,
     test: Vec<Vec<usize>>,
 }
 
-pub(super) fn prepare(args: &DataSettings) -> anyhow::Result<Prepared> {
-    let n = args.participants;
-    if n == 0 {
-        bail!("--participants must be at least 1");
-    }
-    match &args.dataset {
-        Some(dir) if dir.is_dir() => {
-            let train = load_idx_dir(dir, IdxSplit::Train)?;
-            let test = load_idx_dir(dir, IdxSplit::Test)?;
-            let parts = cohort_model::partition(
-                &train.labels,
-                train.num_classes,
-                n,
-                args.partition,
-                args.seed,
-            )?;
-            // Each participant's held-out share of the test set: iid, or round-robin when
-            // there are too few test images for two each (cross-device runs: 10,000
-            // participants of Fashion-MNIST hold one test image each).
-            let test_parts = if test.len() >= 2 * n {
-                cohort_model::partition(
-                    &test.labels,
-                    test.num_classes,
-                    n,
-                    Partition::Iid,
-                    args.seed + 1,
-                )?
-            } else if test.len() >= n {
-                (0..n)
-                    .map(|p| (p..test.len()).step_by(n).collect())
-                    .collect()
-            } else {
-                bail!(
-                    "{} test images are too few for {n} participants (at least one each)",
-                    test.len()
-                );
-            };
-            let locals = parts
-                .iter()
-                .zip(&test_parts)
-                .map(|(p, t)| {
-                    Arc::new(LocalData {
-                        train: train.subset(p),
-                        test: test.subset(t),
-                        standardizer: None,
-                    })
-                })
-                .collect();
-            Ok(Prepared {
-                name: dir.display().to_string(),
-                locals,
-                pooled_train: train,
-                pooled_test: test,
-                standardize: false,
-                shares: Shares {
-                    train: parts,
-                    test: test_parts,
-                },
-            })
+/// The loaded source and how it is split, from which each participant's data is built.
+enum Source {
+    /// An IDX directory: the training set partitioned, the test set shared out.
+    Idx {
+        train: Dataset,
+        test: Dataset,
+        parts: Vec<Vec<usize>>,
+        test_parts: Vec<Vec<usize>>,
+    },
+    /// A table: partitioned, then each share split into training and held-out rows.
+    Table { ds: Dataset, parts: Vec<Vec<usize>> },
+    /// LEAF's Synthetic(α, β): each participant's data generated for it.
+    Synthetic(synthetic::Synthetic),
+}
+
+impl Source {
+    fn load(args: &DataSettings) -> anyhow::Result<(Source, String)> {
+        let n = args.participants;
+        if n == 0 {
+            bail!("--participants must be at least 1");
         }
-        source => {
-            let label: LabelColumn = args.label.parse().expect("infallible");
-            let (ds, name) = match source {
-                Some(path) => (load_csv(path, &label)?, path.display().to_string()),
-                None => (
-                    parse_csv(
-                        BREAST_CANCER,
-                        Path::new("breast_cancer.csv (bundled)"),
-                        &LabelColumn::Name("diagnosis".into()),
-                    )?,
-                    "breast_cancer.csv (bundled, scikit-learn)".to_string(),
-                ),
-            };
-            let parts =
-                cohort_model::partition(&ds.labels, ds.num_classes, n, args.partition, args.seed)?;
-            let mut locals = Vec::with_capacity(n);
-            let (mut trains, mut tests) = (Vec::new(), Vec::new());
-            let mut shares = Shares {
-                train: Vec::with_capacity(n),
-                test: Vec::with_capacity(n),
-            };
-            for (i, p) in parts.iter().enumerate() {
+        if let Some(spec) = args
+            .dataset
+            .as_ref()
+            .and_then(|d| d.to_str())
+            .and_then(|d| d.strip_prefix("synthetic:"))
+        {
+            if args.partition != Partition::Iid {
+                bail!(
+                    "--partition {} does not apply to synthetic data: each participant's data \
+                     is generated for it (skewed by α and β)",
+                    args.partition
+                );
+            }
+            let s = synthetic::Synthetic::parse(spec, args.seed)?;
+            let name = format!("synthetic({spec}), LEAF-style, generated");
+            return Ok((Source::Synthetic(s), name));
+        }
+        match &args.dataset {
+            Some(dir) if dir.is_dir() => {
+                let train = load_idx_dir(dir, IdxSplit::Train)?;
+                let test = load_idx_dir(dir, IdxSplit::Test)?;
+                let parts = cohort_model::partition(
+                    &train.labels,
+                    train.num_classes,
+                    n,
+                    args.partition,
+                    args.seed,
+                )?;
+                // Each participant's held-out share of the test set: iid, or round-robin when
+                // there are too few test images for two each (cross-device runs: 10,000
+                // participants of Fashion-MNIST hold one test image each).
+                let test_parts = if test.len() >= 2 * n {
+                    cohort_model::partition(
+                        &test.labels,
+                        test.num_classes,
+                        n,
+                        Partition::Iid,
+                        args.seed + 1,
+                    )?
+                } else if test.len() >= n {
+                    (0..n)
+                        .map(|p| (p..test.len()).step_by(n).collect())
+                        .collect()
+                } else {
+                    bail!(
+                        "{} test images are too few for {n} participants (at least one each)",
+                        test.len()
+                    );
+                };
+                let name = dir.display().to_string();
+                Ok((
+                    Source::Idx {
+                        train,
+                        test,
+                        parts,
+                        test_parts,
+                    },
+                    name,
+                ))
+            }
+            source => {
+                let label: LabelColumn = args.label.parse().expect("infallible");
+                let (ds, name) = match source {
+                    Some(path) => (load_csv(path, &label)?, path.display().to_string()),
+                    None => (
+                        parse_csv(
+                            BREAST_CANCER,
+                            Path::new("breast_cancer.csv (bundled)"),
+                            &LabelColumn::Name("diagnosis".into()),
+                        )?,
+                        "breast_cancer.csv (bundled, scikit-learn)".to_string(),
+                    ),
+                };
+                let parts = cohort_model::partition(
+                    &ds.labels,
+                    ds.num_classes,
+                    n,
+                    args.partition,
+                    args.seed,
+                )?;
+                Ok((Source::Table { ds, parts }, name))
+            }
+        }
+    }
+
+    /// Participant `i`'s data and its rows of the source (training, held out).
+    fn local(
+        &self,
+        i: usize,
+        args: &DataSettings,
+    ) -> anyhow::Result<(LocalData, Vec<usize>, Vec<usize>)> {
+        Ok(match self {
+            Source::Idx {
+                train,
+                test,
+                parts,
+                test_parts,
+            } => (
+                LocalData {
+                    train: train.subset(&parts[i]),
+                    test: test.subset(&test_parts[i]),
+                    standardizer: None,
+                },
+                parts[i].clone(),
+                test_parts[i].clone(),
+            ),
+            Source::Table { ds, parts } => {
+                let p = &parts[i];
                 let (tr, te) = ds
                     .subset(p)
                     .split_indices(args.test_fraction, args.seed + i as u64)?;
-                shares.train.push(tr.iter().map(|&r| p[r]).collect());
-                shares.test.push(te.iter().map(|&r| p[r]).collect());
-                let (tr, te) = (
-                    ds.subset(shares.train.last().unwrap()),
-                    ds.subset(shares.test.last().unwrap()),
-                );
-                trains.push(tr.clone());
-                tests.push(te.clone());
-                locals.push(Arc::new(LocalData::from_split(tr, te, true)));
+                let tr: Vec<usize> = tr.iter().map(|&r| p[r]).collect();
+                let te: Vec<usize> = te.iter().map(|&r| p[r]).collect();
+                (
+                    LocalData::from_split(ds.subset(&tr), ds.subset(&te), true),
+                    tr,
+                    te,
+                )
             }
-            Ok(Prepared {
-                name,
-                locals,
-                pooled_train: Dataset::concat(&trains.iter().collect::<Vec<_>>())?,
-                pooled_test: Dataset::concat(&tests.iter().collect::<Vec<_>>())?,
-                standardize: true,
-                shares,
-            })
-        }
+            Source::Synthetic(s) => {
+                let (train, test) = s.participant(i, args.test_fraction)?;
+                let (a, b) = (train.len(), test.len());
+                (
+                    LocalData {
+                        train,
+                        test,
+                        standardizer: None,
+                    },
+                    (0..a).collect(),
+                    (0..b).collect(),
+                )
+            }
+        })
     }
+}
+
+/// Every participant's data, the pooled data and the shares.
+pub(super) fn prepare(args: &DataSettings) -> anyhow::Result<Prepared> {
+    let (source, name) = Source::load(args)?;
+    let n = args.participants;
+    let mut locals = Vec::with_capacity(n);
+    let mut shares = Shares {
+        train: Vec::with_capacity(n),
+        test: Vec::with_capacity(n),
+    };
+    let (mut offset_train, mut offset_test) = (0, 0);
+    for i in 0..n {
+        let (local, mut tr, mut te) = source.local(i, args)?;
+        if matches!(source, Source::Synthetic(_)) {
+            // Rows of the concatenation of everyone's generated data.
+            tr.iter_mut().for_each(|r| *r += offset_train);
+            te.iter_mut().for_each(|r| *r += offset_test);
+            offset_train += local.train.len();
+            offset_test += local.test.len();
+        }
+        shares.train.push(tr);
+        shares.test.push(te);
+        locals.push(Arc::new(local));
+    }
+    let (pooled, standardize) = match source {
+        Source::Idx { train, test, .. } => (Pooled::Held(Box::new((train, test))), false),
+        Source::Table { ds, .. } => (
+            Pooled::Held(Box::new((
+                ds.subset(&shares.train.concat()),
+                ds.subset(&shares.test.concat()),
+            ))),
+            true,
+        ),
+        Source::Synthetic(_) => (Pooled::Locals, false),
+    };
+    Ok(Prepared {
+        name,
+        locals,
+        pooled,
+        standardize,
+        shares,
+    })
+}
+
+/// The data of participants `range` only (a simulation worker's shard), built as
+/// [`prepare`] builds theirs.
+pub(super) fn prepare_shard(
+    args: &DataSettings,
+    range: std::ops::Range<usize>,
+) -> anyhow::Result<Vec<Arc<LocalData>>> {
+    let (source, _) = Source::load(args)?;
+    range
+        .map(|i| Ok(Arc::new(source.local(i, args)?.0)))
+        .collect()
 }

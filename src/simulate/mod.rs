@@ -20,6 +20,7 @@ mod networked;
 mod progress;
 mod report;
 mod served;
+mod synthetic;
 mod virtual_engine;
 pub mod workers;
 
@@ -656,8 +657,7 @@ fn centralised(
     rounds: u64,
     device: ComputeDevice,
 ) -> anyhow::Result<f64> {
-    let mut tr = prep.pooled_train.clone();
-    let mut te = prep.pooled_test.clone();
+    let (mut tr, mut te) = prep.pooled()?;
     if prep.standardize {
         let s = Standardizer::fit(&tr);
         s.apply(&mut tr);

@@ -56,31 +56,39 @@ pub(super) async fn ask_served_model(
         .max_decoding_message_size(cohort_protocol::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(cohort_protocol::MAX_MESSAGE_BYTES);
     let (mut rows, mut correct, mut slowest) = (0, 0, 0.0f64);
-    for local in &prep.locals {
-        let t = &local.test;
-        let per_request = cohort_protocol::examples_per_request(t.shape.len()).min(1024);
-        for chunk in (0..t.len()).collect::<Vec<_>>().chunks(per_request) {
-            let started = Instant::now();
-            let answer = client
-                .predict_batch(pb::PredictBatchRequest {
-                    examples: chunk
-                        .iter()
-                        .map(|&r| pb::Example {
-                            features: t.row(r).to_vec(),
-                            label: Some(t.labels[r]),
-                        })
-                        .collect(),
-                })
-                .await?
-                .into_inner();
-            slowest = slowest.max(started.elapsed().as_secs_f64());
-            rows += chunk.len();
-            correct += chunk
-                .iter()
-                .zip(&answer.predictions)
-                .filter(|(r, p)| p.class == t.labels[**r])
-                .count();
-        }
+    // Every participant's held-out rows, in batches across participants (10,000s of
+    // participants hold a few rows each).
+    let features = prep.locals.first().map_or(1, |l| l.test.shape.len());
+    let per_request = cohort_protocol::examples_per_request(features).min(1024);
+    let all = prep
+        .locals
+        .iter()
+        .flat_map(|l| (0..l.test.len()).map(move |r| (&l.test, r)));
+    let mut batch: Vec<(&cohort_model::Dataset, usize)> = Vec::with_capacity(per_request);
+    let mut all = all.peekable();
+    while all.peek().is_some() {
+        batch.clear();
+        batch.extend(all.by_ref().take(per_request));
+        let started = Instant::now();
+        let answer = client
+            .predict_batch(pb::PredictBatchRequest {
+                examples: batch
+                    .iter()
+                    .map(|&(t, r)| pb::Example {
+                        features: t.row(r).to_vec(),
+                        label: Some(t.labels[r]),
+                    })
+                    .collect(),
+            })
+            .await?
+            .into_inner();
+        slowest = slowest.max(started.elapsed().as_secs_f64());
+        rows += batch.len();
+        correct += batch
+            .iter()
+            .zip(&answer.predictions)
+            .filter(|((t, r), p)| p.class == t.labels[*r])
+            .count();
     }
     let _ = stop_tx.send(());
     server.await?.map_err(anyhow::Error::msg)?;

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -17,7 +16,7 @@ use tonic::transport::Channel;
 
 use super::{ShardStep, keys_pb, work_shard};
 use crate::simulate::client::Client;
-use crate::simulate::data::{DataSettings, prepare};
+use crate::simulate::data::{DataSettings, prepare_shard};
 use crate::simulate::participant_id;
 
 /// `cohort sim-worker`: one worker of a simulation run with `--workers` (started by
@@ -84,15 +83,14 @@ pub async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
             data.participants
         );
     }
-    // The whole partition, as the driver made it; this worker keeps its shard.
-    let prepared = tokio::task::spawn_blocking(move || prepare(&data)).await??;
+    // The partition as the driver made it; only this worker's shard is built.
+    let locals = tokio::task::spawn_blocking(move || prepare_shard(&data, first..end)).await??;
     let mut rng = ChaCha20Rng::from_seed(rand::random());
-    let mut clients: Vec<Client> = prepared.locals[first..end]
-        .iter()
+    let mut clients: Vec<Client> = locals
+        .into_iter()
         .enumerate()
-        .map(|(k, l)| Client::new(participant_id(first + k), Some(Arc::clone(l)), &mut rng))
+        .map(|(k, l)| Client::new(participant_id(first + k), Some(l), &mut rng))
         .collect();
-    drop(prepared);
     let mut index: HashMap<String, usize> = clients
         .iter()
         .enumerate()
