@@ -105,6 +105,9 @@ pub struct JobSection {
     pub liveness_timeout_secs: f64,
     #[serde(default = "yes")]
     pub evaluate: bool,
+    /// Share of the available participants that evaluate each new model (a seeded draw).
+    #[serde(default = "one")]
+    pub evaluate_fraction: f64,
     #[serde(default)]
     pub seed: u64,
     #[serde(default = "fedavg")]
@@ -270,6 +273,7 @@ impl JobSection {
             round_timeout: secs("round_timeout_secs", self.round_timeout_secs)?,
             eval_timeout: secs("eval_timeout_secs", self.eval_timeout_secs)?,
             evaluate: self.evaluate,
+            evaluate_fraction: self.evaluate_fraction,
             liveness_timeout: secs("liveness_timeout_secs", self.liveness_timeout_secs)?,
             seed: self.seed,
             secure: self.secure_aggregation.settings(min_updates)?,

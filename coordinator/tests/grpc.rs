@@ -37,6 +37,7 @@ fn job() -> JobConfig {
         round_timeout: Duration::from_secs(30),
         eval_timeout: Duration::from_secs(30),
         evaluate: false,
+        evaluate_fraction: 1.0,
         liveness_timeout: Duration::from_secs(30),
         seed: 3,
         secure: None,

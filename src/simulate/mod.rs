@@ -82,6 +82,10 @@ pub struct SimArgs {
     /// independently with probability `--fraction` (the round's size varies).
     #[arg(long, default_value = "uniform")]
     pub sampling: SamplingArg,
+    /// Share of the participants that evaluate each round's model on their held-out rows
+    /// (a seeded draw; cross-device studies evaluate on a sample).
+    #[arg(long, default_value_t = 1.0)]
+    pub evaluate_fraction: f64,
     /// Server strategy: fedavg or fedadam.
     #[arg(long, default_value = "fedavg")]
     pub strategy: String,
@@ -335,6 +339,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
             .context("--round-timeout must be a positive number of seconds")?,
         eval_timeout: Duration::from_secs(120),
         evaluate: true,
+        evaluate_fraction: args.evaluate_fraction,
         liveness_timeout: Duration::from_secs(60),
         seed: args.seed,
         secure: if emulated { None } else { secure.clone() },

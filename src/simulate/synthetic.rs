@@ -3,9 +3,10 @@
 //! for it, so a simulation can have more participants than any real dataset has rows (the
 //! 100,000-device studies of cross-device FL).
 //!
-//! Participant k draws u_k ~ N(0, α) and B_k ~ N(0, β); its model W_k (10 × 60) and b_k
-//! (10) ~ N(u_k, 1); its feature mean v_k with v_kj ~ N(B_k, 1); its rows x ~ N(v_k, Σ) with
-//! Σ diagonal, Σ_jj = j^−1.2; each label is argmax(W_k x + b_k). α sets how much the
+//! Participant k draws u_k ~ N(0, α²) and B_k ~ N(0, β²) (α and β are standard deviations,
+//! as in LEAF's generator); its model W_k (10 × 60) and b_k (10) ~ N(u_k, 1); its feature
+//! mean v_k with v_kj ~ N(B_k, 1); its rows x ~ N(v_k, Σ) with Σ diagonal, Σ_jj = j^−1.2
+//! (a variance); each label is argmax(W_k x + b_k). α sets how much the
 //! participants' models differ, β how much their features do: (0, 0) is nearly iid, (1, 1)
 //! strongly skewed. Row counts are lognormal, as in LEAF, but smaller so that 100,000
 //! participants fit in memory: 5 + ⌊e^N(ln 12, 1)⌋, at most 500 (median 17, mean ~25).
@@ -29,8 +30,8 @@ pub(super) struct Synthetic {
     seed: u64,
 }
 
-fn normal(mean: f64, variance: f64) -> Normal<f64> {
-    Normal::new(mean, variance.sqrt()).expect("a finite mean and a variance ≥ 0")
+fn normal(mean: f64, sd: f64) -> Normal<f64> {
+    Normal::new(mean, sd).expect("a finite mean and a standard deviation ≥ 0")
 }
 
 impl Synthetic {
@@ -38,7 +39,7 @@ impl Synthetic {
     pub(super) fn parse(spec: &str, seed: u64) -> anyhow::Result<Self> {
         let bad = || {
             anyhow::anyhow!(
-                "synthetic data is `synthetic:ALPHA,BETA` with ALPHA and BETA variances ≥ 0 \
+                "synthetic data is `synthetic:ALPHA,BETA` with ALPHA and BETA standard deviations ≥ 0 \
                  (e.g. synthetic:1,1), not synthetic:{spec}"
             )
         };

@@ -387,6 +387,7 @@ mod tests {
             round_timeout: Duration::from_secs(60),
             eval_timeout: Duration::from_secs(60),
             evaluate: true,
+            evaluate_fraction: 1.0,
             liveness_timeout: Duration::from_secs(60),
             seed: 11,
             secure: secure.then(|| SecureSettings {

@@ -65,6 +65,9 @@ pub struct JobConfig {
     pub eval_timeout: Duration,
     /// Evaluate each new global model on participants' held-out data.
     pub evaluate: bool,
+    /// Share of the available participants that evaluate each new model (a seeded draw;
+    /// cross-device studies evaluate on a sample).
+    pub evaluate_fraction: f64,
     /// A participant not heard from for this long is marked lost.
     pub liveness_timeout: Duration,
     /// Seed of the initial model and of participant selection.
@@ -203,6 +206,12 @@ impl JobConfig {
         }
         if self.sampling == Sampling::Count(0) {
             return Err(invalid("clients_per_round must be at least 1".into()));
+        }
+        if !(self.evaluate_fraction > 0.0 && self.evaluate_fraction <= 1.0) {
+            return Err(JobError::Invalid(format!(
+                "evaluate_fraction must be in (0, 1], not {}",
+                self.evaluate_fraction
+            )));
         }
         if !(self.fraction > 0.0 && self.fraction <= 1.0) {
             return Err(invalid(format!(

@@ -55,7 +55,9 @@ impl Orchestrator {
         let Phase::Waiting { round, attempt } = self.phase else {
             return;
         };
-        if self.paused {
+        if self.paused || self.participants.len() < self.config.min_participants {
+            // Cheap first: a federation filling up (100,000 joins) does not list everyone
+            // online at every join.
             return;
         }
         let mut online: Vec<ParticipantId> = self
@@ -183,11 +185,22 @@ impl Orchestrator {
         self.global = Arc::new(new_global);
         self.version = summary.round;
         summary.seconds = now.duration_since(started).as_secs_f64();
-        let evaluators: BTreeSet<ParticipantId> = self
+        let mut evaluators: Vec<ParticipantId> = self
             .online()
             .into_iter()
             .filter(|id| !self.is_custodian(id))
             .collect();
+        if self.config.evaluate_fraction < 1.0 {
+            // A seeded sample, drawn apart from the round's training selection.
+            let mut rng = ChaCha8Rng::seed_from_u64(
+                selection_seed(self.config.seed, summary.round, summary.attempts)
+                    ^ 0x00e7_a1ba_7e00_5eed,
+            );
+            evaluators.shuffle(&mut rng);
+            let k = (evaluators.len() as f64 * self.config.evaluate_fraction).ceil() as usize;
+            evaluators.truncate(k.max(1));
+        }
+        let evaluators: BTreeSet<ParticipantId> = evaluators.into_iter().collect();
         if !self.config.evaluate || evaluators.is_empty() {
             self.complete(summary, self.global.clone());
             return;

@@ -39,6 +39,7 @@ fn config() -> JobConfig {
         round_timeout: Duration::from_secs(30),
         eval_timeout: Duration::from_secs(10),
         evaluate: true,
+        evaluate_fraction: 1.0,
         liveness_timeout: Duration::from_secs(20),
         seed: 7,
         secure: None,
@@ -966,4 +967,39 @@ fn a_plaintext_partial_sum_counts_as_its_participants_updates() {
     for (a, b) in g1.iter().zip(g0.iter()) {
         assert!((a - (b + mean)).abs() < 1e-6);
     }
+}
+
+#[test]
+fn a_fraction_of_the_participants_evaluates_each_model() {
+    let mut cfg = config();
+    cfg.min_participants = 4;
+    cfg.evaluate_fraction = 0.5;
+    let mut h = Harness::new(cfg);
+    for p in ["a", "b", "c", "d"] {
+        h.join(p);
+    }
+    for p in ["a", "b", "c", "d"] {
+        h.update(p, 1, 0.5, 10).unwrap();
+    }
+    let asked: Vec<&str> = ["a", "b", "c", "d"]
+        .into_iter()
+        .filter(|p| matches!(h.o.task_for(p), Task::Evaluate { .. }))
+        .collect();
+    assert_eq!(asked.len(), 2, "⌈4 × 0.5⌉ evaluate: {asked:?}");
+    for p in &asked {
+        h.eval(p, 1, 0.5).unwrap();
+    }
+    let done = h.completed();
+    assert_eq!(
+        done[0].evaluated_by, 2,
+        "the round completes with the sample's answers"
+    );
+    let mut bad = config();
+    bad.evaluate_fraction = 0.0;
+    assert!(
+        Orchestrator::new(bad, Box::new(FedAvg::default()), None, [1; 32])
+            .unwrap_err()
+            .to_string()
+            .contains("evaluate_fraction")
+    );
 }

@@ -55,6 +55,7 @@ fn config(committee: usize) -> JobConfig {
         round_timeout: Duration::from_secs(30),
         eval_timeout: Duration::from_secs(10),
         evaluate: false,
+        evaluate_fraction: 1.0,
         liveness_timeout: Duration::from_secs(600),
         seed: 7,
         secure: Some(SecureSettings {
