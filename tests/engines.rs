@@ -253,3 +253,55 @@ async fn a_hundred_thousand_synthetic_participants() {
     assert!(r.served_rows >= 100_000, "{}", r.served_rows);
     assert!(r.rounds.iter().all(|x| x.eval_accuracy.is_some()));
 }
+
+/// An availability trace: participants offline in a round are neither selected nor
+/// counted; they come back when their interval begins; the same model with workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_availability_trace_decides_who_takes_part_in_each_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("availability.csv");
+    let mut t = String::from("participant,from_round,to_round\n");
+    for p in 1..=5 {
+        t += &format!("participant-{p:03},1,2\n");
+    }
+    t += "participant-006,3,4\n";
+    std::fs::write(&trace, t).unwrap();
+    let run_with = |workers: &'static str, out: &str| {
+        let out = dir.path().join(out);
+        let trace = trace.clone();
+        async move {
+            simulate(
+                "virtual",
+                &[
+                    "--participants",
+                    "20",
+                    "--custodians",
+                    "3",
+                    "--availability",
+                    trace.to_str().unwrap(),
+                    "--workers",
+                    workers,
+                    "--worker-command",
+                    env!("CARGO_BIN_EXE_cohort"),
+                ],
+                &out,
+            )
+            .await
+        }
+    };
+    let one = run_with("0", "one").await;
+    let counts: Vec<usize> = one.rounds.iter().map(|r| r.participants).collect();
+    assert_eq!(counts, [19, 19, 15, 15], "20 less the offline ones");
+    let two = run_with("2", "two").await;
+    assert_eq!(weights(&one), weights(&two));
+    // A trace naming nobody of the simulation is refused with its line.
+    std::fs::write(
+        &trace,
+        "participant,from_round,to_round\nparticipant-099,1,2\n",
+    )
+    .unwrap();
+    let mut argv = vec!["simulate", "--quiet", "--participants", "20"];
+    argv.extend(["--availability", trace.to_str().unwrap()]);
+    let e = run(Cli::parse_from(argv).args).await.unwrap_err();
+    assert!(format!("{e:#}").contains("line 2: no participant"), "{e:#}");
+}

@@ -14,6 +14,7 @@ use cohort_model::{
 };
 use cohort_participant::LocalData;
 
+mod availability;
 mod client;
 mod data;
 mod networked;
@@ -153,6 +154,11 @@ pub struct SimArgs {
     /// round goes on without it at its deadline, as in a real federation.
     #[arg(long, default_value_t = 0.0)]
     pub dropout: f64,
+    /// Virtual engine: an availability trace, a CSV file `participant,from_round,to_round`
+    /// (inclusive intervals; a participant listed is online only in its intervals, others
+    /// always): offline participants are neither selected nor asked to evaluate.
+    #[arg(long)]
+    pub availability: Option<PathBuf>,
     /// Run the participants in this many worker processes (virtual engine), each owning a
     /// shard of them and sending one partial sum a round over mutual-TLS gRPC; this process
     /// runs the state machine and the committee (dedicated --custodians in secure jobs).
@@ -202,8 +208,8 @@ impl Engine {
     fn resolve(self, participants: usize, virtual_only: bool) -> anyhow::Result<Engine> {
         Ok(match self {
             Engine::Networked if virtual_only => bail!(
-                "--secure emulated, --dropout and --workers run in the virtual engine: drop \
-                 --engine networked"
+                "--secure emulated, --dropout, --availability and --workers run in the virtual \
+                 engine: drop --engine networked"
             ),
             Engine::Auto if virtual_only || participants > Self::AUTO_VIRTUAL_ABOVE => {
                 Engine::Virtual
@@ -299,9 +305,17 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
             args.dropout
         );
     }
-    let engine = args
-        .engine
-        .resolve(n, emulated || args.dropout > 0.0 || args.workers > 0)?;
+    let engine = args.engine.resolve(
+        n,
+        emulated || args.dropout > 0.0 || args.workers > 0 || args.availability.is_some(),
+    )?;
+    let availability = match &args.availability {
+        Some(path) => {
+            let ids = (0..n).map(participant_id).collect();
+            Some(availability::Availability::load(path, &ids)?)
+        }
+        None => None,
+    };
     if args.workers > 0 {
         if secure.is_some() && !emulated && custodian_ids.is_empty() {
             bail!(
@@ -330,7 +344,13 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         model: spec.clone(),
         train: train.clone(),
         rounds: args.rounds,
-        min_participants: n,
+        // Everyone, unless a trace takes some offline: then whoever is online, as long as
+        // a round can aggregate.
+        min_participants: if availability.is_some() {
+            secure.as_ref().map_or(1, |s| s.t_min.max(1))
+        } else {
+            n
+        },
         fraction: args.fraction,
         sampling,
         // A secure round needs t_min updates; an emulated one needs as many.
@@ -415,7 +435,11 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
                 .map(|(i, l)| (participant_id(i), Some(l.clone())))
                 .chain(custodian_ids.iter().map(|c| (c.clone(), None)))
                 .collect();
-            let (st, device, dropout) = (store.clone(), args.device, args.dropout);
+            let (st, device) = (store.clone(), args.device);
+            let conditions = virtual_engine::Conditions {
+                dropout: args.dropout,
+                availability,
+            };
             let started = Instant::now();
             let workers = match args.workers {
                 0 => None,
@@ -440,7 +464,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
                             remote,
                             device,
                             emulation,
-                            dropout,
+                            &conditions,
                             |ev| progress.on(ev),
                         )
                     });

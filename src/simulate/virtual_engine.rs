@@ -22,13 +22,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use cohort_coordinator::round::{ShareAnswer, Task};
+use cohort_coordinator::round::{PartyKeys, ShareAnswer, Task};
 use cohort_coordinator::{Event, Orchestrator, RoundSummary};
 use cohort_crypto::aggregation;
 use cohort_model::ComputeDevice;
 use cohort_participant::LocalData;
 use cohort_storage::ModelStore;
 
+use super::availability::Availability;
 use super::client::{Client, Done, Step, Work, answer, decryption_input, pick_mut, work_of};
 use super::workers::{Remote, ShardResult};
 use rand::SeedableRng;
@@ -90,7 +91,7 @@ pub(super) fn run(
     remote: Option<Remote<'_>>,
     device: ComputeDevice,
     emulation: Option<Emulation>,
-    dropout: f64,
+    conditions: &Conditions,
     mut on_event: impl FnMut(&Event),
 ) -> anyhow::Result<(Vec<RoundSummary>, EngineSeconds)> {
     let mut time = EngineSeconds::default();
@@ -116,33 +117,35 @@ pub(super) fn run(
         .map(|(id, data)| Client::new(id, data, &mut rng))
         .collect();
     let secure = cfg.secure.is_some();
+    // Everyone joins with its keys (the participants of worker processes with the keys their
+    // workers made); with an availability trace the machine is held while they do, and
+    // those offline in round 1 leave before it starts.
+    let mut roster = Roster::default();
     for c in &clients {
-        let keys = secure.then(|| c.public_keys());
-        orch.handle_join_with_keys(
-            &c.id,
-            format!("virtual-{}", c.id),
-            c.examples(),
-            keys,
-            clock.now(),
-        )
-        .map_err(|e| anyhow::anyhow!("{}: {e}", c.id))?;
+        roster.add(&c.id, c.examples(), secure.then(|| c.public_keys()));
     }
-    // Participants in worker processes join with the keys their workers made.
-    let examples: BTreeMap<&str, u64> = remote
-        .iter()
-        .flat_map(|r| r.shards.iter().flatten())
-        .map(|p| (p.id.as_str(), p.examples))
-        .collect();
     for p in remote.iter().flat_map(|r| r.shards.iter().flatten()) {
-        let keys = if secure { p.keys.clone() } else { None };
-        orch.handle_join_with_keys(
+        roster.add(
             &p.id,
-            format!("worker-{}", p.id),
             p.examples,
-            keys,
-            clock.now(),
-        )
-        .map_err(|e| anyhow::anyhow!("{}: {e}", p.id))?;
+            if secure { p.keys.clone() } else { None },
+        );
+    }
+    let examples: BTreeMap<&str, u64> = roster
+        .members
+        .iter()
+        .map(|(id, (n, _))| (id.as_str(), *n))
+        .collect();
+    let hold = conditions.availability.is_some();
+    if hold {
+        orch.set_paused(true, clock.now());
+    }
+    for id in roster.members.keys() {
+        roster.join(&mut orch, id, clock.now())?;
+    }
+    if let Some(av) = &conditions.availability {
+        roster.apply(&mut orch, (av.offline(1), Vec::new()), clock.now())?;
+        orch.set_paused(false, clock.now());
     }
     let window = 2 * rayon::current_num_threads().max(1);
     loop {
@@ -165,6 +168,10 @@ pub(super) fn run(
                         cohort_storage::state::unix_ms(),
                     )
                     .with_context(|| format!("committing round {}", summary.round))?;
+                if let Some(av) = &conditions.availability {
+                    // Who is online for the next round, before it starts.
+                    roster.apply(&mut orch, av.changes(summary.round + 1), clock.now())?;
+                }
                 orch.committed(summary.round, clock.now());
                 time.commit += t0.elapsed().as_secs_f64();
             }
@@ -183,6 +190,13 @@ pub(super) fn run(
             None => Vec::new(),
         };
         if tasks.is_empty() && remote_work.iter().all(|w| w.is_empty()) {
+            if conditions.availability.is_some() && orch.phase_name() == "waiting" {
+                bail!(
+                    "round {} cannot start: too few participants are online in it (the \
+                     availability trace) for the participants a round needs",
+                    orch.history().len() + 1
+                );
+            }
             bail!(
                 "the job is stuck in phase {} with nothing for any participant to do",
                 orch.phase_name()
@@ -242,7 +256,7 @@ pub(super) fn run(
             global: &global,
             device,
             quantize,
-            dropout,
+            dropout: conditions.dropout,
         };
         for chunk in work.chunks(window) {
             // Each client of the window works on its own thread; results come back in the
@@ -323,6 +337,49 @@ pub(super) fn run(
                 ),
             }
         }
+    }
+}
+
+/// What the engine injects into a run: participants dropping out of rounds, and an
+/// availability trace.
+#[derive(Debug, Default)]
+pub(super) struct Conditions {
+    pub(super) dropout: f64,
+    pub(super) availability: Option<Availability>,
+}
+
+/// Every participant's training examples and public keys, to join (and rejoin) with.
+#[derive(Default)]
+struct Roster {
+    members: BTreeMap<String, (u64, Option<PartyKeys>)>,
+}
+
+impl Roster {
+    fn add(&mut self, id: &str, examples: u64, keys: Option<PartyKeys>) {
+        self.members.insert(id.to_string(), (examples, keys));
+    }
+
+    fn join(&self, orch: &mut Orchestrator, id: &str, now: Instant) -> anyhow::Result<()> {
+        let (examples, keys) = self.members[id].clone();
+        orch.handle_join_with_keys(id, format!("virtual-{id}"), examples, keys, now)
+            .map_err(|e| anyhow::anyhow!("{id}: {e}"))
+    }
+
+    /// Takes `gone` out of the federation and brings `back` in.
+    fn apply(
+        &self,
+        orch: &mut Orchestrator,
+        (gone, back): (Vec<&str>, Vec<&str>),
+        now: Instant,
+    ) -> anyhow::Result<()> {
+        for id in gone {
+            orch.handle_leave(id, now)
+                .map_err(|e| anyhow::anyhow!("{id}: {e}"))?;
+        }
+        for id in back {
+            self.join(orch, id, now)?;
+        }
+        Ok(())
     }
 }
 
@@ -452,7 +509,10 @@ mod tests {
                     None,
                     ComputeDevice::Cpu,
                     emulation,
-                    dropout,
+                    &Conditions {
+                        dropout,
+                        availability: None,
+                    },
                     |e| events.push(format!("{e:?}").chars().take(40).collect::<String>()),
                 )
             })
