@@ -12,7 +12,7 @@ use cohort_protocol::pb;
 use cohort_protocol::pb::simulation_workers_server::{SimulationWorkers, SimulationWorkersServer};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{RemoteParticipant, ShardResult, ShardStep, keys_from_pb};
+use super::{RemoteParticipant, ResultParts, ShardResult, ShardStep, keys_from_pb};
 use crate::simulate::client::Step;
 use crate::simulate::participant_id;
 
@@ -443,12 +443,8 @@ impl SimulationWorkers for HubService {
         req: Request<Streaming<pb::StepResult>>,
     ) -> Result<Response<pb::StepResultResponse>, Status> {
         let mut stream = req.into_inner();
-        let mut parts = Vec::new();
-        while let Some(part) = stream.message().await? {
-            parts.push(part);
-        }
         let hub = &self.0;
-        let Some(first) = parts.first() else {
+        let Some(first) = stream.message().await? else {
             return Err(Status::invalid_argument("an empty result"));
         };
         let (s, step) = (self.shard(first.shard)?, first.step);
@@ -462,14 +458,23 @@ impl SimulationWorkers for HubService {
             }
             st.round
         };
-        let result = match ShardResult::from_pb(parts, round) {
-            Ok(r) => r,
-            Err(e) => {
-                let why = format!("worker {s} sent a malformed result: {e:#}");
-                hub.fail(why.clone());
-                return Err(Status::invalid_argument(why));
-            }
+        let malformed = |e: anyhow::Error| {
+            let why = format!("worker {s} sent a malformed result: {e:#}");
+            hub.fail(why.clone());
+            Status::invalid_argument(why)
         };
+        let mut parts = ResultParts::first(first, round).map_err(malformed)?;
+        while let Some(part) = stream.message().await? {
+            if (part.shard, part.step) != (s as u32, step) {
+                return Err(malformed(anyhow::anyhow!(
+                    "a part of shard {} step {} in the stream of shard {s} step {step}",
+                    part.shard,
+                    part.step
+                )));
+            }
+            parts.push(part).map_err(malformed)?;
+        }
+        let result = parts.finish().map_err(malformed)?;
         hub.lock().results[s] = Some(result);
         hub.engine.notify_all();
         Ok(Response::new(pb::StepResultResponse {}))

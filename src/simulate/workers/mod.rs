@@ -305,9 +305,14 @@ impl ShardStep {
 const CONTRIBUTIONS_PER_PART: usize = 256;
 
 impl ShardResult {
-    /// The result as the parts of a `SubmitStep` stream: the first carries the sum, the
-    /// seconds and the evaluations; contributions follow in parts of bounded size.
-    pub(super) fn to_pb(&self, shard: u32, step: u64) -> Vec<pb::StepResult> {
+    /// The result as the parts of a `SubmitStep` stream, made as they are sent: the first
+    /// carries the sum, the seconds and the evaluations; contributions follow in parts of
+    /// bounded size (a worker's thousands of sealed key pieces are never copied at once).
+    pub(super) fn into_parts(
+        self,
+        shard: u32,
+        step: u64,
+    ) -> impl Iterator<Item = pb::StepResult> + Send + 'static {
         let mut first = pb::StepResult {
             shard,
             step,
@@ -333,54 +338,67 @@ impl ShardResult {
             evaluate_seconds: self.evaluate_seconds,
             ..Default::default()
         };
-        let Some(p) = &self.partial else {
-            return vec![first];
+        let contributions = match self.partial {
+            None => Vec::new(),
+            Some(p) => {
+                match &p.values {
+                    PartialValues::Plain(v) => {
+                        first.plain_sum = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    }
+                    PartialValues::Secure(v) => {
+                        first.secure_sum = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    }
+                }
+                p.contributions
+            }
         };
-        match &p.values {
-            PartialValues::Plain(v) => {
-                first.plain_sum = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-            }
-            PartialValues::Secure(v) => {
-                first.secure_sum = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-            }
-        }
-        let mut parts = vec![first];
-        for (k, chunk) in p.contributions.chunks(CONTRIBUTIONS_PER_PART).enumerate() {
-            let contributions = chunk
-                .iter()
+        let mut rest = contributions.into_iter().peekable();
+        let more = std::iter::from_fn(move || {
+            rest.peek()?;
+            let contributions = rest
+                .by_ref()
+                .take(CONTRIBUTIONS_PER_PART)
                 .map(|c| {
-                    let s = c.secure.as_ref();
+                    let (bodies_sha256, pieces, signature) = match c.secure {
+                        Some(s) => (
+                            s.bodies_sha256.to_vec(),
+                            s.pieces.iter().map(sealed_pb).collect(),
+                            s.signature.to_vec(),
+                        ),
+                        None => Default::default(),
+                    };
                     pb::Contribution {
-                        participant_id: c.id.clone(),
+                        participant_id: c.id,
                         weight: c.weight,
                         train: c.train.as_ref().map(Into::into),
-                        bodies_sha256: s.map(|s| s.bodies_sha256.to_vec()).unwrap_or_default(),
-                        pieces: s
-                            .map(|s| s.pieces.iter().map(sealed_pb).collect())
-                            .unwrap_or_default(),
-                        signature: s.map(|s| s.signature.to_vec()).unwrap_or_default(),
+                        bodies_sha256,
+                        pieces,
+                        signature,
                     }
                 })
                 .collect();
-            if k == 0 {
-                parts[0].contributions = contributions;
-            } else {
-                parts.push(pb::StepResult {
-                    shard,
-                    step,
-                    contributions,
-                    ..Default::default()
-                });
-            }
-        }
-        parts
+            Some(pb::StepResult {
+                shard,
+                step,
+                contributions,
+                ..Default::default()
+            })
+        });
+        std::iter::once(first).chain(more)
     }
+}
 
-    /// Reassembles a result from its parts; `round` is the step's.
-    pub(super) fn from_pb(parts: Vec<pb::StepResult>, round: u64) -> anyhow::Result<Self> {
-        let Some(first) = parts.first() else {
-            bail!("an empty result");
-        };
+/// A result reassembled part by part as it arrives (each part converted and dropped).
+pub(super) struct ResultParts {
+    out: ShardResult,
+    values: Option<PartialValues>,
+    round: u64,
+    contributions: Vec<Contribution>,
+}
+
+impl ResultParts {
+    /// From the first part; `round` is the step's.
+    pub(super) fn first(first: pb::StepResult, round: u64) -> anyhow::Result<Self> {
         let mut out = ShardResult {
             train_seconds: first.train_seconds,
             encrypt_seconds: first.encrypt_seconds,
@@ -427,8 +445,19 @@ impl ShardResult {
             .iter()
             .map(|u| (u.participant_id.clone(), u.reason.clone()))
             .collect();
-        let mut contributions = Vec::new();
-        for c in parts.iter().flat_map(|p| &p.contributions) {
+        let mut parts = ResultParts {
+            out,
+            values,
+            round,
+            contributions: Vec::new(),
+        };
+        parts.push(first)?;
+        Ok(parts)
+    }
+
+    /// A further part's contributions.
+    pub(super) fn push(&mut self, part: pb::StepResult) -> anyhow::Result<()> {
+        for c in part.contributions {
             let secure = if c.signature.is_empty() {
                 None
             } else {
@@ -442,25 +471,30 @@ impl ShardResult {
                     signature: bytes64(&c.signature, "signature")?,
                 })
             };
-            contributions.push(Contribution {
-                id: c.participant_id.clone(),
-                weight: c.weight,
+            self.contributions.push(Contribution {
                 train: c
                     .train
                     .as_ref()
                     .map(Metrics::try_from)
                     .transpose()
                     .map_err(anyhow::Error::msg)?,
+                id: c.participant_id,
+                weight: c.weight,
                 secure,
             });
         }
-        out.partial = match values {
+        Ok(())
+    }
+
+    pub(super) fn finish(self) -> anyhow::Result<ShardResult> {
+        let mut out = self.out;
+        out.partial = match self.values {
             Some(values) => Some(PartialSum {
-                round,
-                contributions,
+                round: self.round,
+                contributions: self.contributions,
                 values,
             }),
-            None if contributions.is_empty() => None,
+            None if self.contributions.is_empty() => None,
             None => bail!("contributions without a sum"),
         };
         Ok(out)

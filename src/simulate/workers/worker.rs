@@ -140,7 +140,7 @@ pub async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         })
         .await?;
         (clients, index) = back;
-        let parts = result?.to_pb(args.shard, order.step);
+        let parts = result?.into_parts(args.shard, order.step);
         driver
             .submit_step(tokio_stream::iter(parts))
             .await
