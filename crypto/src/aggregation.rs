@@ -22,7 +22,7 @@ use crate::glwe::{RoundKey, decryption_share_threads, default_threads, encrypt_t
 #[cfg(feature = "he")]
 use crate::policy::{MemberPolicy, SeedLog};
 #[cfg(feature = "he")]
-use crate::seal::{MemberSecret, SealContext, open, seal};
+use crate::seal::{MemberSecret, Opener, SealContext, Sealer};
 #[cfg(feature = "he")]
 use crate::sharing::Piece;
 #[cfg(feature = "he")]
@@ -281,6 +281,8 @@ pub struct ProtectedUpdate {
     pub weight: u64,
     /// Ciphertext bodies (6 bytes per value on the wire, padded to whole ciphertexts).
     pub bodies: Vec<u64>,
+    /// Their SHA-256 ([`bodies_sha256`]), which the signature covers.
+    pub bodies_sha256: [u8; 32],
     pub pieces: Vec<SealedPiece>,
     pub signature: [u8; 64],
 }
@@ -331,6 +333,7 @@ pub fn protect_on(
         threads,
     );
     let mut pieces = Vec::new();
+    let mut sealer = Sealer::new(rng);
     for (k, piece) in committee
         .share_compact(key.coefficients(), rng)
         .iter()
@@ -342,23 +345,25 @@ pub fn protect_on(
                 pieces.push(SealedPiece {
                     recipient: member.id.clone(),
                     piece: k as u32,
-                    sealed: seal(&member.seal_key, &ctx, piece.words(), rng)?,
+                    sealed: sealer.seal(&member.seal_key, &ctx, piece.words())?,
                 });
             }
         }
     }
     let hashes: Vec<[u8; 32]> = pieces.iter().map(SealedPiece::hash).collect();
+    let digest_of_bodies = bodies_sha256(&bodies);
     let digest = upload_digest(
         &info.job,
         info.round,
         info.seed,
         me,
         weight,
-        &payload_digest(&bodies_sha256(&bodies), &hashes),
+        &payload_digest(&digest_of_bodies, &hashes),
     );
     Ok(ProtectedUpdate {
         weight,
         bodies,
+        bodies_sha256: digest_of_bodies,
         pieces,
         signature: signer.sign(Kind::Upload, &digest),
     })
@@ -530,6 +535,14 @@ pub fn answer_on(
     )?;
     let n = info.params.polynomial_size;
     let mut r = vec![0u64; n];
+    // This member's pieces by (sender, piece), and one agreement per sender's key.
+    let mine_by: std::collections::HashMap<(&str, u32), &SealedPiece> = req
+        .pieces
+        .iter()
+        .filter(|(_, sp)| sp.recipient == me)
+        .map(|(s, sp)| ((s.as_str(), sp.piece), sp))
+        .collect();
+    let mut opener = Opener::new(secret);
     for &k in req.assigned {
         if k >= committee.pieces() || !committee.holds(mine, k) {
             return Err(CryptoError::Committee(format!(
@@ -537,17 +550,15 @@ pub fn answer_on(
             )));
         }
         for (p, w) in &m.entries {
-            let (_, sp) = req
-                .pieces
-                .iter()
-                .find(|(s, sp)| s == p && sp.piece as usize == k && sp.recipient == me)
+            let sp = mine_by
+                .get(&(p.as_str(), k as u32))
                 .ok_or_else(|| CryptoError::Seal(format!("piece {k} of {p:?} is missing")))?;
             if !records[p.as_str()].piece_hashes.contains(&sp.hash()) {
                 return Err(CryptoError::Seal(format!(
                     "piece {k} of {p:?} is not one {p:?} signed"
                 )));
             }
-            let words = open(secret, &info.seal_context(p, me, k as u32), &sp.sealed)?;
+            let words = opener.open(&info.seal_context(p, me, k as u32), &sp.sealed)?;
             let piece = Piece::from_words(words, n)?;
             for (acc, v) in r.iter_mut().zip(piece.expand(n)) {
                 *acc = acc.wrapping_add(v.wrapping_mul(*w));
@@ -582,6 +593,7 @@ mod tests {
     use super::*;
     use crate::glwe::{Accumulator, decode};
     use crate::policy::Refusal;
+    use crate::seal::{open, seal};
     use rand::SeedableRng;
     use rand::rngs::ChaCha8Rng;
 

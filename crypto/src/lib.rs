@@ -41,7 +41,7 @@ pub use codec::{Codec, NoiseBudget};
 pub use glwe::{Accumulator, RoundKey, decode, decryption_share, encrypt};
 pub use params::{GlweParams, RoundSeed};
 pub use policy::{Manifest, MemberPolicy, Refusal, SeedLog};
-pub use seal::{MemberPublic, MemberSecret, SealContext, Sealed};
+pub use seal::{MemberPublic, MemberSecret, Opener, SealContext, Sealed, Sealer};
 pub use sharing::{Committee, Piece};
 pub use sign::{Kind, Signer25519, VerifyKey};
 

@@ -196,7 +196,7 @@ fn work_done(c: &mut Client, t: &Task, step: &Step<'_>, encrypt_seconds: &mut f6
                         Ok(p) => Done::Secure(SecureUpdate {
                             round: *round,
                             weight: p.weight,
-                            bodies_sha256: aggregation::bodies_sha256(&p.bodies),
+                            bodies_sha256: p.bodies_sha256,
                             bodies: p.bodies,
                             pieces: p.pieces,
                             signature: p.signature,
