@@ -37,7 +37,7 @@ fn weights(r: &SimReport) -> &str {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_and_three_worker_processes_give_the_single_process_model() {
+async fn one_two_and_three_worker_processes_give_the_single_process_model() {
     let data = "/usr/share/datasets/fashion-mnist";
     assert!(std::path::Path::new(data).is_dir(), "{data} is missing");
     let dir = tempfile::tempdir().unwrap();
@@ -62,7 +62,7 @@ async fn two_and_three_worker_processes_give_the_single_process_model() {
         "3",
     ];
     let mut models = Vec::new();
-    for workers in ["0", "2", "3"] {
+    for workers in ["0", "1", "2", "3"] {
         let mut extra = job.to_vec();
         extra.extend(["--workers", workers]);
         let r = run(args(&dir.path().join(workers), &extra)).await.unwrap();
