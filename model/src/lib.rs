@@ -10,6 +10,7 @@ pub mod infer;
 pub mod kernels;
 pub mod net;
 pub mod partition;
+pub mod tabular;
 pub mod train;
 
 use std::path::PathBuf;

@@ -1,0 +1,906 @@
+//! Real tables: missing values, categories, and one preprocessing for a whole federation.
+//!
+//! - [`Schema`]: each column's type (numeric, categorical with its vocabulary, boolean,
+//!   ignored) and the label's classes, inferred from a site's file ([`Schema::infer`]) and
+//!   then fixed in the job, so every site's file is checked against the same schema
+//!   ([`Table::parse`]: an error names the column and the line).
+//! - [`TableStats`]: what the federation learns about the data before round 1: per numeric
+//!   column the count, sum, sum of squares and missing count, per categorical column the
+//!   count of each declared category, unknown and missing values, and the label counts. Every
+//!   field is a sum over rows, so a federation's statistics are the sum of its sites'
+//!   ([`TableStats::add`]), which secure aggregation can compute without revealing any
+//!   site's own ([`TableStats::to_values`] / [`TableStats::from_values`]).
+//! - [`Pipeline`]: impute (mean, most frequent or a constant, with optional missing
+//!   indicators), one-hot encode categories (an unknown category is all zeros, and counted),
+//!   standardise with the federation's statistics; fitted once from the federation's
+//!   statistics and applied identically wherever rows are prepared.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::DataError;
+use crate::data::{Dataset, FeatureShape, LabelColumn};
+
+/// Cell texts read as a missing value.
+pub const MISSING: &[&str] = &["", "NA", "N/A", "NaN", "nan", "null", "NULL", "None", "?"];
+
+fn is_missing(s: &str) -> bool {
+    MISSING.contains(&s)
+}
+
+fn boolean(s: &str) -> Option<bool> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "yes" | "y" | "t" => Some(true),
+        "false" | "no" | "n" | "f" => Some(false),
+        _ => None,
+    }
+}
+
+/// A column's type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ColumnType {
+    Numeric,
+    /// Text categories from a declared vocabulary; others are "unknown".
+    Categorical {
+        categories: Vec<String>,
+    },
+    /// true/false, yes/no, y/n, t/f (any case).
+    Boolean,
+    /// Present in the files, not used.
+    Ignored,
+}
+
+/// One feature column.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Column {
+    pub name: String,
+    #[serde(flatten)]
+    pub kind: ColumnType,
+}
+
+/// The columns every site's table must have, and the label's classes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Schema {
+    pub label: String,
+    pub classes: Vec<String>,
+    pub columns: Vec<Column>,
+}
+
+fn bad(path: &Path, line: usize, message: String) -> DataError {
+    DataError::Parse {
+        path: path.to_path_buf(),
+        line,
+        message,
+    }
+}
+
+/// A CSV row: its 1-based line number and its fields.
+type Row = (usize, Vec<String>);
+
+/// A CSV's header and rows, split on commas and unquoted.
+fn rows(text: &str, path: &Path) -> Result<(Vec<String>, Vec<Row>), DataError> {
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.trim_end_matches('\r')))
+        .filter(|(_, l)| !l.trim().is_empty());
+    let (_, header) = lines
+        .next()
+        .ok_or_else(|| bad(path, 1, "the file is empty; expected a header line".into()))?;
+    let names: Vec<String> = header.split(',').map(|s| unquote(s).to_string()).collect();
+    let mut out = Vec::new();
+    for (ln, line) in lines {
+        let fields: Vec<String> = line.split(',').map(|s| unquote(s).to_string()).collect();
+        if fields.len() != names.len() {
+            return Err(bad(
+                path,
+                ln,
+                format!(
+                    "{} fields, but the header has {} columns",
+                    fields.len(),
+                    names.len()
+                ),
+            ));
+        }
+        out.push((ln, fields));
+    }
+    if out.is_empty() {
+        return Err(bad(
+            path,
+            1,
+            "the file has a header but no data rows".into(),
+        ));
+    }
+    Ok((names, out))
+}
+
+fn unquote(s: &str) -> &str {
+    let s = s.trim();
+    s.strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+        .unwrap_or(s)
+}
+
+/// Sorts class names as numbers when they all are, else as text.
+fn sorted_classes(labels: BTreeSet<String>) -> Vec<String> {
+    let mut v: Vec<String> = labels.into_iter().collect();
+    if v.iter().all(|l| l.parse::<f64>().is_ok()) {
+        v.sort_by(|a, b| {
+            a.parse::<f64>()
+                .unwrap_or(0.0)
+                .total_cmp(&b.parse::<f64>().unwrap_or(0.0))
+        });
+    }
+    v
+}
+
+impl Schema {
+    /// Infers a schema from a site's CSV: a column whose present values are all numbers is
+    /// numeric, all boolean words boolean, anything else categorical with the values seen;
+    /// a column with no value at all is ignored.
+    pub fn infer(text: &str, path: &Path, label: &LabelColumn) -> Result<Schema, DataError> {
+        let (names, rows) = rows(text, path)?;
+        let label_idx = label_index(&names, label, path)?;
+        let mut columns = Vec::new();
+        for (c, name) in names.iter().enumerate() {
+            if c == label_idx {
+                continue;
+            }
+            let present: Vec<&str> = rows
+                .iter()
+                .map(|(_, f)| f[c].as_str())
+                .filter(|v| !is_missing(v))
+                .collect();
+            let kind = if present.is_empty() {
+                ColumnType::Ignored
+            } else if present
+                .iter()
+                .all(|v| v.parse::<f64>().is_ok_and(f64::is_finite))
+            {
+                ColumnType::Numeric
+            } else if present.iter().all(|v| boolean(v).is_some()) {
+                ColumnType::Boolean
+            } else {
+                let seen: BTreeSet<String> = present.iter().map(|v| v.to_string()).collect();
+                ColumnType::Categorical {
+                    categories: seen.into_iter().collect(),
+                }
+            };
+            columns.push(Column {
+                name: name.clone(),
+                kind,
+            });
+        }
+        let mut labels = BTreeSet::new();
+        for (ln, f) in &rows {
+            let l = &f[label_idx];
+            if is_missing(l) {
+                return Err(bad(
+                    path,
+                    *ln,
+                    format!("missing label in column {:?}", names[label_idx]),
+                ));
+            }
+            labels.insert(l.clone());
+        }
+        Ok(Schema {
+            label: names[label_idx].clone(),
+            classes: sorted_classes(labels),
+            columns,
+        })
+    }
+
+    /// Checks the schema itself: names unique, at least one used column and two classes,
+    /// categorical vocabularies non-empty and without repeats.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut names = BTreeSet::new();
+        for c in &self.columns {
+            if !names.insert(c.name.as_str()) || c.name == self.label {
+                return Err(format!("column {:?} is named twice", c.name));
+            }
+            if let ColumnType::Categorical { categories } = &c.kind {
+                let unique: BTreeSet<&String> = categories.iter().collect();
+                if categories.is_empty() || unique.len() != categories.len() {
+                    return Err(format!(
+                        "column {:?}: categories must be listed once each, at least one",
+                        c.name
+                    ));
+                }
+            }
+        }
+        if self.columns.iter().all(|c| c.kind == ColumnType::Ignored) {
+            return Err("every column is ignored: nothing to learn from".into());
+        }
+        if self.classes.len() < 2 {
+            return Err(format!(
+                "label {:?} needs at least two classes, the schema has {:?}",
+                self.label, self.classes
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn label_index(names: &[String], label: &LabelColumn, path: &Path) -> Result<usize, DataError> {
+    match label {
+        LabelColumn::Name(n) => names.iter().position(|c| c == n).ok_or_else(|| {
+            bad(
+                path,
+                1,
+                format!(
+                    "no column named {n:?} in the header (columns: {})",
+                    names.join(", ")
+                ),
+            )
+        }),
+        LabelColumn::Index(i) if *i < names.len() => Ok(*i),
+        LabelColumn::Index(i) => Err(bad(
+            path,
+            1,
+            format!(
+                "label column index {i} is out of range: {} columns",
+                names.len()
+            ),
+        )),
+        LabelColumn::Last => Ok(names.len() - 1),
+    }
+}
+
+/// A categorical cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Category {
+    /// Index into the column's declared categories.
+    Known(u32),
+    /// A value outside the declared vocabulary.
+    Unknown,
+}
+
+/// One column's cells (`None`: missing).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cells {
+    /// Numeric and boolean columns (booleans as 0 and 1).
+    Values(Vec<Option<f64>>),
+    Categories(Vec<Option<Category>>),
+    Ignored,
+}
+
+/// A site's table read against a schema: raw cells, missing values kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Table {
+    pub schema: Schema,
+    /// One entry per schema column, in the schema's order.
+    pub columns: Vec<Cells>,
+    /// Class indices into `schema.classes`.
+    pub labels: Vec<u32>,
+}
+
+impl Table {
+    /// Reads `text` against `schema`: every schema column and the label must be in the
+    /// header (in any order; other columns are an error), every value must fit its column's
+    /// type and every label must be one of the schema's classes. Errors name the column and
+    /// the line.
+    pub fn parse(text: &str, path: &Path, schema: &Schema) -> Result<Table, DataError> {
+        let (names, rows) = rows(text, path)?;
+        let position = |n: &str| names.iter().position(|c| c == n);
+        let label_idx = position(&schema.label).ok_or_else(|| {
+            bad(
+                path,
+                1,
+                format!("the label column {:?} is missing", schema.label),
+            )
+        })?;
+        let mut idx = Vec::with_capacity(schema.columns.len());
+        for c in &schema.columns {
+            idx.push(position(&c.name).ok_or_else(|| {
+                bad(
+                    path,
+                    1,
+                    format!("column {:?} of the job's schema is missing", c.name),
+                )
+            })?);
+        }
+        if let Some(extra) = names
+            .iter()
+            .find(|n| **n != schema.label && !schema.columns.iter().any(|c| &c.name == *n))
+        {
+            return Err(bad(
+                path,
+                1,
+                format!(
+                    "column {extra:?} is not in the job's schema (declare it, as \"ignored\" \
+                     if it should not be used)"
+                ),
+            ));
+        }
+        let mut columns = Vec::with_capacity(schema.columns.len());
+        for (c, &i) in schema.columns.iter().zip(&idx) {
+            let cells = rows.iter().map(|(ln, f)| (*ln, f[i].as_str()));
+            columns.push(match &c.kind {
+                ColumnType::Ignored => Cells::Ignored,
+                ColumnType::Numeric => Cells::Values(
+                    cells
+                        .map(|(ln, v)| {
+                            if is_missing(v) {
+                                return Ok(None);
+                            }
+                            match v.parse::<f64>() {
+                                Ok(x) if x.is_finite() => Ok(Some(x)),
+                                _ => Err(bad(
+                                    path,
+                                    ln,
+                                    format!(
+                                        "value {v:?} in numeric column {:?} is not a number",
+                                        c.name
+                                    ),
+                                )),
+                            }
+                        })
+                        .collect::<Result<_, _>>()?,
+                ),
+                ColumnType::Boolean => {
+                    Cells::Values(
+                        cells
+                            .map(|(ln, v)| {
+                                if is_missing(v) {
+                                    return Ok(None);
+                                }
+                                boolean(v).map(|b| Some(f64::from(u8::from(b)))).ok_or_else(|| {
+                                bad(
+                                    path,
+                                    ln,
+                                    format!(
+                                        "value {v:?} in boolean column {:?} is not true/false, \
+                                         yes/no, y/n or t/f",
+                                        c.name
+                                    ),
+                                )
+                            })
+                            })
+                            .collect::<Result<_, _>>()?,
+                    )
+                }
+                ColumnType::Categorical { categories } => {
+                    let lookup: BTreeMap<&str, u32> = categories
+                        .iter()
+                        .enumerate()
+                        .map(|(k, s)| (s.as_str(), k as u32))
+                        .collect();
+                    Cells::Categories(
+                        cells
+                            .map(|(_, v)| {
+                                (!is_missing(v)).then(|| {
+                                    lookup
+                                        .get(v)
+                                        .map_or(Category::Unknown, |&k| Category::Known(k))
+                                })
+                            })
+                            .collect(),
+                    )
+                }
+            });
+        }
+        let classes: BTreeMap<&str, u32> = schema
+            .classes
+            .iter()
+            .enumerate()
+            .map(|(k, s)| (s.as_str(), k as u32))
+            .collect();
+        let labels = rows
+            .iter()
+            .map(|(ln, f)| {
+                let l = f[label_idx].as_str();
+                classes.get(l).copied().ok_or_else(|| {
+                    bad(
+                        path,
+                        *ln,
+                        format!(
+                            "label {l:?} in column {:?} is not one of the job's classes {:?}",
+                            schema.label, schema.classes
+                        ),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Table {
+            schema: schema.clone(),
+            columns,
+            labels,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// The rows at `indices`, in that order.
+    pub fn subset(&self, indices: &[usize]) -> Table {
+        let pick = |c: &Cells| match c {
+            Cells::Values(v) => Cells::Values(indices.iter().map(|&i| v[i]).collect()),
+            Cells::Categories(v) => Cells::Categories(indices.iter().map(|&i| v[i]).collect()),
+            Cells::Ignored => Cells::Ignored,
+        };
+        Table {
+            schema: self.schema.clone(),
+            columns: self.columns.iter().map(pick).collect(),
+            labels: indices.iter().map(|&i| self.labels[i]).collect(),
+        }
+    }
+}
+
+/// Sums over a numeric (or boolean) column's present values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct NumericStats {
+    pub count: f64,
+    pub sum: f64,
+    pub sum_sq: f64,
+    pub missing: f64,
+}
+
+impl NumericStats {
+    pub fn mean(&self) -> Option<f64> {
+        (self.count > 0.0).then(|| self.sum / self.count)
+    }
+
+    /// Population standard deviation.
+    pub fn std(&self) -> Option<f64> {
+        let m = self.mean()?;
+        Some((self.sum_sq / self.count - m * m).max(0.0).sqrt())
+    }
+}
+
+/// Counts over a categorical column.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CategoryStats {
+    /// One count per declared category.
+    pub counts: Vec<f64>,
+    pub unknown: f64,
+    pub missing: f64,
+}
+
+/// A column's statistics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ColumnStats {
+    Numeric(NumericStats),
+    Categorical(CategoryStats),
+    Ignored,
+}
+
+/// A table's (or a federation's) statistics: every field a sum over rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TableStats {
+    pub rows: f64,
+    /// One entry per schema column.
+    pub columns: Vec<ColumnStats>,
+    /// One count per class.
+    pub labels: Vec<f64>,
+}
+
+impl TableStats {
+    /// Nothing counted yet, shaped for `schema`.
+    pub fn empty(schema: &Schema) -> TableStats {
+        TableStats {
+            rows: 0.0,
+            columns: schema
+                .columns
+                .iter()
+                .map(|c| match &c.kind {
+                    ColumnType::Numeric | ColumnType::Boolean => {
+                        ColumnStats::Numeric(NumericStats::default())
+                    }
+                    ColumnType::Categorical { categories } => {
+                        ColumnStats::Categorical(CategoryStats {
+                            counts: vec![0.0; categories.len()],
+                            ..Default::default()
+                        })
+                    }
+                    ColumnType::Ignored => ColumnStats::Ignored,
+                })
+                .collect(),
+            labels: vec![0.0; schema.classes.len()],
+        }
+    }
+
+    /// A site's statistics of its own table.
+    pub fn of(table: &Table) -> TableStats {
+        let mut s = TableStats::empty(&table.schema);
+        s.rows = table.len() as f64;
+        for (stats, cells) in s.columns.iter_mut().zip(&table.columns) {
+            match (stats, cells) {
+                (ColumnStats::Numeric(n), Cells::Values(v)) => {
+                    for x in v {
+                        match x {
+                            Some(x) => {
+                                n.count += 1.0;
+                                n.sum += x;
+                                n.sum_sq += x * x;
+                            }
+                            None => n.missing += 1.0,
+                        }
+                    }
+                }
+                (ColumnStats::Categorical(c), Cells::Categories(v)) => {
+                    for x in v {
+                        match x {
+                            Some(Category::Known(k)) => c.counts[*k as usize] += 1.0,
+                            Some(Category::Unknown) => c.unknown += 1.0,
+                            None => c.missing += 1.0,
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        for &l in &table.labels {
+            s.labels[l as usize] += 1.0;
+        }
+        s
+    }
+
+    /// Adds another site's statistics (of the same schema).
+    pub fn add(&mut self, other: &TableStats) {
+        let mut mine = self.to_values();
+        for (a, b) in mine.iter_mut().zip(other.to_values()) {
+            *a += b;
+        }
+        self.set_values(&mine);
+    }
+
+    /// Every field as one vector, for summing through secure aggregation.
+    pub fn to_values(&self) -> Vec<f64> {
+        let mut v = vec![self.rows];
+        for c in &self.columns {
+            match c {
+                ColumnStats::Numeric(n) => v.extend([n.count, n.sum, n.sum_sq, n.missing]),
+                ColumnStats::Categorical(c) => {
+                    v.extend(&c.counts);
+                    v.extend([c.unknown, c.missing]);
+                }
+                ColumnStats::Ignored => {}
+            }
+        }
+        v.extend(&self.labels);
+        v
+    }
+
+    /// The statistics a summed vector of [`Self::to_values`] holds, shaped for `schema`.
+    pub fn from_values(schema: &Schema, values: &[f64]) -> Result<TableStats, String> {
+        let mut s = TableStats::empty(schema);
+        if values.len() != s.to_values().len() {
+            return Err(format!(
+                "{} statistics where the schema has {}",
+                values.len(),
+                s.to_values().len()
+            ));
+        }
+        s.set_values(values);
+        Ok(s)
+    }
+
+    fn set_values(&mut self, values: &[f64]) {
+        let mut it = values.iter().copied();
+        let mut next = || it.next().expect("lengths checked");
+        self.rows = next();
+        for c in &mut self.columns {
+            match c {
+                ColumnStats::Numeric(n) => {
+                    *n = NumericStats {
+                        count: next(),
+                        sum: next(),
+                        sum_sq: next(),
+                        missing: next(),
+                    }
+                }
+                ColumnStats::Categorical(c) => {
+                    for k in c.counts.iter_mut() {
+                        *k = next();
+                    }
+                    c.unknown = next();
+                    c.missing = next();
+                }
+                ColumnStats::Ignored => {}
+            }
+        }
+        for l in self.labels.iter_mut() {
+            *l = next();
+        }
+    }
+}
+
+/// How missing values are filled.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Impute {
+    /// Numeric: the federation's mean; categorical: the most frequent category.
+    #[default]
+    Mean,
+    /// The most frequent category; numeric columns: the mean.
+    MostFrequent,
+    /// A constant (numeric columns); categorical: all zeros.
+    Constant(f64),
+    /// Refuse missing values (strict mode).
+    Refuse,
+}
+
+/// How a pipeline is fitted.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+pub struct PipelineOptions {
+    pub impute: Impute,
+    /// Add a 0/1 column per column with missing values in the federation, set where the
+    /// value was missing.
+    #[serde(default)]
+    pub missing_indicators: bool,
+}
+
+/// One column's preprocessing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum Step {
+    /// (x − mean) / std, a missing x replaced by `fill` first.
+    Standardize {
+        column: String,
+        mean: f64,
+        std: f64,
+        fill: Option<f64>,
+        indicator: bool,
+    },
+    /// One 0/1 column per category; unknown values all zeros; a missing value is `fill`
+    /// (a category index) or all zeros.
+    OneHot {
+        column: String,
+        categories: usize,
+        fill: Option<u32>,
+        indicator: bool,
+    },
+}
+
+/// One preprocessing for every site, fitted from the federation's statistics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pipeline {
+    pub schema: Schema,
+    pub steps: Vec<Step>,
+    /// Missing values are refused instead of imputed (strict mode).
+    pub refuse_missing: bool,
+}
+
+/// What a transform did besides producing features.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TransformReport {
+    pub imputed: usize,
+    pub unknown_categories: usize,
+}
+
+impl Pipeline {
+    /// Fits the steps from the federation's statistics.
+    pub fn fit(
+        schema: &Schema,
+        stats: &TableStats,
+        opts: PipelineOptions,
+    ) -> Result<Pipeline, String> {
+        schema.validate()?;
+        let mut steps = Vec::new();
+        for (c, s) in schema.columns.iter().zip(&stats.columns) {
+            match s {
+                ColumnStats::Numeric(n) => {
+                    let mean = n.mean().ok_or_else(|| {
+                        format!(
+                            "column {:?} has no value anywhere in the federation",
+                            c.name
+                        )
+                    })?;
+                    let std = n.std().filter(|s| *s > 1e-12).unwrap_or(1.0);
+                    let fill = match opts.impute {
+                        Impute::Mean | Impute::MostFrequent => Some(mean),
+                        Impute::Constant(v) => Some(v),
+                        Impute::Refuse => None,
+                    };
+                    steps.push(Step::Standardize {
+                        column: c.name.clone(),
+                        mean,
+                        std,
+                        fill,
+                        indicator: opts.missing_indicators && n.missing > 0.0,
+                    });
+                }
+                ColumnStats::Categorical(k) => {
+                    let most = k
+                        .counts
+                        .iter()
+                        .enumerate()
+                        .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
+                        .map(|(i, _)| i as u32);
+                    let fill = match opts.impute {
+                        Impute::Mean | Impute::MostFrequent => most,
+                        Impute::Constant(_) | Impute::Refuse => None,
+                    };
+                    steps.push(Step::OneHot {
+                        column: c.name.clone(),
+                        categories: k.counts.len(),
+                        fill,
+                        indicator: opts.missing_indicators && k.missing > 0.0,
+                    });
+                }
+                ColumnStats::Ignored => {}
+            }
+        }
+        Ok(Pipeline {
+            schema: schema.clone(),
+            steps,
+            refuse_missing: opts.impute == Impute::Refuse,
+        })
+    }
+
+    /// Features per row after the pipeline.
+    pub fn width(&self) -> usize {
+        self.steps
+            .iter()
+            .map(|s| match s {
+                Step::Standardize { indicator, .. } => 1 + usize::from(*indicator),
+                Step::OneHot {
+                    categories,
+                    indicator,
+                    ..
+                } => categories + usize::from(*indicator),
+            })
+            .sum()
+    }
+
+    /// The features' names, in order.
+    pub fn feature_names(&self) -> Vec<String> {
+        let cats = |column: &str| match self.schema.columns.iter().find(|c| c.name == column) {
+            Some(Column {
+                kind: ColumnType::Categorical { categories },
+                ..
+            }) => categories.clone(),
+            _ => Vec::new(),
+        };
+        let mut out = Vec::new();
+        for s in &self.steps {
+            match s {
+                Step::Standardize {
+                    column, indicator, ..
+                } => {
+                    out.push(column.clone());
+                    if *indicator {
+                        out.push(format!("{column}=missing"));
+                    }
+                }
+                Step::OneHot {
+                    column, indicator, ..
+                } => {
+                    out.extend(cats(column).iter().map(|k| format!("{column}={k}")));
+                    if *indicator {
+                        out.push(format!("{column}=missing"));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The model's input for `table` (read against this pipeline's schema).
+    pub fn transform(&self, table: &Table) -> Result<(Dataset, TransformReport), DataError> {
+        if table.schema != self.schema {
+            return Err(DataError::Invalid(
+                "the table was read against another schema than the pipeline's".into(),
+            ));
+        }
+        let width = self.width();
+        let n = table.len();
+        let mut features = vec![0f32; n * width];
+        let mut report = TransformReport::default();
+        let mut offset = 0;
+        let cells = |name: &str| {
+            let i = self
+                .schema
+                .columns
+                .iter()
+                .position(|c| c.name == name)
+                .expect("steps are of schema columns");
+            &table.columns[i]
+        };
+        for s in &self.steps {
+            match (s, cells(step_column(s))) {
+                (
+                    Step::Standardize {
+                        column,
+                        mean,
+                        std,
+                        fill,
+                        indicator,
+                    },
+                    Cells::Values(v),
+                ) => {
+                    for (r, x) in v.iter().enumerate() {
+                        let row = &mut features[r * width + offset..];
+                        let x = match (x, fill) {
+                            (Some(x), _) => *x,
+                            (None, Some(f)) => {
+                                report.imputed += 1;
+                                if *indicator {
+                                    row[1] = 1.0;
+                                }
+                                *f
+                            }
+                            (None, None) => {
+                                return Err(DataError::Invalid(format!(
+                                    "row {}: missing value in column {column:?}, and missing \
+                                     values are refused (strict mode)",
+                                    r + 1
+                                )));
+                            }
+                        };
+                        row[0] = ((x - mean) / std) as f32;
+                    }
+                    offset += 1 + usize::from(*indicator);
+                }
+                (
+                    Step::OneHot {
+                        categories,
+                        fill,
+                        indicator,
+                        column,
+                    },
+                    Cells::Categories(v),
+                ) => {
+                    for (r, x) in v.iter().enumerate() {
+                        let row = &mut features[r * width + offset..];
+                        match x {
+                            Some(Category::Known(k)) => row[*k as usize] = 1.0,
+                            Some(Category::Unknown) => report.unknown_categories += 1,
+                            None => {
+                                if *indicator {
+                                    row[*categories] = 1.0;
+                                }
+                                match fill {
+                                    Some(k) => {
+                                        report.imputed += 1;
+                                        row[*k as usize] = 1.0;
+                                    }
+                                    None if self.refuse_missing => {
+                                        return Err(DataError::Invalid(format!(
+                                            "row {}: missing value in column {column:?}, and \
+                                             missing values are refused (strict mode)",
+                                            r + 1
+                                        )));
+                                    }
+                                    None => {}
+                                }
+                            }
+                        }
+                    }
+                    offset += categories + usize::from(*indicator);
+                }
+                _ => unreachable!("a step's column has the step's kind"),
+            }
+        }
+        let ds = Dataset::new(
+            features,
+            table.labels.clone(),
+            FeatureShape::Flat(width),
+            self.schema.classes.len(),
+        )?;
+        Ok((
+            Dataset {
+                class_names: self.schema.classes.clone(),
+                ..ds
+            },
+            report,
+        ))
+    }
+}
+
+fn step_column(s: &Step) -> &str {
+    match s {
+        Step::Standardize { column, .. } | Step::OneHot { column, .. } => column,
+    }
+}
+
+#[cfg(test)]
+mod tests;

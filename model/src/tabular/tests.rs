@@ -1,0 +1,200 @@
+//! Tables with missing values and categories, on generated data whose statistics are known.
+
+use std::path::Path;
+
+use super::*;
+
+const SITE_A: &str = "\
+age,stage,smoker,note,status
+50,I,yes,,0
+NA,II,no,,1
+70,III,,,1
+60,II,yes,,0
+";
+
+const SITE_B: &str = "\
+status,age,stage,smoker,note
+1,40,I,no,
+0,,IV,yes,
+";
+
+fn schema() -> Schema {
+    Schema::infer(
+        SITE_A,
+        Path::new("a.csv"),
+        &LabelColumn::Name("status".into()),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_schema_is_inferred_from_a_sites_file() {
+    let s = schema();
+    let kinds: Vec<(&str, &ColumnType)> = s
+        .columns
+        .iter()
+        .map(|c| (c.name.as_str(), &c.kind))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("age", &ColumnType::Numeric),
+            (
+                "stage",
+                &ColumnType::Categorical {
+                    categories: vec!["I".into(), "II".into(), "III".into()]
+                }
+            ),
+            ("smoker", &ColumnType::Boolean),
+            ("note", &ColumnType::Ignored),
+        ]
+    );
+    assert_eq!(s.label, "status");
+    assert_eq!(s.classes, ["0", "1"]);
+    s.validate().unwrap();
+    // It survives the job specification's TOML.
+    let toml_text = toml::to_string(&s).unwrap();
+    assert!(toml_text.contains("type = \"categorical\""), "{toml_text}");
+    assert_eq!(toml::from_str::<Schema>(&toml_text).unwrap(), s);
+}
+
+#[test]
+fn a_file_that_does_not_match_the_schema_is_refused_naming_column_and_line() {
+    let s = schema();
+    let p = Path::new("site.csv");
+    for (text, want) in [
+        (
+            "age,stage,smoker,status\n1,I,yes,0\n",
+            "column \"note\" of the job's schema is missing",
+        ),
+        (
+            "age,stage,smoker,note,extra,status\n1,I,yes,,2,0\n",
+            "column \"extra\" is not in the job's schema",
+        ),
+        (
+            "age,stage,smoker,note,status\n1,I,yes,,0\nold,I,yes,,0\n",
+            "site.csv:3: value \"old\" in numeric column \"age\"",
+        ),
+        (
+            "age,stage,smoker,note,status\n1,I,maybe,,0\n",
+            "site.csv:2: value \"maybe\" in boolean column \"smoker\"",
+        ),
+        (
+            "age,stage,smoker,note,status\n1,I,yes,,2\n",
+            "site.csv:2: label \"2\" in column \"status\" is not one of the job's classes",
+        ),
+    ] {
+        let e = Table::parse(text, p, &s).unwrap_err().to_string();
+        assert!(e.contains(want), "{text:?}: {e}");
+    }
+}
+
+#[test]
+fn the_federations_statistics_are_the_sum_of_its_sites_exactly() {
+    let s = schema();
+    let a = Table::parse(SITE_A, Path::new("a.csv"), &s).unwrap();
+    let b = Table::parse(SITE_B, Path::new("b.csv"), &s).unwrap();
+    let mut fed = TableStats::of(&a);
+    fed.add(&TableStats::of(&b));
+    assert_eq!(fed.rows, 6.0);
+    let ColumnStats::Numeric(age) = fed.columns[0] else {
+        panic!()
+    };
+    // Present ages 50, 70, 60, 40; two missing.
+    assert_eq!(
+        age,
+        NumericStats {
+            count: 4.0,
+            sum: 220.0,
+            sum_sq: 2500.0 + 4900.0 + 3600.0 + 1600.0,
+            missing: 2.0
+        }
+    );
+    assert_eq!(age.mean(), Some(55.0));
+    assert!((age.std().unwrap() - 125f64.sqrt()).abs() < 1e-12);
+    let ColumnStats::Categorical(stage) = &fed.columns[1] else {
+        panic!()
+    };
+    // I, II, III, II, I, and IV (unknown).
+    assert_eq!(stage.counts, [2.0, 2.0, 1.0]);
+    assert_eq!((stage.unknown, stage.missing), (1.0, 0.0));
+    let ColumnStats::Numeric(smoker) = fed.columns[2] else {
+        panic!()
+    };
+    assert_eq!((smoker.count, smoker.sum, smoker.missing), (5.0, 3.0, 1.0));
+    assert_eq!(fed.labels, [3.0, 3.0]);
+    // As one vector for secure aggregation, and back.
+    let v = fed.to_values();
+    assert_eq!(TableStats::from_values(&s, &v).unwrap(), fed);
+    assert!(TableStats::from_values(&s, &v[1..]).is_err());
+}
+
+#[test]
+fn the_pipeline_imputes_encodes_and_standardises_with_the_federations_statistics() {
+    let s = schema();
+    let a = Table::parse(SITE_A, Path::new("a.csv"), &s).unwrap();
+    let b = Table::parse(SITE_B, Path::new("b.csv"), &s).unwrap();
+    let mut fed = TableStats::of(&a);
+    fed.add(&TableStats::of(&b));
+    let p = Pipeline::fit(
+        &s,
+        &fed,
+        PipelineOptions {
+            impute: Impute::Mean,
+            missing_indicators: true,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        p.feature_names(),
+        [
+            "age",
+            "age=missing",
+            "stage=I",
+            "stage=II",
+            "stage=III",
+            "smoker",
+            "smoker=missing"
+        ]
+    );
+    let (ds, report) = p.transform(&b).unwrap();
+    let sd = 125f64.sqrt();
+    let row0: Vec<f32> = ds.row(0).to_vec();
+    // 40 standardised; stage I; smoker "no" = 0 standardised by mean 0.6, std √0.24.
+    let smoker_no = ((0.0 - 0.6) / 0.24f64.sqrt()) as f32;
+    assert_eq!(
+        row0,
+        [
+            ((40.0 - 55.0) / sd) as f32,
+            0.0,
+            1.0,
+            0.0,
+            0.0,
+            smoker_no,
+            0.0
+        ]
+    );
+    // Missing age → the mean (0 after standardising) and its indicator; stage IV unknown:
+    // all zeros, counted.
+    let smoker_yes = ((1.0 - 0.6) / 0.24f64.sqrt()) as f32;
+    assert_eq!(ds.row(1), [0.0, 1.0, 0.0, 0.0, 0.0, smoker_yes, 0.0]);
+    assert_eq!(report.imputed, 1);
+    assert_eq!(report.unknown_categories, 1);
+    assert_eq!(ds.labels, [1, 0]);
+    assert_eq!(ds.class_names, ["0", "1"]);
+    // The same rows prepared anywhere give the same features (the pipeline travels as JSON).
+    let again: Pipeline = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+    assert_eq!(again.transform(&b).unwrap().0.features, ds.features);
+    // Strict mode refuses the missing age.
+    let strict = Pipeline::fit(
+        &s,
+        &fed,
+        PipelineOptions {
+            impute: Impute::Refuse,
+            missing_indicators: false,
+        },
+    )
+    .unwrap();
+    let e = strict.transform(&b).unwrap_err().to_string();
+    assert!(e.contains("row 2: missing value in column \"age\""), "{e}");
+}
