@@ -2,12 +2,15 @@
 //! and split into training and held-out rows, from [`DataSettings`] alone, so that the
 //! simulation and each of its worker processes prepare the same shares.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::bail;
-use cohort_model::data::{IdxSplit, load_csv, load_idx_dir, parse_csv};
-use cohort_model::{Dataset, LabelColumn, Partition};
+use anyhow::{Context, bail};
+use cohort_model::data::{IdxSplit, load_idx_dir, parse_csv};
+use cohort_model::tabular::{
+    ColumnStats, ColumnType, Impute, Pipeline, PipelineOptions, Schema, Table, TableStats,
+};
+use cohort_model::{Dataset, FeatureShape, LabelColumn, Partition};
 use cohort_participant::LocalData;
 use serde::Serialize;
 
@@ -25,6 +28,9 @@ pub(crate) struct DataSettings {
     pub(crate) label: String,
     pub(crate) partition: Partition,
     pub(crate) test_fraction: f64,
+    pub(crate) preprocess: Preprocess,
+    pub(crate) no_impute: bool,
+    pub(crate) missing_indicators: bool,
 }
 
 impl From<&SimArgs> for DataSettings {
@@ -36,6 +42,9 @@ impl From<&SimArgs> for DataSettings {
             label: a.label.clone(),
             partition: a.partition,
             test_fraction: a.test_fraction,
+            preprocess: a.preprocess,
+            no_impute: a.no_impute,
+            missing_indicators: a.missing_indicators,
         }
     }
 }
@@ -93,6 +102,30 @@ enum Source {
     Table { ds: Dataset, parts: Vec<Vec<usize>> },
     /// LEAF's Synthetic(α, β): each participant's data generated for it.
     Synthetic(synthetic::Synthetic),
+    /// A table with missing values or categories (or `--preprocess federation`): one
+    /// pipeline for everyone, fitted from the sum of the participants' statistics.
+    Tabular(Box<Tabular>),
+}
+
+/// A table read against its schema, each participant's split, and the federation's pipeline.
+struct Tabular {
+    table: Table,
+    /// Each participant's (training, held-out) rows.
+    splits: Vec<(Vec<usize>, Vec<usize>)>,
+    pipeline: Pipeline,
+}
+
+/// How tables are preprocessed (`--preprocess`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preprocess {
+    /// One pipeline from the federation's statistics when the table has missing values or
+    /// non-numeric columns; otherwise each site standardises with its own statistics.
+    Auto,
+    /// Each site standardises with its own training statistics (numeric tables only).
+    Site,
+    /// One pipeline for every site from the federation's statistics (imputation, one-hot
+    /// encoding, standardisation).
+    Federation,
 }
 
 impl Source {
@@ -163,25 +196,104 @@ impl Source {
             }
             source => {
                 let label: LabelColumn = args.label.parse().expect("infallible");
-                let (ds, name) = match source {
-                    Some(path) => (load_csv(path, &label)?, path.display().to_string()),
+                let (text, path, label, name) = match source {
+                    Some(path) => (
+                        std::fs::read_to_string(path)
+                            .with_context(|| format!("reading {}", path.display()))?,
+                        path.clone(),
+                        label,
+                        path.display().to_string(),
+                    ),
                     None => (
-                        parse_csv(
-                            BREAST_CANCER,
-                            Path::new("breast_cancer.csv (bundled)"),
-                            &LabelColumn::Name("diagnosis".into()),
-                        )?,
+                        BREAST_CANCER.to_string(),
+                        PathBuf::from("breast_cancer.csv (bundled)"),
+                        LabelColumn::Name("diagnosis".into()),
                         "breast_cancer.csv (bundled, scikit-learn)".to_string(),
                     ),
                 };
+                let schema = Schema::infer(&text, &path, &label)?;
+                let table = Table::parse(&text, &path, &schema)?;
+                let raw = TableStats::of(&table);
+                let needs_pipeline = schema
+                    .columns
+                    .iter()
+                    .any(|c| !matches!(c.kind, ColumnType::Numeric | ColumnType::Ignored))
+                    || raw.columns.iter().any(|c| match c {
+                        ColumnStats::Numeric(n) => n.missing > 0.0,
+                        _ => false,
+                    });
+                let federation = match args.preprocess {
+                    Preprocess::Federation => true,
+                    Preprocess::Site if needs_pipeline => bail!(
+                        "{name} has missing values or non-numeric columns, which only \
+                         --preprocess federation handles (the default)"
+                    ),
+                    Preprocess::Site => false,
+                    Preprocess::Auto => needs_pipeline,
+                };
+                if !federation {
+                    let ds = parse_csv(&text, &path, &label)?;
+                    let parts = cohort_model::partition(
+                        &ds.labels,
+                        ds.num_classes,
+                        n,
+                        args.partition,
+                        args.seed,
+                    )?;
+                    return Ok((Source::Table { ds, parts }, name));
+                }
+                let labels_only = Dataset::new(
+                    vec![0.0; table.len()],
+                    table.labels.clone(),
+                    FeatureShape::Flat(1),
+                    schema.classes.len(),
+                )?;
                 let parts = cohort_model::partition(
-                    &ds.labels,
-                    ds.num_classes,
+                    &table.labels,
+                    schema.classes.len(),
                     n,
                     args.partition,
                     args.seed,
                 )?;
-                Ok((Source::Table { ds, parts }, name))
+                // Each participant's split as in the numeric path; the federation's statistics
+                // are the sum of the participants' over their training rows.
+                let mut splits = Vec::with_capacity(n);
+                let mut stats = TableStats::empty(&schema);
+                for (i, p) in parts.iter().enumerate() {
+                    let (tr, te) = labels_only
+                        .subset(p)
+                        .split_indices(args.test_fraction, args.seed + i as u64)?;
+                    let tr: Vec<usize> = tr.iter().map(|&r| p[r]).collect();
+                    let te: Vec<usize> = te.iter().map(|&r| p[r]).collect();
+                    stats.add(&TableStats::of(&table.subset(&tr)));
+                    splits.push((tr, te));
+                }
+                let pipeline = Pipeline::fit(
+                    &schema,
+                    &stats,
+                    PipelineOptions {
+                        impute: if args.no_impute {
+                            Impute::Refuse
+                        } else {
+                            Impute::Mean
+                        },
+                        missing_indicators: args.missing_indicators,
+                    },
+                )
+                .map_err(anyhow::Error::msg)?;
+                let name = format!(
+                    "{name} (federation preprocessing: {} columns → {} features)",
+                    schema.columns.len(),
+                    pipeline.width()
+                );
+                Ok((
+                    Source::Tabular(Box::new(Tabular {
+                        table,
+                        splits,
+                        pipeline,
+                    })),
+                    name,
+                ))
             }
         }
     }
@@ -218,6 +330,24 @@ impl Source {
                     LocalData::from_split(ds.subset(&tr), ds.subset(&te), true),
                     tr,
                     te,
+                )
+            }
+            Source::Tabular(t) => {
+                let (tr, te) = &t.splits[i];
+                let prepare = |rows: &[usize]| {
+                    t.pipeline
+                        .transform(&t.table.subset(rows))
+                        .map(|(ds, _)| ds)
+                        .map_err(|e| anyhow::anyhow!("participant {}: {e}", i + 1))
+                };
+                (
+                    LocalData {
+                        train: prepare(tr)?,
+                        test: prepare(te)?,
+                        standardizer: None,
+                    },
+                    tr.clone(),
+                    te.clone(),
                 )
             }
             Source::Synthetic(s) => {
@@ -270,6 +400,22 @@ pub(super) fn prepare(args: &DataSettings) -> anyhow::Result<Prepared> {
             true,
         ),
         Source::Synthetic(_) => (Pooled::Locals, false),
+        // Already prepared by the federation's pipeline, which is also what a central
+        // party fitting on the pooled training rows would get (the same sums).
+        Source::Tabular(t) => {
+            let rows = |k: usize| -> Vec<usize> {
+                t.splits
+                    .iter()
+                    .flat_map(|s| if k == 0 { &s.0 } else { &s.1 })
+                    .copied()
+                    .collect()
+            };
+            let prepare = |rows: Vec<usize>| t.pipeline.transform(&t.table.subset(&rows));
+            (
+                Pooled::Held(Box::new((prepare(rows(0))?.0, prepare(rows(1))?.0))),
+                false,
+            )
+        }
     };
     Ok(Prepared {
         name,

@@ -16,7 +16,7 @@ use cohort_participant::LocalData;
 
 mod availability;
 mod client;
-mod data;
+pub mod data;
 mod networked;
 mod progress;
 mod report;
@@ -70,6 +70,18 @@ pub struct SimArgs {
     /// its own test set).
     #[arg(long, default_value_t = 0.2)]
     pub test_fraction: f64,
+    /// How CSV tables are prepared: `federation` (one pipeline for every site from the
+    /// federation's statistics: missing values imputed, categories one-hot encoded,
+    /// standardised), `site` (each site standardises with its own statistics; numbers only),
+    /// or `auto` (federation when the table has missing values or text categories).
+    #[arg(long, default_value = "auto")]
+    pub preprocess: data::Preprocess,
+    /// Refuse missing values instead of imputing them (strict mode).
+    #[arg(long)]
+    pub no_impute: bool,
+    /// Add a 0/1 feature per column with missing values, set where the value was missing.
+    #[arg(long)]
+    pub missing_indicators: bool,
     /// Hidden layer sizes for tables, e.g. 32,16 (none: logistic regression).
     #[arg(long, value_delimiter = ',')]
     pub hidden: Vec<usize>,
@@ -628,6 +640,11 @@ async fn start_workers(
         dropout: args.dropout,
         first: 0,
         end: 0,
+        preprocess: clap::ValueEnum::to_possible_value(&args.preprocess)
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default(),
+        no_impute: args.no_impute,
+        missing_indicators: args.missing_indicators,
     };
     let examples = workers::driver::examples_of(&prep.locals);
     match (&args.workers_listen, &args.workers_tls) {

@@ -75,6 +75,10 @@ pub async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         label: plan.label.clone(),
         partition: plan.partition.parse().map_err(anyhow::Error::msg)?,
         test_fraction: plan.test_fraction,
+        preprocess: clap::ValueEnum::from_str(&plan.preprocess, false)
+            .map_err(|e| anyhow::anyhow!("preprocess {:?}: {e}", plan.preprocess))?,
+        no_impute: plan.no_impute,
+        missing_indicators: plan.missing_indicators,
     };
     let device: ComputeDevice = plan.device.parse().map_err(anyhow::Error::msg)?;
     if end > data.participants || first > end {
