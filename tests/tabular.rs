@@ -84,6 +84,17 @@ async fn a_messy_table_trains_with_one_pipeline_in_both_engines_and_in_workers()
         "{}",
         net.dataset
     );
+    // The federation's summary table, from its totals: a row per used column and the label.
+    let summary = net.data_summary.as_ref().unwrap();
+    let grade = summary.iter().find(|c| c.column == "grade").unwrap();
+    assert_eq!(grade.kind, "categorical");
+    assert!(
+        grade.missing_share > 0.0 && grade.shares.len() == 4,
+        "{grade:?}"
+    );
+    let smoker = summary.iter().find(|c| c.column == "smoker").unwrap();
+    assert_eq!(smoker.kind, "boolean");
+    assert_eq!(summary.last().unwrap().kind, "label");
     let fed = net.federated_accuracy.unwrap();
     let central = net.centralised_accuracy.unwrap();
     assert!(fed > 0.9, "federated accuracy {fed}");

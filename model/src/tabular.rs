@@ -614,8 +614,10 @@ impl TableStats {
 }
 
 mod pipeline;
+mod summary;
 
 pub use pipeline::{Impute, Pipeline, PipelineOptions, Step, TransformReport};
+pub use summary::ColumnSummary;
 
 #[cfg(test)]
 mod tests;

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use cohort_model::data::{IdxSplit, load_idx_dir, parse_csv};
 use cohort_model::tabular::{
-    ColumnStats, ColumnType, Impute, Pipeline, PipelineOptions, Schema, Table, TableStats,
+    ColumnStats, ColumnSummary, ColumnType, Impute, Pipeline, PipelineOptions, Schema, Table,
+    TableStats,
 };
 use cohort_model::{Dataset, FeatureShape, LabelColumn, Partition};
 use cohort_participant::LocalData;
@@ -58,6 +59,8 @@ pub(super) struct Prepared {
     pub(super) standardize: bool,
     /// Each participant's rows of the source: (training rows, held-out rows).
     pub(super) shares: Shares,
+    /// Tables prepared by the federation's pipeline: its summary table.
+    pub(super) summary: Option<Vec<ColumnSummary>>,
 }
 
 /// The pooled raw training and held-out data, for the centralised baseline.
@@ -113,6 +116,8 @@ struct Tabular {
     /// Each participant's (training, held-out) rows.
     splits: Vec<(Vec<usize>, Vec<usize>)>,
     pipeline: Pipeline,
+    /// The federation's summary table (from the summed statistics).
+    summary: Vec<ColumnSummary>,
 }
 
 /// How tables are preprocessed (`--preprocess`).
@@ -288,6 +293,7 @@ impl Source {
                 );
                 Ok((
                     Source::Tabular(Box::new(Tabular {
+                        summary: stats.summary(&schema),
                         table,
                         splits,
                         pipeline,
@@ -390,6 +396,10 @@ pub(super) fn prepare(args: &DataSettings) -> anyhow::Result<Prepared> {
         shares.test.push(te);
         locals.push(Arc::new(local));
     }
+    let summary = match &source {
+        Source::Tabular(t) => Some(t.summary.clone()),
+        _ => None,
+    };
     let (pooled, standardize) = match source {
         Source::Idx { train, test, .. } => (Pooled::Held(Box::new((train, test))), false),
         Source::Table { ds, .. } => (
@@ -423,6 +433,7 @@ pub(super) fn prepare(args: &DataSettings) -> anyhow::Result<Prepared> {
         pooled,
         standardize,
         shares,
+        summary,
     })
 }
 

@@ -9,11 +9,10 @@ use anyhow::{Context, bail};
 
 use cohort_coordinator::round::{Sampling, SecureSettings};
 use cohort_coordinator::{JobConfig, ModelStore, Orchestrator};
-use cohort_model::{
-    ComputeDevice, ModelSpec, Optimizer, Partition, Sharing, Standardizer, TrainConfig,
-};
+use cohort_model::{ComputeDevice, ModelSpec, Optimizer, Standardizer, TrainConfig};
 use cohort_participant::LocalData;
 
+mod args;
 mod availability;
 mod client;
 pub mod data;
@@ -25,6 +24,7 @@ mod synthetic;
 mod virtual_engine;
 pub mod workers;
 
+pub use args::{Engine, SamplingArg, SecureMode, SimArgs};
 use data::{DataSettings, Prepared, prepare};
 use networked::{NetworkedRun, networked};
 use progress::{Progress, RoundsLog};
@@ -32,213 +32,6 @@ pub use report::{RoundRow, SimReport};
 use report::{fmt_opt, model_name, print_table, row, secure_description, secure_json};
 use served::{SimPki, ask_served_model};
 pub use virtual_engine::EngineSeconds;
-
-#[derive(clap::Args, Debug, Clone)]
-pub struct SimArgs {
-    /// Number of participants.
-    #[arg(long, default_value_t = 3)]
-    pub participants: usize,
-    /// Training rounds.
-    #[arg(long, default_value_t = 10)]
-    pub rounds: u64,
-    /// Local epochs per round.
-    #[arg(long, default_value_t = 2)]
-    pub epochs: usize,
-    /// Local learning rate (default: 0.1 for sgd, 0.001 for adam).
-    #[arg(long)]
-    pub lr: Option<f64>,
-    #[arg(long, default_value_t = 16)]
-    pub batch_size: usize,
-    /// Local optimizer: sgd or adam.
-    #[arg(long, default_value = "sgd")]
-    pub optimizer: Optimizer,
-    /// Seed of partitioning, splits, model initialisation and shuffling.
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
-    /// A CSV file (with --label), or an MNIST-style IDX directory such as
-    /// /usr/share/datasets/fashion-mnist. Default: the bundled breast-cancer table.
-    #[arg(long)]
-    pub dataset: Option<PathBuf>,
-    /// CSV label column: a name, a zero-based index, or "last".
-    #[arg(long, default_value = "last")]
-    pub label: String,
-    /// How the data is spread: iid, roundrobin (row i to participant i mod N),
-    /// dirichlet:ALPHA (label skew) or shards:K.
-    #[arg(long, default_value = "iid")]
-    pub partition: Partition,
-    /// Share of each participant's table held out for evaluation (CSV data; IDX data uses
-    /// its own test set).
-    #[arg(long, default_value_t = 0.2)]
-    pub test_fraction: f64,
-    /// How CSV tables are prepared: `federation` (one pipeline for every site from the
-    /// federation's statistics: missing values imputed, categories one-hot encoded,
-    /// standardised), `site` (each site standardises with its own statistics; numbers only),
-    /// or `auto` (federation when the table has missing values or text categories).
-    #[arg(long, default_value = "auto")]
-    pub preprocess: data::Preprocess,
-    /// Refuse missing values instead of imputing them (strict mode).
-    #[arg(long)]
-    pub no_impute: bool,
-    /// Add a 0/1 feature per column with missing values, set where the value was missing.
-    #[arg(long)]
-    pub missing_indicators: bool,
-    /// Hidden layer sizes for tables, e.g. 32,16 (none: logistic regression).
-    #[arg(long, value_delimiter = ',')]
-    pub hidden: Vec<usize>,
-    /// Share of participants selected each round.
-    #[arg(long, default_value_t = 1.0)]
-    pub fraction: f64,
-    /// Participants drawn a round, instead of a `--fraction` of them.
-    #[arg(long)]
-    pub clients_per_round: Option<usize>,
-    /// `uniform`: a fixed number a round, without replacement; `poisson`: each participant
-    /// independently with probability `--fraction` (the round's size varies).
-    #[arg(long, default_value = "uniform")]
-    pub sampling: SamplingArg,
-    /// Share of the participants that evaluate each round's model on their held-out rows
-    /// (a seeded draw; cross-device studies evaluate on a sample).
-    #[arg(long, default_value_t = 1.0)]
-    pub evaluate_fraction: f64,
-    /// Server strategy: fedavg or fedadam.
-    #[arg(long, default_value = "fedavg")]
-    pub strategy: String,
-    #[arg(long, default_value_t = 1.0)]
-    pub server_lr: f64,
-    /// Compute device for training and evaluation: cpu or wgpu.
-    #[arg(long, default_value = "cpu")]
-    pub device: ComputeDevice,
-    /// How participants training at the same time share this machine's cores: per-core (one
-    /// training per core, each on one thread), one-at-a-time (each on all cores) or
-    /// unmanaged (all at once on one pool).
-    #[arg(long, default_value = "per-core")]
-    pub sharing: Sharing,
-    /// Seconds a round may take before stragglers are left out.
-    #[arg(long, default_value_t = 600.0)]
-    pub round_timeout: f64,
-    /// Where model versions go (default: runs/simulate-<time>).
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// Write a JSON summary here.
-    #[arg(long)]
-    pub report: Option<PathBuf>,
-    /// Write each participant's rows as JSON here ({"train": [[row, ...], ...], "test":
-    /// [...]}, zero-based rows of the IDX training and test files, or of the CSV table), so
-    /// another framework can be run on exactly the same shares.
-    #[arg(long)]
-    pub export_partition: Option<PathBuf>,
-    /// Draw accuracy per round as an SVG here.
-    #[arg(long)]
-    pub plot: Option<PathBuf>,
-    /// Skip the centralised baseline.
-    #[arg(long)]
-    pub no_baseline: bool,
-    /// Run plaintext rounds: no secure aggregation, the coordinator sees every update.
-    /// For research comparisons only.
-    #[arg(long)]
-    pub plaintext: bool,
-    /// Secure aggregation committee size per round (threshold: a strict majority).
-    #[arg(long, default_value_t = 5)]
-    pub committee: usize,
-    /// Run this many dedicated key custodians (no data) as the committee, instead of
-    /// drawing it from the participants.
-    #[arg(long, default_value_t = 0)]
-    pub custodians: usize,
-    /// No progress bar or table (the report and exit code still tell the outcome).
-    #[arg(long, short)]
-    pub quiet: bool,
-    /// How participants run: `networked` (each a gRPC client over mutual TLS to a real
-    /// coordinator service), `virtual` (data shards driven in this process by the same state
-    /// machine, memory O(model × cores)), or `auto` (virtual above 100 participants).
-    #[arg(long, default_value = "auto")]
-    pub engine: Engine,
-    /// Secure aggregation as deployed (`full`: every update encrypted, the sum decrypted by
-    /// the committee), or `emulated` by its exact integer arithmetic (the same codec and
-    /// weights, no encryption: the same model bit for bit, much faster; virtual engine only,
-    /// and the report says so).
-    #[arg(long, default_value = "full")]
-    pub secure: SecureMode,
-    /// Append each round to this CSV file as it completes (round, participants, stragglers,
-    /// losses, accuracies, AUC, seconds), for following long runs.
-    #[arg(long)]
-    pub rounds_log: Option<PathBuf>,
-    /// Fault injection, virtual engine: each participant selected for a round drops out of it
-    /// (its update never arrives) with this probability, drawn from the round's seed; the
-    /// round goes on without it at its deadline, as in a real federation.
-    #[arg(long, default_value_t = 0.0)]
-    pub dropout: f64,
-    /// Virtual engine: an availability trace, a CSV file `participant,from_round,to_round`
-    /// (inclusive intervals; a participant listed is online only in its intervals, others
-    /// always): offline participants are neither selected nor asked to evaluate.
-    #[arg(long)]
-    pub availability: Option<PathBuf>,
-    /// Run the participants in this many worker processes (virtual engine), each owning a
-    /// shard of them and sending one partial sum a round over mutual-TLS gRPC; this process
-    /// runs the state machine and the committee (dedicated --custodians in secure jobs).
-    #[arg(long, default_value_t = 0)]
-    pub workers: usize,
-    /// With --workers: listen for workers started elsewhere (`cohort sim-worker`, e.g. a
-    /// Kubernetes Indexed Job) on this address instead of starting them here.
-    #[arg(long)]
-    pub workers_listen: Option<std::net::SocketAddr>,
-    /// With --workers-listen: directory with the driver's TLS material (ca.pem, driver.pem,
-    /// driver.key, and crl.pem if any).
-    #[arg(long)]
-    pub workers_tls: Option<PathBuf>,
-    /// The cohort executable local workers run (default: this one).
-    #[arg(long, hide = true)]
-    pub worker_command: Option<PathBuf>,
-}
-
-/// How secure aggregation runs in a simulation (`--secure`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum SecureMode {
-    Full,
-    Emulated,
-}
-
-/// How a round's participants are drawn (`--sampling`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum SamplingArg {
-    Uniform,
-    Poisson,
-}
-
-/// How simulated participants run (`--engine`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Engine {
-    Auto,
-    Networked,
-    Virtual,
-}
-
-impl Engine {
-    /// Participants above which `auto` takes the virtual engine.
-    pub const AUTO_VIRTUAL_ABOVE: usize = 100;
-
-    /// The engine that runs: `auto` takes the virtual one above the threshold or when a
-    /// feature only it has is asked for (`virtual_only`), which `networked` refuses.
-    fn resolve(self, participants: usize, virtual_only: bool) -> anyhow::Result<Engine> {
-        Ok(match self {
-            Engine::Networked if virtual_only => bail!(
-                "--secure emulated, --dropout, --availability and --workers run in the virtual \
-                 engine: drop --engine networked"
-            ),
-            Engine::Auto if virtual_only || participants > Self::AUTO_VIRTUAL_ABOVE => {
-                Engine::Virtual
-            }
-            Engine::Auto => Engine::Networked,
-            e => e,
-        })
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Engine::Auto => "auto",
-            Engine::Networked => "networked",
-            Engine::Virtual => "virtual",
-        }
-    }
-}
 
 /// Runs the simulation and prints what happened; returns the report.
 pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
@@ -573,8 +366,12 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         centralised_seconds,
         engine: engine.name().to_string(),
         engine_seconds,
+        data_summary: prep.summary.clone(),
     };
     if !args.quiet {
+        if let Some(summary) = &prep.summary {
+            report::print_summary(summary);
+        }
         print_table(&history);
         println!();
         println!(

@@ -47,6 +47,37 @@ pub struct SimReport {
     pub engine: String,
     /// Where the virtual engine's time went.
     pub engine_seconds: Option<super::virtual_engine::EngineSeconds>,
+    /// Tables prepared by the federation's pipeline: the federation's summary table (per
+    /// column count, missing share, mean and std, or category shares), from its totals.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_summary: Option<Vec<cohort_model::tabular::ColumnSummary>>,
+}
+
+/// Prints the federation's summary table.
+pub(super) fn print_summary(summary: &[cohort_model::tabular::ColumnSummary]) {
+    println!("federation statistics (totals over every site's training rows):");
+    println!(
+        "{:<28} {:<12} {:>8} {:>8} {:>10} {:>10}  shares",
+        "column", "type", "count", "missing", "mean", "std"
+    );
+    for c in summary {
+        let shares: Vec<String> = c
+            .shares
+            .iter()
+            .map(|(k, s)| format!("{k} {:.0}%", s * 100.0))
+            .collect();
+        println!(
+            "{:<28} {:<12} {:>8} {:>7.1}% {:>10} {:>10}  {}",
+            c.column,
+            c.kind,
+            c.count,
+            c.missing_share * 100.0,
+            fmt_opt(c.mean, 4),
+            fmt_opt(c.std, 4),
+            shares.join(", ")
+        );
+    }
+    println!();
 }
 
 pub(super) fn fmt_opt(v: Option<f64>, digits: usize) -> String {

@@ -123,6 +123,26 @@ fn the_federations_statistics_are_the_sum_of_its_sites_exactly() {
     };
     assert_eq!((smoker.count, smoker.sum, smoker.missing), (5.0, 3.0, 1.0));
     assert_eq!(fed.labels, [3.0, 3.0]);
+    // The summary table an operator sees: the federation's totals only.
+    let summary = fed.summary(&s);
+    let names: Vec<&str> = summary.iter().map(|c| c.column.as_str()).collect();
+    assert_eq!(names, ["age", "stage", "smoker", "status"]);
+    assert_eq!(summary[0].mean, Some(55.0));
+    assert!((summary[0].missing_share - 2.0 / 6.0).abs() < 1e-12);
+    assert_eq!(
+        summary[1].shares,
+        [
+            ("I".to_string(), 2.0 / 6.0),
+            ("II".to_string(), 2.0 / 6.0),
+            ("III".to_string(), 1.0 / 6.0),
+            ("(unknown)".to_string(), 1.0 / 6.0)
+        ]
+    );
+    assert_eq!(summary[2].kind, "boolean");
+    assert_eq!(
+        summary[3].shares,
+        [("0".to_string(), 0.5), ("1".to_string(), 0.5)]
+    );
     // As one vector for secure aggregation, and back.
     let v = fed.to_values();
     assert_eq!(TableStats::from_values(&s, &v).unwrap(), fed);
