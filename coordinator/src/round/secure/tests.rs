@@ -119,22 +119,12 @@ impl Harness {
 
     /// `id` encrypts `value` in every coordinate and uploads it.
     fn upload(&mut self, id: &str, value: f32, examples: u64) -> Result<(), Rejection> {
-        let info = self.round_info(id);
-        let node = self.nodes.get_mut(id).unwrap();
-        let p = aggregation::protect(
-            &info,
-            id,
-            &node.sign,
-            &mut node.seeds,
-            &[value; P],
-            examples,
-            &mut self.rng,
-        )
-        .unwrap();
+        let round = self.round_info(id).round;
+        let p = self.protected(id, value, examples);
         let u = SecureUpdate {
-            round: info.round,
+            round,
             weight: p.weight,
-            bodies_sha256: aggregation::bodies_sha256(&p.bodies),
+            bodies_sha256: p.bodies_sha256,
             bodies: p.bodies,
             pieces: p.pieces,
             signature: p.signature,
