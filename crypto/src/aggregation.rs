@@ -650,17 +650,34 @@ mod tests {
 
     /// `n` participants, the first `members` of them on a committee with threshold `t`.
     fn round(n: usize, members: usize, t: usize, rng: &mut ChaCha8Rng) -> Round {
+        let values = |i: usize| -> Vec<f32> {
+            (0..300)
+                .map(|j| ((i * 13 + j) % 50) as f32 / 10.0 - 2.5)
+                .collect()
+        };
+        round_with(n, members, t, rng, &values, 10)
+    }
+
+    /// A round where participant `i` sends `values(i)`, its weight its examples
+    /// (40 + 10 i) over `weight_unit`.
+    fn round_with(
+        n: usize,
+        members: usize,
+        t: usize,
+        rng: &mut ChaCha8Rng,
+        values_of: &dyn Fn(usize) -> Vec<f32>,
+        weight_unit: u64,
+    ) -> Round {
         let parties: Vec<Party> = (0..n).map(|i| party(&format!("p{i}"), rng)).collect();
-        let info = info(&parties[..members], t, 2);
+        let mut info = info(&parties[..members], t, 2);
+        info.weight_unit = weight_unit;
         let committee = info.validate().unwrap();
-        let len = 300;
+        let len = values_of(0).len();
         let mut acc = Accumulator::new(info.params.ciphertexts(len) * 256);
         let (mut records, mut sent, mut values) = (Vec::new(), Vec::new(), Vec::new());
         let mut bodies = Vec::new();
         for (i, p) in parties.iter().enumerate() {
-            let v: Vec<f32> = (0..len)
-                .map(|j| ((i * 13 + j) % 50) as f32 / 10.0 - 2.5)
-                .collect();
+            let v = values_of(i);
             let up = protect(
                 &info,
                 &p.id,
@@ -724,9 +741,55 @@ mod tests {
             keys: &r.keys,
             pieces: &pieces,
             assigned,
-            len: 300,
+            len: r.values[0].1.len(),
         };
         answer(&req, &me.id, &me.seal, &me.sign, policy, rng)
+    }
+
+    #[test]
+    fn exact_statistics_travel_as_digits_through_a_whole_round() {
+        // Each site's statistics (counts, sums, sums of squares of any size), as digits with
+        // weight 1 each; the committee's decryption gives back the exact sums.
+        let codec = Codec::default();
+        let digits = crate::exact::DigitCodec::new(&codec, 1e13, 10).unwrap();
+        let stats = |i: usize| -> Vec<f64> {
+            vec![
+                100.0 + i as f64,
+                -1234.5 * (i + 1) as f64,
+                9.87e12 / (i + 1) as f64,
+                0.001 * i as f64,
+            ]
+        };
+        let values = |i: usize| digits.encode(&stats(i), &codec).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(8);
+        let mut r = round_with(4, 3, 2, &mut rng, &values, u64::MAX);
+        assert!(r.values.iter().all(|(w, _)| *w == 1), "weight 1 each");
+        let committee = r.info.validate().unwrap();
+        let manifest = r.info.manifest(
+            r.records
+                .iter()
+                .map(|u| (u.participant.clone(), u.weight))
+                .collect(),
+        );
+        for (k, m) in committee.assign(&[0, 1]).unwrap() {
+            let (share, _) = ask(
+                &r,
+                &manifest,
+                m,
+                &[k],
+                &mut MemberPolicy::default(),
+                &mut rng,
+            )
+            .unwrap();
+            r.acc.add_share(&share).unwrap();
+        }
+        let len = r.values[0].1.len();
+        let sums = crate::glwe::decode_sums(&r.acc, &[], len, &r.info.codec).unwrap();
+        let got = digits.decode(&sums).unwrap();
+        for (j, g) in got.iter().enumerate() {
+            let want: i128 = (0..4).map(|i| (stats(i)[j] * 1024.0).round() as i128).sum();
+            assert_eq!(*g, want as f64 / 1024.0, "statistic {j}");
+        }
     }
 
     #[test]

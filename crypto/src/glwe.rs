@@ -416,6 +416,21 @@ pub fn decode(
     len: usize,
     codec: &Codec,
 ) -> Result<Vec<f32>, CryptoError> {
+    Ok(decode_sums(acc, shares, len, codec)?
+        .into_iter()
+        .map(|m| codec.mean(m, acc.total_weight))
+        .collect())
+}
+
+/// The exact weighted sums `Σ w_i m_i` of the messages behind the sum and the committee's
+/// shares, before [`decode`] divides them into means (for exact statistics,
+/// [`crate::exact`]).
+pub fn decode_sums(
+    acc: &Accumulator,
+    shares: &[Vec<u64>],
+    len: usize,
+    codec: &Codec,
+) -> Result<Vec<i64>, CryptoError> {
     if acc.total_weight == 0 {
         return Err(CryptoError::Committee("nothing was aggregated".into()));
     }
@@ -433,7 +448,7 @@ pub fn decode(
     }
     Ok(total[..len.min(total.len())]
         .iter()
-        .map(|&c| codec.mean(codec.message(c), acc.total_weight))
+        .map(|&c| codec.message(c))
         .collect())
 }
 

@@ -25,6 +25,7 @@
 pub mod aggregation;
 pub mod atrest;
 pub mod codec;
+pub mod exact;
 #[cfg(feature = "he")]
 mod fft;
 #[cfg(feature = "he")]
@@ -37,8 +38,9 @@ pub mod sharing;
 pub mod sign;
 
 pub use codec::{Codec, NoiseBudget};
+pub use exact::DigitCodec;
 #[cfg(feature = "he")]
-pub use glwe::{Accumulator, RoundKey, decode, decryption_share, encrypt};
+pub use glwe::{Accumulator, RoundKey, decode, decode_sums, decryption_share, encrypt};
 pub use params::{GlweParams, RoundSeed};
 pub use policy::{Manifest, MemberPolicy, Refusal, SeedLog};
 pub use seal::{MemberPublic, MemberSecret, Opener, SealContext, Sealed, Sealer};
