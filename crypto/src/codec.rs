@@ -160,7 +160,7 @@ impl Codec {
         } else {
             x.clamp(-self.clip, self.clip)
         };
-        (x as f64 * (1u64 << self.frac_bits) as f64).round() as i64
+        round_half_away(x as f64 * (1u64 << self.frac_bits) as f64)
     }
 
     /// Plaintext `m · Δ` of a message.
@@ -181,9 +181,54 @@ impl Codec {
     }
 }
 
+/// `y.round() as i64` (halves away from zero) without a libm call on a plain x86-64 target,
+/// for `|y| < 2^52`: the cast truncates toward zero, and `y − trunc(y)` is exact.
+fn round_half_away(y: f64) -> i64 {
+    let t = y as i64;
+    let r = y - t as f64;
+    if r >= 0.5 {
+        t + 1
+    } else if r <= -0.5 {
+        t - 1
+    } else {
+        t
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rounding_is_f64_round_bit_for_bit() {
+        let mut edge = vec![
+            0.0,
+            -0.0,
+            0.5,
+            -0.5,
+            1.5,
+            -1.5,
+            2.5,
+            0.49999999999999994,
+            -0.49999999999999994,
+            4503599627370495.5,
+            -4503599627370495.5,
+            2097152.5,
+            1e15 + 0.5,
+        ];
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..200_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let v = (x as f64 / u64::MAX as f64 - 0.5) * 2f64.powi((x % 40) as i32);
+            edge.push(v);
+            edge.push(v.floor() + 0.5);
+        }
+        for y in edge {
+            assert_eq!(round_half_away(y), y.round() as i64, "{y:?}");
+        }
+    }
 
     fn budget() -> NoiseBudget {
         NoiseBudget {

@@ -176,16 +176,17 @@ pub fn encrypt_threads(
     par_blocks(&mut out, block_len, threads, |b, chunk| {
         let cts = chunk.len() / n;
         let masks = block_masks(seed, b, cts, n);
-        let mut noise = rand::rngs::ChaCha20Rng::from_seed(noise_seeds[b]);
+        let mut noise = NoiseSource::new(
+            rand::rngs::ChaCha20Rng::from_seed(noise_seeds[b]),
+            params.noise_log2,
+        );
         let mut scratch = fft.scratch();
         for j in 0..cts {
             let body = &mut chunk[j * n..(j + 1) * n];
             let first = b * block_len + j * n;
             for (i, v) in body.iter_mut().enumerate() {
                 let m = messages.get(first + i).copied().unwrap_or(0);
-                *v = codec
-                    .plaintext(m)
-                    .wrapping_add(t_uniform(&mut noise, params.noise_log2) as u64);
+                *v = codec.plaintext(m).wrapping_add(noise.next() as u64);
             }
             fft.add_product(body, &masks[j * n..(j + 1) * n], &key_hat, &mut scratch);
             for v in body.iter_mut() {
@@ -197,10 +198,41 @@ pub fn encrypt_threads(
 }
 
 /// A T-uniform sample of bound 2^`log2`: uniform on [−2^log2, 2^log2] with the two ends at
-/// half weight (tfhe-rs's `TUniform`).
-fn t_uniform(rng: &mut impl Rng, log2: u32) -> i64 {
-    let bits = rng.next_u64() & ((1u64 << (log2 + 2)) - 1);
+/// half weight (tfhe-rs's `TUniform`), from `log2 + 2` uniform bits.
+fn t_uniform_of(bits: u64, log2: u32) -> i64 {
     ((bits >> 1) + (bits & 1)) as i64 - (1i64 << log2)
+}
+
+/// T-uniform samples, as many from each 64 random bits as whole `log2 + 2`-bit slices fit
+/// (three for the default bound 2^17): a third of the generator's work of one a word.
+struct NoiseSource<R: Rng> {
+    rng: R,
+    log2: u32,
+    word: u64,
+    left: u32,
+}
+
+impl<R: Rng> NoiseSource<R> {
+    fn new(rng: R, log2: u32) -> Self {
+        NoiseSource {
+            rng,
+            log2,
+            word: 0,
+            left: 0,
+        }
+    }
+
+    fn next(&mut self) -> i64 {
+        let width = self.log2 + 2;
+        if self.left < width {
+            self.word = self.rng.next_u64();
+            self.left = 64;
+        }
+        let bits = self.word & ((1u64 << width) - 1);
+        self.word >>= width;
+        self.left -= width;
+        t_uniform_of(bits, self.log2)
+    }
 }
 
 /// Reference encryption with tfhe-rs's own `encrypt_seeded_glwe_ciphertext_list` (same masks,
@@ -759,12 +791,29 @@ mod tests {
         }
         // And the noise is not zero: T-uniform over [−2^17, 2^17].
         assert!(fast.iter().zip(&reference).filter(|(f, r)| f != r).count() > len / 2);
-        let mut rng = ChaCha8Rng::seed_from_u64(23);
-        let samples: Vec<i64> = (0..100_000).map(|_| t_uniform(&mut rng, 3)).collect();
+        // Several samples from each random word: still T-uniform, ends at half weight.
+        let mut noise = NoiseSource::new(ChaCha8Rng::seed_from_u64(23), 3);
+        let samples: Vec<i64> = (0..160_000).map(|_| noise.next()).collect();
         assert_eq!(*samples.iter().min().unwrap(), -8);
         assert_eq!(*samples.iter().max().unwrap(), 8);
+        for (v, weight) in [(-8, 0.5), (-3, 1.0), (0, 1.0), (7, 1.0), (8, 0.5)] {
+            let share = samples.iter().filter(|&&x| x == v).count() as f64 / 160_000.0;
+            let want = weight / 16.0;
+            assert!(
+                (share - want).abs() < 0.004,
+                "P({v}) = {share}, want {want}"
+            );
+        }
         let mean = samples.iter().sum::<i64>() as f64 / samples.len() as f64;
-        assert!(mean.abs() < 0.1, "{mean}");
+        assert!(mean.abs() < 0.05, "{mean}");
+        // The default bound: variance (2^(2b+1) + 1) / 6.
+        let b = p.noise_log2;
+        let mut noise = NoiseSource::new(ChaCha8Rng::seed_from_u64(24), b);
+        let samples: Vec<f64> = (0..300_000).map(|_| noise.next() as f64).collect();
+        assert!(samples.iter().all(|x| x.abs() <= (1u64 << b) as f64));
+        let var = samples.iter().map(|x| x * x).sum::<f64>() / samples.len() as f64;
+        let want = ((1u128 << (2 * b + 1)) + 1) as f64 / 6.0;
+        assert!((var / want - 1.0).abs() < 0.02, "variance {var} vs {want}");
     }
 
     #[test]
