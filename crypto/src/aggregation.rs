@@ -719,6 +719,18 @@ mod tests {
         }
     }
 
+    impl Round {
+        /// The manifest of every upload of the round, as the coordinator signs it.
+        fn manifest(&self) -> Manifest {
+            self.info.manifest(
+                self.records
+                    .iter()
+                    .map(|u| (u.participant.clone(), u.weight))
+                    .collect(),
+            )
+        }
+    }
+
     fn ask(
         r: &Round,
         manifest: &Manifest,
@@ -765,12 +777,7 @@ mod tests {
         let mut r = round_with(4, 3, 2, &mut rng, &values, u64::MAX);
         assert!(r.values.iter().all(|(w, _)| *w == 1), "weight 1 each");
         let committee = r.info.validate().unwrap();
-        let manifest = r.info.manifest(
-            r.records
-                .iter()
-                .map(|u| (u.participant.clone(), u.weight))
-                .collect(),
-        );
+        let manifest = r.manifest();
         for (k, m) in committee.assign(&[0, 1]).unwrap() {
             let (share, _) = ask(
                 &r,
@@ -797,12 +804,7 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let mut r = round(4, 3, 2, &mut rng);
         let committee = r.info.validate().unwrap();
-        let manifest = r.info.manifest(
-            r.records
-                .iter()
-                .map(|u| (u.participant.clone(), u.weight))
-                .collect(),
-        );
+        let manifest = r.manifest();
         // Member 1 does not answer: members 0 and 2 cover every piece.
         for (k, m) in committee.assign(&[0, 2]).unwrap() {
             let (share, sig) = ask(
@@ -843,12 +845,7 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let r = round(3, 3, 2, &mut rng);
         let committee = r.info.validate().unwrap();
-        let manifest = r.info.manifest(
-            r.records
-                .iter()
-                .map(|u| (u.participant.clone(), u.weight))
-                .collect(),
-        );
+        let manifest = r.manifest();
         // The coordinator's whole view: every body, every record and sealed piece, and every
         // member's share of the sum.
         let mut shares = Vec::new();
@@ -990,12 +987,7 @@ mod tests {
         let p = &r.parties[0];
         protect(&r.info, &p.id, &p.sign, &mut seeds, &[1.0], 10, &mut rng).unwrap();
         assert!(protect(&r.info, &p.id, &p.sign, &mut seeds, &[1.0], 10, &mut rng).is_err());
-        let manifest = r.info.manifest(
-            r.records
-                .iter()
-                .map(|u| (u.participant.clone(), u.weight))
-                .collect(),
-        );
+        let manifest = r.manifest();
         let k = r.info.validate().unwrap().pieces_of(0)[0];
         // A piece the coordinator sealed itself (to the member's public key) is not one the
         // participant signed.

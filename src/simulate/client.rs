@@ -93,6 +93,30 @@ pub(super) enum Done {
     DroppedOut,
 }
 
+/// Participants working at once: twice the pool's threads, so that one window's updates are
+/// the most held at a time.
+pub(super) fn window() -> usize {
+    2 * rayon::current_num_threads().max(1)
+}
+
+/// One window of participants' work, each on its own thread of the pool (`chunk`'s indices
+/// strictly increasing); the results come back in the window's order, which is participant
+/// order: (id, whether it trained, its work).
+pub(super) fn work_window(
+    clients: &mut [Client],
+    chunk: &[(usize, Task)],
+    step: &Step<'_>,
+) -> Vec<(String, bool, Work)> {
+    use rayon::prelude::*;
+    pick_mut(clients, chunk.iter().map(|(i, t)| (*i, t)))
+        .into_par_iter()
+        .map(|(c, t)| {
+            let training = matches!(t, Task::Train { .. });
+            (c.id.clone(), training, work_of(c, t, step))
+        })
+        .collect()
+}
+
 /// Mutable borrows of the items at `picked`'s indices (strictly increasing), each with its
 /// companion value, so that each can be worked on by another thread.
 pub(super) fn pick_mut<T, U>(

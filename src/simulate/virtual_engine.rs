@@ -30,7 +30,7 @@ use cohort_participant::LocalData;
 use cohort_storage::ModelStore;
 
 use super::availability::Availability;
-use super::client::{Client, Done, Step, Work, answer, decryption_input, pick_mut, work_of};
+use super::client::{Client, Done, Step, answer, decryption_input, pick_mut, window, work_window};
 use super::workers::{Remote, ShardResult};
 use rand::SeedableRng;
 use rand::rngs::ChaCha20Rng;
@@ -131,13 +131,7 @@ pub(super) fn run(
             if secure { p.keys.clone() } else { None },
         );
     }
-    let examples: BTreeMap<&str, u64> = roster
-        .members
-        .iter()
-        .map(|(id, (n, _))| (id.as_str(), *n))
-        .collect();
-    let hold = conditions.availability.is_some();
-    if hold {
+    if conditions.availability.is_some() {
         orch.set_paused(true, clock.now());
     }
     for id in roster.members.keys() {
@@ -147,7 +141,6 @@ pub(super) fn run(
         roster.apply(&mut orch, (av.offline(1), Vec::new()), clock.now())?;
         orch.set_paused(false, clock.now());
     }
-    let window = 2 * rayon::current_num_threads().max(1);
     loop {
         // Events first: a completed round is committed before anything else happens.
         while let Some(ev) = orch.poll_event() {
@@ -244,7 +237,7 @@ pub(super) fn run(
                         .iter()
                         .flatten()
                         .filter(|(_, t)| matches!(t, Task::Train { .. }))
-                        .map(|(id, _)| examples[id.as_str()]),
+                        .map(|(id, _)| roster.members[id].0),
                 )
                 .collect();
             let total: u64 = training.iter().map(|n| n.max(&1)).sum();
@@ -258,18 +251,8 @@ pub(super) fn run(
             quantize,
             dropout: conditions.dropout,
         };
-        for chunk in work.chunks(window) {
-            // Each client of the window works on its own thread; results come back in the
-            // window's order, which is participant order.
-            let slots = pick_mut(&mut clients, chunk.iter().map(|(i, t)| (*i, t)));
-            let done: Vec<(String, bool, Work)> = slots
-                .into_par_iter()
-                .map(|(c, t)| {
-                    let training = matches!(t, Task::Train { .. });
-                    (c.id.clone(), training, work_of(c, t, &step))
-                })
-                .collect();
-            for (id, training, w) in done {
+        for chunk in work.chunks(window()) {
+            for (id, training, w) in work_window(&mut clients, chunk, &step) {
                 if training {
                     time.train += w.seconds;
                 } else {
@@ -323,11 +306,8 @@ pub(super) fn run(
                     // Virtual participants are alive throughout (a dropout loses one update,
                     // not the participant): they answer for the time skipped.
                     let now = clock.now();
-                    for c in &clients {
-                        let _ = orch.handle_heartbeat(&c.id, now);
-                    }
-                    for p in remote.iter().flat_map(|r| r.shards.iter().flatten()) {
-                        let _ = orch.handle_heartbeat(&p.id, now);
+                    for id in roster.members.keys() {
+                        let _ = orch.handle_heartbeat(id, now);
                     }
                     orch.handle_timeout(now);
                 }

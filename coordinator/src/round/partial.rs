@@ -27,7 +27,7 @@ impl Orchestrator {
     ) -> Result<(), Rejection> {
         let PartialSum {
             round,
-            contributions,
+            mut contributions,
             values,
         } = partial;
         if contributions.is_empty() {
@@ -80,8 +80,10 @@ impl Orchestrator {
                 sec.acc
                     .add_partial(&Accumulator::from_parts(sum, weight, contributions.len()))
                     .map_err(|e| Rejection::Invalid(e.to_string()))?;
-                for (c, (record, keys, pieces)) in contributions.iter().zip(records) {
-                    sec.records.insert(c.id.clone(), (record, keys));
+                for (c, record) in contributions.iter_mut().zip(records) {
+                    sec.records.insert(c.id.clone(), record);
+                    // Checked above: every secure contribution carries its record.
+                    let pieces = c.secure.take().map(|r| r.pieces).unwrap_or_default();
                     sec.pieces
                         .extend(pieces.into_iter().map(|p| (c.id.clone(), p)));
                 }
@@ -94,14 +96,13 @@ impl Orchestrator {
     }
 
     /// Each contribution's record, checked as [`Self::handle_secure_update`] checks one
-    /// upload's, with the key that verified it and its pieces.
-    #[allow(clippy::type_complexity)]
+    /// upload's, with the key that verified it.
     fn check_secure_contributions(
         &self,
         round: u64,
         contributions: &[Contribution],
         num_bodies: usize,
-    ) -> Result<Vec<(UploadRecord, super::PartyKeys, Vec<SealedPiece>)>, Rejection> {
+    ) -> Result<Vec<(UploadRecord, super::PartyKeys)>, Rejection> {
         let mut out = Vec::with_capacity(contributions.len());
         for c in contributions {
             self.check_secure_update(&c.id, round, num_bodies)?;
@@ -131,7 +132,7 @@ impl Orchestrator {
             upload
                 .verify(&sec.info, &keys.verify)
                 .map_err(|e| Rejection::Invalid(format!("{}: upload signature: {e}", c.id)))?;
-            out.push((upload, keys, record.pieces.clone()));
+            out.push((upload, keys));
         }
         Ok(out)
     }

@@ -33,9 +33,8 @@ use cohort_protocol::pb;
 use cohort_protocol::secure::{
     bytes32, bytes64, round_from_pb, round_pb, sealed_from_pb, sealed_pb,
 };
-use rayon::prelude::*;
 
-use super::client::{Client, Done, Step, Work, pick_mut, work_of};
+use super::client::{Client, Done, Step, window, work_window};
 
 pub(super) mod driver;
 mod worker;
@@ -135,17 +134,8 @@ pub(super) fn work_shard(
     let mut contributions = Vec::new();
     let mut plain: Option<Vec<f64>> = None;
     let mut secure: Option<Accumulator> = None;
-    let window = 2 * rayon::current_num_threads().max(1);
-    for chunk in tasks.chunks(window) {
-        let slots = pick_mut(clients, chunk.iter().map(|(i, t)| (*i, t)));
-        let done: Vec<(String, bool, Work)> = slots
-            .into_par_iter()
-            .map(|(c, t)| {
-                let training = matches!(t, Task::Train { .. });
-                (c.id.clone(), training, work_of(c, t, &work))
-            })
-            .collect();
-        for (id, training, w) in done {
+    for chunk in tasks.chunks(window()) {
+        for (id, training, w) in work_window(clients, chunk, &work) {
             if training {
                 out.train_seconds += w.seconds;
             } else {
