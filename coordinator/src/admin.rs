@@ -241,6 +241,22 @@ fn event_pb(job: &str, ev: &Event) -> pb::AdminEvent {
         Event::Paused(true) => ("job_paused", 0, vec![], String::new()),
         Event::Paused(false) => ("job_resumed", 0, vec![], String::new()),
         Event::JobCancelled { round } => ("job_cancelled", *round, vec![], String::new()),
+        Event::StatisticsCompleted {
+            participants,
+            statistics,
+            ..
+        } => (
+            "statistics_completed",
+            0,
+            participants.clone(),
+            format!(
+                "{} rows over {} sites; pipeline of {} features",
+                statistics.stats.rows,
+                statistics.sites,
+                statistics.pipeline.width()
+            ),
+        ),
+        Event::JobFailed { reason } => ("job_failed", 0, vec![], reason.clone()),
     };
     pb::AdminEvent {
         unix_ms: unix_ms(),

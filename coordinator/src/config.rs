@@ -277,6 +277,7 @@ impl JobSection {
             liveness_timeout: secs("liveness_timeout_secs", self.liveness_timeout_secs)?,
             seed: self.seed,
             secure: self.secure_aggregation.settings(min_updates)?,
+            data: None,
         };
         cfg.validate()?;
         self.strategy()?;

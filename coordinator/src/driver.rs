@@ -383,6 +383,27 @@ async fn process_events(
                 tracing::warn!(job, round, %id, "committee member failed: {reason}; pieces reassigned")
             }
             Event::JobFinished { rounds } => tracing::info!(job, rounds, "job finished"),
+            Event::StatisticsCompleted {
+                participants,
+                statistics,
+                ..
+            } => {
+                tracing::info!(
+                    job,
+                    sites = participants.len(),
+                    rows = statistics.stats.rows,
+                    features = statistics.pipeline.width(),
+                    "round 0: the federation's statistics are in; pipeline fitted"
+                );
+                // Not yet stored with the job: a coordinator restarted before round 1 is
+                // committed runs round 0 again (nothing of a site's is kept to lose).
+                with_orch(&s, true, |o| {
+                    if o.config().job_id == job {
+                        o.committed(0, Instant::now())
+                    }
+                });
+            }
+            Event::JobFailed { reason } => tracing::error!(job, "job stopped: {reason}"),
             Event::Paused(p) => tracing::info!(job, paused = p, "job paused or resumed"),
             Event::JobCancelled { round } => {
                 tracing::warn!(
@@ -393,7 +414,10 @@ async fn process_events(
             }
         }
         let _ = s.admin_events.send((Arc::from(job), ev.clone()));
-        let finished = matches!(ev, Event::JobFinished { .. } | Event::JobCancelled { .. });
+        let finished = matches!(
+            ev,
+            Event::JobFinished { .. } | Event::JobCancelled { .. } | Event::JobFailed { .. }
+        );
         let _ = s.observers.send(ev);
         if finished {
             s.finished.send_replace(true);

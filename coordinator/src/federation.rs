@@ -47,10 +47,16 @@ impl Coordinator {
     }
 
     fn task_message(&self, id: &str) -> Result<pb::Task, Status> {
-        let (task, version, params, cfg) = {
+        let (task, version, params, cfg, update_len) = {
             let o = self.lock()?;
             let (v, p) = o.global();
-            (o.task_for(id), v, p, o.config().clone())
+            (
+                o.task_for(id),
+                v,
+                p,
+                o.config().clone(),
+                o.current_update_len(),
+            )
         };
         let now = Instant::now();
         let ms = |d: Instant| d.saturating_duration_since(now).as_millis() as u64;
@@ -85,6 +91,19 @@ impl Coordinator {
                 deadline_in_ms: ms(deadline),
                 model_version,
             }),
+            Task::Statistics {
+                attempt,
+                deadline,
+                secure,
+            } => Kind::Statistics(pb::StatisticsTask {
+                job_id: cfg.job_id.clone(),
+                attempt,
+                data_spec_json: serde_json::to_string(&cfg.data)
+                    .map_err(|e| Status::internal(e.to_string()))?,
+                num_values: update_len as u64,
+                deadline_in_ms: ms(deadline),
+                secure: secure.as_deref().map(round_pb),
+            }),
             Task::Decrypt(d) => Kind::Decrypt(pb::DecryptTask {
                 job_id: cfg.job_id.clone(),
                 round: d.info.round,
@@ -94,7 +113,8 @@ impl Coordinator {
                 manifest_signature: d.manifest_signature.to_vec(),
                 coordinator_key: d.coordinator_key.0.to_vec(),
                 pieces: d.pieces.iter().map(|&k| k as u32).collect(),
-                num_parameters: params.len() as u64,
+                // The model's parameters, or round 0's statistics digits.
+                num_parameters: update_len as u64,
                 deadline_in_ms: ms(d.deadline),
                 request: d.request,
             }),

@@ -281,7 +281,7 @@ impl Metrics {
                 self.participants_lost.inc();
                 self.presence(id, false, now)
             }
-            Event::JobCancelled { .. } | Event::JobFinished { .. } => {
+            Event::JobCancelled { .. } | Event::JobFinished { .. } | Event::JobFailed { .. } => {
                 self.online.lock().expect("metrics lock").clear();
                 self.participants_connected.set(0);
             }

@@ -41,6 +41,7 @@ fn job() -> JobConfig {
         liveness_timeout: Duration::from_secs(30),
         seed: 3,
         secure: None,
+        data: None,
     }
 }
 

@@ -24,7 +24,23 @@ pub struct DigitCodec {
     pub digits: usize,
 }
 
+/// Statistics' range: magnitudes below 2^80 (sums of squares of large values over many
+/// rows fit) at 2^-32 resolution (the sums of squares of small values keep their digits).
+const STATISTICS_MAX_LOG2: i32 = 80;
+const STATISTICS_FRAC_BITS: u32 = 32;
+
 impl DigitCodec {
+    /// The digits every party uses for a federation's statistics under `codec`: magnitudes
+    /// up to 2^80 at 32 fractional bits (6 digits a value under the default codec).
+    pub fn for_statistics(codec: &Codec) -> Result<DigitCodec, CryptoError> {
+        DigitCodec::new(codec, 2f64.powi(STATISTICS_MAX_LOG2), STATISTICS_FRAC_BITS)
+    }
+
+    /// Update values that carry `n` statistics.
+    pub fn len_for(&self, n: usize) -> usize {
+        n * self.digits
+    }
+
     /// Digits for values up to `max_abs` in magnitude at `frac_bits` fractional bits, as
     /// large as `codec` carries exactly: a digit `d` travels as `d / 2^f`, within ±B, so
     /// k − 1 ≤ f + log2 B (and below f32's 24-bit mantissa). The codec's capacity check
@@ -60,8 +76,9 @@ impl DigitCodec {
     pub fn encode(&self, values: &[f64], codec: &Codec) -> Result<Vec<f32>, CryptoError> {
         let k = self.digit_bits;
         let scale = (1u128 << self.frac_bits) as f64;
-        // Balanced digits reach a little less than 2^(kL−1): stay a bit below.
-        let limit = 1i128 << (k * self.digits as u32 - 2);
+        // Balanced digits reach a little less than 2^(kL−1): stay a bit below, and within
+        // what a federation's sum of such values keeps in 128 bits.
+        let limit = 1i128 << (k * self.digits as u32 - 2).min(116);
         let half = 1i128 << (k - 1);
         let unit = (1u64 << codec.frac_bits) as f32;
         let mut out = Vec::with_capacity(values.len() * self.digits);
@@ -96,14 +113,22 @@ impl DigitCodec {
         Ok(digit_sums
             .chunks_exact(self.digits)
             .map(|ds| {
-                let total: i128 = ds
-                    .iter()
-                    .enumerate()
-                    .map(|(j, &d)| (d as i128) << (self.digit_bits as usize * j))
-                    .sum();
-                total as f64 / scale
+                let mut total = 0i128;
+                for (j, &d) in ds.iter().enumerate() {
+                    // Sums of digits that no honest values give (a participant sending
+                    // digits out of range) can overflow: refused, never wrapped.
+                    total = (d as i128)
+                        .checked_mul(1i128 << (self.digit_bits as usize * j))
+                        .and_then(|v| total.checked_add(v))
+                        .ok_or_else(|| {
+                            CryptoError::Capacity(
+                                "the sum of the statistics overflows 128 bits".into(),
+                            )
+                        })?;
+                }
+                Ok(total as f64 / scale)
             })
-            .collect())
+            .collect::<Result<Vec<f64>, CryptoError>>()?)
     }
 }
 

@@ -614,9 +614,11 @@ impl TableStats {
 }
 
 mod pipeline;
+mod spec;
 mod summary;
 
 pub use pipeline::{Impute, Pipeline, PipelineOptions, Step, TransformReport};
+pub use spec::DataSpec;
 pub use summary::ColumnSummary;
 
 #[cfg(test)]

@@ -168,6 +168,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         liveness_timeout: Duration::from_secs(60),
         seed: args.seed,
         secure: if emulated { None } else { secure.clone() },
+        data: None,
     };
     let emulation = secure
         .as_ref()

@@ -432,6 +432,7 @@ mod tests {
                 t_min: 2,
                 ..SecureSettings::default()
             }),
+            data: None,
         }
     }
 

@@ -75,6 +75,10 @@ pub struct JobConfig {
     /// Secure aggregation settings; `None` runs plaintext rounds (research comparisons only:
     /// the coordinator then sees every participant's update).
     pub secure: Option<SecureSettings>,
+    /// The participants' tables (`[job.data]`): when given, the job starts with round 0, the
+    /// federation's statistics summed like updates, and every site prepares its rows with
+    /// the pipeline fitted from them.
+    pub data: Option<cohort_model::tabular::DataSpec>,
 }
 
 /// How a job aggregates securely (protocol: docs/secure-aggregation.md).
@@ -232,6 +236,27 @@ impl JobConfig {
         }
         if let Some(sec) = &self.secure {
             sec.validate(self.min_participants)?;
+        }
+        if let Some(data) = &self.data {
+            data.validate().map_err(|e| invalid(format!("data: {e}")))?;
+            let width = data.width();
+            if self.model.input_shape() != cohort_model::FeatureShape::Flat(width) {
+                return Err(invalid(format!(
+                    "model: the data's pipeline gives {width} features a row, the model takes {:?}",
+                    self.model.input_shape()
+                )));
+            }
+            if self.model.classes() != data.schema.classes.len() {
+                return Err(invalid(format!(
+                    "model: {} classes, the data's label {:?} has {}",
+                    self.model.classes(),
+                    data.schema.label,
+                    data.schema.classes.len()
+                )));
+            }
+            let codec = self.secure.as_ref().map(|s| s.codec).unwrap_or_default();
+            cohort_crypto::DigitCodec::for_statistics(&codec)
+                .map_err(|e| invalid(format!("data: the federation's statistics: {e}")))?;
         }
         Ok(())
     }

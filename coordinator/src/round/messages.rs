@@ -48,6 +48,14 @@ pub enum Task {
         /// The secure round to encrypt for; `None` in plaintext jobs.
         secure: Option<Arc<RoundInfo>>,
     },
+    /// Round 0 of a job with tables: send the training table's statistics
+    /// (`TableStats::to_values`, split by the job's `DigitCodec::for_statistics`), weight 1,
+    /// encrypted for `secure` in secure jobs.
+    Statistics {
+        attempt: u32,
+        deadline: Instant,
+        secure: Option<Arc<RoundInfo>>,
+    },
     /// A committee member's part of decryption.
     Decrypt(DecryptRequest),
     Evaluate {
@@ -255,6 +263,19 @@ pub enum Event {
     },
     JobFinished {
         rounds: u64,
+    },
+    /// Round 0 is done: the federation's statistics and the pipeline fitted from them. The
+    /// machine waits for the driver to commit round 0 (storing them) before round 1.
+    StatisticsCompleted {
+        attempts: u32,
+        participants: Vec<ParticipantId>,
+        stragglers: Vec<ParticipantId>,
+        seconds: f64,
+        statistics: super::FederationStatistics,
+    },
+    /// The job stopped on its own and will not go on (the text says why).
+    JobFailed {
+        reason: String,
     },
     /// Committing round `round` failed (storage full, unreachable, refusing): the job waits,
     /// holding the round, until a commit succeeds.

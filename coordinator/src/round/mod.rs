@@ -35,9 +35,11 @@ mod messages;
 mod partial;
 mod progress;
 mod secure;
+mod statistics;
 
 pub use config::{JobConfig, JobError, Sampling, SecureSettings};
 pub use messages::*;
+pub use statistics::FederationStatistics;
 
 /// Identity of a participant (its configured id; the certificate subject once mTLS exists).
 pub type ParticipantId = String;
@@ -135,6 +137,10 @@ pub struct Orchestrator {
     paused: bool,
     /// Set when an operator cancelled the job.
     cancelled: bool,
+    /// Why the job stopped on its own, if it did.
+    failure: Option<String>,
+    /// Round 0's outcome, in jobs with tables.
+    statistics: Option<FederationStatistics>,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -160,6 +166,7 @@ impl Orchestrator {
         entropy: [u8; 32],
     ) -> Result<Self, JobError> {
         config.validate()?;
+        let first_round = if config.data.is_some() { 0 } else { 1 };
         let global = Arc::new(config.model.initial_parameters(config.seed));
         let mut entropy = ChaCha20Rng::from_seed(entropy);
         let signer = cohort_crypto::Signer25519::generate(&mut entropy);
@@ -171,8 +178,9 @@ impl Orchestrator {
             allowed,
             participants: BTreeMap::new(),
             sessions: BTreeMap::new(),
+            // Jobs with tables start with the federation's statistics.
             phase: Phase::Waiting {
-                round: 1,
+                round: first_round,
                 attempt: 1,
             },
             global,
@@ -181,6 +189,8 @@ impl Orchestrator {
             events: VecDeque::new(),
             paused: false,
             cancelled: false,
+            failure: None,
+            statistics: None,
         })
     }
 
@@ -227,8 +237,11 @@ impl Orchestrator {
         o.phase = if done == o.config.rounds {
             Phase::Finished
         } else {
+            // A job with tables resumed before round 0 was committed does it again
+            // ([`Self::restore_statistics`] skips it when its statistics were stored).
+            let round0 = done == 0 && o.config.data.is_some();
             Phase::Waiting {
-                round: done + 1,
+                round: if round0 { 0 } else { done + 1 },
                 attempt: attempt.max(1),
             }
         };
@@ -252,6 +265,11 @@ impl Orchestrator {
     /// Whether an operator cancelled the job.
     pub fn is_cancelled(&self) -> bool {
         self.cancelled
+    }
+
+    /// Why the job stopped on its own before its last round, if it did.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
     }
 
     /// Stops the job for good; a round under way is abandoned (nothing of it is kept).
@@ -305,6 +323,7 @@ impl Orchestrator {
         match self.phase {
             Phase::Waiting { .. } if self.paused => "paused",
             Phase::Finished if self.cancelled => "cancelled",
+            Phase::Finished if self.failure.is_some() => "failed",
             _ => self.phase.name(),
         }
     }
@@ -471,9 +490,10 @@ impl Orchestrator {
                 "this round is securely aggregated: send encrypted bodies, not plaintext".into(),
             ));
         }
-        if num_parameters != self.global.len() {
+        let expected = self.update_len(round);
+        if num_parameters != expected {
             return Err(Rejection::ParameterCount {
-                expected: self.global.len(),
+                expected,
                 got: num_parameters,
             });
         }
@@ -496,6 +516,7 @@ impl Orchestrator {
         if let Some(i) = update.delta.iter().position(|v| !v.is_finite()) {
             return Err(Rejection::Invalid(format!("parameter {i} is not finite")));
         }
+        self.check_statistics_update(id, update.round, update.num_examples, Some(&update.delta))?;
         let Phase::Training(t) = &mut self.phase else {
             unreachable!("check_update ensured training");
         };
@@ -623,6 +644,15 @@ impl Orchestrator {
     pub fn task_for(&self, id: &str) -> Task {
         match &self.phase {
             Phase::Finished => Task::Finished,
+            Phase::Training(t)
+                if t.round == 0 && t.selected.contains(id) && !t.received.contains(id) =>
+            {
+                Task::Statistics {
+                    attempt: t.attempt,
+                    deadline: t.deadline,
+                    secure: t.secure.as_ref().map(|s| s.info.clone()),
+                }
+            }
             Phase::Training(t) if t.selected.contains(id) && !t.received.contains(id) => {
                 let mut config = self.config.train.clone();
                 config.seed = participant_seed(self.config.train.seed, t.round, t.attempt, id);

@@ -43,6 +43,7 @@ impl Orchestrator {
             if c.weight == 0 {
                 return Err(Rejection::Invalid(format!("{}: weight 0", c.id)));
             }
+            self.check_statistics_update(&c.id, round, c.weight, None)?;
         }
         let weight: u64 = contributions.iter().map(|c| c.weight).sum();
         match values {

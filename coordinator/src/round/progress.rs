@@ -83,6 +83,8 @@ impl Orchestrator {
         let mut rng = ChaCha8Rng::seed_from_u64(selection_seed(self.config.seed, round, attempt));
         online.shuffle(&mut rng);
         let drawn = match self.config.sampling {
+            // The statistics are the whole federation's: everyone online.
+            _ if round == 0 => online.len(),
             Sampling::Fraction => (online.len() as f64 * self.config.fraction).ceil() as usize,
             Sampling::Count(k) => k,
             Sampling::Poisson => {
@@ -125,7 +127,7 @@ impl Orchestrator {
             acc: if secure.is_some() {
                 Vec::new()
             } else {
-                vec![0.0; self.global.len()]
+                vec![0.0; self.update_len(round)]
             },
             weight: 0,
             train_metrics: Vec::new(),
@@ -155,6 +157,19 @@ impl Orchestrator {
         }
         if t.secure.is_some() {
             self.start_decryption(t, stragglers, now);
+            return;
+        }
+        if t.round == 0 {
+            // Whole multiples of the codec's unit (checked with each update): exact sums.
+            let unit = (1u64 << self.statistics_codec().frac_bits) as f64;
+            let sums: Vec<i64> = t.acc.iter().map(|a| (a * unit).round() as i64).collect();
+            let closed = statistics::Closed {
+                attempt: t.attempt,
+                participants: t.received.iter().cloned().collect(),
+                stragglers,
+                started: t.started,
+            };
+            self.finish_statistics(closed, &sums, now);
             return;
         }
         let w = t.weight as f64;
@@ -312,7 +327,7 @@ impl Orchestrator {
         if failure.is_some() {
             self.events.push_back(Event::CommitRecovered { round });
         }
-        if round >= self.config.rounds {
+        if round >= self.config.rounds && round > 0 {
             self.phase = Phase::Finished;
             self.events.push_back(Event::JobFinished { rounds: round });
         } else {

@@ -17,7 +17,7 @@ use cohort_crypto::aggregation::{
     MemberInfo, RoundInfo, SealedPiece, UploadRecord, check_pieces, verify_share,
 };
 use cohort_crypto::policy::Manifest;
-use cohort_crypto::{Accumulator, Committee, Kind, RoundSeed, decode};
+use cohort_crypto::{Accumulator, Committee, Kind, RoundSeed, decode, decode_sums};
 use cohort_model::Metrics;
 use rand::RngExt;
 
@@ -120,16 +120,21 @@ impl Orchestrator {
             t_min: sec.t_min,
             codec: sec.codec,
             params: sec.params,
-            weight_unit: cohort_crypto::aggregation::weight_unit(
-                examples,
-                selected.len(),
-                sec.codec.max_total_weight,
-            ),
+            // Round 0 (statistics): every weight is 1.
+            weight_unit: if round == 0 {
+                u64::MAX
+            } else {
+                cohort_crypto::aggregation::weight_unit(
+                    examples,
+                    selected.len(),
+                    sec.codec.max_total_weight,
+                )
+            },
         };
         let committee = info
             .validate()
             .expect("settings were validated with the job");
-        let len = info.params.ciphertexts(self.global.len()) * info.params.polynomial_size;
+        let len = info.params.ciphertexts(self.update_len(round)) * info.params.polynomial_size;
         Box::new(SecureTraining {
             info: Arc::new(info),
             committee,
@@ -139,12 +144,19 @@ impl Orchestrator {
         })
     }
 
-    /// Ciphertext bodies a secure update must carry.
+    /// Ciphertext bodies a secure update of the current round must carry.
     pub fn bodies_len(&self) -> Option<usize> {
+        let len = self.update_len(self.current_round());
         self.config
             .secure
             .as_ref()
-            .map(|s| s.params.ciphertexts(self.global.len()) * s.params.polynomial_size)
+            .map(|s| s.params.ciphertexts(len) * s.params.polynomial_size)
+    }
+
+    /// Values the current round's updates carry (the model's parameters, or in round 0 the
+    /// statistics' digits): what a committee member's share decodes.
+    pub fn current_update_len(&self) -> usize {
+        self.update_len(self.current_round())
     }
 
     /// Checks that `id` may send a secure update of `num_bodies` bodies for `round` now,
@@ -182,6 +194,7 @@ impl Orchestrator {
         // `bodies_sha256` is the digest the driver computed while receiving the bodies (the
         // upload stream's own), so it is not recomputed here under the lock.
         self.check_secure_update(id, update.round, update.bodies.len())?;
+        self.check_statistics_update(id, update.round, update.weight, None)?;
         let keys = self.participants[id]
             .keys
             .clone()
@@ -484,6 +497,27 @@ impl Orchestrator {
         let Phase::Decrypting(d) = std::mem::replace(&mut self.phase, Phase::Finished) else {
             return;
         };
+        if d.round == 0 {
+            let len = self.update_len(0);
+            match decode_sums(&d.acc, &[], len, &d.info.codec) {
+                Ok(sums) => {
+                    let closed = super::statistics::Closed {
+                        attempt: d.attempt,
+                        participants: d.participants,
+                        stragglers: d.stragglers,
+                        started: d.started,
+                    };
+                    self.finish_statistics(closed, &sums, now);
+                }
+                Err(e) => {
+                    let cause = FailureCause::Undecodable {
+                        reason: e.to_string(),
+                    };
+                    self.fail_attempt(d.round, d.attempt, cause, now);
+                }
+            }
+            return;
+        }
         let mean = match decode(&d.acc, &[], self.global.len(), &d.info.codec) {
             Ok(m) => m,
             Err(e) => {

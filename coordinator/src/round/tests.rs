@@ -43,6 +43,7 @@ fn config() -> JobConfig {
         liveness_timeout: Duration::from_secs(20),
         seed: 7,
         secure: None,
+        data: None,
     }
 }
 

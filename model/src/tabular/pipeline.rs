@@ -27,8 +27,9 @@ pub enum Impute {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
 pub struct PipelineOptions {
     pub impute: Impute,
-    /// Add a 0/1 column per column with missing values in the federation, set where the
-    /// value was missing.
+    /// Add a 0/1 column after every used column, set where the value was missing (on every
+    /// column, so that the model's input width is known from the schema before any
+    /// statistics are).
     #[serde(default)]
     pub missing_indicators: bool,
 }
@@ -100,7 +101,7 @@ impl Pipeline {
                         mean,
                         std,
                         fill,
-                        indicator: opts.missing_indicators && n.missing > 0.0,
+                        indicator: opts.missing_indicators,
                     });
                 }
                 ColumnStats::Categorical(k) => {
@@ -118,7 +119,7 @@ impl Pipeline {
                         column: c.name.clone(),
                         categories: k.counts.len(),
                         fill,
-                        indicator: opts.missing_indicators && k.missing > 0.0,
+                        indicator: opts.missing_indicators,
                     });
                 }
                 ColumnStats::Ignored => {}
@@ -129,6 +130,21 @@ impl Pipeline {
             steps,
             refuse_missing: opts.impute == Impute::Refuse,
         })
+    }
+
+    /// Features per row of any pipeline fitted for `schema` with `opts`: known before the
+    /// federation's statistics are, so a job's model can be built from its schema.
+    pub fn width_for(schema: &Schema, opts: PipelineOptions) -> usize {
+        let ind = usize::from(opts.missing_indicators);
+        schema
+            .columns
+            .iter()
+            .map(|c| match &c.kind {
+                ColumnType::Numeric | ColumnType::Boolean => 1 + ind,
+                ColumnType::Categorical { categories } => categories.len() + ind,
+                ColumnType::Ignored => 0,
+            })
+            .sum()
     }
 
     /// Features per row after the pipeline.

@@ -173,6 +173,7 @@ fn the_pipeline_imputes_encodes_and_standardises_with_the_federations_statistics
             "stage=I",
             "stage=II",
             "stage=III",
+            "stage=missing",
             "smoker",
             "smoker=missing"
         ]
@@ -190,6 +191,7 @@ fn the_pipeline_imputes_encodes_and_standardises_with_the_federations_statistics
             1.0,
             0.0,
             0.0,
+            0.0,
             smoker_no,
             0.0
         ]
@@ -197,7 +199,12 @@ fn the_pipeline_imputes_encodes_and_standardises_with_the_federations_statistics
     // Missing age → the mean (0 after standardising) and its indicator; stage IV unknown:
     // all zeros, counted.
     let smoker_yes = ((1.0 - 0.6) / 0.24f64.sqrt()) as f32;
-    assert_eq!(ds.row(1), [0.0, 1.0, 0.0, 0.0, 0.0, smoker_yes, 0.0]);
+    assert_eq!(ds.row(1), [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, smoker_yes, 0.0]);
+    let opts = PipelineOptions {
+        impute: Impute::Mean,
+        missing_indicators: true,
+    };
+    assert_eq!(Pipeline::width_for(&s, opts), p.width());
     assert_eq!(report.imputed, 1);
     assert_eq!(report.unknown_categories, 1);
     assert_eq!(ds.labels, [1, 0]);

@@ -64,6 +64,7 @@ fn config(committee: usize) -> JobConfig {
             decrypt_timeout: Duration::from_secs(5),
             ..SecureSettings::default()
         }),
+        data: None,
     }
 }
 
@@ -170,7 +171,7 @@ impl Harness {
                 keys: &keys,
                 pieces: &pieces,
                 assigned: &req.pieces,
-                len: P,
+                len: self.o.current_update_len(),
             },
             id,
             &node.seal,
@@ -611,3 +612,5 @@ fn partial_sums_give_the_model_of_the_single_uploads_and_are_checked_whole() {
     let (one_by_one, partial) = (run(false), run(true));
     assert_eq!(one_by_one, partial);
 }
+
+mod statistics;
