@@ -328,8 +328,15 @@ async fn run_serve(
 
 fn export_standardizer(config: &std::path::Path, out: &std::path::Path) -> anyhow::Result<()> {
     let cfg = cohort_participant::ParticipantConfig::load(config).map_err(anyhow::Error::msg)?;
-    let local = cfg.load_data().map_err(anyhow::Error::msg)?;
-    let s = local.standardizer.with_context(|| {
+    let local = match cfg.load_data().map_err(anyhow::Error::msg)? {
+        cohort_participant::SiteData::Ready(l) => l,
+        _ => anyhow::bail!(
+            "{}: a table of a job with tables is prepared by the federation's pipeline, which \
+             travels with each model version: there is no site standardizer to export",
+            config.display()
+        ),
+    };
+    let s = local.standardizer.clone().with_context(|| {
         format!(
             "{}: this site does not standardise its data ([data] standardize = false, or \
              images), so rows need no preparation",
@@ -374,14 +381,21 @@ async fn run_participant(config: PathBuf, insecure_dev: bool) -> anyhow::Result<
         return Ok(());
     }
     let data = cfg.load_data().map_err(anyhow::Error::msg)?;
-    tracing::info!(
-        id = %cfg.id,
-        train = data.train.len(),
-        test = data.test.len(),
-        "data loaded"
-    );
+    match &data {
+        cohort_participant::SiteData::Ready(d) => tracing::info!(
+            id = %cfg.id,
+            train = d.train.len(),
+            test = d.test.len(),
+            "data loaded"
+        ),
+        other => tracing::info!(
+            id = %cfg.id,
+            rows = other.examples(),
+            "table loaded; read against the job's schema when the job starts"
+        ),
+    }
     let report = tokio::select! {
-        r = cohort_participant::run(opts, Arc::new(data)) => r?,
+        r = cohort_participant::run(opts, data) => r?,
         _ = shutdown_signal() => anyhow::bail!("interrupted"),
     };
     println!(

@@ -47,7 +47,7 @@ impl Coordinator {
     }
 
     fn task_message(&self, id: &str) -> Result<pb::Task, Status> {
-        let (task, version, params, cfg, update_len) = {
+        let (task, version, params, cfg, update_len, pipeline) = {
             let o = self.lock()?;
             let (v, p) = o.global();
             (
@@ -56,7 +56,13 @@ impl Coordinator {
                 p,
                 o.config().clone(),
                 o.current_update_len(),
+                o.statistics().map(|s| s.pipeline.clone()),
             )
+        };
+        // Jobs with tables: the pipeline every site prepares its rows with (a few KB).
+        let pipeline_json = match &pipeline {
+            Some(p) => serde_json::to_string(&**p).map_err(|e| Status::internal(e.to_string()))?,
+            None => String::new(),
         };
         let now = Instant::now();
         let ms = |d: Instant| d.saturating_duration_since(now).as_millis() as u64;
@@ -77,6 +83,7 @@ impl Coordinator {
                 model_digest: self.encoded(&cfg.job_id, version, &params).digest.clone(),
                 deadline_in_ms: ms(deadline),
                 model_version,
+                pipeline_json: pipeline_json.clone(),
             }),
             Task::Evaluate {
                 round,
@@ -90,6 +97,7 @@ impl Coordinator {
                 model_digest: self.encoded(&cfg.job_id, version, &params).digest.clone(),
                 deadline_in_ms: ms(deadline),
                 model_version,
+                pipeline_json,
             }),
             Task::Statistics {
                 attempt,

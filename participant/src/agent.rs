@@ -5,10 +5,11 @@ use super::*;
 
 pub(crate) async fn agent(
     opts: AgentOptions,
-    data: Option<Arc<LocalData>>,
+    data: Option<SiteData>,
 ) -> Result<AgentReport, AgentError> {
     let mut report = AgentReport::default();
-    let n = data.as_ref().map_or(0, |d| d.train.len() as u64);
+    let mut held = data.map(Held::new);
+    let n = held.as_ref().map_or(0, Held::examples);
     let secrets: SharedSecrets = Arc::new(Mutex::new(Secrets::generate()));
     let keys = lock(&secrets).keys(opts.tls.as_ref())?;
     let mut s = connect(&opts, n, &keys).await?;
@@ -21,14 +22,55 @@ pub(crate) async fn agent(
             })
             .await;
         let outcome = match polled.map(|r| r.into_inner().kind) {
-            Ok(Some(Kind::Train(_) | Kind::Evaluate(_))) if data.is_none() => {
+            Ok(Some(Kind::Train(_) | Kind::Evaluate(_) | Kind::Statistics(_)))
+                if held.is_none() =>
+            {
                 tracing::error!(participant = %opts.id, "asked to train or evaluate, but this node is a custodian and holds no data");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 Ok(())
             }
+            Ok(Some(Kind::Statistics(t))) => {
+                let held = held.as_mut().expect("checked above");
+                let spec: Option<cohort_model::tabular::DataSpec> = match serde_json::from_str(
+                    &t.data_spec_json,
+                ) {
+                    Ok(spec) => spec,
+                    Err(e) => {
+                        tracing::warn!(participant = %opts.id, "statistics task without a readable schema: {e}");
+                        continue;
+                    }
+                };
+                let tables = match spec.as_ref().map(|spec| held.tables(spec)) {
+                    Some(Ok(t)) => t,
+                    Some(Err(NotReady::Data(e))) => return Err(give_up(&mut s, &opts, e).await),
+                    Some(Err(NotReady::Task(st))) => {
+                        tracing::error!(participant = %opts.id, "cannot send statistics: {}", st.message());
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                    None => {
+                        tracing::warn!(participant = %opts.id, "statistics task of a job without tables");
+                        continue;
+                    }
+                };
+                statistics_round(&mut s, &opts, &tables, &secrets, t).await
+            }
             Ok(Some(Kind::Train(t))) => {
                 let round = t.round;
-                let data = data.as_ref().expect("checked above");
+                let data = match held
+                    .as_mut()
+                    .expect("checked above")
+                    .ready(&t.pipeline_json)
+                {
+                    Ok(d) => d,
+                    Err(NotReady::Data(e)) => return Err(give_up(&mut s, &opts, e).await),
+                    Err(NotReady::Task(st)) => {
+                        tracing::error!(participant = %opts.id, round, "cannot train: {}", st.message());
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                let data = &data;
                 let r = train_round(&mut s, &opts, data, &secrets, t).await;
                 if r.is_ok() {
                     report.rounds_trained += 1;
@@ -42,8 +84,20 @@ pub(crate) async fn agent(
                 r
             }
             Ok(Some(Kind::Evaluate(e))) => {
-                let data = data.as_ref().expect("checked above");
-                let r = evaluate_round(&mut s, &opts, data, e).await;
+                let data = match held
+                    .as_mut()
+                    .expect("checked above")
+                    .ready(&e.pipeline_json)
+                {
+                    Ok(d) => d,
+                    Err(NotReady::Data(err)) => return Err(give_up(&mut s, &opts, err).await),
+                    Err(NotReady::Task(st)) => {
+                        tracing::error!(participant = %opts.id, round = e.round, "cannot evaluate: {}", st.message());
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                let r = evaluate_round(&mut s, &opts, &data, e).await;
                 if r.is_ok() {
                     report.evaluations += 1;
                 } else if let Err(e) = &r
@@ -105,6 +159,19 @@ pub(crate) async fn agent(
             }
         }
     }
+}
+
+/// This site's data cannot take part in the job (its file does not match the job's schema,
+/// or the job's strict mode refuses its missing values): leave, saying why.
+async fn give_up(s: &mut Session, opts: &AgentOptions, e: cohort_model::DataError) -> AgentError {
+    tracing::error!(participant = %opts.id, "this site's data does not fit the job: {e}; leaving");
+    let _ = s
+        .client
+        .leave(pb::LeaveRequest {
+            session_id: s.id.clone(),
+        })
+        .await;
+    AgentError::Data(e)
 }
 
 #[cfg(test)]

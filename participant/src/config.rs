@@ -68,8 +68,14 @@ pub enum Role {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DataFormat {
+    /// A numeric CSV table, standardised with this site's own statistics.
     Csv,
+    /// IDX images (Fashion-MNIST's format).
     Idx,
+    /// A CSV table of a job that declares its tables (`[job.data]`): read against the
+    /// job's schema when the coordinator sends it (missing values and categories allowed),
+    /// prepared by the federation's pipeline.
+    Table,
 }
 
 /// `[data]`.
@@ -146,11 +152,21 @@ impl ParticipantConfig {
     }
 
     /// Loads, splits and standardises the data (participants only).
-    pub fn load_data(&self) -> Result<LocalData, String> {
+    pub fn load_data(&self) -> Result<crate::SiteData, String> {
         let d = self
             .data
             .as_ref()
             .ok_or_else(|| "this node has no [data] section".to_string())?;
+        if d.format == DataFormat::Table {
+            let text = std::fs::read_to_string(&d.path)
+                .map_err(|e| format!("{}: {e}", d.path.display()))?;
+            return Ok(crate::SiteData::Csv(std::sync::Arc::new(crate::SiteCsv {
+                text,
+                path: d.path.clone(),
+                test_fraction: d.test_fraction,
+                seed: d.seed,
+            })));
+        }
         let ds = match d.format {
             DataFormat::Csv => {
                 let label: LabelColumn = d
@@ -162,10 +178,12 @@ impl ParticipantConfig {
                 cohort_model::data::load_csv(&d.path, &label)
             }
             DataFormat::Idx => cohort_model::data::load_idx_dir(&d.path, IdxSplit::Train),
+            DataFormat::Table => unreachable!("returned above"),
         }
         .map_err(|e| e.to_string())?;
         let standardize = d.standardize.unwrap_or(d.format == DataFormat::Csv);
         LocalData::prepare(ds, d.test_fraction, standardize, d.seed)
+            .map(|l| crate::SiteData::Ready(std::sync::Arc::new(l)))
             .map_err(|e| format!("{}: {e}", d.path.display()))
     }
 }

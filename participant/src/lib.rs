@@ -20,7 +20,7 @@ mod training;
 
 use agent::agent;
 use committee::*;
-pub use data::LocalData;
+pub use data::{Held, LocalData, NotReady, SiteCsv, SiteData, SiteTables};
 use session::*;
 use training::*;
 
@@ -103,8 +103,10 @@ pub struct AgentReport {
 
 /// The agent loop. Returns when the job is finished, or with an error when the coordinator
 /// refuses this participant or cannot be reached for `reconnect_for`.
-pub async fn run(opts: AgentOptions, data: Arc<LocalData>) -> Result<AgentReport, AgentError> {
-    agent(opts, Some(data)).await
+/// `data` is a [`LocalData`] ready for the model, or a job's [`SiteTables`] (prepared once
+/// the job's round 0 has fitted the federation's pipeline).
+pub async fn run(opts: AgentOptions, data: impl Into<SiteData>) -> Result<AgentReport, AgentError> {
+    agent(opts, Some(data.into())).await
 }
 
 /// A dedicated key custodian: joins with its keys, holds no data, and only answers the

@@ -50,20 +50,8 @@ pub(crate) async fn train_round(
     t: pb::TrainTask,
 ) -> Result<(), Status> {
     let spec = task_model(t.model.as_ref())?;
-    let secure = t
-        .secure
-        .as_ref()
-        .map(|r| round_from_pb(&t.job_id, t.round, r))
-        .transpose()
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    // Seal key pieces only to keys their owners' certificates vouch for; check before
-    // spending a round's training on it.
-    if let (Some(info), Some(tls)) = (&secure, &opts.tls)
-        && let Err(e) = info.check_bindings(&tls.ca_pem, std::time::SystemTime::now())
-    {
-        tracing::error!(participant = %opts.id, round = t.round, "refusing to take part: {e}");
-        return Err(Status::aborted(format!("refusing to take part: {e}")));
-    }
+    // Checked before spending a round's training on it.
+    let secure = checked_round(opts, &t.job_id, t.round, t.secure.as_ref())?;
     let cfg = TrainConfig::try_from(
         t.config
             .as_ref()
@@ -97,7 +85,7 @@ pub(crate) async fn train_round(
         tracing::info!(participant = %opts.id, round = t.round, "fault injection: delaying the upload by {:?}", opts.upload_delay);
         tokio::time::sleep(opts.upload_delay).await;
     }
-    let mut header = pb::UpdateHeader {
+    let header = pb::UpdateHeader {
         nonce: nonce(),
         session_id: s.id.clone(),
         job_id: t.job_id.clone(),
@@ -112,55 +100,122 @@ pub(crate) async fn train_round(
         train_seconds: report.seconds,
         secure: None,
     };
-    match secure {
-        None => {
-            let chunks = cohort_protocol::update_chunks(header, &delta);
-            s.client
-                .submit_update(futures::stream::iter(chunks))
-                .await?;
-        }
-        Some(info) => {
-            let (me, sec, n) = (opts.id.clone(), secrets.clone(), report.num_examples as u64);
-            let info = Arc::new(info);
-            let round_info = info.clone();
-            let protected = with_heartbeats(s, move || {
-                let mut guard = lock(&sec);
-                let x = &mut *guard;
-                x.round_seeds.insert(
-                    (round_info.job.clone(), round_info.round, round_info.attempt),
-                    round_info.seed,
-                );
-                aggregation::protect(&round_info, &me, &x.sign, &mut x.seeds, &delta, n, &mut x.rng)
-            })
-            .await
-            .map_err(|e| {
-                tracing::error!(participant = %opts.id, round = t.round, "refusing to encrypt: {e}");
-                Status::aborted(format!("refusing to encrypt: {e}"))
-            })?;
-            header.secure = Some(pb::SecureUpload {
-                weight: protected.weight,
-                pieces: protected
-                    .pieces
-                    .iter()
-                    .map(cohort_protocol::secure::sealed_pb)
-                    .collect(),
-                signature: protected.signature.to_vec(),
-                num_bodies: protected.bodies.len() as u64,
-            });
-            let bodies: Vec<cohort_protocol::Body> = protected
-                .bodies
-                .iter()
-                .map(|&b| cohort_protocol::Body(b))
-                .collect();
-            let chunks = cohort_protocol::update_chunks(header, &bodies);
-            s.client
-                .submit_update(futures::stream::iter(chunks))
-                .await?;
-            tracing::info!(participant = %opts.id, round = t.round, weight = protected.weight, "encrypted update sent");
-            return Ok(());
-        }
-    }
+    send_values(s, opts, secrets, header, delta, secure).await?;
     tracing::info!(participant = %opts.id, round = t.round, loss = report.epoch_loss.last(), "update sent");
+    Ok(())
+}
+
+/// Uploads `values` under `header`: in plaintext, or encrypted for `secure` with the weight
+/// its round gives `header.num_examples`.
+async fn send_values(
+    s: &mut Session,
+    opts: &AgentOptions,
+    secrets: &SharedSecrets,
+    mut header: pb::UpdateHeader,
+    values: Vec<f32>,
+    secure: Option<aggregation::RoundInfo>,
+) -> Result<(), Status> {
+    let round = header.round;
+    let Some(info) = secure else {
+        let chunks = cohort_protocol::update_chunks(header, &values);
+        s.client
+            .submit_update(futures::stream::iter(chunks))
+            .await?;
+        return Ok(());
+    };
+    let (me, sec, n) = (opts.id.clone(), secrets.clone(), header.num_examples);
+    let protected = with_heartbeats(s, move || {
+        let mut guard = lock(&sec);
+        let x = &mut *guard;
+        x.round_seeds
+            .insert((info.job.clone(), info.round, info.attempt), info.seed);
+        aggregation::protect(&info, &me, &x.sign, &mut x.seeds, &values, n, &mut x.rng)
+    })
+    .await
+    .map_err(|e| {
+        tracing::error!(participant = %opts.id, round, "refusing to encrypt: {e}");
+        Status::aborted(format!("refusing to encrypt: {e}"))
+    })?;
+    header.secure = Some(pb::SecureUpload {
+        weight: protected.weight,
+        pieces: protected
+            .pieces
+            .iter()
+            .map(cohort_protocol::secure::sealed_pb)
+            .collect(),
+        signature: protected.signature.to_vec(),
+        num_bodies: protected.bodies.len() as u64,
+    });
+    let bodies: Vec<cohort_protocol::Body> = protected
+        .bodies
+        .iter()
+        .map(|&b| cohort_protocol::Body(b))
+        .collect();
+    let chunks = cohort_protocol::update_chunks(header, &bodies);
+    s.client
+        .submit_update(futures::stream::iter(chunks))
+        .await?;
+    tracing::info!(participant = %opts.id, round, weight = protected.weight, "encrypted update sent");
+    Ok(())
+}
+
+/// The task's secure round, checked: key pieces are sealed only to keys their owners'
+/// certificates vouch for.
+fn checked_round(
+    opts: &AgentOptions,
+    job: &str,
+    round: u64,
+    secure: Option<&pb::SecureRound>,
+) -> Result<Option<aggregation::RoundInfo>, Status> {
+    let info = secure
+        .map(|r| round_from_pb(job, round, r))
+        .transpose()
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if let (Some(info), Some(tls)) = (&info, &opts.tls)
+        && let Err(e) = info.check_bindings(&tls.ca_pem, std::time::SystemTime::now())
+    {
+        tracing::error!(participant = %opts.id, round, "refusing to take part: {e}");
+        return Err(Status::aborted(format!("refusing to take part: {e}")));
+    }
+    Ok(info)
+}
+
+/// Round 0 of a job with tables: this site's training table's statistics, split into the
+/// codec's digits, sent with weight 1 (encrypted in secure jobs). Only the federation's sums
+/// are ever decrypted.
+pub(crate) async fn statistics_round(
+    s: &mut Session,
+    opts: &AgentOptions,
+    tables: &SiteTables,
+    secrets: &SharedSecrets,
+    t: pb::StatisticsTask,
+) -> Result<(), Status> {
+    let secure = checked_round(opts, &t.job_id, 0, t.secure.as_ref())?;
+    let codec = secure.as_ref().map(|i| i.codec).unwrap_or_default();
+    let stats = cohort_model::tabular::TableStats::of(&tables.train);
+    let values = cohort_crypto::DigitCodec::for_statistics(&codec)
+        .and_then(|d| d.encode(&stats.to_values(), &codec))
+        .map_err(|e| Status::aborted(format!("this site's statistics: {e}")))?;
+    if values.len() as u64 != t.num_values {
+        return Err(Status::aborted(format!(
+            "this site's statistics make {} values, the coordinator expects {}",
+            values.len(),
+            t.num_values
+        )));
+    }
+    let header = pb::UpdateHeader {
+        nonce: nonce(),
+        session_id: s.id.clone(),
+        job_id: t.job_id.clone(),
+        round: 0,
+        num_parameters: values.len() as u64,
+        num_examples: 1,
+        train: None,
+        train_seconds: 0.0,
+        secure: None,
+    };
+    send_values(s, opts, secrets, header, values, secure).await?;
+    tracing::info!(participant = %opts.id, rows = stats.rows, "statistics sent (round 0)");
     Ok(())
 }
 

@@ -12,7 +12,8 @@ use cohort_coordinator::round::{PartyKeys, SecureUpdate, ShareAnswer, SignedShar
 use cohort_crypto::aggregation::{self, ShareRequest, UploadRecord};
 use cohort_crypto::{MemberPolicy, MemberSecret, SeedLog, Signer25519, VerifyKey};
 use cohort_model::ComputeDevice;
-use cohort_participant::LocalData;
+use cohort_model::tabular::{DataSpec, Pipeline, TableStats};
+use cohort_participant::{Held, NotReady, SiteData};
 use rand::rngs::{ChaCha8Rng, ChaCha20Rng};
 use rand::{RngExt, SeedableRng};
 
@@ -31,12 +32,15 @@ pub(super) struct Step<'a> {
     /// Emulated secure aggregation: the codec and the round's weight unit.
     pub(super) quantize: Option<(cohort_crypto::Codec, u64)>,
     pub(super) dropout: f64,
+    /// Jobs with tables: their schema (round 0), and the pipeline once it is fitted.
+    pub(super) data: Option<&'a DataSpec>,
+    pub(super) pipeline: Option<&'a Arc<Pipeline>>,
 }
 
 /// One virtual participant: its data (none for a key custodian) and its keys.
 pub(super) struct Client {
     pub(super) id: String,
-    data: Option<Arc<LocalData>>,
+    data: Option<Held>,
     seal: MemberSecret,
     sign: Signer25519,
     policy: MemberPolicy,
@@ -46,10 +50,10 @@ pub(super) struct Client {
 impl Client {
     /// A participant with fresh keys (they only protect; the sums they carry are exact, so
     /// their randomness changes no result).
-    pub(super) fn new(id: String, data: Option<Arc<LocalData>>, rng: &mut ChaCha20Rng) -> Self {
+    pub(super) fn new(id: String, data: Option<SiteData>, rng: &mut ChaCha20Rng) -> Self {
         Client {
             id,
-            data,
+            data: data.map(Held::new),
             seal: MemberSecret::generate(rng),
             sign: Signer25519::generate(rng),
             policy: MemberPolicy::default(),
@@ -59,7 +63,7 @@ impl Client {
 
     /// Training examples (0 for a key custodian).
     pub(super) fn examples(&self) -> u64 {
-        self.data.as_ref().map_or(0, |d| d.train.len() as u64)
+        self.data.as_ref().map_or(0, Held::examples)
     }
 
     /// The public keys it joins a secure job with.
@@ -91,6 +95,62 @@ pub(super) enum Done {
     Nothing(String),
     /// Dropped out of the round on purpose (`--dropout`).
     DroppedOut,
+    /// The participant's data does not fit the job (its table against the job's schema or
+    /// pipeline): it cannot take part at all.
+    Unfit(String),
+}
+
+/// Round 0: the participant's training table's statistics as the codec's digits, weight 1,
+/// encrypted for `secure` (as the participant agent sends them).
+fn statistics(
+    c: &mut Client,
+    secure: Option<&aggregation::RoundInfo>,
+    step: &Step<'_>,
+    encrypt_seconds: &mut f64,
+) -> Done {
+    let Some(spec) = step.data else {
+        return Done::Nothing("a statistics task in a job without tables".into());
+    };
+    let held = c.data.as_mut().expect("checked by the caller");
+    let tables = match held.tables(spec) {
+        Ok(t) => t,
+        Err(NotReady::Data(e)) => return Done::Unfit(e.to_string()),
+        Err(NotReady::Task(s)) => return Done::Nothing(s.message().to_string()),
+    };
+    // Plaintext and emulated jobs scale digits by the default codec, as the state machine
+    // of a plaintext job does.
+    let codec = secure.map(|i| i.codec).unwrap_or_default();
+    let values = match cohort_crypto::DigitCodec::for_statistics(&codec)
+        .and_then(|d| d.encode(&TableStats::of(&tables.train).to_values(), &codec))
+    {
+        Ok(v) => v,
+        Err(e) => return Done::Nothing(format!("its statistics: {e}")),
+    };
+    let Some(info) = secure else {
+        return Done::Update(Update {
+            round: 0,
+            delta: values,
+            num_examples: 1,
+            train: None,
+        });
+    };
+    let t0 = Instant::now();
+    let mut rng = ChaCha20Rng::from_seed(rand::random());
+    let protected =
+        aggregation::protect_on(info, &c.id, &c.sign, &mut c.seeds, &values, 1, &mut rng, 1);
+    *encrypt_seconds = t0.elapsed().as_secs_f64();
+    match protected {
+        Ok(p) => Done::Secure(SecureUpdate {
+            round: 0,
+            weight: p.weight,
+            bodies_sha256: p.bodies_sha256,
+            bodies: p.bodies,
+            pieces: p.pieces,
+            signature: p.signature,
+            train: None,
+        }),
+        Err(e) => Done::Nothing(format!("refusing to encrypt: {e}")),
+    }
 }
 
 /// Participants working at once: twice the pool's threads, so that one window's updates are
@@ -111,7 +171,7 @@ pub(super) fn work_window(
     pick_mut(clients, chunk.iter().map(|(i, t)| (*i, t)))
         .into_par_iter()
         .map(|(c, t)| {
-            let training = matches!(t, Task::Train { .. });
+            let training = matches!(t, Task::Train { .. } | Task::Statistics { .. });
             (c.id.clone(), training, work_of(c, t, step))
         })
         .collect()
@@ -160,8 +220,16 @@ fn work_done(c: &mut Client, t: &Task, step: &Step<'_>, encrypt_seconds: &mut f6
         device,
         ..
     } = *step;
-    let Some(data) = c.data.clone() else {
+    let Some(held) = c.data.as_mut() else {
         return Done::Nothing("a key custodian holds no data".into());
+    };
+    if let Task::Statistics { secure, .. } = t {
+        return statistics(c, secure.as_deref(), step, encrypt_seconds);
+    }
+    let data = match held.ready_with(step.pipeline) {
+        Ok(d) => d,
+        Err(NotReady::Data(e)) => return Done::Unfit(e.to_string()),
+        Err(NotReady::Task(s)) => return Done::Nothing(s.message().to_string()),
     };
     match t {
         Task::Train {

@@ -8,11 +8,10 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use cohort_model::data::{IdxSplit, load_idx_dir, parse_csv};
 use cohort_model::tabular::{
-    ColumnStats, ColumnSummary, ColumnType, Impute, Pipeline, PipelineOptions, Schema, Table,
-    TableStats,
+    ColumnStats, ColumnType, DataSpec, Impute, Pipeline, PipelineOptions, Schema, Table, TableStats,
 };
 use cohort_model::{Dataset, FeatureShape, LabelColumn, Partition};
-use cohort_participant::LocalData;
+use cohort_participant::{LocalData, SiteData, SiteTables};
 use serde::Serialize;
 
 use super::{SimArgs, synthetic};
@@ -53,14 +52,19 @@ impl From<&SimArgs> for DataSettings {
 /// The data of each simulated participant, and where the pooled data for the baseline is.
 pub(super) struct Prepared {
     pub(super) name: String,
-    /// Each participant's data, shared with its agent or virtual participant (not copied).
-    pub(super) locals: Vec<Arc<LocalData>>,
+    /// Each participant's data, shared with its agent or virtual participant (not copied):
+    /// examples ready for the model, or (jobs with tables) its tables.
+    pub(super) sites: Vec<SiteData>,
+    /// Tables preprocessed by the federation: the job's schema and pipeline options (the
+    /// pipeline itself is fitted from round 0's statistics).
+    pub(super) spec: Option<DataSpec>,
+    /// The model's input and its classes.
+    pub(super) shape: FeatureShape,
+    pub(super) classes: usize,
     pooled: Pooled,
     pub(super) standardize: bool,
     /// Each participant's rows of the source: (training rows, held-out rows).
     pub(super) shares: Shares,
-    /// Tables prepared by the federation's pipeline: its summary table.
-    pub(super) summary: Option<Vec<ColumnSummary>>,
 }
 
 /// The pooled raw training and held-out data, for the centralised baseline.
@@ -68,17 +72,49 @@ enum Pooled {
     Held(Box<(Dataset, Dataset)>),
     /// The participants' own (unstandardised) data, concatenated when asked for.
     Locals,
+    /// The table and everyone's training and held-out rows, prepared by the pipeline.
+    Table(Box<(Table, Vec<usize>, Vec<usize>)>),
 }
 
 impl Prepared {
-    /// The pooled raw training and held-out data.
-    pub(super) fn pooled(&self) -> anyhow::Result<(Dataset, Dataset)> {
+    /// Each participant's examples ready for the model: tables prepared by `pipeline` (the
+    /// federation's, from round 0).
+    pub(super) fn locals(
+        &self,
+        pipeline: Option<&Pipeline>,
+    ) -> anyhow::Result<Vec<Arc<LocalData>>> {
+        self.sites
+            .iter()
+            .enumerate()
+            .map(|(i, s)| match s {
+                SiteData::Ready(l) => Ok(l.clone()),
+                SiteData::Tables(t) => {
+                    let p = pipeline.context("tables need the federation's pipeline")?;
+                    Ok(Arc::new(
+                        t.prepare(p)
+                            .with_context(|| format!("participant {}", i + 1))?,
+                    ))
+                }
+                SiteData::Csv(_) => bail!("participant {}: a table not read", i + 1),
+            })
+            .collect()
+    }
+
+    /// The pooled raw training and held-out data (tables prepared by `pipeline`, which a
+    /// central party fitting on the pooled training rows would fit the same: the same sums).
+    pub(super) fn pooled(&self, pipeline: Option<&Pipeline>) -> anyhow::Result<(Dataset, Dataset)> {
         Ok(match &self.pooled {
             Pooled::Held(both) => (both.0.clone(), both.1.clone()),
             Pooled::Locals => {
-                let train: Vec<&Dataset> = self.locals.iter().map(|l| &l.train).collect();
-                let test: Vec<&Dataset> = self.locals.iter().map(|l| &l.test).collect();
+                let locals = self.locals(pipeline)?;
+                let train: Vec<&Dataset> = locals.iter().map(|l| &l.train).collect();
+                let test: Vec<&Dataset> = locals.iter().map(|l| &l.test).collect();
                 (Dataset::concat(&train)?, Dataset::concat(&test)?)
+            }
+            Pooled::Table(t) => {
+                let p = pipeline.context("tables need the federation's pipeline")?;
+                let prepare = |rows: &[usize]| p.transform(&t.0.subset(rows)).map(|(d, _)| d);
+                (prepare(&t.1)?, prepare(&t.2)?)
             }
         })
     }
@@ -106,18 +142,16 @@ enum Source {
     /// LEAF's Synthetic(α, β): each participant's data generated for it.
     Synthetic(synthetic::Synthetic),
     /// A table with missing values or categories (or `--preprocess federation`): one
-    /// pipeline for everyone, fitted from the sum of the participants' statistics.
+    /// pipeline for everyone, fitted from the participants' statistics summed in round 0.
     Tabular(Box<Tabular>),
 }
 
-/// A table read against its schema, each participant's split, and the federation's pipeline.
+/// A table read against its schema, and each participant's split.
 struct Tabular {
     table: Table,
     /// Each participant's (training, held-out) rows.
     splits: Vec<(Vec<usize>, Vec<usize>)>,
-    pipeline: Pipeline,
-    /// The federation's summary table (from the summed statistics).
-    summary: Vec<ColumnSummary>,
+    spec: DataSpec,
 }
 
 /// How tables are preprocessed (`--preprocess`).
@@ -261,22 +295,19 @@ impl Source {
                     args.seed,
                 )?;
                 // Each participant's split as in the numeric path; the federation's statistics
-                // are the sum of the participants' over their training rows.
+                // are summed from each participant's training rows in round 0.
                 let mut splits = Vec::with_capacity(n);
-                let mut stats = TableStats::empty(&schema);
                 for (i, p) in parts.iter().enumerate() {
                     let (tr, te) = labels_only
                         .subset(p)
                         .split_indices(args.test_fraction, args.seed + i as u64)?;
                     let tr: Vec<usize> = tr.iter().map(|&r| p[r]).collect();
                     let te: Vec<usize> = te.iter().map(|&r| p[r]).collect();
-                    stats.add(&TableStats::of(&table.subset(&tr)));
                     splits.push((tr, te));
                 }
-                let pipeline = Pipeline::fit(
-                    &schema,
-                    &stats,
-                    PipelineOptions {
+                let spec = DataSpec {
+                    schema,
+                    options: PipelineOptions {
                         impute: if args.no_impute {
                             Impute::Refuse
                         } else {
@@ -284,19 +315,17 @@ impl Source {
                         },
                         missing_indicators: args.missing_indicators,
                     },
-                )
-                .map_err(anyhow::Error::msg)?;
+                };
                 let name = format!(
                     "{name} (federation preprocessing: {} columns → {} features)",
-                    schema.columns.len(),
-                    pipeline.width()
+                    spec.schema.columns.len(),
+                    spec.width()
                 );
                 Ok((
                     Source::Tabular(Box::new(Tabular {
-                        summary: stats.summary(&schema),
                         table,
                         splits,
-                        pipeline,
+                        spec,
                     })),
                     name,
                 ))
@@ -309,8 +338,16 @@ impl Source {
         &self,
         i: usize,
         args: &DataSettings,
-    ) -> anyhow::Result<(LocalData, Vec<usize>, Vec<usize>)> {
-        Ok(match self {
+    ) -> anyhow::Result<(SiteData, Vec<usize>, Vec<usize>)> {
+        if let Source::Tabular(t) = self {
+            let (tr, te) = &t.splits[i];
+            let tables = SiteTables {
+                train: t.table.subset(tr),
+                test: t.table.subset(te),
+            };
+            return Ok((SiteData::Tables(Arc::new(tables)), tr.clone(), te.clone()));
+        }
+        let (local, tr, te) = match self {
             Source::Idx {
                 train,
                 test,
@@ -338,24 +375,6 @@ impl Source {
                     te,
                 )
             }
-            Source::Tabular(t) => {
-                let (tr, te) = &t.splits[i];
-                let prepare = |rows: &[usize]| {
-                    t.pipeline
-                        .transform(&t.table.subset(rows))
-                        .map(|(ds, _)| ds)
-                        .map_err(|e| anyhow::anyhow!("participant {}: {e}", i + 1))
-                };
-                (
-                    LocalData {
-                        train: prepare(tr)?,
-                        test: prepare(te)?,
-                        standardizer: None,
-                    },
-                    tr.clone(),
-                    te.clone(),
-                )
-            }
             Source::Synthetic(s) => {
                 let (train, test) = s.participant(i, args.test_fraction)?;
                 let (a, b) = (train.len(), test.len());
@@ -369,7 +388,9 @@ impl Source {
                     (0..b).collect(),
                 )
             }
-        })
+            Source::Tabular(_) => unreachable!("returned above"),
+        };
+        Ok((SiteData::Ready(Arc::new(local)), tr, te))
     }
 }
 
@@ -377,15 +398,17 @@ impl Source {
 pub(super) fn prepare(args: &DataSettings) -> anyhow::Result<Prepared> {
     let (source, name) = Source::load(args)?;
     let n = args.participants;
-    let mut locals = Vec::with_capacity(n);
+    let mut sites = Vec::with_capacity(n);
     let mut shares = Shares {
         train: Vec::with_capacity(n),
         test: Vec::with_capacity(n),
     };
     let (mut offset_train, mut offset_test) = (0, 0);
     for i in 0..n {
-        let (local, mut tr, mut te) = source.local(i, args)?;
-        if matches!(source, Source::Synthetic(_)) {
+        let (site, mut tr, mut te) = source.local(i, args)?;
+        if let SiteData::Ready(local) = &site
+            && matches!(source, Source::Synthetic(_))
+        {
             // Rows of the concatenation of everyone's generated data.
             tr.iter_mut().for_each(|r| *r += offset_train);
             te.iter_mut().for_each(|r| *r += offset_test);
@@ -394,25 +417,29 @@ pub(super) fn prepare(args: &DataSettings) -> anyhow::Result<Prepared> {
         }
         shares.train.push(tr);
         shares.test.push(te);
-        locals.push(Arc::new(local));
+        sites.push(site);
     }
-    let summary = match &source {
-        Source::Tabular(t) => Some(t.summary.clone()),
-        _ => None,
+    let (shape, classes) = match (&source, &sites[0]) {
+        (Source::Tabular(t), _) => (
+            FeatureShape::Flat(t.spec.width()),
+            t.spec.schema.classes.len(),
+        ),
+        (_, SiteData::Ready(l)) => (l.train.shape, l.train.num_classes),
+        _ => unreachable!("only tables wait for a pipeline"),
     };
-    let (pooled, standardize) = match source {
-        Source::Idx { train, test, .. } => (Pooled::Held(Box::new((train, test))), false),
+    let (pooled, standardize, spec) = match source {
+        Source::Idx { train, test, .. } => (Pooled::Held(Box::new((train, test))), false, None),
         Source::Table { ds, .. } => (
             Pooled::Held(Box::new((
                 ds.subset(&shares.train.concat()),
                 ds.subset(&shares.test.concat()),
             ))),
             true,
+            None,
         ),
-        Source::Synthetic(_) => (Pooled::Locals, false),
-        // Already prepared by the federation's pipeline, which is also what a central
-        // party fitting on the pooled training rows would get (the same sums).
+        Source::Synthetic(_) => (Pooled::Locals, false, None),
         Source::Tabular(t) => {
+            let t = *t;
             let rows = |k: usize| -> Vec<usize> {
                 t.splits
                     .iter()
@@ -420,20 +447,23 @@ pub(super) fn prepare(args: &DataSettings) -> anyhow::Result<Prepared> {
                     .copied()
                     .collect()
             };
-            let prepare = |rows: Vec<usize>| t.pipeline.transform(&t.table.subset(&rows));
+            let (train, test) = (rows(0), rows(1));
             (
-                Pooled::Held(Box::new((prepare(rows(0))?.0, prepare(rows(1))?.0))),
+                Pooled::Table(Box::new((t.table, train, test))),
                 false,
+                Some(t.spec),
             )
         }
     };
     Ok(Prepared {
         name,
-        locals,
+        sites,
+        spec,
+        shape,
+        classes,
         pooled,
         standardize,
         shares,
-        summary,
     })
 }
 
@@ -442,9 +472,7 @@ pub(super) fn prepare(args: &DataSettings) -> anyhow::Result<Prepared> {
 pub(super) fn prepare_shard(
     args: &DataSettings,
     range: std::ops::Range<usize>,
-) -> anyhow::Result<Vec<Arc<LocalData>>> {
+) -> anyhow::Result<Vec<SiteData>> {
     let (source, _) = Source::load(args)?;
-    range
-        .map(|i| Ok(Arc::new(source.local(i, args)?.0)))
-        .collect()
+    range.map(|i| Ok(source.local(i, args)?.0)).collect()
 }

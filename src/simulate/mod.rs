@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use cohort_coordinator::round::{Sampling, SecureSettings};
 use cohort_coordinator::{JobConfig, ModelStore, Orchestrator};
 use cohort_model::{ComputeDevice, ModelSpec, Optimizer, Standardizer, TrainConfig};
-use cohort_participant::LocalData;
+use cohort_participant::SiteData;
 
 mod args;
 mod availability;
@@ -40,8 +40,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         std::fs::write(p, serde_json::to_vec(&prep.shares)?)
             .with_context(|| format!("writing the partition to {}", p.display()))?;
     }
-    let first = &prep.locals[0].train;
-    let spec = ModelSpec::for_shape(first.shape, first.num_classes, &args.hidden);
+    let spec = ModelSpec::for_shape(prep.shape, prep.classes, &args.hidden);
     let lr = args.lr.unwrap_or(match args.optimizer {
         Optimizer::Sgd => 0.1,
         Optimizer::Adam => 0.001,
@@ -168,7 +167,8 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         liveness_timeout: Duration::from_secs(60),
         seed: args.seed,
         secure: if emulated { None } else { secure.clone() },
-        data: None,
+        // Tables preprocessed by the federation: round 0 sums their statistics.
+        data: prep.spec.clone(),
     };
     let emulation = secure
         .as_ref()
@@ -220,6 +220,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         b.enable_steady_tick(Duration::from_millis(250));
         b
     };
+    let outcome = Arc::new(std::sync::Mutex::new(progress::Outcome::default()));
     let mut progress = Progress {
         bar: bar.clone(),
         selected: 0,
@@ -229,13 +230,14 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
             Some(p) => Some(RoundsLog::create(p)?),
             None => None,
         },
+        outcome: outcome.clone(),
     };
     let mut engine_seconds = None;
     let (history, federation_seconds) = match engine {
         Engine::Virtual => {
             // With workers, the participants are theirs; the custodians stay here.
             let own = if args.workers > 0 { 0 } else { n };
-            let clients: Vec<(String, Option<Arc<LocalData>>)> = prep.locals[..own]
+            let clients: Vec<(String, Option<SiteData>)> = prep.sites[..own]
                 .iter()
                 .enumerate()
                 .map(|(i, l)| (participant_id(i), Some(l.clone())))
@@ -304,6 +306,10 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         }
     };
     bar.finish_and_clear();
+    let outcome = std::mem::take(&mut *outcome.lock().expect("outcome lock"));
+    if let Some(reason) = &outcome.failure {
+        bail!("the job stopped: {reason}");
+    }
     if (history.len() as u64) < args.rounds {
         bail!(
             "the federation stopped after {} of {} rounds",
@@ -312,12 +318,30 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         );
     }
 
+    // Tables: every site's rows prepared by the federation's pipeline (round 0's), for the
+    // baseline and the served model.
+    let pipeline = outcome.statistics.as_ref().map(|s| s.pipeline.clone());
+    if prep.spec.is_some() && pipeline.is_none() {
+        bail!("the job has tables but round 0 reported no pipeline");
+    }
+    let locals = prep.locals(pipeline.as_deref())?;
+    let data_summary = match (&outcome.statistics, &prep.spec) {
+        (Some(s), Some(spec)) => Some(s.stats.summary(&spec.schema)),
+        _ => None,
+    };
     let federated_accuracy = history.last().and_then(|s| s.eval).map(|m| m.accuracy);
     let (centralised_accuracy, centralised_seconds) = if args.no_baseline {
         (None, None)
     } else {
         let t0 = Instant::now();
-        let acc = centralised(&prep, &spec, &train, args.rounds, args.device)?;
+        let acc = centralised(
+            &prep,
+            pipeline.as_deref(),
+            &spec,
+            &train,
+            args.rounds,
+            args.device,
+        )?;
         (Some(acc), Some(t0.elapsed().as_secs_f64()))
     };
     let final_version = history.last().map(|s| s.round).unwrap_or(0);
@@ -332,7 +356,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
             version: final_version,
         },
         &pki,
-        &prep,
+        &locals,
         args.device,
     )
     .await
@@ -367,10 +391,10 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         centralised_seconds,
         engine: engine.name().to_string(),
         engine_seconds,
-        data_summary: prep.summary.clone(),
+        data_summary: data_summary.clone(),
     };
     if !args.quiet {
-        if let Some(summary) = &prep.summary {
+        if let Some(summary) = &data_summary {
             report::print_summary(summary);
         }
         print_table(&history);
@@ -444,7 +468,7 @@ async fn start_workers(
         no_impute: args.no_impute,
         missing_indicators: args.missing_indicators,
     };
-    let examples = workers::driver::examples_of(&prep.locals);
+    let examples = workers::driver::examples_of(&prep.sites);
     match (&args.workers_listen, &args.workers_tls) {
         (Some(listen), Some(dir)) => {
             let crl = dir.join("crl.pem");
@@ -496,12 +520,13 @@ const SIM_APP: &str = "app";
 /// evaluates on the pooled held-out data.
 fn centralised(
     prep: &Prepared,
+    pipeline: Option<&cohort_model::tabular::Pipeline>,
     spec: &ModelSpec,
     train: &TrainConfig,
     rounds: u64,
     device: ComputeDevice,
 ) -> anyhow::Result<f64> {
-    let (mut tr, mut te) = prep.pooled()?;
+    let (mut tr, mut te) = prep.pooled(pipeline)?;
     if prep.standardize {
         let s = Standardizer::fit(&tr);
         s.apply(&mut tr);

@@ -55,7 +55,7 @@ pub(super) async fn networked(run: NetworkedRun<'_>) -> anyhow::Result<(Vec<Roun
     let mut agents = tokio::task::JoinSet::new();
     let compute = ComputeSlots::for_this_machine(args.sharing)
         .context("starting the training thread pools")?;
-    for (i, local) in prep.locals.iter().enumerate() {
+    for (i, site) in prep.sites.iter().enumerate() {
         let opts = AgentOptions {
             id: participant_id(i),
             coordinator: format!("https://{addr}"),
@@ -67,7 +67,7 @@ pub(super) async fn networked(run: NetworkedRun<'_>) -> anyhow::Result<(Vec<Roun
             stay_between_jobs: false,
             compute: Some(compute.clone()),
         };
-        let data = local.clone();
+        let data = site.clone();
         agents.spawn(async move { (i + 1, cohort_participant::run(opts, data).await) });
     }
     for (k, id) in custodian_ids.iter().enumerate() {

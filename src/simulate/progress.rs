@@ -60,6 +60,16 @@ pub(super) struct Progress {
     pub(super) received: usize,
     pub(super) last: String,
     pub(super) log: Option<RoundsLog>,
+    /// What the run learns besides its rounds, read after it.
+    pub(super) outcome: std::sync::Arc<std::sync::Mutex<Outcome>>,
+}
+
+/// Round 0's statistics and pipeline (jobs with tables), and why the job stopped if it
+/// stopped on its own.
+#[derive(Debug, Default)]
+pub(super) struct Outcome {
+    pub(super) statistics: Option<cohort_coordinator::round::FederationStatistics>,
+    pub(super) failure: Option<String>,
 }
 
 impl Progress {
@@ -69,6 +79,16 @@ impl Progress {
                 (self.selected, self.received) = (selected.len(), 0);
             }
             Event::UpdateAccepted { .. } => self.received += 1,
+            Event::StatisticsCompleted { statistics, .. } => {
+                self.outcome.lock().expect("outcome lock").statistics = Some(statistics.clone());
+                self.last = format!(
+                    ", round 0: statistics of {} sites, {} rows",
+                    statistics.sites, statistics.stats.rows
+                );
+            }
+            Event::JobFailed { reason } => {
+                self.outcome.lock().expect("outcome lock").failure = Some(reason.clone());
+            }
             Event::RoundCompleted { summary, .. } => {
                 if let Some(log) = &mut self.log {
                     log.round(summary);

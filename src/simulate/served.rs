@@ -8,7 +8,7 @@ use anyhow::Context;
 use cohort_model::ComputeDevice;
 use cohort_storage::ModelStore;
 
-use super::{Prepared, SIM_APP, participant_id};
+use super::{SIM_APP, participant_id};
 
 /// The final version served by `cohort serve`'s code over mutual TLS, asked for every
 /// participant's held-out rows (prepared as that site prepares its own data), in batches as
@@ -17,7 +17,7 @@ pub(super) async fn ask_served_model(
     store: ModelStore,
     to: cohort_storage::ModelRef,
     pki: &SimPki,
-    prep: &Prepared,
+    locals: &[std::sync::Arc<cohort_participant::LocalData>],
     device: ComputeDevice,
 ) -> anyhow::Result<(usize, f64, f64)> {
     use cohort_protocol::pb::{self, inference_client::InferenceClient};
@@ -58,10 +58,9 @@ pub(super) async fn ask_served_model(
     let (mut rows, mut correct, mut slowest) = (0, 0, 0.0f64);
     // Every participant's held-out rows, in batches across participants (10,000s of
     // participants hold a few rows each).
-    let features = prep.locals.first().map_or(1, |l| l.test.shape.len());
+    let features = locals.first().map_or(1, |l| l.test.shape.len());
     let per_request = cohort_protocol::examples_per_request(features).min(1024);
-    let all = prep
-        .locals
+    let all = locals
         .iter()
         .flat_map(|l| (0..l.test.len()).map(move |r| (&l.test, r)));
     let mut batch: Vec<(&cohort_model::Dataset, usize)> = Vec::with_capacity(per_request);

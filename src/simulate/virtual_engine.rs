@@ -18,7 +18,7 @@
 //! arithmetic and equals the networked engine's bit for bit.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -26,7 +26,7 @@ use cohort_coordinator::round::{PartyKeys, ShareAnswer, Task};
 use cohort_coordinator::{Event, Orchestrator, RoundSummary};
 use cohort_crypto::aggregation;
 use cohort_model::ComputeDevice;
-use cohort_participant::LocalData;
+use cohort_participant::SiteData;
 use cohort_storage::ModelStore;
 
 use super::availability::Availability;
@@ -87,7 +87,7 @@ impl Clock {
 pub(super) fn run(
     mut orch: Orchestrator,
     store: &ModelStore,
-    clients: Vec<(String, Option<Arc<LocalData>>)>,
+    clients: Vec<(String, Option<SiteData>)>,
     remote: Option<Remote<'_>>,
     device: ComputeDevice,
     emulation: Option<Emulation>,
@@ -145,6 +145,11 @@ pub(super) fn run(
         // Events first: a completed round is committed before anything else happens.
         while let Some(ev) = orch.poll_event() {
             on_event(&ev);
+            if let Event::StatisticsCompleted { .. } = &ev {
+                // Round 0 keeps nothing of its own in the registry: the statistics travel
+                // with the report, the pipeline with the state machine.
+                orch.committed(0, clock.now());
+            }
             if let Event::RoundCompleted {
                 summary, params, ..
             } = &ev
@@ -207,12 +212,14 @@ pub(super) fn run(
             }
         }
         if !inputs.is_empty() {
+            // The model's parameters, or round 0's statistics digits.
+            let len = orch.current_update_len();
             let members = pick_mut(&mut clients, inputs);
             // Members answer at once, one a thread, each share on the threads left over.
             let threads = (rayon::current_num_threads() / members.len()).max(1);
             let answers: Vec<(String, ShareAnswer)> = members
                 .into_par_iter()
-                .map(|(c, input)| (c.id.clone(), answer(c, input, global.len(), threads)))
+                .map(|(c, input)| (c.id.clone(), answer(c, input, len, threads)))
                 .collect();
             for (id, a) in answers {
                 orch.handle_share(&id, a, clock.now())
@@ -223,7 +230,12 @@ pub(super) fn run(
         }
         let work: Vec<(usize, Task)> = tasks
             .into_iter()
-            .filter(|(_, t)| matches!(t, Task::Train { .. } | Task::Evaluate { .. }))
+            .filter(|(_, t)| {
+                matches!(
+                    t,
+                    Task::Train { .. } | Task::Evaluate { .. } | Task::Statistics { .. }
+                )
+            })
             .collect();
         // Emulated secure aggregation: the weight unit the secure round would announce, from
         // everyone asked to train now (the round's selection).
@@ -244,12 +256,15 @@ pub(super) fn run(
             let unit = aggregation::weight_unit(total, training.len(), e.codec.max_total_weight);
             (e.codec, unit)
         });
+        let pipeline = orch.statistics().map(|s| s.pipeline.clone());
         let step = Step {
             spec: &cfg.model,
             global: &global,
             device,
             quantize,
             dropout: conditions.dropout,
+            data: cfg.data.as_ref(),
+            pipeline: pipeline.as_ref(),
         };
         for chunk in work.chunks(window()) {
             for (id, training, w) in work_window(&mut clients, chunk, &step) {
@@ -274,6 +289,7 @@ pub(super) fn run(
                         tracing::warn!(participant = %id, "sends nothing this round: {why}");
                         continue;
                     }
+                    Done::Unfit(why) => bail!("{id}: its data does not fit the job: {why}"),
                 };
                 fed.map_err(|e| anyhow::anyhow!("{id}: refused: {e}"))?;
                 if training {
@@ -393,7 +409,10 @@ fn feed_shard(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
     use std::time::Duration;
+
+    use cohort_participant::LocalData;
 
     use cohort_coordinator::JobConfig;
     use cohort_coordinator::round::SecureSettings;
@@ -436,7 +455,7 @@ mod tests {
         }
     }
 
-    fn clients() -> Vec<(String, Option<Arc<LocalData>>)> {
+    fn clients() -> Vec<(String, Option<SiteData>)> {
         (0..9)
             .map(|i| {
                 let rows = 12 + i;
@@ -446,7 +465,7 @@ mod tests {
                 let y: Vec<u32> = (0..rows).map(|k| ((k + i) % 3) as u32).collect();
                 let ds = Dataset::new(x, y, FeatureShape::Flat(4), 3).unwrap();
                 let data = LocalData::prepare(ds, 0.25, true, i as u64).unwrap();
-                (format!("p{i}"), Some(Arc::new(data)))
+                (format!("p{i}"), Some(SiteData::Ready(Arc::new(data))))
             })
             .collect()
     }

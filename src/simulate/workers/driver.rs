@@ -202,7 +202,7 @@ impl Remote<'_> {
             let mut tasks = Vec::new();
             for p in ps {
                 match orch.task_for(&p.id) {
-                    t @ (Task::Train { .. } | Task::Evaluate { .. }) => {
+                    t @ (Task::Train { .. } | Task::Evaluate { .. } | Task::Statistics { .. }) => {
                         tasks.push((p.id.clone(), t))
                     }
                     Task::Decrypt(_) => bail!(
@@ -243,6 +243,9 @@ impl Remote<'_> {
                 emulation: step.quantize,
                 train: Vec::new(),
                 evaluate: Vec::new(),
+                statistics: Vec::new(),
+                data: step.data.cloned(),
+                pipeline: step.pipeline.cloned(),
             };
             for (id, t) in tasks {
                 let (r, version) = match t {
@@ -270,6 +273,17 @@ impl Remote<'_> {
                     } => {
                         order.evaluate.push(id);
                         (r, model_version)
+                    }
+                    Task::Statistics { secure, .. } => {
+                        if let Some(info) = &secure {
+                            order.job_id = info.job.clone();
+                        }
+                        if order.secure.is_some() && order.secure != secure {
+                            bail!("participants of one step encrypt for different rounds");
+                        }
+                        order.secure = secure;
+                        order.statistics.push(id);
+                        (0, 0)
                     }
                     _ => unreachable!("tasks() keeps training and evaluation only"),
                 };
@@ -524,8 +538,8 @@ pub(in crate::simulate) fn spawn_local(
 }
 
 /// Each participant's training examples, by index, for checking workers' data.
-pub(in crate::simulate) fn examples_of(locals: &[Arc<cohort_participant::LocalData>]) -> Vec<u64> {
-    locals.iter().map(|l| l.train.len() as u64).collect()
+pub(in crate::simulate) fn examples_of(sites: &[cohort_participant::SiteData]) -> Vec<u64> {
+    sites.iter().map(|s| s.examples()).collect()
 }
 
 /// The driver's running side of the workers: the hub, its service, and local workers.

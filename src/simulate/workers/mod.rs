@@ -28,6 +28,7 @@ use cohort_coordinator::round::{
 };
 use cohort_crypto::aggregation::RoundInfo;
 use cohort_crypto::{Accumulator, Codec, MemberPublic, VerifyKey};
+use cohort_model::tabular::{DataSpec, Pipeline};
 use cohort_model::{ComputeDevice, Metrics, ModelSpec, TrainConfig};
 use cohort_protocol::pb;
 use cohort_protocol::secure::{
@@ -63,6 +64,11 @@ pub(super) struct ShardStep {
     pub(super) emulation: Option<(Codec, u64)>,
     pub(super) train: Vec<(String, TrainConfig)>,
     pub(super) evaluate: Vec<String>,
+    /// Round 0: participants that send their statistics.
+    pub(super) statistics: Vec<String>,
+    /// Jobs with tables: their schema, and the pipeline once round 0 fitted it.
+    pub(super) data: Option<DataSpec>,
+    pub(super) pipeline: Option<Arc<Pipeline>>,
 }
 
 /// What one worker's participants produced in a step.
@@ -109,6 +115,16 @@ pub(super) fn work_shard(
             },
         ));
     }
+    for id in &step.statistics {
+        tasks.push((
+            position(id)?,
+            Task::Statistics {
+                attempt: step.secure.as_ref().map_or(1, |i| i.attempt),
+                deadline,
+                secure: step.secure.clone(),
+            },
+        ));
+    }
     for id in &step.evaluate {
         tasks.push((
             position(id)?,
@@ -129,6 +145,8 @@ pub(super) fn work_shard(
         device,
         quantize: step.emulation,
         dropout,
+        data: step.data.as_ref(),
+        pipeline: step.pipeline.as_ref(),
     };
     let mut out = ShardResult::default();
     let mut contributions = Vec::new();
@@ -174,6 +192,7 @@ pub(super) fn work_shard(
                 }
                 Done::Evaluated { round, metrics } => out.evaluations.push((id, round, metrics)),
                 Done::Nothing(why) => out.unanswered.push((id, why)),
+                Done::Unfit(why) => bail!("{id}: its data does not fit the job: {why}"),
                 Done::DroppedOut => out.unanswered.push((id, "dropped out".into())),
             }
         }
@@ -237,6 +256,17 @@ impl ShardStep {
             evaluate: self.evaluate.clone(),
             job_id: self.job_id.clone(),
             model: Some((&self.model).into()),
+            statistics: self.statistics.clone(),
+            data_spec_json: self
+                .data
+                .as_ref()
+                .map(|d| serde_json::to_string(d).expect("a data spec serialises"))
+                .unwrap_or_default(),
+            pipeline_json: self
+                .pipeline
+                .as_ref()
+                .map(|p| serde_json::to_string(&**p).expect("a pipeline serialises"))
+                .unwrap_or_default(),
         }
     }
 
@@ -287,6 +317,15 @@ impl ShardStep {
                 })
                 .collect::<anyhow::Result<_>>()?,
             evaluate: m.evaluate.clone(),
+            statistics: m.statistics.clone(),
+            data: (!m.data_spec_json.is_empty())
+                .then(|| serde_json::from_str(&m.data_spec_json))
+                .transpose()
+                .context("the step's data spec")?,
+            pipeline: (!m.pipeline_json.is_empty())
+                .then(|| serde_json::from_str(&m.pipeline_json).map(Arc::new))
+                .transpose()
+                .context("the step's pipeline")?,
         })
     }
 }

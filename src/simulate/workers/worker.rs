@@ -93,7 +93,7 @@ pub async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     let mut clients: Vec<Client> = locals
         .into_iter()
         .enumerate()
-        .map(|(k, l)| Client::new(participant_id(first + k), Some(l), &mut rng))
+        .map(|(k, site)| Client::new(participant_id(first + k), Some(site), &mut rng))
         .collect();
     let mut index: HashMap<String, usize> = clients
         .iter()
