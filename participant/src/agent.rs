@@ -419,6 +419,7 @@ mod tests {
             deadline_in_ms: 10_000,
             model_version: 0,
             secure: None,
+            pipeline_json: String::new(),
         });
         let (opts, seen) = scripted(VecDeque::from([Ok(train), idle()])).await;
         let report = run(opts, data()).await.unwrap();
@@ -455,5 +456,45 @@ mod tests {
         opts.reconnect_for = Duration::from_millis(800);
         assert!(run(opts, data()).await.is_err());
         assert!(seen.lock().unwrap().joins.len() >= 2, "retried");
+    }
+
+    #[tokio::test]
+    async fn a_table_that_does_not_match_the_jobs_schema_leaves_the_job_naming_the_cell() {
+        // The job's schema (from its round-0 task) says "age" is numeric; this site's file
+        // has a word on its third line.
+        let schema = cohort_model::tabular::Schema::infer(
+            "age,smoker,status\n50,yes,0\n60,no,1\n",
+            std::path::Path::new("job.csv"),
+            &cohort_model::LabelColumn::Name("status".into()),
+        )
+        .unwrap();
+        let spec = cohort_model::tabular::DataSpec {
+            schema,
+            options: Default::default(),
+        };
+        let task = Kind::Statistics(pb::StatisticsTask {
+            job_id: "job".into(),
+            attempt: 1,
+            data_spec_json: serde_json::to_string(&Some(spec)).unwrap(),
+            num_values: 60,
+            deadline_in_ms: 10_000,
+            secure: None,
+        });
+        let (opts, seen) = scripted(VecDeque::from([Ok(task), idle()])).await;
+        let site = Arc::new(SiteCsv {
+            text: "age,smoker,status\n50,yes,0\nold,no,1\n".into(),
+            path: "site.csv".into(),
+            test_fraction: 0.0,
+            seed: 1,
+        });
+        match run(opts, site).await {
+            Err(AgentError::Data(e)) => {
+                let e = e.to_string();
+                assert!(e.contains("site.csv:3"), "{e}");
+                assert!(e.contains("age"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(seen.lock().unwrap().left.len(), 1, "it leaves the job");
     }
 }
