@@ -5,4 +5,5 @@ pub mod admin_cli;
 pub mod plot;
 pub mod predict_cli;
 pub mod provision;
+pub mod schema_cli;
 pub mod simulate;

@@ -106,6 +106,9 @@ enum Command {
         #[arg(long, requires = "key_dir")]
         model_dir: Option<PathBuf>,
     },
+    /// Infer a job's [data] section (the schema every site's table is read against) from
+    /// one site's CSV table, to paste into the job specification.
+    Schema(cohort::schema_cli::SchemaArgs),
 }
 
 const INSECURE: &str = "INSECURE DEVELOPMENT MODE: no TLS. Anyone who can reach this port can \
@@ -532,6 +535,10 @@ fn main() -> ExitCode {
                     "{} is encrypted; add key_passphrase_env = \"{passphrase_env}\" to the [tls] section that names it",
                     key.display()
                 );
+                Ok(())
+            }
+            Command::Schema(args) => {
+                print!("{}", cohort::schema_cli::section(&args)?.0);
                 Ok(())
             }
             Command::Revoke(args) => {

@@ -123,6 +123,10 @@ pub struct JobSection {
     /// `[job.secure_aggregation]`; on unless `enabled = false`.
     #[serde(default)]
     pub secure_aggregation: SecureSection,
+    /// The participants' tables (`[data.schema]`, `[data.options]`): the job starts with
+    /// round 0, the federation's statistics (docs/tabular.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<cohort_model::tabular::DataSpec>,
 }
 
 /// `[job] sampling`.
@@ -277,7 +281,7 @@ impl JobSection {
             liveness_timeout: secs("liveness_timeout_secs", self.liveness_timeout_secs)?,
             seed: self.seed,
             secure: self.secure_aggregation.settings(min_updates)?,
-            data: None,
+            data: self.data.clone(),
         };
         cfg.validate()?;
         self.strategy()?;

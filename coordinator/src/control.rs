@@ -200,6 +200,17 @@ impl Coordinator {
         if let Some(st) = state.strategy_state(&id)? {
             orch.restore_strategy_state(&st)?;
         }
+        // Jobs with tables: round 0's statistics, if it was committed (else it runs again).
+        match state.statistics(&id)? {
+            Some(r) => orch.restore_statistics(&r.stats, r.sites, Instant::now())?,
+            None if orch.data_spec().is_some() && done > 0 => {
+                return Err(ControlError::Inconsistent(format!(
+                    "job {id} declares its tables and completed {done} rounds, but its \
+                     round-0 statistics are not in the state"
+                )));
+            }
+            None => {}
+        }
         if job.state == JobState::Paused {
             orch.set_paused(true, Instant::now());
         }

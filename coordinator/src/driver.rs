@@ -331,9 +331,11 @@ async fn process_events(
                 tokio::spawn(commit_until_durable(
                     Arc::downgrade(&s),
                     ctx.clone(),
-                    summary.clone(),
-                    params.clone(),
-                    strategy_state.clone(),
+                    Pending::Round {
+                        summary: summary.clone(),
+                        params: params.clone(),
+                        strategy_state: strategy_state.clone(),
+                    },
                 ));
             }
             Event::CommitFailed { round, reason } => tracing::error!(
@@ -395,13 +397,11 @@ async fn process_events(
                     features = statistics.pipeline.width(),
                     "round 0: the federation's statistics are in; pipeline fitted"
                 );
-                // Not yet stored with the job: a coordinator restarted before round 1 is
-                // committed runs round 0 again (nothing of a site's is kept to lose).
-                with_orch(&s, true, |o| {
-                    if o.config().job_id == job {
-                        o.committed(0, Instant::now())
-                    }
-                });
+                tokio::spawn(commit_until_durable(
+                    Arc::downgrade(&s),
+                    ctx.clone(),
+                    Pending::Statistics(statistics.clone()),
+                ));
             }
             Event::JobFailed { reason } => tracing::error!(job, "job stopped: {reason}"),
             Event::Paused(p) => tracing::info!(job, paused = p, "job paused or resumed"),
@@ -430,49 +430,76 @@ async fn process_events(
 const COMMIT_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(500);
 const COMMIT_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(15);
 
-/// Writes a completed round's model version and commits it to the durable state, retrying
-/// while that fails (disk full, permissions, the object store down), then tells the state
-/// machine, which holds the round until then: a round is never built on a version that was
-/// not stored. Each failure is logged, counted and reported to the machine (the job's status
-/// says "paused: storage failure"). Stops if the job is cancelled or replaced meanwhile; a
-/// restarted coordinator redoes the round from the last committed version.
-async fn commit_until_durable(
-    shared: Weak<Shared>,
-    ctx: Arc<JobContext>,
-    summary: RoundSummary,
-    params: Arc<Vec<f32>>,
-    strategy_state: Option<Vec<u8>>,
-) {
-    let (job, round) = (ctx.config.job_id.clone(), summary.round);
-    let (summary, strategy_state) = (Arc::new(summary), strategy_state.map(Arc::new));
+/// What waits to be committed: a completed round (its model version, summary and the
+/// strategy's state), or round 0 of a job with tables (the federation's statistics).
+enum Pending {
+    Round {
+        summary: RoundSummary,
+        params: Arc<Vec<f32>>,
+        strategy_state: Option<Vec<u8>>,
+    },
+    Statistics(crate::round::FederationStatistics),
+}
+
+impl Pending {
+    fn round(&self) -> u64 {
+        match self {
+            Pending::Round { summary, .. } => summary.round,
+            Pending::Statistics(_) => 0,
+        }
+    }
+
+    /// Writes it durably; says what was written, for the log.
+    fn write(&self, s: &Shared, ctx: &JobContext) -> Result<String, CommitError> {
+        match self {
+            Pending::Round {
+                summary,
+                params,
+                strategy_state,
+            } => {
+                let m = commit_round(s, ctx, summary, params, strategy_state.as_deref())?;
+                Ok(format!(
+                    "round complete; model version committed (participants {}, eval accuracy \
+                     {:?}, weights {}, sha256 {})",
+                    summary.participants.len(),
+                    summary.eval.map(|m| m.accuracy),
+                    m.weights_file,
+                    m.sha256
+                ))
+            }
+            Pending::Statistics(st) => {
+                commit_statistics(s, ctx, st)?;
+                Ok(format!(
+                    "round 0 committed: the federation's statistics ({} sites, {} rows)",
+                    st.sites, st.stats.rows
+                ))
+            }
+        }
+    }
+}
+
+/// Writes what a completed round (or round 0) produced to the durable state, retrying while
+/// that fails (disk full, permissions, the object store down), then tells the state
+/// machine, which holds the round until then: a round is never built on a version (or a
+/// pipeline) that was not stored. Each failure is logged, counted and reported to the
+/// machine (the job's status says "paused: storage failure"). Stops if the job is cancelled
+/// or replaced meanwhile; a restarted coordinator redoes the round from the last committed
+/// version.
+async fn commit_until_durable(shared: Weak<Shared>, ctx: Arc<JobContext>, pending: Pending) {
+    let (job, round) = (ctx.config.job_id.clone(), pending.round());
+    let pending = Arc::new(pending);
     let mut wait = COMMIT_RETRY_FIRST;
     loop {
         let Some(s) = shared.upgrade() else { return };
-        let (s2, ctx2, sum2, p2, st2) = (
-            s.clone(),
-            ctx.clone(),
-            summary.clone(),
-            params.clone(),
-            strategy_state.clone(),
-        );
-        let written = tokio::task::spawn_blocking(move || {
-            commit_round(&s2, &ctx2, &sum2, &p2, st2.as_deref().map(Vec::as_slice))
-        })
-        .await
-        .unwrap_or_else(|e| Err(CommitError::Panicked(e.to_string())))
-        .map_err(|e| e.to_string());
+        let (s2, ctx2, p2) = (s.clone(), ctx.clone(), pending.clone());
+        let written = tokio::task::spawn_blocking(move || p2.write(&s2, &ctx2))
+            .await
+            .unwrap_or_else(|e| Err(CommitError::Panicked(e.to_string())))
+            .map_err(|e| e.to_string());
         let same_job = |o: &Orchestrator| o.config().job_id == job;
         match written {
-            Ok(m) => {
-                tracing::info!(
-                    job,
-                    round,
-                    participants = summary.participants.len(),
-                    eval_accuracy = summary.eval.map(|m| m.accuracy),
-                    weights = %m.weights_file,
-                    sha256 = %m.sha256,
-                    "round complete; model version committed"
-                );
+            Ok(what) => {
+                tracing::info!(job, round, "{what}");
                 with_orch(&s, true, |o| {
                     if same_job(o) {
                         o.committed(round, Instant::now())
@@ -581,6 +608,29 @@ fn model_name(m: &cohort_model::ModelSpec) -> String {
 
 /// Writes a completed round's model version, then commits it with the round record, the
 /// strategy's state and the job's progress. Runs on a blocking thread.
+/// Commits round 0: the federation's statistics with the job's record.
+fn commit_statistics(
+    shared: &Shared,
+    ctx: &JobContext,
+    st: &crate::round::FederationStatistics,
+) -> Result<(), CommitError> {
+    let cfg = &ctx.config;
+    let _g = shared.job_records.lock().expect("job records lock");
+    let mut job = shared
+        .state
+        .job(&cfg.job_id)?
+        .unwrap_or_else(|| new_record(cfg, ctx.strategy, None, "embedded"));
+    job.updated_unix_ms = unix_ms();
+    let record = cohort_storage::state::StatisticsRecord {
+        job_id: cfg.job_id.clone(),
+        stats: st.stats.clone(),
+        sites: st.sites,
+        completed_unix_ms: unix_ms(),
+    };
+    shared.state.commit_statistics(&job, &record)?;
+    Ok(())
+}
+
 pub(crate) fn commit_round(
     shared: &Shared,
     ctx: &JobContext,

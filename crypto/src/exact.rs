@@ -110,7 +110,7 @@ impl DigitCodec {
             });
         }
         let scale = (1u128 << self.frac_bits) as f64;
-        Ok(digit_sums
+        digit_sums
             .chunks_exact(self.digits)
             .map(|ds| {
                 let mut total = 0i128;
@@ -128,7 +128,7 @@ impl DigitCodec {
                 }
                 Ok(total as f64 / scale)
             })
-            .collect::<Result<Vec<f64>, CryptoError>>()?)
+            .collect()
     }
 }
 

@@ -31,10 +31,12 @@ pub enum Table {
     Meta,
     /// Strategies' server state (FedAdam's moments) after each job's last completed round.
     StrategyState,
+    /// Jobs with tables: the federation's statistics from round 0.
+    Statistics,
 }
 
 impl Table {
-    const ALL: [Table; 7] = [
+    const ALL: [Table; 8] = [
         Table::Participants,
         Table::Jobs,
         Table::Rounds,
@@ -42,6 +44,7 @@ impl Table {
         Table::Audit,
         Table::Meta,
         Table::StrategyState,
+        Table::Statistics,
     ];
 
     fn name(self) -> &'static str {
@@ -53,6 +56,7 @@ impl Table {
             Table::Audit => "audit",
             Table::Meta => "meta",
             Table::StrategyState => "strategy_state",
+            Table::Statistics => "statistics",
         }
     }
 }
@@ -304,6 +308,16 @@ pub struct JobRecord {
     pub restarts: u32,
 }
 
+/// Round 0 of a job with tables, as recorded: the federation's summed statistics (the
+/// pipeline is fitted from them again on resume) and how many sites they cover.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatisticsRecord {
+    pub job_id: String,
+    pub stats: cohort_model::tabular::TableStats,
+    pub sites: usize,
+    pub completed_unix_ms: u64,
+}
+
 /// A completed round as recorded.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundRecord {
@@ -551,6 +565,23 @@ impl State {
             None => w.push(Write::Delete(Table::StrategyState, job.id.clone())),
         }
         self.backend.commit(&w)
+    }
+
+    /// Round 0's statistics of `job`, once committed.
+    pub fn statistics(&self, job: &str) -> Result<Option<StatisticsRecord>, StateError> {
+        self.one(Table::Statistics, job)
+    }
+
+    /// Commits round 0 of a job with tables: its statistics and the job's record together.
+    pub fn commit_statistics(
+        &self,
+        job: &JobRecord,
+        record: &StatisticsRecord,
+    ) -> Result<(), StateError> {
+        self.backend.commit(&[
+            Self::job_write(job),
+            Write::Put(Table::Statistics, job.id.clone(), json(record)),
+        ])
     }
 
     /// Promotes `to` (audited).

@@ -525,3 +525,42 @@ pub fn spawn_serve(dir: &Path, cfg: &str, env: &[(&str, &str)]) -> (Proc, String
     };
     (proc, addr, metrics)
 }
+
+/// The bundled breast-cancer table made messy: ~10% of the cells missing (`NA` or empty), a
+/// text category that depends on the label (with a category the first participants never
+/// see in training), and a yes/no column.
+pub fn messy_table(dir: &std::path::Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/breast_cancer.csv"),
+    )
+    .unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let (features, label) = header.split_at(header.len() - 1);
+    let mut out = format!("{},grade,smoker,{}\n", features.join(","), label[0]);
+    for (i, line) in lines.enumerate() {
+        let f: Vec<&str> = line.split(',').collect();
+        let (x, y) = f.split_at(f.len() - 1);
+        let cells: Vec<String> = x
+            .iter()
+            .enumerate()
+            .map(|(j, v)| match (i * 31 + j * 17) % 20 {
+                0 => "NA".to_string(),
+                1 => String::new(),
+                _ => v.to_string(),
+            })
+            .collect();
+        let grade = match (y[0], i % 3) {
+            (_, _) if i % 29 == 0 => "",
+            ("1", 0) => "I",
+            ("1", _) => "II",
+            (_, 0) => "III",
+            _ => "IV",
+        };
+        let smoker = if i % 2 == 0 { "yes" } else { "no" };
+        out += &format!("{},{grade},{smoker},{}\n", cells.join(","), y[0]);
+    }
+    let path = dir.join("messy.csv");
+    std::fs::write(&path, out).unwrap();
+    path
+}
