@@ -174,6 +174,7 @@ async fn drive(addr: std::net::SocketAddr, args: &Args, images: &[Vec<f32>]) -> 
                     example: Some(pb::Example {
                         features,
                         label: None,
+                        raw: Default::default(),
                     }),
                 })
                 .await
@@ -341,6 +342,7 @@ fn main() {
                         example: Some(pb::Example {
                             features: img.clone(),
                             label: None,
+                            raw: Default::default(),
                         }),
                     })
                     .await

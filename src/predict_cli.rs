@@ -22,9 +22,16 @@ pub struct PredictArgs {
     /// Connect without TLS (a server started with --insecure-dev). Development only.
     #[arg(long)]
     pub insecure_dev: bool,
-    /// Rows to predict: a CSV file with a header line, numeric features in the model's order.
+    /// Rows to predict: a CSV file with a header line, numeric features in the model's order;
+    /// for a model of a job with tables, raw rows (any columns of its schema, missing values
+    /// and categories as in the sites' files), which the server prepares with the version's
+    /// pipeline.
     #[arg(long, conflicts_with = "idx")]
     pub csv: Option<PathBuf>,
+    /// Raw rows of a model of a job with tables as JSON: an array of objects keyed by column
+    /// name (values strings, numbers, booleans or null).
+    #[arg(long, conflicts_with_all = ["csv", "idx"])]
+    pub json: Option<PathBuf>,
     /// The CSV column holding the true class, if any (a name, a zero-based index or `last`):
     /// left out of the features, used to report accuracy.
     #[arg(long, requires = "csv")]
@@ -135,17 +142,110 @@ async fn connect(a: &PredictArgs) -> anyhow::Result<InferenceClient<tonic::trans
         .max_encoding_message_size(cohort_protocol::MAX_MESSAGE_BYTES))
 }
 
-pub async fn run(a: PredictArgs) -> anyhow::Result<()> {
-    if a.batch == 0 {
-        anyhow::bail!("--batch must be at least 1");
-    }
-    let mut input = rows(&a)?;
-    if let Some(n) = a.limit {
-        input.features.truncate(n);
-        if let Some(l) = input.labels.as_mut() {
-            l.truncate(n);
+/// Raw rows keyed by column name, for a model that prepares them with its pipeline: from a
+/// CSV file with a header, or a JSON array of objects. The schema's label column, where a row
+/// has it, becomes its class index.
+fn raw_rows(
+    a: &PredictArgs,
+    schema: &cohort_model::tabular::Schema,
+) -> anyhow::Result<(Vec<pb::Example>, Option<Vec<u32>>)> {
+    let mut records: Vec<BTreeMap<String, String>> = Vec::new();
+    let source = match (&a.csv, &a.json) {
+        (Some(p), _) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+            let unquote = |v: &str| v.trim().trim_matches('"').to_string();
+            let names: Vec<String> = lines
+                .next()
+                .with_context(|| format!("{}: empty; expected a header line", p.display()))?
+                .split(',')
+                .map(unquote)
+                .collect();
+            for (i, line) in lines.enumerate() {
+                let cells: Vec<String> = line.split(',').map(unquote).collect();
+                if cells.len() != names.len() {
+                    anyhow::bail!(
+                        "{}: row {}: {} fields for {} columns",
+                        p.display(),
+                        i + 1,
+                        cells.len(),
+                        names.len()
+                    );
+                }
+                records.push(names.iter().cloned().zip(cells).collect());
+            }
+            p
         }
+        (None, Some(p)) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let rows: Vec<serde_json::Map<String, serde_json::Value>> = serde_json::from_str(&text)
+                .with_context(|| format!("{}: expected a JSON array of objects", p.display()))?;
+            for row in rows {
+                records.push(
+                    row.into_iter()
+                        .filter(|(_, v)| !v.is_null())
+                        .map(|(k, v)| {
+                            let cell = match v {
+                                serde_json::Value::String(s) => s,
+                                other => other.to_string(),
+                            };
+                            (k, cell)
+                        })
+                        .collect(),
+                );
+            }
+            p
+        }
+        (None, None) => anyhow::bail!(
+            "the served model prepares raw rows: give --csv FILE (with a header) or --json FILE"
+        ),
+    };
+    let mut labels = Vec::with_capacity(records.len());
+    let mut examples = Vec::with_capacity(records.len());
+    for (i, mut r) in records.into_iter().enumerate() {
+        let label = r.remove(&schema.label).filter(|l| !l.trim().is_empty());
+        let class = match label {
+            Some(l) => Some(
+                schema
+                    .classes
+                    .iter()
+                    .position(|c| *c == l)
+                    .with_context(|| {
+                        format!(
+                            "{}: row {}: label {l:?} is not one of the model's classes {:?}",
+                            source.display(),
+                            i + 1,
+                            schema.classes
+                        )
+                    })? as u32,
+            ),
+            None => None,
+        };
+        labels.push(class);
+        examples.push(pb::Example {
+            features: Vec::new(),
+            label: class,
+            raw: r.into_iter().collect(),
+        });
     }
+    let labels = labels
+        .iter()
+        .all(Option::is_some)
+        .then(|| labels.into_iter().map(Option::unwrap_or_default).collect());
+    Ok((examples, labels))
+}
+
+/// Examples of prepared features (standardised first with `--standardizer` if given).
+fn feature_examples(a: &PredictArgs) -> anyhow::Result<(Vec<pb::Example>, Option<Vec<u32>>)> {
+    if a.json.is_some() {
+        anyhow::bail!(
+            "--json gives raw rows, which only a model of a job with tables takes; the served \
+             model takes prepared features (--csv or --idx)"
+        );
+    }
+    let mut input = rows(a)?;
     if let Some(p) = &a.standardizer {
         let text = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
         let st: cohort_model::Standardizer = serde_json::from_slice(&text)
@@ -165,6 +265,24 @@ pub async fn run(a: PredictArgs) -> anyhow::Result<()> {
             }
         }
     }
+    let labels = input.labels.clone();
+    let examples = input
+        .features
+        .into_iter()
+        .enumerate()
+        .map(|(i, f)| pb::Example {
+            features: f,
+            label: labels.as_ref().map(|l| l[i]),
+            raw: Default::default(),
+        })
+        .collect();
+    Ok((examples, labels))
+}
+
+pub async fn run(a: PredictArgs) -> anyhow::Result<()> {
+    if a.batch == 0 {
+        anyhow::bail!("--batch must be at least 1");
+    }
     let mut client = connect(&a).await?;
     let info = client
         .model_info(pb::ModelInfoRequest {})
@@ -183,28 +301,54 @@ pub async fn run(a: PredictArgs) -> anyhow::Result<()> {
             m.precision
         );
     }
-    let labels = input.labels.clone();
+    // A model of a job with tables takes raw rows, prepared by its pipeline on the server.
+    let pipeline = info
+        .variants
+        .first()
+        .filter(|v| !v.pipeline_json.is_empty())
+        .map(|v| serde_json::from_str::<cohort_model::tabular::Pipeline>(&v.pipeline_json))
+        .transpose()
+        .context("the served model's pipeline")?;
+    let (mut examples, mut labels) = match &pipeline {
+        Some(p) if a.standardizer.is_some() || a.label.is_some() || a.idx.is_some() => {
+            anyhow::bail!(
+                "the served model prepares raw rows (--csv with a header, or --json) with its \
+                 own pipeline: drop --standardizer, --label and --idx (its label column is {:?})",
+                p.schema.label
+            )
+        }
+        Some(p) => raw_rows(&a, &p.schema)?,
+        None => feature_examples(&a)?,
+    };
+    if let Some(n) = a.limit {
+        examples.truncate(n);
+        if let Some(l) = labels.as_mut() {
+            l.truncate(n);
+        }
+    }
     let mut answered: BTreeMap<(u64, String), usize> = BTreeMap::new();
     let (mut correct, mut shown) = (0usize, 0usize);
     println!(
         "{:>6}  {:>5}  {:>11}  {:>5}  version",
         "row", "class", "probability", "label"
     );
-    // A batch larger than one request may carry is sent as several requests.
-    let features = input.features.first().map_or(1, Vec::len);
+    // A batch larger than one request may carry is sent as several requests (a raw row
+    // counted as the floats its longest encoding would take: name, text and framing).
+    let features = examples
+        .iter()
+        .map(|e| {
+            let raw: usize = e.raw.iter().map(|(k, v)| k.len() + v.len() + 8).sum();
+            e.features.len().max(raw.div_ceil(4))
+        })
+        .max()
+        .unwrap_or(1);
     let per_request = a.batch.min(cohort_protocol::examples_per_request(features));
-    for (b, chunk) in input.features.chunks(per_request).enumerate() {
+    for (b, chunk) in examples.chunks(per_request).enumerate() {
         let start = b * per_request;
-        let examples = chunk
-            .iter()
-            .enumerate()
-            .map(|(k, f)| pb::Example {
-                features: f.clone(),
-                label: labels.as_ref().map(|l| l[start + k]),
-            })
-            .collect();
         let r = client
-            .predict_batch(pb::PredictBatchRequest { examples })
+            .predict_batch(pb::PredictBatchRequest {
+                examples: chunk.to_vec(),
+            })
             .await
             .map_err(crate::admin_cli::status_err)
             .with_context(|| format!("rows {}..{}", start + 1, start + chunk.len()))?
@@ -234,7 +378,7 @@ pub async fn run(a: PredictArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let n = input.features.len();
+    let n = examples.len();
     if shown < n {
         println!("   … {} more rows (--all prints every one)", n - shown);
     }

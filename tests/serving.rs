@@ -40,6 +40,7 @@ fn example(i: usize, label: Option<u32>) -> pb::Example {
             .map(|k| ((i * 31 + k) % 17) as f32 / 8.0 - 1.0)
             .collect(),
         label,
+        raw: Default::default(),
     }
 }
 
@@ -236,6 +237,7 @@ share = 0.25
             example: Some(pb::Example {
                 features: vec![0.5; 29],
                 label: None,
+                raw: Default::default(),
             }),
         })
         .await

@@ -172,4 +172,178 @@ decrypt_timeout_secs = 20
             .unwrap();
     let acc = manifest["eval"]["accuracy"].as_f64().unwrap();
     assert!(acc > 0.9, "held-out accuracy after 3 rounds: {acc}");
+    // Every trained version carries the pipeline; the initial model does not.
+    assert!(manifest["pipeline"]["steps"].is_array(), "{manifest}");
+    // Rows of the site whose file the schema was inferred from: every category but the one
+    // made up there is in the vocabulary.
+    serve_raw_rows(
+        d,
+        &shares[0],
+        &serde_json::from_value(manifest["pipeline"].clone()).unwrap(),
+    );
+}
+
+/// `cohort serve` answers raw rows of version 3 (a missing value, an unseen category) with
+/// the probabilities the model gives the rows a site prepares from its file; `cohort predict`
+/// sends a raw CSV.
+fn serve_raw_rows(d: &Path, share: &Path, pipeline: &cohort_model::tabular::Pipeline) {
+    use cohort_protocol::pb::{self, inference_client::InferenceClient};
+    // Promote version 3 in the registry `cohort serve` follows.
+    let kek = d.join("pki/coordinator/kek");
+    let store = cohort_coordinator::ModelStore::open_encrypted(
+        d.join("models"),
+        std::sync::Arc::new(cohort_storage::load_key_dir(&kek).unwrap()),
+    )
+    .unwrap();
+    store
+        .write_serving(&cohort_storage::ModelRef {
+            job_id: "messy".into(),
+            version: 3,
+        })
+        .unwrap();
+    let (_serve, addr, _) = spawn_serve(
+        d,
+        &format!(
+            "listen = \"127.0.0.1:0\"\nmodel_dir = \"{}\"\nwatch_interval_ms = 100\n{}\n[inference]\ndevice = \"cpu\"\n",
+            d.join("models").display(),
+            coordinator_sections(&d.join("pki"))
+        ),
+        &[],
+    );
+    // Ten rows of a site's file, the first with a missing value and an unseen category.
+    let text = std::fs::read_to_string(share).unwrap();
+    let mut lines: Vec<String> = text.lines().take(11).map(str::to_string).collect();
+    let header: Vec<String> = lines[0].split(',').map(str::to_string).collect();
+    let grade = header.iter().position(|h| h == "grade").unwrap();
+    let mut first: Vec<String> = lines[1].split(',').map(str::to_string).collect();
+    first[0] = "NA".into();
+    first[grade] = "V".into();
+    lines[1] = first.join(",");
+    let csv = lines.join("\n") + "\n";
+    let raw_csv = d.join("raw.csv");
+    std::fs::write(&raw_csv, &csv).unwrap();
+    // The site's side: its file read against the schema, prepared by the pipeline, and the
+    // model's probabilities for those features.
+    let table =
+        cohort_model::tabular::Table::parse(&csv, Path::new("raw.csv"), &pipeline.schema).unwrap();
+    let (prepared, report) = pipeline.transform(&table).unwrap();
+    assert!(
+        report.imputed >= 1 && report.unknown_categories == 1,
+        "{report:?}"
+    );
+    let params = store.for_job("messy").read_params(3).unwrap();
+    let spec = cohort_model::ModelSpec::Logistic {
+        inputs: pipeline.width(),
+        classes: 2,
+    };
+    let model = cohort_model::infer::InferenceModel::load(
+        &spec,
+        &params,
+        cohort_model::ComputeDevice::Cpu,
+        Default::default(),
+    )
+    .unwrap();
+    let logits = model.logits(&prepared.features, prepared.len()).unwrap();
+    let site_probs: Vec<f32> = logits
+        .chunks(2)
+        .flat_map(|l| {
+            let m = l[0].max(l[1]);
+            let e = [(l[0] - m).exp(), (l[1] - m).exp()];
+            [e[0] / (e[0] + e[1]), e[1] / (e[0] + e[1])]
+        })
+        .collect();
+    // The server's side: the same rows raw, keyed by column name.
+    let examples: Vec<pb::Example> = lines[1..]
+        .iter()
+        .map(|l| pb::Example {
+            features: Vec::new(),
+            label: None,
+            raw: header
+                .iter()
+                .cloned()
+                .zip(l.split(',').map(str::to_string))
+                .filter(|(k, _)| k != "diagnosis")
+                .collect(),
+        })
+        .collect();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let served: Vec<f32> = rt.block_on(async {
+        let who = d.join("pki/inference/app");
+        let read = |f: &str| std::fs::read_to_string(who.join(f)).unwrap();
+        let tls = cohort_protocol::tls::client_config(
+            &read("ca.pem"),
+            &read("cert.pem"),
+            &read("key.pem"),
+            "coordinator",
+        );
+        let ch = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut c = InferenceClient::new(ch);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            match c
+                .predict_batch(pb::PredictBatchRequest {
+                    examples: examples.clone(),
+                })
+                .await
+            {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    assert_eq!(r.model.unwrap().version, 3);
+                    return r
+                        .predictions
+                        .iter()
+                        .flat_map(|p| p.probabilities.clone())
+                        .collect();
+                }
+                Err(e)
+                    if e.code() == tonic::Code::Unavailable
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    });
+    assert_eq!(served.len(), site_probs.len());
+    for (a, b) in served.iter().zip(&site_probs) {
+        assert!(
+            (a - b).abs() < 1e-6,
+            "served {served:?}\nsite {site_probs:?}"
+        );
+    }
+    // `cohort predict` sends the raw CSV (its label column scored) and the raw rows as JSON.
+    let out = succeed(
+        Command::new(BIN)
+            .arg("predict")
+            .arg("--config")
+            .arg(d.join("pki/inference/app/client.toml"))
+            .args(["--server", &format!("https://{addr}"), "--csv"])
+            .arg(&raw_csv),
+    );
+    assert!(
+        out.contains("10 rows answered") && out.contains("accuracy"),
+        "{out}"
+    );
+    let json: Vec<serde_json::Value> = examples
+        .iter()
+        .map(|e| serde_json::to_value(&e.raw).unwrap())
+        .collect();
+    let raw_json = d.join("raw.json");
+    std::fs::write(&raw_json, serde_json::to_string(&json).unwrap()).unwrap();
+    let out = succeed(
+        Command::new(BIN)
+            .arg("predict")
+            .arg("--config")
+            .arg(d.join("pki/inference/app/client.toml"))
+            .args(["--server", &format!("https://{addr}"), "--json"])
+            .arg(&raw_json),
+    );
+    assert!(out.contains("10 rows answered"), "{out}");
 }

@@ -324,6 +324,7 @@ async fn process_events(
                 summary,
                 params,
                 strategy_state,
+                pipeline,
             } => {
                 // The state machine starts nothing more until this commit is reported, so
                 // the next round's events cannot overtake it; other events go on being
@@ -335,6 +336,7 @@ async fn process_events(
                         summary: summary.clone(),
                         params: params.clone(),
                         strategy_state: strategy_state.clone(),
+                        pipeline: pipeline.clone(),
                     },
                 ));
             }
@@ -437,6 +439,7 @@ enum Pending {
         summary: RoundSummary,
         params: Arc<Vec<f32>>,
         strategy_state: Option<Vec<u8>>,
+        pipeline: Option<Arc<cohort_model::tabular::Pipeline>>,
     },
     Statistics(crate::round::FederationStatistics),
 }
@@ -456,8 +459,16 @@ impl Pending {
                 summary,
                 params,
                 strategy_state,
+                pipeline,
             } => {
-                let m = commit_round(s, ctx, summary, params, strategy_state.as_deref())?;
+                let m = commit_round(
+                    s,
+                    ctx,
+                    summary,
+                    params,
+                    strategy_state.as_deref(),
+                    pipeline.as_deref(),
+                )?;
                 Ok(format!(
                     "round complete; model version committed (participants {}, eval accuracy \
                      {:?}, weights {}, sha256 {})",
@@ -637,9 +648,10 @@ pub(crate) fn commit_round(
     summary: &RoundSummary,
     params: &[f32],
     strategy_state: Option<&[u8]>,
+    pipeline: Option<&cohort_model::tabular::Pipeline>,
 ) -> Result<ModelManifest, CommitError> {
     let cfg = &ctx.config;
-    let m = ctx.store.write(
+    let m = ctx.store.write_with_pipeline(
         &cfg.job_id,
         &cfg.model,
         ctx.strategy,
@@ -647,6 +659,7 @@ pub(crate) fn commit_round(
         params,
         Some(summary),
         unix_ms(),
+        pipeline,
     )?;
     let _g = shared.job_records.lock().expect("job records lock");
     let mut job = shared

@@ -284,6 +284,62 @@ impl Table {
     /// the line.
     pub fn parse(text: &str, path: &Path, schema: &Schema) -> Result<Table, DataError> {
         let (names, rows) = rows(text, path)?;
+        Self::from_rows(&names, &rows, path, schema)
+    }
+
+    /// Rows given as maps from column name to cell text (a JSON object a row, or a CSV row
+    /// with its header), read against `schema` exactly as [`Self::parse`] reads a file: a
+    /// column left out is missing; a name outside the schema is an error. Rows without the
+    /// label get class 0 (their label is `None` in the second vector). `source` names them
+    /// in errors (row `i` is "line" `i + 1`).
+    pub fn from_records(
+        records: &[std::collections::BTreeMap<String, String>],
+        source: &Path,
+        schema: &Schema,
+    ) -> Result<(Table, Vec<Option<u32>>), DataError> {
+        let mut names: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
+        names.push(schema.label.clone());
+        let mut labelled = Vec::with_capacity(records.len());
+        let mut rows = Vec::with_capacity(records.len());
+        for (i, r) in records.iter().enumerate() {
+            if let Some(extra) = r.keys().find(|k| !names.contains(k)) {
+                return Err(bad(
+                    source,
+                    i + 1,
+                    format!("column {extra:?} is not in the model's schema"),
+                ));
+            }
+            let label = r.get(&schema.label).filter(|l| !is_missing(l));
+            labelled.push(label.is_some());
+            let mut fields: Vec<String> = schema
+                .columns
+                .iter()
+                .map(|c| r.get(&c.name).cloned().unwrap_or_default())
+                .collect();
+            fields.push(
+                label
+                    .cloned()
+                    .or_else(|| schema.classes.first().cloned())
+                    .unwrap_or_default(),
+            );
+            rows.push((i + 1, fields));
+        }
+        let table = Self::from_rows(&names, &rows, source, schema)?;
+        let labels = table
+            .labels
+            .iter()
+            .zip(labelled)
+            .map(|(&l, known)| known.then_some(l))
+            .collect();
+        Ok((table, labels))
+    }
+
+    fn from_rows(
+        names: &[String],
+        rows: &[Row],
+        path: &Path,
+        schema: &Schema,
+    ) -> Result<Table, DataError> {
         let position = |n: &str| names.iter().position(|c| c == n);
         let label_idx = position(&schema.label).ok_or_else(|| {
             bad(

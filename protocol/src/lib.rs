@@ -298,6 +298,7 @@ mod tests {
                     .map(|i| pb::Example {
                         features: vec![1.5; features],
                         label: Some(u32::MAX - i as u32),
+                        raw: Default::default(),
                     })
                     .collect(),
             };

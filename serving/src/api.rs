@@ -78,6 +78,28 @@ fn predictions(logits: &[f32], classes: usize) -> Vec<pb::Prediction> {
         .collect()
 }
 
+/// A request's examples: all features, or all raw rows (keyed by column name).
+pub(crate) fn rows_of(examples: Vec<pb::Example>) -> Result<crate::deployment::Rows, Status> {
+    let raw = examples.iter().filter(|e| !e.raw.is_empty()).count();
+    if raw == 0 {
+        return Ok(crate::deployment::Rows::Features(
+            examples.into_iter().flat_map(|e| e.features).collect(),
+        ));
+    }
+    if raw != examples.len() || examples.iter().any(|e| !e.features.is_empty()) {
+        return Err(Status::invalid_argument(
+            "every example of a request is either features or raw (a row keyed by column \
+             name), not both",
+        ));
+    }
+    Ok(crate::deployment::Rows::Raw(
+        examples
+            .into_iter()
+            .map(|e| e.raw.into_iter().collect())
+            .collect(),
+    ))
+}
+
 /// The gRPC face of [`Inference`].
 #[derive(Clone)]
 pub struct InferenceApi(Inference);
@@ -94,9 +116,17 @@ impl pb::inference_server::Inference for InferenceApi {
             .into_inner()
             .example
             .ok_or_else(|| Status::invalid_argument("the request has no example"))?;
-        let (v, logits, started) = self.0.run(ex.features, 1).await.map_err(status)?;
+        let (v, logits, started, raw_labels) = self
+            .0
+            .run(rows_of(vec![ex.clone()])?, 1)
+            .await
+            .map_err(status)?;
         let mut preds = predictions(&logits, v.classes);
-        self.0.count_labels(&v, &preds, &[ex.label]);
+        self.0.count_labels(
+            &v,
+            &preds,
+            &[ex.label.or(raw_labels.first().copied().flatten())],
+        );
         self.0.answered(&v, started, 1);
         let i = &self.0.inner;
         Ok(Response::new(pb::PredictResponse {
@@ -122,9 +152,12 @@ impl pb::inference_server::Inference for InferenceApi {
             )));
         }
         self.0.limit(&caller, rows).map_err(status)?;
-        let labels: Vec<Option<u32>> = examples.iter().map(|e| e.label).collect();
-        let x: Vec<f32> = examples.into_iter().flat_map(|e| e.features).collect();
-        let (v, logits, started) = self.0.run(x, rows).await.map_err(status)?;
+        let mut labels: Vec<Option<u32>> = examples.iter().map(|e| e.label).collect();
+        let x = rows_of(examples)?;
+        let (v, logits, started, raw_labels) = self.0.run(x, rows).await.map_err(status)?;
+        for (l, r) in labels.iter_mut().zip(raw_labels) {
+            *l = l.or(r);
+        }
         let preds = predictions(&logits, v.classes);
         self.0.count_labels(&v, &preds, &labels);
         self.0.answered(&v, started, rows);
@@ -160,6 +193,12 @@ impl pb::inference_server::Inference for InferenceApi {
                         eval_loss: v.manifest.eval.as_ref().map(|m| m.loss),
                         quantized_tensors: v.quantized.clone(),
                         params_digest: v.manifest.params_digest.clone(),
+                        pipeline_json: v
+                            .manifest
+                            .pipeline
+                            .as_ref()
+                            .and_then(|p| serde_json::to_string(p).ok())
+                            .unwrap_or_default(),
                     })
                     .collect()
             })

@@ -21,6 +21,13 @@ use crate::metrics::{
 use crate::settings::InferenceSettings;
 use crate::worker::{Item, Variant, WorkerParams, spawn_worker};
 
+/// A request's examples: the model's input as features, or raw table rows keyed by column
+/// name, which the served version's pipeline prepares.
+pub(crate) enum Rows {
+    Features(Vec<f32>),
+    Raw(Vec<std::collections::BTreeMap<String, String>>),
+}
+
 /// What is being served: variant a, and b when there is an A/B split.
 pub(crate) struct Deployment {
     pub(crate) variants: Vec<Arc<Variant>>,
@@ -313,12 +320,15 @@ impl Inference {
         })
     }
 
-    /// Queues `rows` examples on one variant and waits for their logits.
+    /// Queues `rows` examples on one variant and waits for their logits; raw rows are
+    /// prepared first by that variant's pipeline (their labels, where they carry the label
+    /// column, come back with the logits).
+    #[allow(clippy::type_complexity)]
     pub(crate) async fn run(
         &self,
-        x: Vec<f32>,
+        x: Rows,
         rows: usize,
-    ) -> Result<(Arc<Variant>, Vec<f32>, Instant), Refusal> {
+    ) -> Result<(Arc<Variant>, Vec<f32>, Instant, Vec<Option<u32>>), Refusal> {
         let started = Instant::now();
         let inner = &self.inner;
         let dep = self.deployment().ok_or_else(|| {
@@ -329,6 +339,26 @@ impl Inference {
         let v = dep.pick(k).clone();
         // The deployment is no longer needed: the variant keeps its worker alive.
         drop(dep);
+        let (x, labels) = match x {
+            Rows::Features(x) => (x, Vec::new()),
+            Rows::Raw(records) => {
+                let Some(p) = &v.manifest.pipeline else {
+                    inner.metrics.outcome(Some(&v.label()), "invalid");
+                    return Err(Refusal::Invalid(format!(
+                        "version {} of job {} takes prepared features, not raw rows (its \
+                         job declared no tables)",
+                        v.model.version, v.model.job_id
+                    )));
+                };
+                match p.transform_records(&records) {
+                    Ok((ds, labels, _)) => (ds.features, labels),
+                    Err(e) => {
+                        inner.metrics.outcome(Some(&v.label()), "invalid");
+                        return Err(Refusal::Invalid(e.to_string()));
+                    }
+                }
+            }
+        };
         if x.len() != rows * v.input_len {
             inner.metrics.outcome(Some(&v.label()), "invalid");
             return Err(Refusal::Invalid(format!(
@@ -370,7 +400,7 @@ impl Inference {
             return Err(Refusal::WorkerStopped);
         }
         match answer.await {
-            Ok(Ok(logits)) => Ok((v, logits, started)),
+            Ok(Ok(logits)) => Ok((v, logits, started, labels)),
             Ok(Err(e)) => {
                 inner.metrics.outcome(Some(&v.label()), "error");
                 Err(Refusal::Failed(e))

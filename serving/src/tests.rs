@@ -9,7 +9,8 @@ use cohort_storage::{ModelRef, ModelStore};
 
 use super::*;
 use crate::api::status;
-use crate::deployment::to_candidate;
+use crate::deployment::{Rows, to_candidate};
+use cohort_protocol::pb;
 
 #[test]
 fn the_candidate_share_is_exact_over_any_window() {
@@ -120,7 +121,7 @@ async fn a_full_queue_refuses_with_resource_exhausted_and_answers_the_rest() {
         .map(|_| {
             let inf = inf.clone();
             tokio::spawn(async move {
-                inf.run(vec![0.5; 784], 1)
+                inf.run(Rows::Features(vec![0.5; 784]), 1)
                     .await
                     .map(|r| r.1.len())
                     .map_err(status)
@@ -156,7 +157,7 @@ async fn a_request_queued_before_a_switch_is_answered_by_the_old_version() {
     let x: Vec<f32> = (0..784).map(|i| (i % 7) as f32 / 7.0).collect();
     let waiting = {
         let (inf, x) = (inf.clone(), x.clone());
-        tokio::spawn(async move { inf.run(x, 1).await })
+        tokio::spawn(async move { inf.run(Rows::Features(x), 1).await })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     let i2 = inf.clone();
@@ -165,7 +166,7 @@ async fn a_request_queued_before_a_switch_is_answered_by_the_old_version() {
         .unwrap()
         .unwrap();
     assert_eq!(inf.serving(), Some(version(1)));
-    let (v, logits, _) = waiting.await.unwrap().unwrap();
+    let (v, logits, _, _) = waiting.await.unwrap().unwrap();
     assert_eq!(v.model, version(0));
     let want = InferenceModel::load(
         &spec,
@@ -177,7 +178,7 @@ async fn a_request_queued_before_a_switch_is_answered_by_the_old_version() {
     .logits(&x, 1)
     .unwrap();
     assert_eq!(logits, want, "answered by version 0's weights");
-    let (v, _, _) = inf.run(x, 1).await.unwrap();
+    let (v, _, _, _) = inf.run(Rows::Features(x), 1).await.unwrap();
     assert_eq!(v.model, version(1));
 }
 
@@ -226,4 +227,38 @@ fn a_missing_version_is_named_and_nothing_changes() {
     assert!(matches!(e, ServingError::Read { version: 9, .. }), "{e:?}");
     assert!(e.to_string().contains("version 9 of job \"j\""), "{e}");
     assert_eq!(inf.serving(), Some(version(0)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_rows_need_a_version_with_a_pipeline_and_name_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = registry(dir.path());
+    let inf = Inference::new(store, settings(4, 0, 64), InferenceMetrics::new()).unwrap();
+    inf.switch(&version(1)).unwrap();
+    let row: std::collections::BTreeMap<String, String> =
+        [("age".to_string(), "40".to_string())].into();
+    let Err(e) = inf.run(Rows::Raw(vec![row]), 1).await else {
+        panic!("raw rows answered by a version without a pipeline");
+    };
+    let e = status(e);
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().contains("takes prepared features, not raw rows"),
+        "{}",
+        e.message()
+    );
+    // A request mixing the two kinds is refused before any version is asked.
+    let mixed = crate::api::rows_of(vec![
+        pb::Example {
+            features: vec![0.5; 784],
+            ..Default::default()
+        },
+        pb::Example {
+            raw: [("age".to_string(), "40".to_string())].into(),
+            ..Default::default()
+        },
+    ])
+    .err()
+    .unwrap();
+    assert!(mixed.message().contains("either features or raw"), "{mixed}");
 }

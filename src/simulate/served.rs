@@ -74,6 +74,7 @@ pub(super) async fn ask_served_model(
                 examples: batch
                     .iter()
                     .map(|&(t, r)| pb::Example {
+                        raw: Default::default(),
                         features: t.row(r).to_vec(),
                         label: Some(t.labels[r]),
                     })

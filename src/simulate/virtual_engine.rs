@@ -151,12 +151,15 @@ pub(super) fn run(
                 orch.committed(0, clock.now());
             }
             if let Event::RoundCompleted {
-                summary, params, ..
+                summary,
+                params,
+                pipeline,
+                ..
             } = &ev
             {
                 let t0 = Instant::now();
                 job_store
-                    .write(
+                    .write_with_pipeline(
                         &cfg.job_id,
                         &cfg.model,
                         strategy,
@@ -164,6 +167,7 @@ pub(super) fn run(
                         params,
                         Some(summary),
                         cohort_storage::state::unix_ms(),
+                        pipeline.as_deref(),
                     )
                     .with_context(|| format!("committing round {}", summary.round))?;
                 if let Some(av) = &conditions.availability {

@@ -52,6 +52,10 @@ pub struct ModelManifest {
     pub created_unix_ms: u64,
     /// The object holding the weights (`objects/sha256/<sha256>.safetensors[.enc]`).
     pub weights_file: String,
+    /// Jobs with tables: the pipeline (fitted from the federation's statistics) that
+    /// prepares raw rows for this version, as training and evaluation prepared them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<cohort_model::tabular::Pipeline>,
 }
 
 /// A model version by job and number.

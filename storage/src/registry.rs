@@ -214,6 +214,32 @@ impl ModelStore {
         summary: Option<&RoundSummary>,
         created_unix_ms: u64,
     ) -> Result<ModelManifest, StoreError> {
+        self.write_with_pipeline(
+            job_id,
+            spec,
+            strategy,
+            version,
+            params,
+            summary,
+            created_unix_ms,
+            None,
+        )
+    }
+
+    /// [`Self::write`] for a job with tables: the version's manifest carries the pipeline
+    /// that prepares raw rows for it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn write_with_pipeline(
+        &self,
+        job_id: &str,
+        spec: &ModelSpec,
+        strategy: &str,
+        version: u64,
+        params: &[f32],
+        summary: Option<&RoundSummary>,
+        created_unix_ms: u64,
+        pipeline: Option<&cohort_model::tabular::Pipeline>,
+    ) -> Result<ModelManifest, StoreError> {
         let params_digest = cohort_protocol::params_digest(params);
         let key = object_key(&params_digest, self.keys.is_some());
         let sha256 = if self.objects.exists(&key)? {
@@ -252,6 +278,7 @@ impl ModelStore {
             eval: summary.and_then(|s| s.eval),
             created_unix_ms,
             weights_file: key,
+            pipeline: pipeline.cloned(),
         };
         let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
         self.objects.put(&self.manifest_key(version), &json)?;

@@ -665,6 +665,7 @@ mod tests {
             eval: None,
             created_unix_ms: 5,
             weights_file: String::new(),
+            pipeline: None,
         }
     }
 

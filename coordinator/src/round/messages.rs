@@ -260,6 +260,8 @@ pub enum Event {
         summary: RoundSummary,
         params: Arc<Vec<f32>>,
         strategy_state: Option<Vec<u8>>,
+        /// Jobs with tables: the pipeline that prepares rows for the version (stored with it).
+        pipeline: Option<Arc<cohort_model::tabular::Pipeline>>,
     },
     JobFinished {
         rounds: u64,

@@ -269,6 +269,7 @@ impl Orchestrator {
             summary,
             params,
             strategy_state: self.strategy.save_state(),
+            pipeline: self.statistics.as_ref().map(|s| s.pipeline.clone()),
         });
         self.phase = Phase::Committing {
             round,

@@ -195,6 +195,19 @@ impl Pipeline {
         out
     }
 
+    /// The model's input for raw rows keyed by column name (see [`Table::from_records`]),
+    /// prepared exactly as a site prepares its file's rows; with each row's label where it
+    /// has one.
+    pub fn transform_records(
+        &self,
+        records: &[std::collections::BTreeMap<String, String>],
+    ) -> Result<(Dataset, Vec<Option<u32>>, TransformReport), DataError> {
+        let (table, labels) =
+            Table::from_records(records, std::path::Path::new("request"), &self.schema)?;
+        let (ds, report) = self.transform(&table)?;
+        Ok((ds, labels, report))
+    }
+
     /// The model's input for `table` (read against this pipeline's schema).
     pub fn transform(&self, table: &Table) -> Result<(Dataset, TransformReport), DataError> {
         if table.schema != self.schema {

@@ -225,3 +225,43 @@ fn the_pipeline_imputes_encodes_and_standardises_with_the_federations_statistics
     let e = strict.transform(&b).unwrap_err().to_string();
     assert!(e.contains("row 2: missing value in column \"age\""), "{e}");
 }
+
+#[test]
+fn raw_records_read_like_the_file_and_prepare_to_the_same_features() {
+    let s = schema();
+    let b = Table::parse(SITE_B, Path::new("b.csv"), &s).unwrap();
+    let mut fed = TableStats::of(&Table::parse(SITE_A, Path::new("a.csv"), &s).unwrap());
+    fed.add(&TableStats::of(&b));
+    let p = Pipeline::fit(&s, &fed, PipelineOptions::default()).unwrap();
+    // SITE_B's rows as JSON objects would send them: a missing age left out, the unseen
+    // stage IV, and the label on the first only.
+    let rec = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let records = [
+        rec(&[
+            ("status", "1"),
+            ("age", "40"),
+            ("stage", "I"),
+            ("smoker", "no"),
+        ]),
+        rec(&[("stage", "IV"), ("smoker", "yes"), ("note", "")]),
+    ];
+    let (ds, labels, report) = p.transform_records(&records).unwrap();
+    assert_eq!(ds.features, p.transform(&b).unwrap().0.features);
+    assert_eq!(labels, [Some(1), None]);
+    assert_eq!((report.imputed, report.unknown_categories), (1, 1));
+    let e = p
+        .transform_records(&[rec(&[("age", "old")])])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("request:1") && e.contains("\"age\""), "{e}");
+    let e = p
+        .transform_records(&[rec(&[("weight", "70")])])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("\"weight\" is not in the model's schema"), "{e}");
+}
