@@ -243,7 +243,8 @@ async fn raw_rows_need_a_version_with_a_pipeline_and_name_what_is_wrong() {
     let e = status(e);
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(
-        e.message().contains("takes prepared features, not raw rows"),
+        e.message()
+            .contains("takes prepared features, not raw rows"),
         "{}",
         e.message()
     );
@@ -260,5 +261,8 @@ async fn raw_rows_need_a_version_with_a_pipeline_and_name_what_is_wrong() {
     ])
     .err()
     .unwrap();
-    assert!(mixed.message().contains("either features or raw"), "{mixed}");
+    assert!(
+        mixed.message().contains("either features or raw"),
+        "{mixed}"
+    );
 }
