@@ -15,8 +15,11 @@ pub struct SchemaArgs {
     #[arg(long, default_value = "last")]
     pub label: String,
     /// Refuse missing values instead of imputing them (strict mode).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "impute")]
     pub no_impute: bool,
+    /// How missing values are filled: mean, most-frequent, constant:VALUE or refuse.
+    #[arg(long)]
+    pub impute: Option<Impute>,
     /// Add a 0/1 feature after every column, set where the value was missing.
     #[arg(long)]
     pub missing_indicators: bool,
@@ -39,7 +42,7 @@ pub fn section(a: &SchemaArgs) -> anyhow::Result<(String, usize)> {
             impute: if a.no_impute {
                 Impute::Refuse
             } else {
-                Impute::Mean
+                a.impute.unwrap_or_default()
             },
             missing_indicators: a.missing_indicators,
         },

@@ -50,10 +50,15 @@ pub struct SimArgs {
     /// or `auto` (federation when the table has missing values or text categories).
     #[arg(long, default_value = "auto")]
     pub preprocess: data::Preprocess,
-    /// Refuse missing values instead of imputing them (strict mode).
-    #[arg(long)]
+    /// Refuse missing values instead of imputing them (strict mode; the same as `--impute
+    /// refuse`).
+    #[arg(long, conflicts_with = "impute")]
     pub no_impute: bool,
-    /// Add a 0/1 feature per column with missing values, set where the value was missing.
+    /// How the federation's pipeline fills missing values: mean (numbers; categories take the
+    /// most frequent), most-frequent, constant:VALUE (numbers; categories all zeros) or refuse.
+    #[arg(long)]
+    pub impute: Option<cohort_model::tabular::Impute>,
+    /// Add a 0/1 feature after every column, set where the value was missing.
     #[arg(long)]
     pub missing_indicators: bool,
     /// Hidden layer sizes for tables, e.g. 32,16 (none: logistic regression).

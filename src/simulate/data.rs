@@ -29,7 +29,7 @@ pub(crate) struct DataSettings {
     pub(crate) partition: Partition,
     pub(crate) test_fraction: f64,
     pub(crate) preprocess: Preprocess,
-    pub(crate) no_impute: bool,
+    pub(crate) impute: Impute,
     pub(crate) missing_indicators: bool,
 }
 
@@ -43,7 +43,11 @@ impl From<&SimArgs> for DataSettings {
             partition: a.partition,
             test_fraction: a.test_fraction,
             preprocess: a.preprocess,
-            no_impute: a.no_impute,
+            impute: if a.no_impute {
+                Impute::Refuse
+            } else {
+                a.impute.unwrap_or_default()
+            },
             missing_indicators: a.missing_indicators,
         }
     }
@@ -308,11 +312,7 @@ impl Source {
                 let spec = DataSpec {
                     schema,
                     options: PipelineOptions {
-                        impute: if args.no_impute {
-                            Impute::Refuse
-                        } else {
-                            Impute::Mean
-                        },
+                        impute: args.impute,
                         missing_indicators: args.missing_indicators,
                     },
                 };

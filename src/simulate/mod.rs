@@ -465,6 +465,7 @@ async fn start_workers(
         preprocess: clap::ValueEnum::to_possible_value(&args.preprocess)
             .map(|v| v.get_name().to_string())
             .unwrap_or_default(),
+        // Workers read tables only; the pipeline (and how it imputes) comes from the driver.
         no_impute: args.no_impute,
         missing_indicators: args.missing_indicators,
     };

@@ -23,6 +23,25 @@ pub enum Impute {
     Refuse,
 }
 
+impl std::str::FromStr for Impute {
+    type Err = String;
+
+    /// `mean`, `most-frequent`, `constant:VALUE` or `refuse`.
+    fn from_str(s: &str) -> Result<Impute, String> {
+        match s {
+            "mean" => Ok(Impute::Mean),
+            "most-frequent" | "most_frequent" => Ok(Impute::MostFrequent),
+            "refuse" => Ok(Impute::Refuse),
+            _ => match s.strip_prefix("constant:").map(str::parse::<f64>) {
+                Some(Ok(v)) if v.is_finite() => Ok(Impute::Constant(v)),
+                _ => Err(format!(
+                    "{s:?}: expected mean, most-frequent, constant:VALUE or refuse"
+                )),
+            },
+        }
+    }
+}
+
 /// How a pipeline is fitted.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
 pub struct PipelineOptions {

@@ -265,3 +265,32 @@ fn raw_records_read_like_the_file_and_prepare_to_the_same_features() {
         .to_string();
     assert!(e.contains("\"weight\" is not in the model's schema"), "{e}");
 }
+
+#[test]
+fn imputation_is_named_on_the_command_line() {
+    assert_eq!("mean".parse::<Impute>(), Ok(Impute::Mean));
+    assert_eq!("most-frequent".parse::<Impute>(), Ok(Impute::MostFrequent));
+    assert_eq!(
+        "constant:-1.5".parse::<Impute>(),
+        Ok(Impute::Constant(-1.5))
+    );
+    assert_eq!("refuse".parse::<Impute>(), Ok(Impute::Refuse));
+    let e = "constant:x".parse::<Impute>().unwrap_err();
+    assert!(e.contains("constant:VALUE"), "{e}");
+    // A constant fills numbers with itself (standardised like any value).
+    let s = schema();
+    let a = Table::parse(SITE_A, Path::new("a.csv"), &s).unwrap();
+    let p = Pipeline::fit(
+        &s,
+        &TableStats::of(&a),
+        PipelineOptions {
+            impute: Impute::Constant(0.0),
+            missing_indicators: false,
+        },
+    )
+    .unwrap();
+    let Step::Standardize { fill, .. } = &p.steps[0] else {
+        panic!("{:?}", p.steps[0]);
+    };
+    assert_eq!(*fill, Some(0.0));
+}

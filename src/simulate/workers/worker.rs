@@ -77,7 +77,11 @@ pub async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         test_fraction: plan.test_fraction,
         preprocess: clap::ValueEnum::from_str(&plan.preprocess, false)
             .map_err(|e| anyhow::anyhow!("preprocess {:?}: {e}", plan.preprocess))?,
-        no_impute: plan.no_impute,
+        impute: if plan.no_impute {
+            cohort_model::tabular::Impute::Refuse
+        } else {
+            cohort_model::tabular::Impute::Mean
+        },
         missing_indicators: plan.missing_indicators,
     };
     let device: ComputeDevice = plan.device.parse().map_err(anyhow::Error::msg)?;
