@@ -96,6 +96,12 @@ pub enum JobAction {
     Status {
         id: String,
     },
+    /// A job with tables: the federation's summary table from round 0 (per column the
+    /// count, missing share, mean and standard deviation, or each category's share; totals
+    /// only).
+    Stats {
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -425,6 +431,44 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
                 JobAction::Pause { id } => done(c.pause_job(job(id)).await)?,
                 JobAction::Resume { id } => done(c.resume_job(job(id)).await)?,
                 JobAction::Cancel { id } => done(c.cancel_job(job(id)).await)?,
+                JobAction::Stats { id } => {
+                    let s = c
+                        .get_statistics(job(id))
+                        .await
+                        .map_err(status_err)?
+                        .into_inner();
+                    println!(
+                        "job {}: statistics of {} training rows over {} sites (round 0, {})\n",
+                        s.job_id,
+                        s.rows,
+                        s.sites,
+                        when(s.completed_unix_ms)
+                    );
+                    let opt = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.4}"));
+                    table(
+                        &[
+                            "COLUMN", "TYPE", "COUNT", "MISSING", "MEAN", "STD", "SHARES",
+                        ],
+                        s.columns
+                            .into_iter()
+                            .map(|c| {
+                                vec![
+                                    c.column,
+                                    c.kind,
+                                    format!("{}", c.count),
+                                    format!("{:.1}%", 100.0 * c.missing_share),
+                                    opt(c.mean),
+                                    opt(c.std),
+                                    c.shares
+                                        .iter()
+                                        .map(|s| format!("{} {:.1}%", s.category, 100.0 * s.share))
+                                        .collect::<Vec<_>>()
+                                        .join(", "),
+                                ]
+                            })
+                            .collect(),
+                    );
+                }
                 JobAction::Status { id } => {
                     let s = c.get_job(job(id)).await.map_err(status_err)?.into_inner();
                     let phase = s.phase.clone();

@@ -46,6 +46,8 @@ format = "table"
 path = "{path}"
 test_fraction = 0.2
 seed = {i}
+[faults]
+upload_delay_ms = 200
 "#,
         path = share.display(),
         pki = dir.join("pki").display()
@@ -90,7 +92,7 @@ fn a_federation_on_messy_tables_agrees_on_one_pipeline_and_survives_a_restart() 
         r#"
 [job]
 id = "messy"
-rounds = 3
+rounds = 4
 min_participants = 3
 min_updates = 3
 round_timeout_secs = 60
@@ -151,6 +153,22 @@ decrypt_timeout_secs = 20
     drop(coord);
     let mut coord = spawn_coordinator(&cfg);
     coord.wait_log(&["resuming the job"], Duration::from_secs(30));
+    // The federation's summary table, from the statistics the state kept (each round now
+    // takes at least the participants' 200 ms upload delay, so the job is still running).
+    let stats = admin(d, &coord.addr, &["jobs", "stats", "messy"]);
+    assert!(stats.contains("over 3 sites"), "{stats}");
+    assert!(
+        stats
+            .lines()
+            .any(|l| l.starts_with("grade") && l.contains("categorical")),
+        "{stats}"
+    );
+    assert!(
+        stats
+            .lines()
+            .any(|l| l.starts_with("smoker") && l.contains("boolean")),
+        "{stats}"
+    );
     let status = coord.proc.wait_for_exit(Duration::from_secs(180));
     assert!(status.success(), "coordinator exited with {status}");
     let mut rounds_after_restart = Vec::new();
@@ -168,10 +186,10 @@ decrypt_timeout_secs = 20
         assert!(s.success(), "{} exited with {s}", p.name);
     }
     let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(d.join("models/messy/v00003.json")).unwrap())
+        serde_json::from_str(&std::fs::read_to_string(d.join("models/messy/v00004.json")).unwrap())
             .unwrap();
     let acc = manifest["eval"]["accuracy"].as_f64().unwrap();
-    assert!(acc > 0.9, "held-out accuracy after 3 rounds: {acc}");
+    assert!(acc > 0.9, "held-out accuracy after 4 rounds: {acc}");
     // Every trained version carries the pipeline; the initial model does not.
     assert!(manifest["pipeline"]["steps"].is_array(), "{manifest}");
     // Rows of the site whose file the schema was inferred from: every category but the one
@@ -183,12 +201,12 @@ decrypt_timeout_secs = 20
     );
 }
 
-/// `cohort serve` answers raw rows of version 3 (a missing value, an unseen category) with
+/// `cohort serve` answers raw rows of version 4 (a missing value, an unseen category) with
 /// the probabilities the model gives the rows a site prepares from its file; `cohort predict`
 /// sends a raw CSV.
 fn serve_raw_rows(d: &Path, share: &Path, pipeline: &cohort_model::tabular::Pipeline) {
     use cohort_protocol::pb::{self, inference_client::InferenceClient};
-    // Promote version 3 in the registry `cohort serve` follows.
+    // Promote version 4 in the registry `cohort serve` follows.
     let kek = d.join("pki/coordinator/kek");
     let store = cohort_coordinator::ModelStore::open_encrypted(
         d.join("models"),
@@ -198,7 +216,7 @@ fn serve_raw_rows(d: &Path, share: &Path, pipeline: &cohort_model::tabular::Pipe
     store
         .write_serving(&cohort_storage::ModelRef {
             job_id: "messy".into(),
-            version: 3,
+            version: 4,
         })
         .unwrap();
     let (_serve, addr, _) = spawn_serve(
@@ -231,7 +249,7 @@ fn serve_raw_rows(d: &Path, share: &Path, pipeline: &cohort_model::tabular::Pipe
         report.imputed >= 1 && report.unknown_categories == 1,
         "{report:?}"
     );
-    let params = store.for_job("messy").read_params(3).unwrap();
+    let params = store.for_job("messy").read_params(4).unwrap();
     let spec = cohort_model::ModelSpec::Logistic {
         inputs: pipeline.width(),
         classes: 2,
@@ -294,7 +312,7 @@ fn serve_raw_rows(d: &Path, share: &Path, pipeline: &cohort_model::tabular::Pipe
             {
                 Ok(r) => {
                     let r = r.into_inner();
-                    assert_eq!(r.model.unwrap().version, 3);
+                    assert_eq!(r.model.unwrap().version, 4);
                     return r
                         .predictions
                         .iter()

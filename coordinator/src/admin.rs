@@ -431,6 +431,56 @@ impl Admin for AdminApi {
         }))
     }
 
+    async fn get_statistics(
+        &self,
+        req: Request<pb::JobRequest>,
+    ) -> Result<Response<pb::JobStatistics>, Status> {
+        self.0.admin(&req)?;
+        let id = req.into_inner().job_id;
+        let state = self.0.state();
+        let job = state
+            .job(&id)
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("no job {id:?}")))?;
+        let spec = crate::config::JobSection::parse_spec(&job.spec_toml)
+            .map_err(|e| internal(format!("job {id}: stored specification: {e}")))?;
+        let data = spec.data.ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "job {id} declares no tables ([data]), so it has no federation statistics"
+            ))
+        })?;
+        let r = state.statistics(&id).map_err(internal)?.ok_or_else(|| {
+            Status::not_found(format!(
+                "job {id} has not completed round 0 (its statistics)"
+            ))
+        })?;
+        let columns = r
+            .stats
+            .summary(&data.schema)
+            .into_iter()
+            .map(|c| pb::ColumnSummary {
+                column: c.column,
+                kind: c.kind,
+                count: c.count,
+                missing_share: c.missing_share,
+                mean: c.mean,
+                std: c.std,
+                shares: c
+                    .shares
+                    .into_iter()
+                    .map(|(category, share)| pb::CategoryShare { category, share })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::JobStatistics {
+            job_id: id,
+            sites: r.sites as u64,
+            rows: r.stats.rows,
+            columns,
+            completed_unix_ms: r.completed_unix_ms,
+        }))
+    }
+
     async fn list_models(
         &self,
         req: Request<pb::ListModelsRequest>,
