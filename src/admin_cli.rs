@@ -215,6 +215,11 @@ fn num(x: f64, has: bool) -> String {
     }
 }
 
+/// The quantile at `p`, if the summary has it.
+fn quantile(q: &[pb::Quantile], p: f64) -> Option<f64> {
+    q.iter().find(|x| x.p == p).map(|x| x.value)
+}
+
 /// Prints rows under a header, columns padded to their widest cell.
 fn table(header: &[&str], rows: Vec<Vec<String>>) {
     let mut w: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
@@ -447,7 +452,8 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
                     let opt = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.4}"));
                     table(
                         &[
-                            "COLUMN", "TYPE", "COUNT", "MISSING", "MEAN", "STD", "SHARES",
+                            "COLUMN", "TYPE", "COUNT", "MISSING", "MEAN", "STD", "P25", "MEDIAN",
+                            "P75", "SHARES",
                         ],
                         s.columns
                             .into_iter()
@@ -459,6 +465,9 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
                                     format!("{:.1}%", 100.0 * c.missing_share),
                                     opt(c.mean),
                                     opt(c.std),
+                                    opt(quantile(&c.quantiles, 0.25)),
+                                    opt(quantile(&c.quantiles, 0.5)),
+                                    opt(quantile(&c.quantiles, 0.75)),
                                     c.shares
                                         .iter()
                                         .map(|s| format!("{} {:.1}%", s.category, 100.0 * s.share))

@@ -169,6 +169,22 @@ decrypt_timeout_secs = 20
             .any(|l| l.starts_with("smoker") && l.contains("boolean")),
         "{stats}"
     );
+    // A numeric column's quartiles from the federation's histogram (P25, MEDIAN, P75 are
+    // the 7th to 9th columns).
+    let radius = stats
+        .lines()
+        .find(|l| l.starts_with("mean_radius"))
+        .unwrap_or_else(|| panic!("{stats}"));
+    let q: Vec<f64> = radius
+        .split_whitespace()
+        .skip(6)
+        .take(3)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert!(
+        q[0] <= q[1] && q[1] <= q[2] && q[1] > 10.0 && q[1] < 17.0,
+        "{radius}"
+    );
     let status = coord.proc.wait_for_exit(Duration::from_secs(180));
     assert!(status.success(), "coordinator exited with {status}");
     let mut rounds_after_restart = Vec::new();

@@ -56,6 +56,21 @@ async fn a_messy_table_trains_with_one_pipeline_in_both_engines_and_in_workers()
         grade.missing_share > 0.0 && grade.shares.len() == 4,
         "{grade:?}"
     );
+    // Quantiles from the federation's histogram: ordered, and the median within a bin width
+    // (plus the training split's sampling) of the whole file's.
+    let radius = summary.iter().find(|c| c.column == "mean_radius").unwrap();
+    let q: Vec<f64> = radius.quantiles.iter().map(|(_, v)| *v).collect();
+    assert_eq!(q.len(), 5, "{radius:?}");
+    assert!(q.windows(2).all(|w| w[0] <= w[1]), "{q:?}");
+    let mut all: Vec<f64> = std::fs::read_to_string(&table)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').next()?.parse().ok())
+        .collect();
+    all.sort_by(f64::total_cmp);
+    let median = all[all.len() / 2];
+    assert!((q[2] - median).abs() < 1.0, "median {} vs {median}", q[2]);
     let smoker = summary.iter().find(|c| c.column == "smoker").unwrap();
     assert_eq!(smoker.kind, "boolean");
     assert_eq!(summary.last().unwrap().kind, "label");

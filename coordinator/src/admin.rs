@@ -470,6 +470,11 @@ impl Admin for AdminApi {
                     .into_iter()
                     .map(|(category, share)| pb::CategoryShare { category, share })
                     .collect(),
+                quantiles: c
+                    .quantiles
+                    .into_iter()
+                    .map(|(p, value)| pb::Quantile { p, value })
+                    .collect(),
             })
             .collect();
         Ok(Response::new(pb::JobStatistics {

@@ -59,6 +59,34 @@ pub struct Column {
     pub name: String,
     #[serde(flatten)]
     pub kind: ColumnType,
+    /// Numeric columns: increasing bin edges for the federation's histogram (counts below the
+    /// first, between each two, and from the last up), from which the summary's quantiles
+    /// come. Empty: no histogram.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bins: Vec<f64>,
+}
+
+/// Bin edges `infer` gives a numeric column: this many, evenly spaced over the values seen.
+const INFERRED_EDGES: usize = 33;
+
+/// `INFERRED_EDGES` edges from `lo` to `hi`, at 6 significant digits (none when they are
+/// equal).
+fn even_edges(lo: f64, hi: f64) -> Vec<f64> {
+    if !(hi > lo) {
+        return Vec::new();
+    }
+    let round = |x: f64| {
+        if x == 0.0 {
+            return 0.0;
+        }
+        let scale = 10f64.powi(5 - x.abs().log10().floor() as i32);
+        (x * scale).round() / scale
+    };
+    let mut edges: Vec<f64> = (0..INFERRED_EDGES)
+        .map(|j| round(lo + (hi - lo) * j as f64 / (INFERRED_EDGES - 1) as f64))
+        .collect();
+    edges.dedup();
+    edges
 }
 
 /// The columns every site's table must have, and the label's classes.
@@ -154,12 +182,20 @@ impl Schema {
                 .map(|(_, f)| f[c].as_str())
                 .filter(|v| !is_missing(v))
                 .collect();
+            let numbers: Vec<f64> = present
+                .iter()
+                .filter_map(|v| v.parse::<f64>().ok().filter(|x| x.is_finite()))
+                .collect();
+            let mut bins = Vec::new();
             let kind = if present.is_empty() {
                 ColumnType::Ignored
-            } else if present
-                .iter()
-                .all(|v| v.parse::<f64>().is_ok_and(f64::is_finite))
-            {
+            } else if numbers.len() == present.len() {
+                let (lo, hi) = numbers
+                    .iter()
+                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
+                        (a.min(x), b.max(x))
+                    });
+                bins = even_edges(lo, hi);
                 ColumnType::Numeric
             } else if present.iter().all(|v| boolean(v).is_some()) {
                 ColumnType::Boolean
@@ -172,6 +208,7 @@ impl Schema {
             columns.push(Column {
                 name: name.clone(),
                 kind,
+                bins,
             });
         }
         let mut labels = BTreeSet::new();
@@ -200,6 +237,16 @@ impl Schema {
         for c in &self.columns {
             if !names.insert(c.name.as_str()) || c.name == self.label {
                 return Err(format!("column {:?} is named twice", c.name));
+            }
+            if !c.bins.is_empty()
+                && (c.kind != ColumnType::Numeric
+                    || c.bins.iter().any(|e| !e.is_finite())
+                    || c.bins.windows(2).any(|w| w[0] >= w[1]))
+            {
+                return Err(format!(
+                    "column {:?}: bins are for numeric columns, finite and increasing",
+                    c.name
+                ));
             }
             if let ColumnType::Categorical { categories } = &c.kind {
                 let unique: BTreeSet<&String> = categories.iter().collect();
@@ -490,192 +537,15 @@ impl Table {
     }
 }
 
-/// Sums over a numeric (or boolean) column's present values.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct NumericStats {
-    pub count: f64,
-    pub sum: f64,
-    pub sum_sq: f64,
-    pub missing: f64,
-}
-
-impl NumericStats {
-    pub fn mean(&self) -> Option<f64> {
-        (self.count > 0.0).then(|| self.sum / self.count)
-    }
-
-    /// Population standard deviation.
-    pub fn std(&self) -> Option<f64> {
-        let m = self.mean()?;
-        Some((self.sum_sq / self.count - m * m).max(0.0).sqrt())
-    }
-}
-
-/// Counts over a categorical column.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct CategoryStats {
-    /// One count per declared category.
-    pub counts: Vec<f64>,
-    pub unknown: f64,
-    pub missing: f64,
-}
-
-/// A column's statistics.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum ColumnStats {
-    Numeric(NumericStats),
-    Categorical(CategoryStats),
-    Ignored,
-}
-
-/// A table's (or a federation's) statistics: every field a sum over rows.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TableStats {
-    pub rows: f64,
-    /// One entry per schema column.
-    pub columns: Vec<ColumnStats>,
-    /// One count per class.
-    pub labels: Vec<f64>,
-}
-
-impl TableStats {
-    /// Nothing counted yet, shaped for `schema`.
-    pub fn empty(schema: &Schema) -> TableStats {
-        TableStats {
-            rows: 0.0,
-            columns: schema
-                .columns
-                .iter()
-                .map(|c| match &c.kind {
-                    ColumnType::Numeric | ColumnType::Boolean => {
-                        ColumnStats::Numeric(NumericStats::default())
-                    }
-                    ColumnType::Categorical { categories } => {
-                        ColumnStats::Categorical(CategoryStats {
-                            counts: vec![0.0; categories.len()],
-                            ..Default::default()
-                        })
-                    }
-                    ColumnType::Ignored => ColumnStats::Ignored,
-                })
-                .collect(),
-            labels: vec![0.0; schema.classes.len()],
-        }
-    }
-
-    /// A site's statistics of its own table.
-    pub fn of(table: &Table) -> TableStats {
-        let mut s = TableStats::empty(&table.schema);
-        s.rows = table.len() as f64;
-        for (stats, cells) in s.columns.iter_mut().zip(&table.columns) {
-            match (stats, cells) {
-                (ColumnStats::Numeric(n), Cells::Values(v)) => {
-                    for x in v {
-                        match x {
-                            Some(x) => {
-                                n.count += 1.0;
-                                n.sum += x;
-                                n.sum_sq += x * x;
-                            }
-                            None => n.missing += 1.0,
-                        }
-                    }
-                }
-                (ColumnStats::Categorical(c), Cells::Categories(v)) => {
-                    for x in v {
-                        match x {
-                            Some(Category::Known(k)) => c.counts[*k as usize] += 1.0,
-                            Some(Category::Unknown) => c.unknown += 1.0,
-                            None => c.missing += 1.0,
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        for &l in &table.labels {
-            s.labels[l as usize] += 1.0;
-        }
-        s
-    }
-
-    /// Adds another site's statistics (of the same schema).
-    pub fn add(&mut self, other: &TableStats) {
-        let mut mine = self.to_values();
-        for (a, b) in mine.iter_mut().zip(other.to_values()) {
-            *a += b;
-        }
-        self.set_values(&mine);
-    }
-
-    /// Every field as one vector, for summing through secure aggregation.
-    pub fn to_values(&self) -> Vec<f64> {
-        let mut v = vec![self.rows];
-        for c in &self.columns {
-            match c {
-                ColumnStats::Numeric(n) => v.extend([n.count, n.sum, n.sum_sq, n.missing]),
-                ColumnStats::Categorical(c) => {
-                    v.extend(&c.counts);
-                    v.extend([c.unknown, c.missing]);
-                }
-                ColumnStats::Ignored => {}
-            }
-        }
-        v.extend(&self.labels);
-        v
-    }
-
-    /// The statistics a summed vector of [`Self::to_values`] holds, shaped for `schema`.
-    pub fn from_values(schema: &Schema, values: &[f64]) -> Result<TableStats, String> {
-        let mut s = TableStats::empty(schema);
-        if values.len() != s.to_values().len() {
-            return Err(format!(
-                "{} statistics where the schema has {}",
-                values.len(),
-                s.to_values().len()
-            ));
-        }
-        s.set_values(values);
-        Ok(s)
-    }
-
-    fn set_values(&mut self, values: &[f64]) {
-        let mut it = values.iter().copied();
-        let mut next = || it.next().expect("lengths checked");
-        self.rows = next();
-        for c in &mut self.columns {
-            match c {
-                ColumnStats::Numeric(n) => {
-                    *n = NumericStats {
-                        count: next(),
-                        sum: next(),
-                        sum_sq: next(),
-                        missing: next(),
-                    }
-                }
-                ColumnStats::Categorical(c) => {
-                    for k in c.counts.iter_mut() {
-                        *k = next();
-                    }
-                    c.unknown = next();
-                    c.missing = next();
-                }
-                ColumnStats::Ignored => {}
-            }
-        }
-        for l in self.labels.iter_mut() {
-            *l = next();
-        }
-    }
-}
-
 mod pipeline;
 mod spec;
+mod stats;
 mod summary;
 
 pub use pipeline::{Impute, Pipeline, PipelineOptions, Step, TransformReport};
 pub use spec::DataSpec;
-pub use summary::ColumnSummary;
+pub use stats::{CategoryStats, ColumnStats, NumericStats, TableStats};
+pub use summary::{ColumnSummary, QUANTILES, quantiles};
 
 #[cfg(test)]
 mod tests;

@@ -57,9 +57,15 @@ pub struct SimReport {
 pub(super) fn print_summary(summary: &[cohort_model::tabular::ColumnSummary]) {
     println!("federation statistics (totals over every site's training rows):");
     println!(
-        "{:<28} {:<12} {:>8} {:>8} {:>10} {:>10}  shares",
-        "column", "type", "count", "missing", "mean", "std"
+        "{:<28} {:<12} {:>8} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10}  shares",
+        "column", "type", "count", "missing", "mean", "std", "p25", "median", "p75"
     );
+    let q = |c: &cohort_model::tabular::ColumnSummary, p: f64| {
+        fmt_opt(
+            c.quantiles.iter().find(|(x, _)| *x == p).map(|(_, v)| *v),
+            4,
+        )
+    };
     for c in summary {
         let shares: Vec<String> = c
             .shares
@@ -67,13 +73,16 @@ pub(super) fn print_summary(summary: &[cohort_model::tabular::ColumnSummary]) {
             .map(|(k, s)| format!("{k} {:.0}%", s * 100.0))
             .collect();
         println!(
-            "{:<28} {:<12} {:>8} {:>7.1}% {:>10} {:>10}  {}",
+            "{:<28} {:<12} {:>8} {:>7.1}% {:>10} {:>10} {:>10} {:>10} {:>10}  {}",
             c.column,
             c.kind,
             c.count,
             c.missing_share * 100.0,
             fmt_opt(c.mean, 4),
             fmt_opt(c.std, 4),
+            q(c, 0.25),
+            q(c, 0.5),
+            q(c, 0.75),
             shares.join(", ")
         );
     }

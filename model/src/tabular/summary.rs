@@ -24,6 +24,45 @@ pub struct ColumnSummary {
     /// outside the vocabulary.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub shares: Vec<(String, f64)>,
+    /// Numeric columns with bins: (p, value) for p = 0.05, 0.25, 0.5, 0.75 and 0.95, from
+    /// the federation's histogram (linear within a bin; a quantile in a tail below the first
+    /// or above the last edge is that edge).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quantiles: Vec<(f64, f64)>,
+}
+
+/// The probabilities the summary gives quantiles for.
+pub const QUANTILES: [f64; 5] = [0.05, 0.25, 0.5, 0.75, 0.95];
+
+/// Quantiles from a histogram over `edges` (counts below the first edge, between each two,
+/// from the last up).
+pub fn quantiles(edges: &[f64], histogram: &[f64]) -> Vec<(f64, f64)> {
+    let total: f64 = histogram.iter().sum();
+    if edges.is_empty() || histogram.len() != edges.len() + 1 || total <= 0.0 {
+        return Vec::new();
+    }
+    QUANTILES
+        .iter()
+        .map(|&p| {
+            let target = p * total;
+            let mut below = 0.0;
+            for (b, &n) in histogram.iter().enumerate() {
+                if n > 0.0 && below + n >= target {
+                    let value = match b {
+                        0 => edges[0],
+                        b if b == edges.len() => edges[edges.len() - 1],
+                        b => {
+                            let (lo, hi) = (edges[b - 1], edges[b]);
+                            lo + (hi - lo) * ((target - below) / n).clamp(0.0, 1.0)
+                        }
+                    };
+                    return (p, value);
+                }
+                below += n;
+            }
+            (p, edges[edges.len() - 1])
+        })
+        .collect()
 }
 
 impl TableStats {
@@ -46,6 +85,7 @@ impl TableStats {
                     mean: n.mean(),
                     std: n.std(),
                     shares: Vec::new(),
+                    quantiles: quantiles(&c.bins, &n.histogram),
                 }),
                 (ColumnStats::Categorical(k), ColumnType::Categorical { categories }) => {
                     let present = k.counts.iter().sum::<f64>() + k.unknown;
@@ -65,6 +105,7 @@ impl TableStats {
                         mean: None,
                         std: None,
                         shares,
+                        quantiles: Vec::new(),
                     });
                 }
                 _ => {}
@@ -84,6 +125,7 @@ impl TableStats {
                 .zip(&self.labels)
                 .map(|(c, n)| (c.clone(), share(*n, total)))
                 .collect(),
+            quantiles: Vec::new(),
         });
         out
     }

@@ -97,18 +97,21 @@ fn the_federations_statistics_are_the_sum_of_its_sites_exactly() {
     let mut fed = TableStats::of(&a);
     fed.add(&TableStats::of(&b));
     assert_eq!(fed.rows, 6.0);
-    let ColumnStats::Numeric(age) = fed.columns[0] else {
+    let ColumnStats::Numeric(age) = fed.columns[0].clone() else {
         panic!()
     };
-    // Present ages 50, 70, 60, 40; two missing.
+    // Present ages 50, 70, 60, 40; two missing. Site A's ages span 50 to 70, so the inferred
+    // edges run from 50 to 70: 40 falls below them, 70 in the last bin.
     assert_eq!(
-        age,
-        NumericStats {
-            count: 4.0,
-            sum: 220.0,
-            sum_sq: 2500.0 + 4900.0 + 3600.0 + 1600.0,
-            missing: 2.0
-        }
+        (age.count, age.sum, age.sum_sq, age.missing),
+        (4.0, 220.0, 2500.0 + 4900.0 + 3600.0 + 1600.0, 2.0)
+    );
+    assert_eq!(s.columns[0].bins.first(), Some(&50.0));
+    assert_eq!(s.columns[0].bins.last(), Some(&70.0));
+    assert_eq!(age.histogram.iter().sum::<f64>(), 4.0);
+    assert_eq!(
+        (age.histogram[0], *age.histogram.last().unwrap()),
+        (1.0, 1.0)
     );
     assert_eq!(age.mean(), Some(55.0));
     assert!((age.std().unwrap() - 125f64.sqrt()).abs() < 1e-12);
@@ -118,7 +121,7 @@ fn the_federations_statistics_are_the_sum_of_its_sites_exactly() {
     // I, II, III, II, I, and IV (unknown).
     assert_eq!(stage.counts, [2.0, 2.0, 1.0]);
     assert_eq!((stage.unknown, stage.missing), (1.0, 0.0));
-    let ColumnStats::Numeric(smoker) = fed.columns[2] else {
+    let ColumnStats::Numeric(smoker) = fed.columns[2].clone() else {
         panic!()
     };
     assert_eq!((smoker.count, smoker.sum, smoker.missing), (5.0, 3.0, 1.0));
@@ -293,4 +296,31 @@ fn imputation_is_named_on_the_command_line() {
         panic!("{:?}", p.steps[0]);
     };
     assert_eq!(*fill, Some(0.0));
+}
+
+#[test]
+fn quantiles_come_from_the_federations_histogram() {
+    use super::summary::quantiles;
+    // 100 values spread evenly over [0, 10): 10 a bin of width 1.
+    let edges: Vec<f64> = (0..=10).map(f64::from).collect();
+    let mut hist = vec![0.0; 12];
+    for b in 1..=10 {
+        hist[b] = 10.0;
+    }
+    let q = quantiles(&edges, &hist);
+    let want = [0.5, 2.5, 5.0, 7.5, 9.5];
+    for ((_, v), w) in q.iter().zip(want) {
+        assert!((v - w).abs() < 1e-12, "{q:?}");
+    }
+    // Mass in the tails is reported at the edges.
+    let q = quantiles(
+        &edges,
+        &[50.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 50.0],
+    );
+    assert_eq!(q[0].1, 0.0);
+    assert_eq!(q[4].1, 10.0);
+    // A schema's bins must be increasing, and only on numeric columns.
+    let mut s = schema();
+    s.columns[0].bins = vec![1.0, 1.0];
+    assert!(s.validate().unwrap_err().contains("\"age\": bins"));
 }

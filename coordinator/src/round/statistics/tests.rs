@@ -148,7 +148,7 @@ fn round_zero_sums_every_sites_statistics_exactly_before_round_one() {
     assert_eq!(stats.stats.rows, 6.0);
     assert_eq!(stats.sites, 3);
     let ages = match &stats.stats.columns[0] {
-        cohort_model::tabular::ColumnStats::Numeric(n) => *n,
+        cohort_model::tabular::ColumnStats::Numeric(n) => n.clone(),
         c => panic!("{c:?}"),
     };
     assert_eq!((ages.count, ages.sum, ages.missing), (5.0, 250.75, 1.0));
