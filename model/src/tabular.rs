@@ -72,7 +72,7 @@ const INFERRED_EDGES: usize = 33;
 /// `INFERRED_EDGES` edges from `lo` to `hi`, at 6 significant digits (none when they are
 /// equal).
 fn even_edges(lo: f64, hi: f64) -> Vec<f64> {
-    if !(hi > lo) {
+    if hi.partial_cmp(&lo) != Some(std::cmp::Ordering::Greater) {
         return Vec::new();
     }
     let round = |x: f64| {

@@ -304,9 +304,7 @@ fn quantiles_come_from_the_federations_histogram() {
     // 100 values spread evenly over [0, 10): 10 a bin of width 1.
     let edges: Vec<f64> = (0..=10).map(f64::from).collect();
     let mut hist = vec![0.0; 12];
-    for b in 1..=10 {
-        hist[b] = 10.0;
-    }
+    hist[1..=10].fill(10.0);
     let q = quantiles(&edges, &hist);
     let want = [0.5, 2.5, 5.0, 7.5, 9.5];
     for ((_, v), w) in q.iter().zip(want) {
