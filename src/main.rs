@@ -109,6 +109,21 @@ enum Command {
     /// Infer a job's [data] section (the schema every site's table is read against) from
     /// one site's CSV table, to paste into the job specification.
     Schema(cohort::schema_cli::SchemaArgs),
+    /// A job with tables: the federation's summary table from its round-0 statistics (the
+    /// same as `cohort admin jobs stats JOB`).
+    Stats {
+        /// The job.
+        job: String,
+        /// admin.toml as `cohort provision --admins …` writes it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The coordinator's address (overrides the configuration's).
+        #[arg(long)]
+        coordinator: Option<String>,
+        /// Connect without TLS (a coordinator started with --insecure-dev). Development only.
+        #[arg(long)]
+        insecure_dev: bool,
+    },
 }
 
 const INSECURE: &str = "INSECURE DEVELOPMENT MODE: no TLS. Anyone who can reach this port can \
@@ -466,6 +481,24 @@ fn main() -> ExitCode {
             Command::Admin(args) => {
                 init_logs("warn");
                 cohort::admin_cli::run(args).await
+            }
+            Command::Stats {
+                job,
+                config,
+                coordinator,
+                insecure_dev,
+            } => {
+                init_logs("warn");
+                use cohort::admin_cli::{AdminArgs, AdminCommand, JobAction};
+                cohort::admin_cli::run(AdminArgs {
+                    config,
+                    coordinator,
+                    insecure_dev,
+                    command: AdminCommand::Jobs {
+                        action: Some(JobAction::Stats { id: job }),
+                    },
+                })
+                .await
             }
             Command::Provision(args) => {
                 cohort::provision::provision(&args)?;

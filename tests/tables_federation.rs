@@ -47,7 +47,7 @@ path = "{path}"
 test_fraction = 0.2
 seed = {i}
 [faults]
-upload_delay_ms = 200
+upload_delay_ms = 400
 "#,
         path = share.display(),
         pki = dir.join("pki").display()
@@ -154,8 +154,16 @@ decrypt_timeout_secs = 20
     let mut coord = spawn_coordinator(&cfg);
     coord.wait_log(&["resuming the job"], Duration::from_secs(30));
     // The federation's summary table, from the statistics the state kept (each round now
-    // takes at least the participants' 200 ms upload delay, so the job is still running).
+    // takes at least the participants' 400 ms upload delay, so the job is still running).
     let stats = admin(d, &coord.addr, &["jobs", "stats", "messy"]);
+    // `cohort stats JOB` is the same table.
+    let alias = succeed(
+        Command::new(BIN)
+            .args(["stats", "messy", "--config"])
+            .arg(d.join("pki/admins/ops/admin.toml"))
+            .args(["--coordinator", &format!("https://{}", coord.addr)]),
+    );
+    assert_eq!(alias, stats);
     assert!(stats.contains("over 3 sites"), "{stats}");
     assert!(
         stats
@@ -206,6 +214,53 @@ decrypt_timeout_secs = 20
             .unwrap();
     let acc = manifest["eval"]["accuracy"].as_f64().unwrap();
     assert!(acc > 0.9, "held-out accuracy after 4 rounds: {acc}");
+    // A centralised model with the same preprocessing: the three sites' training rows
+    // pooled (split as each site splits its own), prepared by the federation's pipeline,
+    // trained for as many epochs as each site ran in all, and scored on the pooled
+    // held-out rows, which is what the version's federated evaluation averages over.
+    let pipeline: cohort_model::tabular::Pipeline =
+        serde_json::from_value(manifest["pipeline"].clone()).unwrap();
+    let spec = cohort_model::tabular::DataSpec {
+        schema: pipeline.schema.clone(),
+        options: Default::default(),
+    };
+    let (mut train, mut test) = (Vec::new(), Vec::new());
+    for (i, share) in shares.iter().enumerate() {
+        let text = std::fs::read_to_string(share).unwrap();
+        let t = cohort_participant::SiteTables::read(&text, share, &spec, 0.2, i as u64).unwrap();
+        let local = t.prepare(&pipeline).unwrap();
+        train.push(local.train);
+        test.push(local.test);
+    }
+    let train = cohort_model::Dataset::concat(&train.iter().collect::<Vec<_>>()).unwrap();
+    let test = cohort_model::Dataset::concat(&test.iter().collect::<Vec<_>>()).unwrap();
+    let model = cohort_model::ModelSpec::Logistic {
+        inputs: pipeline.width(),
+        classes: 2,
+    };
+    let cfg = cohort_model::TrainConfig {
+        epochs: 3 * 4,
+        batch_size: 16,
+        learning_rate: 0.1,
+        optimizer: cohort_model::Optimizer::Sgd,
+        seed: 1,
+    };
+    let (params, _) = cohort_model::train(
+        &model,
+        &model.initial_parameters(7),
+        &train,
+        &cfg,
+        cohort_model::ComputeDevice::Cpu,
+    )
+    .unwrap();
+    let central = cohort_model::evaluate(&model, &params, &test, cohort_model::ComputeDevice::Cpu)
+        .unwrap()
+        .accuracy;
+    eprintln!("federated {acc}, centralised {central} (same preprocessing)");
+    assert!(
+        (acc - central).abs() <= 0.015,
+        "federated {acc} vs centralised {central} with the same preprocessing"
+    );
     // Every trained version carries the pipeline; the initial model does not.
     assert!(manifest["pipeline"]["steps"].is_array(), "{manifest}");
     // Rows of the site whose file the schema was inferred from: every category but the one
