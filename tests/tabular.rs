@@ -153,6 +153,8 @@ async fn many_tiny_sites_train_as_well_as_a_few_with_the_federations_preprocessi
     let few = accuracy("3", "federation").await;
     let tiny = accuracy("100", "federation").await;
     let tiny_site = accuracy("100", "site").await;
+    // The default (`auto`) sees sites of 4–5 rows and takes the federation's pipeline.
+    assert_eq!(accuracy("100", "auto").await, tiny);
     assert!(few > 0.95, "{few}");
     assert!(
         (few - tiny).abs() <= 0.02,

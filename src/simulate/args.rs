@@ -47,7 +47,8 @@ pub struct SimArgs {
     /// How CSV tables are prepared: `federation` (one pipeline for every site from the
     /// federation's statistics: missing values imputed, categories one-hot encoded,
     /// standardised), `site` (each site standardises with its own statistics; numbers only),
-    /// or `auto` (federation when the table has missing values or text categories).
+    /// or `auto` (federation when the table has missing values or text categories, or when
+    /// sites hold fewer than 50 training rows on average).
     #[arg(long, default_value = "auto")]
     pub preprocess: data::Preprocess,
     /// Refuse missing values instead of imputing them (strict mode; the same as `--impute

@@ -158,11 +158,18 @@ struct Tabular {
     spec: DataSpec,
 }
 
+/// Below this many training rows a site on average, `--preprocess auto` takes the
+/// federation's pipeline for numeric tables too: a site's own mean and spread over a few rows
+/// are noise (100 sites of 4–5 rows: 0.835 held-out accuracy with their own, 0.975 with the
+/// federation's).
+const SMALL_SITE_ROWS: usize = 50;
+
 /// How tables are preprocessed (`--preprocess`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Preprocess {
     /// One pipeline from the federation's statistics when the table has missing values or
-    /// non-numeric columns; otherwise each site standardises with its own statistics.
+    /// non-numeric columns, or when sites hold fewer than 50 training rows on average;
+    /// otherwise each site standardises with its own statistics.
     Auto,
     /// Each site standardises with its own training statistics (numeric tables only).
     Site,
@@ -265,6 +272,9 @@ impl Source {
                         ColumnStats::Numeric(n) => n.missing > 0.0,
                         _ => false,
                     });
+                // Sites too small to standardise on their own rows.
+                let small_sites = (table.len() as f64 * (1.0 - args.test_fraction))
+                    < (SMALL_SITE_ROWS * n) as f64;
                 let federation = match args.preprocess {
                     Preprocess::Federation => true,
                     Preprocess::Site if needs_pipeline => bail!(
@@ -272,7 +282,7 @@ impl Source {
                          --preprocess federation handles (the default)"
                     ),
                     Preprocess::Site => false,
-                    Preprocess::Auto => needs_pipeline,
+                    Preprocess::Auto => needs_pipeline || small_sites,
                 };
                 if !federation {
                     let ds = parse_csv(&text, &path, &label)?;
