@@ -452,6 +452,42 @@ optimizer = "sgd"
     }
 
     #[test]
+    fn a_specification_declares_its_tables_and_keeps_them_through_its_round_trip() {
+        let base = "id = \"t\"\nrounds = 1\nmin_participants = 2\n\
+             [model]\nkind = \"logistic\"\ninputs = INPUTS\nclasses = 2\n\
+             [train]\nepochs = 1\nbatch_size = 4\nlearning_rate = 0.1\noptimizer = \"sgd\"\n\
+             [data.schema]\nlabel = \"y\"\nclasses = [\"0\", \"1\"]\n\
+             [[data.schema.columns]]\nname = \"age\"\ntype = \"numeric\"\nbins = [20.0, 40.0, 60.0]\n\
+             [[data.schema.columns]]\nname = \"stage\"\ntype = \"categorical\"\n\
+             categories = [\"I\", \"II\"]\n\
+             [data.options]\nimpute = \"most_frequent\"\nmissing_indicators = true\n";
+        // age and its indicator, two stages and an indicator.
+        let spec = JobSection::parse_spec(&base.replace("INPUTS", "5")).unwrap();
+        let cfg = spec.job_config().unwrap();
+        let data = cfg.data.as_ref().unwrap();
+        assert_eq!(data.width(), 5);
+        assert_eq!(
+            data.options.impute,
+            cohort_model::tabular::Impute::MostFrequent
+        );
+        let again = JobSection::parse_spec(&spec.to_spec()).unwrap();
+        assert_eq!(again.job_config().unwrap().data, cfg.data);
+        // A model that does not fit the tables, and a bad schema, are refused by name.
+        let refused = |text: &str| match JobSection::parse_spec(text) {
+            Err(e) => e.to_string(),
+            Ok(s) => s.job_config().unwrap_err().to_string(),
+        };
+        let e = refused(&base.replace("INPUTS", "4"));
+        assert!(e.contains("gives 5 features a row"), "{e}");
+        let e = refused(
+            &base
+                .replace("INPUTS", "5")
+                .replace("[20.0, 40.0, 60.0]", "[40.0, 20.0]"),
+        );
+        assert!(e.contains("data: column \"age\": bins"), "{e}");
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let e = CoordinatorConfig::parse(&GOOD.replace("rounds = 3", "rounds = 3\nrunds = 4"))
             .unwrap_err()
