@@ -3,7 +3,6 @@
 //! continuous requests over mutual TLS while versions are promoted and rolled back.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -12,26 +11,6 @@ use tonic::transport::Channel;
 
 mod common;
 use common::*;
-
-/// A client of `addr` holding the certificate of `who` (a directory of `dir/pki`).
-async fn client(dir: &Path, who: &str, addr: &str) -> InferenceClient<Channel> {
-    let d = dir.join("pki").join(who);
-    let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap();
-    let tls = cohort_protocol::tls::client_config(
-        &read("ca.pem"),
-        &read("cert.pem"),
-        &read("key.pem"),
-        "coordinator",
-    );
-    let ch = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    InferenceClient::new(ch)
-}
 
 /// One example of the breast-cancer table's 30 features.
 fn example(i: usize, label: Option<u32>) -> pb::Example {
@@ -195,8 +174,8 @@ share = 0.25
         &[],
     );
 
-    let mut embedded = client(dir, "inference/app", &coord.addr).await;
-    let mut alone = client(dir, "inference/app", &serve_addr).await;
+    let mut embedded = inference_client(dir, "inference/app", &coord.addr).await;
+    let mut alone = inference_client(dir, "inference/app", &serve_addr).await;
     // Nothing is promoted yet.
     let e = embedded
         .predict(pb::PredictRequest {
@@ -207,19 +186,19 @@ share = 0.25
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
 
     // A participant's certificate is refused; an admin's is accepted.
-    let mut hospital = client(dir, "participants/hospital-0", &coord.addr).await;
+    let mut hospital = inference_client(dir, "participants/hospital-0", &coord.addr).await;
     let e = hospital
         .model_info(pb::ModelInfoRequest {})
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
-    let mut hospital = client(dir, "participants/hospital-0", &serve_addr).await;
+    let mut hospital = inference_client(dir, "participants/hospital-0", &serve_addr).await;
     let e = hospital
         .model_info(pb::ModelInfoRequest {})
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
-    client(dir, "admins/ops", &serve_addr)
+    inference_client(dir, "admins/ops", &serve_addr)
         .await
         .model_info(pb::ModelInfoRequest {})
         .await
@@ -250,12 +229,12 @@ share = 0.25
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let mut clients = Vec::new();
     for _ in 0..3 {
-        clients.push(client(dir, "inference/app", &coord.addr).await);
+        clients.push(inference_client(dir, "inference/app", &coord.addr).await);
     }
     let embedded_load = load(clients, stop.clone());
     let mut clients = Vec::new();
     for _ in 0..3 {
-        clients.push(client(dir, "inference/app", &serve_addr).await);
+        clients.push(inference_client(dir, "inference/app", &serve_addr).await);
     }
     let alone_load = load(clients, stop.clone());
     tokio::time::sleep(Duration::from_millis(700)).await;

@@ -4,7 +4,7 @@
 //! round 1, and the resumed job (which keeps round 0's statistics) to its end.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 mod common;
@@ -52,20 +52,7 @@ upload_delay_ms = 400
         path = share.display(),
         pki = dir.join("pki").display()
     );
-    let p = dir.join(format!("participant-{i}.toml"));
-    std::fs::write(&p, cfg).unwrap();
-    let child = Command::new(BIN)
-        .args(["participant", "--config"])
-        .arg(&p)
-        .env(KEY_PASSPHRASE_ENV, KEY_PASSPHRASE)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    Proc {
-        child,
-        name: format!("participant {i}"),
-    }
+    spawn_participant_config(dir, i, &cfg)
 }
 
 #[test]
@@ -276,7 +263,7 @@ decrypt_timeout_secs = 20
 /// the probabilities the model gives the rows a site prepares from its file; `cohort predict`
 /// sends a raw CSV.
 fn serve_raw_rows(d: &Path, share: &Path, pipeline: &cohort_model::tabular::Pipeline) {
-    use cohort_protocol::pb::{self, inference_client::InferenceClient};
+    use cohort_protocol::pb;
     // Promote version 4 in the registry `cohort serve` follows.
     let kek = d.join("pki/coordinator/kek");
     let store = cohort_coordinator::ModelStore::open_encrypted(
@@ -357,22 +344,7 @@ fn serve_raw_rows(d: &Path, share: &Path, pipeline: &cohort_model::tabular::Pipe
         .collect();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let served: Vec<f32> = rt.block_on(async {
-        let who = d.join("pki/inference/app");
-        let read = |f: &str| std::fs::read_to_string(who.join(f)).unwrap();
-        let tls = cohort_protocol::tls::client_config(
-            &read("ca.pem"),
-            &read("cert.pem"),
-            &read("key.pem"),
-            "coordinator",
-        );
-        let ch = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut c = InferenceClient::new(ch);
+        let mut c = inference_client(d, "inference/app", &addr).await;
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
             match c

@@ -909,6 +909,80 @@ mod tests {
     }
 
     #[test]
+    fn statistics_of_one_site_do_not_decode_from_the_coordinators_view() {
+        // Round 0 as the coordinator sees it: every site's statistics as digits of weight 1,
+        // every body, record and sealed piece, and every member's share. Only the sum decodes.
+        let codec = Codec::default();
+        let digits = crate::exact::DigitCodec::for_statistics(&codec).unwrap();
+        let stats = |i: usize| -> Vec<f64> {
+            (0..40)
+                .map(|j| (j * 7 + i * 3) as f64 * 1.25 + if j % 5 == 0 { 1e9 } else { 0.0 })
+                .collect()
+        };
+        let values = |i: usize| digits.encode(&stats(i), &codec).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let r = round_with(3, 3, 2, &mut rng, &values, u64::MAX);
+        let committee = r.info.validate().unwrap();
+        let manifest = r.manifest();
+        let mut shares = Vec::new();
+        for (k, m) in committee.assign(&[0, 1, 2]).unwrap() {
+            let (share, _) = ask(
+                &r,
+                &manifest,
+                m,
+                &[k],
+                &mut MemberPolicy::default(),
+                &mut rng,
+            )
+            .unwrap();
+            shares.push(share);
+        }
+        let len = r.values[0].1.len();
+        let own: Vec<i64> = values(0)
+            .iter()
+            .map(|v| (*v as f64 * (1u64 << codec.frac_bits) as f64) as i64)
+            .collect();
+        let matching = |got: &[i64]| got.iter().zip(&own).filter(|(a, b)| a == b).count();
+        // Site 0's bodies with every share: noise, not its digits.
+        let mut one = Accumulator::new(r.bodies[0].len());
+        one.add(1, &r.bodies[0]).unwrap();
+        for s in &shares {
+            one.add_share(s).unwrap();
+        }
+        let got = crate::glwe::decode_sums(&one, &[], len, &codec).unwrap();
+        assert!(
+            matching(&got) <= 2,
+            "{} of {len} digits of site 0",
+            matching(&got)
+        );
+        // Two sites' bodies apart: noise.
+        let d: Vec<u64> = r.bodies[0]
+            .iter()
+            .zip(&r.bodies[1])
+            .map(|(a, b)| a.wrapping_sub(*b))
+            .collect();
+        let mut diff = Accumulator::new(d.len());
+        diff.add(1, &d).unwrap();
+        let got = crate::glwe::decode_sums(&diff, &[], len, &codec).unwrap();
+        assert!(matching(&got) <= 2);
+        // The sum with every share: the exact totals.
+        let mut all = r.acc.clone();
+        for s in &shares {
+            all.add_share(s).unwrap();
+        }
+        let sums = digits
+            .decode(&crate::glwe::decode_sums(&all, &[], len, &codec).unwrap())
+            .unwrap();
+        for (j, got) in sums.iter().enumerate() {
+            assert_eq!(
+                *got,
+                (0..3).map(|i| stats(i)[j]).sum::<f64>(),
+                "statistic {j}"
+            );
+        }
+    }
+
+    #[test]
     fn members_refuse_what_the_design_says_they_must() {
         let mut rng = ChaCha8Rng::seed_from_u64(2);
         let r = round(3, 3, 2, &mut rng);

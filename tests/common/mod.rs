@@ -185,6 +185,12 @@ upload_delay_ms = {upload_delay_ms}
         path = share.display(),
         pki = dir.join("pki").display()
     );
+    spawn_participant_config(dir, i, &cfg)
+}
+
+/// Writes `cfg` as participant `i`'s configuration in `dir` and starts `cohort participant`
+/// on it.
+pub fn spawn_participant_config(dir: &Path, i: usize, cfg: &str) -> Proc {
     let p = dir.join(format!("participant-{i}.toml"));
     std::fs::write(&p, cfg).unwrap();
     let child = Command::new(BIN)
@@ -199,6 +205,30 @@ upload_delay_ms = {upload_delay_ms}
         child,
         name: format!("participant {i}"),
     }
+}
+
+/// An Inference client of `addr` holding the certificate of `who` (a directory of `dir/pki`).
+pub async fn inference_client(
+    dir: &Path,
+    who: &str,
+    addr: &str,
+) -> cohort_protocol::pb::inference_client::InferenceClient<tonic::transport::Channel> {
+    let d = dir.join("pki").join(who);
+    let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap();
+    let tls = cohort_protocol::tls::client_config(
+        &read("ca.pem"),
+        &read("cert.pem"),
+        &read("key.pem"),
+        "coordinator",
+    );
+    let ch = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    cohort_protocol::pb::inference_client::InferenceClient::new(ch)
 }
 
 /// A coordinator process, its address, its metrics address (if any) and its log lines.
