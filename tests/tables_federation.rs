@@ -12,22 +12,11 @@ use common::*;
 
 /// Three shares of the messy table (row i to share i % 3), with its header.
 fn messy_shares(dir: &Path) -> Vec<PathBuf> {
-    let text = std::fs::read_to_string(messy_table(dir)).unwrap();
-    let mut lines = text.lines();
-    let header = lines.next().unwrap();
-    let mut shares = vec![format!("{header}\n"); 3];
-    for (i, row) in lines.enumerate() {
-        shares[i % 3] += &format!("{row}\n");
-    }
-    shares
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let p = dir.join(format!("site-{i}.csv"));
-            std::fs::write(&p, s).unwrap();
-            p
-        })
-        .collect()
+    split_three(
+        dir,
+        &std::fs::read_to_string(messy_table(dir)).unwrap(),
+        "site",
+    )
 }
 
 fn spawn_table_participant(dir: &Path, addr: &str, i: usize, share: &Path) -> Proc {

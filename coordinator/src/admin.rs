@@ -274,6 +274,17 @@ pub struct AdminApi(Coordinator);
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::AdminEvent, Status>> + Send>>;
 
+/// Job `id`'s record, or NOT_FOUND.
+fn job_record(
+    state: &cohort_storage::State,
+    id: &str,
+) -> Result<cohort_storage::state::JobRecord, Status> {
+    state
+        .job(id)
+        .map_err(internal)?
+        .ok_or_else(|| Status::not_found(format!("no job {id:?}")))
+}
+
 fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
@@ -410,10 +421,7 @@ impl Admin for AdminApi {
         self.0.admin(&req)?;
         let id = req.into_inner().job_id;
         let state = self.0.state();
-        let job = state
-            .job(&id)
-            .map_err(internal)?
-            .ok_or_else(|| Status::not_found(format!("no job {id:?}")))?;
+        let job = job_record(state, &id)?;
         let rounds = state
             .rounds(&id)
             .map_err(internal)?
@@ -438,10 +446,7 @@ impl Admin for AdminApi {
         self.0.admin(&req)?;
         let id = req.into_inner().job_id;
         let state = self.0.state();
-        let job = state
-            .job(&id)
-            .map_err(internal)?
-            .ok_or_else(|| Status::not_found(format!("no job {id:?}")))?;
+        let job = job_record(state, &id)?;
         let spec = crate::config::JobSection::parse_spec(&job.spec_toml)
             .map_err(|e| internal(format!("job {id}: stored specification: {e}")))?;
         let data = spec.data.ok_or_else(|| {

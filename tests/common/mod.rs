@@ -46,6 +46,12 @@ pub fn write_shares(dir: &Path) -> Vec<PathBuf> {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/breast_cancer.csv"),
     )
     .unwrap();
+    split_three(dir, &table, "hospital")
+}
+
+/// Three disjoint shares of a CSV `table` (row i to share i % 3, each with the header),
+/// written as `dir/{name}-{i}.csv`.
+pub fn split_three(dir: &Path, table: &str, name: &str) -> Vec<PathBuf> {
     let mut lines = table.lines();
     let header = lines.next().unwrap();
     let mut shares = vec![format!("{header}\n"); 3];
@@ -56,7 +62,7 @@ pub fn write_shares(dir: &Path) -> Vec<PathBuf> {
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            let p = dir.join(format!("hospital-{i}.csv"));
+            let p = dir.join(format!("{name}-{i}.csv"));
             std::fs::write(&p, s).unwrap();
             p
         })
