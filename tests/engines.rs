@@ -39,6 +39,33 @@ async fn both_engines_give_the_same_model_bit_for_bit() {
         ("secure", &["--participants", "5"][..]),
         // A sampled fraction of the participants each round, the selection seeded.
         ("sampled", &["--participants", "6", "--fraction", "0.5"][..]),
+        // Stateful server strategies (their state carried from round to round).
+        (
+            "fedavgm",
+            &["--participants", "4", "--strategy", "fedavgm"][..],
+        ),
+        (
+            "fedadagrad",
+            &[
+                "--participants",
+                "4",
+                "--strategy",
+                "fedadagrad",
+                "--server-lr",
+                "0.1",
+            ][..],
+        ),
+        (
+            "fedyogi",
+            &[
+                "--participants",
+                "4",
+                "--strategy",
+                "fedyogi",
+                "--server-lr",
+                "0.01",
+            ][..],
+        ),
     ] {
         let net = simulate("networked", extra, &dir.path().join(format!("{name}-n"))).await;
         let vir = simulate("virtual", extra, &dir.path().join(format!("{name}-v"))).await;
@@ -55,6 +82,8 @@ async fn both_engines_give_the_same_model_bit_for_bit() {
         };
         assert_eq!(per_round(&net), per_round(&vir), "{name}");
         assert_eq!(net.rounds.len(), 4);
+        let acc = net.federated_accuracy.unwrap();
+        assert!(acc > 0.9, "{name}: held-out accuracy {acc}");
         assert_eq!(net.served_accuracy, vir.served_accuracy);
     }
 }

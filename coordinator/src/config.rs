@@ -114,6 +114,9 @@ pub struct JobSection {
     pub strategy: String,
     #[serde(default = "one")]
     pub server_lr: f64,
+    /// FedAvgM's server momentum β.
+    #[serde(default = "default_momentum")]
+    pub server_momentum: f64,
     /// The dataset participants train on, by name (for operators; participants bring
     /// their own data).
     #[serde(default)]
@@ -202,6 +205,10 @@ impl SecureSection {
     }
 }
 
+fn default_momentum() -> f64 {
+    0.9
+}
+
 fn one() -> f64 {
     1.0
 }
@@ -248,6 +255,7 @@ impl JobSection {
         Ok(crate::strategy::by_name(
             &self.strategy,
             self.server_lr as f32,
+            self.server_momentum as f32,
         )?)
     }
 

@@ -7,10 +7,12 @@
 /// A strategy that cannot be built or restored.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum StrategyError {
-    #[error("unknown strategy {0:?}: use fedavg or fedadam")]
+    #[error("unknown strategy {0:?}: use fedavg, fedavgm, fedadagrad, fedadam or fedyogi")]
     Unknown(String),
     #[error("server_lr must be positive, not {0}")]
     ServerLr(f32),
+    #[error("server_momentum must be in [0, 1), not {0}")]
+    ServerMomentum(f32),
     #[error("{strategy} state of {bytes} bytes is not {expected}")]
     State {
         strategy: &'static str,
@@ -106,41 +108,224 @@ impl Strategy for FedAdam {
     }
     /// The moments m and v, one after the other.
     fn save_state(&self) -> Option<Vec<u8>> {
-        (!self.m.is_empty()).then(|| {
-            self.m
-                .iter()
-                .chain(&self.v)
-                .flat_map(|x| x.to_le_bytes())
-                .collect()
-        })
+        save_vectors(&[&self.m, &self.v])
     }
     fn restore_state(&mut self, state: &[u8]) -> Result<(), StrategyError> {
-        if !state.len().is_multiple_of(8) {
-            return Err(StrategyError::State {
-                strategy: "fedadam",
-                bytes: state.len(),
-                expected: "two f32 vectors of one length",
-            });
-        }
-        let xs: Vec<f32> = state
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-            .collect();
-        let (m, v) = xs.split_at(xs.len() / 2);
-        self.m = m.to_vec();
-        self.v = v.to_vec();
+        let [m, v] = restore_vectors::<2>("fedadam", state)?;
+        (self.m, self.v) = (m, v);
         Ok(())
     }
 }
 
-/// A strategy by name: `fedavg` or `fedadam` (with `server_lr`).
-pub fn by_name(name: &str, server_lr: f32) -> Result<Box<dyn Strategy>, StrategyError> {
+/// Vectors of one length, one after the other, as little-endian f32 (none before the first
+/// round).
+fn save_vectors(vs: &[&Vec<f32>]) -> Option<Vec<u8>> {
+    (!vs[0].is_empty()).then(|| {
+        vs.iter()
+            .flat_map(|v| v.iter())
+            .flat_map(|x| x.to_le_bytes())
+            .collect()
+    })
+}
+
+/// What [`save_vectors`] saved of `N` vectors.
+fn restore_vectors<const N: usize>(
+    strategy: &'static str,
+    state: &[u8],
+) -> Result<[Vec<f32>; N], StrategyError> {
+    if !state.len().is_multiple_of(4 * N) {
+        return Err(StrategyError::State {
+            strategy,
+            bytes: state.len(),
+            expected: if N == 1 {
+                "one f32 vector"
+            } else {
+                "f32 vectors of one length"
+            },
+        });
+    }
+    let xs: Vec<f32> = state
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .collect();
+    let n = xs.len() / N;
+    Ok(std::array::from_fn(|k| xs[k * n..(k + 1) * n].to_vec()))
+}
+
+/// FedAvg with server momentum (FedAvgM; Hsu et al., "Measuring the Effects of Non-Identical
+/// Data Distribution for Federated Visual Classification", 2019): `v ← β v + Δ`, then
+/// `global + server_lr · v` (as Flower's FedAvgM, whose pseudo-gradient is −Δ).
+#[derive(Debug, Clone)]
+pub struct FedAvgM {
+    pub server_lr: f32,
+    pub momentum: f32,
+    v: Vec<f32>,
+}
+
+impl FedAvgM {
+    pub fn new(server_lr: f32, momentum: f32) -> Self {
+        FedAvgM {
+            server_lr,
+            momentum,
+            v: Vec::new(),
+        }
+    }
+}
+
+impl Strategy for FedAvgM {
+    fn name(&self) -> &'static str {
+        "fedavgm"
+    }
+    fn apply(&mut self, global: &[f32], d: &[f32], _round: u64) -> Vec<f32> {
+        if self.v.len() != d.len() {
+            // The first round's velocity is its update.
+            self.v = d.to_vec();
+        } else {
+            for (v, d) in self.v.iter_mut().zip(d) {
+                *v = self.momentum * *v + d;
+            }
+        }
+        global
+            .iter()
+            .zip(&self.v)
+            .map(|(g, v)| g + self.server_lr * v)
+            .collect()
+    }
+    fn save_state(&self) -> Option<Vec<u8>> {
+        save_vectors(&[&self.v])
+    }
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), StrategyError> {
+        let [v] = restore_vectors::<1>("fedavgm", state)?;
+        self.v = v;
+        Ok(())
+    }
+}
+
+/// FedAdagrad (Reddi et al., 2021): `m ← β₁ m + (1 − β₁) Δ`, `v ← v + Δ²`, then
+/// `global + server_lr · m / (√v + τ)`; β₁ = 0 and τ = 10⁻⁹ as in Flower.
+#[derive(Debug, Clone)]
+pub struct FedAdagrad {
+    pub server_lr: f32,
+    pub beta1: f32,
+    pub tau: f32,
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl FedAdagrad {
+    pub fn new(server_lr: f32) -> Self {
+        FedAdagrad {
+            server_lr,
+            beta1: 0.0,
+            tau: 1e-9,
+            m: Vec::new(),
+            v: Vec::new(),
+        }
+    }
+}
+
+impl Strategy for FedAdagrad {
+    fn name(&self) -> &'static str {
+        "fedadagrad"
+    }
+    fn apply(&mut self, global: &[f32], d: &[f32], _round: u64) -> Vec<f32> {
+        if self.m.len() != d.len() {
+            self.m = vec![0.0; d.len()];
+            self.v = vec![0.0; d.len()];
+        }
+        let mut out = Vec::with_capacity(global.len());
+        for i in 0..d.len() {
+            self.m[i] = self.beta1 * self.m[i] + (1.0 - self.beta1) * d[i];
+            self.v[i] += d[i] * d[i];
+            out.push(global[i] + self.server_lr * self.m[i] / (self.v[i].sqrt() + self.tau));
+        }
+        out
+    }
+    fn save_state(&self) -> Option<Vec<u8>> {
+        save_vectors(&[&self.m, &self.v])
+    }
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), StrategyError> {
+        let [m, v] = restore_vectors::<2>("fedadagrad", state)?;
+        (self.m, self.v) = (m, v);
+        Ok(())
+    }
+}
+
+/// FedYogi (Reddi et al., 2021): Adam's first moment, Yogi's second,
+/// `v ← v − (1 − β₂) Δ² sign(v − Δ²)`, then `global + server_lr · m / (√v + τ)`; β₁ = 0.9,
+/// β₂ = 0.99, τ = 10⁻³ as in Flower.
+#[derive(Debug, Clone)]
+pub struct FedYogi {
+    pub server_lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub tau: f32,
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl FedYogi {
+    pub fn new(server_lr: f32) -> Self {
+        FedYogi {
+            server_lr,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-3,
+            m: Vec::new(),
+            v: Vec::new(),
+        }
+    }
+}
+
+impl Strategy for FedYogi {
+    fn name(&self) -> &'static str {
+        "fedyogi"
+    }
+    fn apply(&mut self, global: &[f32], d: &[f32], _round: u64) -> Vec<f32> {
+        if self.m.len() != d.len() {
+            self.m = vec![0.0; d.len()];
+            self.v = vec![0.0; d.len()];
+        }
+        let mut out = Vec::with_capacity(global.len());
+        for i in 0..d.len() {
+            let d2 = d[i] * d[i];
+            self.m[i] = self.beta1 * self.m[i] + (1.0 - self.beta1) * d[i];
+            let sign = (self.v[i] - d2).signum() * f32::from(self.v[i] != d2);
+            self.v[i] -= (1.0 - self.beta2) * d2 * sign;
+            out.push(global[i] + self.server_lr * self.m[i] / (self.v[i].sqrt() + self.tau));
+        }
+        out
+    }
+    fn save_state(&self) -> Option<Vec<u8>> {
+        save_vectors(&[&self.m, &self.v])
+    }
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), StrategyError> {
+        let [m, v] = restore_vectors::<2>("fedyogi", state)?;
+        (self.m, self.v) = (m, v);
+        Ok(())
+    }
+}
+
+/// A strategy by name: `fedavg`, `fedavgm` (with `server_momentum`), `fedadagrad`,
+/// `fedadam` or `fedyogi`, each with `server_lr`. Every one of them sees only the mean update,
+/// so each works under secure aggregation.
+pub fn by_name(
+    name: &str,
+    server_lr: f32,
+    server_momentum: f32,
+) -> Result<Box<dyn Strategy>, StrategyError> {
     if !(server_lr > 0.0 && server_lr.is_finite()) {
         return Err(StrategyError::ServerLr(server_lr));
     }
+    if !(0.0..1.0).contains(&server_momentum) {
+        return Err(StrategyError::ServerMomentum(server_momentum));
+    }
     match name {
         "fedavg" => Ok(Box::new(FedAvg { server_lr })),
+        "fedavgm" => Ok(Box::new(FedAvgM::new(server_lr, server_momentum))),
+        "fedadagrad" => Ok(Box::new(FedAdagrad::new(server_lr))),
         "fedadam" => Ok(Box::new(FedAdam::new(server_lr))),
+        "fedyogi" => Ok(Box::new(FedYogi::new(server_lr))),
         _ => Err(StrategyError::Unknown(name.to_string())),
     }
 }
@@ -189,17 +374,74 @@ mod tests {
     #[test]
     fn by_name_refuses_unknown() {
         assert_eq!(
-            by_name("fedprox", 1.0).err(),
+            by_name("fedprox", 1.0, 0.9).err(),
             Some(StrategyError::Unknown("fedprox".into()))
         );
         assert!(
-            by_name("fedprox", 1.0)
+            by_name("fedprox", 1.0, 0.9)
                 .err()
                 .unwrap()
                 .to_string()
                 .contains("fedavg")
         );
-        assert!(by_name("fedavg", 0.0).is_err());
-        assert_eq!(by_name("fedadam", 0.1).unwrap().name(), "fedadam");
+        assert!(by_name("fedavg", 0.0, 0.9).is_err());
+        assert!(by_name("fedavgm", 1.0, 1.0).is_err());
+        for name in ["fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi"] {
+            assert_eq!(by_name(name, 0.1, 0.9).unwrap().name(), name);
+        }
+    }
+
+    /// Two rounds of updates, by hand from each rule's formulas (Flower's).
+    #[test]
+    fn fedavgm_fedadagrad_and_fedyogi_follow_their_rules() {
+        let (g, d1, d2) = ([0.0f32, 1.0], [0.5f32, -0.2], [0.1f32, 0.3]);
+        // FedAvgM, β = 0.9, lr 1: v1 = d1, v2 = 0.9 d1 + d2.
+        let mut s = FedAvgM::new(1.0, 0.9);
+        let g1 = s.apply(&g, &d1, 1);
+        assert_eq!(g1, [0.5, 0.8]);
+        let g2 = s.apply(&g1, &d2, 2);
+        for (i, want) in [0.5 + 0.9 * 0.5 + 0.1, 0.8 + 0.9 * -0.2 + 0.3]
+            .into_iter()
+            .enumerate()
+        {
+            assert!((g2[i] - want).abs() < 1e-6, "{g2:?}");
+        }
+        // FedAdagrad, lr 0.1: m = d (β₁ = 0), v accumulates d².
+        let mut s = FedAdagrad::new(0.1);
+        let g1 = s.apply(&g, &d1, 1);
+        let g2 = s.apply(&g1, &d2, 2);
+        for i in 0..2 {
+            let v2 = d1[i] * d1[i] + d2[i] * d2[i];
+            let want = g[i] + 0.1 * d1[i] / (d1[i].abs() + 1e-9) + 0.1 * d2[i] / (v2.sqrt() + 1e-9);
+            assert!((g2[i] - want).abs() < 1e-6, "{g2:?} vs {want}");
+        }
+        // FedYogi, lr 0.01: v starts at 0, so v1 = (1 − β₂) d1² (sign(0 − d²) = −1), then
+        // v2 = v1 − (1 − β₂) d2² sign(v1 − d2²).
+        let mut s = FedYogi::new(0.01);
+        let g1 = s.apply(&g, &d1, 1);
+        let g2 = s.apply(&g1, &d2, 2);
+        for i in 0..2 {
+            let m1 = 0.1 * d1[i];
+            let v1 = 0.01 * d1[i] * d1[i];
+            let step1 = 0.01 * m1 / (v1.sqrt() + 1e-3);
+            let m2 = 0.9 * m1 + 0.1 * d2[i];
+            let v2 = v1 - 0.01 * d2[i] * d2[i] * (v1 - d2[i] * d2[i]).signum();
+            let want = g[i] + step1 + 0.01 * m2 / (v2.sqrt() + 1e-3);
+            assert!((g2[i] - want).abs() < 1e-6, "{g2:?} vs {want}");
+        }
+    }
+
+    #[test]
+    fn every_stateful_strategy_continues_exactly_after_a_restore() {
+        let g = vec![0.5f32, -1.0, 2.0];
+        let (d1, d2) = (vec![0.1f32, -0.2, 0.3], vec![-0.05f32, 0.4, 0.0]);
+        for name in ["fedavgm", "fedadagrad", "fedadam", "fedyogi"] {
+            let mut a = by_name(name, 0.1, 0.9).unwrap();
+            let g1 = a.apply(&g, &d1, 1);
+            let mut b = by_name(name, 0.1, 0.9).unwrap();
+            b.restore_state(&a.save_state().unwrap()).unwrap();
+            assert_eq!(a.apply(&g1, &d2, 2), b.apply(&g1, &d2, 2), "{name}");
+            assert!(b.restore_state(&[0; 6]).is_err(), "{name}");
+        }
     }
 }

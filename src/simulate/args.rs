@@ -79,11 +79,15 @@ pub struct SimArgs {
     /// (a seeded draw; cross-device studies evaluate on a sample).
     #[arg(long, default_value_t = 1.0)]
     pub evaluate_fraction: f64,
-    /// Server strategy: fedavg or fedadam.
+    /// Server strategy: fedavg, fedavgm, fedadagrad, fedadam or fedyogi (each sees only the
+    /// mean update, so each works with secure aggregation).
     #[arg(long, default_value = "fedavg")]
     pub strategy: String,
     #[arg(long, default_value_t = 1.0)]
     pub server_lr: f64,
+    /// FedAvgM's server momentum β, in [0, 1).
+    #[arg(long, default_value_t = 0.9)]
+    pub server_momentum: f64,
     /// Compute device for training and evaluation: cpu or wgpu.
     #[arg(long, default_value = "cpu")]
     pub device: ComputeDevice,

@@ -174,8 +174,12 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         .as_ref()
         .filter(|_| emulated)
         .map(|s| virtual_engine::Emulation { codec: s.codec });
-    let strategy = cohort_coordinator::strategy::by_name(&args.strategy, args.server_lr as f32)
-        .map_err(anyhow::Error::msg)?;
+    let strategy = cohort_coordinator::strategy::by_name(
+        &args.strategy,
+        args.server_lr as f32,
+        args.server_momentum as f32,
+    )
+    .map_err(anyhow::Error::msg)?;
     let orch =
         Orchestrator::new(job, strategy, None, rand::random()).map_err(anyhow::Error::msg)?;
     let strategy_name = orch.strategy_name();

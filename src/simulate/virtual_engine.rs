@@ -494,7 +494,7 @@ mod tests {
         let store = ModelStore::open(dir.path()).unwrap();
         let orch = Orchestrator::new(
             job,
-            cohort_coordinator::strategy::by_name("fedavg", 1.0).unwrap(),
+            cohort_coordinator::strategy::by_name("fedavg", 1.0, 0.0).unwrap(),
             None,
             [9; 32],
         )
