@@ -39,6 +39,11 @@ async fn both_engines_give_the_same_model_bit_for_bit() {
         ("secure", &["--participants", "5"][..]),
         // A sampled fraction of the participants each round, the selection seeded.
         ("sampled", &["--participants", "6", "--fraction", "0.5"][..]),
+        // Updates clipped to an L2 norm before they leave each participant.
+        (
+            "clipped",
+            &["--participants", "4", "--clip-norm", "0.3"][..],
+        ),
         // Stateful server strategies (their state carried from round to round).
         (
             "fedavgm",

@@ -93,7 +93,14 @@ async fn plaintext_and_emulated_jobs_and_dropouts_run_in_workers_too() {
     for (name, extra) in [
         (
             "emulated",
-            &["--secure", "emulated", "--dropout", "0.2"][..],
+            &[
+                "--secure",
+                "emulated",
+                "--dropout",
+                "0.2",
+                "--clip-norm",
+                "0.5",
+            ][..],
         ),
         ("plaintext", &["--plaintext"][..]),
     ] {

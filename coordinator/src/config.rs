@@ -117,6 +117,9 @@ pub struct JobSection {
     /// FedAvgM's server momentum β.
     #[serde(default = "default_momentum")]
     pub server_momentum: f64,
+    /// Participants scale their updates down to this L2 norm before sending them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_norm: Option<f64>,
     /// The dataset participants train on, by name (for operators; participants bring
     /// their own data).
     #[serde(default)]
@@ -290,6 +293,7 @@ impl JobSection {
             seed: self.seed,
             secure: self.secure_aggregation.settings(min_updates)?,
             data: self.data.clone(),
+            clip_norm: self.clip_norm,
         };
         cfg.validate()?;
         self.strategy()?;
@@ -493,6 +497,12 @@ optimizer = "sgd"
                 .replace("[20.0, 40.0, 60.0]", "[40.0, 20.0]"),
         );
         assert!(e.contains("data: column \"age\": bins"), "{e}");
+        let e = refused(
+            &base
+                .replace("INPUTS", "5")
+                .replace("rounds = 1\n", "rounds = 1\nclip_norm = 0.0\n"),
+        );
+        assert!(e.contains("clip_norm must be a positive number"), "{e}");
     }
 
     #[test]

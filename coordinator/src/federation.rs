@@ -73,7 +73,9 @@ impl Coordinator {
                 config,
                 deadline,
                 secure,
+                clip_norm,
             } => Kind::Train(pb::TrainTask {
+                clip_norm,
                 secure: secure.as_deref().map(round_pb),
                 job_id: cfg.job_id.clone(),
                 round,

@@ -42,6 +42,7 @@ fn job() -> JobConfig {
         seed: 3,
         secure: None,
         data: None,
+        clip_norm: None,
     }
 }
 

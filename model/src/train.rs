@@ -215,6 +215,22 @@ pub fn train(
     ))
 }
 
+/// Scales `update` down to L2 norm `max_norm` when it is longer (per-update norm clipping,
+/// before it leaves the participant); says whether it did.
+pub fn clip_l2(update: &mut [f32], max_norm: f64) -> bool {
+    let norm = update
+        .iter()
+        .map(|&x| (x as f64) * (x as f64))
+        .sum::<f64>()
+        .sqrt();
+    if norm <= max_norm || norm == 0.0 {
+        return false;
+    }
+    let scale = (max_norm / norm) as f32;
+    update.iter_mut().for_each(|x| *x *= scale);
+    true
+}
+
 /// Evaluates parameters on `data`: mean cross-entropy, accuracy and, for two classes, AUC.
 pub fn evaluate(
     spec: &ModelSpec,
@@ -320,6 +336,19 @@ pub fn auc(scores: &[f64], labels: &[u32]) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clipping_scales_long_updates_down_to_the_norm_and_leaves_short_ones() {
+        let mut long = vec![3.0f32, 4.0];
+        assert!(clip_l2(&mut long, 1.0));
+        assert!(
+            (long[0] - 0.6).abs() < 1e-7 && (long[1] - 0.8).abs() < 1e-7,
+            "{long:?}"
+        );
+        let mut short = vec![0.3f32, 0.4];
+        assert!(!clip_l2(&mut short, 1.0));
+        assert_eq!(short, [0.3, 0.4]);
+    }
     use crate::data::{FeatureShape, LabelColumn, Standardizer, load_csv};
 
     #[test]

@@ -420,6 +420,7 @@ mod tests {
             model_version: 0,
             secure: None,
             pipeline_json: String::new(),
+            clip_norm: None,
         });
         let (opts, seen) = scripted(VecDeque::from([Ok(train), idle()])).await;
         let report = run(opts, data()).await.unwrap();

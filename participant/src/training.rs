@@ -80,7 +80,12 @@ pub(crate) async fn train_round(
             return Ok(());
         }
     };
-    let delta: Vec<f32> = params.iter().zip(&global).map(|(p, g)| p - g).collect();
+    let mut delta: Vec<f32> = params.iter().zip(&global).map(|(p, g)| p - g).collect();
+    if let Some(c) = t.clip_norm
+        && cohort_model::clip_l2(&mut delta, c)
+    {
+        tracing::debug!(participant = %opts.id, round = t.round, "update clipped to L2 norm {c}");
+    }
     if !opts.upload_delay.is_zero() {
         tracing::info!(participant = %opts.id, round = t.round, "fault injection: delaying the upload by {:?}", opts.upload_delay);
         tokio::time::sleep(opts.upload_delay).await;

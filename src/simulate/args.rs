@@ -88,6 +88,9 @@ pub struct SimArgs {
     /// FedAvgM's server momentum β, in [0, 1).
     #[arg(long, default_value_t = 0.9)]
     pub server_momentum: f64,
+    /// Each participant scales its update down to this L2 norm before sending it.
+    #[arg(long)]
+    pub clip_norm: Option<f64>,
     /// Compute device for training and evaluation: cpu or wgpu.
     #[arg(long, default_value = "cpu")]
     pub device: ComputeDevice,

@@ -236,6 +236,7 @@ fn work_done(c: &mut Client, t: &Task, step: &Step<'_>, encrypt_seconds: &mut f6
             round,
             config,
             secure,
+            clip_norm,
             ..
         } => {
             let (params, report) =
@@ -243,7 +244,10 @@ fn work_done(c: &mut Client, t: &Task, step: &Step<'_>, encrypt_seconds: &mut f6
                     Ok(x) => x,
                     Err(e) => return Done::Nothing(format!("local training failed: {e}")),
                 };
-            let delta: Vec<f32> = params.iter().zip(global).map(|(p, g)| p - g).collect();
+            let mut delta: Vec<f32> = params.iter().zip(global).map(|(p, g)| p - g).collect();
+            if let Some(c) = clip_norm {
+                cohort_model::clip_l2(&mut delta, *c);
+            }
             let train = Some(cohort_model::Metrics {
                 loss: *report.epoch_loss.last().unwrap_or(&f64::NAN),
                 accuracy: report.last_epoch_accuracy,

@@ -169,6 +169,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         secure: if emulated { None } else { secure.clone() },
         // Tables preprocessed by the federation: round 0 sums their statistics.
         data: prep.spec.clone(),
+        clip_norm: args.clip_norm,
     };
     let emulation = secure
         .as_ref()

@@ -456,6 +456,7 @@ mod tests {
                 ..SecureSettings::default()
             }),
             data: None,
+            clip_norm: None,
         }
     }
 

@@ -79,6 +79,9 @@ pub struct JobConfig {
     /// federation's statistics summed like updates, and every site prepares its rows with
     /// the pipeline fitted from them.
     pub data: Option<cohort_model::tabular::DataSpec>,
+    /// Each participant scales its update down to this L2 norm before sending it (per-update
+    /// norm clipping); `None`: no clipping.
+    pub clip_norm: Option<f64>,
 }
 
 /// How a job aggregates securely (protocol: docs/secure-aggregation.md).
@@ -236,6 +239,13 @@ impl JobConfig {
         }
         if let Some(sec) = &self.secure {
             sec.validate(self.min_participants)?;
+        }
+        if let Some(c) = self.clip_norm
+            && !(c > 0.0 && c.is_finite())
+        {
+            return Err(invalid(format!(
+                "clip_norm must be a positive number, not {c}"
+            )));
         }
         if let Some(data) = &self.data {
             data.validate().map_err(|e| invalid(format!("data: {e}")))?;

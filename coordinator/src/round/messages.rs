@@ -47,6 +47,8 @@ pub enum Task {
         deadline: Instant,
         /// The secure round to encrypt for; `None` in plaintext jobs.
         secure: Option<Arc<RoundInfo>>,
+        /// Scale the update down to this L2 norm before sending it.
+        clip_norm: Option<f64>,
     },
     /// Round 0 of a job with tables: send the training table's statistics
     /// (`TableStats::to_values`, split by the job's `DigitCodec::for_statistics`), weight 1,

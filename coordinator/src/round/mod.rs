@@ -662,6 +662,7 @@ impl Orchestrator {
                     config,
                     deadline: t.deadline,
                     secure: t.secure.as_ref().map(|s| s.info.clone()),
+                    clip_norm: self.config.clip_norm,
                 }
             }
             Phase::Decrypting(d) => self.decrypt_task_for(d, id),

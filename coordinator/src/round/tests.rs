@@ -44,6 +44,7 @@ fn config() -> JobConfig {
         seed: 7,
         secure: None,
         data: None,
+        clip_norm: None,
     }
 }
 
@@ -179,6 +180,7 @@ fn round_waits_for_min_participants_then_selects_all() {
             deadline,
             config,
             secure: None,
+            clip_norm: None,
         } => {
             assert_eq!(deadline, h.start + Duration::from_secs(30));
             assert_ne!(config.seed, 1, "each participant gets its own seed");

@@ -246,6 +246,7 @@ impl Remote<'_> {
                 statistics: Vec::new(),
                 data: step.data.cloned(),
                 pipeline: step.pipeline.cloned(),
+                clip_norm: None,
             };
             for (id, t) in tasks {
                 let (r, version) = match t {
@@ -254,8 +255,10 @@ impl Remote<'_> {
                         model_version,
                         config,
                         secure,
+                        clip_norm,
                         ..
                     } => {
+                        order.clip_norm = clip_norm;
                         if let Some(info) = &secure {
                             order.job_id = info.job.clone();
                         }

@@ -69,6 +69,8 @@ pub(super) struct ShardStep {
     /// Jobs with tables: their schema, and the pipeline once round 0 fitted it.
     pub(super) data: Option<DataSpec>,
     pub(super) pipeline: Option<Arc<Pipeline>>,
+    /// Updates are clipped to this L2 norm.
+    pub(super) clip_norm: Option<f64>,
 }
 
 /// What one worker's participants produced in a step.
@@ -112,6 +114,7 @@ pub(super) fn work_shard(
                 config: config.clone(),
                 deadline,
                 secure: step.secure.clone(),
+                clip_norm: step.clip_norm,
             },
         ));
     }
@@ -257,6 +260,7 @@ impl ShardStep {
             job_id: self.job_id.clone(),
             model: Some((&self.model).into()),
             statistics: self.statistics.clone(),
+            clip_norm: self.clip_norm,
             data_spec_json: self
                 .data
                 .as_ref()
@@ -318,6 +322,7 @@ impl ShardStep {
                 .collect::<anyhow::Result<_>>()?,
             evaluate: m.evaluate.clone(),
             statistics: m.statistics.clone(),
+            clip_norm: m.clip_norm,
             data: (!m.data_spec_json.is_empty())
                 .then(|| serde_json::from_str(&m.data_spec_json))
                 .transpose()

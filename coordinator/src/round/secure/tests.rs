@@ -65,6 +65,7 @@ fn config(committee: usize) -> JobConfig {
             ..SecureSettings::default()
         }),
         data: None,
+        clip_norm: None,
     }
 }
 

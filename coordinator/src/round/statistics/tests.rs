@@ -65,6 +65,7 @@ fn job() -> JobConfig {
         seed: 5,
         secure: None,
         data: Some(spec),
+        clip_norm: None,
     }
 }
 
