@@ -63,10 +63,24 @@ impl Strategy for FedAvg {
     }
 }
 
-/// FedAdam (Reddi et al., "Adaptive Federated Optimization", 2021): Adam on the server with
-/// the mean update as the pseudo-gradient.
+/// Reddi et al.'s adaptive server optimisers ("Adaptive Federated Optimization", 2021), with
+/// the mean update Δ as the pseudo-gradient, as Flower states them:
+/// `m ← β₁ m + (1 − β₁) Δ`, the second moment `v` by the rule, then
+/// `global + server_lr · m / (√v + τ)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdaptiveRule {
+    /// `v ← v + Δ²` (β₁ = 0, τ = 10⁻⁹).
+    Adagrad,
+    /// `v ← β₂ v + (1 − β₂) Δ²` (β₁ = 0.9, β₂ = 0.99, τ = 10⁻³).
+    Adam,
+    /// `v ← v − (1 − β₂) Δ² sign(v − Δ²)` (β₁ = 0.9, β₂ = 0.99, τ = 10⁻³).
+    Yogi,
+}
+
+/// FedAdagrad, FedAdam or FedYogi: one of the [`AdaptiveRule`]s with its moments.
 #[derive(Debug, Clone)]
-pub struct FedAdam {
+pub struct FedOpt {
+    pub rule: AdaptiveRule,
     pub server_lr: f32,
     pub beta1: f32,
     pub beta2: f32,
@@ -76,22 +90,32 @@ pub struct FedAdam {
     v: Vec<f32>,
 }
 
-impl FedAdam {
-    pub fn new(server_lr: f32) -> Self {
-        FedAdam {
+impl FedOpt {
+    /// The rule with Flower's defaults.
+    pub fn new(rule: AdaptiveRule, server_lr: f32) -> Self {
+        let (beta1, tau) = match rule {
+            AdaptiveRule::Adagrad => (0.0, 1e-9),
+            AdaptiveRule::Adam | AdaptiveRule::Yogi => (0.9, 1e-3),
+        };
+        FedOpt {
+            rule,
             server_lr,
-            beta1: 0.9,
+            beta1,
             beta2: 0.99,
-            tau: 1e-3,
+            tau,
             m: Vec::new(),
             v: Vec::new(),
         }
     }
 }
 
-impl Strategy for FedAdam {
+impl Strategy for FedOpt {
     fn name(&self) -> &'static str {
-        "fedadam"
+        match self.rule {
+            AdaptiveRule::Adagrad => "fedadagrad",
+            AdaptiveRule::Adam => "fedadam",
+            AdaptiveRule::Yogi => "fedyogi",
+        }
     }
     fn apply(&mut self, global: &[f32], d: &[f32], _round: u64) -> Vec<f32> {
         if self.m.len() != d.len() {
@@ -100,8 +124,17 @@ impl Strategy for FedAdam {
         }
         let mut out = Vec::with_capacity(global.len());
         for i in 0..d.len() {
+            let d2 = d[i] * d[i];
             self.m[i] = self.beta1 * self.m[i] + (1.0 - self.beta1) * d[i];
-            self.v[i] = self.beta2 * self.v[i] + (1.0 - self.beta2) * d[i] * d[i];
+            self.v[i] = match self.rule {
+                AdaptiveRule::Adagrad => self.v[i] + d2,
+                // The same rounding as before the rules shared this loop.
+                AdaptiveRule::Adam => self.beta2 * self.v[i] + (1.0 - self.beta2) * d[i] * d[i],
+                AdaptiveRule::Yogi => {
+                    let sign = (self.v[i] - d2).signum() * f32::from(self.v[i] != d2);
+                    self.v[i] - (1.0 - self.beta2) * d2 * sign
+                }
+            };
             out.push(global[i] + self.server_lr * self.m[i] / (self.v[i].sqrt() + self.tau));
         }
         out
@@ -111,7 +144,7 @@ impl Strategy for FedAdam {
         save_vectors(&[&self.m, &self.v])
     }
     fn restore_state(&mut self, state: &[u8]) -> Result<(), StrategyError> {
-        let [m, v] = restore_vectors::<2>("fedadam", state)?;
+        let [m, v] = restore_vectors::<2>(self.name(), state)?;
         (self.m, self.v) = (m, v);
         Ok(())
     }
@@ -201,111 +234,6 @@ impl Strategy for FedAvgM {
     }
 }
 
-/// FedAdagrad (Reddi et al., 2021): `m ← β₁ m + (1 − β₁) Δ`, `v ← v + Δ²`, then
-/// `global + server_lr · m / (√v + τ)`; β₁ = 0 and τ = 10⁻⁹ as in Flower.
-#[derive(Debug, Clone)]
-pub struct FedAdagrad {
-    pub server_lr: f32,
-    pub beta1: f32,
-    pub tau: f32,
-    m: Vec<f32>,
-    v: Vec<f32>,
-}
-
-impl FedAdagrad {
-    pub fn new(server_lr: f32) -> Self {
-        FedAdagrad {
-            server_lr,
-            beta1: 0.0,
-            tau: 1e-9,
-            m: Vec::new(),
-            v: Vec::new(),
-        }
-    }
-}
-
-impl Strategy for FedAdagrad {
-    fn name(&self) -> &'static str {
-        "fedadagrad"
-    }
-    fn apply(&mut self, global: &[f32], d: &[f32], _round: u64) -> Vec<f32> {
-        if self.m.len() != d.len() {
-            self.m = vec![0.0; d.len()];
-            self.v = vec![0.0; d.len()];
-        }
-        let mut out = Vec::with_capacity(global.len());
-        for i in 0..d.len() {
-            self.m[i] = self.beta1 * self.m[i] + (1.0 - self.beta1) * d[i];
-            self.v[i] += d[i] * d[i];
-            out.push(global[i] + self.server_lr * self.m[i] / (self.v[i].sqrt() + self.tau));
-        }
-        out
-    }
-    fn save_state(&self) -> Option<Vec<u8>> {
-        save_vectors(&[&self.m, &self.v])
-    }
-    fn restore_state(&mut self, state: &[u8]) -> Result<(), StrategyError> {
-        let [m, v] = restore_vectors::<2>("fedadagrad", state)?;
-        (self.m, self.v) = (m, v);
-        Ok(())
-    }
-}
-
-/// FedYogi (Reddi et al., 2021): Adam's first moment, Yogi's second,
-/// `v ← v − (1 − β₂) Δ² sign(v − Δ²)`, then `global + server_lr · m / (√v + τ)`; β₁ = 0.9,
-/// β₂ = 0.99, τ = 10⁻³ as in Flower.
-#[derive(Debug, Clone)]
-pub struct FedYogi {
-    pub server_lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub tau: f32,
-    m: Vec<f32>,
-    v: Vec<f32>,
-}
-
-impl FedYogi {
-    pub fn new(server_lr: f32) -> Self {
-        FedYogi {
-            server_lr,
-            beta1: 0.9,
-            beta2: 0.99,
-            tau: 1e-3,
-            m: Vec::new(),
-            v: Vec::new(),
-        }
-    }
-}
-
-impl Strategy for FedYogi {
-    fn name(&self) -> &'static str {
-        "fedyogi"
-    }
-    fn apply(&mut self, global: &[f32], d: &[f32], _round: u64) -> Vec<f32> {
-        if self.m.len() != d.len() {
-            self.m = vec![0.0; d.len()];
-            self.v = vec![0.0; d.len()];
-        }
-        let mut out = Vec::with_capacity(global.len());
-        for i in 0..d.len() {
-            let d2 = d[i] * d[i];
-            self.m[i] = self.beta1 * self.m[i] + (1.0 - self.beta1) * d[i];
-            let sign = (self.v[i] - d2).signum() * f32::from(self.v[i] != d2);
-            self.v[i] -= (1.0 - self.beta2) * d2 * sign;
-            out.push(global[i] + self.server_lr * self.m[i] / (self.v[i].sqrt() + self.tau));
-        }
-        out
-    }
-    fn save_state(&self) -> Option<Vec<u8>> {
-        save_vectors(&[&self.m, &self.v])
-    }
-    fn restore_state(&mut self, state: &[u8]) -> Result<(), StrategyError> {
-        let [m, v] = restore_vectors::<2>("fedyogi", state)?;
-        (self.m, self.v) = (m, v);
-        Ok(())
-    }
-}
-
 /// A strategy by name: `fedavg`, `fedavgm` (with `server_momentum`), `fedadagrad`,
 /// `fedadam` or `fedyogi`, each with `server_lr`. Every one of them sees only the mean update,
 /// so each works under secure aggregation.
@@ -323,9 +251,9 @@ pub fn by_name(
     match name {
         "fedavg" => Ok(Box::new(FedAvg { server_lr })),
         "fedavgm" => Ok(Box::new(FedAvgM::new(server_lr, server_momentum))),
-        "fedadagrad" => Ok(Box::new(FedAdagrad::new(server_lr))),
-        "fedadam" => Ok(Box::new(FedAdam::new(server_lr))),
-        "fedyogi" => Ok(Box::new(FedYogi::new(server_lr))),
+        "fedadagrad" => Ok(Box::new(FedOpt::new(AdaptiveRule::Adagrad, server_lr))),
+        "fedadam" => Ok(Box::new(FedOpt::new(AdaptiveRule::Adam, server_lr))),
+        "fedyogi" => Ok(Box::new(FedOpt::new(AdaptiveRule::Yogi, server_lr))),
         _ => Err(StrategyError::Unknown(name.to_string())),
     }
 }
@@ -344,7 +272,7 @@ mod tests {
 
     #[test]
     fn fedadam_first_step_moves_by_about_lr_in_the_update_direction() {
-        let mut s = FedAdam::new(0.1);
+        let mut s = FedOpt::new(AdaptiveRule::Adam, 0.1);
         let out = s.apply(&[0.0, 0.0], &[2.0, -0.5], 1);
         // First step: m = 0.1 d, v = 0.01 d², so the step is lr · d / (|d| + 10 τ), close to
         // lr · sign(d) for |d| ≫ τ.
@@ -362,12 +290,16 @@ mod tests {
     fn fedadam_restored_from_its_state_continues_exactly() {
         let g = vec![0.5f32, -1.0, 2.0];
         let (d1, d2) = (vec![0.1f32, -0.2, 0.3], vec![-0.05f32, 0.4, 0.0]);
-        let mut a = FedAdam::new(0.1);
+        let mut a = FedOpt::new(AdaptiveRule::Adam, 0.1);
         let g1 = a.apply(&g, &d1, 1);
-        let mut b = FedAdam::new(0.1);
+        let mut b = FedOpt::new(AdaptiveRule::Adam, 0.1);
         b.restore_state(&a.save_state().unwrap()).unwrap();
         assert_eq!(a.apply(&g1, &d2, 2), b.apply(&g1, &d2, 2));
-        assert!(FedAdam::new(0.1).restore_state(&[0; 12]).is_err());
+        assert!(
+            FedOpt::new(AdaptiveRule::Adam, 0.1)
+                .restore_state(&[0; 12])
+                .is_err()
+        );
         assert_eq!(FedAvg::default().save_state(), None);
     }
 
@@ -407,7 +339,7 @@ mod tests {
             assert!((g2[i] - want).abs() < 1e-6, "{g2:?}");
         }
         // FedAdagrad, lr 0.1: m = d (β₁ = 0), v accumulates d².
-        let mut s = FedAdagrad::new(0.1);
+        let mut s = FedOpt::new(AdaptiveRule::Adagrad, 0.1);
         let g1 = s.apply(&g, &d1, 1);
         let g2 = s.apply(&g1, &d2, 2);
         for i in 0..2 {
@@ -417,7 +349,7 @@ mod tests {
         }
         // FedYogi, lr 0.01: v starts at 0, so v1 = (1 − β₂) d1² (sign(0 − d²) = −1), then
         // v2 = v1 − (1 − β₂) d2² sign(v1 − d2²).
-        let mut s = FedYogi::new(0.01);
+        let mut s = FedOpt::new(AdaptiveRule::Yogi, 0.01);
         let g1 = s.apply(&g, &d1, 1);
         let g2 = s.apply(&g1, &d2, 2);
         for i in 0..2 {
