@@ -47,7 +47,7 @@ impl Coordinator {
     }
 
     fn task_message(&self, id: &str) -> Result<pb::Task, Status> {
-        let (task, version, params, cfg, update_len, pipeline) = {
+        let (task, version, params, cfg, update_len, pipeline_json) = {
             let o = self.lock()?;
             let (v, p) = o.global();
             (
@@ -56,14 +56,11 @@ impl Coordinator {
                 p,
                 o.config().clone(),
                 o.current_update_len(),
-                o.statistics().map(|s| s.pipeline.clone()),
+                // Jobs with tables: the pipeline every site prepares its rows with.
+                o.statistics().map(|s| s.pipeline_json.clone()),
             )
         };
-        // Jobs with tables: the pipeline every site prepares its rows with (a few KB).
-        let pipeline_json = match &pipeline {
-            Some(p) => serde_json::to_string(&**p).map_err(|e| Status::internal(e.to_string()))?,
-            None => String::new(),
-        };
+        let pipeline_json = pipeline_json.as_deref().unwrap_or_default().to_string();
         let now = Instant::now();
         let ms = |d: Instant| d.saturating_duration_since(now).as_millis() as u64;
         let kind = match task {

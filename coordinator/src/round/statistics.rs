@@ -29,8 +29,23 @@ use super::{Event, FailureCause, Orchestrator, ParticipantId, Phase, Rejection};
 pub struct FederationStatistics {
     pub stats: TableStats,
     pub pipeline: Arc<Pipeline>,
+    /// The pipeline as JSON, as every training and evaluation task carries it (serialised
+    /// once, not at every poll).
+    pub pipeline_json: Arc<str>,
     /// Sites whose statistics are in the sums.
     pub sites: usize,
+}
+
+impl FederationStatistics {
+    fn new(stats: TableStats, pipeline: Pipeline, sites: usize) -> Self {
+        let json = serde_json::to_string(&pipeline).expect("a pipeline serialises");
+        FederationStatistics {
+            stats,
+            pipeline: Arc::new(pipeline),
+            pipeline_json: json.into(),
+            sites,
+        }
+    }
 }
 
 /// Round 0's participants, timing and attempt, for its event.
@@ -122,11 +137,7 @@ impl Orchestrator {
         let (stats, pipeline) = data
             .fit(&stats.to_values())
             .map_err(|e| super::JobError::Resume(format!("the stored statistics: {e}")))?;
-        self.statistics = Some(FederationStatistics {
-            stats,
-            pipeline: Arc::new(pipeline),
-            sites,
-        });
+        self.statistics = Some(FederationStatistics::new(stats, pipeline, sites));
         if let Phase::Waiting { round: 0, .. } = self.phase {
             self.phase = Phase::Waiting {
                 round: 1,
@@ -159,11 +170,8 @@ impl Orchestrator {
         };
         match data.fit(&values) {
             Ok((stats, pipeline)) => {
-                let statistics = FederationStatistics {
-                    stats,
-                    pipeline: Arc::new(pipeline),
-                    sites: closed.participants.len(),
-                };
+                let sites = closed.participants.len();
+                let statistics = FederationStatistics::new(stats, pipeline, sites);
                 self.events.push_back(Event::StatisticsCompleted {
                     attempts: closed.attempt,
                     participants: closed.participants,
