@@ -154,27 +154,8 @@ fn raw_rows(
         (Some(p), _) => {
             let text =
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-            let unquote = |v: &str| v.trim().trim_matches('"').to_string();
-            let names: Vec<String> = lines
-                .next()
-                .with_context(|| format!("{}: empty; expected a header line", p.display()))?
-                .split(',')
-                .map(unquote)
-                .collect();
-            for (i, line) in lines.enumerate() {
-                let cells: Vec<String> = line.split(',').map(unquote).collect();
-                if cells.len() != names.len() {
-                    anyhow::bail!(
-                        "{}: row {}: {} fields for {} columns",
-                        p.display(),
-                        i + 1,
-                        cells.len(),
-                        names.len()
-                    );
-                }
-                records.push(names.iter().cloned().zip(cells).collect());
-            }
+            // Read as the sites read their files.
+            records = cohort_model::tabular::csv_records(&text, p)?;
             p
         }
         (None, Some(p)) => {

@@ -164,27 +164,38 @@ impl Dataset {
         test_fraction: f64,
         seed: u64,
     ) -> Result<(Vec<usize>, Vec<usize>), DataError> {
-        if !(0.0..1.0).contains(&test_fraction) {
-            return Err(DataError::Invalid(format!(
-                "test fraction {test_fraction} is not in [0, 1)"
-            )));
-        }
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); self.num_classes];
-        for (i, &l) in self.labels.iter().enumerate() {
-            by_class[l as usize].push(i);
-        }
-        let (mut train, mut test) = (Vec::new(), Vec::new());
-        for mut idx in by_class {
-            idx.shuffle(&mut rng);
-            let n_test = (idx.len() as f64 * test_fraction).round() as usize;
-            test.extend_from_slice(&idx[..n_test]);
-            train.extend_from_slice(&idx[n_test..]);
-        }
-        train.shuffle(&mut rng);
-        test.shuffle(&mut rng);
-        Ok((train, test))
+        stratified_split(&self.labels, self.num_classes, test_fraction, seed)
     }
+}
+
+/// Indices of examples labelled `labels` (each below `num_classes`) into training and
+/// held-out parts: `test_fraction` of each class held out, seeded, shuffled.
+pub fn stratified_split(
+    labels: &[u32],
+    num_classes: usize,
+    test_fraction: f64,
+    seed: u64,
+) -> Result<(Vec<usize>, Vec<usize>), DataError> {
+    if !(0.0..1.0).contains(&test_fraction) {
+        return Err(DataError::Invalid(format!(
+            "test fraction {test_fraction} is not in [0, 1)"
+        )));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); num_classes];
+    for (i, &l) in labels.iter().enumerate() {
+        by_class[l as usize].push(i);
+    }
+    let (mut train, mut test) = (Vec::new(), Vec::new());
+    for mut idx in by_class {
+        idx.shuffle(&mut rng);
+        let n_test = (idx.len() as f64 * test_fraction).round() as usize;
+        test.extend_from_slice(&idx[..n_test]);
+        train.extend_from_slice(&idx[n_test..]);
+    }
+    train.shuffle(&mut rng);
+    test.shuffle(&mut rng);
+    Ok((train, test))
 }
 
 /// Which CSV column holds the label.

@@ -324,6 +324,20 @@ pub struct Table {
     pub labels: Vec<u32>,
 }
 
+/// A CSV text's rows as maps from header name to cell (unquoted, trimmed), read as
+/// [`Table::parse`] reads a file: blank lines skipped, a row with another number of fields
+/// than the header refused with its line.
+pub fn csv_records(
+    text: &str,
+    path: &Path,
+) -> Result<Vec<std::collections::BTreeMap<String, String>>, DataError> {
+    let (names, rows) = rows(text, path)?;
+    Ok(rows
+        .into_iter()
+        .map(|(_, fields)| names.iter().cloned().zip(fields).collect())
+        .collect())
+}
+
 impl Table {
     /// Reads `text` against `schema`: every schema column and the label must be in the
     /// header (in any order; other columns are an error), every value must fit its column's
@@ -516,6 +530,16 @@ impl Table {
 
     pub fn len(&self) -> usize {
         self.labels.len()
+    }
+
+    /// Row indices into training and held-out parts, stratified by label and seeded, as
+    /// [`Dataset::split_indices`] splits examples.
+    pub fn split_indices(
+        &self,
+        test_fraction: f64,
+        seed: u64,
+    ) -> Result<(Vec<usize>, Vec<usize>), DataError> {
+        crate::data::stratified_split(&self.labels, self.schema.classes.len(), test_fraction, seed)
     }
 
     pub fn is_empty(&self) -> bool {

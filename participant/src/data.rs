@@ -66,13 +66,7 @@ impl SiteTables {
         seed: u64,
     ) -> Result<SiteTables, cohort_model::DataError> {
         let table = Table::parse(text, path, &spec.schema)?;
-        let labels_only = Dataset::new(
-            vec![0.0; table.len()],
-            table.labels.clone(),
-            cohort_model::FeatureShape::Flat(1),
-            spec.schema.classes.len(),
-        )?;
-        let (train, test) = labels_only.split_indices(test_fraction, seed)?;
+        let (train, test) = table.split_indices(test_fraction, seed)?;
         if train.is_empty() {
             return Err(cohort_model::DataError::Invalid(format!(
                 "{}: no training rows left after the test split",

@@ -295,12 +295,6 @@ impl Source {
                     )?;
                     return Ok((Source::Table { ds, parts }, name));
                 }
-                let labels_only = Dataset::new(
-                    vec![0.0; table.len()],
-                    table.labels.clone(),
-                    FeatureShape::Flat(1),
-                    schema.classes.len(),
-                )?;
                 let parts = cohort_model::partition(
                     &table.labels,
                     schema.classes.len(),
@@ -312,9 +306,13 @@ impl Source {
                 // are summed from each participant's training rows in round 0.
                 let mut splits = Vec::with_capacity(n);
                 for (i, p) in parts.iter().enumerate() {
-                    let (tr, te) = labels_only
-                        .subset(p)
-                        .split_indices(args.test_fraction, args.seed + i as u64)?;
+                    let labels: Vec<u32> = p.iter().map(|&r| table.labels[r]).collect();
+                    let (tr, te) = cohort_model::data::stratified_split(
+                        &labels,
+                        schema.classes.len(),
+                        args.test_fraction,
+                        args.seed + i as u64,
+                    )?;
                     let tr: Vec<usize> = tr.iter().map(|&r| p[r]).collect();
                     let te: Vec<usize> = te.iter().map(|&r| p[r]).collect();
                     splits.push((tr, te));
