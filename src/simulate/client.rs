@@ -134,20 +134,41 @@ fn statistics(
             train: None,
         });
     };
+    encrypt(c, info, &values, 1, None, encrypt_seconds)
+}
+
+/// `values` encrypted for `info` as the participant agent encrypts them, with the weight the
+/// round gives `examples`, on one thread (the pool already runs a participant on every core).
+fn encrypt(
+    c: &mut Client,
+    info: &aggregation::RoundInfo,
+    values: &[f32],
+    examples: u64,
+    train: Option<cohort_model::Metrics>,
+    encrypt_seconds: &mut f64,
+) -> Done {
     let t0 = Instant::now();
     let mut rng = ChaCha20Rng::from_seed(rand::random());
-    let protected =
-        aggregation::protect_on(info, &c.id, &c.sign, &mut c.seeds, &values, 1, &mut rng, 1);
+    let protected = aggregation::protect_on(
+        info,
+        &c.id,
+        &c.sign,
+        &mut c.seeds,
+        values,
+        examples,
+        &mut rng,
+        1,
+    );
     *encrypt_seconds = t0.elapsed().as_secs_f64();
     match protected {
         Ok(p) => Done::Secure(SecureUpdate {
-            round: 0,
+            round: info.round,
             weight: p.weight,
             bodies_sha256: p.bodies_sha256,
             bodies: p.bodies,
             pieces: p.pieces,
             signature: p.signature,
-            train: None,
+            train,
         }),
         Err(e) => Done::Nothing(format!("refusing to encrypt: {e}")),
     }
@@ -273,34 +294,7 @@ fn work_done(c: &mut Client, t: &Task, step: &Step<'_>, encrypt_seconds: &mut f6
                     delta,
                     train,
                 }),
-                (Some(info), _) => {
-                    let t0 = Instant::now();
-                    let mut rng = ChaCha20Rng::from_seed(rand::random());
-                    // One thread: the pool already runs a participant on every core.
-                    let protected = aggregation::protect_on(
-                        info,
-                        &c.id,
-                        &c.sign,
-                        &mut c.seeds,
-                        &delta,
-                        n,
-                        &mut rng,
-                        1,
-                    );
-                    *encrypt_seconds = t0.elapsed().as_secs_f64();
-                    match protected {
-                        Ok(p) => Done::Secure(SecureUpdate {
-                            round: *round,
-                            weight: p.weight,
-                            bodies_sha256: p.bodies_sha256,
-                            bodies: p.bodies,
-                            pieces: p.pieces,
-                            signature: p.signature,
-                            train,
-                        }),
-                        Err(e) => Done::Nothing(format!("refusing to encrypt: {e}")),
-                    }
-                }
+                (Some(info), _) => encrypt(c, info, &delta, n, train, encrypt_seconds),
             }
         }
         Task::Evaluate { round, .. } => {

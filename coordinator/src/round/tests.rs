@@ -17,7 +17,7 @@ struct Harness {
     failing: BTreeSet<usize>,
 }
 
-fn config() -> JobConfig {
+pub(super) fn config() -> JobConfig {
     JobConfig {
         job_id: "job".into(),
         model: ModelSpec::Logistic {

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cohort_model::tabular::{DataSpec, PipelineOptions, Schema, Table, TableStats};
-use cohort_model::{LabelColumn, ModelSpec, Optimizer, TrainConfig};
+use cohort_model::{LabelColumn, ModelSpec};
 
 use super::super::*;
 use crate::strategy::FedAvg;
@@ -45,27 +45,14 @@ fn job() -> JobConfig {
             inputs: spec.width(),
             classes: 2,
         },
-        train: TrainConfig {
-            epochs: 1,
-            batch_size: 4,
-            learning_rate: 0.1,
-            optimizer: Optimizer::Sgd,
-            seed: 1,
-        },
         rounds: 2,
-        min_participants: 3,
+        // Training samples a third; round 0 asks everyone.
         fraction: 0.34,
-        sampling: Default::default(),
-        min_updates: 2,
-        round_timeout: Duration::from_secs(30),
-        eval_timeout: Duration::from_secs(10),
         evaluate: false,
-        evaluate_fraction: 1.0,
         liveness_timeout: Duration::from_secs(600),
         seed: 5,
-        secure: None,
         data: Some(spec),
-        clip_norm: None,
+        ..super::super::tests::config()
     }
 }
 
