@@ -215,6 +215,7 @@ fn main() {
         learning_rate: 3e-3,
         optimizer: Optimizer::Adam,
         seed: 1,
+        proximal_mu: 0.0,
     };
     let (params, _) = cohort_model::train(
         &spec,

@@ -104,6 +104,7 @@ fn main() -> anyhow::Result<()> {
         learning_rate: args.lr,
         optimizer: args.optimizer,
         seed: 1,
+        proximal_mu: 0.0,
     };
     let p0 = spec.initial_parameters(0);
     // Warm-up (first-touch allocations, wgpu shader compilation) on a few batches.

@@ -34,6 +34,7 @@ fn weights(r: &SimReport) -> &str {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_engines_give_the_same_model_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
+    let mut models = std::collections::HashMap::new();
     for (name, extra) in [
         // Secure aggregation (the default): exact integer sums.
         ("secure", &["--participants", "5"][..]),
@@ -43,6 +44,18 @@ async fn both_engines_give_the_same_model_bit_for_bit() {
         (
             "clipped",
             &["--participants", "4", "--clip-norm", "0.3"][..],
+        ),
+        // FedProx: the proximal coefficient travels with each training task.
+        (
+            "fedprox",
+            &[
+                "--participants",
+                "4",
+                "--strategy",
+                "fedprox",
+                "--proximal-mu",
+                "0.1",
+            ][..],
         ),
         // Stateful server strategies (their state carried from round to round).
         (
@@ -90,6 +103,17 @@ async fn both_engines_give_the_same_model_bit_for_bit() {
         let acc = net.federated_accuracy.unwrap();
         assert!(acc > 0.9, "{name}: held-out accuracy {acc}");
         assert_eq!(net.served_accuracy, vir.served_accuracy);
+        models.insert(name, weights(&net).to_string());
+    }
+    // Each setting reached the participants: none of them gives plain FedAvg's model.
+    let plain = simulate(
+        "networked",
+        &["--participants", "4"],
+        &dir.path().join("plain"),
+    )
+    .await;
+    for name in ["clipped", "fedprox", "fedavgm"] {
+        assert_ne!(models[name], weights(&plain), "{name} is plain FedAvg");
     }
 }
 

@@ -220,6 +220,7 @@ decrypt_timeout_secs = 20
         learning_rate: 0.1,
         optimizer: cohort_model::Optimizer::Sgd,
         seed: 1,
+        proximal_mu: 0.0,
     };
     let (params, _) = cohort_model::train(
         &model,

@@ -297,6 +297,7 @@ impl JobSection {
         };
         cfg.validate()?;
         self.strategy()?;
+        crate::strategy::check_training(&self.strategy, self.train.proximal_mu)?;
         Ok(cfg)
     }
 }
@@ -461,6 +462,20 @@ optimizer = "sgd"
         .unwrap();
         let again = JobSection::parse_spec(&spec.to_spec()).unwrap();
         assert_eq!(again.job_config().unwrap().sampling, Sampling::Count(2));
+    }
+
+    #[test]
+    fn fedprox_takes_its_coefficient_from_the_training_section() {
+        let text = "id = \"p\"\nrounds = 1\nmin_participants = 2\nstrategy = \"fedprox\"\n\
+             [model]\nkind = \"logistic\"\ninputs = 3\nclasses = 2\n\
+             [train]\nepochs = 1\nbatch_size = 4\nlearning_rate = 0.1\noptimizer = \"sgd\"\n";
+        let e = JobSection::parse_spec(text).unwrap_err().to_string();
+        assert!(e.contains("fedprox") && e.contains("proximal_mu"), "{e}");
+        let spec = JobSection::parse_spec(&format!("{text}proximal_mu = 0.01\n")).unwrap();
+        assert_eq!(spec.job_config().unwrap().train.proximal_mu, 0.01);
+        assert_eq!(spec.strategy().unwrap().name(), "fedprox");
+        let again = JobSection::parse_spec(&spec.to_spec()).unwrap();
+        assert_eq!(again.job_config().unwrap().train.proximal_mu, 0.01);
     }
 
     #[test]

@@ -7,8 +7,13 @@
 /// A strategy that cannot be built or restored.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum StrategyError {
-    #[error("unknown strategy {0:?}: use fedavg, fedavgm, fedadagrad, fedadam or fedyogi")]
+    #[error("unknown strategy {0:?}: use fedavg, fedavgm, fedprox, fedadagrad, fedadam or fedyogi")]
     Unknown(String),
+    #[error(
+        "strategy fedprox needs a proximal coefficient proximal_mu > 0 (job.train.proximal_mu, \
+         --proximal-mu), not {0}"
+    )]
+    ProximalMu(f64),
     #[error("server_lr must be positive, not {0}")]
     ServerLr(f32),
     #[error("server_momentum must be in [0, 1), not {0}")]
@@ -61,6 +66,31 @@ impl Strategy for FedAvg {
             .map(|(g, d)| g + self.server_lr * d)
             .collect()
     }
+}
+
+/// FedProx (Li et al., 2020) on the server: FedAvg. Its difference lives in the
+/// participants' local objective (`TrainConfig::proximal_mu`, sent with every training task),
+/// so it composes with secure aggregation like FedAvg does.
+#[derive(Debug, Clone)]
+pub struct FedProx(pub FedAvg);
+
+impl Strategy for FedProx {
+    fn name(&self) -> &'static str {
+        "fedprox"
+    }
+    fn apply(&mut self, global: &[f32], mean_update: &[f32], round: u64) -> Vec<f32> {
+        self.0.apply(global, mean_update, round)
+    }
+}
+
+/// Checks what a strategy needs of the participants' training: `fedprox` is meaningless
+/// without a proximal term. (Any other strategy may take one too: FedProx's client term
+/// composes with every server rule.)
+pub fn check_training(name: &str, proximal_mu: f64) -> Result<(), StrategyError> {
+    if name == "fedprox" && proximal_mu.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
+        return Err(StrategyError::ProximalMu(proximal_mu));
+    }
+    Ok(())
 }
 
 /// Reddi et al.'s adaptive server optimisers ("Adaptive Federated Optimization", 2021), with
@@ -234,7 +264,7 @@ impl Strategy for FedAvgM {
     }
 }
 
-/// A strategy by name: `fedavg`, `fedavgm` (with `server_momentum`), `fedadagrad`,
+/// A strategy by name: `fedavg`, `fedavgm` (with `server_momentum`), `fedprox`, `fedadagrad`,
 /// `fedadam` or `fedyogi`, each with `server_lr`. Every one of them sees only the mean update,
 /// so each works under secure aggregation.
 pub fn by_name(
@@ -251,6 +281,7 @@ pub fn by_name(
     match name {
         "fedavg" => Ok(Box::new(FedAvg { server_lr })),
         "fedavgm" => Ok(Box::new(FedAvgM::new(server_lr, server_momentum))),
+        "fedprox" => Ok(Box::new(FedProx(FedAvg { server_lr }))),
         "fedadagrad" => Ok(Box::new(FedOpt::new(AdaptiveRule::Adagrad, server_lr))),
         "fedadam" => Ok(Box::new(FedOpt::new(AdaptiveRule::Adam, server_lr))),
         "fedyogi" => Ok(Box::new(FedOpt::new(AdaptiveRule::Yogi, server_lr))),
@@ -306,11 +337,11 @@ mod tests {
     #[test]
     fn by_name_refuses_unknown() {
         assert_eq!(
-            by_name("fedprox", 1.0, 0.9).err(),
-            Some(StrategyError::Unknown("fedprox".into()))
+            by_name("fedmedian", 1.0, 0.9).err(),
+            Some(StrategyError::Unknown("fedmedian".into()))
         );
         assert!(
-            by_name("fedprox", 1.0, 0.9)
+            by_name("fedmedian", 1.0, 0.9)
                 .err()
                 .unwrap()
                 .to_string()
@@ -318,9 +349,21 @@ mod tests {
         );
         assert!(by_name("fedavg", 0.0, 0.9).is_err());
         assert!(by_name("fedavgm", 1.0, 1.0).is_err());
-        for name in ["fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi"] {
+        for name in [
+            "fedavg",
+            "fedavgm",
+            "fedprox",
+            "fedadagrad",
+            "fedadam",
+            "fedyogi",
+        ] {
             assert_eq!(by_name(name, 0.1, 0.9).unwrap().name(), name);
         }
+        let e = check_training("fedprox", 0.0).unwrap_err().to_string();
+        assert!(e.contains("fedprox") && e.contains("proximal_mu"), "{e}");
+        assert!(check_training("fedprox", 0.01).is_ok());
+        assert!(check_training("fedadam", 0.01).is_ok());
+        assert!(check_training("fedavg", 0.0).is_ok());
     }
 
     /// Two rounds of updates, by hand from each rule's formulas (Flower's).

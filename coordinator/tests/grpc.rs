@@ -28,6 +28,7 @@ fn job() -> JobConfig {
             learning_rate: 0.1,
             optimizer: Optimizer::Sgd,
             seed: 0,
+            proximal_mu: 0.0,
         },
         rounds: 2,
         min_participants: 2,

@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamConfig, GradientsParams, SgdConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -54,6 +54,11 @@ pub struct TrainConfig {
     /// Seed of the shuffling order.
     #[serde(default)]
     pub seed: u64,
+    /// FedProx's proximal coefficient μ (Li et al., "Federated Optimization in Heterogeneous
+    /// Networks", 2020): local training minimises the loss plus μ/2 · ‖w − w_global‖², which
+    /// keeps participants with skewed data near the global model. 0 is plain local training.
+    #[serde(default)]
+    pub proximal_mu: f64,
 }
 
 impl TrainConfig {
@@ -72,6 +77,12 @@ impl TrainConfig {
             return Err(ModelError::InvalidConfig(format!(
                 "learning_rate must be a positive number, not {}",
                 self.learning_rate
+            )));
+        }
+        if !(self.proximal_mu >= 0.0 && self.proximal_mu.is_finite()) {
+            return Err(ModelError::InvalidConfig(format!(
+                "proximal_mu must be a number ≥ 0, not {}",
+                self.proximal_mu
             )));
         }
         Ok(())
@@ -167,6 +178,12 @@ pub fn train(
         Optimizer::Sgd => SgdConfig::new().init(),
         Optimizer::Adam => AdamConfig::new().init(),
     };
+    // FedProx: the global model's parameters, fixed, in the order the model visits its own.
+    let anchor = (cfg.proximal_mu > 0.0).then(|| {
+        let mut g = Anchor(Vec::new());
+        model.visit(&mut g);
+        g.0
+    });
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut order: Vec<usize> = (0..data.len()).collect();
     let mut epoch_loss = Vec::with_capacity(cfg.epochs);
@@ -189,9 +206,20 @@ pub fn train(
                     .into_scalar();
                 correct += hits;
             }
-            let loss = loss_fn.forward(logits, y);
+            let mut loss = loss_fn.forward(logits, y);
             let l: f32 = loss.clone().into_scalar();
             total += l as f64 * batch.len() as f64;
+            if let Some(anchor) = &anchor {
+                let mut prox = Proximal {
+                    anchor,
+                    next: 0,
+                    sum: None,
+                };
+                model.visit(&mut prox);
+                if let Some(sq) = prox.sum {
+                    loss = loss + sq.mul_scalar(cfg.proximal_mu / 2.0);
+                }
+            }
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = opt.step(cfg.learning_rate, model, grads);
         }
@@ -213,6 +241,39 @@ pub fn train(
             seconds: start.elapsed().as_secs_f64(),
         },
     ))
+}
+
+/// Every parameter of a model, flattened and cut from the autodiff graph.
+struct Anchor(Vec<Tensor<1>>);
+
+impl ModuleVisitor for Anchor {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+        let n = p.val().shape().num_elements();
+        self.0.push(p.val().reshape([n]).detach());
+    }
+}
+
+/// ‖w − anchor‖² over every parameter, on the autodiff graph (its gradient is FedProx's
+/// `μ (w − w_global)` once scaled by μ/2).
+struct Proximal<'a> {
+    anchor: &'a [Tensor<1>],
+    next: usize,
+    sum: Option<Tensor<1>>,
+}
+
+impl ModuleVisitor for Proximal<'_> {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+        let w = p.val();
+        let n = w.shape().num_elements();
+        let sq = (w.reshape([n]) - self.anchor[self.next].clone())
+            .square()
+            .sum();
+        self.next += 1;
+        self.sum = Some(match self.sum.take() {
+            Some(s) => s + sq,
+            None => sq,
+        });
+    }
 }
 
 /// Scales `update` down to L2 norm `max_norm` when it is longer (per-update norm clipping,
@@ -388,6 +449,7 @@ mod tests {
             learning_rate: 0.1,
             optimizer: Optimizer::Sgd,
             seed: 9,
+            proximal_mu: 0.0,
         };
         let before = evaluate(&spec, &p0, &te, ComputeDevice::Cpu).unwrap();
         let (p1, rep) = train(&spec, &p0, &tr, &cfg, ComputeDevice::Cpu).unwrap();
@@ -410,6 +472,7 @@ mod tests {
             learning_rate: 0.01,
             optimizer: Optimizer::Adam,
             seed: 1,
+            proximal_mu: 0.0,
         };
         let (p, rep) = train(
             &spec,
@@ -423,6 +486,63 @@ mod tests {
         assert!(rep.epoch_loss[2] < rep.epoch_loss[0]);
     }
 
+    fn distance(a: &[f32], b: &[f32]) -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| ((x - y) as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    }
+
+    /// FedProx's gradient is μ (w − w_global): with SGD and lr · μ = 1 the second full-batch
+    /// step lands at `w_global − lr ∇L(w₁)`, which plain training gives as `w₂ − w₁ + w_global`.
+    #[test]
+    fn proximal_term_adds_mu_times_the_distance_to_the_global_model() {
+        let ds = breast_cancer();
+        let spec = ModelSpec::for_shape(FeatureShape::Flat(30), 2, &[8]);
+        let g = spec.initial_parameters(3);
+        let cfg = |epochs, proximal_mu| TrainConfig {
+            epochs,
+            batch_size: ds.len(),
+            learning_rate: 0.5,
+            optimizer: Optimizer::Sgd,
+            seed: 4,
+            proximal_mu,
+        };
+        let run = |c: &TrainConfig| train(&spec, &g, &ds, c, ComputeDevice::Cpu).unwrap().0;
+        let w1 = run(&cfg(1, 0.0));
+        assert_eq!(
+            run(&cfg(1, 2.0)),
+            w1,
+            "no pull on the first step: w = w_global"
+        );
+        let w2 = run(&cfg(2, 0.0));
+        let prox = run(&cfg(2, 2.0));
+        for i in 0..g.len() {
+            let want = w2[i] - w1[i] + g[i];
+            assert!((prox[i] - want).abs() < 1e-5, "{i}: {} vs {want}", prox[i]);
+        }
+        // And over real mini-batch training, a larger μ keeps the model nearer the global one.
+        let mini = |mu| {
+            let c = TrainConfig {
+                batch_size: 32,
+                ..cfg(3, mu)
+            };
+            distance(&run(&c), &g)
+        };
+        let (d0, d1, d10) = (mini(0.0), mini(0.1), mini(1.0));
+        assert!(d0 > d1 && d1 > d10, "{d0} > {d1} > {d10}");
+        let mut bad = cfg(1, -0.1);
+        assert!(
+            train(&spec, &g, &ds, &bad, ComputeDevice::Cpu)
+                .unwrap_err()
+                .to_string()
+                .contains("proximal_mu")
+        );
+        bad.proximal_mu = f64::INFINITY;
+        assert!(bad.validate().is_err());
+    }
+
     #[test]
     fn bad_config_is_refused() {
         let ds = breast_cancer();
@@ -433,6 +553,7 @@ mod tests {
             learning_rate: 0.1,
             optimizer: Optimizer::Sgd,
             seed: 0,
+            proximal_mu: 0.0,
         };
         let p = spec.initial_parameters(0);
         assert!(

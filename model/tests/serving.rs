@@ -25,6 +25,7 @@ fn served_cnn_agrees_across_devices_and_int8_keeps_accuracy() {
         learning_rate: 3e-3,
         optimizer: Optimizer::Adam,
         seed: 1,
+        proximal_mu: 0.0,
     };
     let (params, _) = cohort_model::train(
         &spec,

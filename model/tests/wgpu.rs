@@ -36,6 +36,7 @@ fn wgpu_and_cpu_agree_on_inference_and_training() {
         learning_rate: 0.05,
         optimizer: Optimizer::Sgd,
         seed: 3,
+        proximal_mu: 0.0,
     };
     let (p_cpu, r_cpu) =
         cohort_model::train(&spec, &params, &ds, &cfg, ComputeDevice::Cpu).unwrap();

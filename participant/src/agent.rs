@@ -411,6 +411,7 @@ mod tests {
                     learning_rate: 0.1,
                     optimizer: cohort_model::Optimizer::Sgd,
                     seed: 1,
+                    proximal_mu: 0.0,
                 })
                     .into(),
             ),

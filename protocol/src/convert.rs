@@ -83,6 +83,7 @@ impl From<&TrainConfig> for pb::TrainConfig {
             learning_rate: c.learning_rate,
             optimizer: c.optimizer.to_string(),
             seed: c.seed,
+            proximal_mu: c.proximal_mu,
         }
     }
 }
@@ -99,6 +100,7 @@ impl TryFrom<&pb::TrainConfig> for TrainConfig {
                 .parse::<Optimizer>()
                 .map_err(ProtocolError::Malformed)?,
             seed: c.seed,
+            proximal_mu: c.proximal_mu,
         };
         cfg.validate()
             .map_err(|e| ProtocolError::Malformed(e.to_string()))?;

@@ -410,6 +410,7 @@ mod tests {
             learning_rate: 0.1,
             optimizer: Optimizer::Adam,
             seed: 5,
+            proximal_mu: 0.0,
         };
         assert_eq!(
             TrainConfig::try_from(&pb::TrainConfig::from(&cfg)).unwrap(),

@@ -79,8 +79,8 @@ pub struct SimArgs {
     /// (a seeded draw; cross-device studies evaluate on a sample).
     #[arg(long, default_value_t = 1.0)]
     pub evaluate_fraction: f64,
-    /// Server strategy: fedavg, fedavgm, fedadagrad, fedadam or fedyogi (each sees only the
-    /// mean update, so each works with secure aggregation).
+    /// Server strategy: fedavg, fedavgm, fedprox (with --proximal-mu), fedadagrad, fedadam or
+    /// fedyogi (each sees only the mean update, so each works with secure aggregation).
     #[arg(long, default_value = "fedavg")]
     pub strategy: String,
     #[arg(long, default_value_t = 1.0)]
@@ -88,6 +88,10 @@ pub struct SimArgs {
     /// FedAvgM's server momentum β, in [0, 1).
     #[arg(long, default_value_t = 0.9)]
     pub server_momentum: f64,
+    /// FedProx's proximal coefficient μ: local training adds μ/2 · ‖w − w_global‖² to its
+    /// loss (needed by --strategy fedprox; composes with any strategy).
+    #[arg(long, default_value_t = 0.0)]
+    pub proximal_mu: f64,
     /// Each participant scales its update down to this L2 norm before sending it.
     #[arg(long)]
     pub clip_norm: Option<f64>,

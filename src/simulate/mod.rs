@@ -51,7 +51,10 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         learning_rate: lr,
         optimizer: args.optimizer,
         seed: args.seed,
+        proximal_mu: args.proximal_mu,
     };
+    cohort_coordinator::strategy::check_training(&args.strategy, args.proximal_mu)
+        .map_err(anyhow::Error::msg)?;
     let n = args.participants;
     let custodian_ids: Vec<String> = (1..=args.custodians)
         .map(|i| format!("custodian-{i}"))

@@ -438,6 +438,7 @@ mod tests {
                 learning_rate: 0.1,
                 optimizer: Optimizer::Sgd,
                 seed: 5,
+                proximal_mu: 0.0,
             },
             rounds: 3,
             min_participants: 9,

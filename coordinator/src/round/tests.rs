@@ -30,6 +30,7 @@ pub(super) fn config() -> JobConfig {
             learning_rate: 0.1,
             optimizer: Optimizer::Sgd,
             seed: 1,
+            proximal_mu: 0.0,
         },
         rounds: 3,
         min_participants: 3,

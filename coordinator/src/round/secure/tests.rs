@@ -46,6 +46,7 @@ fn config(committee: usize) -> JobConfig {
             learning_rate: 0.1,
             optimizer: Optimizer::Sgd,
             seed: 1,
+            proximal_mu: 0.0,
         },
         rounds: 2,
         min_participants: 4,
