@@ -10,6 +10,7 @@ pub mod edge;
 mod federation;
 mod guard;
 pub mod metrics;
+pub mod privacy;
 pub mod round;
 mod server;
 pub mod strategy;
