@@ -236,6 +236,17 @@ fn event_pb(job: &str, ev: &Event) -> pb::AdminEvent {
             },
         ),
         Event::JobFinished { rounds } => ("job_finished", *rounds, vec![], String::new()),
+        Event::PrivacyBudgetSpent {
+            round,
+            epsilon,
+            next,
+            target,
+        } => (
+            "privacy_budget_spent",
+            *round,
+            vec![],
+            format!("ε {epsilon:.4}; this round would take it to {next:.4}, past {target}"),
+        ),
         Event::CommitFailed { round, reason } => ("commit_failed", *round, vec![], reason.clone()),
         Event::CommitRecovered { round } => ("commit_recovered", *round, vec![], String::new()),
         Event::Paused(true) => ("job_paused", 0, vec![], String::new()),

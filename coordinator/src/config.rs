@@ -120,6 +120,9 @@ pub struct JobSection {
     /// Participants scale their updates down to this L2 norm before sending them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_norm: Option<f64>,
+    /// `[job.privacy]`: differential privacy (needs `clip_norm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<crate::privacy::PrivacySettings>,
     /// The dataset participants train on, by name (for operators; participants bring
     /// their own data).
     #[serde(default)]
@@ -294,6 +297,8 @@ impl JobSection {
             secure: self.secure_aggregation.settings(min_updates)?,
             data: self.data.clone(),
             clip_norm: self.clip_norm,
+            privacy: self.privacy,
+            emulated_codec: None,
         };
         cfg.validate()?;
         self.strategy()?;

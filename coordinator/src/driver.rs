@@ -387,6 +387,17 @@ async fn process_events(
                 tracing::warn!(job, round, %id, "committee member failed: {reason}; pieces reassigned")
             }
             Event::JobFinished { rounds } => tracing::info!(job, rounds, "job finished"),
+            Event::PrivacyBudgetSpent {
+                round,
+                epsilon,
+                next,
+                target,
+            } => tracing::warn!(
+                job,
+                round,
+                "privacy budget spent: round {round} would take ε from {epsilon:.3} to \
+                 {next:.3}, past the target {target}; the job stops here"
+            ),
             Event::StatisticsCompleted {
                 participants,
                 statistics,

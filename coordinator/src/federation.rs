@@ -71,8 +71,10 @@ impl Coordinator {
                 deadline,
                 secure,
                 clip_norm,
+                noise_stddev,
             } => Kind::Train(pb::TrainTask {
                 clip_norm,
+                noise_stddev,
                 secure: secure.as_deref().map(round_pb),
                 job_id: cfg.job_id.clone(),
                 round,

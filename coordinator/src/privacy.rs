@@ -16,6 +16,81 @@
 //! Steinke's bound on the sum of discrete Gaussians (2021, Theorem 1) as the noise multiplier
 //! of the Gaussian with the same concentrated-DP guarantee.
 
+use serde::{Deserialize, Serialize};
+
+/// Where a job's differential-privacy noise is added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mechanism {
+    /// Each participant adds discrete Gaussian noise to its encoded update before
+    /// encrypting it; the sum over at least T_min participants carries the job's noise, and
+    /// no party sees a less noised value. Needs secure aggregation.
+    Distributed,
+    /// The coordinator adds Gaussian noise to the aggregate before the strategy sees it: the
+    /// released models are private, the coordinator is trusted with the aggregate (and, in
+    /// plaintext jobs, with every update).
+    Central,
+}
+
+impl std::str::FromStr for Mechanism {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "distributed" => Ok(Mechanism::Distributed),
+            "central" => Ok(Mechanism::Central),
+            _ => Err(format!(
+                "unknown privacy mechanism {s:?}: use distributed or central"
+            )),
+        }
+    }
+}
+
+fn default_delta() -> f64 {
+    1e-5
+}
+
+/// A job's differential privacy (`[job.privacy]`): participant-level (ε, δ)-DP of the
+/// sequence of global models, each update's L2 norm bounded by the job's `clip_norm`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacySettings {
+    pub mechanism: Mechanism,
+    /// Noise standard deviation on the round's sum over the sum's L2 sensitivity
+    /// (`clip_norm`).
+    pub noise_multiplier: f64,
+    #[serde(default = "default_delta")]
+    pub delta: f64,
+    /// The job stops before a round that would take its ε past this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_epsilon: Option<f64>,
+}
+
+impl PrivacySettings {
+    /// Checks the numbers (the job checks how they fit its other settings).
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.noise_multiplier > 0.0 && self.noise_multiplier.is_finite()) {
+            return Err(format!(
+                "privacy.noise_multiplier must be a positive number, not {}",
+                self.noise_multiplier
+            ));
+        }
+        if !(self.delta > 0.0 && self.delta < 1.0) {
+            return Err(format!(
+                "privacy.delta must be in (0, 1), not {}",
+                self.delta
+            ));
+        }
+        if let Some(e) = self.target_epsilon
+            && !(e > 0.0 && e.is_finite())
+        {
+            return Err(format!(
+                "privacy.target_epsilon must be a positive number, not {e}"
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The RDP orders `dp-accounting` uses by default.
 pub fn default_orders() -> Vec<f64> {
     let mut o: Vec<f64> = (1..100).map(|x| 1.0 + x as f64 / 10.0).collect();

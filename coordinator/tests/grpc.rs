@@ -44,6 +44,8 @@ fn job() -> JobConfig {
         secure: None,
         data: None,
         clip_norm: None,
+        privacy: None,
+        emulated_codec: None,
     }
 }
 

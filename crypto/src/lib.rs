@@ -13,6 +13,8 @@
 //!   decryption shares, each with its own domain tag.
 //! - [`aggregation`]: one round as each party runs it: [`aggregation::protect`] (participant),
 //!   [`aggregation::UploadRecord`] (coordinator), [`aggregation::answer`] (committee member).
+//! - [`dp`]: distributed differential privacy: discrete Gaussian noise added to each encoded
+//!   update before encryption.
 //! - [`glwe`]: per-round keys, seeded encryption (bodies only), the coordinator's weighted
 //!   accumulator, decryption shares with smudging noise, decoding.
 //!
@@ -25,6 +27,7 @@
 pub mod aggregation;
 pub mod atrest;
 pub mod codec;
+pub mod dp;
 pub mod exact;
 #[cfg(feature = "he")]
 mod fft;

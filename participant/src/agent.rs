@@ -422,6 +422,7 @@ mod tests {
             secure: None,
             pipeline_json: String::new(),
             clip_norm: None,
+            noise_stddev: None,
         });
         let (opts, seen) = scripted(VecDeque::from([Ok(train), idle()])).await;
         let report = run(opts, data()).await.unwrap();

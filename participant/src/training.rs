@@ -105,7 +105,17 @@ pub(crate) async fn train_round(
         train_seconds: report.seconds,
         secure: None,
     };
-    send_values(s, opts, secrets, header, delta, secure).await?;
+    let noise = match (t.noise_stddev, &secure) {
+        (Some(sd), Some(_)) if sd.is_finite() && sd >= 0.0 => Some(sd),
+        (None, _) => None,
+        (Some(sd), _) => {
+            return Err(Status::invalid_argument(format!(
+                "differential-privacy noise of {sd} asked for a round that is not securely \
+                 aggregated: refusing to send"
+            )));
+        }
+    };
+    send_values(s, opts, secrets, header, delta, secure, noise).await?;
     tracing::info!(participant = %opts.id, round = t.round, loss = report.epoch_loss.last(), "update sent");
     Ok(())
 }
@@ -119,6 +129,7 @@ async fn send_values(
     mut header: pb::UpdateHeader,
     values: Vec<f32>,
     secure: Option<aggregation::RoundInfo>,
+    noise_stddev: Option<f64>,
 ) -> Result<(), Status> {
     let round = header.round;
     let Some(info) = secure else {
@@ -134,7 +145,26 @@ async fn send_values(
         let x = &mut *guard;
         x.round_seeds
             .insert((info.job.clone(), info.round, info.attempt), info.seed);
-        aggregation::protect(&info, &me, &x.sign, &mut x.seeds, &values, n, &mut x.rng)
+        match noise_stddev {
+            // Distributed differential privacy: discrete Gaussian noise from the operating
+            // system's generator, added to the encoded values before encryption.
+            Some(sd) => {
+                let messages =
+                    cohort_crypto::dp::noised_messages(&info.codec, &values, sd, &mut rand::rng());
+                let threads = cohort_crypto::glwe::default_threads();
+                aggregation::protect_messages(
+                    &info,
+                    &me,
+                    &x.sign,
+                    &mut x.seeds,
+                    &messages,
+                    n,
+                    &mut x.rng,
+                    threads,
+                )
+            }
+            None => aggregation::protect(&info, &me, &x.sign, &mut x.seeds, &values, n, &mut x.rng),
+        }
     })
     .await
     .map_err(|e| {
@@ -219,7 +249,7 @@ pub(crate) async fn statistics_round(
         train_seconds: 0.0,
         secure: None,
     };
-    send_values(s, opts, secrets, header, values, secure).await?;
+    send_values(s, opts, secrets, header, values, secure, None).await?;
     tracing::info!(participant = %opts.id, rows = stats.rows, "statistics sent (round 0)");
     Ok(())
 }

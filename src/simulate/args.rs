@@ -92,6 +92,23 @@ pub struct SimArgs {
     /// loss (needed by --strategy fedprox; composes with any strategy).
     #[arg(long, default_value_t = 0.0)]
     pub proximal_mu: f64,
+    /// Differential privacy: distributed (each participant adds discrete Gaussian noise to
+    /// its encoded update inside secure aggregation) or central (the coordinator adds
+    /// Gaussian noise to the aggregate). Needs --clip-norm, and --noise-multiplier or
+    /// --target-epsilon.
+    #[arg(long)]
+    pub dp: Option<cohort_coordinator::privacy::Mechanism>,
+    /// The noise's standard deviation over the clip norm (the sum's sensitivity).
+    #[arg(long)]
+    pub noise_multiplier: Option<f64>,
+    /// ε the whole run may spend (at --delta): without --noise-multiplier, the smallest
+    /// multiplier that keeps every round within it is chosen before the run; the job stops
+    /// before a round that would exceed it.
+    #[arg(long)]
+    pub target_epsilon: Option<f64>,
+    /// δ of the (ε, δ) guarantee.
+    #[arg(long, default_value_t = 1e-5)]
+    pub delta: f64,
     /// Each participant scales its update down to this L2 norm before sending it.
     #[arg(long)]
     pub clip_norm: Option<f64>,

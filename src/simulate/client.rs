@@ -134,7 +134,7 @@ fn statistics(
             train: None,
         });
     };
-    encrypt(c, info, &values, 1, None, encrypt_seconds)
+    encrypt(c, info, &values, 1, None, None, encrypt_seconds)
 }
 
 /// `values` encrypted for `info` as the participant agent encrypts them, with the weight the
@@ -145,16 +145,25 @@ fn encrypt(
     values: &[f32],
     examples: u64,
     train: Option<cohort_model::Metrics>,
+    noise: Option<(f64, u64)>,
     encrypt_seconds: &mut f64,
 ) -> Done {
     let t0 = Instant::now();
     let mut rng = ChaCha20Rng::from_seed(rand::random());
-    let protected = aggregation::protect_on(
+    // Distributed differential privacy: (standard deviation, training seed).
+    let messages: Vec<i64> = match noise {
+        Some((sd, seed)) => {
+            let mut noise_rng = cohort_crypto::dp::simulation_noise_rng(seed);
+            cohort_crypto::dp::noised_messages(&info.codec, values, sd, &mut noise_rng)
+        }
+        None => values.iter().map(|&x| info.codec.encode(x)).collect(),
+    };
+    let protected = aggregation::protect_messages(
         info,
         &c.id,
         &c.sign,
         &mut c.seeds,
-        values,
+        &messages,
         examples,
         &mut rng,
         1,
@@ -258,6 +267,7 @@ fn work_done(c: &mut Client, t: &Task, step: &Step<'_>, encrypt_seconds: &mut f6
             config,
             secure,
             clip_norm,
+            noise_stddev,
             ..
         } => {
             let (params, report) =
@@ -279,22 +289,32 @@ fn work_done(c: &mut Client, t: &Task, step: &Step<'_>, encrypt_seconds: &mut f6
             match (secure, step.quantize) {
                 // What the encrypted sum would carry: the declared weight, and each value as
                 // the codec encodes and decodes it.
-                (None, Some((codec, unit))) => Done::Update(Update {
-                    round: *round,
-                    num_examples: aggregation::weight_for(n, unit, codec.max_total_weight),
-                    delta: delta
-                        .iter()
-                        .map(|&x| codec.mean(codec.encode(x), 1))
-                        .collect(),
-                    train,
-                }),
+                (None, Some((codec, unit))) => {
+                    let messages: Vec<i64> = match noise_stddev {
+                        // The same noise, from the same seed, as an encrypting participant's.
+                        Some(sd) => {
+                            let mut rng = cohort_crypto::dp::simulation_noise_rng(config.seed);
+                            cohort_crypto::dp::noised_messages(&codec, &delta, *sd, &mut rng)
+                        }
+                        None => delta.iter().map(|&x| codec.encode(x)).collect(),
+                    };
+                    Done::Update(Update {
+                        round: *round,
+                        num_examples: aggregation::weight_for(n, unit, codec.max_total_weight),
+                        delta: messages.iter().map(|&m| codec.mean(m, 1)).collect(),
+                        train,
+                    })
+                }
                 (None, None) => Done::Update(Update {
                     round: *round,
                     num_examples: n,
                     delta,
                     train,
                 }),
-                (Some(info), _) => encrypt(c, info, &delta, n, train, encrypt_seconds),
+                (Some(info), _) => {
+                    let noise = noise_stddev.map(|sd| (sd, config.seed));
+                    encrypt(c, info, &delta, n, train, noise, encrypt_seconds)
+                }
             }
         }
         Task::Evaluate { round, .. } => {

@@ -16,6 +16,7 @@ mod args;
 mod availability;
 mod client;
 pub mod data;
+mod dp;
 mod networked;
 mod progress;
 mod report;
@@ -146,6 +147,26 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
             "; EMULATED: the same codec and weights in exact integer arithmetic, no encryption",
         );
     }
+    // The rate at which rounds sample participants (the privacy accounting's q).
+    let q = match sampling {
+        Sampling::Poisson => args.fraction,
+        _ => per_round.min(n as u64) as f64 / n as f64,
+    };
+    let privacy = dp::settings(&args, q)?;
+    if let Some(p) = &privacy
+        && args.target_epsilon.is_some()
+        && args.noise_multiplier.is_none()
+        && !args.quiet
+    {
+        eprintln!(
+            "cohort simulate: noise multiplier {:.4} keeps {} rounds at sampling rate {q:.4} \
+             within ε = {} (δ = {})",
+            p.noise_multiplier,
+            args.rounds,
+            p.target_epsilon.unwrap_or_default(),
+            p.delta
+        );
+    }
     let job = JobConfig {
         job_id: SIM_JOB.into(),
         model: spec.clone(),
@@ -173,6 +194,8 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         // Tables preprocessed by the federation: round 0 sums their statistics.
         data: prep.spec.clone(),
         clip_norm: args.clip_norm,
+        privacy,
+        emulated_codec: secure.as_ref().filter(|_| emulated).map(|s| s.codec),
     };
     let emulation = secure
         .as_ref()
@@ -184,8 +207,13 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         args.server_momentum as f32,
     )
     .map_err(anyhow::Error::msg)?;
-    let orch =
-        Orchestrator::new(job, strategy, None, rand::random()).map_err(anyhow::Error::msg)?;
+    // The machine's randomness from the run's seed: a simulation (its central noise
+    // included) is reproducible.
+    let entropy: [u8; 32] = {
+        use rand::{RngExt, SeedableRng};
+        rand::rngs::ChaCha20Rng::seed_from_u64(args.seed ^ 0x5eed_0f_e7_7a09).random()
+    };
+    let orch = Orchestrator::new(job, strategy, None, entropy).map_err(anyhow::Error::msg)?;
     let strategy_name = orch.strategy_name();
     let out = args.out.clone().unwrap_or_else(|| {
         let t = std::time::SystemTime::now()
@@ -400,6 +428,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         engine: engine.name().to_string(),
         engine_seconds,
         data_summary: data_summary.clone(),
+        privacy: privacy.as_ref().map(|p| dp::report(p, &history)),
     };
     if !args.quiet {
         if let Some(summary) = &data_summary {

@@ -18,6 +18,9 @@ pub struct RoundRow {
     pub eval_accuracy: Option<f64>,
     pub eval_auc: Option<f64>,
     pub seconds: f64,
+    /// Jobs with differential privacy: ε of the job after this round (at the job's δ).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
 }
 
 /// The `--report` JSON.
@@ -51,6 +54,9 @@ pub struct SimReport {
     /// column count, missing share, mean and std, or category shares), from its totals.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_summary: Option<Vec<cohort_model::tabular::ColumnSummary>>,
+    /// Jobs with differential privacy: the mechanism, its noise and the (ε, δ) spent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<serde_json::Value>,
 }
 
 /// Prints the federation's summary table.
@@ -160,22 +166,37 @@ pub(super) fn row(s: &RoundSummary) -> RoundRow {
         eval_accuracy: s.eval.map(|m| m.accuracy),
         eval_auc: s.eval.and_then(|m| m.auc),
         seconds: s.seconds,
+        epsilon: s.privacy.map(|p| p.epsilon),
     }
 }
 
 pub(super) fn print_table(history: &[RoundSummary]) {
+    let private = history.iter().any(|s| s.privacy.is_some());
+    let eps = |s: &RoundSummary| {
+        if private {
+            format!("  {:>8}", fmt_opt(s.privacy.map(|p| p.epsilon), 3))
+        } else {
+            String::new()
+        }
+    };
     println!(
-        "{:>5}  {:>12}  {:>10}  {:>17}  {:>8}",
-        "round", "participants", "train loss", "held-out accuracy", "seconds"
+        "{:>5}  {:>12}  {:>10}  {:>17}  {:>8}{}",
+        "round",
+        "participants",
+        "train loss",
+        "held-out accuracy",
+        "seconds",
+        if private { "         ε" } else { "" }
     );
     for s in history {
         println!(
-            "{:>5}  {:>12}  {:>10}  {:>17}  {:>8.2}",
+            "{:>5}  {:>12}  {:>10}  {:>17}  {:>8.2}{}",
             s.round,
             s.participants.len(),
             fmt_opt(s.train.map(|m| m.loss), 4),
             fmt_opt(s.eval.map(|m| m.accuracy), 4),
-            s.seconds
+            s.seconds,
+            eps(s)
         );
     }
 }

@@ -257,7 +257,11 @@ pub(super) fn run(
                 )
                 .collect();
             let total: u64 = training.iter().map(|n| n.max(&1)).sum();
-            let unit = aggregation::weight_unit(total, training.len(), e.codec.max_total_weight);
+            let unit = if cfg.privacy.is_some() {
+                u64::MAX // every update weighs 1
+            } else {
+                aggregation::weight_unit(total, training.len(), e.codec.max_total_weight)
+            };
             (e.codec, unit)
         });
         let pipeline = orch.statistics().map(|s| s.pipeline.clone());
@@ -458,6 +462,8 @@ mod tests {
             }),
             data: None,
             clip_norm: None,
+            privacy: None,
+            emulated_codec: None,
         }
     }
 
@@ -570,6 +576,52 @@ mod tests {
         plain.min_updates = 2;
         let emulated = run_with(plain, Some(Emulation { codec: wide }), 1);
         assert_eq!(emulated, run_with(secure, None, 2));
+    }
+
+    /// Distributed DP: the encrypted sum of noised updates and the plaintext emulation of the
+    /// same integers (the same noise, from the same seeds) give the same model, bit for bit;
+    /// the noise is there (the model is not the noiseless one) and every round is accounted.
+    #[test]
+    fn secure_distributed_noise_equals_plaintext_with_the_same_noise() {
+        let private = |mut j: JobConfig| {
+            j.clip_norm = Some(1.0);
+            j.privacy = Some(cohort_coordinator::privacy::PrivacySettings {
+                mechanism: cohort_coordinator::privacy::Mechanism::Distributed,
+                noise_multiplier: 0.8,
+                delta: 1e-5,
+                target_epsilon: None,
+            });
+            j
+        };
+        let secure = private(job(true));
+        let codec = secure.secure.as_ref().unwrap().codec;
+        let mut plain = private(job(false));
+        plain.min_updates = 2; // the secure job's t_min
+        plain.emulated_codec = Some(codec);
+        assert_eq!(
+            secure.participant_noise(),
+            plain.participant_noise(),
+            "the same noise is asked of each participant"
+        );
+        let (emulated, rounds) = run_dropping(plain, Some(Emulation { codec }), 2, 0.0);
+        let (encrypted, again) = run_dropping(secure, None, 1, 0.0);
+        assert_eq!(emulated, encrypted);
+        let mut noiseless = job(true);
+        noiseless.clip_norm = Some(1.0);
+        assert_ne!(
+            encrypted,
+            run_with(noiseless, None, 2),
+            "no noise was added"
+        );
+        let eps: Vec<f64> = rounds.iter().map(|s| s.privacy.unwrap().epsilon).collect();
+        assert!(eps.windows(2).all(|w| w[0] < w[1]), "ε grows: {eps:?}");
+        assert_eq!(
+            eps,
+            again
+                .iter()
+                .map(|s| s.privacy.unwrap().epsilon)
+                .collect::<Vec<_>>()
+        );
     }
 
     #[test]

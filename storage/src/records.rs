@@ -27,6 +27,22 @@ pub struct RoundSummary {
     /// Participants that evaluated it.
     pub evaluated_by: usize,
     pub seconds: f64,
+    /// Jobs with differential privacy: what this round spent, and the job's ε after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<RoundPrivacy>,
+}
+
+/// The privacy accounting of one round of a job with differential privacy.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RoundPrivacy {
+    /// The round's sampling rate q: participants selected over those available.
+    pub sampling_rate: f64,
+    /// The Gaussian noise multiplier the round's noise is accounted at (noise standard
+    /// deviation over the L2 sensitivity of the sum).
+    pub noise_multiplier: f64,
+    /// ε of the whole job so far (this round included), at `delta`.
+    pub epsilon: f64,
+    pub delta: f64,
 }
 
 /// The manifest written beside each version.
@@ -56,6 +72,10 @@ pub struct ModelManifest {
     /// prepares raw rows for this version, as training and evaluation prepared them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pipeline: Option<cohort_model::tabular::Pipeline>,
+    /// Jobs with differential privacy: the (ε, δ) guarantee of this version (every round
+    /// that made it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<RoundPrivacy>,
 }
 
 /// A model version by job and number.

@@ -279,6 +279,7 @@ impl ModelStore {
             created_unix_ms,
             weights_file: key,
             pipeline: pipeline.cloned(),
+            privacy: summary.and_then(|s| s.privacy),
         };
         let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
         self.objects.put(&self.manifest_key(version), &json)?;

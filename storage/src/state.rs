@@ -666,6 +666,7 @@ mod tests {
             created_unix_ms: 5,
             weights_file: String::new(),
             pipeline: None,
+            privacy: None,
         }
     }
 
@@ -680,6 +681,7 @@ mod tests {
             eval: None,
             evaluated_by: 0,
             seconds: 0.5,
+            privacy: None,
         }
     }
 

@@ -82,6 +82,110 @@ pub struct JobConfig {
     /// Each participant scales its update down to this L2 norm before sending it (per-update
     /// norm clipping); `None`: no clipping.
     pub clip_norm: Option<f64>,
+    /// Differential privacy: every update weighs the same (1), the sum carries Gaussian noise
+    /// of `noise_multiplier · clip_norm`, and each round's cost is accounted.
+    pub privacy: Option<crate::privacy::PrivacySettings>,
+    /// Simulations only: plaintext rounds that emulate secure aggregation's integer
+    /// arithmetic with this codec. Distributed noise is then sized as for T_min =
+    /// `min_updates` and added by the simulated participants to their plaintext updates:
+    /// the same integers the encrypted sum would carry, with no privacy from the coordinator.
+    pub emulated_codec: Option<Codec>,
+}
+
+impl JobConfig {
+    /// Whether round `round` sums unweighted contributions (each weight 1): round 0's
+    /// statistics, and every round of a job with differential privacy (whose sensitivity is
+    /// one participant's clipped update).
+    pub fn uniform_weights(&self, round: u64) -> bool {
+        round == 0 || self.privacy.is_some()
+    }
+
+    /// Distributed DP: the standard deviation of the discrete Gaussian noise each
+    /// participant adds, in the update's units (σ = z · C′ / √T_min, with C′ the clip norm
+    /// plus the encoding's rounding), so that any T_min of them carry the job's noise.
+    pub fn participant_noise(&self) -> Option<f64> {
+        let p = self.privacy.as_ref()?;
+        if p.mechanism != crate::privacy::Mechanism::Distributed {
+            return None;
+        }
+        let ((codec, t_min), clip) = (self.noise_codec()?, self.clip_norm?);
+        let c = cohort_crypto::dp::encoded_sensitivity(clip, self.model.num_parameters(), &codec);
+        Some(p.noise_multiplier * c / (t_min as f64).sqrt())
+    }
+
+    /// The codec distributed noise is encoded with, and the fewest participants whose noise
+    /// a decrypted sum carries.
+    fn noise_codec(&self) -> Option<(Codec, usize)> {
+        match (&self.secure, self.emulated_codec) {
+            (Some(sec), _) => Some((sec.codec, sec.t_min)),
+            (None, Some(codec)) => Some((codec, self.min_updates)),
+            (None, None) => None,
+        }
+    }
+
+    /// The Gaussian noise multiplier a round is accounted at: the configured one for central
+    /// noise; for distributed noise, that of T_min participants' discrete Gaussians over the
+    /// encoded sensitivity (Kairouz, Liu and Steinke's bound).
+    pub fn accounted_noise_multiplier(&self) -> Option<f64> {
+        let p = self.privacy.as_ref()?;
+        match (p.mechanism, self.participant_noise(), self.noise_codec()) {
+            (crate::privacy::Mechanism::Distributed, Some(sigma), Some((codec, t_min))) => {
+                let unit = (1u64 << codec.frac_bits) as f64;
+                let d = self.model.num_parameters();
+                let c = cohort_crypto::dp::encoded_sensitivity(self.clip_norm?, d, &codec);
+                Some(crate::privacy::distributed_noise_multiplier(
+                    sigma * unit,
+                    t_min,
+                    c * unit,
+                    d,
+                ))
+            }
+            _ => Some(p.noise_multiplier),
+        }
+    }
+
+    fn validate_privacy(&self, p: &crate::privacy::PrivacySettings) -> Result<(), JobError> {
+        p.validate().map_err(invalid)?;
+        let Some(clip) = self.clip_norm else {
+            return Err(invalid(
+                "privacy needs clip_norm: the L2 norm every update is clipped to bounds what \
+                 one participant can change, and the noise is sized from it"
+                    .into(),
+            ));
+        };
+        if p.mechanism == crate::privacy::Mechanism::Central {
+            return Ok(());
+        }
+        let Some((codec, _)) = self.noise_codec() else {
+            return Err(invalid(
+                "privacy.mechanism = \"distributed\" adds the noise inside secure \
+                 aggregation, which this job turns off (secure_aggregation.enabled = false): \
+                 use mechanism = \"central\" or turn secure aggregation on"
+                    .into(),
+            ));
+        };
+        if clip > codec.clip as f64 {
+            return Err(invalid(format!(
+                "clip_norm {clip} is above the codec's per-value bound {}: distributed noise \
+                 needs every clipped value encoded unclipped",
+                codec.clip
+            )));
+        }
+        // Sums of W messages and their noise (20 standard deviations of the total: never
+        // reached in practice) must stay inside the plaintext's signed range.
+        let sigma = self.participant_noise().unwrap_or(0.0) * (1u64 << codec.frac_bits) as f64;
+        let w = codec.max_total_weight as f64;
+        let bound = w * codec.max_message() as f64 + 20.0 * sigma * w.sqrt();
+        let limit = 2f64.powi(63 - codec.delta_log as i32);
+        if bound >= limit {
+            return Err(invalid(format!(
+                "privacy: sums of {w} noised updates can reach {bound:.3e}, not below the \
+                 plaintext's 2^{} = {limit:.3e}: lower noise_multiplier or max_total_weight",
+                63 - codec.delta_log
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// How a job aggregates securely (protocol: docs/secure-aggregation.md).
@@ -246,6 +350,9 @@ impl JobConfig {
             return Err(invalid(format!(
                 "clip_norm must be a positive number, not {c}"
             )));
+        }
+        if let Some(p) = &self.privacy {
+            self.validate_privacy(p)?;
         }
         if let Some(data) = &self.data {
             data.validate().map_err(|e| invalid(format!("data: {e}")))?;

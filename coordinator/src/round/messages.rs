@@ -49,6 +49,9 @@ pub enum Task {
         secure: Option<Arc<RoundInfo>>,
         /// Scale the update down to this L2 norm before sending it.
         clip_norm: Option<f64>,
+        /// Distributed differential privacy: add discrete Gaussian noise of this standard
+        /// deviation (in the update's units) to each encoded value before encrypting it.
+        noise_stddev: Option<f64>,
     },
     /// Round 0 of a job with tables: send the training table's statistics
     /// (`TableStats::to_values`, split by the job's `DigitCodec::for_statistics`), weight 1,
@@ -267,6 +270,14 @@ pub enum Event {
     },
     JobFinished {
         rounds: u64,
+    },
+    /// A job with a privacy budget stops before round `round`: it would take ε from
+    /// `epsilon` to `next`, past `target`. `JobFinished` follows.
+    PrivacyBudgetSpent {
+        round: u64,
+        epsilon: f64,
+        next: f64,
+        target: f64,
     },
     /// Round 0 is done: the federation's statistics and the pipeline fitted from them. The
     /// machine waits for the driver to commit round 0 (storing them) before round 1.

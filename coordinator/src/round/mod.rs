@@ -33,6 +33,7 @@ use crate::strategy::Strategy;
 mod config;
 mod messages;
 mod partial;
+mod privacy;
 mod progress;
 mod secure;
 mod statistics;
@@ -141,6 +142,8 @@ pub struct Orchestrator {
     failure: Option<String>,
     /// Round 0's outcome, in jobs with tables.
     statistics: Option<FederationStatistics>,
+    /// Jobs with differential privacy: the accountant and the central noise's key.
+    privacy: Option<privacy::Ledger>,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -170,7 +173,9 @@ impl Orchestrator {
         let global = Arc::new(config.model.initial_parameters(config.seed));
         let mut entropy = ChaCha20Rng::from_seed(entropy);
         let signer = cohort_crypto::Signer25519::generate(&mut entropy);
+        let privacy = config.privacy.map(|_| privacy::Ledger::new(&mut entropy));
         Ok(Orchestrator {
+            privacy,
             entropy,
             signer,
             config,
@@ -233,6 +238,9 @@ impl Orchestrator {
         }
         o.global = Arc::new(global);
         o.version = done;
+        if let Some(l) = &mut o.privacy {
+            l.replay(&history);
+        }
         o.completed = history;
         o.phase = if done == o.config.rounds {
             Phase::Finished
@@ -517,14 +525,20 @@ impl Orchestrator {
             return Err(Rejection::Invalid(format!("parameter {i} is not finite")));
         }
         self.check_statistics_update(id, update.round, update.num_examples, Some(&update.delta))?;
+        // Differential privacy: every update weighs the same.
+        let n = if self.config.uniform_weights(update.round) {
+            1
+        } else {
+            update.num_examples
+        };
         let Phase::Training(t) = &mut self.phase else {
             unreachable!("check_update ensured training");
         };
-        let w = update.num_examples as f64;
+        let w = n as f64;
         for (a, d) in t.acc.iter_mut().zip(&update.delta) {
             *a += w * *d as f64;
         }
-        t.weight += update.num_examples;
+        t.weight += n;
         self.accepted(id, update.round, update.train, now);
         Ok(())
     }
@@ -663,6 +677,7 @@ impl Orchestrator {
                     deadline: t.deadline,
                     secure: t.secure.as_ref().map(|s| s.info.clone()),
                     clip_norm: self.config.clip_norm,
+                    noise_stddev: self.config.participant_noise(),
                 }
             }
             Phase::Decrypting(d) => self.decrypt_task_for(d, id),

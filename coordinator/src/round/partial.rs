@@ -44,6 +44,12 @@ impl Orchestrator {
                 return Err(Rejection::Invalid(format!("{}: weight 0", c.id)));
             }
             self.check_statistics_update(&c.id, round, c.weight, None)?;
+            if c.weight != 1 && self.config.uniform_weights(round) {
+                return Err(Rejection::Invalid(format!(
+                    "{}: every update weighs 1 in a job with differential privacy, not {}",
+                    c.id, c.weight
+                )));
+            }
         }
         let weight: u64 = contributions.iter().map(|c| c.weight).sum();
         match values {

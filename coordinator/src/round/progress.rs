@@ -105,6 +105,15 @@ impl Orchestrator {
             // Every participant's weight is at least 1.
             want = want.min(sec.codec.max_total_weight as usize);
         }
+        if round > 0 && self.privacy.is_some() {
+            let q = match self.config.sampling {
+                Sampling::Poisson => self.config.fraction,
+                _ => want as f64 / online.len() as f64,
+            };
+            if self.budget_spent(round, q) {
+                return;
+            }
+        }
         online.truncate(want);
         let secure = self
             .config
@@ -184,6 +193,7 @@ impl Orchestrator {
             eval: None,
             evaluated_by: 0,
             seconds: 0.0,
+            privacy: None,
         };
         self.apply_mean(summary, &mean, t.started, now);
     }
@@ -196,6 +206,13 @@ impl Orchestrator {
         started: Instant,
         now: Instant,
     ) {
+        let noised;
+        let mean = if self.privacy.is_some() {
+            noised = self.privatise(&mut summary, mean);
+            &noised[..]
+        } else {
+            mean
+        };
         let new_global = self.strategy.apply(&self.global, mean, summary.round);
         self.global = Arc::new(new_global);
         self.version = summary.round;

@@ -120,8 +120,8 @@ impl Orchestrator {
             t_min: sec.t_min,
             codec: sec.codec,
             params: sec.params,
-            // Round 0 (statistics): every weight is 1.
-            weight_unit: if round == 0 {
+            // Round 0 (statistics) and jobs with differential privacy: every weight is 1.
+            weight_unit: if self.config.uniform_weights(round) {
                 u64::MAX
             } else {
                 cohort_crypto::aggregation::weight_unit(
@@ -538,6 +538,7 @@ impl Orchestrator {
             eval: None,
             evaluated_by: 0,
             seconds: 0.0,
+            privacy: None,
         };
         self.apply_mean(summary, &mean, d.started, now);
     }

@@ -46,6 +46,8 @@ pub(super) fn config() -> JobConfig {
         secure: None,
         data: None,
         clip_norm: None,
+        privacy: None,
+        emulated_codec: None,
     }
 }
 
@@ -182,6 +184,7 @@ fn round_waits_for_min_participants_then_selects_all() {
             config,
             secure: None,
             clip_norm: None,
+            noise_stddev: None,
         } => {
             assert_eq!(deadline, h.start + Duration::from_secs(30));
             assert_ne!(config.seed, 1, "each participant gets its own seed");

@@ -247,6 +247,7 @@ impl Remote<'_> {
                 data: step.data.cloned(),
                 pipeline: step.pipeline.cloned(),
                 clip_norm: None,
+                noise_stddev: None,
             };
             for (id, t) in tasks {
                 let (r, version) = match t {
@@ -256,9 +257,11 @@ impl Remote<'_> {
                         config,
                         secure,
                         clip_norm,
+                        noise_stddev,
                         ..
                     } => {
                         order.clip_norm = clip_norm;
+                        order.noise_stddev = noise_stddev;
                         if let Some(info) = &secure {
                             order.job_id = info.job.clone();
                         }

@@ -71,6 +71,8 @@ pub(super) struct ShardStep {
     pub(super) pipeline: Option<Arc<Pipeline>>,
     /// Updates are clipped to this L2 norm.
     pub(super) clip_norm: Option<f64>,
+    /// Distributed differential privacy: each client's noise standard deviation.
+    pub(super) noise_stddev: Option<f64>,
 }
 
 /// What one worker's participants produced in a step.
@@ -115,6 +117,7 @@ pub(super) fn work_shard(
                 deadline,
                 secure: step.secure.clone(),
                 clip_norm: step.clip_norm,
+                noise_stddev: step.noise_stddev,
             },
         ));
     }
@@ -261,6 +264,7 @@ impl ShardStep {
             model: Some((&self.model).into()),
             statistics: self.statistics.clone(),
             clip_norm: self.clip_norm,
+            noise_stddev: self.noise_stddev,
             data_spec_json: self
                 .data
                 .as_ref()
@@ -323,6 +327,7 @@ impl ShardStep {
             evaluate: m.evaluate.clone(),
             statistics: m.statistics.clone(),
             clip_norm: m.clip_norm,
+            noise_stddev: m.noise_stddev,
             data: (!m.data_spec_json.is_empty())
                 .then(|| serde_json::from_str(&m.data_spec_json))
                 .transpose()

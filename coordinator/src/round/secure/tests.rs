@@ -67,6 +67,8 @@ fn config(committee: usize) -> JobConfig {
         }),
         data: None,
         clip_norm: None,
+        privacy: None,
+        emulated_codec: None,
     }
 }
 
