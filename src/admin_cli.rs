@@ -485,22 +485,28 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
                         jobs_table(vec![j]);
                     }
                     println!("\nphase: {phase}\n");
+                    // Jobs with differential privacy: ε after each round, at the job's δ.
+                    let private = s.rounds.iter().any(|r| r.delta > 0.0);
+                    let mut header = vec![
+                        "ROUND",
+                        "ATTEMPTS",
+                        "PARTICIPANTS",
+                        "STRAGGLERS",
+                        "EXAMPLES",
+                        "TRAIN LOSS",
+                        "EVAL ACC",
+                        "SECONDS",
+                        "COMPLETED",
+                    ];
+                    if private {
+                        header.extend(["EPSILON", "DELTA"]);
+                    }
                     table(
-                        &[
-                            "ROUND",
-                            "ATTEMPTS",
-                            "PARTICIPANTS",
-                            "STRAGGLERS",
-                            "EXAMPLES",
-                            "TRAIN LOSS",
-                            "EVAL ACC",
-                            "SECONDS",
-                            "COMPLETED",
-                        ],
+                        &header,
                         s.rounds
                             .into_iter()
                             .map(|r| {
-                                vec![
+                                let mut row = vec![
                                     r.round.to_string(),
                                     r.attempts.to_string(),
                                     r.participants.len().to_string(),
@@ -510,7 +516,12 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
                                     num(r.eval_accuracy, r.has_eval),
                                     format!("{:.2}", r.seconds),
                                     when(r.completed_unix_ms),
-                                ]
+                                ];
+                                if private {
+                                    row.push(num(r.epsilon, r.delta > 0.0));
+                                    row.push(format!("{:e}", r.delta));
+                                }
+                                row
                             })
                             .collect(),
                     );

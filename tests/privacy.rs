@@ -43,3 +43,109 @@ fn the_accountant_agrees_with_dp_accounting_within_one_percent() {
     }
     eprintln!("largest relative difference {:.2e} ({})", worst.0, worst.1);
 }
+
+/// GET /metrics over plain HTTP/1.1.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp
+}
+
+/// Distributed differential privacy over real processes: three participant processes clip
+/// their updates, add discrete Gaussian noise (from the operating system's generator) to
+/// their encoded updates and encrypt them; the coordinator decrypts only the noised sum,
+/// accounts every round, shows ε in the Admin API, /metrics and each version's manifest, and
+/// stops the job before the round that would exceed its budget.
+#[test]
+fn a_federation_with_distributed_noise_accounts_every_round_and_stops_at_its_budget() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    common::provision(d);
+    let shares = common::write_shares(d);
+    // Two rounds at z = 1.5 (every participant every round) cost ε 4.42; a third would take
+    // it to 5.58, past the target.
+    let job = common::job_section("dp", 4, 60.0).replace(
+        "strategy = \"fedadam\"\nserver_lr = 0.05\n",
+        "clip_norm = 1.0\n\n[job.privacy]\nmechanism = \"distributed\"\nnoise_multiplier = 1.5\n\
+         delta = 1e-5\ntarget_epsilon = 5.0\n",
+    );
+    assert!(job.contains("[job.privacy]"), "{job}");
+    let cfg = common::coordinator_config(
+        d,
+        common::free_port(),
+        r#""hospital-0", "hospital-1", "hospital-2""#,
+        &format!("[job]{job}"),
+    );
+    let coord = common::spawn_coordinator(&cfg);
+    let mut parts: Vec<common::Proc> = (0..3)
+        .map(|i| common::spawn_participant(d, &coord.addr, i, &shares[i], 1500))
+        .collect();
+    coord.wait_log(
+        &["model version committed", "round=1"],
+        Duration::from_secs(120),
+    );
+    // While round 2 trains: ε of round 1 in the Admin API and in /metrics.
+    let status = common::admin(d, &coord.addr, &["jobs", "status", "dp"]);
+    assert!(status.contains("EPSILON"), "{status}");
+    let mut one = Accountant::default();
+    one.compose_gaussian(1.0, 1.5, 1);
+    let eps1 = format!("{:.4}", one.epsilon(1e-5).0);
+    assert!(status.contains(&eps1), "ε {eps1} not in {status}");
+    let metrics = scrape(&coord.metrics);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("cohort_privacy_epsilon{job_id=\"dp\"}")),
+        "{metrics}"
+    );
+    coord.wait_log(&["privacy budget spent"], Duration::from_secs(120));
+    let mut coord = coord;
+    let exit = coord.proc.wait_for_exit(Duration::from_secs(60));
+    assert!(exit.success(), "coordinator exited with {exit}");
+    for p in parts.iter_mut() {
+        let s = p.wait_for_exit(Duration::from_secs(30));
+        assert!(s.success(), "{} exited with {s}", p.name);
+    }
+    let manifest = |v: u32| -> Option<serde_json::Value> {
+        let p = d.join(format!("models/dp/v{v:05}.json"));
+        p.exists()
+            .then(|| serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap())
+    };
+    let mut two = Accountant::default();
+    two.compose_gaussian(1.0, 1.5, 2);
+    let m2 = manifest(2).expect("version 2");
+    let eps2 = m2["privacy"]["epsilon"].as_f64().unwrap();
+    assert!((eps2 - two.epsilon(1e-5).0).abs() < 1e-9, "{m2}");
+    assert_eq!(m2["privacy"]["delta"].as_f64(), Some(1e-5));
+    assert!(
+        manifest(3).is_none(),
+        "round 3 would have exceeded the budget"
+    );
+    // The noise is there: the participants' clipped updates (norm ≤ 1) cannot move the
+    // 31-parameter model by more than 1 a round without it.
+    let keys =
+        std::sync::Arc::new(cohort_storage::load_key_dir(&d.join("pki/coordinator/kek")).unwrap());
+    let params = |v: u32| {
+        cohort_coordinator::ModelStore::open(d.join("models"))
+            .unwrap()
+            .with_keys(keys.clone())
+            .for_job("dp")
+            .read_params(v as u64)
+            .unwrap()
+    };
+    let moved: f64 = params(2)
+        .iter()
+        .zip(params(1))
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    assert!(moved > 1.0, "version 2 moved by {moved}");
+}

@@ -124,6 +124,10 @@ fn round_pb(s: &RoundSummary, completed: u64) -> pb::RoundRecord {
         eval_accuracy: s.eval.map(|m| m.accuracy).unwrap_or(f64::NAN),
         has_eval: s.eval.is_some(),
         completed_unix_ms: completed,
+        epsilon: s.privacy.map_or(f64::NAN, |p| p.epsilon),
+        delta: s.privacy.map_or(0.0, |p| p.delta),
+        sampling_rate: s.privacy.map_or(f64::NAN, |p| p.sampling_rate),
+        noise_multiplier: s.privacy.map_or(f64::NAN, |p| p.noise_multiplier),
     }
 }
 
@@ -146,6 +150,8 @@ fn model_pb(
         eval_loss: m.eval.map(|e| e.loss).unwrap_or(f64::NAN),
         has_eval: m.eval.is_some(),
         created_unix_ms: m.created_unix_ms,
+        epsilon: m.privacy.map_or(f64::NAN, |p| p.epsilon),
+        delta: m.privacy.map_or(0.0, |p| p.delta),
     }
 }
 

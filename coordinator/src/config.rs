@@ -484,6 +484,39 @@ optimizer = "sgd"
     }
 
     #[test]
+    fn a_specification_declares_its_privacy_and_keeps_it_through_its_round_trip() {
+        let text = "id = \"dp\"\nrounds = 5\nmin_participants = 3\nclip_norm = 1.0\n\
+             [model]\nkind = \"logistic\"\ninputs = 3\nclasses = 2\n\
+             [train]\nepochs = 1\nbatch_size = 4\nlearning_rate = 0.1\noptimizer = \"sgd\"\n\
+             [privacy]\nmechanism = \"distributed\"\nnoise_multiplier = 1.1\n\
+             target_epsilon = 8.0\n";
+        let spec = JobSection::parse_spec(text).unwrap();
+        let p = spec.job_config().unwrap().privacy.unwrap();
+        assert_eq!(p.mechanism, crate::privacy::Mechanism::Distributed);
+        assert_eq!((p.noise_multiplier, p.delta), (1.1, 1e-5));
+        assert_eq!(p.target_epsilon, Some(8.0));
+        let again = JobSection::parse_spec(&spec.to_spec()).unwrap();
+        assert_eq!(again.job_config().unwrap().privacy, Some(p));
+        // Refusals name the setting.
+        let e = JobSection::parse_spec(&text.replace("clip_norm = 1.0\n", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("privacy needs clip_norm"), "{e}");
+        let e = JobSection::parse_spec(&text.replace("\"distributed\"", "\"local\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("local"), "{e}");
+        let e = JobSection::parse_spec(&format!("{text}noise = 2\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("noise"), "{e}");
+        let e = JobSection::parse_spec(&format!("{text}[secure_aggregation]\nenabled = false\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("secure_aggregation.enabled = false"), "{e}");
+    }
+
+    #[test]
     fn a_specification_declares_its_tables_and_keeps_them_through_its_round_trip() {
         let base = "id = \"t\"\nrounds = 1\nmin_participants = 2\n\
              [model]\nkind = \"logistic\"\ninputs = INPUTS\nclasses = 2\n\

@@ -71,6 +71,7 @@ pub struct Metrics {
     bytes_received: Family<KindLabel, Counter>,
     aggregation_seconds: Family<KindLabel, Histogram>,
     serving_version: Family<ServingLabel, Gauge>,
+    privacy_epsilon: Family<JobLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// The inference service's (embedded or `cohort serve`).
     inference: cohort_serving::InferenceMetrics,
     /// Who is online, to count `participants_connected` exactly.
@@ -124,6 +125,7 @@ impl Metrics {
             bytes_received: Family::default(),
             aggregation_seconds: Family::new_with_constructor(fast_buckets),
             serving_version: Family::default(),
+            privacy_epsilon: Family::default(),
             inference: cohort_serving::InferenceMetrics::new(),
             online: Arc::default(),
         };
@@ -146,6 +148,11 @@ impl Metrics {
             "round_duration_seconds",
             "Time from a completed round's start to its commit",
             m.round_duration.clone(),
+        );
+        r.register(
+            "privacy_epsilon",
+            "Jobs with differential privacy: epsilon spent so far (at the job's delta)",
+            m.privacy_epsilon.clone(),
         );
         r.register(
             "round_participants",
@@ -247,6 +254,11 @@ impl Metrics {
                 self.round_participants
                     .get_or_create(&Self::job(job))
                     .set(summary.participants.len() as i64);
+                if let Some(p) = summary.privacy {
+                    self.privacy_epsilon
+                        .get_or_create(&Self::job(job))
+                        .set(p.epsilon);
+                }
             }
             Event::RoundFailed { cause, .. } => {
                 let cause = match cause {

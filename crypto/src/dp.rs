@@ -75,7 +75,7 @@ pub fn noised_messages(codec: &Codec, update: &[f32], stddev: f64, rng: &mut imp
 /// the noise it made.
 pub fn simulation_noise_rng(training_seed: u64) -> rand::rngs::ChaCha20Rng {
     use rand::SeedableRng;
-    rand::rngs::ChaCha20Rng::seed_from_u64(training_seed ^ 0xd1ff_e7e1_a1_00_5e)
+    rand::rngs::ChaCha20Rng::seed_from_u64(training_seed ^ 0x00d1_ffe7_e1a1_005e)
 }
 
 /// Per-value messages' L2 norm after encoding can exceed the update's by the rounding of each

@@ -42,7 +42,12 @@ impl From<&SimArgs> for DataSettings {
             label: a.label.clone(),
             partition: a.partition,
             test_fraction: a.test_fraction,
-            preprocess: a.preprocess,
+            // Round 0's statistics are exact sums that differential privacy's ε does not
+            // cover: with --dp each site prepares its own rows.
+            preprocess: match (a.dp, a.preprocess) {
+                (Some(_), Preprocess::Auto) => Preprocess::Site,
+                (_, p) => p,
+            },
             impute: if a.no_impute {
                 Impute::Refuse
             } else {

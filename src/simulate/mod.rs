@@ -98,9 +98,21 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
             &d.params.budget(pieces),
         )
         .map_err(|e| anyhow::anyhow!("secure aggregation of {per_round} participants: {e}"))?;
+        // Distributed noise is sized for T_min participants: with every selected participant
+        // answering (no dropout, a fixed round size), that is the round's size, so the sum
+        // carries no more noise than its guarantee needs.
+        let distributed = args.dp == Some(cohort_coordinator::privacy::Mechanism::Distributed);
+        let fixed_rounds = args.dropout == 0.0
+            && args.availability.is_none()
+            && args.sampling == SamplingArg::Uniform;
+        let t_min = if distributed && fixed_rounds {
+            (per_round as usize).clamp(1, n)
+        } else {
+            n.min(2)
+        };
         Some(SecureSettings {
             committee_size: args.committee,
-            t_min: n.min(2),
+            t_min,
             custodians: custodian_ids.clone(),
             codec,
             ..d
@@ -211,7 +223,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
     // included) is reproducible.
     let entropy: [u8; 32] = {
         use rand::{RngExt, SeedableRng};
-        rand::rngs::ChaCha20Rng::seed_from_u64(args.seed ^ 0x5eed_0f_e7_7a09).random()
+        rand::rngs::ChaCha20Rng::seed_from_u64(args.seed ^ 0x5eed_0fe7_7a09).random()
     };
     let orch = Orchestrator::new(job, strategy, None, entropy).map_err(anyhow::Error::msg)?;
     let strategy_name = orch.strategy_name();

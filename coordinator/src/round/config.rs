@@ -153,6 +153,14 @@ impl JobConfig {
                     .into(),
             ));
         };
+        if self.data.is_some() {
+            return Err(invalid(
+                "privacy and data: round 0 sums the tables' statistics exactly, and ε would \
+                 not cover them; a job with differential privacy has each site prepare its \
+                 own rows (leave out [data])"
+                    .into(),
+            ));
+        }
         if p.mechanism == crate::privacy::Mechanism::Central {
             return Ok(());
         }
