@@ -71,6 +71,11 @@ async fn both_engines_give_the_same_model_bit_for_bit() {
                 "0.3",
             ][..],
         ),
+        // A robust rule (plaintext jobs): every update kept, combined coordinate by coordinate.
+        (
+            "median",
+            &["--participants", "5", "--plaintext", "--strategy", "median"][..],
+        ),
         // Stateful server strategies (their state carried from round to round).
         (
             "fedavgm",
@@ -129,6 +134,13 @@ async fn both_engines_give_the_same_model_bit_for_bit() {
     for name in ["clipped", "fedprox", "fedavgm", "central-dp"] {
         assert_ne!(models[name], weights(&plain), "{name} is plain FedAvg");
     }
+    let mean = simulate(
+        "networked",
+        &["--participants", "5", "--plaintext"],
+        &dir.path().join("plain-mean"),
+    )
+    .await;
+    assert_ne!(models["median"], weights(&mean), "median is the mean");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -149,3 +149,70 @@ fn a_federation_with_distributed_noise_accounts_every_round_and_stops_at_its_bud
         .sqrt();
     assert!(moved > 1.0, "version 2 moved by {moved}");
 }
+
+#[derive(clap::Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: cohort::simulate::SimArgs,
+}
+
+/// The command of the README and docs/privacy.md, as written: 100 participants, 20 rounds,
+/// distributed noise calibrated to ε = 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_private_simulation_spends_at_most_its_target() {
+    use clap::Parser;
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let argv = [
+        "simulate",
+        "--participants",
+        "100",
+        "--rounds",
+        "20",
+        "--clip-norm",
+        "0.5",
+        "--dp",
+        "distributed",
+        "--target-epsilon",
+        "3",
+        "--quiet",
+        "--out",
+        dir.path().to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ];
+    let r = cohort::simulate::run(Cli::parse_from(argv).args)
+        .await
+        .unwrap();
+    assert_eq!(r.rounds.len(), 20, "every round within the budget");
+    let eps: Vec<f64> = r.rounds.iter().map(|x| x.epsilon.unwrap()).collect();
+    assert!(eps.windows(2).all(|w| w[0] < w[1]), "{eps:?}");
+    let last = eps[19];
+    assert!(last <= 3.0 && last > 2.9, "ε {last}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(json["privacy"]["mechanism"], "distributed");
+    assert!((json["privacy"]["epsilon"].as_f64().unwrap() - last).abs() < 1e-12);
+    let acc = r.federated_accuracy.unwrap();
+    assert!(acc > 0.6, "held-out accuracy {acc}");
+    // Without --clip-norm, or noise settings without --dp, the run is refused by name.
+    for (bad, says) in [
+        (
+            &["--dp", "central", "--noise-multiplier", "1"][..],
+            "--clip-norm",
+        ),
+        (&["--noise-multiplier", "1"][..], "--dp"),
+        (
+            &["--dp", "central", "--clip-norm", "1"][..],
+            "--target-epsilon",
+        ),
+    ] {
+        let mut argv = vec!["simulate", "--quiet", "--participants", "3"];
+        argv.extend_from_slice(bad);
+        let e = cohort::simulate::run(Cli::parse_from(argv).args)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(says), "{bad:?}: {e}");
+    }
+}

@@ -11,6 +11,7 @@ mod federation;
 mod guard;
 pub mod metrics;
 pub mod privacy;
+pub mod robust;
 pub mod round;
 mod server;
 pub mod strategy;

@@ -7,7 +7,10 @@
 /// A strategy that cannot be built or restored.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum StrategyError {
-    #[error("unknown strategy {0:?}: use fedavg, fedavgm, fedprox, fedadagrad, fedadam or fedyogi")]
+    #[error(
+        "unknown strategy {0:?}: use fedavg, fedavgm, fedprox, fedadagrad, fedadam, fedyogi, \
+         or (plaintext jobs) median, trimmed-mean, krum or multi-krum"
+    )]
     Unknown(String),
     #[error(
         "strategy fedprox needs a proximal coefficient proximal_mu > 0 (job.train.proximal_mu, \
@@ -39,6 +42,11 @@ pub trait Strategy: Send {
     /// Restores what [`Self::save_state`] saved.
     fn restore_state(&mut self, _state: &[u8]) -> Result<(), StrategyError> {
         Ok(())
+    }
+    /// Robust rules combine the individual updates themselves (and so need each one in the
+    /// clear); `apply` then gets their combination instead of the mean.
+    fn robust_rule(&self) -> Option<crate::robust::RobustRule> {
+        None
     }
 }
 
@@ -285,7 +293,10 @@ pub fn by_name(
         "fedadagrad" => Ok(Box::new(FedOpt::new(AdaptiveRule::Adagrad, server_lr))),
         "fedadam" => Ok(Box::new(FedOpt::new(AdaptiveRule::Adam, server_lr))),
         "fedyogi" => Ok(Box::new(FedOpt::new(AdaptiveRule::Yogi, server_lr))),
-        _ => Err(StrategyError::Unknown(name.to_string())),
+        _ => match crate::robust::RobustRule::by_name(name) {
+            Some(rule) => Ok(Box::new(crate::robust::Robust { rule, server_lr })),
+            None => Err(StrategyError::Unknown(name.to_string())),
+        },
     }
 }
 

@@ -90,21 +90,6 @@ pub(crate) async fn train_round(
         tracing::info!(participant = %opts.id, round = t.round, "fault injection: delaying the upload by {:?}", opts.upload_delay);
         tokio::time::sleep(opts.upload_delay).await;
     }
-    let header = pb::UpdateHeader {
-        nonce: nonce(),
-        session_id: s.id.clone(),
-        job_id: t.job_id.clone(),
-        round: t.round,
-        num_parameters: delta.len() as u64,
-        num_examples: report.num_examples as u64,
-        train: Some(metrics_pb(
-            *report.epoch_loss.last().unwrap_or(&f64::NAN),
-            report.last_epoch_accuracy,
-            report.num_examples,
-        )),
-        train_seconds: report.seconds,
-        secure: None,
-    };
     let noise = match (t.noise_stddev, &secure) {
         (Some(sd), Some(_)) if sd.is_finite() && sd >= 0.0 => Some(sd),
         (None, _) => None,
@@ -114,6 +99,29 @@ pub(crate) async fn train_round(
                  aggregated: refusing to send"
             )));
         }
+    };
+    let header = pb::UpdateHeader {
+        nonce: nonce(),
+        session_id: s.id.clone(),
+        job_id: t.job_id.clone(),
+        round: t.round,
+        num_parameters: delta.len() as u64,
+        // Under distributed DP nothing but the noised update leaves: no example count, no
+        // training metrics (they would reveal what ε does not cover).
+        num_examples: if noise.is_some() {
+            1
+        } else {
+            report.num_examples as u64
+        },
+        train: noise.is_none().then(|| {
+            metrics_pb(
+                *report.epoch_loss.last().unwrap_or(&f64::NAN),
+                report.last_epoch_accuracy,
+                report.num_examples,
+            )
+        }),
+        train_seconds: if noise.is_some() { 0.0 } else { report.seconds },
+        secure: None,
     };
     send_values(s, opts, secrets, header, delta, secure, noise).await?;
     tracing::info!(participant = %opts.id, round = t.round, loss = report.epoch_loss.last(), "update sent");

@@ -302,7 +302,7 @@ fn work_done(c: &mut Client, t: &Task, step: &Step<'_>, encrypt_seconds: &mut f6
                         round: *round,
                         num_examples: aggregation::weight_for(n, unit, codec.max_total_weight),
                         delta: messages.iter().map(|&m| codec.mean(m, 1)).collect(),
-                        train,
+                        train: train.filter(|_| noise_stddev.is_none()),
                     })
                 }
                 (None, None) => Done::Update(Update {
@@ -313,6 +313,8 @@ fn work_done(c: &mut Client, t: &Task, step: &Step<'_>, encrypt_seconds: &mut f6
                 }),
                 (Some(info), _) => {
                     let noise = noise_stddev.map(|sd| (sd, config.seed));
+                    // Under distributed DP only the noised update leaves (as a participant).
+                    let train = train.filter(|_| noise.is_none());
                     encrypt(c, info, &delta, n, train, noise, encrypt_seconds)
                 }
             }

@@ -93,6 +93,32 @@ pub struct JobConfig {
 }
 
 impl JobConfig {
+    /// Refuses a strategy this job cannot run, naming both settings: robust rules need every
+    /// update in the clear, which secure aggregation never shows and DP's noise is not
+    /// sized for.
+    pub fn check_strategy(&self, strategy: &dyn crate::Strategy) -> Result<(), JobError> {
+        let Some(rule) = strategy.robust_rule() else {
+            return Ok(());
+        };
+        if self.secure.is_some() {
+            return Err(invalid(format!(
+                "strategy = \"{}\" combines individual updates, and secure aggregation (on: \
+                 secure_aggregation.enabled) never shows the coordinator one: turn secure \
+                 aggregation off (secure_aggregation.enabled = false; simulate --plaintext) or \
+                 choose a strategy that works on the mean",
+                rule.name()
+            )));
+        }
+        if self.privacy.is_some() {
+            return Err(invalid(format!(
+                "strategy = \"{}\" with [privacy]: the noise is sized for a mean of clipped \
+                 updates, not for a robust rule's combination",
+                rule.name()
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether round `round` sums unweighted contributions (each weight 1): round 0's
     /// statistics, and every round of a job with differential privacy (whose sensitivity is
     /// one participant's clipped update).

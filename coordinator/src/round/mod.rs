@@ -69,6 +69,8 @@ struct Training {
     train_metrics: Vec<Metrics>,
     /// The encrypted sum and what the committee will need (secure jobs).
     secure: Option<Box<secure::SecureTraining>>,
+    /// Robust strategies: every update, in order of arrival (plaintext jobs only).
+    kept: Vec<Vec<f32>>,
 }
 
 #[derive(Debug)]
@@ -169,6 +171,7 @@ impl Orchestrator {
         entropy: [u8; 32],
     ) -> Result<Self, JobError> {
         config.validate()?;
+        config.check_strategy(strategy.as_ref())?;
         let first_round = if config.data.is_some() { 0 } else { 1 };
         let global = Arc::new(config.model.initial_parameters(config.seed));
         let mut entropy = ChaCha20Rng::from_seed(entropy);
@@ -539,6 +542,9 @@ impl Orchestrator {
             *a += w * *d as f64;
         }
         t.weight += n;
+        if self.strategy.robust_rule().is_some() {
+            t.kept.push(update.delta);
+        }
         self.accepted(id, update.round, update.train, now);
         Ok(())
     }
@@ -713,5 +719,7 @@ fn splitmix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+#[cfg(test)]
+mod robust_tests;
 #[cfg(test)]
 mod tests;

@@ -51,6 +51,13 @@ impl Orchestrator {
                 )));
             }
         }
+        if let Some(rule) = self.strategy.robust_rule() {
+            return Err(Rejection::Invalid(format!(
+                "strategy {} combines individual updates, which a partial sum has already \
+                 added up: simulation workers cannot run it",
+                rule.name()
+            )));
+        }
         let weight: u64 = contributions.iter().map(|c| c.weight).sum();
         match values {
             PartialValues::Plain(sum) => {

@@ -141,6 +141,7 @@ impl Orchestrator {
             weight: 0,
             train_metrics: Vec::new(),
             secure,
+            kept: Vec::new(),
         });
     }
 
@@ -182,7 +183,11 @@ impl Orchestrator {
             return;
         }
         let w = t.weight as f64;
-        let mean: Vec<f32> = t.acc.iter().map(|a| (a / w) as f32).collect();
+        let mean: Vec<f32> = match self.strategy.robust_rule() {
+            // Robust rules: the rule's combination of the updates, not their mean.
+            Some(rule) => rule.combine(&t.kept),
+            None => t.acc.iter().map(|a| (a / w) as f32).collect(),
+        };
         let summary = RoundSummary {
             round: t.round,
             attempts: t.attempt,
