@@ -76,6 +76,18 @@ async fn both_engines_give_the_same_model_bit_for_bit() {
             "median",
             &["--participants", "5", "--plaintext", "--strategy", "median"][..],
         ),
+        // Adaptive clipping: the indicators summed with the updates move the clip norm.
+        (
+            "adaptive-clip",
+            &[
+                "--participants",
+                "4",
+                "--clip-norm",
+                "0.05",
+                "--clip-quantile",
+                "0.5",
+            ][..],
+        ),
         // Stateful server strategies (their state carried from round to round).
         (
             "fedavgm",
@@ -131,7 +143,13 @@ async fn both_engines_give_the_same_model_bit_for_bit() {
         &dir.path().join("plain"),
     )
     .await;
-    for name in ["clipped", "fedprox", "fedavgm", "central-dp"] {
+    for name in [
+        "clipped",
+        "fedprox",
+        "fedavgm",
+        "central-dp",
+        "adaptive-clip",
+    ] {
         assert_ne!(models[name], weights(&plain), "{name} is plain FedAvg");
     }
     let mean = simulate(

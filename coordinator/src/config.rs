@@ -123,6 +123,10 @@ pub struct JobSection {
     /// `[job.privacy]`: differential privacy (needs `clip_norm`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<crate::privacy::PrivacySettings>,
+    /// `[job.adaptive_clipping]`: the clip norm follows a quantile of the update norms,
+    /// starting at `clip_norm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive_clipping: Option<crate::privacy::AdaptiveClipping>,
     /// The dataset participants train on, by name (for operators; participants bring
     /// their own data).
     #[serde(default)]
@@ -299,6 +303,7 @@ impl JobSection {
             clip_norm: self.clip_norm,
             privacy: self.privacy,
             emulated_codec: None,
+            adaptive_clipping: self.adaptive_clipping,
         };
         cfg.validate()?;
         self.strategy()?;
@@ -497,6 +502,19 @@ optimizer = "sgd"
         assert_eq!(p.target_epsilon, Some(8.0));
         let again = JobSection::parse_spec(&spec.to_spec()).unwrap();
         assert_eq!(again.job_config().unwrap().privacy, Some(p));
+        // Adaptive clipping, with its defaults, and its refusals.
+        let adaptive = format!("{text}[adaptive_clipping]\n");
+        let a = JobSection::parse_spec(&adaptive)
+            .unwrap()
+            .job_config()
+            .unwrap()
+            .adaptive_clipping
+            .unwrap();
+        assert_eq!((a.target_quantile, a.learning_rate), (0.5, 0.2));
+        let e = JobSection::parse_spec(&format!("{adaptive}target_quantile = 1.5\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("adaptive_clipping.target_quantile"), "{e}");
         // Refusals name the setting.
         let e = JobSection::parse_spec(&text.replace("clip_norm = 1.0\n", ""))
             .unwrap_err()

@@ -72,9 +72,11 @@ impl Coordinator {
                 secure,
                 clip_norm,
                 noise_stddev,
+                clip_indicator,
             } => Kind::Train(pb::TrainTask {
                 clip_norm,
                 noise_stddev,
+                clip_indicator,
                 secure: secure.as_deref().map(round_pb),
                 job_id: cfg.job_id.clone(),
                 round,

@@ -91,6 +91,54 @@ impl PrivacySettings {
     }
 }
 
+fn half() -> f64 {
+    0.5
+}
+
+fn point_two() -> f64 {
+    0.2
+}
+
+/// Adaptive clipping (Andrew et al., "Differentially Private Learning with Adaptive
+/// Clipping", 2021; `[job.adaptive_clipping]`): each participant also sends whether its
+/// update was within the clip norm C, the indicators are summed like the updates (and noised
+/// with them under DP), and after each round `C ← C · exp(−η (b̄ − γ))`, b̄ the share within
+/// it. C tracks the γ-quantile of the update norms; the job's `clip_norm` is its start.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveClipping {
+    /// γ: the share of updates the clip norm should leave unclipped.
+    #[serde(default = "half")]
+    pub target_quantile: f64,
+    /// η, the geometric step.
+    #[serde(default = "point_two")]
+    pub learning_rate: f64,
+}
+
+impl AdaptiveClipping {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.target_quantile > 0.0 && self.target_quantile < 1.0) {
+            return Err(format!(
+                "adaptive_clipping.target_quantile must be in (0, 1), not {}",
+                self.target_quantile
+            ));
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            return Err(format!(
+                "adaptive_clipping.learning_rate must be a positive number, not {}",
+                self.learning_rate
+            ));
+        }
+        Ok(())
+    }
+
+    /// The clip norm after a round at `clip` in which a share `unclipped` of the updates was
+    /// within it (a noised share is clamped to [0, 1] first).
+    pub fn next(&self, clip: f64, unclipped: f64) -> f64 {
+        clip * (-self.learning_rate * (unclipped.clamp(0.0, 1.0) - self.target_quantile)).exp()
+    }
+}
+
 /// The RDP orders `dp-accounting` uses by default.
 pub fn default_orders() -> Vec<f64> {
     let mut o: Vec<f64> = (1..100).map(|x| 1.0 + x as f64 / 10.0).collect();

@@ -46,6 +46,7 @@ fn job() -> JobConfig {
         clip_norm: None,
         privacy: None,
         emulated_codec: None,
+        adaptive_clipping: None,
     }
 }
 

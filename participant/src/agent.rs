@@ -423,6 +423,7 @@ mod tests {
             pipeline_json: String::new(),
             clip_norm: None,
             noise_stddev: None,
+            clip_indicator: None,
         });
         let (opts, seen) = scripted(VecDeque::from([Ok(train), idle()])).await;
         let report = run(opts, data()).await.unwrap();

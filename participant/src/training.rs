@@ -81,10 +81,15 @@ pub(crate) async fn train_round(
         }
     };
     let mut delta: Vec<f32> = params.iter().zip(&global).map(|(p, g)| p - g).collect();
-    if let Some(c) = t.clip_norm
-        && cohort_model::clip_l2(&mut delta, c)
-    {
-        tracing::debug!(participant = %opts.id, round = t.round, "update clipped to L2 norm {c}");
+    let clipped = t
+        .clip_norm
+        .is_some_and(|c| cohort_model::clip_l2(&mut delta, c));
+    if clipped {
+        tracing::debug!(participant = %opts.id, round = t.round, "update clipped to L2 norm {:?}", t.clip_norm);
+    }
+    // Adaptive clipping: whether the update was within the clip norm, summed with the rest.
+    if let Some(b) = t.clip_indicator {
+        delta.push(if clipped { 0.0 } else { b as f32 });
     }
     if !opts.upload_delay.is_zero() {
         tracing::info!(participant = %opts.id, round = t.round, "fault injection: delaying the upload by {:?}", opts.upload_delay);

@@ -109,6 +109,10 @@ pub struct SimArgs {
     /// δ of the (ε, δ) guarantee.
     #[arg(long, default_value_t = 1e-5)]
     pub delta: f64,
+    /// Adaptive clipping: the clip norm (starting at --clip-norm) follows this quantile of
+    /// the update norms, from the securely summed count of updates within it.
+    #[arg(long)]
+    pub clip_quantile: Option<f64>,
     /// Each participant scales its update down to this L2 norm before sending it.
     #[arg(long)]
     pub clip_norm: Option<f64>,

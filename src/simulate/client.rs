@@ -268,6 +268,7 @@ fn work_done(c: &mut Client, t: &Task, step: &Step<'_>, encrypt_seconds: &mut f6
             secure,
             clip_norm,
             noise_stddev,
+            clip_indicator,
             ..
         } => {
             let (params, report) =
@@ -276,8 +277,10 @@ fn work_done(c: &mut Client, t: &Task, step: &Step<'_>, encrypt_seconds: &mut f6
                     Err(e) => return Done::Nothing(format!("local training failed: {e}")),
                 };
             let mut delta: Vec<f32> = params.iter().zip(global).map(|(p, g)| p - g).collect();
-            if let Some(c) = clip_norm {
-                cohort_model::clip_l2(&mut delta, *c);
+            let clipped = clip_norm.is_some_and(|c| cohort_model::clip_l2(&mut delta, c));
+            // Adaptive clipping: whether the update was within the clip norm.
+            if let Some(b) = clip_indicator {
+                delta.push(if clipped { 0.0 } else { *b as f32 });
             }
             let train = Some(cohort_model::Metrics {
                 loss: *report.epoch_loss.last().unwrap_or(&f64::NAN),

@@ -207,6 +207,12 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         data: prep.spec.clone(),
         clip_norm: args.clip_norm,
         privacy,
+        adaptive_clipping: args.clip_quantile.map(|q| {
+            cohort_coordinator::privacy::AdaptiveClipping {
+                target_quantile: q,
+                learning_rate: 0.2,
+            }
+        }),
         emulated_codec: secure.as_ref().filter(|_| emulated).map(|s| s.codec),
     };
     let emulation = secure

@@ -21,6 +21,11 @@ pub struct RoundRow {
     /// Jobs with differential privacy: ε of the job after this round (at the job's δ).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub epsilon: Option<f64>,
+    /// Adaptive clipping: the round's clip norm and the share of updates within it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clip_norm: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unclipped_share: Option<f64>,
 }
 
 /// The `--report` JSON.
@@ -167,6 +172,8 @@ pub(super) fn row(s: &RoundSummary) -> RoundRow {
         eval_auc: s.eval.and_then(|m| m.auc),
         seconds: s.seconds,
         epsilon: s.privacy.map(|p| p.epsilon),
+        clip_norm: s.clipping.map(|c| c.clip_norm),
+        unclipped_share: s.clipping.map(|c| c.unclipped_share),
     }
 }
 

@@ -464,6 +464,7 @@ mod tests {
             clip_norm: None,
             privacy: None,
             emulated_codec: None,
+            adaptive_clipping: None,
         }
     }
 
@@ -585,6 +586,10 @@ mod tests {
     fn secure_distributed_noise_equals_plaintext_with_the_same_noise() {
         let private = |mut j: JobConfig| {
             j.clip_norm = Some(1.0);
+            j.adaptive_clipping = Some(cohort_coordinator::privacy::AdaptiveClipping {
+                target_quantile: 0.5,
+                learning_rate: 0.2,
+            });
             j.privacy = Some(cohort_coordinator::privacy::PrivacySettings {
                 mechanism: cohort_coordinator::privacy::Mechanism::Distributed,
                 noise_multiplier: 0.8,
@@ -612,6 +617,19 @@ mod tests {
             encrypted,
             run_with(noiseless, None, 2),
             "no noise was added"
+        );
+        // The clip norm moved with the noised share of updates within it, the same way.
+        let clips: Vec<_> = rounds.iter().map(|s| s.clipping.unwrap()).collect();
+        assert_eq!(
+            clips,
+            again
+                .iter()
+                .map(|s| s.clipping.unwrap())
+                .collect::<Vec<_>>()
+        );
+        assert!(
+            clips.iter().all(|c| c.next_clip_norm != c.clip_norm),
+            "{clips:?}"
         );
         let eps: Vec<f64> = rounds.iter().map(|s| s.privacy.unwrap().epsilon).collect();
         assert!(eps.windows(2).all(|w| w[0] < w[1]), "ε grows: {eps:?}");

@@ -21,7 +21,9 @@ pub mod state;
 pub use error::StoreError;
 pub use keys::{add_key, load_key_dir};
 pub use objects::{LocalObjects, Objects, S3Config, S3Objects};
-pub use records::{ModelManifest, ModelRef, ParticipantId, RoundPrivacy, RoundSummary};
+pub use records::{
+    ModelManifest, ModelRef, ParticipantId, RoundClipping, RoundPrivacy, RoundSummary,
+};
 pub use registry::ModelStore;
 pub use settings::{OpenError, open_registry};
 pub use state::{State, StateError};

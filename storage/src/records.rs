@@ -30,6 +30,19 @@ pub struct RoundSummary {
     /// Jobs with differential privacy: what this round spent, and the job's ε after it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<RoundPrivacy>,
+    /// Adaptive clipping: the clip norm this round's updates were clipped to, and the share
+    /// of them that were within it (from the securely summed indicators, noised under DP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clipping: Option<RoundClipping>,
+}
+
+/// Adaptive clipping's record of one round.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RoundClipping {
+    pub clip_norm: f64,
+    pub unclipped_share: f64,
+    /// The clip norm the next round uses.
+    pub next_clip_norm: f64,
 }
 
 /// The privacy accounting of one round of a job with differential privacy.

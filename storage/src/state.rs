@@ -682,6 +682,7 @@ mod tests {
             evaluated_by: 0,
             seconds: 0.5,
             privacy: None,
+            clipping: None,
         }
     }
 

@@ -85,6 +85,9 @@ pub struct JobConfig {
     /// Differential privacy: every update weighs the same (1), the sum carries Gaussian noise
     /// of `noise_multiplier · clip_norm`, and each round's cost is accounted.
     pub privacy: Option<crate::privacy::PrivacySettings>,
+    /// Adaptive clipping: `clip_norm` is where the clip norm starts, and it follows the
+    /// target quantile of the update norms from round to round.
+    pub adaptive_clipping: Option<crate::privacy::AdaptiveClipping>,
     /// Simulations only: plaintext rounds that emulate secure aggregation's integer
     /// arithmetic with this codec. Distributed noise is then sized as for T_min =
     /// `min_updates` and added by the simulated participants to their plaintext updates:
@@ -126,17 +129,65 @@ impl JobConfig {
         round == 0 || self.privacy.is_some()
     }
 
+    /// Adaptive clipping: the value a participant appends for "my update was within the clip
+    /// norm" (0 otherwise) at clip norm `clip`. 1 without DP; under DP a share of `clip`
+    /// small enough that the indicator costs little of the noise (Andrew et al.'s σ_b of a
+    /// twentieth of the round's size), since it widens the sensitivity the noise covers.
+    pub fn indicator_scale(&self, clip: f64) -> Option<f64> {
+        self.adaptive_clipping?;
+        Some(match (&self.privacy, self.noise_codec()) {
+            (None, _) => 1.0,
+            (Some(p), codec) => {
+                let t = codec.map_or(self.min_updates, |(_, t)| t).max(1) as f64;
+                clip * (20.0 * p.noise_multiplier / t).min(1.0)
+            }
+        })
+    }
+
+    /// Values a participant sends in a training round: the model's, and adaptive clipping's
+    /// indicator.
+    pub fn training_len(&self) -> usize {
+        self.model.num_parameters() + usize::from(self.adaptive_clipping.is_some())
+    }
+
+    /// The L2 sensitivity of the round's sum at clip norm `clip`: the update's (plus, under
+    /// distributed DP, the encoding's rounding) and adaptive clipping's indicator.
+    pub fn sensitivity(&self, clip: f64) -> f64 {
+        let update = match (self.privacy.map(|p| p.mechanism), self.noise_codec()) {
+            (Some(crate::privacy::Mechanism::Distributed), Some((codec, _))) => {
+                cohort_crypto::dp::encoded_sensitivity(clip, self.training_len(), &codec)
+            }
+            _ => clip,
+        };
+        update.hypot(self.indicator_scale(clip).unwrap_or(0.0))
+    }
+
     /// Distributed DP: the standard deviation of the discrete Gaussian noise each
-    /// participant adds, in the update's units (σ = z · C′ / √T_min, with C′ the clip norm
-    /// plus the encoding's rounding), so that any T_min of them carry the job's noise.
-    pub fn participant_noise(&self) -> Option<f64> {
+    /// participant adds at clip norm `clip`, in the update's units (σ = z · S / √T_min, S the
+    /// sensitivity), so that any T_min of them carry the job's noise.
+    pub fn participant_noise_at(&self, clip: f64) -> Option<f64> {
         let p = self.privacy.as_ref()?;
         if p.mechanism != crate::privacy::Mechanism::Distributed {
             return None;
         }
-        let ((codec, t_min), clip) = (self.noise_codec()?, self.clip_norm?);
-        let c = cohort_crypto::dp::encoded_sensitivity(clip, self.model.num_parameters(), &codec);
-        Some(p.noise_multiplier * c / (t_min as f64).sqrt())
+        let (_, t_min) = self.noise_codec()?;
+        Some(p.noise_multiplier * self.sensitivity(clip) / (t_min as f64).sqrt())
+    }
+
+    /// The largest clip norm adaptive clipping may reach: the codec's per-value bound under
+    /// distributed DP (every clipped value must encode unclipped).
+    pub fn max_clip_norm(&self) -> Option<f64> {
+        match (self.privacy.map(|p| p.mechanism), self.noise_codec()) {
+            (Some(crate::privacy::Mechanism::Distributed), Some((codec, _))) => {
+                Some(codec.clip as f64)
+            }
+            _ => None,
+        }
+    }
+
+    /// [`Self::participant_noise_at`] the job's initial clip norm.
+    pub fn participant_noise(&self) -> Option<f64> {
+        self.participant_noise_at(self.clip_norm?)
     }
 
     /// The codec distributed noise is encoded with, and the fewest participants whose noise
@@ -149,25 +200,32 @@ impl JobConfig {
         }
     }
 
-    /// The Gaussian noise multiplier a round is accounted at: the configured one for central
-    /// noise; for distributed noise, that of T_min participants' discrete Gaussians over the
-    /// encoded sensitivity (Kairouz, Liu and Steinke's bound).
-    pub fn accounted_noise_multiplier(&self) -> Option<f64> {
+    /// The Gaussian noise multiplier a round at clip norm `clip` is accounted at: the
+    /// configured one for central noise; for distributed noise, that of T_min participants'
+    /// discrete Gaussians over the sensitivity (Kairouz, Liu and Steinke's bound).
+    pub fn accounted_noise_multiplier_at(&self, clip: f64) -> Option<f64> {
         let p = self.privacy.as_ref()?;
-        match (p.mechanism, self.participant_noise(), self.noise_codec()) {
+        match (
+            p.mechanism,
+            self.participant_noise_at(clip),
+            self.noise_codec(),
+        ) {
             (crate::privacy::Mechanism::Distributed, Some(sigma), Some((codec, t_min))) => {
                 let unit = (1u64 << codec.frac_bits) as f64;
-                let d = self.model.num_parameters();
-                let c = cohort_crypto::dp::encoded_sensitivity(self.clip_norm?, d, &codec);
                 Some(crate::privacy::distributed_noise_multiplier(
                     sigma * unit,
                     t_min,
-                    c * unit,
-                    d,
+                    self.sensitivity(clip) * unit,
+                    self.training_len(),
                 ))
             }
             _ => Some(p.noise_multiplier),
         }
+    }
+
+    /// [`Self::accounted_noise_multiplier_at`] the job's initial clip norm.
+    pub fn accounted_noise_multiplier(&self) -> Option<f64> {
+        self.accounted_noise_multiplier_at(self.clip_norm?)
     }
 
     fn validate_privacy(&self, p: &crate::privacy::PrivacySettings) -> Result<(), JobError> {
@@ -207,7 +265,14 @@ impl JobConfig {
         }
         // Sums of W messages and their noise (20 standard deviations of the total: never
         // reached in practice) must stay inside the plaintext's signed range.
-        let sigma = self.participant_noise().unwrap_or(0.0) * (1u64 << codec.frac_bits) as f64;
+        // Adaptive clipping may take the clip norm up to the codec's bound.
+        let widest = if self.adaptive_clipping.is_some() {
+            codec.clip as f64
+        } else {
+            clip
+        };
+        let sigma =
+            self.participant_noise_at(widest).unwrap_or(0.0) * (1u64 << codec.frac_bits) as f64;
         let w = codec.max_total_weight as f64;
         let bound = w * codec.max_message() as f64 + 20.0 * sigma * w.sqrt();
         let limit = 2f64.powi(63 - codec.delta_log as i32);
@@ -387,6 +452,14 @@ impl JobConfig {
         }
         if let Some(p) = &self.privacy {
             self.validate_privacy(p)?;
+        }
+        if let Some(a) = &self.adaptive_clipping {
+            a.validate().map_err(invalid)?;
+            if self.clip_norm.is_none() {
+                return Err(invalid(
+                    "adaptive_clipping needs clip_norm, the clip norm of the first round".into(),
+                ));
+            }
         }
         if let Some(data) = &self.data {
             data.validate().map_err(|e| invalid(format!("data: {e}")))?;

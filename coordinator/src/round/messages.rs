@@ -52,6 +52,9 @@ pub enum Task {
         /// Distributed differential privacy: add discrete Gaussian noise of this standard
         /// deviation (in the update's units) to each encoded value before encrypting it.
         noise_stddev: Option<f64>,
+        /// Adaptive clipping: append this value when the update was within `clip_norm`
+        /// (before clipping it), 0 otherwise.
+        clip_indicator: Option<f64>,
     },
     /// Round 0 of a job with tables: send the training table's statistics
     /// (`TableStats::to_values`, split by the job's `DigitCodec::for_statistics`), weight 1,

@@ -146,6 +146,8 @@ pub struct Orchestrator {
     statistics: Option<FederationStatistics>,
     /// Jobs with differential privacy: the accountant and the central noise's key.
     privacy: Option<privacy::Ledger>,
+    /// The clip norm of the next round (adaptive clipping moves it).
+    clip: Option<f64>,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -179,6 +181,7 @@ impl Orchestrator {
         let privacy = config.privacy.map(|_| privacy::Ledger::new(&mut entropy));
         Ok(Orchestrator {
             privacy,
+            clip: config.clip_norm,
             entropy,
             signer,
             config,
@@ -243,6 +246,9 @@ impl Orchestrator {
         o.version = done;
         if let Some(l) = &mut o.privacy {
             l.replay(&history);
+        }
+        if let Some(c) = history.iter().rev().find_map(|s| s.clipping) {
+            o.clip = Some(c.next_clip_norm);
         }
         o.completed = history;
         o.phase = if done == o.config.rounds {
@@ -658,44 +664,6 @@ impl Orchestrator {
             .map(|p| p.last_seen + self.config.liveness_timeout)
             .min();
         [phase, liveness].into_iter().flatten().min()
-    }
-
-    /// What participant `id` should do now.
-    pub fn task_for(&self, id: &str) -> Task {
-        match &self.phase {
-            Phase::Finished => Task::Finished,
-            Phase::Training(t)
-                if t.round == 0 && t.selected.contains(id) && !t.received.contains(id) =>
-            {
-                Task::Statistics {
-                    attempt: t.attempt,
-                    deadline: t.deadline,
-                    secure: t.secure.as_ref().map(|s| s.info.clone()),
-                }
-            }
-            Phase::Training(t) if t.selected.contains(id) && !t.received.contains(id) => {
-                let mut config = self.config.train.clone();
-                config.seed = participant_seed(self.config.train.seed, t.round, t.attempt, id);
-                Task::Train {
-                    round: t.round,
-                    model_version: self.version,
-                    config,
-                    deadline: t.deadline,
-                    secure: t.secure.as_ref().map(|s| s.info.clone()),
-                    clip_norm: self.config.clip_norm,
-                    noise_stddev: self.config.participant_noise(),
-                }
-            }
-            Phase::Decrypting(d) => self.decrypt_task_for(d, id),
-            Phase::Evaluating(e) if e.selected.contains(id) && !e.received.contains_key(id) => {
-                Task::Evaluate {
-                    round: e.summary.round,
-                    model_version: self.version,
-                    deadline: e.deadline,
-                }
-            }
-            _ => Task::Idle,
-        }
     }
 }
 

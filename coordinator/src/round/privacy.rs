@@ -51,10 +51,10 @@ impl Orchestrator {
     /// Whether round `round`, at sampling rate `q`, would take the job past its target ε;
     /// if so the job finishes here. Remembers `q` for the round's accounting.
     pub(super) fn budget_spent(&mut self, round: u64, q: f64) -> bool {
-        let (Some(p), Some(z)) = (
-            self.config.privacy,
-            self.config.accounted_noise_multiplier(),
-        ) else {
+        let z = self
+            .clip
+            .and_then(|c| self.config.accounted_noise_multiplier_at(c));
+        let (Some(p), Some(z)) = (self.config.privacy, z) else {
             return false;
         };
         let Some(ledger) = self.privacy.as_mut() else {
@@ -84,13 +84,14 @@ impl Orchestrator {
     }
 
     /// The mean update as the strategy may see it: with central noise, plus Gaussian noise of
-    /// standard deviation `z · C / n` (the sum's noise `z · C`, over the n participants
-    /// averaged). Records the round's privacy cost in `summary`.
+    /// standard deviation `z · S / n` (the sum's noise `z · S`, S its sensitivity at the
+    /// round's clip norm, over the n participants averaged). Records the round's privacy
+    /// cost in `summary`.
     pub(super) fn privatise(&mut self, summary: &mut RoundSummary, mean: &[f32]) -> Vec<f32> {
-        let (Some(p), Some(z)) = (
-            self.config.privacy,
-            self.config.accounted_noise_multiplier(),
-        ) else {
+        let z = self
+            .clip
+            .and_then(|c| self.config.accounted_noise_multiplier_at(c));
+        let (Some(p), Some(z)) = (self.config.privacy, z) else {
             return mean.to_vec();
         };
         let ledger = self
@@ -99,12 +100,9 @@ impl Orchestrator {
             .expect("jobs with privacy keep a ledger");
         let mut out = mean.to_vec();
         if p.mechanism == Mechanism::Central {
-            let clip = self
-                .config
-                .clip_norm
-                .expect("validated: privacy needs clip_norm");
+            let clip = self.clip.expect("validated: privacy needs clip_norm");
             let n = summary.participants.len().max(1) as f64;
-            let sd = p.noise_multiplier * clip / n;
+            let sd = p.noise_multiplier * self.config.sensitivity(clip) / n;
             // Keyed by the job's secret and the round: the same round gives the same noise.
             let mut seed = ledger.noise_key;
             for (b, r) in seed.iter_mut().zip(summary.round.to_le_bytes()) {
@@ -131,3 +129,26 @@ impl Orchestrator {
 
 #[cfg(test)]
 mod tests;
+
+impl Orchestrator {
+    /// Adaptive clipping: takes the indicators' mean off the end of `mean` (what the strategy
+    /// must not see), records the round's clipping and moves the clip norm for the next round
+    /// (never past the codec's per-value bound under distributed DP).
+    pub(super) fn adapt_clip(&mut self, summary: &mut RoundSummary, mean: &mut Vec<f32>) {
+        let (Some(a), Some(clip)) = (self.config.adaptive_clipping, self.clip) else {
+            return;
+        };
+        let scale = self.config.indicator_scale(clip).unwrap_or(1.0);
+        let unclipped = mean.pop().map_or(0.0, |b| b as f64 / scale);
+        let mut next = a.next(clip, unclipped);
+        if let Some(max) = self.config.max_clip_norm() {
+            next = next.min(max);
+        }
+        self.clip = Some(next);
+        summary.clipping = Some(cohort_storage::RoundClipping {
+            clip_norm: clip,
+            unclipped_share: unclipped,
+            next_clip_norm: next,
+        });
+    }
+}

@@ -12,6 +12,45 @@ use rand::{RngExt, SeedableRng};
 use super::*;
 
 impl Orchestrator {
+    /// What participant `id` should do now.
+    pub fn task_for(&self, id: &str) -> Task {
+        match &self.phase {
+            Phase::Finished => Task::Finished,
+            Phase::Training(t)
+                if t.round == 0 && t.selected.contains(id) && !t.received.contains(id) =>
+            {
+                Task::Statistics {
+                    attempt: t.attempt,
+                    deadline: t.deadline,
+                    secure: t.secure.as_ref().map(|s| s.info.clone()),
+                }
+            }
+            Phase::Training(t) if t.selected.contains(id) && !t.received.contains(id) => {
+                let mut config = self.config.train.clone();
+                config.seed = participant_seed(self.config.train.seed, t.round, t.attempt, id);
+                Task::Train {
+                    round: t.round,
+                    model_version: self.version,
+                    config,
+                    deadline: t.deadline,
+                    secure: t.secure.as_ref().map(|s| s.info.clone()),
+                    clip_norm: self.clip,
+                    noise_stddev: self.clip.and_then(|c| self.config.participant_noise_at(c)),
+                    clip_indicator: self.clip.and_then(|c| self.config.indicator_scale(c)),
+                }
+            }
+            Phase::Decrypting(d) => self.decrypt_task_for(d, id),
+            Phase::Evaluating(e) if e.selected.contains(id) && !e.received.contains_key(id) => {
+                Task::Evaluate {
+                    round: e.summary.round,
+                    model_version: self.version,
+                    deadline: e.deadline,
+                }
+            }
+            _ => Task::Idle,
+        }
+    }
+
     pub(super) fn current_round(&self) -> u64 {
         match &self.phase {
             Phase::Waiting { round, .. } => *round,
@@ -199,6 +238,7 @@ impl Orchestrator {
             evaluated_by: 0,
             seconds: 0.0,
             privacy: None,
+            clipping: None,
         };
         self.apply_mean(summary, &mean, t.started, now);
     }
@@ -212,8 +252,10 @@ impl Orchestrator {
         now: Instant,
     ) {
         let noised;
-        let mean = if self.privacy.is_some() {
-            noised = self.privatise(&mut summary, mean);
+        let mean = if self.privacy.is_some() || self.config.adaptive_clipping.is_some() {
+            let mut m = self.privatise(&mut summary, mean);
+            self.adapt_clip(&mut summary, &mut m);
+            noised = m;
             &noised[..]
         } else {
             mean

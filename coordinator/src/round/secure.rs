@@ -518,7 +518,7 @@ impl Orchestrator {
             }
             return;
         }
-        let mean = match decode(&d.acc, &[], self.global.len(), &d.info.codec) {
+        let mean = match decode(&d.acc, &[], self.update_len(d.round), &d.info.codec) {
             Ok(m) => m,
             Err(e) => {
                 let cause = FailureCause::Undecodable {
@@ -539,6 +539,7 @@ impl Orchestrator {
             evaluated_by: 0,
             seconds: 0.0,
             privacy: None,
+            clipping: None,
         };
         self.apply_mean(summary, &mean, d.started, now);
     }

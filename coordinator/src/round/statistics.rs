@@ -88,7 +88,7 @@ impl Orchestrator {
     pub(super) fn update_len(&self, round: u64) -> usize {
         match (&self.config.data, round) {
             (Some(data), 0) => self.statistics_digits().len_for(data.statistics_len()),
-            _ => self.global.len(),
+            _ => self.config.training_len(),
         }
     }
 

@@ -48,6 +48,7 @@ pub(super) fn config() -> JobConfig {
         clip_norm: None,
         privacy: None,
         emulated_codec: None,
+        adaptive_clipping: None,
     }
 }
 
@@ -185,6 +186,7 @@ fn round_waits_for_min_participants_then_selects_all() {
             secure: None,
             clip_norm: None,
             noise_stddev: None,
+            clip_indicator: None,
         } => {
             assert_eq!(deadline, h.start + Duration::from_secs(30));
             assert_ne!(config.seed, 1, "each participant gets its own seed");

@@ -248,6 +248,7 @@ impl Remote<'_> {
                 pipeline: step.pipeline.cloned(),
                 clip_norm: None,
                 noise_stddev: None,
+                clip_indicator: None,
             };
             for (id, t) in tasks {
                 let (r, version) = match t {
@@ -258,10 +259,12 @@ impl Remote<'_> {
                         secure,
                         clip_norm,
                         noise_stddev,
+                        clip_indicator,
                         ..
                     } => {
                         order.clip_norm = clip_norm;
                         order.noise_stddev = noise_stddev;
+                        order.clip_indicator = clip_indicator;
                         if let Some(info) = &secure {
                             order.job_id = info.job.clone();
                         }

@@ -73,6 +73,8 @@ pub(super) struct ShardStep {
     pub(super) clip_norm: Option<f64>,
     /// Distributed differential privacy: each client's noise standard deviation.
     pub(super) noise_stddev: Option<f64>,
+    /// Adaptive clipping: each client's indicator value.
+    pub(super) clip_indicator: Option<f64>,
 }
 
 /// What one worker's participants produced in a step.
@@ -118,6 +120,7 @@ pub(super) fn work_shard(
                 secure: step.secure.clone(),
                 clip_norm: step.clip_norm,
                 noise_stddev: step.noise_stddev,
+                clip_indicator: step.clip_indicator,
             },
         ));
     }
@@ -265,6 +268,7 @@ impl ShardStep {
             statistics: self.statistics.clone(),
             clip_norm: self.clip_norm,
             noise_stddev: self.noise_stddev,
+            clip_indicator: self.clip_indicator,
             data_spec_json: self
                 .data
                 .as_ref()
@@ -328,6 +332,7 @@ impl ShardStep {
             statistics: m.statistics.clone(),
             clip_norm: m.clip_norm,
             noise_stddev: m.noise_stddev,
+            clip_indicator: m.clip_indicator,
             data: (!m.data_spec_json.is_empty())
                 .then(|| serde_json::from_str(&m.data_spec_json))
                 .transpose()

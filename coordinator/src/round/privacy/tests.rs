@@ -232,3 +232,103 @@ fn privacy_settings_that_cannot_work_are_refused_by_name() {
             .contains("privacy.delta")
     );
 }
+
+/// Adaptive clipping: each participant appends its indicator; the state machine takes the
+/// indicators' mean off the update, moves the clip norm geometrically towards the target
+/// quantile, tells the next round's participants, and a restarted coordinator goes on from
+/// the stored clip norm.
+#[test]
+fn adaptive_clipping_moves_the_clip_norm_from_the_summed_indicators() {
+    let cfg = JobConfig {
+        clip_norm: Some(2.0),
+        adaptive_clipping: Some(crate::privacy::AdaptiveClipping {
+            target_quantile: 0.5,
+            learning_rate: 0.2,
+        }),
+        evaluate: false,
+        rounds: 2,
+        ..config()
+    };
+    assert_eq!(cfg.training_len(), P + 1);
+    assert_eq!(
+        cfg.indicator_scale(2.0),
+        Some(1.0),
+        "exact counts without DP"
+    );
+    let mut o = Orchestrator::new(cfg.clone(), Box::new(FedAvg::default()), None, [3; 32]).unwrap();
+    let now = Instant::now();
+    for id in ["a", "b", "c"] {
+        o.handle_join(id, format!("s-{id}"), 10, now).unwrap();
+    }
+    let Task::Train {
+        clip_norm,
+        clip_indicator,
+        ..
+    } = o.task_for("a")
+    else {
+        panic!("a trains")
+    };
+    assert_eq!((clip_norm, clip_indicator), (Some(2.0), Some(1.0)));
+    // a and b were within the clip norm, c was clipped: b̄ = 2/3.
+    for (id, within) in [("a", 1.0f32), ("b", 1.0), ("c", 0.0)] {
+        let mut delta = vec![0.3f32; P];
+        delta.push(within);
+        let u = Update {
+            round: 1,
+            delta,
+            num_examples: 10,
+            train: None,
+        };
+        o.handle_update(id, u, now).unwrap();
+    }
+    let events: Vec<Event> = std::iter::from_fn(|| o.poll_event()).collect();
+    let summary = summaries(&events).remove(0);
+    let c = summary.clipping.unwrap();
+    let want = 2.0 * (-0.2f64 * (2.0 / 3.0 - 0.5)).exp();
+    assert_eq!(c.clip_norm, 2.0);
+    assert!((c.unclipped_share - 2.0 / 3.0).abs() < 1e-6);
+    assert!((c.next_clip_norm - want).abs() < 1e-6);
+    // The model moved by the update's mean only, the indicator not applied to it.
+    let initial = config().model.initial_parameters(config().seed);
+    let moved: Vec<f32> = o
+        .global()
+        .1
+        .iter()
+        .zip(&initial)
+        .map(|(g, i)| g - i)
+        .collect();
+    assert_eq!(moved.len(), P);
+    assert!(moved.iter().all(|d| (d - 0.3).abs() < 1e-6), "{moved:?}");
+    o.committed(1, now);
+    let Task::Train { clip_norm, .. } = o.task_for("a") else {
+        panic!("a trains round 2")
+    };
+    assert_eq!(clip_norm, Some(c.next_clip_norm));
+    // A participant that leaves the indicator out sends the wrong length.
+    assert_eq!(
+        o.check_update("a", 2, P).unwrap_err(),
+        Rejection::ParameterCount {
+            expected: P + 1,
+            got: P
+        }
+    );
+    // Restarted after round 1: round 2 clips at the stored norm.
+    let resumed = Orchestrator::resume(
+        cfg,
+        Box::new(FedAvg::default()),
+        None,
+        o.history().to_vec(),
+        o.global().1.to_vec(),
+        1,
+        [5; 32],
+    )
+    .unwrap();
+    let mut resumed = resumed;
+    for id in ["a", "b", "c"] {
+        resumed.handle_join(id, format!("s-{id}"), 10, now).unwrap();
+    }
+    let Task::Train { clip_norm, .. } = resumed.task_for("a") else {
+        panic!("a trains round 2 after the restart")
+    };
+    assert_eq!(clip_norm, Some(c.next_clip_norm));
+}

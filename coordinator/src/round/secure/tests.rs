@@ -69,6 +69,7 @@ fn config(committee: usize) -> JobConfig {
         clip_norm: None,
         privacy: None,
         emulated_codec: None,
+        adaptive_clipping: None,
     }
 }
 
