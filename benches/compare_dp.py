@@ -58,18 +58,18 @@ def flower(python, tmp, shares, z, seed):
         return json.load(f)["federated_accuracy"]
 
 
-def svg(points, path):
-    """Accuracy (y) against ε (x, log scale) for each series; the non-private accuracies as
-    dashed lines."""
+PALETTE = ["#1f77b4", "#2ca02c", "#d62728", "#9467bd"]
+
+
+def svg(series, baselines, path, y0=0.5, y1=1.0):
+    """Accuracy (y) against ε (x, log scale), one line per series ({name: {ε: accuracy}});
+    the non-private accuracies ({name: accuracy}) as dashed lines."""
     import math
     w, h, left, bottom, top, right = 640, 400, 60, 50, 20, 170
     xs = [math.log(e) for e in EPSILONS]
     x0, x1 = min(xs) - 0.2, max(xs) + 0.2
-    y0, y1 = 0.5, 1.0
     px = lambda x: left + (x - x0) / (x1 - x0) * (w - left - right)
     py = lambda y: h - bottom - (y - y0) / (y1 - y0) * (h - bottom - top)
-    colours = {"cohort central": "#1f77b4", "cohort distributed": "#2ca02c",
-               "Flower central": "#d62728"}
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
            f'font-family="sans-serif" font-size="12">',
            f'<rect width="{w}" height="{h}" fill="white"/>',
@@ -83,11 +83,12 @@ def svg(points, path):
         out.append(f'<text x="{px(x)}" y="{h-bottom+18}" text-anchor="middle">{e:g}</text>')
     for k in range(6):
         y = y0 + k * (y1 - y0) / 5
-        out.append(f'<text x="{left-8}" y="{py(y)+4}" text-anchor="end">{y:.1f}</text>')
+        out.append(f'<text x="{left-8}" y="{py(y)+4}" text-anchor="end">{y:.2f}</text>')
         out.append(f'<line x1="{left}" y1="{py(y)}" x2="{w-right}" y2="{py(y)}" '
                    f'stroke="#ddd"/>')
-    for i, (name, colour) in enumerate(colours.items()):
-        ys = [points[name][str(e)] for e in EPSILONS]
+    for i, (name, points) in enumerate(series.items()):
+        colour = PALETTE[i % len(PALETTE)]
+        ys = [points[str(e)] for e in EPSILONS]
         pts = " ".join(f"{px(x)},{py(y)}" for x, y in zip(xs, ys))
         out.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="2"/>')
         for x, y in zip(xs, ys):
@@ -96,11 +97,11 @@ def svg(points, path):
         out.append(f'<line x1="{w-right+10}" y1="{ly}" x2="{w-right+30}" y2="{ly}" '
                    f'stroke="{colour}" stroke-width="2"/>')
         out.append(f'<text x="{w-right+36}" y="{ly+4}">{name}</text>')
-    for i, (name, colour) in enumerate([("cohort, no DP", "#555"), ("Flower, no DP", "#d62728")]):
-        y = points[name]
+    for i, (name, y) in enumerate(baselines.items()):
+        colour = ["#555", "#d62728"][i % 2]
         out.append(f'<line x1="{left}" y1="{py(y)}" x2="{w-right}" y2="{py(y)}" '
                    f'stroke="{colour}" stroke-dasharray="5,4"/>')
-        ly = top + 16 + 20 * (len(colours) + i)
+        ly = top + 16 + 20 * (len(series) + i)
         out.append(f'<line x1="{w-right+10}" y1="{ly}" x2="{w-right+30}" y2="{ly}" '
                    f'stroke="{colour}" stroke-dasharray="5,4"/>')
         out.append(f'<text x="{w-right+36}" y="{ly+4}">{name}</text>')
@@ -147,7 +148,8 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "dp_breast_cancer.json"), "w") as f:
         json.dump(result, f, indent=1)
-    svg(points, os.path.join(a.out, "dp_breast_cancer.svg"))
+    svg({k: points[k] for k in runs}, {k: points[k] for k in plain},
+        os.path.join(a.out, "dp_breast_cancer.svg"))
     print(json.dumps(points, indent=1))
 
 

@@ -3,7 +3,6 @@
 //! several points of a round followed by restarts.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -54,26 +53,6 @@ fn progress(dir: &Path, addr: &str, job: &str) -> (String, u64) {
     let r = row(&t, job).unwrap_or_else(|| panic!("no job {job} in {t}"));
     let done = r[2].split('/').next().unwrap().parse().unwrap();
     (r[1].clone(), done)
-}
-
-/// GET /metrics over plain HTTP/1.1.
-fn scrape(addr: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let (head, body) = resp.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("content-type: application/openmetrics-text"),
-        "{head}"
-    );
-    body.to_string()
 }
 
 /// Parses the Prometheus/OpenMetrics text format strictly enough to catch a malformed

@@ -44,20 +44,6 @@ fn the_accountant_agrees_with_dp_accounting_within_one_percent() {
     eprintln!("largest relative difference {:.2e} ({})", worst.0, worst.1);
 }
 
-/// GET /metrics over plain HTTP/1.1.
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    resp
-}
-
 /// Distributed differential privacy over real processes: three participant processes clip
 /// their updates, add discrete Gaussian noise (from the operating system's generator) to
 /// their encoded updates and encrypt them; the coordinator decrypts only the noised sum,
@@ -99,7 +85,7 @@ fn a_federation_with_distributed_noise_accounts_every_round_and_stops_at_its_bud
     one.compose_gaussian(1.0, 1.5, 1);
     let eps1 = format!("{:.4}", one.epsilon(1e-5).0);
     assert!(status.contains(&eps1), "ε {eps1} not in {status}");
-    let metrics = scrape(&coord.metrics);
+    let metrics = common::scrape(&coord.metrics);
     assert!(
         metrics
             .lines()
@@ -130,7 +116,7 @@ fn a_federation_with_distributed_noise_accounts_every_round_and_stops_at_its_bud
         "round 3 would have exceeded the budget"
     );
     // The noise is there: the participants' clipped updates (norm ≤ 1) cannot move the
-    // 31-parameter model by more than 1 a round without it.
+    // 62-parameter model by more than 1 a round without it.
     let keys =
         std::sync::Arc::new(cohort_storage::load_key_dir(&d.join("pki/coordinator/kek")).unwrap());
     let params = |v: u32| {

@@ -784,6 +784,17 @@ mod tests {
         answer(&req, &me.id, &me.seal, &me.sign, policy, rng)
     }
 
+    /// Committee `members` answer for every piece: the round's accumulator then holds the
+    /// decrypted sum.
+    fn decrypt_with(r: &mut Round, members: &[usize], rng: &mut ChaCha8Rng) {
+        let committee = r.info.validate().unwrap();
+        let manifest = r.manifest();
+        for (k, m) in committee.assign(members).unwrap() {
+            let (share, _) = ask(r, &manifest, m, &[k], &mut MemberPolicy::default(), rng).unwrap();
+            r.acc.add_share(&share).unwrap();
+        }
+    }
+
     #[test]
     fn exact_statistics_travel_as_digits_through_a_whole_round() {
         // Each site's statistics (counts, sums, sums of squares of any size), as digits with
@@ -802,20 +813,7 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(8);
         let mut r = round_with(4, 3, 2, &mut rng, &values, u64::MAX);
         assert!(r.values.iter().all(|(w, _)| *w == 1), "weight 1 each");
-        let committee = r.info.validate().unwrap();
-        let manifest = r.manifest();
-        for (k, m) in committee.assign(&[0, 1]).unwrap() {
-            let (share, _) = ask(
-                &r,
-                &manifest,
-                m,
-                &[k],
-                &mut MemberPolicy::default(),
-                &mut rng,
-            )
-            .unwrap();
-            r.acc.add_share(&share).unwrap();
-        }
+        decrypt_with(&mut r, &[0, 1], &mut rng);
         let len = r.values[0].1.len();
         let sums = crate::glwe::decode_sums(&r.acc, &[], len, &r.info.codec).unwrap();
         let got = digits.decode(&sums).unwrap();
@@ -842,20 +840,7 @@ mod tests {
             |i: usize| -> Vec<f32> { noise(i).iter().map(|&m| (m as f64 / unit) as f32).collect() };
         let mut rng = ChaCha8Rng::seed_from_u64(9);
         let mut r = round_with(n, 3, 2, &mut rng, &values, u64::MAX);
-        let committee = r.info.validate().unwrap();
-        let manifest = r.manifest();
-        for (k, m) in committee.assign(&[0, 1]).unwrap() {
-            let (share, _) = ask(
-                &r,
-                &manifest,
-                m,
-                &[k],
-                &mut MemberPolicy::default(),
-                &mut rng,
-            )
-            .unwrap();
-            r.acc.add_share(&share).unwrap();
-        }
+        decrypt_with(&mut r, &[0, 1], &mut rng);
         let sums = crate::glwe::decode_sums(&r.acc, &[], len, &r.info.codec).unwrap();
         let want: Vec<i64> = (0..len)
             .map(|j| (0..n).map(|i| noise(i)[j]).sum())
