@@ -137,6 +137,13 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         None => None,
     };
     if args.workers > 0 {
+        if secure.is_none() && args.dp.is_some() {
+            bail!(
+                "--workers with --dp and --plaintext: plaintext partial sums are weighted by \
+                 examples, and differential privacy needs every update to weigh 1; use \
+                 --secure emulated (or secure aggregation with --custodians)"
+            );
+        }
         if secure.is_some() && !emulated && custodian_ids.is_empty() {
             bail!(
                 "--workers needs the committee to be key custodians run by this process: add \
