@@ -12,9 +12,8 @@
 //!   Byzantine updates Krum tolerates; `krum` takes the best-scored update, `multi-krum` the
 //!   mean of the n − f best.
 //!
-//! Every update weighs the same: a weight is what an attacker would inflate.
-
-use crate::strategy::Strategy;
+//! Every update weighs the same: a weight is what an attacker would inflate. The rules are
+//! pure functions; `strategy::Robust` makes one a job's strategy.
 
 /// Which robust rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,29 +123,6 @@ fn krum_order(updates: &[Vec<f32>]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&a, &b| score[a].total_cmp(&score[b]).then(a.cmp(&b)));
     order
-}
-
-/// A robust rule as the job's strategy: the global model moves by the combined update.
-#[derive(Debug, Clone)]
-pub struct Robust {
-    pub rule: RobustRule,
-    pub server_lr: f32,
-}
-
-impl Strategy for Robust {
-    fn name(&self) -> &'static str {
-        self.rule.name()
-    }
-    fn apply(&mut self, global: &[f32], combined: &[f32], _round: u64) -> Vec<f32> {
-        global
-            .iter()
-            .zip(combined)
-            .map(|(g, d)| g + self.server_lr * d)
-            .collect()
-    }
-    fn robust_rule(&self) -> Option<RobustRule> {
-        Some(self.rule)
-    }
 }
 
 #[cfg(test)]

@@ -1,8 +1,11 @@
 //! Aggregation strategies: what the server does with the weighted mean update of a round.
 //!
 //! The weighted mean itself is computed by the round state machine (or, with secure
-//! aggregation, decrypted from the encrypted sum), so a strategy only ever sees the mean: this
-//! keeps every strategy compatible with secure aggregation.
+//! aggregation, decrypted from the encrypted sum), so a mean-based strategy only ever sees the
+//! mean: this keeps it compatible with secure aggregation. A robust rule ([`Robust`], plaintext
+//! jobs only) gets the rule's combination of the individual updates instead.
+
+use crate::robust::RobustRule;
 
 /// A strategy that cannot be built or restored.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -45,7 +48,7 @@ pub trait Strategy: Send {
     }
     /// Robust rules combine the individual updates themselves (and so need each one in the
     /// clear); `apply` then gets their combination instead of the mean.
-    fn robust_rule(&self) -> Option<crate::robust::RobustRule> {
+    fn robust_rule(&self) -> Option<RobustRule> {
         None
     }
 }
@@ -272,6 +275,29 @@ impl Strategy for FedAvgM {
     }
 }
 
+/// A robust rule as the job's strategy: the global model moves by the combined update.
+#[derive(Debug, Clone)]
+pub struct Robust {
+    pub rule: RobustRule,
+    pub server_lr: f32,
+}
+
+impl Strategy for Robust {
+    fn name(&self) -> &'static str {
+        self.rule.name()
+    }
+    fn apply(&mut self, global: &[f32], combined: &[f32], _round: u64) -> Vec<f32> {
+        global
+            .iter()
+            .zip(combined)
+            .map(|(g, d)| g + self.server_lr * d)
+            .collect()
+    }
+    fn robust_rule(&self) -> Option<RobustRule> {
+        Some(self.rule)
+    }
+}
+
 /// A strategy by name: `fedavg`, `fedavgm` (with `server_momentum`), `fedprox`, `fedadagrad`,
 /// `fedadam` or `fedyogi`, each with `server_lr`. Every one of them sees only the mean update,
 /// so each works under secure aggregation.
@@ -294,7 +320,7 @@ pub fn by_name(
         "fedadam" => Ok(Box::new(FedOpt::new(AdaptiveRule::Adam, server_lr))),
         "fedyogi" => Ok(Box::new(FedOpt::new(AdaptiveRule::Yogi, server_lr))),
         _ => match crate::robust::RobustRule::by_name(name) {
-            Some(rule) => Ok(Box::new(crate::robust::Robust { rule, server_lr })),
+            Some(rule) => Ok(Box::new(Robust { rule, server_lr })),
             None => Err(StrategyError::Unknown(name.to_string())),
         },
     }

@@ -688,6 +688,4 @@ fn splitmix(mut z: u64) -> u64 {
 }
 
 #[cfg(test)]
-mod robust_tests;
-#[cfg(test)]
 mod tests;

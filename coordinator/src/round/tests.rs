@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use cohort_model::{ModelSpec, Optimizer, TrainConfig};
 
+mod robust;
+
 /// Drives an [`Orchestrator`] with a clock that only moves when told, committing completed
 /// rounds as the coordinator's driver does, to a store that can be told to fail.
 struct Harness {

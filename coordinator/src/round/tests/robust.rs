@@ -1,7 +1,6 @@
 //! Robust strategies in the state machine, on a virtual clock: an attacker's update does not
 //! move the model, and the combinations that cannot work are refused by name.
 
-use super::tests::config;
 use super::*;
 use crate::strategy::by_name;
 
