@@ -76,6 +76,24 @@ async fn both_engines_give_the_same_model_bit_for_bit() {
             "median",
             &["--participants", "5", "--plaintext", "--strategy", "median"][..],
         ),
+        // Per-layer clipping: each layer of an MLP to its share of the clip norm, and the
+        // same MLP clipped as a whole.
+        (
+            "per-layer",
+            &[
+                "--participants",
+                "4",
+                "--hidden",
+                "8",
+                "--clip-norm",
+                "0.3",
+                "--clip-per-layer",
+            ][..],
+        ),
+        (
+            "clipped-mlp",
+            &["--participants", "4", "--hidden", "8", "--clip-norm", "0.3"][..],
+        ),
         // Adaptive clipping: the indicators summed with the updates move the clip norm.
         (
             "adaptive-clip",
@@ -152,6 +170,10 @@ async fn both_engines_give_the_same_model_bit_for_bit() {
     ] {
         assert_ne!(models[name], weights(&plain), "{name} is plain FedAvg");
     }
+    assert_ne!(
+        models["per-layer"], models["clipped-mlp"],
+        "per-layer clipping is whole-update clipping"
+    );
     let mean = simulate(
         "networked",
         &["--participants", "5", "--plaintext"],

@@ -120,6 +120,9 @@ pub struct JobSection {
     /// Participants scale their updates down to this L2 norm before sending them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_norm: Option<f64>,
+    /// Clip each layer to its share of `clip_norm` rather than the update as a whole.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clip_per_layer: bool,
     /// `[job.privacy]`: differential privacy (needs `clip_norm`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<crate::privacy::PrivacySettings>,
@@ -301,6 +304,7 @@ impl JobSection {
             secure: self.secure_aggregation.settings(min_updates)?,
             data: self.data.clone(),
             clip_norm: self.clip_norm,
+            clip_per_layer: self.clip_per_layer,
             privacy: self.privacy,
             emulated_codec: None,
             adaptive_clipping: self.adaptive_clipping,
@@ -502,6 +506,20 @@ optimizer = "sgd"
         assert_eq!(p.target_epsilon, Some(8.0));
         let again = JobSection::parse_spec(&spec.to_spec()).unwrap();
         assert_eq!(again.job_config().unwrap().privacy, Some(p));
+        // Per-layer clipping, kept through the round trip; refused without a clip norm.
+        let layered = text.replace(
+            "clip_norm = 1.0\n",
+            "clip_norm = 1.0\nclip_per_layer = true\n",
+        );
+        let spec = JobSection::parse_spec(&layered).unwrap();
+        assert!(spec.job_config().unwrap().clip_per_layer);
+        let again = JobSection::parse_spec(&spec.to_spec()).unwrap();
+        assert!(again.job_config().unwrap().clip_per_layer);
+        let no_norm = "id = \"l\"\nrounds = 1\nmin_participants = 2\nclip_per_layer = true\n\
+             [model]\nkind = \"logistic\"\ninputs = 3\nclasses = 2\n\
+             [train]\nepochs = 1\nbatch_size = 4\nlearning_rate = 0.1\noptimizer = \"sgd\"\n";
+        let e = JobSection::parse_spec(no_norm).unwrap_err().to_string();
+        assert!(e.contains("clip_per_layer needs clip_norm"), "{e}");
         // Adaptive clipping, with its defaults, and its refusals.
         let adaptive = format!("{text}[adaptive_clipping]\n");
         let a = JobSection::parse_spec(&adaptive)

@@ -71,10 +71,12 @@ impl Coordinator {
                 deadline,
                 secure,
                 clip_norm,
+                clip_per_layer,
                 noise_stddev,
                 clip_indicator,
             } => Kind::Train(pb::TrainTask {
                 clip_norm,
+                clip_per_layer,
                 noise_stddev,
                 clip_indicator,
                 secure: secure.as_deref().map(round_pb),

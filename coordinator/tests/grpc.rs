@@ -44,6 +44,7 @@ fn job() -> JobConfig {
         secure: None,
         data: None,
         clip_norm: None,
+        clip_per_layer: false,
         privacy: None,
         emulated_codec: None,
         adaptive_clipping: None,

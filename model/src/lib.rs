@@ -20,7 +20,9 @@ pub use data::{Dataset, FeatureShape, IdxSplit, LabelColumn, Standardizer};
 pub use infer::{InferenceModel, Precision};
 pub use net::{ModelSpec, Network};
 pub use partition::{Partition, partition};
-pub use train::{Metrics, Optimizer, TrainConfig, TrainReport, clip_l2, evaluate, train};
+pub use train::{
+    Metrics, Optimizer, TrainConfig, TrainReport, clip_l2, clip_update, evaluate, train,
+};
 
 /// Errors loading or validating data.
 #[derive(Debug, thiserror::Error)]

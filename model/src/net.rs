@@ -234,6 +234,21 @@ impl ModelSpec {
         out
     }
 
+    /// The layers (modules) in the order of the flat vector, each with its number of values
+    /// (weight and bias together): what per-layer clipping clips.
+    pub fn layer_sizes(&self) -> Vec<(String, usize)> {
+        let mut out: Vec<(String, usize)> = Vec::new();
+        for p in self.layout() {
+            let module = p.name.rsplit_once('.').map_or(p.name.as_str(), |(m, _)| m);
+            let n: usize = p.shape.iter().product();
+            match out.last_mut() {
+                Some((m, k)) if m == module => *k += n,
+                _ => out.push((module.to_string(), n)),
+            }
+        }
+        out
+    }
+
     /// Length of the flat parameter vector.
     pub fn num_parameters(&self) -> usize {
         self.layout()

@@ -276,6 +276,26 @@ impl ModuleVisitor for Proximal<'_> {
     }
 }
 
+/// Clips a participant's update before it leaves: as a whole to L2 norm `max_norm`, or, with
+/// `per_layer`, each layer (a module's weight and bias together) to `max_norm · √(n_l / d)`
+/// for its n_l of the d values, so that the whole stays within `max_norm` (the sensitivity
+/// differential privacy is sized from) while no single layer's scale decides the rest's.
+/// Says whether anything was clipped.
+pub fn clip_update(update: &mut [f32], spec: &ModelSpec, max_norm: f64, per_layer: bool) -> bool {
+    if !per_layer {
+        return clip_l2(update, max_norm);
+    }
+    let d = spec.num_parameters() as f64;
+    let mut offset = 0;
+    let mut clipped = false;
+    for (_, n) in spec.layer_sizes() {
+        let end = (offset + n).min(update.len());
+        clipped |= clip_l2(&mut update[offset..end], max_norm * (n as f64 / d).sqrt());
+        offset = end;
+    }
+    clipped
+}
+
 /// Scales `update` down to L2 norm `max_norm` when it is longer (per-update norm clipping,
 /// before it leaves the participant); says whether it did.
 pub fn clip_l2(update: &mut [f32], max_norm: f64) -> bool {
@@ -541,6 +561,32 @@ mod tests {
         );
         bad.proximal_mu = f64::INFINITY;
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn per_layer_clipping_keeps_each_layer_within_its_share_and_the_whole_within_the_norm() {
+        let spec = ModelSpec::for_shape(FeatureShape::Flat(4), 2, &[3]);
+        // layers.0: 4 × 3 + 3 = 15 values; layers.1: 3 × 2 + 2 = 8.
+        let layers: Vec<usize> = spec.layer_sizes().iter().map(|(_, n)| *n).collect();
+        assert_eq!(layers, [15, 8]);
+        assert_eq!(spec.layer_sizes()[1].0, "layers.1");
+        let d = 23.0f64;
+        // The first layer large, the second small: only the first is clipped.
+        let mut u: Vec<f32> = (0..23).map(|i| if i < 15 { 1.0 } else { 0.01 }).collect();
+        let before = u.clone();
+        assert!(clip_update(&mut u, &spec, 1.0, true));
+        let norm = |s: &[f32]| s.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        assert!((norm(&u[..15]) - (15.0 / d).sqrt()).abs() < 1e-6);
+        assert_eq!(u[15..], before[15..], "the small layer is left alone");
+        assert!(norm(&u) <= 1.0 + 1e-6);
+        // The whole-update rule scales everything by one factor instead.
+        let mut w = before.clone();
+        assert!(clip_update(&mut w, &spec, 1.0, false));
+        assert!((norm(&w) - 1.0).abs() < 1e-6);
+        assert!((w[15] / before[15] - w[0] / before[0]).abs() < 1e-6);
+        // Within every share: nothing changes.
+        let mut small = vec![0.01f32; 23];
+        assert!(!clip_update(&mut small, &spec, 1.0, true));
     }
 
     #[test]

@@ -422,6 +422,7 @@ mod tests {
             secure: None,
             pipeline_json: String::new(),
             clip_norm: None,
+            clip_per_layer: false,
             noise_stddev: None,
             clip_indicator: None,
         });

@@ -68,6 +68,7 @@ pub(crate) async fn train_round(
     .await?;
     let (d, dev) = (data.clone(), opts.device);
     let start = global.clone();
+    let layers = spec.clone();
     let trained = local_step(s, opts, move || {
         cohort_model::train(&spec, &start, &d.train, &cfg, dev)
     })
@@ -83,7 +84,7 @@ pub(crate) async fn train_round(
     let mut delta: Vec<f32> = params.iter().zip(&global).map(|(p, g)| p - g).collect();
     let clipped = t
         .clip_norm
-        .is_some_and(|c| cohort_model::clip_l2(&mut delta, c));
+        .is_some_and(|c| cohort_model::clip_update(&mut delta, &layers, c, t.clip_per_layer));
     if clipped {
         tracing::debug!(participant = %opts.id, round = t.round, "update clipped to L2 norm {:?}", t.clip_norm);
     }

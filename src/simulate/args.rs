@@ -109,6 +109,10 @@ pub struct SimArgs {
     /// δ of the (ε, δ) guarantee.
     #[arg(long, default_value_t = 1e-5)]
     pub delta: f64,
+    /// Clip each layer to its share of --clip-norm (√(n_l / d) of it) instead of the whole
+    /// update.
+    #[arg(long)]
+    pub clip_per_layer: bool,
     /// Adaptive clipping: the clip norm (starting at --clip-norm) follows this quantile of
     /// the update norms, from the securely summed count of updates within it.
     #[arg(long)]

@@ -267,6 +267,7 @@ fn work_done(c: &mut Client, t: &Task, step: &Step<'_>, encrypt_seconds: &mut f6
             config,
             secure,
             clip_norm,
+            clip_per_layer,
             noise_stddev,
             clip_indicator,
             ..
@@ -277,7 +278,8 @@ fn work_done(c: &mut Client, t: &Task, step: &Step<'_>, encrypt_seconds: &mut f6
                     Err(e) => return Done::Nothing(format!("local training failed: {e}")),
                 };
             let mut delta: Vec<f32> = params.iter().zip(global).map(|(p, g)| p - g).collect();
-            let clipped = clip_norm.is_some_and(|c| cohort_model::clip_l2(&mut delta, c));
+            let clipped = clip_norm
+                .is_some_and(|c| cohort_model::clip_update(&mut delta, spec, c, *clip_per_layer));
             // Adaptive clipping: whether the update was within the clip norm.
             if let Some(b) = clip_indicator {
                 delta.push(if clipped { 0.0 } else { *b as f32 });

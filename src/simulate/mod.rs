@@ -213,6 +213,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         // Tables preprocessed by the federation: round 0 sums their statistics.
         data: prep.spec.clone(),
         clip_norm: args.clip_norm,
+        clip_per_layer: args.clip_per_layer,
         privacy,
         adaptive_clipping: args.clip_quantile.map(|q| {
             cohort_coordinator::privacy::AdaptiveClipping {

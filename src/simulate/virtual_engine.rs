@@ -462,6 +462,7 @@ mod tests {
             }),
             data: None,
             clip_norm: None,
+            clip_per_layer: false,
             privacy: None,
             emulated_codec: None,
             adaptive_clipping: None,

@@ -82,6 +82,9 @@ pub struct JobConfig {
     /// Each participant scales its update down to this L2 norm before sending it (per-update
     /// norm clipping); `None`: no clipping.
     pub clip_norm: Option<f64>,
+    /// Clip each layer to its share of `clip_norm` (`clip_norm · √(n_l / d)`) rather than the
+    /// update as a whole.
+    pub clip_per_layer: bool,
     /// Differential privacy: every update weighs the same (1), the sum carries Gaussian noise
     /// of `noise_multiplier · clip_norm`, and each round's cost is accounted.
     pub privacy: Option<crate::privacy::PrivacySettings>,
@@ -449,6 +452,11 @@ impl JobConfig {
             return Err(invalid(format!(
                 "clip_norm must be a positive number, not {c}"
             )));
+        }
+        if self.clip_per_layer && self.clip_norm.is_none() {
+            return Err(invalid(
+                "clip_per_layer needs clip_norm, the bound the layers share".into(),
+            ));
         }
         if let Some(p) = &self.privacy {
             self.validate_privacy(p)?;

@@ -49,6 +49,8 @@ pub enum Task {
         secure: Option<Arc<RoundInfo>>,
         /// Scale the update down to this L2 norm before sending it.
         clip_norm: Option<f64>,
+        /// Clip each layer to its share of `clip_norm` instead of the update as a whole.
+        clip_per_layer: bool,
         /// Distributed differential privacy: add discrete Gaussian noise of this standard
         /// deviation (in the update's units) to each encoded value before encrypting it.
         noise_stddev: Option<f64>,

@@ -35,6 +35,7 @@ impl Orchestrator {
                     deadline: t.deadline,
                     secure: t.secure.as_ref().map(|s| s.info.clone()),
                     clip_norm: self.clip,
+                    clip_per_layer: self.config.clip_per_layer,
                     noise_stddev: self.clip.and_then(|c| self.config.participant_noise_at(c)),
                     clip_indicator: self.clip.and_then(|c| self.config.indicator_scale(c)),
                 }

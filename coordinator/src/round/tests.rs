@@ -48,6 +48,7 @@ pub(super) fn config() -> JobConfig {
         secure: None,
         data: None,
         clip_norm: None,
+        clip_per_layer: false,
         privacy: None,
         emulated_codec: None,
         adaptive_clipping: None,
@@ -187,6 +188,7 @@ fn round_waits_for_min_participants_then_selects_all() {
             config,
             secure: None,
             clip_norm: None,
+            clip_per_layer: false,
             noise_stddev: None,
             clip_indicator: None,
         } => {

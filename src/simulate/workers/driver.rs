@@ -247,6 +247,7 @@ impl Remote<'_> {
                 data: step.data.cloned(),
                 pipeline: step.pipeline.cloned(),
                 clip_norm: None,
+                clip_per_layer: false,
                 noise_stddev: None,
                 clip_indicator: None,
             };
@@ -258,11 +259,13 @@ impl Remote<'_> {
                         config,
                         secure,
                         clip_norm,
+                        clip_per_layer,
                         noise_stddev,
                         clip_indicator,
                         ..
                     } => {
                         order.clip_norm = clip_norm;
+                        order.clip_per_layer = clip_per_layer;
                         order.noise_stddev = noise_stddev;
                         order.clip_indicator = clip_indicator;
                         if let Some(info) = &secure {

@@ -69,8 +69,10 @@ pub(super) struct ShardStep {
     /// Jobs with tables: their schema, and the pipeline once round 0 fitted it.
     pub(super) data: Option<DataSpec>,
     pub(super) pipeline: Option<Arc<Pipeline>>,
-    /// Updates are clipped to this L2 norm.
+    /// Updates are clipped to this L2 norm (each layer to its share of it, with
+    /// `clip_per_layer`).
     pub(super) clip_norm: Option<f64>,
+    pub(super) clip_per_layer: bool,
     /// Distributed differential privacy: each client's noise standard deviation.
     pub(super) noise_stddev: Option<f64>,
     /// Adaptive clipping: each client's indicator value.
@@ -119,6 +121,7 @@ pub(super) fn work_shard(
                 deadline,
                 secure: step.secure.clone(),
                 clip_norm: step.clip_norm,
+                clip_per_layer: step.clip_per_layer,
                 noise_stddev: step.noise_stddev,
                 clip_indicator: step.clip_indicator,
             },
@@ -267,6 +270,7 @@ impl ShardStep {
             model: Some((&self.model).into()),
             statistics: self.statistics.clone(),
             clip_norm: self.clip_norm,
+            clip_per_layer: self.clip_per_layer,
             noise_stddev: self.noise_stddev,
             clip_indicator: self.clip_indicator,
             data_spec_json: self
@@ -331,6 +335,7 @@ impl ShardStep {
             evaluate: m.evaluate.clone(),
             statistics: m.statistics.clone(),
             clip_norm: m.clip_norm,
+            clip_per_layer: m.clip_per_layer,
             noise_stddev: m.noise_stddev,
             clip_indicator: m.clip_indicator,
             data: (!m.data_spec_json.is_empty())

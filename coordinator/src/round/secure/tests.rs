@@ -67,6 +67,7 @@ fn config(committee: usize) -> JobConfig {
         }),
         data: None,
         clip_norm: None,
+        clip_per_layer: false,
         privacy: None,
         emulated_codec: None,
         adaptive_clipping: None,
