@@ -85,6 +85,13 @@ pub fn encoded_sensitivity(clip_norm: f64, d: usize, codec: &Codec) -> f64 {
     clip_norm + (d as f64).sqrt() / (1u64 << (codec.frac_bits + 1)) as f64
 }
 
+/// The L2 sensitivity of a round's sum of `d`-value updates clipped to `clip_norm`, with
+/// adaptive clipping's `indicator` value appended when there is one: what the noise is sized
+/// from, and what a participant checks the noise it is asked for against.
+pub fn round_sensitivity(clip_norm: f64, d: usize, codec: &Codec, indicator: Option<f64>) -> f64 {
+    encoded_sensitivity(clip_norm, d, codec).hypot(indicator.unwrap_or(0.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -335,6 +335,7 @@ mod tests {
             tls: None,
             stay_between_jobs: false,
             compute: None,
+            min_noise_multiplier: None,
         };
         (opts, seen)
     }

@@ -39,6 +39,10 @@ pub struct ParticipantConfig {
     /// When a job finishes, wait for the coordinator's next job instead of exiting.
     #[serde(default)]
     pub stay_between_jobs: bool,
+    /// Train only for tasks with distributed differential-privacy noise of at least this
+    /// noise multiplier (computed from the task's noise, clip norm and the round's T_min).
+    #[serde(default)]
+    pub min_noise_multiplier: Option<f64>,
 }
 
 /// `[faults]`: deliberate misbehaviour, off by default.
@@ -148,6 +152,7 @@ impl ParticipantConfig {
             tls: None,
             stay_between_jobs: self.stay_between_jobs,
             compute: None,
+            min_noise_multiplier: self.min_noise_multiplier,
         }
     }
 

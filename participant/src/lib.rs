@@ -86,6 +86,10 @@ pub struct AgentOptions {
     /// Cores shared with other participants training in the same process (a simulation);
     /// `None`: train on the process-wide pool, every core (a node of its own).
     pub compute: Option<Arc<ComputeSlots>>,
+    /// Refuse to train for a task whose distributed differential-privacy noise is absent or
+    /// below this noise multiplier (a participant's own floor: the coordinator sizes the
+    /// noise, and one that asked for less would weaken everyone's guarantee).
+    pub min_noise_multiplier: Option<f64>,
 }
 
 /// How often a node between jobs asks whether a new one has started.

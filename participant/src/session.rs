@@ -154,6 +154,7 @@ mod tests {
             tls: None,
             stay_between_jobs: false,
             compute: None,
+            min_noise_multiplier: None,
         };
         let Err(e) = connect(&opts, 10, &pb::SecureKeys::default()).await else {
             panic!("connected to {:?}", opts.coordinator);

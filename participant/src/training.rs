@@ -52,6 +52,13 @@ pub(crate) async fn train_round(
     let spec = task_model(t.model.as_ref())?;
     // Checked before spending a round's training on it.
     let secure = checked_round(opts, &t.job_id, t.round, t.secure.as_ref())?;
+    if let Some(floor) = opts.min_noise_multiplier
+        && let Err(why) = noise_meets(floor, &t, secure.as_ref(), spec.num_parameters())
+    {
+        // Nothing is sent: the round goes on without this participant.
+        tracing::error!(participant = %opts.id, round = t.round, "refusing to train: {why}");
+        return Ok(());
+    }
     let cfg = TrainConfig::try_from(
         t.config
             .as_ref()
@@ -131,6 +138,37 @@ pub(crate) async fn train_round(
     };
     send_values(s, opts, secrets, header, delta, secure, noise).await?;
     tracing::info!(participant = %opts.id, round = t.round, loss = report.epoch_loss.last(), "update sent");
+    Ok(())
+}
+
+/// Whether the distributed noise `t` asks for gives a noise multiplier of at least `floor`:
+/// the noise's standard deviation times √T_min (the fewest participants a decryption
+/// includes) over the round's sensitivity. The noise is absent, or the round is not secure,
+/// or it has no clip norm: refused.
+fn noise_meets(
+    floor: f64,
+    t: &pb::TrainTask,
+    secure: Option<&aggregation::RoundInfo>,
+    num_parameters: usize,
+) -> Result<(), String> {
+    let (Some(sd), Some(clip), Some(info)) = (t.noise_stddev, t.clip_norm, secure) else {
+        return Err(format!(
+            "this participant requires distributed differential privacy (noise multiplier at \
+             least {floor}), and the task asks for no noise"
+        ));
+    };
+    let d = num_parameters + usize::from(t.clip_indicator.is_some());
+    let s = cohort_crypto::dp::round_sensitivity(clip, d, &info.codec, t.clip_indicator);
+    let z = sd * (info.t_min as f64).sqrt() / s;
+    // The coordinator's own arithmetic gives exactly the configured multiplier; allow for
+    // its rounding only.
+    if z < floor * (1.0 - 1e-9) {
+        return Err(format!(
+            "the task's noise amounts to a noise multiplier of {z:.4} (σ {sd} over T_min {} \
+             at clip norm {clip}), below this participant's floor {floor}",
+            info.t_min
+        ));
+    }
     Ok(())
 }
 
@@ -322,6 +360,55 @@ mod tests {
             classes: 2,
         };
         assert_eq!(task_model(Some(&(&good).into())).unwrap(), good);
+    }
+
+    /// The coordinator's job configuration asks for z = 1.5; a participant with floor 1.5
+    /// trains, one with floor 2 refuses, and so does any floor for a task without noise.
+    #[test]
+    fn a_participant_refuses_tasks_below_its_noise_floor() {
+        let spec = ModelSpec::Logistic {
+            inputs: 3,
+            classes: 2,
+        };
+        let codec = cohort_crypto::Codec::default();
+        let sd = 1.5 * cohort_crypto::dp::round_sensitivity(1.0, 8, &codec, None) / 2f64.sqrt();
+        let info = aggregation::RoundInfo {
+            job: "j".into(),
+            round: 1,
+            attempt: 1,
+            seed: cohort_crypto::RoundSeed(0),
+            committee: Vec::new(),
+            threshold: 1,
+            t_min: 2,
+            codec,
+            params: Default::default(),
+            weight_unit: u64::MAX,
+        };
+        let task = pb::TrainTask {
+            clip_norm: Some(1.0),
+            noise_stddev: Some(sd),
+            ..Default::default()
+        };
+        let n = spec.num_parameters();
+        assert!(noise_meets(1.5, &task, Some(&info), n).is_ok());
+        let e = noise_meets(2.0, &task, Some(&info), n).unwrap_err();
+        assert!(
+            e.contains("noise multiplier of 1.5000") && e.contains("floor 2"),
+            "{e}"
+        );
+        let none = pb::TrainTask {
+            noise_stddev: None,
+            ..task.clone()
+        };
+        assert!(
+            noise_meets(0.5, &none, Some(&info), n)
+                .unwrap_err()
+                .contains("asks for no noise")
+        );
+        assert!(
+            noise_meets(0.5, &task, None, n).is_err(),
+            "a plaintext round"
+        );
     }
 
     #[test]

@@ -66,6 +66,7 @@ pub(super) async fn networked(run: NetworkedRun<'_>) -> anyhow::Result<(Vec<Roun
             tls: Some(pki.client(&participant_id(i))?),
             stay_between_jobs: false,
             compute: Some(compute.clone()),
+            min_noise_multiplier: None,
         };
         let data = site.clone();
         agents.spawn(async move { (i + 1, cohort_participant::run(opts, data).await) });
@@ -81,6 +82,7 @@ pub(super) async fn networked(run: NetworkedRun<'_>) -> anyhow::Result<(Vec<Roun
             tls: Some(pki.client(id)?),
             stay_between_jobs: false,
             compute: None,
+            min_noise_multiplier: None,
         };
         agents.spawn(async move { (n + k + 1, cohort_participant::run_custodian(opts).await) });
     }

@@ -156,13 +156,13 @@ impl JobConfig {
     /// The L2 sensitivity of the round's sum at clip norm `clip`: the update's (plus, under
     /// distributed DP, the encoding's rounding) and adaptive clipping's indicator.
     pub fn sensitivity(&self, clip: f64) -> f64 {
-        let update = match (self.privacy.map(|p| p.mechanism), self.noise_codec()) {
+        let indicator = self.indicator_scale(clip);
+        match (self.privacy.map(|p| p.mechanism), self.noise_codec()) {
             (Some(crate::privacy::Mechanism::Distributed), Some((codec, _))) => {
-                cohort_crypto::dp::encoded_sensitivity(clip, self.training_len(), &codec)
+                cohort_crypto::dp::round_sensitivity(clip, self.training_len(), &codec, indicator)
             }
-            _ => clip,
-        };
-        update.hypot(self.indicator_scale(clip).unwrap_or(0.0))
+            _ => clip.hypot(indicator.unwrap_or(0.0)),
+        }
     }
 
     /// Distributed DP: the standard deviation of the discrete Gaussian noise each
