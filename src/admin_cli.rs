@@ -501,6 +501,11 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
                     if private {
                         header.extend(["EPSILON", "DELTA"]);
                     }
+                    // Adaptive clipping: the round's clip norm and the share within it.
+                    let adaptive = s.rounds.iter().any(|r| r.clip_norm.is_finite());
+                    if adaptive {
+                        header.extend(["CLIP NORM", "UNCLIPPED"]);
+                    }
                     table(
                         &header,
                         s.rounds
@@ -520,6 +525,10 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
                                 if private {
                                     row.push(num(r.epsilon, r.delta > 0.0));
                                     row.push(format!("{:e}", r.delta));
+                                }
+                                if adaptive {
+                                    row.push(num(r.clip_norm, true));
+                                    row.push(num(r.unclipped_share, true));
                                 }
                                 row
                             })

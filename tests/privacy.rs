@@ -45,8 +45,8 @@ fn the_accountant_agrees_with_dp_accounting_within_one_percent() {
 }
 
 /// Distributed differential privacy over real processes: three participant processes clip
-/// their updates, add discrete Gaussian noise (from the operating system's generator) to
-/// their encoded updates and encrypt them; the coordinator decrypts only the noised sum,
+/// their updates (at a clip norm adaptive clipping moves), add discrete Gaussian noise (from
+/// the operating system's generator) to their encoded updates and encrypt them; the coordinator decrypts only the noised sum,
 /// accounts every round, shows ε in the Admin API, /metrics and each version's manifest, and
 /// stops the job before the round that would exceed its budget.
 #[test]
@@ -61,7 +61,7 @@ fn a_federation_with_distributed_noise_accounts_every_round_and_stops_at_its_bud
     let job = common::job_section("dp", 4, 60.0).replace(
         "strategy = \"fedadam\"\nserver_lr = 0.05\n",
         "clip_norm = 1.0\n\n[job.privacy]\nmechanism = \"distributed\"\nnoise_multiplier = 1.5\n\
-         delta = 1e-5\ntarget_epsilon = 5.0\n",
+         delta = 1e-5\ntarget_epsilon = 5.0\n\n[job.adaptive_clipping]\ntarget_quantile = 0.5\n",
     );
     assert!(job.contains("[job.privacy]"), "{job}");
     let cfg = common::coordinator_config(
@@ -90,6 +90,19 @@ fn a_federation_with_distributed_noise_accounts_every_round_and_stops_at_its_bud
         metrics
             .lines()
             .any(|l| l.starts_with("cohort_privacy_epsilon{job_id=\"dp\"}")),
+        "{metrics}"
+    );
+    // Adaptive clipping: round 1 clipped at the job's clip_norm, and the next norm is out.
+    assert!(status.contains("CLIP NORM"), "{status}");
+    let round1 = status
+        .lines()
+        .find(|l| l.trim_start().starts_with("1 "))
+        .unwrap_or_else(|| panic!("{status}"));
+    assert!(round1.contains("1.0000"), "{round1}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("cohort_clip_norm{job_id=\"dp\"}")),
         "{metrics}"
     );
     coord.wait_log(&["privacy budget spent"], Duration::from_secs(120));

@@ -128,6 +128,9 @@ fn round_pb(s: &RoundSummary, completed: u64) -> pb::RoundRecord {
         delta: s.privacy.map_or(0.0, |p| p.delta),
         sampling_rate: s.privacy.map_or(f64::NAN, |p| p.sampling_rate),
         noise_multiplier: s.privacy.map_or(f64::NAN, |p| p.noise_multiplier),
+        clip_norm: s.clipping.map_or(f64::NAN, |c| c.clip_norm),
+        unclipped_share: s.clipping.map_or(f64::NAN, |c| c.unclipped_share),
+        next_clip_norm: s.clipping.map_or(f64::NAN, |c| c.next_clip_norm),
     }
 }
 

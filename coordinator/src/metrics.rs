@@ -72,6 +72,7 @@ pub struct Metrics {
     aggregation_seconds: Family<KindLabel, Histogram>,
     serving_version: Family<ServingLabel, Gauge>,
     privacy_epsilon: Family<JobLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    clip_norm: Family<JobLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// The inference service's (embedded or `cohort serve`).
     inference: cohort_serving::InferenceMetrics,
     /// Who is online, to count `participants_connected` exactly.
@@ -126,6 +127,7 @@ impl Metrics {
             aggregation_seconds: Family::new_with_constructor(fast_buckets),
             serving_version: Family::default(),
             privacy_epsilon: Family::default(),
+            clip_norm: Family::default(),
             inference: cohort_serving::InferenceMetrics::new(),
             online: Arc::default(),
         };
@@ -153,6 +155,11 @@ impl Metrics {
             "privacy_epsilon",
             "Jobs with differential privacy: epsilon spent so far (at the job's delta)",
             m.privacy_epsilon.clone(),
+        );
+        r.register(
+            "clip_norm",
+            "Jobs with adaptive clipping: the clip norm of the next round",
+            m.clip_norm.clone(),
         );
         r.register(
             "round_participants",
@@ -254,6 +261,11 @@ impl Metrics {
                 self.round_participants
                     .get_or_create(&Self::job(job))
                     .set(summary.participants.len() as i64);
+                if let Some(c) = summary.clipping {
+                    self.clip_norm
+                        .get_or_create(&Self::job(job))
+                        .set(c.next_clip_norm);
+                }
                 if let Some(p) = summary.privacy {
                     self.privacy_epsilon
                         .get_or_create(&Self::job(job))
