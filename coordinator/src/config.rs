@@ -310,8 +310,7 @@ impl JobSection {
             adaptive_clipping: self.adaptive_clipping,
         };
         cfg.validate()?;
-        self.strategy()?;
-        crate::strategy::check_training(&self.strategy, self.train.proximal_mu)?;
+        cfg.check_strategy(self.strategy()?.as_ref())?;
         Ok(cfg)
     }
 }

@@ -176,12 +176,6 @@ impl Accountant {
         &self.rdp
     }
 
-    /// Restores what [`Self::rdp`] returned (a coordinator restart).
-    pub fn with_rdp(rdp: Vec<f64>) -> Option<Accountant> {
-        let a = Accountant::default();
-        (rdp.len() == a.orders.len()).then_some(Accountant { rdp, ..a })
-    }
-
     /// ε at `delta` and the order that gives it.
     pub fn epsilon(&self, delta: f64) -> (f64, f64) {
         epsilon_from_rdp(&self.orders, &self.rdp, delta)

@@ -784,6 +784,26 @@ mod tests {
         answer(&req, &me.id, &me.seal, &me.sign, policy, rng)
     }
 
+    /// One set of `bodies` at `weight` with decryption `shares` added: what the coordinator
+    /// could try to decode from pieces of a round it holds.
+    fn with_shares(bodies: &[u64], weight: u64, shares: &[Vec<u64>]) -> Accumulator {
+        let mut acc = Accumulator::new(bodies.len());
+        acc.add(weight, bodies).unwrap();
+        for s in shares {
+            acc.add_share(s).unwrap();
+        }
+        acc
+    }
+
+    /// The first two participants' bodies, one minus the other.
+    fn bodies_apart(r: &Round) -> Vec<u64> {
+        r.bodies[0]
+            .iter()
+            .zip(&r.bodies[1])
+            .map(|(a, b)| a.wrapping_sub(*b))
+            .collect()
+    }
+
     /// Committee `members` answer for every piece: the round's accumulator then holds the
     /// decrypted sum.
     fn decrypt_with(r: &mut Round, members: &[usize], rng: &mut ChaCha8Rng) {
@@ -931,12 +951,13 @@ mod tests {
         // One participant's bodies with all the shares (which remove Σ_i w_i ⟨A, s_i⟩, not
         // ⟨A, s_0⟩ alone), and with weight 1 or its own weight: noise.
         for w in [1, r.values[0].0] {
-            let mut one = Accumulator::new(r.bodies[0].len());
-            one.add(w, &r.bodies[0]).unwrap();
-            for s in &shares {
-                one.add_share(s).unwrap();
-            }
-            let got = decode(&one, &[], 300, &r.info.codec).unwrap();
+            let got = decode(
+                &with_shares(&r.bodies[0], w, &shares),
+                &[],
+                300,
+                &r.info.codec,
+            )
+            .unwrap();
             assert!(
                 recovered(&got) <= 3,
                 "{} of 300 values of p0 recovered",
@@ -944,14 +965,13 @@ mod tests {
             );
         }
         // The bodies alone, or the difference of two participants' bodies: noise.
-        let d: Vec<u64> = r.bodies[0]
-            .iter()
-            .zip(&r.bodies[1])
-            .map(|(a, b)| a.wrapping_sub(*b))
-            .collect();
-        let mut diff = Accumulator::new(d.len());
-        diff.add(1, &d).unwrap();
-        let got = decode(&diff, &[], 300, &r.info.codec).unwrap();
+        let got = decode(
+            &with_shares(&bodies_apart(&r), 1, &[]),
+            &[],
+            300,
+            &r.info.codec,
+        )
+        .unwrap();
         assert!(recovered(&got) <= 3);
         // Pieces sealed to members do not open for the coordinator (it has no member key).
         let outsider = MemberSecret::generate(&mut rng);
@@ -1002,11 +1022,7 @@ mod tests {
             .collect();
         let matching = |got: &[i64]| got.iter().zip(&own).filter(|(a, b)| a == b).count();
         // Site 0's bodies with every share: noise, not its digits.
-        let mut one = Accumulator::new(r.bodies[0].len());
-        one.add(1, &r.bodies[0]).unwrap();
-        for s in &shares {
-            one.add_share(s).unwrap();
-        }
+        let one = with_shares(&r.bodies[0], 1, &shares);
         let got = crate::glwe::decode_sums(&one, &[], len, &codec).unwrap();
         assert!(
             matching(&got) <= 2,
@@ -1014,13 +1030,7 @@ mod tests {
             matching(&got)
         );
         // Two sites' bodies apart: noise.
-        let d: Vec<u64> = r.bodies[0]
-            .iter()
-            .zip(&r.bodies[1])
-            .map(|(a, b)| a.wrapping_sub(*b))
-            .collect();
-        let mut diff = Accumulator::new(d.len());
-        diff.add(1, &d).unwrap();
+        let diff = with_shares(&bodies_apart(&r), 1, &[]);
         let got = crate::glwe::decode_sums(&diff, &[], len, &codec).unwrap();
         assert!(matching(&got) <= 2);
         // The sum with every share: the exact totals.

@@ -60,7 +60,8 @@ pub fn discrete_gaussian(sigma: f64, rng: &mut impl Rng) -> i64 {
 /// value is clipped again), plus discrete Gaussian noise of standard deviation
 /// `stddev · 2^frac_bits` in message units. The sum wraps like the plaintext space does
 /// (modulo 2^64 once scaled), so the decrypted total is the exact sum of everyone's noised
-/// messages as long as the job's capacity check holds.
+/// messages as long as the job's capacity check holds. `stddev` 0 gives the encoding alone
+/// and draws nothing from `rng`.
 pub fn noised_messages(codec: &Codec, update: &[f32], stddev: f64, rng: &mut impl Rng) -> Vec<i64> {
     let sigma = stddev * (1u64 << codec.frac_bits) as f64;
     update

@@ -22,6 +22,7 @@ pub use net::{ModelSpec, Network};
 pub use partition::{Partition, partition};
 pub use train::{
     Metrics, Optimizer, TrainConfig, TrainReport, clip_l2, clip_update, evaluate, train,
+    update_to_send,
 };
 
 /// Errors loading or validating data.

@@ -276,6 +276,23 @@ impl ModuleVisitor for Proximal<'_> {
     }
 }
 
+/// A participant's update as it leaves: clipped by [`clip_update`] when the task gives a clip
+/// norm and, with adaptive clipping's `indicator`, one more value, the indicator when the
+/// update was within the clip norm and 0 when it was clipped. Says whether it was clipped.
+pub fn update_to_send(
+    update: &mut Vec<f32>,
+    spec: &ModelSpec,
+    clip_norm: Option<f64>,
+    per_layer: bool,
+    indicator: Option<f64>,
+) -> bool {
+    let clipped = clip_norm.is_some_and(|c| clip_update(update, spec, c, per_layer));
+    if let Some(b) = indicator {
+        update.push(if clipped { 0.0 } else { b as f32 });
+    }
+    clipped
+}
+
 /// Clips a participant's update before it leaves: as a whole to L2 norm `max_norm`, or, with
 /// `per_layer`, each layer (a module's weight and bias together) to `max_norm · √(n_l / d)`
 /// for its n_l of the d values, so that the whole stays within `max_norm` (the sensitivity

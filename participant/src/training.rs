@@ -59,6 +59,16 @@ pub(crate) async fn train_round(
         tracing::error!(participant = %opts.id, round = t.round, "refusing to train: {why}");
         return Ok(());
     }
+    let noise = match (t.noise_stddev, &secure) {
+        (Some(sd), Some(_)) if sd.is_finite() && sd >= 0.0 => Some(sd),
+        (None, _) => None,
+        (Some(sd), _) => {
+            return Err(Status::invalid_argument(format!(
+                "differential-privacy noise of {sd} asked for a round that is not securely \
+                 aggregated: refusing to train for it"
+            )));
+        }
+    };
     let cfg = TrainConfig::try_from(
         t.config
             .as_ref()
@@ -89,30 +99,14 @@ pub(crate) async fn train_round(
         }
     };
     let mut delta: Vec<f32> = params.iter().zip(&global).map(|(p, g)| p - g).collect();
-    let clipped = t
-        .clip_norm
-        .is_some_and(|c| cohort_model::clip_update(&mut delta, &layers, c, t.clip_per_layer));
-    if clipped {
-        tracing::debug!(participant = %opts.id, round = t.round, "update clipped to L2 norm {:?}", t.clip_norm);
-    }
-    // Adaptive clipping: whether the update was within the clip norm, summed with the rest.
-    if let Some(b) = t.clip_indicator {
-        delta.push(if clipped { 0.0 } else { b as f32 });
+    let (clip, per_layer, indicator) = (t.clip_norm, t.clip_per_layer, t.clip_indicator);
+    if cohort_model::update_to_send(&mut delta, &layers, clip, per_layer, indicator) {
+        tracing::debug!(participant = %opts.id, round = t.round, "update clipped to L2 norm {clip:?}");
     }
     if !opts.upload_delay.is_zero() {
         tracing::info!(participant = %opts.id, round = t.round, "fault injection: delaying the upload by {:?}", opts.upload_delay);
         tokio::time::sleep(opts.upload_delay).await;
     }
-    let noise = match (t.noise_stddev, &secure) {
-        (Some(sd), Some(_)) if sd.is_finite() && sd >= 0.0 => Some(sd),
-        (None, _) => None,
-        (Some(sd), _) => {
-            return Err(Status::invalid_argument(format!(
-                "differential-privacy noise of {sd} asked for a round that is not securely \
-                 aggregated: refusing to send"
-            )));
-        }
-    };
     let header = pb::UpdateHeader {
         nonce: nonce(),
         session_id: s.id.clone(),
@@ -197,26 +191,23 @@ async fn send_values(
         let x = &mut *guard;
         x.round_seeds
             .insert((info.job.clone(), info.round, info.attempt), info.seed);
-        match noise_stddev {
-            // Distributed differential privacy: discrete Gaussian noise from the operating
-            // system's generator, added to the encoded values before encryption.
-            Some(sd) => {
-                let messages =
-                    cohort_crypto::dp::noised_messages(&info.codec, &values, sd, &mut rand::rng());
-                let threads = cohort_crypto::glwe::default_threads();
-                aggregation::protect_messages(
-                    &info,
-                    &me,
-                    &x.sign,
-                    &mut x.seeds,
-                    &messages,
-                    n,
-                    &mut x.rng,
-                    threads,
-                )
-            }
-            None => aggregation::protect(&info, &me, &x.sign, &mut x.seeds, &values, n, &mut x.rng),
-        }
+        // Distributed differential privacy: discrete Gaussian noise from the operating
+        // system's generator, added to the encoded values before encryption (none: the
+        // encoding alone).
+        let sd = noise_stddev.unwrap_or(0.0);
+        let messages =
+            cohort_crypto::dp::noised_messages(&info.codec, &values, sd, &mut rand::rng());
+        let threads = cohort_crypto::glwe::default_threads();
+        aggregation::protect_messages(
+            &info,
+            &me,
+            &x.sign,
+            &mut x.seeds,
+            &messages,
+            n,
+            &mut x.rng,
+            threads,
+        )
     })
     .await
     .map_err(|e| {

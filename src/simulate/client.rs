@@ -137,6 +137,14 @@ fn statistics(
     encrypt(c, info, &values, 1, None, None, encrypt_seconds)
 }
 
+/// `values` as the codec encodes them, with distributed DP's noise (standard deviation, the
+/// participant's training seed) when the task asks for it.
+fn messages(codec: &cohort_crypto::Codec, values: &[f32], noise: Option<(f64, u64)>) -> Vec<i64> {
+    let (sd, seed) = noise.unwrap_or((0.0, 0));
+    let mut rng = cohort_crypto::dp::simulation_noise_rng(seed);
+    cohort_crypto::dp::noised_messages(codec, values, sd, &mut rng)
+}
+
 /// `values` encrypted for `info` as the participant agent encrypts them, with the weight the
 /// round gives `examples`, on one thread (the pool already runs a participant on every core).
 fn encrypt(
@@ -151,13 +159,7 @@ fn encrypt(
     let t0 = Instant::now();
     let mut rng = ChaCha20Rng::from_seed(rand::random());
     // Distributed differential privacy: (standard deviation, training seed).
-    let messages: Vec<i64> = match noise {
-        Some((sd, seed)) => {
-            let mut noise_rng = cohort_crypto::dp::simulation_noise_rng(seed);
-            cohort_crypto::dp::noised_messages(&info.codec, values, sd, &mut noise_rng)
-        }
-        None => values.iter().map(|&x| info.codec.encode(x)).collect(),
-    };
+    let messages = messages(&info.codec, values, noise);
     let protected = aggregation::protect_messages(
         info,
         &c.id,
@@ -278,12 +280,13 @@ fn work_done(c: &mut Client, t: &Task, step: &Step<'_>, encrypt_seconds: &mut f6
                     Err(e) => return Done::Nothing(format!("local training failed: {e}")),
                 };
             let mut delta: Vec<f32> = params.iter().zip(global).map(|(p, g)| p - g).collect();
-            let clipped = clip_norm
-                .is_some_and(|c| cohort_model::clip_update(&mut delta, spec, c, *clip_per_layer));
-            // Adaptive clipping: whether the update was within the clip norm.
-            if let Some(b) = clip_indicator {
-                delta.push(if clipped { 0.0 } else { *b as f32 });
-            }
+            cohort_model::update_to_send(
+                &mut delta,
+                spec,
+                *clip_norm,
+                *clip_per_layer,
+                *clip_indicator,
+            );
             let train = Some(cohort_model::Metrics {
                 loss: *report.epoch_loss.last().unwrap_or(&f64::NAN),
                 accuracy: report.last_epoch_accuracy,
@@ -295,14 +298,9 @@ fn work_done(c: &mut Client, t: &Task, step: &Step<'_>, encrypt_seconds: &mut f6
                 // What the encrypted sum would carry: the declared weight, and each value as
                 // the codec encodes and decodes it.
                 (None, Some((codec, unit))) => {
-                    let messages: Vec<i64> = match noise_stddev {
-                        // The same noise, from the same seed, as an encrypting participant's.
-                        Some(sd) => {
-                            let mut rng = cohort_crypto::dp::simulation_noise_rng(config.seed);
-                            cohort_crypto::dp::noised_messages(&codec, &delta, *sd, &mut rng)
-                        }
-                        None => delta.iter().map(|&x| codec.encode(x)).collect(),
-                    };
+                    // The same noise, from the same seed, as an encrypting participant's.
+                    let noise = noise_stddev.map(|sd| (sd, config.seed));
+                    let messages = messages(&codec, &delta, noise);
                     Done::Update(Update {
                         round: *round,
                         num_examples: aggregation::weight_for(n, unit, codec.max_total_weight),

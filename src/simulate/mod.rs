@@ -54,8 +54,6 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         seed: args.seed,
         proximal_mu: args.proximal_mu,
     };
-    cohort_coordinator::strategy::check_training(&args.strategy, args.proximal_mu)
-        .map_err(anyhow::Error::msg)?;
     let n = args.participants;
     let custodian_ids: Vec<String> = (1..=args.custodians)
         .map(|i| format!("custodian-{i}"))

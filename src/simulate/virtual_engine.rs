@@ -257,8 +257,9 @@ pub(super) fn run(
                 )
                 .collect();
             let total: u64 = training.iter().map(|n| n.max(&1)).sum();
-            let unit = if cfg.privacy.is_some() {
-                u64::MAX // every update weighs 1
+            // Every update weighs 1 where the round says so (differential privacy).
+            let unit = if cfg.uniform_weights(orch.training_round().unwrap_or(1)) {
+                u64::MAX
             } else {
                 aggregation::weight_unit(total, training.len(), e.codec.max_total_weight)
             };
@@ -605,8 +606,8 @@ mod tests {
         plain.min_updates = 2; // the secure job's t_min
         plain.emulated_codec = Some(codec);
         assert_eq!(
-            secure.participant_noise(),
-            plain.participant_noise(),
+            secure.participant_noise(1.0),
+            plain.participant_noise(1.0),
             "the same noise is asked of each participant"
         );
         let (emulated, rounds) = run_dropping(plain, Some(Emulation { codec }), 2, 0.0);

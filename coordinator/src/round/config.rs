@@ -99,10 +99,17 @@ pub struct JobConfig {
 }
 
 impl JobConfig {
-    /// Refuses a strategy this job cannot run, naming both settings: robust rules need every
-    /// update in the clear, which secure aggregation never shows and DP's noise is not
-    /// sized for.
+    /// Refuses a strategy this job cannot run, naming both settings: `fedprox` without a
+    /// proximal term in `train` (any other strategy may take one: FedProx's client term
+    /// composes with every server rule); robust rules, which need every update in the clear,
+    /// which secure aggregation never shows and DP's noise is not sized for.
     pub fn check_strategy(&self, strategy: &dyn crate::Strategy) -> Result<(), JobError> {
+        let mu = self.train.proximal_mu;
+        if strategy.name() == "fedprox" && (mu.is_nan() || mu <= 0.0) {
+            return Err(invalid(
+                crate::strategy::StrategyError::ProximalMu(mu).to_string(),
+            ));
+        }
         let Some(rule) = strategy.robust_rule() else {
             return Ok(());
         };
@@ -168,7 +175,7 @@ impl JobConfig {
     /// Distributed DP: the standard deviation of the discrete Gaussian noise each
     /// participant adds at clip norm `clip`, in the update's units (σ = z · S / √T_min, S the
     /// sensitivity), so that any T_min of them carry the job's noise.
-    pub fn participant_noise_at(&self, clip: f64) -> Option<f64> {
+    pub fn participant_noise(&self, clip: f64) -> Option<f64> {
         let p = self.privacy.as_ref()?;
         if p.mechanism != crate::privacy::Mechanism::Distributed {
             return None;
@@ -188,11 +195,6 @@ impl JobConfig {
         }
     }
 
-    /// [`Self::participant_noise_at`] the job's initial clip norm.
-    pub fn participant_noise(&self) -> Option<f64> {
-        self.participant_noise_at(self.clip_norm?)
-    }
-
     /// The codec distributed noise is encoded with, and the fewest participants whose noise
     /// a decrypted sum carries.
     fn noise_codec(&self) -> Option<(Codec, usize)> {
@@ -206,11 +208,11 @@ impl JobConfig {
     /// The Gaussian noise multiplier a round at clip norm `clip` is accounted at: the
     /// configured one for central noise; for distributed noise, that of T_min participants'
     /// discrete Gaussians over the sensitivity (Kairouz, Liu and Steinke's bound).
-    pub fn accounted_noise_multiplier_at(&self, clip: f64) -> Option<f64> {
+    pub fn accounted_noise_multiplier(&self, clip: f64) -> Option<f64> {
         let p = self.privacy.as_ref()?;
         match (
             p.mechanism,
-            self.participant_noise_at(clip),
+            self.participant_noise(clip),
             self.noise_codec(),
         ) {
             (crate::privacy::Mechanism::Distributed, Some(sigma), Some((codec, t_min))) => {
@@ -224,11 +226,6 @@ impl JobConfig {
             }
             _ => Some(p.noise_multiplier),
         }
-    }
-
-    /// [`Self::accounted_noise_multiplier_at`] the job's initial clip norm.
-    pub fn accounted_noise_multiplier(&self) -> Option<f64> {
-        self.accounted_noise_multiplier_at(self.clip_norm?)
     }
 
     fn validate_privacy(&self, p: &crate::privacy::PrivacySettings) -> Result<(), JobError> {
@@ -275,7 +272,7 @@ impl JobConfig {
             clip
         };
         let sigma =
-            self.participant_noise_at(widest).unwrap_or(0.0) * (1u64 << codec.frac_bits) as f64;
+            self.participant_noise(widest).unwrap_or(0.0) * (1u64 << codec.frac_bits) as f64;
         let w = codec.max_total_weight as f64;
         let bound = w * codec.max_message() as f64 + 20.0 * sigma * w.sqrt();
         let limit = 2f64.powi(63 - codec.delta_log as i32);

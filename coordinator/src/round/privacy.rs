@@ -1,5 +1,6 @@
-//! Differential privacy in the round state machine: central noise on the aggregate, each
-//! round's cost accounted, and the job stopped before a round would exceed its budget.
+//! Differential privacy and adaptive clipping in the round state machine: central noise on
+//! the aggregate, each round's cost accounted, the job stopped before a round would exceed
+//! its budget, and the clip norm moved from the summed indicators.
 //!
 //! Distributed noise needs nothing here beyond equal weights: participants add it
 //! ([`JobConfig::participant_noise`] travels in every training task) and the decrypted mean
@@ -53,7 +54,7 @@ impl Orchestrator {
     pub(super) fn budget_spent(&mut self, round: u64, q: f64) -> bool {
         let z = self
             .clip
-            .and_then(|c| self.config.accounted_noise_multiplier_at(c));
+            .and_then(|c| self.config.accounted_noise_multiplier(c));
         let (Some(p), Some(z)) = (self.config.privacy, z) else {
             return false;
         };
@@ -90,7 +91,7 @@ impl Orchestrator {
     pub(super) fn privatise(&mut self, summary: &mut RoundSummary, mean: &[f32]) -> Vec<f32> {
         let z = self
             .clip
-            .and_then(|c| self.config.accounted_noise_multiplier_at(c));
+            .and_then(|c| self.config.accounted_noise_multiplier(c));
         let (Some(p), Some(z)) = (self.config.privacy, z) else {
             return mean.to_vec();
         };
@@ -125,12 +126,7 @@ impl Orchestrator {
         });
         out
     }
-}
 
-#[cfg(test)]
-mod tests;
-
-impl Orchestrator {
     /// Adaptive clipping: takes the indicators' mean off the end of `mean` (what the strategy
     /// must not see), records the round's clipping and moves the clip norm for the next round
     /// (never past the codec's per-value bound under distributed DP).
@@ -152,3 +148,6 @@ impl Orchestrator {
         });
     }
 }
+
+#[cfg(test)]
+mod tests;

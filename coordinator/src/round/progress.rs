@@ -36,7 +36,7 @@ impl Orchestrator {
                     secure: t.secure.as_ref().map(|s| s.info.clone()),
                     clip_norm: self.clip,
                     clip_per_layer: self.config.clip_per_layer,
-                    noise_stddev: self.clip.and_then(|c| self.config.participant_noise_at(c)),
+                    noise_stddev: self.clip.and_then(|c| self.config.participant_noise(c)),
                     clip_indicator: self.clip.and_then(|c| self.config.indicator_scale(c)),
                 }
             }

@@ -203,10 +203,10 @@ fn privacy_settings_that_cannot_work_are_refused_by_name() {
     secure.secure = Some(SecureSettings::default());
     secure.validate().unwrap();
     // The participants' noise is sized so that T_min of them carry z · C′.
-    let sd = secure.participant_noise().unwrap();
+    let sd = secure.participant_noise(1.0).unwrap();
     let c = cohort_crypto::dp::encoded_sensitivity(1.0, P, &cohort_crypto::Codec::default());
     assert!((sd - 1.5 * c / 2f64.sqrt()).abs() < 1e-12);
-    let z = secure.accounted_noise_multiplier().unwrap();
+    let z = secure.accounted_noise_multiplier(1.0).unwrap();
     assert!((z - 1.5).abs() < 1e-9, "{z}");
     secure.clip_norm = Some(40.0);
     let e = secure.validate().unwrap_err().to_string();

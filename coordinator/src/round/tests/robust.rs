@@ -98,6 +98,34 @@ fn robust_rules_are_refused_where_they_cannot_see_the_updates() {
         e.contains("strategy = \"krum\"") && e.contains("[privacy]"),
         "{e}"
     );
+    // FedProx needs its proximal term; any strategy may take one.
+    let mu = |m: f64| JobConfig {
+        train: TrainConfig {
+            proximal_mu: m,
+            ..config().train
+        },
+        ..config()
+    };
+    let e = mu(0.0)
+        .check_strategy(by_name("fedprox", 1.0, 0.9).unwrap().as_ref())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("fedprox") && e.contains("proximal_mu"), "{e}");
+    assert!(
+        mu(0.01)
+            .check_strategy(by_name("fedprox", 1.0, 0.9).unwrap().as_ref())
+            .is_ok()
+    );
+    assert!(
+        mu(0.01)
+            .check_strategy(by_name("fedadam", 1.0, 0.9).unwrap().as_ref())
+            .is_ok()
+    );
+    assert!(
+        mu(0.0)
+            .check_strategy(by_name("fedavg", 1.0, 0.9).unwrap().as_ref())
+            .is_ok()
+    );
     // Every mean-based strategy runs under secure aggregation.
     for name in ["fedavg", "fedavgm", "fedadam"] {
         let secure = JobConfig {
