@@ -106,6 +106,24 @@ async fn both_engines_give_the_same_model_bit_for_bit() {
                 "0.5",
             ][..],
         ),
+        // SCAFFOLD: the server's control variate travels with each task, each participant
+        // keeps its own from round to round, and their changes are summed with the updates;
+        // with half the participants a round, the server moves c by |S|/N of the mean.
+        (
+            "scaffold",
+            &["--participants", "4", "--strategy", "scaffold"][..],
+        ),
+        (
+            "scaffold-sampled",
+            &[
+                "--participants",
+                "6",
+                "--fraction",
+                "0.5",
+                "--strategy",
+                "scaffold",
+            ][..],
+        ),
         // Stateful server strategies (their state carried from round to round).
         (
             "fedavgm",
@@ -164,6 +182,7 @@ async fn both_engines_give_the_same_model_bit_for_bit() {
     for name in [
         "clipped",
         "fedprox",
+        "scaffold",
         "fedavgm",
         "central-dp",
         "adaptive-clip",

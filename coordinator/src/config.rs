@@ -275,6 +275,7 @@ impl JobSection {
     /// The state machine's configuration.
     pub fn job_config(&self) -> Result<JobConfig, ConfigError> {
         let min_updates = self.min_updates.unwrap_or(self.min_participants);
+        let strategy = self.strategy()?;
         let cfg = JobConfig {
             job_id: self.id.clone(),
             model: self.model.clone(),
@@ -308,9 +309,10 @@ impl JobSection {
             privacy: self.privacy,
             emulated_codec: None,
             adaptive_clipping: self.adaptive_clipping,
+            control_variates: strategy.control_variate().is_some(),
         };
         cfg.validate()?;
-        cfg.check_strategy(self.strategy()?.as_ref())?;
+        cfg.check_strategy(strategy.as_ref())?;
         Ok(cfg)
     }
 }

@@ -114,6 +114,8 @@ pub(crate) struct Shared {
     pub(crate) finished: watch::Sender<bool>,
     /// The current global model encoded for download (chunks and digest), once per version.
     pub(crate) encoded: Mutex<Option<Arc<EncodedModel>>>,
+    /// SCAFFOLD: the server's control variate of the current version, encoded the same way.
+    pub(crate) encoded_control: Mutex<Option<Arc<EncodedModel>>>,
     /// The root of the model store; each job's versions are in a subdirectory.
     pub(crate) store: ModelStore,
     /// Durable state: participants, jobs, rounds, model versions, audit log.
@@ -150,6 +152,7 @@ impl Coordinator {
             admin_events: broadcast::channel(4096).0,
             finished: watch::channel(false).0,
             encoded: Mutex::new(None),
+            encoded_control: Mutex::new(None),
             store,
             state,
             job_records: Mutex::new(()),

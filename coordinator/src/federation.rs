@@ -28,7 +28,21 @@ impl Coordinator {
     /// The download form of model `version`, encoded on first use and then shared by every
     /// task and fetch of that version.
     fn encoded(&self, job: &str, version: u64, params: &[f32]) -> Arc<EncodedModel> {
-        let mut cache = self.shared.encoded.lock().expect("encoded-model lock");
+        Self::encode_once(&self.shared.encoded, job, version, params)
+    }
+
+    /// SCAFFOLD: the server's control variate of model `version`, encoded like the model.
+    fn encoded_control(&self, job: &str, version: u64, control: &[f32]) -> Arc<EncodedModel> {
+        Self::encode_once(&self.shared.encoded_control, job, version, control)
+    }
+
+    fn encode_once(
+        cache: &std::sync::Mutex<Option<Arc<EncodedModel>>>,
+        job: &str,
+        version: u64,
+        params: &[f32],
+    ) -> Arc<EncodedModel> {
+        let mut cache = cache.lock().expect("encoded-model lock");
         match &*cache {
             Some(e) if e.version == version && e.job == job => e.clone(),
             _ => {
@@ -74,7 +88,11 @@ impl Coordinator {
                 clip_per_layer,
                 noise_stddev,
                 clip_indicator,
+                control,
             } => Kind::Train(pb::TrainTask {
+                control_digest: control
+                    .map(|c| self.encoded_control(&cfg.job_id, version, &c).digest.clone())
+                    .unwrap_or_default(),
                 clip_norm,
                 clip_per_layer,
                 noise_stddev,
@@ -241,9 +259,9 @@ impl Federation for Coordinator {
         let r = req.into_inner();
         let id = self.session_of(cert, &r.session_id)?;
         self.check_job(&id, &r.job_id)?;
-        let (job, (version, params)) = {
+        let (job, (version, params), control) = {
             let o = self.lock()?;
-            (o.config().job_id.clone(), o.global())
+            (o.config().job_id.clone(), o.global(), o.control_variate())
         };
         if r.version != version {
             return Err(refuse(
@@ -254,7 +272,18 @@ impl Federation for Coordinator {
                 )),
             ));
         }
-        let chunks = self.encoded(&job, version, &params).chunks.clone();
+        let chunks = match (r.control_variate, control) {
+            (false, _) => self.encoded(&job, version, &params).chunks.clone(),
+            (true, Some(c)) => self.encoded_control(&job, version, &c).chunks.clone(),
+            (true, None) => {
+                return Err(refuse(
+                    &id,
+                    Status::failed_precondition(format!(
+                        "job {job} has no control variates (its strategy is not SCAFFOLD)"
+                    )),
+                ));
+            }
+        };
         Ok(Response::new(Box::pin(futures::stream::iter(
             chunks.into_iter().map(Ok),
         ))))

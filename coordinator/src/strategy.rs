@@ -5,14 +5,16 @@
 //! mean: this keeps it compatible with secure aggregation. A robust rule ([`Robust`], plaintext
 //! jobs only) gets the rule's combination of the individual updates instead.
 
+use std::sync::Arc;
+
 use crate::robust::RobustRule;
 
 /// A strategy that cannot be built or restored.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum StrategyError {
     #[error(
-        "unknown strategy {0:?}: use fedavg, fedavgm, fedprox, fedadagrad, fedadam, fedyogi, \
-         or (plaintext jobs) median, trimmed-mean, krum or multi-krum"
+        "unknown strategy {0:?}: use fedavg, fedavgm, fedprox, scaffold, fedadagrad, fedadam, \
+         fedyogi, or (plaintext jobs) median, trimmed-mean, krum or multi-krum"
     )]
     Unknown(String),
     #[error(
@@ -32,12 +34,41 @@ pub enum StrategyError {
     },
 }
 
+/// What the server knows of the round whose mean it applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundContext {
+    pub round: u64,
+    /// Updates in the mean.
+    pub contributors: usize,
+    /// Participants of the federation, key custodians excepted (SCAFFOLD's N).
+    pub population: usize,
+}
+
+impl RoundContext {
+    /// Round `round` with every one of `n` participants contributing.
+    pub fn full(round: u64, n: usize) -> Self {
+        RoundContext {
+            round,
+            contributors: n,
+            population: n,
+        }
+    }
+}
+
 /// A server-side update rule. `apply` gets the current global parameters and the
 /// example-weighted mean of participants' updates (local minus global) and returns the new
-/// global parameters.
+/// global parameters. With control variates ([`Strategy::control_variate`]) the mean carries
+/// the mean change of the participants' control variates after the model's values.
 pub trait Strategy: Send {
     fn name(&self) -> &'static str;
-    fn apply(&mut self, global: &[f32], mean_update: &[f32], round: u64) -> Vec<f32>;
+    fn apply(&mut self, global: &[f32], mean_update: &[f32], round: &RoundContext) -> Vec<f32>;
+    /// Called once with the model's size before the first round (and before a restore).
+    fn initialise(&mut self, _num_parameters: usize) {}
+    /// SCAFFOLD: the server's control variate, which every training task carries; its
+    /// participants append their own control variate's change to the update.
+    fn control_variate(&self) -> Option<Arc<Vec<f32>>> {
+        None
+    }
     /// Server state that must survive a coordinator restart (little-endian bytes), if any.
     fn save_state(&self) -> Option<Vec<u8>> {
         None
@@ -70,7 +101,7 @@ impl Strategy for FedAvg {
     fn name(&self) -> &'static str {
         "fedavg"
     }
-    fn apply(&mut self, global: &[f32], mean_update: &[f32], _round: u64) -> Vec<f32> {
+    fn apply(&mut self, global: &[f32], mean_update: &[f32], _round: &RoundContext) -> Vec<f32> {
         global
             .iter()
             .zip(mean_update)
@@ -89,8 +120,70 @@ impl Strategy for FedProx {
     fn name(&self) -> &'static str {
         "fedprox"
     }
-    fn apply(&mut self, global: &[f32], mean_update: &[f32], round: u64) -> Vec<f32> {
+    fn apply(&mut self, global: &[f32], mean_update: &[f32], round: &RoundContext) -> Vec<f32> {
         self.0.apply(global, mean_update, round)
+    }
+}
+
+/// SCAFFOLD (Karimireddy et al., "SCAFFOLD: Stochastic Controlled Averaging for Federated
+/// Learning", 2020) on the server. Participants correct their local gradients by `c − c_i`
+/// (`cohort_model::scaffold`) and send `[Δy_i, Δc_i]`; the server moves the model by
+/// `server_lr · mean Δy` and its control variate by `|S|/N · mean Δc`.
+///
+/// Both means are the round's one weighted mean (secure aggregation sums one vector with one
+/// weight per participant), so `c` tracks the example-weighted mean of the participants'
+/// control variates: the gradient of the example-weighted objective FedAvg optimises. The
+/// paper's unweighted mean is the same when sites hold equal amounts of data.
+#[derive(Debug, Clone)]
+pub struct Scaffold {
+    pub server_lr: f32,
+    control: Arc<Vec<f32>>,
+}
+
+impl Scaffold {
+    pub fn new(server_lr: f32) -> Self {
+        Scaffold {
+            server_lr,
+            control: Arc::new(Vec::new()),
+        }
+    }
+}
+
+impl Strategy for Scaffold {
+    fn name(&self) -> &'static str {
+        "scaffold"
+    }
+    fn apply(&mut self, global: &[f32], mean: &[f32], round: &RoundContext) -> Vec<f32> {
+        let d = global.len();
+        assert_eq!(mean.len(), 2 * d, "SCAFFOLD's mean carries the model and Δc");
+        self.initialise(d);
+        let share = (round.contributors as f64 / round.population.max(1) as f64).min(1.0) as f32;
+        let control = Arc::make_mut(&mut self.control);
+        for (c, dc) in control.iter_mut().zip(&mean[d..]) {
+            *c += share * dc;
+        }
+        global
+            .iter()
+            .zip(&mean[..d])
+            .map(|(g, u)| g + self.server_lr * u)
+            .collect()
+    }
+    fn initialise(&mut self, num_parameters: usize) {
+        if self.control.len() != num_parameters {
+            self.control = Arc::new(vec![0.0; num_parameters]);
+        }
+    }
+    fn control_variate(&self) -> Option<Arc<Vec<f32>>> {
+        Some(self.control.clone())
+    }
+    /// The control variate `c`.
+    fn save_state(&self) -> Option<Vec<u8>> {
+        save_vectors(&[self.control.as_ref()])
+    }
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), StrategyError> {
+        let [c] = restore_vectors::<1>("scaffold", state)?;
+        self.control = Arc::new(c);
+        Ok(())
     }
 }
 
@@ -148,7 +241,7 @@ impl Strategy for FedOpt {
             AdaptiveRule::Yogi => "fedyogi",
         }
     }
-    fn apply(&mut self, global: &[f32], d: &[f32], _round: u64) -> Vec<f32> {
+    fn apply(&mut self, global: &[f32], d: &[f32], _round: &RoundContext) -> Vec<f32> {
         if self.m.len() != d.len() {
             self.m = vec![0.0; d.len()];
             self.v = vec![0.0; d.len()];
@@ -240,7 +333,7 @@ impl Strategy for FedAvgM {
     fn name(&self) -> &'static str {
         "fedavgm"
     }
-    fn apply(&mut self, global: &[f32], d: &[f32], _round: u64) -> Vec<f32> {
+    fn apply(&mut self, global: &[f32], d: &[f32], _round: &RoundContext) -> Vec<f32> {
         if self.v.len() != d.len() {
             // The first round's velocity is its update.
             self.v = d.to_vec();
@@ -276,7 +369,7 @@ impl Strategy for Robust {
     fn name(&self) -> &'static str {
         self.rule.name()
     }
-    fn apply(&mut self, global: &[f32], combined: &[f32], round: u64) -> Vec<f32> {
+    fn apply(&mut self, global: &[f32], combined: &[f32], round: &RoundContext) -> Vec<f32> {
         FedAvg {
             server_lr: self.server_lr,
         }
@@ -287,9 +380,9 @@ impl Strategy for Robust {
     }
 }
 
-/// A strategy by name: `fedavg`, `fedavgm` (with `server_momentum`), `fedprox`, `fedadagrad`,
-/// `fedadam` or `fedyogi`, each with `server_lr`. Every one of them sees only the mean update,
-/// so each works under secure aggregation.
+/// A strategy by name: `fedavg`, `fedavgm` (with `server_momentum`), `fedprox`, `scaffold`,
+/// `fedadagrad`, `fedadam` or `fedyogi`, each with `server_lr`, which see only the mean update
+/// and so work under secure aggregation; or a robust rule (plaintext jobs only).
 pub fn by_name(
     name: &str,
     server_lr: f32,
@@ -305,6 +398,7 @@ pub fn by_name(
         "fedavg" => Ok(Box::new(FedAvg { server_lr })),
         "fedavgm" => Ok(Box::new(FedAvgM::new(server_lr, server_momentum))),
         "fedprox" => Ok(Box::new(FedProx(FedAvg { server_lr }))),
+        "scaffold" => Ok(Box::new(Scaffold::new(server_lr))),
         "fedadagrad" => Ok(Box::new(FedOpt::new(AdaptiveRule::Adagrad, server_lr))),
         "fedadam" => Ok(Box::new(FedOpt::new(AdaptiveRule::Adam, server_lr))),
         "fedyogi" => Ok(Box::new(FedOpt::new(AdaptiveRule::Yogi, server_lr))),
@@ -319,24 +413,28 @@ pub fn by_name(
 mod tests {
     use super::*;
 
+    fn at(round: u64) -> RoundContext {
+        RoundContext::full(round, 1)
+    }
+
     #[test]
     fn fedavg_adds_the_mean_update() {
         let mut s = FedAvg::default();
-        assert_eq!(s.apply(&[1.0, 2.0], &[0.5, -1.0], 1), vec![1.5, 1.0]);
+        assert_eq!(s.apply(&[1.0, 2.0], &[0.5, -1.0], &at(1)), vec![1.5, 1.0]);
         let mut half = FedAvg { server_lr: 0.5 };
-        assert_eq!(half.apply(&[1.0, 2.0], &[0.5, -1.0], 1), vec![1.25, 1.5]);
+        assert_eq!(half.apply(&[1.0, 2.0], &[0.5, -1.0], &at(1)), vec![1.25, 1.5]);
     }
 
     #[test]
     fn fedadam_first_step_moves_by_about_lr_in_the_update_direction() {
         let mut s = FedOpt::new(AdaptiveRule::Adam, 0.1);
-        let out = s.apply(&[0.0, 0.0], &[2.0, -0.5], 1);
+        let out = s.apply(&[0.0, 0.0], &[2.0, -0.5], &at(1));
         // First step: m = 0.1 d, v = 0.01 d², so the step is lr · d / (|d| + 10 τ), close to
         // lr · sign(d) for |d| ≫ τ.
         let expect = |d: f32| 0.1 * d / (d.abs() + 10.0 * 1e-3);
         assert!((out[0] - expect(2.0)).abs() < 1e-6, "{out:?}");
         assert!((out[1] - expect(-0.5)).abs() < 1e-6, "{out:?}");
-        let second = s.apply(&out, &[2.0, -0.5], 2);
+        let second = s.apply(&out, &[2.0, -0.5], &at(2));
         assert!(
             second[0] > out[0] && second[1] < out[1],
             "keeps moving: {second:?}"
@@ -348,10 +446,10 @@ mod tests {
         let g = vec![0.5f32, -1.0, 2.0];
         let (d1, d2) = (vec![0.1f32, -0.2, 0.3], vec![-0.05f32, 0.4, 0.0]);
         let mut a = FedOpt::new(AdaptiveRule::Adam, 0.1);
-        let g1 = a.apply(&g, &d1, 1);
+        let g1 = a.apply(&g, &d1, &at(1));
         let mut b = FedOpt::new(AdaptiveRule::Adam, 0.1);
         b.restore_state(&a.save_state().unwrap()).unwrap();
-        assert_eq!(a.apply(&g1, &d2, 2), b.apply(&g1, &d2, 2));
+        assert_eq!(a.apply(&g1, &d2, &at(2)), b.apply(&g1, &d2, &at(2)));
         assert!(
             FedOpt::new(AdaptiveRule::Adam, 0.1)
                 .restore_state(&[0; 12])
@@ -379,6 +477,7 @@ mod tests {
             "fedavg",
             "fedavgm",
             "fedprox",
+            "scaffold",
             "fedadagrad",
             "fedadam",
             "fedyogi",
@@ -393,9 +492,9 @@ mod tests {
         let (g, d1, d2) = ([0.0f32, 1.0], [0.5f32, -0.2], [0.1f32, 0.3]);
         // FedAvgM, β = 0.9, lr 1: v1 = d1, v2 = 0.9 d1 + d2.
         let mut s = FedAvgM::new(1.0, 0.9);
-        let g1 = s.apply(&g, &d1, 1);
+        let g1 = s.apply(&g, &d1, &at(1));
         assert_eq!(g1, [0.5, 0.8]);
-        let g2 = s.apply(&g1, &d2, 2);
+        let g2 = s.apply(&g1, &d2, &at(2));
         for (i, want) in [0.5 + 0.9 * 0.5 + 0.1, 0.8 + 0.9 * -0.2 + 0.3]
             .into_iter()
             .enumerate()
@@ -404,8 +503,8 @@ mod tests {
         }
         // FedAdagrad, lr 0.1: m = d (β₁ = 0), v accumulates d².
         let mut s = FedOpt::new(AdaptiveRule::Adagrad, 0.1);
-        let g1 = s.apply(&g, &d1, 1);
-        let g2 = s.apply(&g1, &d2, 2);
+        let g1 = s.apply(&g, &d1, &at(1));
+        let g2 = s.apply(&g1, &d2, &at(2));
         for i in 0..2 {
             let v2 = d1[i] * d1[i] + d2[i] * d2[i];
             let want = g[i] + 0.1 * d1[i] / (d1[i].abs() + 1e-9) + 0.1 * d2[i] / (v2.sqrt() + 1e-9);
@@ -414,8 +513,8 @@ mod tests {
         // FedYogi, lr 0.01: v starts at 0, so v1 = (1 − β₂) d1² (sign(0 − d²) = −1), then
         // v2 = v1 − (1 − β₂) d2² sign(v1 − d2²).
         let mut s = FedOpt::new(AdaptiveRule::Yogi, 0.01);
-        let g1 = s.apply(&g, &d1, 1);
-        let g2 = s.apply(&g1, &d2, 2);
+        let g1 = s.apply(&g, &d1, &at(1));
+        let g2 = s.apply(&g1, &d2, &at(2));
         for i in 0..2 {
             let m1 = 0.1 * d1[i];
             let v1 = 0.01 * d1[i] * d1[i];
@@ -431,13 +530,44 @@ mod tests {
     fn every_stateful_strategy_continues_exactly_after_a_restore() {
         let g = vec![0.5f32, -1.0, 2.0];
         let (d1, d2) = (vec![0.1f32, -0.2, 0.3], vec![-0.05f32, 0.4, 0.0]);
-        for name in ["fedavgm", "fedadagrad", "fedadam", "fedyogi"] {
+        for name in ["fedavgm", "fedadagrad", "fedadam", "fedyogi", "scaffold"] {
+            let (g, d1, d2) = if name == "scaffold" {
+                // SCAFFOLD's mean carries Δc after the model's values.
+                (g[..1].to_vec(), d1[..2].to_vec(), d2[..2].to_vec())
+            } else {
+                (g.clone(), d1.clone(), d2.clone())
+            };
             let mut a = by_name(name, 0.1, 0.9).unwrap();
-            let g1 = a.apply(&g, &d1, 1);
+            let g1 = a.apply(&g, &d1, &at(1));
             let mut b = by_name(name, 0.1, 0.9).unwrap();
             b.restore_state(&a.save_state().unwrap()).unwrap();
-            assert_eq!(a.apply(&g1, &d2, 2), b.apply(&g1, &d2, 2), "{name}");
+            assert_eq!(a.apply(&g1, &d2, &at(2)), b.apply(&g1, &d2, &at(2)), "{name}");
+            assert_eq!(a.save_state(), b.save_state(), "{name}");
             assert!(b.restore_state(&[0; 6]).is_err(), "{name}");
         }
+    }
+
+    /// SCAFFOLD moves the model by the mean update and its control variate by |S|/N of the
+    /// mean Δc, which the next tasks carry; its state is the control variate.
+    #[test]
+    fn scaffold_moves_the_model_and_its_control_variate() {
+        let mut s = Scaffold::new(1.0);
+        s.initialise(2);
+        assert_eq!(*s.control_variate().unwrap(), vec![0.0, 0.0]);
+        let round = RoundContext {
+            round: 1,
+            contributors: 2,
+            population: 8,
+        };
+        let g1 = s.apply(&[1.0, 2.0], &[0.5, -1.0, 4.0, -8.0], &round);
+        assert_eq!(g1, vec![1.5, 1.0]);
+        assert_eq!(*s.control_variate().unwrap(), vec![1.0, -2.0]);
+        let g2 = s.apply(&g1, &[0.0, 0.0, 4.0, 4.0], &RoundContext::full(2, 8));
+        assert_eq!(g2, g1);
+        assert_eq!(*s.control_variate().unwrap(), vec![5.0, 2.0]);
+        let mut t = Scaffold::new(1.0);
+        t.restore_state(&s.save_state().unwrap()).unwrap();
+        t.initialise(2);
+        assert_eq!(t.control_variate(), s.control_variate());
     }
 }

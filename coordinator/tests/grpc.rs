@@ -47,6 +47,7 @@ fn job() -> JobConfig {
         clip_per_layer: false,
         privacy: None,
         emulated_codec: None,
+        control_variates: false,
         adaptive_clipping: None,
     }
 }
@@ -164,6 +165,7 @@ async fn bad_updates_get_the_right_status_and_are_never_aggregated() {
             session_id: sa.clone(),
             job_id: "j".into(),
             version: 0,
+            control_variate: false,
         })
         .await
         .unwrap()
@@ -181,10 +183,23 @@ async fn bad_updates_get_the_right_status_and_are_never_aggregated() {
             session_id: sa.clone(),
             job_id: "j".into(),
             version: 7,
+            control_variate: false,
         })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
+    // A FedAvg job has no control variate to fetch.
+    let e = ca
+        .fetch_model(pb::FetchModelRequest {
+            session_id: sa.clone(),
+            job_id: "j".into(),
+            version: 0,
+            control_variate: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("SCAFFOLD"), "{}", e.message());
 
     let good = vec![1.0f32; P];
     // Wrong parameter count.

@@ -10,6 +10,7 @@ pub mod infer;
 pub mod kernels;
 pub mod net;
 pub mod partition;
+pub mod scaffold;
 pub mod tabular;
 pub mod train;
 
@@ -22,7 +23,7 @@ pub use net::{ModelSpec, Network};
 pub use partition::{Partition, partition};
 pub use train::{
     Metrics, Optimizer, TrainConfig, TrainReport, clip_l2, clip_update, evaluate, train,
-    update_to_send,
+    train_corrected, update_to_send,
 };
 
 /// Errors loading or validating data.

@@ -163,7 +163,30 @@ pub fn train(
     cfg: &TrainConfig,
     device: ComputeDevice,
 ) -> Result<(Vec<f32>, TrainReport), ModelError> {
+    train_corrected(spec, params, data, cfg, device, None)
+}
+
+/// [`train`] with SCAFFOLD's drift correction: `correction` (the server's control variate
+/// minus this participant's, flat in the model's order; see [`crate::scaffold`]) is added to
+/// the gradient of every step, through a linear term ⟨w, correction⟩ in the loss, so it works
+/// with any optimiser.
+pub fn train_corrected(
+    spec: &ModelSpec,
+    params: &[f32],
+    data: &Dataset,
+    cfg: &TrainConfig,
+    device: ComputeDevice,
+    correction: Option<&[f32]>,
+) -> Result<(Vec<f32>, TrainReport), ModelError> {
     cfg.validate()?;
+    if let Some(c) = correction
+        && c.len() != params.len()
+    {
+        return Err(ModelError::ParameterCount {
+            expected: params.len(),
+            got: c.len(),
+        });
+    }
     spec.check_data(data.shape, data.num_classes)?;
     if data.is_empty() {
         return Err(ModelError::InvalidConfig(
@@ -183,6 +206,16 @@ pub fn train(
         let mut g = Anchor(Vec::new());
         model.visit(&mut g);
         g.0
+    });
+    let correction = correction.map(|c| {
+        let mut split = Split {
+            flat: c,
+            offset: 0,
+            out: Vec::new(),
+            device: dev.clone(),
+        };
+        model.visit(&mut split);
+        split.out
     });
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut order: Vec<usize> = (0..data.len()).collect();
@@ -218,6 +251,17 @@ pub fn train(
                 model.visit(&mut prox);
                 if let Some(sq) = prox.sum {
                     loss = loss + sq.mul_scalar(cfg.proximal_mu / 2.0);
+                }
+            }
+            if let Some(correction) = &correction {
+                let mut lin = Linear {
+                    with: correction,
+                    next: 0,
+                    sum: None,
+                };
+                model.visit(&mut lin);
+                if let Some(dot) = lin.sum {
+                    loss = loss + dot;
                 }
             }
             let grads = GradientsParams::from_grads(loss.backward(), &model);
@@ -276,17 +320,62 @@ impl ModuleVisitor for Proximal<'_> {
     }
 }
 
+/// A flat vector cut into one detached tensor per parameter, in the order the model visits
+/// its parameters (the flat order).
+struct Split<'a> {
+    flat: &'a [f32],
+    offset: usize,
+    out: Vec<Tensor<1>>,
+    device: Device,
+}
+
+impl ModuleVisitor for Split<'_> {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+        let n = p.val().shape().num_elements();
+        let part = self.flat[self.offset..self.offset + n].to_vec();
+        self.offset += n;
+        self.out
+            .push(Tensor::<1>::from_data(TensorData::new(part, [n]), &self.device));
+    }
+}
+
+/// ⟨w, with⟩ over every parameter, on the autodiff graph: its gradient is `with`.
+struct Linear<'a> {
+    with: &'a [Tensor<1>],
+    next: usize,
+    sum: Option<Tensor<1>>,
+}
+
+impl ModuleVisitor for Linear<'_> {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+        let w = p.val();
+        let n = w.shape().num_elements();
+        let dot = (w.reshape([n]) * self.with[self.next].clone()).sum();
+        self.next += 1;
+        self.sum = Some(match self.sum.take() {
+            Some(s) => s + dot,
+            None => dot,
+        });
+    }
+}
+
 /// A participant's update as it leaves: clipped by [`clip_update`] when the task gives a clip
-/// norm and, with adaptive clipping's `indicator`, one more value, the indicator when the
-/// update was within the clip norm and 0 when it was clipped. Says whether it was clipped.
+/// norm; then, in SCAFFOLD jobs, the change of the participant's control variate (model-sized,
+/// not clipped); then, with adaptive clipping's `indicator`, one more value, the indicator
+/// when the update was within the clip norm and 0 when it was clipped. Says whether it was
+/// clipped.
 pub fn update_to_send(
     update: &mut Vec<f32>,
     spec: &ModelSpec,
     clip_norm: Option<f64>,
     per_layer: bool,
+    control_change: Option<&[f32]>,
     indicator: Option<f64>,
 ) -> bool {
     let clipped = clip_norm.is_some_and(|c| clip_update(update, spec, c, per_layer));
+    if let Some(dc) = control_change {
+        update.extend_from_slice(dc);
+    }
     if let Some(b) = indicator {
         update.push(if clipped { 0.0 } else { b as f32 });
     }

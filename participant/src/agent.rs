@@ -12,6 +12,7 @@ pub(crate) async fn agent(
     let n = held.as_ref().map_or(0, Held::examples);
     let secrets: SharedSecrets = Arc::new(Mutex::new(Secrets::generate()));
     let keys = lock(&secrets).keys(opts.tls.as_ref())?;
+    let mut controls = Controls::new(opts.state_dir.clone());
     let mut s = connect(&opts, n, &keys).await?;
     loop {
         let polled = s
@@ -71,7 +72,7 @@ pub(crate) async fn agent(
                     }
                 };
                 let data = &data;
-                let r = train_round(&mut s, &opts, data, &secrets, t).await;
+                let r = train_round(&mut s, &opts, data, &secrets, &mut controls, t).await;
                 if r.is_ok() {
                     report.rounds_trained += 1;
                 } else if let Err(e) = &r
@@ -336,6 +337,7 @@ mod tests {
             stay_between_jobs: false,
             compute: None,
             min_noise_multiplier: None,
+            state_dir: None,
         };
         (opts, seen)
     }
@@ -426,6 +428,7 @@ mod tests {
             clip_per_layer: false,
             noise_stddev: None,
             clip_indicator: None,
+            control_digest: String::new(),
         });
         let (opts, seen) = scripted(VecDeque::from([Ok(train), idle()])).await;
         let report = run(opts, data()).await.unwrap();

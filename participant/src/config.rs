@@ -43,6 +43,10 @@ pub struct ParticipantConfig {
     /// noise multiplier (computed from the task's noise, clip norm and the round's T_min).
     #[serde(default)]
     pub min_noise_multiplier: Option<f64>,
+    /// Where this node keeps what it must remember between rounds (SCAFFOLD's control
+    /// variates); relative to this file. Without it they are kept in memory only.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// `[faults]`: deliberate misbehaviour, off by default.
@@ -123,6 +127,11 @@ impl ParticipantConfig {
         {
             data.path = base.join(&data.path);
         }
+        if let Some(dir) = cfg.state_dir.as_mut()
+            && dir.is_relative()
+        {
+            *dir = base.join(&*dir);
+        }
         if cfg.id.is_empty() {
             return Err("id must not be empty".into());
         }
@@ -153,6 +162,7 @@ impl ParticipantConfig {
             stay_between_jobs: self.stay_between_jobs,
             compute: None,
             min_noise_multiplier: self.min_noise_multiplier,
+            state_dir: self.state_dir.clone(),
         }
     }
 

@@ -8,11 +8,13 @@
 //!
 //! Layout: `agent` (the loop and task dispatch), `session` (connecting, fetching the model,
 //! heartbeats), `training` (local training and evaluation tasks, the upload), `committee`
-//! (this node's secure-aggregation keys and its answers as a committee member), `data`
+//! (this node's secure-aggregation keys and its answers as a committee member), `controls`
+//! (SCAFFOLD's control variates, kept between rounds), `data`
 //! (the local split), `config` (`participant.toml`). The modules share this file's imports.
 
 mod agent;
 mod committee;
+mod controls;
 pub mod config;
 mod data;
 mod session;
@@ -20,6 +22,7 @@ mod training;
 
 use agent::agent;
 use committee::*;
+use controls::Controls;
 pub use data::{Held, LocalData, NotReady, SiteCsv, SiteData, SiteTables};
 use session::*;
 use training::*;
@@ -90,6 +93,10 @@ pub struct AgentOptions {
     /// below this noise multiplier (a participant's own floor: the coordinator sizes the
     /// noise, and one that asked for less would weaken everyone's guarantee).
     pub min_noise_multiplier: Option<f64>,
+    /// Where this node keeps what it must remember between rounds (SCAFFOLD's control
+    /// variate, one file per job); `None`: in memory only, so a restarted node starts its
+    /// control variate again from zeros.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 /// How often a node between jobs asks whether a new one has started.

@@ -76,6 +76,7 @@ pub(crate) async fn fetch_model(
     version: u64,
     expected: u64,
     digest: &str,
+    control_variate: bool,
 ) -> Result<Vec<f32>, Status> {
     let mut stream = s
         .client
@@ -83,6 +84,7 @@ pub(crate) async fn fetch_model(
             session_id: s.id.clone(),
             job_id: job_id.into(),
             version,
+            control_variate,
         })
         .await?
         .into_inner();
@@ -96,7 +98,11 @@ pub(crate) async fn fetch_model(
         }
     }
     if last != digest {
-        return Err(Status::data_loss("model digest differs from the task's"));
+        return Err(Status::data_loss(if control_variate {
+            "control variate's digest differs from the task's"
+        } else {
+            "model digest differs from the task's"
+        }));
     }
     asm.finish(digest)
         .map_err(|e| Status::data_loss(e.to_string()))
@@ -155,6 +161,7 @@ mod tests {
             stay_between_jobs: false,
             compute: None,
             min_noise_multiplier: None,
+            state_dir: None,
         };
         let Err(e) = connect(&opts, 10, &pb::SecureKeys::default()).await else {
             panic!("connected to {:?}", opts.coordinator);

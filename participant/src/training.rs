@@ -47,6 +47,7 @@ pub(crate) async fn train_round(
     opts: &AgentOptions,
     data: &Arc<LocalData>,
     secrets: &SharedSecrets,
+    controls: &mut Controls,
     t: pb::TrainTask,
 ) -> Result<(), Status> {
     let spec = task_model(t.model.as_ref())?;
@@ -81,16 +82,43 @@ pub(crate) async fn train_round(
         t.model_version,
         t.num_parameters,
         &t.model_digest,
+        false,
     )
     .await?;
+    // SCAFFOLD: the server's control variate and this node's own.
+    let scaffold = if t.control_digest.is_empty() {
+        None
+    } else {
+        let server = fetch_model(
+            s,
+            &t.job_id,
+            t.model_version,
+            t.num_parameters,
+            &t.control_digest,
+            true,
+        )
+        .await?;
+        match controls.get(&t.job_id, server.len()) {
+            Ok(local) => Some((server, local)),
+            Err(e) => {
+                // Nothing is sent: the coordinator counts this participant as a straggler.
+                tracing::error!(participant = %opts.id, round = t.round, "cannot read this node's control variate: {e}");
+                return Ok(());
+            }
+        }
+    };
     let (d, dev) = (data.clone(), opts.device);
     let start = global.clone();
     let layers = spec.clone();
-    let trained = local_step(s, opts, move || {
-        cohort_model::train(&spec, &start, &d.train, &cfg, dev)
+    let trained = local_step(s, opts, move || match scaffold {
+        None => cohort_model::train(&spec, &start, &d.train, &cfg, dev).map(|(p, r)| (p, r, None)),
+        Some((server, local)) => {
+            cohort_model::scaffold::train(&spec, &start, &d.train, &cfg, dev, &server, local.as_deref())
+                .map(|c| (c.params, c.report, Some((c.control, c.control_change))))
+        }
     })
     .await;
-    let (params, report) = match trained {
+    let (params, report, control) = match trained {
         Ok(x) => x,
         Err(e) => {
             // Nothing is sent: the coordinator counts this participant as a straggler.
@@ -100,7 +128,8 @@ pub(crate) async fn train_round(
     };
     let mut delta: Vec<f32> = params.iter().zip(&global).map(|(p, g)| p - g).collect();
     let (clip, per_layer, indicator) = (t.clip_norm, t.clip_per_layer, t.clip_indicator);
-    if cohort_model::update_to_send(&mut delta, &layers, clip, per_layer, indicator) {
+    let change = control.as_ref().map(|(_, dc)| &dc[..]);
+    if cohort_model::update_to_send(&mut delta, &layers, clip, per_layer, change, indicator) {
         tracing::debug!(participant = %opts.id, round = t.round, "update clipped to L2 norm {clip:?}");
     }
     if !opts.upload_delay.is_zero() {
@@ -131,6 +160,11 @@ pub(crate) async fn train_round(
         secure: None,
     };
     send_values(s, opts, secrets, header, delta, secure, noise).await?;
+    if let Some((c, _)) = control
+        && let Err(e) = controls.set(&t.job_id, c)
+    {
+        tracing::error!(participant = %opts.id, round = t.round, "cannot keep this node's control variate: {e}");
+    }
     tracing::info!(participant = %opts.id, round = t.round, loss = report.epoch_loss.last(), "update sent");
     Ok(())
 }
@@ -310,6 +344,7 @@ pub(crate) async fn evaluate_round(
         e.model_version,
         e.num_parameters,
         &e.model_digest,
+        false,
     )
     .await?;
     let (d, dev) = (data.clone(), opts.device);

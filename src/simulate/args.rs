@@ -79,8 +79,9 @@ pub struct SimArgs {
     /// (a seeded draw; cross-device studies evaluate on a sample).
     #[arg(long, default_value_t = 1.0)]
     pub evaluate_fraction: f64,
-    /// Server strategy: fedavg, fedavgm, fedprox (with --proximal-mu), fedadagrad, fedadam or
-    /// fedyogi (each sees only the mean update, so each works with secure aggregation).
+    /// Server strategy: fedavg, fedavgm, fedprox (with --proximal-mu), scaffold, fedadagrad,
+    /// fedadam or fedyogi (each sees only the mean update, so each works with secure
+    /// aggregation); with --plaintext also median, trimmed-mean, krum or multi-krum.
     #[arg(long, default_value = "fedavg")]
     pub strategy: String,
     #[arg(long, default_value_t = 1.0)]

@@ -45,6 +45,9 @@ pub(super) struct Client {
     sign: Signer25519,
     policy: MemberPolicy,
     seeds: SeedLog,
+    /// SCAFFOLD: this participant's control variate, once it has trained (kept by the
+    /// process that owns the participant: O(model) per participant that has trained).
+    control: Option<Vec<f32>>,
 }
 
 impl Client {
@@ -58,6 +61,7 @@ impl Client {
             sign: Signer25519::generate(rng),
             policy: MemberPolicy::default(),
             seeds: SeedLog::default(),
+            control: None,
         }
     }
 
@@ -272,21 +276,42 @@ fn work_done(c: &mut Client, t: &Task, step: &Step<'_>, encrypt_seconds: &mut f6
             clip_per_layer,
             noise_stddev,
             clip_indicator,
+            control,
             ..
         } => {
-            let (params, report) =
-                match cohort_model::train(spec, global, &data.train, config, device) {
-                    Ok(x) => x,
-                    Err(e) => return Done::Nothing(format!("local training failed: {e}")),
-                };
+            let trained = match control {
+                None => cohort_model::train(spec, global, &data.train, config, device)
+                    .map(|(p, r)| (p, r, None)),
+                Some(server) => {
+                    let local = c.control.as_deref();
+                    cohort_model::scaffold::train(
+                        spec,
+                        global,
+                        &data.train,
+                        config,
+                        device,
+                        server,
+                        local,
+                    )
+                    .map(|s| (s.params, s.report, Some((s.control, s.control_change))))
+                }
+            };
+            let (params, report, scaffold) = match trained {
+                Ok(x) => x,
+                Err(e) => return Done::Nothing(format!("local training failed: {e}")),
+            };
             let mut delta: Vec<f32> = params.iter().zip(global).map(|(p, g)| p - g).collect();
             cohort_model::update_to_send(
                 &mut delta,
                 spec,
                 *clip_norm,
                 *clip_per_layer,
+                scaffold.as_ref().map(|(_, dc)| &dc[..]),
                 *clip_indicator,
             );
+            if let Some((next, _)) = scaffold {
+                c.control = Some(next);
+            }
             let train = Some(cohort_model::Metrics {
                 loss: *report.epoch_loss.last().unwrap_or(&f64::NAN),
                 accuracy: report.last_epoch_accuracy,

@@ -184,6 +184,12 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
             p.delta
         );
     }
+    let strategy = cohort_coordinator::strategy::by_name(
+        &args.strategy,
+        args.server_lr as f32,
+        args.server_momentum as f32,
+    )
+    .map_err(anyhow::Error::msg)?;
     let job = JobConfig {
         job_id: SIM_JOB.into(),
         model: spec.clone(),
@@ -220,17 +226,12 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
             }
         }),
         emulated_codec: secure.as_ref().filter(|_| emulated).map(|s| s.codec),
+        control_variates: strategy.control_variate().is_some(),
     };
     let emulation = secure
         .as_ref()
         .filter(|_| emulated)
         .map(|s| virtual_engine::Emulation { codec: s.codec });
-    let strategy = cohort_coordinator::strategy::by_name(
-        &args.strategy,
-        args.server_lr as f32,
-        args.server_momentum as f32,
-    )
-    .map_err(anyhow::Error::msg)?;
     // The machine's randomness from the run's seed: a simulation (its central noise
     // included) is reproducible.
     let entropy: [u8; 32] = {

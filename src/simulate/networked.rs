@@ -67,6 +67,7 @@ pub(super) async fn networked(run: NetworkedRun<'_>) -> anyhow::Result<(Vec<Roun
             stay_between_jobs: false,
             compute: Some(compute.clone()),
             min_noise_multiplier: None,
+            state_dir: None,
         };
         let data = site.clone();
         agents.spawn(async move { (i + 1, cohort_participant::run(opts, data).await) });
@@ -83,6 +84,7 @@ pub(super) async fn networked(run: NetworkedRun<'_>) -> anyhow::Result<(Vec<Roun
             stay_between_jobs: false,
             compute: None,
             min_noise_multiplier: None,
+            state_dir: None,
         };
         agents.spawn(async move { (n + k + 1, cohort_participant::run_custodian(opts).await) });
     }

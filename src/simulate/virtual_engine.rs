@@ -466,6 +466,7 @@ mod tests {
             clip_per_layer: false,
             privacy: None,
             emulated_codec: None,
+            control_variates: false,
             adaptive_clipping: None,
         }
     }

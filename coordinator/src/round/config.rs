@@ -96,6 +96,10 @@ pub struct JobConfig {
     /// `min_updates` and added by the simulated participants to their plaintext updates:
     /// the same integers the encrypted sum would carry, with no privacy from the coordinator.
     pub emulated_codec: Option<Codec>,
+    /// SCAFFOLD: every training task carries the server's control variate, and every update
+    /// carries the participant's control variate's change after the model's values (set with
+    /// `strategy = "scaffold"`; [`JobConfig::check_strategy`] refuses a mismatch).
+    pub control_variates: bool,
 }
 
 impl JobConfig {
@@ -108,6 +112,22 @@ impl JobConfig {
         if strategy.name() == "fedprox" && (mu.is_nan() || mu <= 0.0) {
             return Err(invalid(
                 crate::strategy::StrategyError::ProximalMu(mu).to_string(),
+            ));
+        }
+        let scaffold = strategy.control_variate().is_some();
+        if scaffold != self.control_variates {
+            return Err(invalid(format!(
+                "strategy = \"{}\" and control_variates = {}: control variates travel with \
+                 SCAFFOLD's tasks and updates, and only with them",
+                strategy.name(),
+                self.control_variates
+            )));
+        }
+        if scaffold && self.privacy.is_some() {
+            return Err(invalid(
+                "strategy = \"scaffold\" with [privacy]: the control variates' changes travel \
+                 with the update, unclipped, and the noise is sized for the clipped update alone"
+                    .into(),
             ));
         }
         let Some(rule) = strategy.robust_rule() else {
@@ -154,10 +174,11 @@ impl JobConfig {
         })
     }
 
-    /// Values a participant sends in a training round: the model's, and adaptive clipping's
-    /// indicator.
+    /// Values a participant sends in a training round: the model's, SCAFFOLD's control
+    /// variate's change (as many again), and adaptive clipping's indicator.
     pub fn training_len(&self) -> usize {
-        self.model.num_parameters() + usize::from(self.adaptive_clipping.is_some())
+        let d = self.model.num_parameters();
+        d * (1 + usize::from(self.control_variates)) + usize::from(self.adaptive_clipping.is_some())
     }
 
     /// The L2 sensitivity of the round's sum at clip norm `clip`: the update's (plus, under

@@ -57,6 +57,9 @@ pub enum Task {
         /// Adaptive clipping: append this value when the update was within `clip_norm`
         /// (before clipping it), 0 otherwise.
         clip_indicator: Option<f64>,
+        /// SCAFFOLD: the server's control variate. Correct local gradients by it minus the
+        /// participant's own, and append the own one's change to the update.
+        control: Option<Arc<Vec<f32>>>,
     },
     /// Round 0 of a job with tables: send the training table's statistics
     /// (`TableStats::to_values`, split by the job's `DigitCodec::for_statistics`), weight 1,

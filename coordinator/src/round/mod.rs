@@ -168,11 +168,12 @@ impl Orchestrator {
     /// The machine reads no other source of randomness, and no clock.
     pub fn new(
         config: JobConfig,
-        strategy: Box<dyn Strategy>,
+        mut strategy: Box<dyn Strategy>,
         allowed: Option<BTreeSet<ParticipantId>>,
         entropy: [u8; 32],
     ) -> Result<Self, JobError> {
         config.validate()?;
+        strategy.initialise(config.model.num_parameters());
         config.check_strategy(strategy.as_ref())?;
         let first_round = if config.data.is_some() { 0 } else { 1 };
         let global = Arc::new(config.model.initial_parameters(config.seed));
@@ -317,6 +318,11 @@ impl Orchestrator {
     }
 
     /// Name of the aggregation strategy (recorded in each model version's manifest).
+    /// SCAFFOLD: the server's control variate of the current global version.
+    pub fn control_variate(&self) -> Option<Arc<Vec<f32>>> {
+        self.strategy.control_variate()
+    }
+
     pub fn strategy_name(&self) -> &'static str {
         self.strategy.name()
     }

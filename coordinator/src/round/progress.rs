@@ -38,6 +38,7 @@ impl Orchestrator {
                     clip_per_layer: self.config.clip_per_layer,
                     noise_stddev: self.clip.and_then(|c| self.config.participant_noise(c)),
                     clip_indicator: self.clip.and_then(|c| self.config.indicator_scale(c)),
+                    control: self.strategy.control_variate(),
                 }
             }
             Phase::Decrypting(d) => self.decrypt_task_for(d, id),
@@ -261,7 +262,16 @@ impl Orchestrator {
         } else {
             mean
         };
-        let new_global = self.strategy.apply(&self.global, mean, summary.round);
+        let round = crate::strategy::RoundContext {
+            round: summary.round,
+            contributors: summary.participants.len(),
+            population: self
+                .participants
+                .keys()
+                .filter(|id| !self.is_custodian(id))
+                .count(),
+        };
+        let new_global = self.strategy.apply(&self.global, mean, &round);
         self.global = Arc::new(new_global);
         self.version = summary.round;
         summary.seconds = now.duration_since(started).as_secs_f64();

@@ -7,6 +7,7 @@ use std::time::Duration;
 use cohort_model::{ModelSpec, Optimizer, TrainConfig};
 
 mod robust;
+mod strategies;
 
 /// Drives an [`Orchestrator`] with a clock that only moves when told, committing completed
 /// rounds as the coordinator's driver does, to a store that can be told to fail.
@@ -51,6 +52,7 @@ pub(super) fn config() -> JobConfig {
         clip_per_layer: false,
         privacy: None,
         emulated_codec: None,
+        control_variates: false,
         adaptive_clipping: None,
     }
 }
@@ -191,6 +193,7 @@ fn round_waits_for_min_participants_then_selects_all() {
             clip_per_layer: false,
             noise_stddev: None,
             clip_indicator: None,
+            control: None,
         } => {
             assert_eq!(deadline, h.start + Duration::from_secs(30));
             assert_ne!(config.seed, 1, "each participant gets its own seed");

@@ -250,6 +250,7 @@ impl Remote<'_> {
                 clip_per_layer: false,
                 noise_stddev: None,
                 clip_indicator: None,
+                control: None,
             };
             for (id, t) in tasks {
                 let (r, version) = match t {
@@ -262,8 +263,10 @@ impl Remote<'_> {
                         clip_per_layer,
                         noise_stddev,
                         clip_indicator,
+                        control,
                         ..
                     } => {
+                        order.control = control;
                         order.clip_norm = clip_norm;
                         order.clip_per_layer = clip_per_layer;
                         order.noise_stddev = noise_stddev;

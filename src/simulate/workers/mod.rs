@@ -77,6 +77,8 @@ pub(super) struct ShardStep {
     pub(super) noise_stddev: Option<f64>,
     /// Adaptive clipping: each client's indicator value.
     pub(super) clip_indicator: Option<f64>,
+    /// SCAFFOLD: the server's control variate.
+    pub(super) control: Option<Arc<Vec<f32>>>,
 }
 
 /// What one worker's participants produced in a step.
@@ -124,6 +126,7 @@ pub(super) fn work_shard(
                 clip_per_layer: step.clip_per_layer,
                 noise_stddev: step.noise_stddev,
                 clip_indicator: step.clip_indicator,
+                control: step.control.clone(),
             },
         ));
     }
@@ -273,6 +276,11 @@ impl ShardStep {
             clip_per_layer: self.clip_per_layer,
             noise_stddev: self.noise_stddev,
             clip_indicator: self.clip_indicator,
+            control: self
+                .control
+                .as_deref()
+                .map(|c| cohort_protocol::f32_bytes(c))
+                .unwrap_or_default(),
             data_spec_json: self
                 .data
                 .as_ref()
@@ -293,11 +301,14 @@ impl ShardStep {
                 m.global.len()
             );
         }
-        let global = m
-            .global
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-            .collect();
+        let global = f32s(&m.global);
+        if !m.control.is_empty() && m.control.len() != m.global.len() {
+            bail!(
+                "a control variate of {} bytes for a model of {}",
+                m.control.len(),
+                m.global.len()
+            );
+        }
         let model = m.model.as_ref().context("a step without its model")?;
         Ok(ShardStep {
             job_id: m.job_id.clone(),
@@ -338,6 +349,7 @@ impl ShardStep {
             clip_per_layer: m.clip_per_layer,
             noise_stddev: m.noise_stddev,
             clip_indicator: m.clip_indicator,
+            control: (!m.control.is_empty()).then(|| Arc::new(f32s(&m.control))),
             data: (!m.data_spec_json.is_empty())
                 .then(|| serde_json::from_str(&m.data_spec_json))
                 .transpose()
@@ -348,6 +360,14 @@ impl ShardStep {
                 .context("the step's pipeline")?,
         })
     }
+}
+
+/// Little-endian f32 values (whole ones: checked by the caller).
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .collect()
 }
 
 /// Contributions a result part carries at most (their sealed pieces make each a few KB).

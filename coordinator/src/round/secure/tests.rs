@@ -70,6 +70,7 @@ fn config(committee: usize) -> JobConfig {
         clip_per_layer: false,
         privacy: None,
         emulated_codec: None,
+        control_variates: false,
         adaptive_clipping: None,
     }
 }
