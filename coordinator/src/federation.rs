@@ -91,7 +91,11 @@ impl Coordinator {
                 control,
             } => Kind::Train(pb::TrainTask {
                 control_digest: control
-                    .map(|c| self.encoded_control(&cfg.job_id, version, &c).digest.clone())
+                    .map(|c| {
+                        self.encoded_control(&cfg.job_id, version, &c)
+                            .digest
+                            .clone()
+                    })
                     .unwrap_or_default(),
                 clip_norm,
                 clip_per_layer,

@@ -155,7 +155,11 @@ impl Strategy for Scaffold {
     }
     fn apply(&mut self, global: &[f32], mean: &[f32], round: &RoundContext) -> Vec<f32> {
         let d = global.len();
-        assert_eq!(mean.len(), 2 * d, "SCAFFOLD's mean carries the model and Δc");
+        assert_eq!(
+            mean.len(),
+            2 * d,
+            "SCAFFOLD's mean carries the model and Δc"
+        );
         self.initialise(d);
         let share = (round.contributors as f64 / round.population.max(1) as f64).min(1.0) as f32;
         let control = Arc::make_mut(&mut self.control);
@@ -422,7 +426,10 @@ mod tests {
         let mut s = FedAvg::default();
         assert_eq!(s.apply(&[1.0, 2.0], &[0.5, -1.0], &at(1)), vec![1.5, 1.0]);
         let mut half = FedAvg { server_lr: 0.5 };
-        assert_eq!(half.apply(&[1.0, 2.0], &[0.5, -1.0], &at(1)), vec![1.25, 1.5]);
+        assert_eq!(
+            half.apply(&[1.0, 2.0], &[0.5, -1.0], &at(1)),
+            vec![1.25, 1.5]
+        );
     }
 
     #[test]
@@ -541,7 +548,11 @@ mod tests {
             let g1 = a.apply(&g, &d1, &at(1));
             let mut b = by_name(name, 0.1, 0.9).unwrap();
             b.restore_state(&a.save_state().unwrap()).unwrap();
-            assert_eq!(a.apply(&g1, &d2, &at(2)), b.apply(&g1, &d2, &at(2)), "{name}");
+            assert_eq!(
+                a.apply(&g1, &d2, &at(2)),
+                b.apply(&g1, &d2, &at(2)),
+                "{name}"
+            );
             assert_eq!(a.save_state(), b.save_state(), "{name}");
             assert!(b.restore_state(&[0; 6]).is_err(), "{name}");
         }

@@ -47,7 +47,10 @@ pub fn train(
     server: &[f32],
     local: Option<&[f32]>,
 ) -> Result<Corrected, ModelError> {
-    for (what, len) in [("server", server.len()), ("local", local.map_or(0, <[f32]>::len))] {
+    for (what, len) in [
+        ("server", server.len()),
+        ("local", local.map_or(0, <[f32]>::len)),
+    ] {
         if len != global.len() && !(what == "local" && local.is_none()) {
             return Err(ModelError::InvalidConfig(format!(
                 "SCAFFOLD's {what} control variate has {len} values, the model {}",
@@ -145,7 +148,20 @@ mod tests {
         }
         assert_eq!(local_steps(&cfg(3), 8), 3);
         assert_eq!(local_steps(&cfg(2), 9), 4);
-        let short = train(&spec, &global, &ds, &cfg(1), ComputeDevice::Cpu, &[0.0], None);
-        assert!(short.unwrap_err().to_string().contains("server control variate"));
+        let short = train(
+            &spec,
+            &global,
+            &ds,
+            &cfg(1),
+            ComputeDevice::Cpu,
+            &[0.0],
+            None,
+        );
+        assert!(
+            short
+                .unwrap_err()
+                .to_string()
+                .contains("server control variate")
+        );
     }
 }

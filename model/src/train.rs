@@ -334,8 +334,10 @@ impl ModuleVisitor for Split<'_> {
         let n = p.val().shape().num_elements();
         let part = self.flat[self.offset..self.offset + n].to_vec();
         self.offset += n;
-        self.out
-            .push(Tensor::<1>::from_data(TensorData::new(part, [n]), &self.device));
+        self.out.push(Tensor::<1>::from_data(
+            TensorData::new(part, [n]),
+            &self.device,
+        ));
     }
 }
 

@@ -82,7 +82,9 @@ mod tests {
         a.set("job/1", vec![1.0, -2.0, 0.5]).unwrap();
         let mut b = Controls::new(Some(dir.clone()));
         assert_eq!(b.get("job/1", 3).unwrap(), Some(vec![1.0, -2.0, 0.5]));
-        let e = Controls::new(Some(dir.clone())).get("job/1", 4).unwrap_err();
+        let e = Controls::new(Some(dir.clone()))
+            .get("job/1", 4)
+            .unwrap_err();
         assert!(e.contains("12 bytes") && e.contains("job/1"), "{e}");
         let mut memory = Controls::new(None);
         memory.set("j", vec![2.0]).unwrap();

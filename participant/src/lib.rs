@@ -14,8 +14,8 @@
 
 mod agent;
 mod committee;
-mod controls;
 pub mod config;
+mod controls;
 mod data;
 mod session;
 mod training;

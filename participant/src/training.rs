@@ -112,10 +112,16 @@ pub(crate) async fn train_round(
     let layers = spec.clone();
     let trained = local_step(s, opts, move || match scaffold {
         None => cohort_model::train(&spec, &start, &d.train, &cfg, dev).map(|(p, r)| (p, r, None)),
-        Some((server, local)) => {
-            cohort_model::scaffold::train(&spec, &start, &d.train, &cfg, dev, &server, local.as_deref())
-                .map(|c| (c.params, c.report, Some((c.control, c.control_change))))
-        }
+        Some((server, local)) => cohort_model::scaffold::train(
+            &spec,
+            &start,
+            &d.train,
+            &cfg,
+            dev,
+            &server,
+            local.as_deref(),
+        )
+        .map(|c| (c.params, c.report, Some((c.control, c.control_change)))),
     })
     .await;
     let (params, report, control) = match trained {

@@ -109,7 +109,12 @@ fn expected(strategy: &str, len: usize) -> Vec<Vec<f32>> {
 fn run(strategy: &str, len: usize, restart_after: Option<u64>) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
     let cfg = job(strategy == "scaffold");
     let now = Instant::now();
-    let o = Orchestrator::new(cfg.clone(), by_name(strategy, 0.1, 0.9).unwrap(), None, [3; 32]);
+    let o = Orchestrator::new(
+        cfg.clone(),
+        by_name(strategy, 0.1, 0.9).unwrap(),
+        None,
+        [3; 32],
+    );
     let mut h = harness(o.unwrap(), now);
     for id in IDS {
         h.o.handle_join(id, format!("s-{id}"), examples(id), h.now)
@@ -118,7 +123,10 @@ fn run(strategy: &str, len: usize, restart_after: Option<u64>) -> (Vec<Vec<f32>>
     let (mut models, mut controls) = (Vec::new(), Vec::new());
     let mut state = None;
     for round in 1..=ROUNDS {
-        if let Task::Train { control, round: r, .. } = h.o.task_for("a") {
+        if let Task::Train {
+            control, round: r, ..
+        } = h.o.task_for("a")
+        {
             assert_eq!(r, round);
             assert_eq!(control.is_some(), strategy == "scaffold", "{strategy}");
             controls.extend(control.map(|c| c.to_vec()));
@@ -137,7 +145,11 @@ fn run(strategy: &str, len: usize, restart_after: Option<u64>) -> (Vec<Vec<f32>>
                 state = strategy_state;
             }
         }
-        assert_eq!(models.len() as u64, round, "{strategy}: round {round} completed");
+        assert_eq!(
+            models.len() as u64,
+            round,
+            "{strategy}: round {round} completed"
+        );
         if restart_after == Some(round) {
             let mut s = by_name(strategy, 0.1, 0.9).unwrap();
             s.initialise(P);
@@ -167,7 +179,14 @@ fn run(strategy: &str, len: usize, restart_after: Option<u64>) -> (Vec<Vec<f32>>
 
 #[test]
 fn each_strategy_applies_its_rule_to_each_rounds_weighted_mean() {
-    for strategy in ["fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "scaffold"] {
+    for strategy in [
+        "fedavg",
+        "fedavgm",
+        "fedadagrad",
+        "fedadam",
+        "fedyogi",
+        "scaffold",
+    ] {
         let len = if strategy == "scaffold" { 2 * P } else { P };
         let (models, _) = run(strategy, len, None);
         assert_eq!(models, expected(strategy, len), "{strategy}");
@@ -186,7 +205,7 @@ fn scaffold_tasks_carry_the_control_variate_and_its_updates_the_changes() {
     s.initialise(P);
     let global = vec![0.0; P];
     let mean = |round: u64, senders: &[&str]| -> Vec<f32> {
-        let mut acc = vec![0f64; 2 * P];
+        let mut acc = [0f64; 2 * P];
         let mut w = 0u64;
         for id in senders {
             for (a, d) in acc.iter_mut().zip(delta(id, round, 2 * P)) {
@@ -209,7 +228,12 @@ fn scaffold_tasks_carry_the_control_variate_and_its_updates_the_changes() {
 
     // An update without the control variate's change is refused by its length.
     let now = Instant::now();
-    let o = Orchestrator::new(job(true), by_name("scaffold", 1.0, 0.9).unwrap(), None, [3; 32]);
+    let o = Orchestrator::new(
+        job(true),
+        by_name("scaffold", 1.0, 0.9).unwrap(),
+        None,
+        [3; 32],
+    );
     let mut h = harness(o.unwrap(), now);
     for id in IDS {
         h.o.handle_join(id, format!("s-{id}"), 10, now).unwrap();
@@ -231,14 +255,30 @@ fn scaffold_tasks_carry_the_control_variate_and_its_updates_the_changes() {
 
 #[test]
 fn scaffold_and_its_job_must_agree_and_it_refuses_privacy() {
-    let e = Orchestrator::new(job(false), by_name("scaffold", 1.0, 0.9).unwrap(), None, [3; 32])
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("scaffold") && e.contains("control_variates"), "{e}");
-    let e = Orchestrator::new(job(true), by_name("fedavg", 1.0, 0.9).unwrap(), None, [3; 32])
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("fedavg") && e.contains("control_variates = true"), "{e}");
+    let e = Orchestrator::new(
+        job(false),
+        by_name("scaffold", 1.0, 0.9).unwrap(),
+        None,
+        [3; 32],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("scaffold") && e.contains("control_variates"),
+        "{e}"
+    );
+    let e = Orchestrator::new(
+        job(true),
+        by_name("fedavg", 1.0, 0.9).unwrap(),
+        None,
+        [3; 32],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("fedavg") && e.contains("control_variates = true"),
+        "{e}"
+    );
     let private = JobConfig {
         clip_norm: Some(1.0),
         privacy: Some(crate::privacy::PrivacySettings {
@@ -249,8 +289,13 @@ fn scaffold_and_its_job_must_agree_and_it_refuses_privacy() {
         }),
         ..job(true)
     };
-    let e = Orchestrator::new(private, by_name("scaffold", 1.0, 0.9).unwrap(), None, [3; 32])
-        .unwrap_err()
-        .to_string();
+    let e = Orchestrator::new(
+        private,
+        by_name("scaffold", 1.0, 0.9).unwrap(),
+        None,
+        [3; 32],
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("scaffold") && e.contains("[privacy]"), "{e}");
 }
