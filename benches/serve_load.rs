@@ -216,6 +216,8 @@ fn main() {
         optimizer: Optimizer::Adam,
         seed: 1,
         proximal_mu: 0.0,
+        momentum: 0.0,
+        weight_decay: 0.0,
     };
     let (params, _) = cohort_model::train(
         &spec,

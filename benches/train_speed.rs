@@ -105,6 +105,8 @@ fn main() -> anyhow::Result<()> {
         optimizer: args.optimizer,
         seed: 1,
         proximal_mu: 0.0,
+        momentum: 0.0,
+        weight_decay: 0.0,
     };
     let p0 = spec.initial_parameters(0);
     // Warm-up (first-touch allocations, wgpu shader compilation) on a few batches.

@@ -593,6 +593,58 @@ fn an_image_simulation_runs_to_the_end_and_serves_every_held_out_image() {
     }
 }
 
+/// docs/models.md's command, shortened (two rounds of one local epoch on a small generated
+/// IDX set of Fashion-MNIST's shape): the declared LeNet-5 of `examples/models/lenet5.toml`,
+/// with the momentum and weight decay NIID-Bench uses, trains, and the served model gives
+/// the federated accuracy.
+#[test]
+fn the_declared_lenet_of_the_docs_trains_and_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("images");
+    write_idx_images(&data, 1200, 600);
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/models/lenet5.toml");
+    let (stdout, r) = simulate(
+        dir.path(),
+        "lenet",
+        &[
+            "--dataset",
+            data.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--participants",
+            "4",
+            "--partition",
+            "dirichlet:0.5",
+            "--rounds",
+            "2",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--lr",
+            "0.01",
+            "--momentum",
+            "0.9",
+            "--weight-decay",
+            "0.00001",
+            "--strategy",
+            "scaffold",
+        ],
+    );
+    assert_eq!(r["model"]["kind"], "layers", "{r}");
+    assert_eq!(r["model"]["channels"], 1, "{r}");
+    assert_eq!(r["model"]["layers"].as_array().unwrap().len(), 11, "{r}");
+    assert_eq!(r["rounds"].as_array().unwrap().len(), 2, "{stdout}");
+    let (fed, served) = (
+        r["federated_accuracy"].as_f64().unwrap(),
+        r["served_accuracy"].as_f64().unwrap(),
+    );
+    assert!(
+        (fed - served).abs() < 1e-9,
+        "served {served} vs federated {fed}"
+    );
+}
+
 mod tls {
     //! The coordinator's mutual TLS, against a real coordinator process: who gets in, who
     //! does not, and revocation without a restart.

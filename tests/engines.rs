@@ -202,6 +202,77 @@ async fn both_engines_give_the_same_model_bit_for_bit() {
     assert_ne!(models["median"], weights(&mean), "median is the mean");
 }
 
+/// A model declared as a stack of layers (`--model`, with batch normalisation and dropout;
+/// the input shape and classes left to the data) trains to the same bits in the networked
+/// engine, the virtual one and two worker processes, and is served; a bad stack is refused
+/// naming the file and the layer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_model_trains_alike_in_every_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model.toml");
+    std::fs::write(
+        &model,
+        r#"
+kind = "layers"
+layers = [
+  { type = "linear", units = 16 },
+  { type = "batch_norm" },
+  { type = "relu" },
+  { type = "dropout", p = 0.2 },
+  { type = "linear", units = 2 },
+]
+"#,
+    )
+    .unwrap();
+    let m = model.to_str().unwrap();
+    let base = ["--participants", "4", "--model", m, "--epochs", "2"];
+    let net = simulate("networked", &base, &dir.path().join("n")).await;
+    let vir = simulate("virtual", &base, &dir.path().join("v")).await;
+    let mut workers = base.to_vec();
+    // Workers need a committee of key custodians run by the driver; the sums are exact
+    // either way.
+    workers.extend(["--custodians", "3", "--workers", "2"]);
+    workers.extend(["--worker-command", env!("CARGO_BIN_EXE_cohort")]);
+    let two = simulate("virtual", &workers, &dir.path().join("w")).await;
+    assert_eq!(weights(&net), weights(&vir));
+    assert_eq!(weights(&net), weights(&two));
+    assert!(
+        matches!(
+            &net.model,
+            cohort_model::ModelSpec::Layers {
+                inputs: 30,
+                classes: 2,
+                ..
+            }
+        ),
+        "the data's shape and classes: {:?}",
+        net.model
+    );
+    let acc = net.federated_accuracy.unwrap();
+    assert!(acc > 0.9, "held-out accuracy {acc}");
+    assert_eq!(Some(net.served_accuracy), net.federated_accuracy);
+
+    std::fs::write(
+        &model,
+        "kind = \"layers\"\n[[layers]]\ntype = \"max_pool2d\"\nsize = 2\n",
+    )
+    .unwrap();
+    let argv = [
+        "simulate",
+        "--quiet",
+        "--model",
+        m,
+        "--out",
+        dir.path().to_str().unwrap(),
+    ];
+    let e = run(Cli::parse_from(argv).args).await.unwrap_err();
+    let e = format!("{e:#}");
+    assert!(
+        e.contains(m) && e.contains("layer 0 (max_pool2d): pooling needs an image"),
+        "{e}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_takes_the_virtual_engine_for_many_participants() {
     // 120 participants of the 569-row table, a tenth of them a round, plaintext: the virtual

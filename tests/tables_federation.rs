@@ -221,6 +221,8 @@ decrypt_timeout_secs = 20
         optimizer: cohort_model::Optimizer::Sgd,
         seed: 1,
         proximal_mu: 0.0,
+        momentum: 0.0,
+        weight_decay: 0.0,
     };
     let (params, _) = cohort_model::train(
         &model,

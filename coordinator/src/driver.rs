@@ -628,6 +628,7 @@ fn model_name(m: &cohort_model::ModelSpec) -> String {
             classes,
         } => format!("mlp {inputs}→{hidden:?}→{classes}"),
         Cnn { classes, .. } => format!("cnn →{classes}"),
+        Layers { layers, .. } => format!("layers {}", cohort_model::layers::summary(layers)),
     }
 }
 

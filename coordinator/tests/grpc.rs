@@ -29,6 +29,8 @@ fn job() -> JobConfig {
             optimizer: Optimizer::Sgd,
             seed: 0,
             proximal_mu: 0.0,
+            momentum: 0.0,
+            weight_decay: 0.0,
         },
         rounds: 2,
         min_participants: 2,

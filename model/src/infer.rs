@@ -179,6 +179,10 @@ fn quantize_int8(net: Network, device: &Device, compute: ComputeDevice) -> (Netw
     let mut groups: Vec<(QuantStore, Vec<burn::module::ParamId>)> = Vec::new();
     let mut names = Vec::new();
     for (id, name, shape) in shapes.out {
+        // Normalisation layers' scales and statistics stay f32 (few values, read every pass).
+        if name.contains("_norm") {
+            continue;
+        }
         let store = match compute {
             // The linear layers' weights (97% of the CNN's parameters, all of an MLP's but
             // the biases): cohort's CPU kernel reads them as int8 directly. Convolution

@@ -479,6 +479,19 @@ pub fn max_pool2x2_backward(x_shape: &Shape, winners: &[u8], grad: &FlexTensor) 
     tensor(dx, x_shape.clone())
 }
 
+/// `layer.forward(x)`, with int8 weights read directly for small batches on the CPU
+/// ([`linear_int8`]).
+pub fn linear(layer: &burn::nn::Linear, x: Tensor<2>) -> Tensor<2> {
+    let weight = layer.weight.val();
+    if matches!(weight.dtype(), DType::QFloat(_)) {
+        let bias = layer.bias.as_ref().map(|b| b.val());
+        if let Some(y) = linear_int8(&x, &weight, bias.as_ref()) {
+            return y;
+        }
+    }
+    layer.forward(x)
+}
+
 /// Rows up to which [`linear_int8`] reads the int8 weight directly.
 const INT8_DIRECT_ROWS: usize = 4;
 

@@ -8,6 +8,7 @@ pub mod compute;
 pub mod data;
 pub mod infer;
 pub mod kernels;
+pub mod layers;
 pub mod net;
 pub mod partition;
 pub mod scaffold;
@@ -19,6 +20,7 @@ use std::path::PathBuf;
 pub use compute::{ComputeSlots, Sharing};
 pub use data::{Dataset, FeatureShape, IdxSplit, LabelColumn, Standardizer};
 pub use infer::{InferenceModel, Precision};
+pub use layers::Layer;
 pub use net::{ModelSpec, Network};
 pub use partition::{Partition, partition};
 pub use train::{

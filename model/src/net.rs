@@ -6,17 +6,23 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d, Relu};
 use burn::store::{ModuleSnapshot, SafetensorsStore};
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use rand::SeedableRng;
 use rand::rngs::ChaCha8Rng;
 use rand_distr::{Distribution, Uniform};
 use serde::{Deserialize, Serialize};
 
 use crate::data::FeatureShape;
+use crate::kernels::linear;
+pub use crate::layers::{Init, ParamInfo};
+use crate::layers::{Layer, LayerNet};
 use crate::{ModelError, kernels};
 
 /// What network a federation trains. Every participant builds the same one from it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// `logistic`, `mlp` and `cnn` are presets: each computes what its [`ModelSpec::as_layers`]
+/// stack computes, with the same flat parameters (a test checks it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum ModelSpec {
     /// Multinomial logistic regression (one linear layer).
@@ -35,21 +41,32 @@ pub enum ModelSpec {
         width: usize,
         classes: usize,
     },
+    /// A declared stack of [`Layer`]s ([`crate::layers`]), ending in a linear layer of
+    /// `classes` units. Examples are flat rows of `inputs` values, or images of `channels ×
+    /// height × width` (one or the other).
+    Layers {
+        #[serde(default, skip_serializing_if = "is_zero")]
+        inputs: usize,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        channels: usize,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        height: usize,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        width: usize,
+        #[serde(default)]
+        classes: usize,
+        layers: Vec<Layer>,
+    },
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// CNN sizes (fixed, small enough to train on CPUs in a simulation).
 const CNN_C1: usize = 8;
 const CNN_C2: usize = 16;
 const CNN_HIDDEN: usize = 64;
-
-/// One tensor of the flat parameter vector.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParamInfo {
-    pub name: String,
-    pub shape: Vec<usize>,
-    /// Inputs feeding each output unit (for initialisation).
-    pub fan_in: usize,
-}
 
 impl ModelSpec {
     /// A spec that fits a dataset's shape: a CNN for images, else an MLP with `hidden`
@@ -115,6 +132,31 @@ impl ModelSpec {
                     return bad(format!("classes must be at least 2, not {classes}"));
                 }
             }
+            ModelSpec::Layers {
+                inputs,
+                channels,
+                height,
+                width,
+                classes,
+                layers,
+            } => {
+                let image = [*channels, *height, *width];
+                match (*inputs > 0, image.iter().any(|&d| d > 0)) {
+                    (true, true) | (false, false) => {
+                        return bad(format!(
+                            "a layer stack takes flat rows (inputs) or images (channels, height,                              width), one or the other: inputs {inputs}, channels {channels},                              height {height}, width {width}"
+                        ));
+                    }
+                    (false, true) if image.contains(&0) => {
+                        return bad(format!(
+                            "an image needs channels, height and width, all positive:                              {channels}×{height}×{width}"
+                        ));
+                    }
+                    _ => {}
+                }
+                crate::layers::check(self.input_shape(), layers, *classes)
+                    .map_err(ModelError::InvalidSpec)?;
+            }
         }
         Ok(())
     }
@@ -125,6 +167,17 @@ impl ModelSpec {
             ModelSpec::Logistic { inputs, .. } | ModelSpec::Mlp { inputs, .. } => {
                 FeatureShape::Flat(inputs)
             }
+            ModelSpec::Layers { inputs, .. } if inputs > 0 => FeatureShape::Flat(inputs),
+            ModelSpec::Layers {
+                channels,
+                height,
+                width,
+                ..
+            } => FeatureShape::Image {
+                channels,
+                height,
+                width,
+            },
             ModelSpec::Cnn {
                 channels,
                 height,
@@ -142,7 +195,8 @@ impl ModelSpec {
         match *self {
             ModelSpec::Logistic { classes, .. }
             | ModelSpec::Mlp { classes, .. }
-            | ModelSpec::Cnn { classes, .. } => classes,
+            | ModelSpec::Cnn { classes, .. }
+            | ModelSpec::Layers { classes, .. } => classes,
         }
     }
 
@@ -188,6 +242,57 @@ impl ModelSpec {
                 (CNN_C2 * (height / 4) * (width / 4), CNN_HIDDEN),
                 (CNN_HIDDEN, *classes),
             ],
+            ModelSpec::Layers { .. } => Vec::new(),
+        }
+    }
+
+    /// The preset as its layer stack (a `layers` spec is itself): the same function of the
+    /// same flat parameters, under other tensor names.
+    pub fn as_layers(&self) -> ModelSpec {
+        let linear = |units| Layer::Linear { units };
+        let (shape, layers) = match self {
+            ModelSpec::Layers { .. } => return self.clone(),
+            ModelSpec::Logistic { classes, .. } => (self.input_shape(), vec![linear(*classes)]),
+            ModelSpec::Mlp {
+                hidden, classes, ..
+            } => {
+                let mut layers = Vec::new();
+                for &h in hidden {
+                    layers.extend([linear(h), Layer::Relu]);
+                }
+                layers.push(linear(*classes));
+                (self.input_shape(), layers)
+            }
+            ModelSpec::Cnn { classes, .. } => {
+                let conv = |channels| Layer::Conv2d {
+                    channels,
+                    kernel: 3,
+                    stride: 1,
+                    padding: 1,
+                };
+                let block = |c| [conv(c), Layer::Relu, Layer::MaxPool2d { size: 2 }];
+                let mut layers: Vec<Layer> = block(CNN_C1).into_iter().collect();
+                layers.extend(block(CNN_C2));
+                layers.extend([Layer::Flatten, linear(CNN_HIDDEN), Layer::Relu]);
+                layers.push(linear(*classes));
+                (self.input_shape(), layers)
+            }
+        };
+        let (inputs, channels, height, width) = match shape {
+            FeatureShape::Flat(n) => (n, 0, 0, 0),
+            FeatureShape::Image {
+                channels,
+                height,
+                width,
+            } => (0, channels, height, width),
+        };
+        ModelSpec::Layers {
+            inputs,
+            channels,
+            height,
+            width,
+            classes: self.classes(),
+            layers,
         }
     }
 
@@ -200,11 +305,13 @@ impl ModelSpec {
                 name: format!("{name}.weight"),
                 shape: vec![i, o],
                 fan_in: i,
+                init: Init::FanIn,
             });
             out.push(ParamInfo {
                 name: format!("{name}.bias"),
                 shape: vec![o],
                 fan_in: i,
+                init: Init::FanIn,
             });
         };
         match self {
@@ -219,16 +326,21 @@ impl ModelSpec {
                         name: format!("{name}.weight"),
                         shape: vec![cout, cin, 3, 3],
                         fan_in: cin * 9,
+                        init: Init::FanIn,
                     });
                     out.push(ParamInfo {
                         name: format!("{name}.bias"),
                         shape: vec![cout],
                         fan_in: cin * 9,
+                        init: Init::FanIn,
                     });
                 }
                 let sizes = self.linear_sizes();
                 linear(&mut out, "fc1", sizes[0]);
                 linear(&mut out, "fc2", sizes[1]);
+            }
+            ModelSpec::Layers { layers, .. } => {
+                out = crate::layers::layout(self.input_shape(), layers);
             }
         }
         out
@@ -263,10 +375,16 @@ impl ModelSpec {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut out = Vec::with_capacity(self.num_parameters());
         for p in self.layout() {
-            let bound = 1.0 / (p.fan_in.max(1) as f32).sqrt();
-            let u = Uniform::new_inclusive(-bound, bound).expect("finite bound");
             let n: usize = p.shape.iter().product();
-            out.extend((0..n).map(|_| u.sample(&mut rng)));
+            match p.init {
+                Init::FanIn => {
+                    let bound = 1.0 / (p.fan_in.max(1) as f32).sqrt();
+                    let u = Uniform::new_inclusive(-bound, bound).expect("finite bound");
+                    out.extend((0..n).map(|_| u.sample(&mut rng)));
+                }
+                Init::Zeros => out.extend(std::iter::repeat_n(0.0, n)),
+                Init::Ones => out.extend(std::iter::repeat_n(1.0, n)),
+            }
         }
         out
     }
@@ -310,6 +428,9 @@ impl ModelSpec {
                     shape: [*channels, *height, *width],
                 })
             }
+            ModelSpec::Layers { layers, .. } => {
+                Network::Layers(LayerNet::new(self.input_shape(), layers, device))
+            }
         };
         net.load_flat(params)
     }
@@ -334,19 +455,6 @@ pub struct Cnn {
     /// Input shape [channels, height, width]; examples arrive flattened.
     #[module(skip)]
     shape: [usize; 3],
-}
-
-/// `layer.forward(x)`, with int8 weights read directly for small batches on the CPU
-/// ([`kernels::linear_int8`]).
-fn linear(layer: &Linear, x: Tensor<2>) -> Tensor<2> {
-    let weight = layer.weight.val();
-    if matches!(weight.dtype(), DType::QFloat(_)) {
-        let bias = layer.bias.as_ref().map(|b| b.val());
-        if let Some(y) = kernels::linear_int8(&x, &weight, bias.as_ref()) {
-            return y;
-        }
-    }
-    layer.forward(x)
 }
 
 impl Cnn {
@@ -376,12 +484,24 @@ impl Cnn {
 pub enum Network {
     Mlp(Mlp),
     Cnn(Cnn),
+    Layers(LayerNet),
 }
 
 impl Network {
     /// Logits `[batch, classes]` for flattened examples `[batch, features]`.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        self.forward_seeded(x, None)
+    }
+
+    /// [`Self::forward`] in training: dropout layers draw their masks from `seed` (a training
+    /// step's own).
+    pub fn forward_train(&self, x: Tensor<2>, seed: u64) -> Tensor<2> {
+        self.forward_seeded(x, Some(seed))
+    }
+
+    fn forward_seeded(&self, x: Tensor<2>, dropout_seed: Option<u64>) -> Tensor<2> {
         match self {
+            Network::Layers(m) => m.forward(x, dropout_seed),
             Network::Mlp(m) => {
                 let mut x = x;
                 let last = m.layers.len() - 1;
@@ -436,6 +556,7 @@ impl Network {
         let res = match &mut self {
             Network::Mlp(m) => m.load_from(&mut st),
             Network::Cnn(m) => m.load_from(&mut st),
+            Network::Layers(m) => m.load_from(&mut st),
         }
         .map_err(|e| ModelError::Store(format!("{e:?}")))?;
         if !res.errors.is_empty() || !res.missing.is_empty() {
@@ -453,6 +574,7 @@ impl Network {
         match self {
             Network::Mlp(m) => m.save_into(&mut st),
             Network::Cnn(m) => m.save_into(&mut st),
+            Network::Layers(m) => m.save_into(&mut st),
         }
         .map_err(|e| ModelError::Store(format!("{e:?}")))?;
         st.get_bytes()

@@ -107,6 +107,8 @@ mod tests {
             optimizer: Optimizer::Sgd,
             seed: 3,
             proximal_mu: 0.0,
+            momentum: 0.0,
+            weight_decay: 0.0,
         }
     }
 

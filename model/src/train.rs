@@ -4,6 +4,8 @@ use std::time::Instant;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, GradientsParams, SgdConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::SeedableRng;
@@ -59,6 +61,13 @@ pub struct TrainConfig {
     /// keeps participants with skewed data near the global model. 0 is plain local training.
     #[serde(default)]
     pub proximal_mu: f64,
+    /// SGD's momentum in PyTorch's form (`v ← μ v + g`, `w ← w − lr · v`); 0 is plain SGD.
+    /// Ignored by Adam, which has its own moments.
+    #[serde(default)]
+    pub momentum: f64,
+    /// L2 weight decay λ: `λ · w` is added to every gradient.
+    #[serde(default)]
+    pub weight_decay: f64,
 }
 
 impl TrainConfig {
@@ -77,6 +86,18 @@ impl TrainConfig {
             return Err(ModelError::InvalidConfig(format!(
                 "learning_rate must be a positive number, not {}",
                 self.learning_rate
+            )));
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return Err(ModelError::InvalidConfig(format!(
+                "momentum must be in [0, 1), not {}",
+                self.momentum
+            )));
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return Err(ModelError::InvalidConfig(format!(
+                "weight_decay must be a number ≥ 0, not {}",
+                self.weight_decay
             )));
         }
         if !(self.proximal_mu >= 0.0 && self.proximal_mu.is_finite()) {
@@ -197,9 +218,18 @@ pub fn train_corrected(
     let dev = device.training();
     let mut model = spec.build(params, &dev)?;
     let loss_fn = CrossEntropyLossConfig::new().init(&dev);
+    let decay = (cfg.weight_decay > 0.0).then(|| WeightDecayConfig::new(cfg.weight_decay as f32));
     let mut opt = match cfg.optimizer {
-        Optimizer::Sgd => SgdConfig::new().init(),
-        Optimizer::Adam => AdamConfig::new().init(),
+        Optimizer::Sgd => SgdConfig::new()
+            .with_momentum((cfg.momentum > 0.0).then(|| {
+                // PyTorch's form: no dampening, the first step's velocity is its gradient.
+                MomentumConfig::new()
+                    .with_momentum(cfg.momentum)
+                    .with_dampening(0.0)
+            }))
+            .with_weight_decay(decay)
+            .init(),
+        Optimizer::Adam => AdamConfig::new().with_weight_decay(decay).init(),
     };
     // FedProx: the global model's parameters, fixed, in the order the model visits its own.
     let anchor = (cfg.proximal_mu > 0.0).then(|| {
@@ -221,12 +251,16 @@ pub fn train_corrected(
     let mut order: Vec<usize> = (0..data.len()).collect();
     let mut epoch_loss = Vec::with_capacity(cfg.epochs);
     let mut correct = 0i64;
+    let mut step = 0u64;
     for epoch in 0..cfg.epochs {
         order.shuffle(&mut rng);
         let mut total = 0.0f64;
         for batch in order.chunks(cfg.batch_size) {
             let (x, y) = batch_tensors(data, batch, &dev);
-            let logits = model.forward(x);
+            // Each step's dropout masks come from the task's seed and the step.
+            step += 1;
+            let logits =
+                model.forward_train(x, cfg.seed ^ step.wrapping_mul(0xa076_1d64_78bd_642f));
             if epoch + 1 == cfg.epochs {
                 let n = batch.len();
                 let hits: i64 = logits
@@ -578,6 +612,8 @@ mod tests {
             optimizer: Optimizer::Sgd,
             seed: 9,
             proximal_mu: 0.0,
+            momentum: 0.0,
+            weight_decay: 0.0,
         };
         let before = evaluate(&spec, &p0, &te, ComputeDevice::Cpu).unwrap();
         let (p1, rep) = train(&spec, &p0, &tr, &cfg, ComputeDevice::Cpu).unwrap();
@@ -601,6 +637,8 @@ mod tests {
             optimizer: Optimizer::Adam,
             seed: 1,
             proximal_mu: 0.0,
+            momentum: 0.0,
+            weight_decay: 0.0,
         };
         let (p, rep) = train(
             &spec,
@@ -624,6 +662,46 @@ mod tests {
 
     /// FedProx's gradient is μ (w − w_global): with SGD and lr · μ = 1 the second full-batch
     /// step lands at `w_global − lr ∇L(w₁)`, which plain training gives as `w₂ − w₁ + w_global`.
+    /// Full-batch SGD with PyTorch's momentum: the second step is the plain one plus μ times
+    /// the first (`w₂ = p(w₁) − μ (w₀ − w₁)`); weight decay λ adds `λ w` to the gradient.
+    #[test]
+    fn momentum_and_weight_decay_follow_pytorchs_sgd() {
+        let ds = breast_cancer();
+        let spec = ModelSpec::for_shape(FeatureShape::Flat(30), 2, &[8]);
+        let w0 = spec.initial_parameters(3);
+        let cfg = |epochs, momentum, weight_decay| TrainConfig {
+            epochs,
+            batch_size: ds.len(),
+            learning_rate: 0.5,
+            optimizer: Optimizer::Sgd,
+            seed: 4,
+            proximal_mu: 0.0,
+            momentum,
+            weight_decay,
+        };
+        let run = |c: &TrainConfig| train(&spec, &w0, &ds, c, ComputeDevice::Cpu).unwrap().0;
+        let (w1, w2) = (run(&cfg(1, 0.0, 0.0)), run(&cfg(2, 0.0, 0.0)));
+        assert_eq!(
+            run(&cfg(1, 0.5, 0.0)),
+            w1,
+            "the first step has no velocity yet"
+        );
+        let m2 = run(&cfg(2, 0.5, 0.0));
+        let d1 = run(&cfg(1, 0.0, 0.1));
+        for i in 0..w0.len() {
+            let want = w2[i] - 0.5 * (w0[i] - w1[i]);
+            assert!((m2[i] - want).abs() < 1e-5, "{i}: {} vs {want}", m2[i]);
+            let want = w1[i] - 0.5 * 0.1 * w0[i];
+            assert!((d1[i] - want).abs() < 1e-5, "{i}: {} vs {want}", d1[i]);
+        }
+        for (m, d) in [(1.0, 0.0), (-0.1, 0.0), (0.0, -1.0), (0.0, f64::NAN)] {
+            assert!(
+                cfg(1, m, d).validate().is_err(),
+                "momentum {m}, weight decay {d}"
+            );
+        }
+    }
+
     #[test]
     fn proximal_term_adds_mu_times_the_distance_to_the_global_model() {
         let ds = breast_cancer();
@@ -636,6 +714,8 @@ mod tests {
             optimizer: Optimizer::Sgd,
             seed: 4,
             proximal_mu,
+            momentum: 0.0,
+            weight_decay: 0.0,
         };
         let run = |c: &TrainConfig| train(&spec, &g, &ds, c, ComputeDevice::Cpu).unwrap().0;
         let w1 = run(&cfg(1, 0.0));
@@ -708,6 +788,8 @@ mod tests {
             optimizer: Optimizer::Sgd,
             seed: 0,
             proximal_mu: 0.0,
+            momentum: 0.0,
+            weight_decay: 0.0,
         };
         let p = spec.initial_parameters(0);
         assert!(

@@ -26,6 +26,8 @@ fn served_cnn_agrees_across_devices_and_int8_keeps_accuracy() {
         optimizer: Optimizer::Adam,
         seed: 1,
         proximal_mu: 0.0,
+        momentum: 0.0,
+        weight_decay: 0.0,
     };
     let (params, _) = cohort_model::train(
         &spec,

@@ -37,6 +37,8 @@ fn wgpu_and_cpu_agree_on_inference_and_training() {
         optimizer: Optimizer::Sgd,
         seed: 3,
         proximal_mu: 0.0,
+        momentum: 0.0,
+        weight_decay: 0.0,
     };
     let (p_cpu, r_cpu) =
         cohort_model::train(&spec, &params, &ds, &cfg, ComputeDevice::Cpu).unwrap();

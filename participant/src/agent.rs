@@ -415,6 +415,8 @@ mod tests {
                     optimizer: cohort_model::Optimizer::Sgd,
                     seed: 1,
                     proximal_mu: 0.0,
+                    momentum: 0.0,
+                    weight_decay: 0.0,
                 })
                     .into(),
             ),

@@ -39,6 +39,23 @@ impl From<&ModelSpec> for pb::ModelSpec {
                 width: u(*width),
                 ..Default::default()
             },
+            ModelSpec::Layers {
+                inputs,
+                channels,
+                height,
+                width,
+                classes,
+                layers,
+            } => pb::ModelSpec {
+                kind: "layers".into(),
+                inputs: u(*inputs),
+                classes: u(*classes),
+                channels: u(*channels),
+                height: u(*height),
+                width: u(*width),
+                layers_json: serde_json::to_string(layers).expect("layers serialise"),
+                ..Default::default()
+            },
         }
     }
 }
@@ -63,6 +80,15 @@ impl TryFrom<&pb::ModelSpec> for ModelSpec {
                 width: z(m.width),
                 classes: z(m.classes),
             },
+            "layers" => ModelSpec::Layers {
+                inputs: z(m.inputs),
+                channels: z(m.channels),
+                height: z(m.height),
+                width: z(m.width),
+                classes: z(m.classes),
+                layers: serde_json::from_str(&m.layers_json)
+                    .map_err(|e| ProtocolError::Malformed(format!("model layers_json: {e}")))?,
+            },
             other => {
                 return Err(ProtocolError::Malformed(format!(
                     "unknown model kind {other:?}"
@@ -84,6 +110,8 @@ impl From<&TrainConfig> for pb::TrainConfig {
             optimizer: c.optimizer.to_string(),
             seed: c.seed,
             proximal_mu: c.proximal_mu,
+            momentum: c.momentum,
+            weight_decay: c.weight_decay,
         }
     }
 }
@@ -101,6 +129,8 @@ impl TryFrom<&pb::TrainConfig> for TrainConfig {
                 .map_err(ProtocolError::Malformed)?,
             seed: c.seed,
             proximal_mu: c.proximal_mu,
+            momentum: c.momentum,
+            weight_decay: c.weight_decay,
         };
         cfg.validate()
             .map_err(|e| ProtocolError::Malformed(e.to_string()))?;

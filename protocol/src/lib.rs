@@ -411,6 +411,8 @@ mod tests {
             optimizer: Optimizer::Adam,
             seed: 5,
             proximal_mu: 0.0,
+            momentum: 0.0,
+            weight_decay: 0.0,
         };
         assert_eq!(
             TrainConfig::try_from(&pb::TrainConfig::from(&cfg)).unwrap(),

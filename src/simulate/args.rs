@@ -63,8 +63,14 @@ pub struct SimArgs {
     #[arg(long)]
     pub missing_indicators: bool,
     /// Hidden layer sizes for tables, e.g. 32,16 (none: logistic regression).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', conflicts_with = "model")]
     pub hidden: Vec<usize>,
+    /// A model declared as a stack of layers: a TOML file with `kind = "layers"` and
+    /// `[[layers]]` tables (or a job specification's `[model]` table). The input shape and
+    /// the classes may be left out: they are then the dataset's. Default: a CNN for images,
+    /// an MLP (`--hidden`) or logistic regression for tables.
+    #[arg(long)]
+    pub model: Option<std::path::PathBuf>,
     /// Share of participants selected each round.
     #[arg(long, default_value_t = 1.0)]
     pub fraction: f64,
@@ -93,6 +99,12 @@ pub struct SimArgs {
     /// loss (needed by --strategy fedprox; composes with any strategy).
     #[arg(long, default_value_t = 0.0)]
     pub proximal_mu: f64,
+    /// Local SGD's momentum (PyTorch's form; 0: plain SGD).
+    #[arg(long, default_value_t = 0.0)]
+    pub momentum: f64,
+    /// Local L2 weight decay λ (adds λ·w to every gradient).
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
     /// Differential privacy: distributed (each participant adds discrete Gaussian noise to
     /// its encoded update inside secure aggregation) or central (the coordinator adds
     /// Gaussian noise to the aggregate). Needs --clip-norm, and --noise-multiplier or

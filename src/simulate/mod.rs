@@ -34,6 +34,50 @@ use report::{fmt_opt, model_name, print_table, row, secure_description, secure_j
 use served::{SimPki, ask_served_model};
 pub use virtual_engine::EngineSeconds;
 
+/// The model declared in `path` (`--model`): a `kind = "layers"` stack, on its own or as a
+/// job specification's `[model]` table, its input shape and classes filled in from the data
+/// when it leaves them out, checked against the data. Errors begin with the path.
+fn declared_model(
+    path: &std::path::Path,
+    shape: cohort_model::FeatureShape,
+    classes: usize,
+) -> anyhow::Result<ModelSpec> {
+    let at = || format!("--model {}", path.display());
+    let text = std::fs::read_to_string(path).with_context(at)?;
+    let table: toml::Table = toml::from_str(&text).with_context(at)?;
+    let table = match table.get("model") {
+        Some(toml::Value::Table(m)) => m.clone(),
+        _ => table,
+    };
+    let mut spec: ModelSpec = table.try_into().with_context(at)?;
+    if let ModelSpec::Layers {
+        inputs,
+        channels,
+        height,
+        width,
+        classes: declared,
+        ..
+    } = &mut spec
+    {
+        if *inputs == 0 && *channels == 0 && *height == 0 && *width == 0 {
+            match shape {
+                cohort_model::FeatureShape::Flat(n) => *inputs = n,
+                cohort_model::FeatureShape::Image {
+                    channels: c,
+                    height: h,
+                    width: w,
+                } => (*channels, *height, *width) = (c, h, w),
+            }
+        }
+        if *declared == 0 {
+            *declared = classes;
+        }
+    }
+    spec.validate().with_context(at)?;
+    spec.check_data(shape, classes).with_context(at)?;
+    Ok(spec)
+}
+
 /// Runs the simulation and prints what happened; returns the report.
 pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
     let prep = prepare(&DataSettings::from(&args))?;
@@ -41,7 +85,10 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         std::fs::write(p, serde_json::to_vec(&prep.shares)?)
             .with_context(|| format!("writing the partition to {}", p.display()))?;
     }
-    let spec = ModelSpec::for_shape(prep.shape, prep.classes, &args.hidden);
+    let spec = match &args.model {
+        Some(path) => declared_model(path, prep.shape, prep.classes)?,
+        None => ModelSpec::for_shape(prep.shape, prep.classes, &args.hidden),
+    };
     let lr = args.lr.unwrap_or(match args.optimizer {
         Optimizer::Sgd => 0.1,
         Optimizer::Adam => 0.001,
@@ -53,6 +100,8 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         optimizer: args.optimizer,
         seed: args.seed,
         proximal_mu: args.proximal_mu,
+        momentum: args.momentum,
+        weight_decay: args.weight_decay,
     };
     let n = args.participants;
     let custodian_ids: Vec<String> = (1..=args.custodians)

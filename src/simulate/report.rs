@@ -157,6 +157,7 @@ pub(super) fn model_name(spec: &ModelSpec) -> String {
         ModelSpec::Logistic { .. } => "logistic regression".into(),
         ModelSpec::Mlp { hidden, .. } => format!("MLP {hidden:?}"),
         ModelSpec::Cnn { .. } => "CNN".into(),
+        ModelSpec::Layers { layers, .. } => cohort_model::layers::summary(layers),
     }
 }
 

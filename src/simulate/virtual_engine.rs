@@ -444,6 +444,8 @@ mod tests {
                 optimizer: Optimizer::Sgd,
                 seed: 5,
                 proximal_mu: 0.0,
+                momentum: 0.0,
+                weight_decay: 0.0,
             },
             rounds: 3,
             min_participants: 9,

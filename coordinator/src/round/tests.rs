@@ -34,6 +34,8 @@ pub(super) fn config() -> JobConfig {
             optimizer: Optimizer::Sgd,
             seed: 1,
             proximal_mu: 0.0,
+            momentum: 0.0,
+            weight_decay: 0.0,
         },
         rounds: 3,
         min_participants: 3,

@@ -47,6 +47,8 @@ fn config(committee: usize) -> JobConfig {
             optimizer: Optimizer::Sgd,
             seed: 1,
             proximal_mu: 0.0,
+            momentum: 0.0,
+            weight_decay: 0.0,
         },
         rounds: 2,
         min_participants: 4,

@@ -102,6 +102,8 @@ fn robust_rules_are_refused_where_they_cannot_see_the_updates() {
     let mu = |m: f64| JobConfig {
         train: TrainConfig {
             proximal_mu: m,
+            momentum: 0.0,
+            weight_decay: 0.0,
             ..config().train
         },
         ..config()
