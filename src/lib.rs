@@ -2,6 +2,7 @@
 //! benchmarks and tests drive exactly what `cohort simulate` runs.
 
 pub mod admin_cli;
+pub mod export_cli;
 pub mod plot;
 pub mod predict_cli;
 pub mod provision;

@@ -106,6 +106,9 @@ enum Command {
         #[arg(long, requires = "key_dir")]
         model_dir: Option<PathBuf>,
     },
+    /// Export a model version for PyTorch: model.safetensors (PyTorch's tensor layout and
+    /// names) and model.py (the nn.Module that loads it and gives the same logits).
+    Export(cohort::export_cli::ExportArgs),
     /// Infer a job's [data] section (the schema every site's table is read against) from
     /// one site's CSV table, to paste into the job specification.
     Schema(cohort::schema_cli::SchemaArgs),
@@ -567,6 +570,16 @@ fn main() -> ExitCode {
                 println!(
                     "{} is encrypted; add key_passphrase_env = \"{passphrase_env}\" to the [tls] section that names it",
                     key.display()
+                );
+                Ok(())
+            }
+            Command::Export(args) => {
+                let version = cohort::export_cli::run(&args)?;
+                println!(
+                    "job {} version {version}: {} and {}",
+                    args.job,
+                    args.out.join("model.safetensors").display(),
+                    args.out.join("model.py").display()
                 );
                 Ok(())
             }

@@ -765,6 +765,34 @@ fn model_versions_go_to_an_s3_compatible_server() {
         assert_eq!(&after.read_params(v as u64).unwrap(), p);
     }
 
+    // `cohort export` reads a version through the same configuration (bucket and keys).
+    let exported = dir.join("exported");
+    let out = Command::new(BIN)
+        .args(["export", "s3", "--version", "2", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&exported)
+        .envs(creds)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cohort export: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let weights = std::fs::read(exported.join("model.safetensors")).unwrap();
+    // The version's values, in a file of their size (header aside).
+    assert!(
+        weights.len() > 4 * params[2].len(),
+        "{} bytes",
+        weights.len()
+    );
+    let module = std::fs::read_to_string(exported.join("model.py")).unwrap();
+    assert!(
+        module.contains("nn.ModuleList") && module.contains("def load("),
+        "{module}"
+    );
+
     // Serving from the bucket: the coordinator again, in service mode, promotes; a `cohort
     // serve` replica reading the same bucket follows the serving pointer written there.
     let s3_section = format!(

@@ -282,6 +282,11 @@ impl Layer {
     }
 }
 
+/// The shape `layer` gives for `input`, in a checked stack.
+pub(crate) fn next_shape(layer: &Layer, input: FeatureShape) -> FeatureShape {
+    layer.output(input).expect("a checked stack")
+}
+
 /// Checks a stack for `input` examples and `classes` outputs; the input shape of every layer,
 /// or an error naming the first layer that does not fit.
 pub fn check(

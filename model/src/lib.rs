@@ -6,6 +6,7 @@
 
 pub mod compute;
 pub mod data;
+pub mod export;
 pub mod infer;
 pub mod kernels;
 pub mod layers;
