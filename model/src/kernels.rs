@@ -31,12 +31,14 @@ use rayon::prelude::*;
 /// The CNN's operations, as a Burn backend extension (flex, and autodiff over flex).
 #[backend_extension(Flex, Autodiff)]
 pub trait CnnKernels: Backend {
-    /// 3×3 convolution, stride 1, zero padding 1 ("same"): `x` `[B, C, H, W]`, `weight`
-    /// `[O, C, 3, 3]`, `bias` `[O]`, out `[B, O, H, W]`.
-    fn conv3x3(
+    /// Convolution with a square kernel, stride 1 and `padding` zeros on every side: `x`
+    /// `[B, C, H, W]`, `weight` `[O, C, K, K]`, `bias` `[O]`, out `[B, O, H + 2p − K + 1,
+    /// W + 2p − K + 1]`.
+    fn conv2d(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        padding: usize,
     ) -> FloatTensor<Self>;
 
     /// 2×2 max-pooling with stride 2 (an odd last row or column is dropped, as PyTorch and
@@ -50,12 +52,14 @@ pub fn supported<const D: usize>(t: &Tensor<D>) -> bool {
     t.dtype() == DType::F32 && matches!(t.device().inner().as_dispatch(), DispatchDevice::Flex(_))
 }
 
-/// [`CnnKernels::conv3x3`] on tensors. Callers check [`supported`] for every argument.
-pub fn conv3x3(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>) -> Tensor<4> {
-    Tensor::from_dispatch(<Dispatch as CnnKernels>::conv3x3(
+/// [`CnnKernels::conv2d`] on tensors. Callers check [`supported`] for every argument and
+/// that the kernel is square and fits the padded input.
+pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, bias: Tensor<1>, padding: usize) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as CnnKernels>::conv2d(
         x.into_dispatch(),
         weight.into_dispatch(),
         bias.into_dispatch(),
+        padding,
     ))
 }
 
@@ -65,8 +69,8 @@ pub fn max_pool2x2(x: Tensor<4>) -> Tensor<4> {
 }
 
 impl CnnKernels for Flex {
-    fn conv3x3(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
-        conv3x3_forward(&x, &weight, &bias)
+    fn conv2d(x: FlexTensor, weight: FlexTensor, bias: FlexTensor, padding: usize) -> FlexTensor {
+        conv2d_forward(&x, &weight, &bias, padding)
     }
 
     fn max_pool2x2(x: FlexTensor) -> FlexTensor {
@@ -75,17 +79,17 @@ impl CnnKernels for Flex {
 }
 
 #[derive(Debug)]
-struct Conv3x3Backward;
+struct Conv2dBackward;
 
-impl Backward<Flex, 3> for Conv3x3Backward {
-    /// The input and the weight.
-    type State = (FlexTensor, FlexTensor);
+impl Backward<Flex, 3> for Conv2dBackward {
+    /// The input, the weight and the padding.
+    type State = (FlexTensor, FlexTensor, usize);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_x, node_w, node_b] = ops.parents;
         let grad = grads.consume::<Flex>(&ops.node);
-        let (x, w) = ops.state;
-        let g = conv3x3_backward(&x, &w, &grad, node_x.is_some());
+        let (x, w, padding) = ops.state;
+        let g = conv2d_backward(&x, &w, &grad, padding, node_x.is_some());
         if let (Some(node), Some(gx)) = (node_x, g.x) {
             grads.register::<Flex>(node.id, gx);
         }
@@ -116,25 +120,27 @@ impl Backward<Flex, 1> for MaxPool2x2Backward {
 }
 
 impl<C: CheckpointStrategy> CnnKernels for Autodiff<Flex, C> {
-    fn conv3x3(
+    fn conv2d(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        padding: usize,
     ) -> FloatTensor<Self> {
-        match Conv3x3Backward
+        match Conv2dBackward
             .prepare::<C>([x.node(), weight.node(), bias.node()])
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => {
                 let (x, w, b) = (Self::inner(x), Self::inner(weight), Self::inner(bias));
-                let out = conv3x3_forward(&x, &w, &b);
-                prep.finish((x, w), out)
+                let out = conv2d_forward(&x, &w, &b, padding);
+                prep.finish((x, w, padding), out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(conv3x3_forward(
+            OpsKind::UnTracked(prep) => prep.finish(conv2d_forward(
                 &Self::inner(x),
                 &Self::inner(weight),
                 &Self::inner(bias),
+                padding,
             )),
         }
     }
@@ -229,33 +235,76 @@ fn matmul(
     }
 }
 
-/// One image's im2col: row `(c, ki, kj)` holds the input shifted by `(ki - 1, kj - 1)`, zero
-/// outside, so that `weight[O, C·9] · cols[C·9, H·W]` is the convolution.
-fn im2col(x: &[f32], c: usize, h: usize, w: usize, cols: &mut [f32]) {
-    let hw = h * w;
-    for ci in 0..c {
+/// A convolution's geometry: input `c × h × w`, kernel `k × k`, `p` zeros on every side,
+/// stride 1, output `oh × ow`.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    c: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    p: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Geometry {
+    fn new(x: [usize; 4], weight: [usize; 4], bias: usize, p: usize) -> Self {
+        let [_, c, h, w] = x;
+        let k = weight[2];
+        assert!(
+            weight[1] == c
+                && weight[3] == k
+                && bias == weight[0]
+                && k > 0
+                && k <= h + 2 * p
+                && k <= w + 2 * p,
+            "conv2d: input {x:?}, weight {weight:?}, bias [{bias}], padding {p} do not fit"
+        );
+        Geometry {
+            c,
+            h,
+            w,
+            k,
+            p,
+            oh: h + 2 * p - k + 1,
+            ow: w + 2 * p - k + 1,
+        }
+    }
+
+    /// For kernel offset `(ki, kj)`: the input row of output row `y` (if inside), and the
+    /// output columns `lo..hi` whose input column `x + kj − p` is inside.
+    fn row(&self, y: usize, ki: usize) -> Option<usize> {
+        (y + ki).checked_sub(self.p).filter(|&r| r < self.h)
+    }
+    fn cols(&self, kj: usize) -> (usize, usize) {
+        let lo = self.p.saturating_sub(kj).min(self.ow);
+        let hi = (self.w + self.p).saturating_sub(kj).min(self.ow).max(lo);
+        (lo, hi)
+    }
+}
+
+/// One image's im2col: row `(c, ki, kj)` holds the input shifted by `(ki − p, kj − p)`, zero
+/// outside, so that `weight[O, C·K²] · cols[C·K², OH·OW]` is the convolution.
+fn im2col(x: &[f32], g: &Geometry, cols: &mut [f32]) {
+    let (hw, ohw, k) = (g.h * g.w, g.oh * g.ow, g.k);
+    for ci in 0..g.c {
         let plane = &x[ci * hw..(ci + 1) * hw];
-        for ki in 0..3 {
-            for kj in 0..3 {
-                let row = &mut cols[(ci * 9 + ki * 3 + kj) * hw..][..hw];
-                for oh in 0..h {
-                    let out = &mut row[oh * w..(oh + 1) * w];
-                    let ih = oh as isize + ki as isize - 1;
-                    if ih < 0 || ih >= h as isize {
+        for ki in 0..k {
+            for kj in 0..k {
+                let row = &mut cols[(ci * k * k + ki * k + kj) * ohw..][..ohw];
+                let (lo, hi) = g.cols(kj);
+                for y in 0..g.oh {
+                    let out = &mut row[y * g.ow..(y + 1) * g.ow];
+                    let Some(r) = g.row(y, ki) else {
                         out.fill(0.0);
                         continue;
-                    }
-                    let src = &plane[ih as usize * w..(ih as usize + 1) * w];
-                    match kj {
-                        0 => {
-                            out[0] = 0.0;
-                            out[1..].copy_from_slice(&src[..w - 1]);
-                        }
-                        1 => out.copy_from_slice(src),
-                        _ => {
-                            out[..w - 1].copy_from_slice(&src[1..]);
-                            out[w - 1] = 0.0;
-                        }
+                    };
+                    out[..lo].fill(0.0);
+                    out[hi..].fill(0.0);
+                    if hi > lo {
+                        let from = r * g.w + lo + kj - g.p;
+                        out[lo..hi].copy_from_slice(&plane[from..from + (hi - lo)]);
                     }
                 }
             }
@@ -264,26 +313,24 @@ fn im2col(x: &[f32], c: usize, h: usize, w: usize, cols: &mut [f32]) {
 }
 
 /// The adjoint of [`im2col`]: adds each row of `cols` back at its shift into `dx`.
-fn col2im(cols: &[f32], c: usize, h: usize, w: usize, dx: &mut [f32]) {
-    let hw = h * w;
-    for ci in 0..c {
+fn col2im(cols: &[f32], g: &Geometry, dx: &mut [f32]) {
+    let (hw, ohw, k) = (g.h * g.w, g.oh * g.ow, g.k);
+    for ci in 0..g.c {
         let plane = &mut dx[ci * hw..(ci + 1) * hw];
-        for ki in 0..3 {
-            for kj in 0..3 {
-                let row = &cols[(ci * 9 + ki * 3 + kj) * hw..][..hw];
-                for oh in 0..h {
-                    let ih = oh as isize + ki as isize - 1;
-                    if ih < 0 || ih >= h as isize {
+        for ki in 0..k {
+            for kj in 0..k {
+                let row = &cols[(ci * k * k + ki * k + kj) * ohw..][..ohw];
+                let (lo, hi) = g.cols(kj);
+                if hi <= lo {
+                    continue;
+                }
+                for y in 0..g.oh {
+                    let Some(r) = g.row(y, ki) else {
                         continue;
-                    }
-                    let src = &row[oh * w..(oh + 1) * w];
-                    let dst = &mut plane[ih as usize * w..(ih as usize + 1) * w];
-                    let (d, s) = match kj {
-                        0 => (&mut dst[..w - 1], &src[1..]),
-                        1 => (&mut dst[..], src),
-                        _ => (&mut dst[1..], &src[..w - 1]),
                     };
-                    for (a, b) in d.iter_mut().zip(s) {
+                    let from = r * g.w + lo + kj - g.p;
+                    let dst = &mut plane[from..from + (hi - lo)];
+                    for (a, b) in dst.iter_mut().zip(&row[y * g.ow + lo..y * g.ow + hi]) {
                         *a += b;
                     }
                 }
@@ -292,67 +339,76 @@ fn col2im(cols: &[f32], c: usize, h: usize, w: usize, dx: &mut [f32]) {
     }
 }
 
-fn check_conv(x: [usize; 4], w: [usize; 4], b: usize) {
-    let [_, c, h, wd] = x;
-    assert!(
-        w[1] == c && w[2] == 3 && w[3] == 3 && b == w[0] && h > 0 && wd > 0,
-        "conv3x3: input {x:?}, weight {w:?}, bias [{b}] do not fit"
-    );
-}
-
-/// Forward pass of [`CnnKernels::conv3x3`].
-pub fn conv3x3_forward(x: &FlexTensor, weight: &FlexTensor, bias: &FlexTensor) -> FlexTensor {
-    let [n, c, h, w] = dims4(x);
+/// Forward pass of [`CnnKernels::conv2d`].
+pub fn conv2d_forward(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    bias: &FlexTensor,
+    padding: usize,
+) -> FlexTensor {
+    let n = dims4(x)[0];
     let o = dims4(weight)[0];
-    check_conv(dims4(x), dims4(weight), bias.shape().num_elements());
+    let g = Geometry::new(
+        dims4(x),
+        dims4(weight),
+        bias.shape().num_elements(),
+        padding,
+    );
     let (xv, wv, bv) = (values(x), values(weight), values(bias));
-    let (hw, k) = (h * w, c * 9);
-    let mut out = vec![0.0f32; n * o * hw];
+    let (chw, ohw, k) = (g.c * g.h * g.w, g.oh * g.ow, g.c * g.k * g.k);
+    let mut out = vec![0.0f32; n * o * ohw];
     // One im2col buffer per worker, reused for each of its images.
     let image = |cols: &mut Vec<f32>, (b, out): (usize, &mut [f32])| {
-        im2col(&xv[b * c * hw..(b + 1) * c * hw], c, h, w, cols);
-        for (oc, row) in out.chunks_mut(hw).enumerate() {
+        im2col(&xv[b * chw..(b + 1) * chw], &g, cols);
+        for (oc, row) in out.chunks_mut(ohw).enumerate() {
             row.fill(bv[oc]);
         }
-        matmul((o, hw, k), out, true, &wv, (k, 1), cols, (hw, 1));
+        matmul((o, ohw, k), out, true, &wv, (k, 1), cols, (ohw, 1));
     };
-    let new_cols = || vec![0.0f32; k * hw];
+    let new_cols = || vec![0.0f32; k * ohw];
     if parallel(n) {
-        out.par_chunks_mut(o * hw)
+        out.par_chunks_mut(o * ohw)
             .enumerate()
             .for_each_init(new_cols, image);
     } else {
         let mut cols = new_cols();
-        out.chunks_mut(o * hw)
+        out.chunks_mut(o * ohw)
             .enumerate()
             .for_each(|item| image(&mut cols, item));
     }
-    tensor(out, Shape::new([n, o, h, w]))
+    tensor(out, Shape::new([n, o, g.oh, g.ow]))
 }
 
-/// Images per group in the backward pass (see [`conv3x3_backward`]).
+/// Images per group in the backward pass (see [`conv2d_backward`]).
 const GROUP: usize = 4;
 
-/// Gradients of [`CnnKernels::conv3x3`].
-pub struct Conv3x3Grads {
+/// Gradients of [`CnnKernels::conv2d`].
+pub struct Conv2dGrads {
     /// `None` unless asked for (the first layer's input needs none).
     pub x: Option<FlexTensor>,
     pub weight: FlexTensor,
     pub bias: FlexTensor,
 }
 
-/// Backward pass of [`CnnKernels::conv3x3`] for the output gradient `grad` `[B, O, H, W]`.
-pub fn conv3x3_backward(
+/// Backward pass of [`CnnKernels::conv2d`] for the output gradient `grad` `[B, O, OH, OW]`.
+pub fn conv2d_backward(
     x: &FlexTensor,
     weight: &FlexTensor,
     grad: &FlexTensor,
+    padding: usize,
     want_x: bool,
-) -> Conv3x3Grads {
-    let [n, c, h, w] = dims4(x);
+) -> Conv2dGrads {
+    let n = dims4(x)[0];
     let o = dims4(weight)[0];
-    assert_eq!(dims4(grad), [n, o, h, w], "conv3x3: output gradient shape");
+    let geo = Geometry::new(dims4(x), dims4(weight), o, padding);
+    let (c, ohw, kk) = (geo.c, geo.oh * geo.ow, geo.k);
+    assert_eq!(
+        dims4(grad),
+        [n, o, geo.oh, geo.ow],
+        "conv2d: output gradient shape"
+    );
     let (xv, wv, gv) = (values(x), values(weight), values(grad));
-    let (hw, k) = (h * w, c * 9);
+    let (hw, k) = (geo.h * geo.w, c * kk * kk);
     let mut dx = vec![0.0f32; if want_x { n * c * hw } else { 0 }];
     // Images go in fixed groups whatever the thread count; each group sums its images' weight
     // and bias gradients, and the groups' sums are added in order, so the result is the same
@@ -364,26 +420,20 @@ pub fn conv3x3_backward(
     };
     let group = |(group, dxg): (usize, &mut Option<&mut [f32]>)| {
         let (mut cols, mut dw, mut db) =
-            (vec![0.0f32; k * hw], vec![0.0f32; o * k], vec![0.0f32; o]);
+            (vec![0.0f32; k * ohw], vec![0.0f32; o * k], vec![0.0f32; o]);
         for b in group * GROUP..((group + 1) * GROUP).min(n) {
-            let g = &gv[b * o * hw..(b + 1) * o * hw];
-            im2col(&xv[b * c * hw..(b + 1) * c * hw], c, h, w, &mut cols);
-            // dW[O, K] += g[O, HW] · colsᵀ[HW, K]
-            matmul((o, k, hw), &mut dw, true, g, (hw, 1), &cols, (1, hw));
-            for (oc, row) in g.chunks(hw).enumerate() {
+            let g = &gv[b * o * ohw..(b + 1) * o * ohw];
+            im2col(&xv[b * c * hw..(b + 1) * c * hw], &geo, &mut cols);
+            // dW[O, K] += g[O, OHW] · colsᵀ[OHW, K]
+            matmul((o, k, ohw), &mut dw, true, g, (ohw, 1), &cols, (1, ohw));
+            for (oc, row) in g.chunks(ohw).enumerate() {
                 db[oc] += row.iter().sum::<f32>();
             }
             if let Some(dxg) = dxg.as_deref_mut() {
-                // dcols[K, HW] = Wᵀ[K, O] · g[O, HW], scattered back onto the input.
-                matmul((k, hw, o), &mut cols, false, &wv, (1, k), g, (hw, 1));
+                // dcols[K, OHW] = Wᵀ[K, O] · g[O, OHW], scattered back onto the input.
+                matmul((k, ohw, o), &mut cols, false, &wv, (1, k), g, (ohw, 1));
                 let local = b - group * GROUP;
-                col2im(
-                    &cols,
-                    c,
-                    h,
-                    w,
-                    &mut dxg[local * c * hw..(local + 1) * c * hw],
-                );
+                col2im(&cols, &geo, &mut dxg[local * c * hw..(local + 1) * c * hw]);
             }
         }
         (dw, db)
@@ -398,9 +448,9 @@ pub fn conv3x3_backward(
         dw.iter_mut().zip(gw).for_each(|(a, b)| *a += b);
         db.iter_mut().zip(gb).for_each(|(a, b)| *a += b);
     }
-    Conv3x3Grads {
-        x: want_x.then(|| tensor(dx, Shape::new([n, c, h, w]))),
-        weight: tensor(dw, Shape::new([o, c, 3, 3])),
+    Conv2dGrads {
+        x: want_x.then(|| tensor(dx, Shape::new([n, c, geo.h, geo.w]))),
+        weight: tensor(dw, Shape::new([o, c, kk, kk])),
         bias: tensor(db, Shape::new([o])),
     }
 }
@@ -596,11 +646,22 @@ mod tests {
     }
 
     #[test]
-    fn conv3x3_matches_burns_conv2d_forward_and_backward() {
+    fn conv2d_matches_burns_conv2d_forward_and_backward() {
         let dev = Device::flex().autodiff();
-        for (shape, out) in [([2, 1, 6, 6], 3), ([3, 4, 5, 7], 2), ([1, 2, 1, 1], 4)] {
-            let conv = Conv2dConfig::new([shape[1], out], [3, 3])
-                .with_padding(PaddingConfig2d::Same)
+        for (shape, out, k, p) in [
+            ([2, 1, 6, 6], 3, 3, 1),
+            ([3, 4, 5, 7], 2, 3, 1),
+            ([1, 2, 1, 1], 4, 3, 1),
+            // LeNet's 5×5 "valid" convolutions, a padded 5×5, a 1×1, a kernel as large as
+            // the input, and more padding than the kernel needs.
+            ([5, 1, 12, 12], 6, 5, 0),
+            ([2, 3, 7, 6], 4, 5, 2),
+            ([2, 3, 4, 5], 2, 1, 0),
+            ([1, 2, 4, 4], 3, 4, 0),
+            ([1, 1, 3, 3], 2, 2, 3),
+        ] {
+            let conv = Conv2dConfig::new([shape[1], out], [k, k])
+                .with_padding(PaddingConfig2d::Explicit(p, p, p, p))
                 .init(&dev);
             let x = input(&dev, shape, 3).require_grad();
             let w = conv.weight.val();
@@ -608,7 +669,7 @@ mod tests {
             assert!(supported(&x) && supported(&w) && supported(&b));
             let (burn_out, ours) = (
                 conv.forward(x.clone()),
-                conv3x3(x.clone(), w.clone(), b.clone()),
+                conv2d(x.clone(), w.clone(), b.clone(), p),
             );
             close(burn_out.clone(), ours.clone(), "forward");
             // The same upstream gradient through both: a weighted sum of the outputs.

@@ -457,25 +457,20 @@ impl LayerNet {
                     Flow::Flat(linear(m.linear.as_ref().expect("built"), flow.flat()))
                 }
                 Layer::Conv2d {
-                    kernel,
-                    stride,
-                    padding,
-                    ..
+                    stride, padding, ..
                 } => {
                     let conv = m.conv2d.as_ref().expect("built");
                     let x = flow.image();
                     let (w, b) = (conv.weight.val(), conv.bias.as_ref().map(|b| b.val()));
                     Flow::Image(match b {
-                        // cohort's CPU kernel for the common 3×3 "same" convolution.
+                        // cohort's CPU kernel for convolutions of stride 1.
                         Some(b)
-                            if kernel == 3
-                                && stride == 1
-                                && padding == 1
+                            if stride == 1
                                 && kernels::supported(&x)
                                 && kernels::supported(&w)
                                 && kernels::supported(&b) =>
                         {
-                            kernels::conv3x3(x, w, b)
+                            kernels::conv2d(x, w, b, padding)
                         }
                         _ => conv.forward(x),
                     })

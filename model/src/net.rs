@@ -469,7 +469,7 @@ impl Cnn {
                     && kernels::supported(&weight)
                     && kernels::supported(&bias) =>
             {
-                kernels::max_pool2x2(self.act.forward(kernels::conv3x3(x, weight, bias)))
+                kernels::max_pool2x2(self.act.forward(kernels::conv2d(x, weight, bias, 1)))
             }
             _ => self.pool.forward(self.act.forward(conv.forward(x))),
         }
