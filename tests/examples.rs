@@ -1,6 +1,7 @@
 //! The runnable examples (`cargo run --release --example …`), each against real processes:
 //! an operator's program drives a job through the Admin API while one of the three hospitals
-//! is a participant embedded in another program, fed its records in memory.
+//! is a participant embedded in another program, fed its records in memory; then an
+//! application asks the promoted model for predictions.
 
 mod common;
 
@@ -24,12 +25,13 @@ fn an_admin_program_drives_a_job_that_an_embedded_participant_trains_in() {
     let d = dir.path();
     let pki = common::provision(d);
     let shares = common::write_shares(d);
-    // A coordinator with no job of its own: the admin program creates it.
+    // A coordinator with no job of its own (the admin program creates it), embedding the
+    // Inference service.
     let cfg = common::coordinator_config(
         d,
         common::free_port(),
         r#""hospital-0", "hospital-1", "hospital-2""#,
-        "",
+        "[inference]\ndevice = \"cpu\"\n",
     );
     let coord = common::spawn_coordinator(&cfg);
     let _parts: Vec<Proc> = [0, 2]
@@ -123,4 +125,37 @@ key = "{pki}/admins/ops/key.pem"
     );
     let status = common::admin(d, &coord.addr, &["jobs", "status", "examples"]);
     assert!(status.contains("finished"), "{status}");
+
+    // The application: the promoted version answers every row of a share.
+    let client_cfg = d.join("client.toml");
+    std::fs::write(
+        &client_cfg,
+        format!(
+            r#"server = "https://{addr}"
+[tls]
+ca = "{pki}/inference/app/ca.pem"
+cert = "{pki}/inference/app/cert.pem"
+key = "{pki}/inference/app/key.pem"
+"#,
+            addr = coord.addr,
+            pki = pki.display()
+        ),
+    )
+    .unwrap();
+    let rows = std::fs::read_to_string(&shares[0]).unwrap().lines().count() - 1;
+    let out = Command::new(example("predict_client"))
+        .arg(&client_cfg)
+        .arg(&shares[0])
+        .arg("diagnosis")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "predict_client: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = format!("answered {rows} of {rows} rows with job examples version 2");
+    assert!(text.contains(&want), "{want:?} not in:\n{text}");
+    assert!(text.contains("row 0: class "), "{text}");
 }
