@@ -159,3 +159,59 @@ key = "{pki}/inference/app/key.pem"
     assert!(text.contains(&want), "{want:?} not in:\n{text}");
     assert!(text.contains("row 0: class "), "{text}");
 }
+
+/// A Burn module written in an example (outside cohort's crates), registered and federated
+/// by `cohort simulate`'s code with secure aggregation; its final version is promoted to the
+/// Inference service and answers every held-out row with the federated accuracy.
+#[test]
+fn a_custom_burn_model_from_an_example_trains_securely_and_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(example("custom_model"))
+        .args([
+            "--participants",
+            "4",
+            "--rounds",
+            "8",
+            "--epochs",
+            "2",
+            "--quiet",
+        ])
+        .args(["--no-baseline", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "custom_model: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("residual-mlp: federated accuracy"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let number = |after: &str| -> f64 {
+        line.split(after)
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .trim_end_matches(',')
+            .parse()
+            .unwrap()
+    };
+    let (fed, served) = (number("federated accuracy "), number("served accuracy "));
+    assert!(fed > 0.9, "{line}");
+    assert_eq!(fed, served, "{line}");
+    // The registry's manifest names the custom model.
+    let manifests: Vec<PathBuf> = std::fs::read_dir(dir.path().join("models/simulation"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let last = manifests.iter().max().unwrap();
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(last).unwrap()).unwrap();
+    assert_eq!(m["model"]["kind"], "custom", "{m}");
+    assert_eq!(m["model"]["name"], "residual-mlp", "{m}");
+}

@@ -629,6 +629,7 @@ fn model_name(m: &cohort_model::ModelSpec) -> String {
         } => format!("mlp {inputs}→{hidden:?}→{classes}"),
         Cnn { classes, .. } => format!("cnn →{classes}"),
         Layers { layers, .. } => format!("layers {}", cohort_model::layers::summary(layers)),
+        Custom { name, .. } => format!("custom {name}"),
     }
 }
 

@@ -29,6 +29,12 @@ pub struct PyTorchExport {
 /// Exports `params` of `spec` for PyTorch.
 pub fn pytorch(spec: &ModelSpec, params: &[f32]) -> Result<PyTorchExport, ModelError> {
     spec.validate()?;
+    if let ModelSpec::Custom { name, .. } = spec {
+        return Err(ModelError::InvalidSpec(format!(
+            "custom model {name:?}: cohort knows its parameters, not its PyTorch form; write \
+             the matching nn.Module and load the registry's safetensors into it"
+        )));
+    }
     if params.len() != spec.num_parameters() {
         return Err(ModelError::ParameterCount {
             expected: spec.num_parameters(),

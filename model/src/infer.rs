@@ -45,11 +45,20 @@ impl std::fmt::Display for Precision {
 #[derive(Debug)]
 pub struct InferenceModel {
     spec: ModelSpec,
-    net: Network,
+    net: Held,
     device: Device,
     compute: ComputeDevice,
     precision: Precision,
     quantized: Vec<String>,
+}
+
+/// The network, or a custom model built by its registration.
+// One per served version, built once: the size difference costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+enum Held {
+    Net(Network),
+    Custom(Box<dyn crate::custom::Predictor>),
 }
 
 impl InferenceModel {
@@ -66,11 +75,24 @@ impl InferenceModel {
         precision: Precision,
     ) -> Result<InferenceModel, ModelError> {
         let device = compute.inference();
-        let mut net = spec.build(params, &device)?;
         let mut quantized = Vec::new();
-        if precision == Precision::Int8 {
-            (net, quantized) = quantize_int8(net, &device, compute);
-        }
+        let net = match spec {
+            ModelSpec::Custom { name, .. } => {
+                if precision == Precision::Int8 {
+                    return Err(ModelError::InvalidSpec(format!(
+                        "custom model {name:?} is served in f32 only"
+                    )));
+                }
+                Held::Custom(crate::custom::lookup(name)?.predictor(params, compute)?)
+            }
+            _ => {
+                let mut net = spec.build(params, &device)?;
+                if precision == Precision::Int8 {
+                    (net, quantized) = quantize_int8(net, &device, compute);
+                }
+                Held::Net(net)
+            }
+        };
         Ok(InferenceModel {
             spec: spec.clone(),
             net,
@@ -133,9 +155,12 @@ impl InferenceModel {
                 "value {i} of the input is not finite"
             )));
         }
+        let net = match &self.net {
+            Held::Net(net) => net,
+            Held::Custom(p) => return p.logits(x, rows),
+        };
         let t = Tensor::<2>::from_data(TensorData::new(x, [rows, d]), &self.device);
-        self.net
-            .forward(t)
+        net.forward(t)
             .into_data()
             .convert::<f32>()
             .try_into_vec::<f32>()

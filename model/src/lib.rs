@@ -5,6 +5,7 @@
 //! parameters, seeds and a device, and returns numbers.
 
 pub mod compute;
+pub mod custom;
 pub mod data;
 pub mod export;
 pub mod infer;

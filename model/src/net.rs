@@ -57,6 +57,21 @@ pub enum ModelSpec {
         classes: usize,
         layers: Vec<Layer>,
     },
+    /// A Burn module written in Rust and registered under `name` in every process that runs
+    /// the job ([`crate::custom`]). Examples are flat rows of `inputs` values, or images.
+    Custom {
+        name: String,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        inputs: usize,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        channels: usize,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        height: usize,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        width: usize,
+        #[serde(default)]
+        classes: usize,
+    },
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -132,6 +147,23 @@ impl ModelSpec {
                     return bad(format!("classes must be at least 2, not {classes}"));
                 }
             }
+            ModelSpec::Custom { name, classes, .. } => {
+                self.check_input()?;
+                if *classes < 2 {
+                    return bad(format!("classes must be at least 2, not {classes}"));
+                }
+                let model = crate::custom::lookup(name)?;
+                let params = self.initial_parameters(0);
+                let d = self.input_shape().len();
+                let out = model.logits(&params, &vec![0.0; d], 1, crate::ComputeDevice::Cpu)?;
+                if out.len() != *classes {
+                    return bad(format!(
+                        "custom model {name:?} gives {} logits for one example of {d} values, \
+                         not the {classes} classes",
+                        out.len()
+                    ));
+                }
+            }
             ModelSpec::Layers {
                 inputs,
                 channels,
@@ -140,25 +172,54 @@ impl ModelSpec {
                 classes,
                 layers,
             } => {
-                let image = [*channels, *height, *width];
-                match (*inputs > 0, image.iter().any(|&d| d > 0)) {
-                    (true, true) | (false, false) => {
-                        return bad(format!(
-                            "a layer stack takes flat rows (inputs) or images (channels, height,                              width), one or the other: inputs {inputs}, channels {channels},                              height {height}, width {width}"
-                        ));
-                    }
-                    (false, true) if image.contains(&0) => {
-                        return bad(format!(
-                            "an image needs channels, height and width, all positive:                              {channels}×{height}×{width}"
-                        ));
-                    }
-                    _ => {}
-                }
+                self.check_input()?;
+                let _ = (inputs, channels, height, width);
                 crate::layers::check(self.input_shape(), layers, *classes)
                     .map_err(ModelError::InvalidSpec)?;
             }
         }
         Ok(())
+    }
+
+    /// A stack or custom model takes flat rows or images, one or the other.
+    fn check_input(&self) -> Result<(), ModelError> {
+        let bad = |m: String| Err(ModelError::InvalidSpec(m));
+        match *self {
+            ModelSpec::Layers {
+                inputs,
+                channels,
+                height,
+                width,
+                ..
+            }
+            | ModelSpec::Custom {
+                inputs,
+                channels,
+                height,
+                width,
+                ..
+            } => {
+                let image = [channels, height, width];
+                match (inputs > 0, image.iter().any(|&d| d > 0)) {
+                    (true, true) | (false, false) => {
+                        return bad(format!(
+                            "a layer stack or custom model takes flat rows (inputs) or images (channels, height, \
+                             width), one or the other: inputs {inputs}, channels {channels}, \
+                             height {height}, width {width}"
+                        ));
+                    }
+                    (false, true) if image.contains(&0) => {
+                        return bad(format!(
+                            "an image needs channels, height and width, all positive: \
+                             {channels}×{height}×{width}"
+                        ));
+                    }
+                    _ => {}
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The feature shape an example must have.
@@ -167,8 +228,16 @@ impl ModelSpec {
             ModelSpec::Logistic { inputs, .. } | ModelSpec::Mlp { inputs, .. } => {
                 FeatureShape::Flat(inputs)
             }
-            ModelSpec::Layers { inputs, .. } if inputs > 0 => FeatureShape::Flat(inputs),
+            ModelSpec::Layers { inputs, .. } | ModelSpec::Custom { inputs, .. } if inputs > 0 => {
+                FeatureShape::Flat(inputs)
+            }
             ModelSpec::Layers {
+                channels,
+                height,
+                width,
+                ..
+            }
+            | ModelSpec::Custom {
                 channels,
                 height,
                 width,
@@ -196,7 +265,8 @@ impl ModelSpec {
             ModelSpec::Logistic { classes, .. }
             | ModelSpec::Mlp { classes, .. }
             | ModelSpec::Cnn { classes, .. }
-            | ModelSpec::Layers { classes, .. } => classes,
+            | ModelSpec::Layers { classes, .. }
+            | ModelSpec::Custom { classes, .. } => classes,
         }
     }
 
@@ -242,7 +312,7 @@ impl ModelSpec {
                 (CNN_C2 * (height / 4) * (width / 4), CNN_HIDDEN),
                 (CNN_HIDDEN, *classes),
             ],
-            ModelSpec::Layers { .. } => Vec::new(),
+            ModelSpec::Layers { .. } | ModelSpec::Custom { .. } => Vec::new(),
         }
     }
 
@@ -251,7 +321,8 @@ impl ModelSpec {
     pub fn as_layers(&self) -> ModelSpec {
         let linear = |units| Layer::Linear { units };
         let (shape, layers) = match self {
-            ModelSpec::Layers { .. } => return self.clone(),
+            // A custom model has no stack; it is its own.
+            ModelSpec::Layers { .. } | ModelSpec::Custom { .. } => return self.clone(),
             ModelSpec::Logistic { classes, .. } => (self.input_shape(), vec![linear(*classes)]),
             ModelSpec::Mlp {
                 hidden, classes, ..
@@ -342,6 +413,11 @@ impl ModelSpec {
             ModelSpec::Layers { layers, .. } => {
                 out = crate::layers::layout(self.input_shape(), layers);
             }
+            ModelSpec::Custom { name, .. } => {
+                out = crate::custom::lookup(name)
+                    .map(|m| m.layout())
+                    .unwrap_or_default();
+            }
         }
         out
     }
@@ -389,6 +465,33 @@ impl ModelSpec {
         out
     }
 
+    /// `params` as a safetensors file (Burn's tensor names and layout): what the model
+    /// registry stores.
+    pub fn to_safetensors(&self, params: &[f32]) -> Result<Vec<u8>, ModelError> {
+        match self {
+            ModelSpec::Custom { name, .. } => crate::custom::lookup(name)?.to_safetensors(params),
+            _ => self
+                .build(params, &crate::ComputeDevice::Cpu.inference())?
+                .to_safetensors(),
+        }
+    }
+
+    /// The flat parameters of a file [`Self::to_safetensors`] wrote for this spec.
+    pub fn params_from_safetensors(&self, bytes: Vec<u8>) -> Result<Vec<f32>, ModelError> {
+        match self {
+            ModelSpec::Custom { name, .. } => {
+                crate::custom::lookup(name)?.params_from_safetensors(bytes)
+            }
+            _ => Ok(self
+                .build(
+                    &self.initial_parameters(0),
+                    &crate::ComputeDevice::Cpu.inference(),
+                )?
+                .load_safetensors(bytes)?
+                .to_flat()),
+        }
+    }
+
     /// Builds the network on `device` with the given flat parameters.
     pub fn build(&self, params: &[f32], device: &Device) -> Result<Network, ModelError> {
         self.validate()?;
@@ -430,6 +533,12 @@ impl ModelSpec {
             }
             ModelSpec::Layers { layers, .. } => {
                 Network::Layers(LayerNet::new(self.input_shape(), layers, device))
+            }
+            ModelSpec::Custom { name, .. } => {
+                return Err(ModelError::InvalidSpec(format!(
+                    "custom model {name:?} is built by its registration \
+                     (cohort_model::custom), not as a Network"
+                )));
             }
         };
         net.load_flat(params)
@@ -527,26 +636,13 @@ impl Network {
 
     /// All parameters as one f32 vector, in [`ModelSpec::layout`] order.
     pub fn to_flat(&self) -> Vec<f32> {
-        let mut f = Flatten { out: Vec::new() };
-        self.visit(&mut f);
-        f.out
+        flat(self)
     }
 
     /// Replaces every parameter with values from `params` (same order as [`Self::to_flat`]),
     /// keeping parameter ids, devices and gradient requirements.
     pub fn load_flat(self, params: &[f32]) -> Result<Network, ModelError> {
-        let expected = self.num_params();
-        if params.len() != expected {
-            return Err(ModelError::ParameterCount {
-                expected,
-                got: params.len(),
-            });
-        }
-        let mut u = Unflatten {
-            flat: params,
-            offset: 0,
-        };
-        Ok(self.map(&mut u))
+        load_flat(self, params)
     }
 
     /// Replaces every parameter with the tensors of a safetensors file written by
@@ -580,6 +676,30 @@ impl Network {
         st.get_bytes()
             .map_err(|e| ModelError::Store(format!("{e:?}")))
     }
+}
+
+/// Every parameter of any module, in its visiting order, as one f32 vector.
+pub(crate) fn flat<M: Module>(m: &M) -> Vec<f32> {
+    let mut f = Flatten { out: Vec::new() };
+    m.visit(&mut f);
+    f.out
+}
+
+/// Replaces every parameter of any module with values from `params` (in its visiting order),
+/// keeping parameter ids, devices and gradient requirements.
+pub(crate) fn load_flat<M: Module>(m: M, params: &[f32]) -> Result<M, ModelError> {
+    let expected = m.num_params();
+    if params.len() != expected {
+        return Err(ModelError::ParameterCount {
+            expected,
+            got: params.len(),
+        });
+    }
+    let mut u = Unflatten {
+        flat: params,
+        offset: 0,
+    };
+    Ok(m.map(&mut u))
 }
 
 struct Flatten {

@@ -214,9 +214,34 @@ pub fn train_corrected(
             "no training examples".to_string(),
         ));
     }
-    let start = Instant::now();
+    if let ModelSpec::Custom { name, .. } = spec {
+        return crate::custom::lookup(name)?.train(params, data, cfg, device, correction);
+    }
     let dev = device.training();
-    let mut model = spec.build(params, &dev)?;
+    let model = spec.build(params, &dev)?;
+    fit(
+        model,
+        |m, x, seed| m.forward_train(x, seed),
+        data,
+        cfg,
+        &dev,
+        correction,
+    )
+}
+
+/// cohort's training loop for any module: shuffled mini-batches of cross-entropy, FedProx's
+/// and SCAFFOLD's terms when the task asks for them, SGD (momentum, weight decay) or Adam.
+/// `forward` gives the logits of a batch in training (its `u64`: the step's dropout seed).
+pub(crate) fn fit<M: Module>(
+    mut model: M,
+    forward: impl Fn(&M, Tensor<2>, u64) -> Tensor<2>,
+    data: &Dataset,
+    cfg: &TrainConfig,
+    dev: &Device,
+    correction: Option<&[f32]>,
+) -> Result<(Vec<f32>, TrainReport), ModelError> {
+    let start = Instant::now();
+    let dev = dev.clone();
     let loss_fn = CrossEntropyLossConfig::new().init(&dev);
     let decay = (cfg.weight_decay > 0.0).then(|| WeightDecayConfig::new(cfg.weight_decay as f32));
     let mut opt = match cfg.optimizer {
@@ -259,8 +284,11 @@ pub fn train_corrected(
             let (x, y) = batch_tensors(data, batch, &dev);
             // Each step's dropout masks come from the task's seed and the step.
             step += 1;
-            let logits =
-                model.forward_train(x, cfg.seed ^ step.wrapping_mul(0xa076_1d64_78bd_642f));
+            let logits = forward(
+                &model,
+                x,
+                cfg.seed ^ step.wrapping_mul(0xa076_1d64_78bd_642f),
+            );
             if epoch + 1 == cfg.epochs {
                 let n = batch.len();
                 let hits: i64 = logits
@@ -309,7 +337,7 @@ pub fn train_corrected(
         }
         epoch_loss.push(mean);
     }
-    let out = model.valid().to_flat();
+    let out = crate::net::flat(&model.valid());
     Ok((
         out,
         TrainReport {
@@ -462,6 +490,11 @@ pub fn evaluate(
     device: ComputeDevice,
 ) -> Result<Metrics, ModelError> {
     spec.check_data(data.shape, data.num_classes)?;
+    if let ModelSpec::Custom { name, .. } = spec {
+        let x: Vec<f32> = (0..data.len()).flat_map(|i| data.row(i).to_vec()).collect();
+        let logits = crate::custom::lookup(name)?.logits(params, &x, data.len(), device)?;
+        return Ok(metrics_from_logits(&logits, &data.labels, spec.classes()));
+    }
     let dev = device.inference();
     let model = spec.build(params, &dev)?;
     let logits = predict_logits(&model, data, &dev);

@@ -56,6 +56,23 @@ impl From<&ModelSpec> for pb::ModelSpec {
                 layers_json: serde_json::to_string(layers).expect("layers serialise"),
                 ..Default::default()
             },
+            ModelSpec::Custom {
+                name,
+                inputs,
+                channels,
+                height,
+                width,
+                classes,
+            } => pb::ModelSpec {
+                kind: "custom".into(),
+                name: name.clone(),
+                inputs: u(*inputs),
+                classes: u(*classes),
+                channels: u(*channels),
+                height: u(*height),
+                width: u(*width),
+                ..Default::default()
+            },
         }
     }
 }
@@ -88,6 +105,14 @@ impl TryFrom<&pb::ModelSpec> for ModelSpec {
                 classes: z(m.classes),
                 layers: serde_json::from_str(&m.layers_json)
                     .map_err(|e| ProtocolError::Malformed(format!("model layers_json: {e}")))?,
+            },
+            "custom" => ModelSpec::Custom {
+                name: m.name.clone(),
+                inputs: z(m.inputs),
+                channels: z(m.channels),
+                height: z(m.height),
+                width: z(m.width),
+                classes: z(m.classes),
             },
             other => {
                 return Err(ProtocolError::Malformed(format!(

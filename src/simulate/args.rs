@@ -69,8 +69,13 @@ pub struct SimArgs {
     /// `[[layers]]` tables (or a job specification's `[model]` table). The input shape and
     /// the classes may be left out: they are then the dataset's. Default: a CNN for images,
     /// an MLP (`--hidden`) or logistic regression for tables.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "custom_model")]
     pub model: Option<std::path::PathBuf>,
+    /// A Burn module registered under this name in this process: for programs built on
+    /// cohort's crates (`cohort_model::custom::register`, `examples/custom_model.rs`). Its
+    /// input shape and classes are the dataset's.
+    #[arg(long, conflicts_with = "hidden")]
+    pub custom_model: Option<String>,
     /// Share of participants selected each round.
     #[arg(long, default_value_t = 1.0)]
     pub fraction: f64,

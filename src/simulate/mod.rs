@@ -85,9 +85,29 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
         std::fs::write(p, serde_json::to_vec(&prep.shares)?)
             .with_context(|| format!("writing the partition to {}", p.display()))?;
     }
-    let spec = match &args.model {
-        Some(path) => declared_model(path, prep.shape, prep.classes)?,
-        None => ModelSpec::for_shape(prep.shape, prep.classes, &args.hidden),
+    let spec = match (&args.model, &args.custom_model) {
+        (Some(path), _) => declared_model(path, prep.shape, prep.classes)?,
+        (None, Some(name)) => {
+            let (inputs, channels, height, width) = match prep.shape {
+                cohort_model::FeatureShape::Flat(n) => (n, 0, 0, 0),
+                cohort_model::FeatureShape::Image {
+                    channels,
+                    height,
+                    width,
+                } => (0, channels, height, width),
+            };
+            let spec = ModelSpec::Custom {
+                name: name.clone(),
+                inputs,
+                channels,
+                height,
+                width,
+                classes: prep.classes,
+            };
+            spec.validate().context("--custom-model")?;
+            spec
+        }
+        (None, None) => ModelSpec::for_shape(prep.shape, prep.classes, &args.hidden),
     };
     let lr = args.lr.unwrap_or(match args.optimizer {
         Optimizer::Sgd => 0.1,

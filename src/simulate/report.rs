@@ -158,6 +158,7 @@ pub(super) fn model_name(spec: &ModelSpec) -> String {
         ModelSpec::Mlp { hidden, .. } => format!("MLP {hidden:?}"),
         ModelSpec::Cnn { .. } => "CNN".into(),
         ModelSpec::Layers { layers, .. } => cohort_model::layers::summary(layers),
+        ModelSpec::Custom { name, .. } => format!("custom model {name}"),
     }
 }
 

@@ -17,7 +17,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cohort_model::{ComputeDevice, ModelSpec};
+use cohort_model::ModelSpec;
 use sha2::{Digest, Sha256};
 
 use cohort_crypto::atrest::{self, KeyProvider};
@@ -115,14 +115,7 @@ impl ModelStore {
     pub fn read_version(&self, version: u64) -> Result<(ModelManifest, Vec<f32>), StoreError> {
         let manifest = self.manifest(version)?;
         let bytes = self.weights_of(&manifest)?;
-        let net = manifest
-            .model
-            .build(
-                &manifest.model.initial_parameters(0),
-                &ComputeDevice::Cpu.inference(),
-            )?
-            .load_safetensors(bytes)?;
-        let params = net.to_flat();
+        let params = manifest.model.params_from_safetensors(bytes)?;
         let digest = cohort_protocol::params_digest(&params);
         if digest != manifest.params_digest {
             return Err(StoreError::Manifest {
@@ -246,8 +239,7 @@ impl ModelStore {
             // The same parameters are stored already: this version shares that object.
             hex::encode(Sha256::digest(self.read_object(&key)?))
         } else {
-            let net = spec.build(params, &ComputeDevice::Cpu.inference())?;
-            let bytes = net.to_safetensors()?;
+            let bytes = spec.to_safetensors(params)?;
             match &self.keys {
                 Some(k) => {
                     let enc = atrest::encrypt(k.as_ref(), &key, &bytes).map_err(|e| {
