@@ -51,9 +51,10 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::store::{ModuleSnapshot, SafetensorsStore};
 use burn::tensor::{Device, Tensor, TensorData};
 
+use crate::fit::fit;
 use crate::layers::{Init, ParamInfo};
-use crate::net::{flat, load_flat};
-use crate::train::{TrainConfig, TrainReport, fit};
+use crate::params::{flat, load_flat};
+use crate::settings::{TrainConfig, TrainReport};
 use crate::{ComputeDevice, Dataset, ModelError};
 
 /// A Burn module cohort can federate.

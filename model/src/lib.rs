@@ -8,12 +8,15 @@ pub mod compute;
 pub mod custom;
 pub mod data;
 pub mod export;
+pub mod fit;
 pub mod infer;
 pub mod kernels;
 pub mod layers;
 pub mod net;
+pub mod params;
 pub mod partition;
 pub mod scaffold;
+pub mod settings;
 pub mod tabular;
 pub mod train;
 

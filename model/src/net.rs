@@ -1,12 +1,12 @@
 //! Model specifications, the Burn networks they build, and the flat parameter vector that
 //! crosses the network: flatten and unflatten in one deterministic order.
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d, Relu};
 use burn::store::{ModuleSnapshot, SafetensorsStore};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use rand::SeedableRng;
 use rand::rngs::ChaCha8Rng;
 use rand_distr::{Distribution, Uniform};
@@ -16,6 +16,7 @@ use crate::data::FeatureShape;
 use crate::kernels::linear;
 pub use crate::layers::{Init, ParamInfo};
 use crate::layers::{Layer, LayerNet};
+use crate::params::{flat, load_flat};
 use crate::{ModelError, kernels};
 
 /// What network a federation trains. Every participant builds the same one from it.
@@ -675,65 +676,6 @@ impl Network {
         .map_err(|e| ModelError::Store(format!("{e:?}")))?;
         st.get_bytes()
             .map_err(|e| ModelError::Store(format!("{e:?}")))
-    }
-}
-
-/// Every parameter of any module, in its visiting order, as one f32 vector.
-pub(crate) fn flat<M: Module>(m: &M) -> Vec<f32> {
-    let mut f = Flatten { out: Vec::new() };
-    m.visit(&mut f);
-    f.out
-}
-
-/// Replaces every parameter of any module with values from `params` (in its visiting order),
-/// keeping parameter ids, devices and gradient requirements.
-pub(crate) fn load_flat<M: Module>(m: M, params: &[f32]) -> Result<M, ModelError> {
-    let expected = m.num_params();
-    if params.len() != expected {
-        return Err(ModelError::ParameterCount {
-            expected,
-            got: params.len(),
-        });
-    }
-    let mut u = Unflatten {
-        flat: params,
-        offset: 0,
-    };
-    Ok(m.map(&mut u))
-}
-
-struct Flatten {
-    out: Vec<f32>,
-}
-
-impl ModuleVisitor for Flatten {
-    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
-        self.out.extend(
-            p.val()
-                .into_data()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .expect("f32 tensor data"),
-        );
-    }
-}
-
-struct Unflatten<'a> {
-    flat: &'a [f32],
-    offset: usize,
-}
-
-impl ModuleMapper for Unflatten<'_> {
-    fn map_float<const D: usize>(&mut self, p: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let (shape, dev) = (p.lazy_shape(), p.lazy_device());
-        let n = shape.num_elements();
-        let t = Tensor::<D>::from_data(
-            TensorData::new(self.flat[self.offset..self.offset + n].to_vec(), shape),
-            &dev,
-        );
-        self.offset += n;
-        let id = p.id;
-        p.transform_for_load(t, id)
     }
 }
 
