@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
@@ -123,19 +123,19 @@ pub(crate) fn fit<M: Module>(
                     loss = loss + sq.mul_scalar(cfg.proximal_mu / 2.0);
                 }
             }
-            if let Some(correction) = &correction {
-                let mut lin = Linear {
-                    with: correction,
-                    next: 0,
-                    sum: None,
-                };
-                model.visit(&mut lin);
-                if let Some(dot) = lin.sum {
-                    loss = loss + dot;
-                }
-            }
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = opt.step(cfg.learning_rate, model, grads);
+            if let Some(correction) = &correction {
+                // SCAFFOLD moves the weights by −lr · (c − c_i) after every step, outside the
+                // optimiser's momentum and moments (the paper's SGD step, and NIID-Bench's with
+                // momentum): through the gradient, momentum would amplify the correction
+                // tenfold at 0.9 and the next control variates with it, until training diverges.
+                model = model.map(&mut Shift {
+                    by: correction,
+                    next: 0,
+                    scale: cfg.learning_rate,
+                });
+            }
         }
         let mean = total / data.len() as f64;
         if !mean.is_finite() {
@@ -211,22 +211,24 @@ impl ModuleVisitor for Split<'_> {
     }
 }
 
-/// ⟨w, with⟩ over every parameter, on the autodiff graph: its gradient is `with`.
-struct Linear<'a> {
-    with: &'a [Tensor<1>],
+/// Every trained parameter moved by `−scale · by` (running statistics, which take no
+/// gradient, are left alone), keeping ids, devices and gradient requirements.
+struct Shift<'a> {
+    by: &'a [Tensor<1>],
     next: usize,
-    sum: Option<Tensor<1>>,
+    scale: f64,
 }
 
-impl ModuleVisitor for Linear<'_> {
-    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
-        let w = p.val();
-        let n = w.shape().num_elements();
-        let dot = (w.reshape([n]) * self.with[self.next].clone()).sum();
+impl ModuleMapper for Shift<'_> {
+    fn map_float<const D: usize>(&mut self, p: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let k = self.by[self.next].clone();
         self.next += 1;
-        self.sum = Some(match self.sum.take() {
-            Some(s) => s + dot,
-            None => dot,
-        });
+        let v = p.val();
+        if !v.is_require_grad() {
+            return p;
+        }
+        let t = (v.clone().detach() - k.reshape(v.shape()).mul_scalar(self.scale)).detach();
+        let id = p.id;
+        p.transform_for_load(t, id)
     }
 }

@@ -22,9 +22,9 @@ pub fn train(
 }
 
 /// [`train`] with SCAFFOLD's drift correction: `correction` (the server's control variate
-/// minus this participant's, flat in the model's order; see [`crate::scaffold`]) is added to
-/// the gradient of every step, through a linear term ⟨w, correction⟩ in the loss, so it works
-/// with any optimiser.
+/// minus this participant's, flat in the model's order; see [`crate::scaffold`]) moves the
+/// weights by `−lr · correction` after every optimiser step, outside SGD's momentum and
+/// Adam's moments. With plain SGD this is the corrected gradient step of the paper.
 pub fn train_corrected(
     spec: &ModelSpec,
     params: &[f32],
