@@ -74,7 +74,7 @@ pub enum ParticipantAction {
 #[derive(Subcommand, Debug)]
 pub enum JobAction {
     List,
-    /// Create a job from a TOML specification (the keys of coordinator.toml's [job]).
+    /// Create a job from a TOML specification (the keys of coordinator.toml's `[job]`).
     Create {
         spec: PathBuf,
     },

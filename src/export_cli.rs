@@ -18,8 +18,8 @@ pub struct ExportArgs {
     /// unencrypted `model_dir`.
     #[arg(long, conflicts_with = "config", required_unless_present = "config")]
     pub model_dir: Option<PathBuf>,
-    /// The coordinator's configuration: its registry (model_dir or [model_store.s3]) and its
-    /// [at_rest] keys.
+    /// The coordinator's configuration: its registry (`model_dir` or `[model_store.s3]`) and
+    /// its `[at_rest]` keys.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// The directory to write `model.safetensors` and `model.py` into (created if need be).

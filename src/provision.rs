@@ -29,7 +29,7 @@ pub struct ProvisionArgs {
     /// The federation's name (in the CA certificate).
     #[arg(long, default_value = "cohort federation")]
     pub federation: String,
-    /// Where participants reach the coordinator, e.g. https://fl.example.org:7400.
+    /// Where participants reach the coordinator, e.g. `https://fl.example.org:7400`.
     #[arg(long, default_value = "https://127.0.0.1:7400")]
     pub coordinator_url: String,
     /// DNS names in the coordinator's certificate (besides "coordinator").

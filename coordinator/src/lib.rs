@@ -1,6 +1,7 @@
 //! The cohort coordinator: round orchestration ([`round`], a sans-IO state machine),
-//! aggregation strategies ([`strategy`]), the model store ([`model_store`]), configuration
-//! ([`config`]), the gRPC driver ([`service`]) and its mutual-TLS listener ([`listener`]).
+//! aggregation strategies ([`strategy`]), the model store ([`ModelStore`]), configuration
+//! ([`config`]), the gRPC services and their driver ([`Coordinator`]), and the Admin API
+//! ([`admin`]).
 
 pub mod admin;
 pub mod config;

@@ -149,7 +149,7 @@ pub fn encrypt(
 ///
 /// The masks are tfhe-rs's own (a seeded GLWE list decompressed from the block's seed, as
 /// committee members regenerate them), the noise is T-uniform(2^noise_log2) like tfhe-rs's,
-/// and the product `A · s` is computed exactly by FFT ([`crate::fft`]) instead of tfhe-rs's
+/// and the product `A · s` is computed exactly by FFT (cohort's own `fft` module) instead of tfhe-rs's
 /// Karatsuba multiplication, which is what made encryption slow.
 pub fn encrypt_threads(
     key: &RoundKey,

@@ -533,7 +533,7 @@ impl Table {
     }
 
     /// Row indices into training and held-out parts, stratified by label and seeded, as
-    /// [`Dataset::split_indices`] splits examples.
+    /// [`crate::Dataset::split_indices`] splits examples.
     pub fn split_indices(
         &self,
         test_fraction: f64,

@@ -11,7 +11,7 @@ use crate::{AgentOptions, LocalData};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParticipantConfig {
-    /// e.g. "http://coordinator.example.org:7400".
+    /// e.g. `"http://coordinator.example.org:7400"`.
     pub coordinator: String,
     /// This participant's identity.
     pub id: String,

@@ -149,7 +149,7 @@ pub struct SimArgs {
     /// Seconds a round may take before stragglers are left out.
     #[arg(long, default_value_t = 600.0)]
     pub round_timeout: f64,
-    /// Where model versions go (default: runs/simulate-<time>).
+    /// Where model versions go (default: `runs/simulate-<time>`).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Write a JSON summary here.

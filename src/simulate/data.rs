@@ -1,5 +1,5 @@
 //! The simulated participants' data: the dataset loaded, partitioned among the participants
-//! and split into training and held-out rows, from [`DataSettings`] alone, so that the
+//! and split into training and held-out rows, from `DataSettings` alone, so that the
 //! simulation and each of its worker processes prepare the same shares.
 
 use std::path::PathBuf;

@@ -12,7 +12,7 @@
 //!
 //! Objects live in an [`Objects`] backend: a local directory (default; every write goes to a
 //! temporary name, is synced, and renamed, so a reader never sees half an object), or an
-//! S3-compatible object store ([`S3Objects`], through `object_store`).
+//! S3-compatible object store ([`crate::S3Objects`], through `object_store`).
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -268,7 +268,8 @@ pub enum Event {
     /// Round complete; `params` is the new global model, version `round`, and
     /// `strategy_state` the strategy's server state after it (to persist with it). The
     /// machine starts nothing more until the driver reports the round durably committed
-    /// ([`Orchestrator::committed`]) or its commit failed ([`Orchestrator::commit_failed`]).
+    /// ([`super::Orchestrator::committed`]) or its commit failed
+    /// ([`super::Orchestrator::commit_failed`]).
     RoundCompleted {
         summary: RoundSummary,
         params: Arc<Vec<f32>>,

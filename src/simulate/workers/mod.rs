@@ -12,9 +12,9 @@
 //! single-process engine's bit for bit; in plaintext jobs it is an f64 sum grouped by shard,
 //! equal up to rounding.
 //!
-//! - [`driver`]: the driver's side: the service the workers dial, starting local workers,
-//!   and [`Remote`], through which the engine hands out a step and collects its results.
-//! - [`worker`]: the worker process (`cohort sim-worker`).
+//! - `driver`: the driver's side: the service the workers dial, starting local workers,
+//!   and `Remote`, through which the engine hands out a step and collects its results.
+//! - `worker`: the worker process (`cohort sim-worker`, [`run_worker`]).
 //! - this module: the step and its result as the engine sees them, their wire forms, and
 //!   the worker's fold.
 
