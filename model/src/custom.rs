@@ -78,14 +78,23 @@ pub trait Registered: Send + Sync {
         device: ComputeDevice,
         correction: Option<&[f32]>,
     ) -> Result<(Vec<f32>, TrainReport), ModelError>;
-    /// Logits, row-major `[rows, classes]`, for `x` (`rows` flattened examples).
+    /// Logits, row-major `[rows, classes]`, for `x` (`rows` flattened examples), built once
+    /// and asked 1,024 rows at a time.
     fn logits(
         &self,
         params: &[f32],
         x: &[f32],
         rows: usize,
         device: ComputeDevice,
-    ) -> Result<Vec<f32>, ModelError>;
+    ) -> Result<Vec<f32>, ModelError> {
+        let predictor = self.predictor(params, device)?;
+        let d = (x.len() / rows.max(1)).max(1);
+        let mut out = Vec::new();
+        for chunk in x.chunks(1024 * d) {
+            out.extend(predictor.logits(chunk.to_vec(), chunk.len() / d)?);
+        }
+        Ok(out)
+    }
     fn to_safetensors(&self, params: &[f32]) -> Result<Vec<u8>, ModelError>;
     fn params_from_safetensors(&self, bytes: Vec<u8>) -> Result<Vec<f32>, ModelError>;
     /// The module built once on `device`, answering batches (serving).
@@ -121,7 +130,12 @@ impl<M: FederatedModule> Predictor for Built<M> {
     }
 }
 
-struct Entry<M>(PhantomData<fn() -> M>);
+/// A registered module type, and its layout once first asked for (`num_parameters` and the
+/// capacity checks ask often; the layout needs the module built).
+struct Entry<M> {
+    layout: std::sync::OnceLock<Vec<ParamInfo>>,
+    module: PhantomData<fn() -> M>,
+}
 
 impl<M: FederatedModule> Entry<M> {
     fn build(params: &[f32], device: &Device) -> Result<M, ModelError> {
@@ -131,9 +145,13 @@ impl<M: FederatedModule> Entry<M> {
 
 impl<M: FederatedModule> Registered for Entry<M> {
     fn layout(&self) -> Vec<ParamInfo> {
-        let mut v = Layout::default();
-        M::init(&ComputeDevice::Cpu.inference()).visit(&mut v);
-        v.out
+        self.layout
+            .get_or_init(|| {
+                let mut v = Layout::default();
+                M::init(&ComputeDevice::Cpu.inference()).visit(&mut v);
+                v.out
+            })
+            .clone()
     }
 
     fn train(
@@ -147,32 +165,6 @@ impl<M: FederatedModule> Registered for Entry<M> {
         let dev = device.training();
         let model = Self::build(params, &dev)?;
         fit(model, |m, x, _| m.forward(x), data, cfg, &dev, correction)
-    }
-
-    fn logits(
-        &self,
-        params: &[f32],
-        x: &[f32],
-        rows: usize,
-        device: ComputeDevice,
-    ) -> Result<Vec<f32>, ModelError> {
-        let dev = device.inference();
-        let model = Self::build(params, &dev)?;
-        let d = x.len() / rows.max(1);
-        let mut out = Vec::new();
-        for chunk in x.chunks(1024 * d.max(1)) {
-            let n = chunk.len() / d.max(1);
-            let t = Tensor::<2>::from_data(TensorData::new(chunk.to_vec(), [n, d]), &dev);
-            out.extend(
-                model
-                    .forward(t)
-                    .into_data()
-                    .convert::<f32>()
-                    .try_into_vec::<f32>()
-                    .map_err(|e| ModelError::Store(format!("reading logits: {e:?}")))?,
-            );
-        }
-        Ok(out)
     }
 
     fn predictor(
@@ -276,10 +268,13 @@ fn registry() -> &'static Registry {
 
 /// Registers `M` under `name` in this process (again: replaced).
 pub fn register<M: FederatedModule>(name: &str) {
-    registry()
-        .write()
-        .expect("model registry lock")
-        .insert(name.to_string(), Arc::new(Entry::<M>(PhantomData)));
+    registry().write().expect("model registry lock").insert(
+        name.to_string(),
+        Arc::new(Entry::<M> {
+            layout: Default::default(),
+            module: PhantomData,
+        }),
+    );
 }
 
 /// The model registered under `name`.

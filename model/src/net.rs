@@ -166,15 +166,9 @@ impl ModelSpec {
                 }
             }
             ModelSpec::Layers {
-                inputs,
-                channels,
-                height,
-                width,
-                classes,
-                layers,
+                classes, layers, ..
             } => {
                 self.check_input()?;
-                let _ = (inputs, channels, height, width);
                 crate::layers::check(self.input_shape(), layers, *classes)
                     .map_err(ModelError::InvalidSpec)?;
             }
