@@ -10,6 +10,8 @@ use clap::Parser;
 use cohort::simulate::{SimArgs, run};
 use cohort_model::{ComputeDevice, IdxSplit, InferenceModel, LabelColumn, Precision};
 
+mod common;
+
 #[derive(Parser)]
 struct Cli {
     #[command(flatten)]
@@ -81,6 +83,16 @@ async fn export_and_compare(name: &str, extra: &[&str], rows: &[f32]) -> f32 {
     let store = cohort_coordinator::ModelStore::open(out.join("models")).unwrap();
     let (manifest, params) = store.for_job("simulation").read_version(1).unwrap();
     assert_eq!(manifest.model, report.model);
+    if let cohort_model::ModelSpec::Layers { layers, .. } = &manifest.model
+        && let Some(e @ cohort_model::layers::Layer::Embedding { .. }) = layers.first()
+    {
+        // Placed by the table's schema: grade's block after the 30 numeric columns.
+        assert_eq!(e.to_string(), "embedding(grade: 4 → 3)", "{name}");
+        assert!(
+            matches!(e, cohort_model::layers::Layer::Embedding { offset: 30, .. }),
+            "{e:?}"
+        );
+    }
     let d = manifest.model.input_shape().len();
     let n = rows.len() / d;
     let net =
@@ -202,6 +214,49 @@ layers = [
     )
     .await;
     assert!(diff <= 1e-5, "declared table stack: {diff}");
+    // A table with a categorical column, embedded: the 30 numeric columns, then grade's
+    // one-hot block (I–IV), then smoker; rows with each grade and an unknown one (zeros).
+    let messy = common::messy_table(dir.path());
+    let embedded = dir.path().join("embedded.toml");
+    std::fs::write(
+        &embedded,
+        r#"kind = "layers"
+layers = [
+  { type = "embedding", column = "grade", dim = 3 },
+  { type = "linear", units = 8 },
+  { type = "relu" },
+  { type = "linear", units = 2 },
+]
+"#,
+    )
+    .unwrap();
+    let rows: Vec<f32> = (0..40)
+        .flat_map(|i| {
+            let mut row: Vec<f32> = (0..30).map(|j| ((i * 31 + j * 7) as f32).sin()).collect();
+            row.extend((0..4).map(|g| if g == i % 5 { 1.0 } else { 0.0 }));
+            row.push(if i % 2 == 0 { 1.0 } else { -1.0 });
+            row
+        })
+        .collect();
+    let diff = export_and_compare(
+        "declared table stack with an embedding",
+        &[
+            "--dataset",
+            messy.to_str().unwrap(),
+            "--label",
+            "diagnosis",
+            "--epochs",
+            "5",
+            "--model",
+            embedded.to_str().unwrap(),
+        ],
+        &rows,
+    )
+    .await;
+    assert!(
+        diff <= 1e-5,
+        "declared table stack with an embedding: {diff}"
+    );
 }
 
 /// A version that does not exist, or a registry that is not there, is named.

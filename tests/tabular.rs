@@ -123,6 +123,90 @@ async fn a_messy_table_trains_with_one_pipeline_in_both_engines_and_in_workers()
     );
 }
 
+/// A declared model that embeds a categorical column by name trains with secure aggregation:
+/// the table's schema places the block, and the model learns from the column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_categorical_column_is_embedded_by_name_and_trains_under_secure_aggregation() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = messy_table(dir.path());
+    let model = dir.path().join("embedded.toml");
+    std::fs::write(
+        &model,
+        "kind = \"layers\"\nlayers = [\n\
+         { type = \"embedding\", column = \"grade\", dim = 2 },\n\
+         { type = \"linear\", units = 16 },\n{ type = \"relu\" },\n\
+         { type = \"linear\", units = 2 },\n]\n",
+    )
+    .unwrap();
+    let report = simulate(
+        &dir.path().join("run"),
+        &[
+            "--dataset",
+            table.to_str().unwrap(),
+            "--label",
+            "diagnosis",
+            "--participants",
+            "4",
+            "--rounds",
+            "8",
+            "--custodians",
+            "3",
+            "--engine",
+            "virtual",
+            "--model",
+            model.to_str().unwrap(),
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(
+        !report.secure_aggregation.is_null(),
+        "{}",
+        report.secure_aggregation
+    );
+    let cohort_model::ModelSpec::Layers { inputs, layers, .. } = &report.model else {
+        panic!("{:?}", report.model)
+    };
+    // 30 numeric columns, grade's 4 categories, smoker.
+    assert_eq!(*inputs, 35);
+    assert_eq!(
+        layers[0],
+        cohort_model::layers::Layer::Embedding {
+            dim: 2,
+            column: Some("grade".into()),
+            offset: 30,
+            categories: 4,
+        }
+    );
+    let fed = report.federated_accuracy.unwrap();
+    assert!(fed > 0.9, "federated accuracy {fed}");
+    // A column that is not categorical is named with the layer.
+    std::fs::write(
+        &model,
+        std::fs::read_to_string(&model)
+            .unwrap()
+            .replace("\"grade\"", "\"smoker\""),
+    )
+    .unwrap();
+    let e = simulate(
+        &dir.path().join("bad"),
+        &[
+            "--dataset",
+            table.to_str().unwrap(),
+            "--label",
+            "diagnosis",
+            "--model",
+            model.to_str().unwrap(),
+        ],
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        format!("{e:#}").contains("layer 0 (embedding): column \"smoker\" is boolean"),
+        "{e:#}"
+    );
+}
+
 /// 100 sites of five or six rows each: standardising each with its own rows breaks
 /// training; one pipeline from the federation's statistics trains as well as three sites.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

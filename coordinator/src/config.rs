@@ -276,9 +276,17 @@ impl JobSection {
     pub fn job_config(&self) -> Result<JobConfig, ConfigError> {
         let min_updates = self.min_updates.unwrap_or(self.min_participants);
         let strategy = self.strategy()?;
+        let mut model = self.model.clone();
+        if let (Some(data), cohort_model::ModelSpec::Layers { layers, .. }) =
+            (&self.data, &mut model)
+        {
+            data.resolve_embeddings(layers).map_err(|e| {
+                ConfigError::Job(JobError::Invalid(format!("invalid model spec: {e}")))
+            })?;
+        }
         let cfg = JobConfig {
             job_id: self.id.clone(),
-            model: self.model.clone(),
+            model,
             train: self.train.clone(),
             rounds: self.rounds,
             min_participants: self.min_participants,
@@ -593,6 +601,35 @@ optimizer = "sgd"
                 .replace("rounds = 1\n", "rounds = 1\nclip_norm = 0.0\n"),
         );
         assert!(e.contains("clip_norm must be a positive number"), "{e}");
+        // A declared model embeds a categorical column by name: the schema places its block
+        // (after age and its indicator), through the specification's round trip too.
+        let layers = base.replace(
+            "[model]\nkind = \"logistic\"\ninputs = INPUTS\nclasses = 2\n",
+            "[model]\nkind = \"layers\"\ninputs = 5\nclasses = 2\n\
+             [[model.layers]]\ntype = \"embedding\"\ncolumn = \"COLUMN\"\ndim = 4\n\
+             [[model.layers]]\ntype = \"linear\"\nunits = 2\n",
+        );
+        let spec = JobSection::parse_spec(&layers.replace("COLUMN", "stage")).unwrap();
+        let placed = |spec: &JobSection| match spec.job_config().unwrap().model {
+            cohort_model::ModelSpec::Layers { layers, .. } => layers[0].clone(),
+            m => panic!("{m:?}"),
+        };
+        let want = cohort_model::layers::Layer::Embedding {
+            dim: 4,
+            column: Some("stage".into()),
+            offset: 2,
+            categories: 2,
+        };
+        assert_eq!(placed(&spec), want);
+        assert_eq!(
+            placed(&JobSection::parse_spec(&spec.to_spec()).unwrap()),
+            want
+        );
+        let e = refused(&layers.replace("COLUMN", "age"));
+        assert!(
+            e.contains("layer 0 (embedding): column \"age\" is numeric, not categorical"),
+            "{e}"
+        );
     }
 
     #[test]

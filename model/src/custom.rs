@@ -241,6 +241,7 @@ impl ModuleVisitor for Layout {
             (c, "gamma" | "running_var", _) if c.contains("Norm") => (1, Init::Ones),
             (c, "beta" | "running_mean", _) if c.contains("Norm") => (1, Init::Zeros),
             ("Linear", "weight", 2) => (shape[0], Init::FanIn),
+            ("Embedding", "weight", _) => (1, Init::Normal),
             (c, "weight", _) if c.starts_with("Conv") => (rest, Init::FanIn),
             (_, "bias", _) => match self.fan_in.get(module) {
                 Some(&f) => (f, Init::FanIn),

@@ -127,6 +127,12 @@ fn module_source(spec: &ModelSpec, input: FeatureShape, layers: &[Layer]) -> Str
             Layer::BatchNorm => format!("nn.BatchNorm1d({features})"),
             Layer::LayerNorm => format!("nn.LayerNorm({features})"),
             Layer::Dropout { p } => format!("nn.Dropout({p})"),
+            Layer::Embedding {
+                dim,
+                offset,
+                categories,
+                ..
+            } => format!("OneHotEmbedding({offset}, {categories}, {dim})"),
             Layer::Flatten => "nn.Flatten()".into(),
             Layer::Relu => "nn.ReLU()".into(),
             Layer::Tanh => "nn.Tanh()".into(),
@@ -166,6 +172,19 @@ from torch import nn
 SPEC = json.loads(r"""{spec_json}""")
 
 INPUT = {input}
+
+
+class OneHotEmbedding(nn.Embedding):
+    """Replaces columns [offset, offset + categories) of a row, a category's one-hot block,
+    by that category's row of the table (zeros for an unknown category)."""
+
+    def __init__(self, offset, categories, dim):
+        super().__init__(categories, dim)
+        self.offset = offset
+
+    def forward(self, x):
+        a, b = self.offset, self.offset + self.num_embeddings
+        return torch.cat([x[:, :a], x[:, a:b] @ self.weight, x[:, b:]], dim=1)
 
 
 class Model(nn.Module):

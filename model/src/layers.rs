@@ -20,7 +20,10 @@ use burn::module::Module;
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{AvgPool2dConfig, MaxPool2dConfig};
-use burn::nn::{BatchNorm, BatchNormConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{
+    BatchNorm, BatchNormConfig, Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear,
+    LinearConfig,
+};
 use burn::tensor::activation::{gelu, relu, sigmoid, tanh};
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::rngs::ChaCha8Rng;
@@ -46,6 +49,8 @@ pub struct ParamInfo {
 pub enum Init {
     /// U(−1/√fan_in, 1/√fan_in), PyTorch's default for linear and convolution layers.
     FanIn,
+    /// N(0, 1), PyTorch's default for embeddings.
+    Normal,
     Zeros,
     Ones,
 }
@@ -86,6 +91,20 @@ pub enum Layer {
     Dropout {
         p: f64,
     },
+    /// A categorical column's one-hot block of a flat row (`categories` values from
+    /// `offset`) replaced, in place, by `dim` learned values: row k of a `[categories, dim]`
+    /// table for category k, zeros for an unknown category. With `column`, the job's table
+    /// schema gives `offset` and `categories` (the layer must then come before any other);
+    /// without it they are given here, for rows encoded elsewhere.
+    Embedding {
+        dim: usize,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        column: Option<String>,
+        #[serde(default)]
+        offset: usize,
+        #[serde(default)]
+        categories: usize,
+    },
     /// An image as a flat row (channels, then rows, then columns).
     Flatten,
     Relu,
@@ -122,6 +141,15 @@ impl std::fmt::Display for Layer {
                 write!(f, "{}({size})", self.kind())
             }
             Layer::Dropout { p } => write!(f, "dropout({p})"),
+            Layer::Embedding {
+                dim,
+                ref column,
+                offset,
+                categories,
+            } => match column {
+                Some(c) => write!(f, "embedding({c}: {categories} → {dim})"),
+                None => write!(f, "embedding({categories} from {offset} → {dim})"),
+            },
             _ => f.write_str(self.kind()),
         }
     }
@@ -147,6 +175,7 @@ impl Layer {
             Layer::BatchNorm => "batch_norm",
             Layer::LayerNorm => "layer_norm",
             Layer::Dropout { .. } => "dropout",
+            Layer::Embedding { .. } => "embedding",
             Layer::Flatten => "flatten",
             Layer::Relu => "relu",
             Layer::Tanh => "tanh",
@@ -223,6 +252,40 @@ impl Layer {
                 }
                 Ok(input)
             }
+            Layer::Embedding {
+                dim,
+                ref column,
+                offset,
+                categories,
+            } => {
+                let FeatureShape::Flat(n) = input else {
+                    return Err(
+                        "an embedding replaces part of a flat row, and it receives an image".into(),
+                    );
+                };
+                if dim == 0 {
+                    return Err("dim must be at least 1".into());
+                }
+                if categories == 0 {
+                    return Err(match column {
+                        Some(c) => format!(
+                            "column {c:?} was not found in a table schema: an embedding by \
+                             column needs the job's [data] schema (or give offset and \
+                             categories for rows encoded elsewhere)"
+                        ),
+                        None => "give column (a categorical column of the job's table), or \
+                                 offset and categories (at least 1)"
+                            .into(),
+                    });
+                }
+                if offset + categories > n {
+                    return Err(format!(
+                        "its block [{offset}, {}) does not fit a row of {n} values",
+                        offset + categories
+                    ));
+                }
+                Ok(FeatureShape::Flat(n - categories + dim))
+            }
             Layer::Flatten => Ok(FeatureShape::Flat(input.len())),
             Layer::BatchNorm | Layer::Relu | Layer::Tanh | Layer::Sigmoid | Layer::Gelu => {
                 Ok(input)
@@ -277,6 +340,15 @@ impl Layer {
                 p("layer_norm", "gamma", vec![features], 1, Init::Ones),
                 p("layer_norm", "beta", vec![features], 1, Init::Zeros),
             ],
+            Layer::Embedding {
+                dim, categories, ..
+            } => vec![p(
+                "embedding",
+                "weight",
+                vec![categories, dim],
+                1,
+                Init::Normal,
+            )],
             _ => Vec::new(),
         }
     }
@@ -341,6 +413,7 @@ pub struct LayerModule {
     conv2d: Option<Conv2d>,
     batch_norm: Option<BatchNorm>,
     layer_norm: Option<LayerNorm>,
+    embedding: Option<Embedding>,
 }
 
 /// The network a declared stack builds.
@@ -399,6 +472,7 @@ impl LayerNet {
                 conv2d: None,
                 batch_norm: None,
                 layer_norm: None,
+                embedding: None,
             };
             match *layer {
                 Layer::Linear { units } => {
@@ -425,6 +499,9 @@ impl LayerNet {
                 Layer::LayerNorm => {
                     m.layer_norm = Some(LayerNormConfig::new(features).init(device))
                 }
+                Layer::Embedding {
+                    dim, categories, ..
+                } => m.embedding = Some(EmbeddingConfig::new(categories, dim).init(device)),
                 _ => {}
             }
             modules.push(m);
@@ -506,6 +583,12 @@ impl LayerNet {
                     }
                     _ => flow,
                 },
+                Layer::Embedding {
+                    offset, categories, ..
+                } => {
+                    let table = m.embedding.as_ref().expect("built").weight.val();
+                    Flow::Flat(embed(flow.flat(), table, offset, categories))
+                }
                 Layer::Flatten => Flow::Flat(flow.flat()),
                 Layer::Relu => flow.map(relu, relu),
                 Layer::Tanh => flow.map(tanh, tanh),
@@ -515,6 +598,23 @@ impl LayerNet {
         }
         flow.flat()
     }
+}
+
+/// `x` with columns `[offset, offset + categories)` replaced by their product with `table`
+/// (`[categories, dim]`): a one-hot block becomes its category's row.
+fn embed(x: Tensor<2>, table: Tensor<2>, offset: usize, categories: usize) -> Tensor<2> {
+    let [b, n] = x.dims();
+    let end = offset + categories;
+    let block = x.clone().slice([0..b, offset..end]).matmul(table);
+    let mut parts = Vec::with_capacity(3);
+    if offset > 0 {
+        parts.push(x.clone().slice([0..b, 0..offset]));
+    }
+    parts.push(block);
+    if end < n {
+        parts.push(x.slice([0..b, end..n]));
+    }
+    Tensor::cat(parts, 1)
 }
 
 /// Inverted dropout with a mask drawn from `seed`: each value kept with probability `1 − p`

@@ -9,7 +9,7 @@ use burn::store::{ModuleSnapshot, SafetensorsStore};
 use burn::tensor::{Device, Tensor};
 use rand::SeedableRng;
 use rand::rngs::ChaCha8Rng;
-use rand_distr::{Distribution, Uniform};
+use rand_distr::{Distribution, StandardNormal, Uniform};
 use serde::{Deserialize, Serialize};
 
 use crate::data::FeatureShape;
@@ -453,6 +453,9 @@ impl ModelSpec {
                     let u = Uniform::new_inclusive(-bound, bound).expect("finite bound");
                     out.extend((0..n).map(|_| u.sample(&mut rng)));
                 }
+                Init::Normal => out.extend((0..n).map(|_| {
+                    <StandardNormal as Distribution<f32>>::sample(&StandardNormal, &mut rng)
+                })),
                 Init::Zeros => out.extend(std::iter::repeat_n(0.0, n)),
                 Init::Ones => out.extend(std::iter::repeat_n(1.0, n)),
             }

@@ -289,3 +289,78 @@ fn batch_norm_and_dropout_train_deterministically() {
     assert_eq!(m1, m2, "no dropout in evaluation");
     assert!(m1.accuracy > 0.93, "held-out accuracy {}", m1.accuracy);
 }
+
+/// An embedding given by position (rows encoded elsewhere): Burn's names, N(0, 1) tables,
+/// and shapes it cannot take named.
+#[test]
+fn an_embedding_by_position_has_burns_layout_and_is_checked() {
+    let emb = |offset, categories| Layer::Embedding {
+        dim: 10,
+        column: None,
+        offset,
+        categories,
+    };
+    let spec = ModelSpec::Layers {
+        inputs: 105,
+        channels: 0,
+        height: 0,
+        width: 0,
+        classes: 2,
+        layers: vec![emb(3, 100), Layer::LayerNorm, Layer::Linear { units: 2 }],
+    };
+    spec.validate().unwrap();
+    assert_eq!(spec.num_parameters(), 100 * 10 + 2 * 15 + 15 * 2 + 2);
+    let params = spec.initial_parameters(3);
+    let net = spec
+        .build(&params, &ComputeDevice::Cpu.inference())
+        .unwrap();
+    let want: Vec<String> = spec.layout().iter().map(|p| p.name.clone()).collect();
+    assert_eq!(names(&net), want);
+    assert_eq!(want[0], "layers.0.embedding.weight");
+    // The table starts N(0, 1), as PyTorch's embeddings do.
+    let table = &params[..1000];
+    let mean = table.iter().sum::<f32>() / 1000.0;
+    let var = table.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 1000.0;
+    assert!(mean.abs() < 0.1 && (var - 1.0).abs() < 0.15, "{mean} {var}");
+    let e = check(FeatureShape::Flat(105), &[emb(10, 100)], 2).unwrap_err();
+    assert_eq!(
+        e,
+        "layer 0 (embedding): its block [10, 110) does not fit a row of 105 values"
+    );
+    let e = check(FeatureShape::Flat(105), &[emb(0, 0)], 2).unwrap_err();
+    assert!(e.starts_with("layer 0 (embedding): give column"), "{e}");
+    let image = FeatureShape::Image {
+        channels: 1,
+        height: 4,
+        width: 4,
+    };
+    let e = check(image, &[emb(0, 4)], 2).unwrap_err();
+    assert!(e.contains("flat row, and it receives an image"), "{e}");
+    assert_eq!(summary(&[emb(3, 100)]), "embedding(100 from 3 → 10)");
+    // Served in int8 (the table quantized with the linear layers), it answers like f32.
+    let rows: Vec<f32> = (0..20)
+        .flat_map(|i| {
+            let mut row = vec![0.5, -1.0, (i as f32).cos()];
+            row.extend((0..100).map(|k| if k == i * 3 { 1.0 } else { 0.0 }));
+            row.extend([1.0, 0.0]);
+            row
+        })
+        .collect();
+    let logits = |precision| {
+        cohort_model::InferenceModel::load(&spec, &params, ComputeDevice::Cpu, precision)
+            .unwrap()
+            .logits(&rows, 20)
+            .unwrap()
+    };
+    let (f32s, int8) = (
+        logits(cohort_model::Precision::F32),
+        logits(cohort_model::Precision::Int8),
+    );
+    let diff = cohort_model::infer::max_abs_diff(&f32s, &int8);
+    assert!(diff < 0.1, "int8 against f32: {diff}");
+    assert_ne!(
+        f32s[..2],
+        f32s[2..4],
+        "rows of other categories, other logits"
+    );
+}

@@ -36,11 +36,13 @@ pub use virtual_engine::EngineSeconds;
 
 /// The model declared in `path` (`--model`): a `kind = "layers"` stack, on its own or as a
 /// job specification's `[model]` table, its input shape and classes filled in from the data
-/// when it leaves them out, checked against the data. Errors begin with the path.
+/// when it leaves them out, its embeddings placed by the table's schema, checked against the
+/// data. Errors begin with the path.
 fn declared_model(
     path: &std::path::Path,
     shape: cohort_model::FeatureShape,
     classes: usize,
+    data: Option<&cohort_model::tabular::DataSpec>,
 ) -> anyhow::Result<ModelSpec> {
     let at = || format!("--model {}", path.display());
     let text = std::fs::read_to_string(path).with_context(at)?;
@@ -73,6 +75,11 @@ fn declared_model(
             *declared = classes;
         }
     }
+    if let (ModelSpec::Layers { layers, .. }, Some(data)) = (&mut spec, data) {
+        data.resolve_embeddings(layers)
+            .map_err(|e| anyhow::anyhow!("invalid model spec: {e}"))
+            .with_context(at)?;
+    }
     spec.validate().with_context(at)?;
     spec.check_data(shape, classes).with_context(at)?;
     Ok(spec)
@@ -86,7 +93,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<SimReport> {
             .with_context(|| format!("writing the partition to {}", p.display()))?;
     }
     let spec = match (&args.model, &args.custom_model) {
-        (Some(path), _) => declared_model(path, prep.shape, prep.classes)?,
+        (Some(path), _) => declared_model(path, prep.shape, prep.classes, prep.spec.as_ref())?,
         (None, Some(name)) => {
             let (inputs, channels, height, width) = match prep.shape {
                 cohort_model::FeatureShape::Flat(n) => (n, 0, 0, 0),

@@ -322,3 +322,109 @@ fn quantiles_come_from_the_federations_histogram() {
     s.columns[0].bins = vec![1.0, 1.0];
     assert!(s.validate().unwrap_err().contains("\"age\": bins"));
 }
+
+#[test]
+fn an_embedding_is_placed_by_the_schema_and_replaces_its_columns_one_hot_block() {
+    use crate::layers::Layer;
+    use crate::{ComputeDevice, ModelSpec};
+    use burn::tensor::{Tensor, TensorData};
+    let emb = |column: &str| Layer::Embedding {
+        dim: 2,
+        column: Some(column.into()),
+        offset: 0,
+        categories: 0,
+    };
+    let s = schema();
+    for (indicators, offset, width) in [(false, 1, 5), (true, 2, 8)] {
+        let spec = DataSpec {
+            schema: s.clone(),
+            options: PipelineOptions {
+                impute: Impute::Mean,
+                missing_indicators: indicators,
+            },
+        };
+        assert_eq!(spec.width(), width);
+        // Alone in the stack, it gives width − 3 + 2 values: a model of that many "classes".
+        let mut layers = vec![emb("stage")];
+        spec.resolve_embeddings(&mut layers).unwrap();
+        let want = Layer::Embedding {
+            dim: 2,
+            column: Some("stage".into()),
+            offset,
+            categories: 3,
+        };
+        assert_eq!(layers, [want.clone()]);
+        spec.resolve_embeddings(&mut layers).unwrap();
+        assert_eq!(layers, [want], "resolving twice changes nothing");
+        let model = ModelSpec::Layers {
+            inputs: width,
+            channels: 0,
+            height: 0,
+            width: 0,
+            classes: width - 1,
+            layers,
+        };
+        model.validate().unwrap();
+        assert_eq!(model.layout()[0].name, "layers.0.embedding.weight");
+        assert_eq!(model.layout()[0].shape, [3, 2]);
+        // Site B's rows through the federation's pipeline: stage I becomes the table's row 0,
+        // the unknown stage IV zeros; every other feature keeps its value and order.
+        let a = Table::parse(SITE_A, Path::new("a.csv"), &s).unwrap();
+        let b = Table::parse(SITE_B, Path::new("b.csv"), &s).unwrap();
+        let mut fed = TableStats::of(&a);
+        fed.add(&TableStats::of(&b));
+        let p = Pipeline::fit(&s, &fed, spec.options).unwrap();
+        let (ds, _) = p.transform(&b).unwrap();
+        let device = ComputeDevice::Cpu.inference();
+        let net = model
+            .build(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &device)
+            .unwrap();
+        let x = Tensor::<2>::from_data(TensorData::new(ds.features.clone(), [2, width]), &device);
+        let out = net.forward(x).into_data().try_to_vec::<f32>().unwrap();
+        for (r, embedded) in [(0, [1.0, 2.0]), (1, [0.0, 0.0])] {
+            let row = ds.row(r);
+            let mut want = row[..offset].to_vec();
+            want.extend(embedded);
+            want.extend(&row[offset + 3..]);
+            assert_eq!(
+                out[r * (width - 1)..(r + 1) * (width - 1)],
+                want[..],
+                "row {r}"
+            );
+        }
+    }
+    // What cannot be placed is named, with the layer.
+    let spec = DataSpec {
+        schema: s,
+        options: PipelineOptions::default(),
+    };
+    let refused = |mut layers: Vec<Layer>| spec.resolve_embeddings(&mut layers).unwrap_err();
+    assert_eq!(
+        refused(vec![emb("age")]),
+        "layer 0 (embedding): column \"age\" is numeric, not categorical"
+    );
+    assert_eq!(
+        refused(vec![emb("smoker")]),
+        "layer 0 (embedding): column \"smoker\" is boolean, not categorical"
+    );
+    assert_eq!(
+        refused(vec![emb("note")]),
+        "layer 0 (embedding): no used column \"note\" in the table schema (its categorical \
+         columns: stage)"
+    );
+    assert_eq!(
+        refused(vec![emb("stage"), emb("stage")]),
+        "layer 1 (embedding): column \"stage\" is embedded by an earlier layer already"
+    );
+    assert!(
+        refused(vec![Layer::Relu, emb("stage")]).starts_with(
+            "layer 1 (embedding): column \"stage\": an embedding by column comes before"
+        ),
+    );
+    // Without a schema, a layer by column is named as unplaced.
+    let e = crate::layers::check(crate::FeatureShape::Flat(5), &[emb("stage")], 4).unwrap_err();
+    assert!(
+        e.starts_with("layer 0 (embedding): column \"stage\" was not found in a table schema"),
+        "{e}"
+    );
+}
