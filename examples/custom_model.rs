@@ -10,11 +10,12 @@
 //! model takes the dataset's rows, so the default, the bundled breast-cancer table, suits it.
 
 use burn::module::Module;
+use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig, Relu};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Int, Tensor};
 use clap::Parser;
 use cohort::simulate::{SimArgs, run};
-use cohort_model::custom::{FederatedModule, register};
+use cohort_model::custom::{Build, FederatedModule, register};
 
 /// Two linear layers with a normalised residual block between them.
 #[derive(Module, Debug)]
@@ -26,7 +27,26 @@ struct ResidualMlp {
     act: Relu,
 }
 
+/// What cohort asks of a model: its forward pass and, optionally, its training forward pass
+/// (with a seed for dropout masks) and its loss.
 impl FederatedModule for ResidualMlp {
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let h = self.act.forward(self.input.forward(x));
+        let h = h.clone() + self.act.forward(self.block.forward(self.norm.forward(h)));
+        self.output.forward(h)
+    }
+
+    /// Cross-entropy with label smoothing (cohort's default is plain cross-entropy).
+    fn loss(&self, logits: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<1> {
+        CrossEntropyLossConfig::new()
+            .with_smoothing(Some(0.05))
+            .init(&logits.device())
+            .forward(logits, labels)
+    }
+}
+
+/// How it is built on a device (cohort then loads the job's parameters into it).
+impl Build for ResidualMlp {
     fn init(device: &Device) -> Self {
         ResidualMlp {
             input: LinearConfig::new(30, 32).init(device),
@@ -35,12 +55,6 @@ impl FederatedModule for ResidualMlp {
             output: LinearConfig::new(32, 2).init(device),
             act: Relu::new(),
         }
-    }
-
-    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let h = self.act.forward(self.input.forward(x));
-        let h = h.clone() + self.act.forward(self.block.forward(self.norm.forward(h)));
-        self.output.forward(h)
     }
 }
 

@@ -1,5 +1,8 @@
-//! Models written in Rust: any Burn module that implements [`FederatedModule`], registered
-//! under a name with [`register`], federates like a preset or a declared stack. A job names it
+//! Models written in Rust: any Burn module that implements [`FederatedModule`] (its forward
+//! pass, and optionally its training forward and loss) and [`Build`] (how it is built on a
+//! device), registered under a name with [`register`], federates like a preset or a declared
+//! stack: they train in the same loop, travel as the same flat vectors, are stored as the
+//! same safetensors files and are served (f32 or int8) the same way. A job names it
 //! as `ModelSpec::Custom { name, … }` (`kind = "custom"`), and every process that trains,
 //! evaluates, stores or serves it must have registered it: it runs in your own binary, built
 //! on cohort's crates (see `examples/custom_model.rs`).
@@ -8,7 +11,7 @@
 //! use burn::module::Module;
 //! use burn::nn::{Linear, LinearConfig, Relu};
 //! use burn::tensor::{Device, Tensor};
-//! use cohort_model::custom::{FederatedModule, register};
+//! use cohort_model::custom::{Build, FederatedModule, register};
 //!
 //! #[derive(Module, Debug)]
 //! struct Net {
@@ -18,15 +21,18 @@
 //! }
 //!
 //! impl FederatedModule for Net {
+//!     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+//!         self.out.forward(self.act.forward(self.hidden.forward(x)))
+//!     }
+//! }
+//!
+//! impl Build for Net {
 //!     fn init(device: &Device) -> Self {
 //!         Net {
 //!             hidden: LinearConfig::new(30, 16).init(device),
 //!             out: LinearConfig::new(16, 2).init(device),
 //!             act: Relu::new(),
 //!         }
-//!     }
-//!     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-//!         self.out.forward(self.act.forward(self.hidden.forward(x)))
 //!     }
 //! }
 //!
@@ -48,8 +54,9 @@ use std::marker::PhantomData;
 use std::sync::{Arc, RwLock};
 
 use burn::module::{Module, ModuleVisitor, Param};
+use burn::nn::loss::CrossEntropyLossConfig;
 use burn::store::{ModuleSnapshot, SafetensorsStore};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::fit::fit;
 use crate::layers::{Init, ParamInfo};
@@ -57,13 +64,36 @@ use crate::params::{flat, load_flat};
 use crate::settings::{TrainConfig, TrainReport};
 use crate::{ComputeDevice, Dataset, ModelError};
 
-/// A Burn module cohort can federate.
+/// A Burn module cohort can federate: what cohort's training loop, flat vectors, model
+/// registry and serving ask of a model. cohort's own networks (presets and declared stacks,
+/// [`crate::Network`]) implement it as a user's module does.
 pub trait FederatedModule: Module + 'static {
+    /// Logits `[batch, classes]` for examples flattened to rows `[batch, features]` (an image
+    /// channel by channel, then row by row): evaluation and serving.
+    fn forward(&self, x: Tensor<2>) -> Tensor<2>;
+
+    /// Logits in training. `seed` is the step's own, drawn from the task's seed, for any
+    /// randomness (dropout masks) that must give the same model in every engine. By default
+    /// [`Self::forward`].
+    fn forward_train(&self, x: Tensor<2>, seed: u64) -> Tensor<2> {
+        let _ = seed;
+        self.forward(x)
+    }
+
+    /// A batch's training loss from its logits and labels (class indices). By default the
+    /// mean cross-entropy; FedProx's and SCAFFOLD's terms are added by cohort.
+    fn loss(&self, logits: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<1> {
+        CrossEntropyLossConfig::new()
+            .init(&logits.device())
+            .forward(logits, labels)
+    }
+}
+
+/// A [`FederatedModule`] that builds itself: what [`register`] needs. (cohort's own networks
+/// are built from their [`crate::ModelSpec`] instead.)
+pub trait Build: FederatedModule {
     /// The module on `device`, with any initial values (cohort replaces them).
     fn init(device: &Device) -> Self;
-    /// Logits `[batch, classes]` for examples flattened to rows `[batch, features]` (an image
-    /// channel by channel, then row by row).
-    fn forward(&self, x: Tensor<2>) -> Tensor<2>;
 }
 
 /// What cohort does with a registered model, its type erased.
@@ -87,7 +117,7 @@ pub trait Registered: Send + Sync {
         rows: usize,
         device: ComputeDevice,
     ) -> Result<Vec<f32>, ModelError> {
-        let predictor = self.predictor(params, device)?;
+        let (predictor, _) = self.predictor(params, device, crate::Precision::F32)?;
         let d = (x.len() / rows.max(1)).max(1);
         let mut out = Vec::new();
         for chunk in x.chunks(1024 * d) {
@@ -97,12 +127,14 @@ pub trait Registered: Send + Sync {
     }
     fn to_safetensors(&self, params: &[f32]) -> Result<Vec<u8>, ModelError>;
     fn params_from_safetensors(&self, bytes: Vec<u8>) -> Result<Vec<f32>, ModelError>;
-    /// The module built once on `device`, answering batches (serving).
+    /// The module built once on `device` in `precision`, answering batches (serving), and
+    /// the names of the tensors held as int8.
     fn predictor(
         &self,
         params: &[f32],
         device: ComputeDevice,
-    ) -> Result<Box<dyn Predictor>, ModelError>;
+        precision: crate::Precision,
+    ) -> Result<(Box<dyn Predictor>, Vec<String>), ModelError>;
 }
 
 /// A built custom model that answers batches of flattened examples with their logits.
@@ -137,13 +169,13 @@ struct Entry<M> {
     module: PhantomData<fn() -> M>,
 }
 
-impl<M: FederatedModule> Entry<M> {
+impl<M: Build> Entry<M> {
     fn build(params: &[f32], device: &Device) -> Result<M, ModelError> {
         load_flat(M::init(device), params)
     }
 }
 
-impl<M: FederatedModule> Registered for Entry<M> {
+impl<M: Build> Registered for Entry<M> {
     fn layout(&self) -> Vec<ParamInfo> {
         self.layout
             .get_or_init(|| {
@@ -164,19 +196,28 @@ impl<M: FederatedModule> Registered for Entry<M> {
     ) -> Result<(Vec<f32>, TrainReport), ModelError> {
         let dev = device.training();
         let model = Self::build(params, &dev)?;
-        fit(model, |m, x, _| m.forward(x), data, cfg, &dev, correction)
+        fit(model, data, cfg, &dev, correction)
     }
 
     fn predictor(
         &self,
         params: &[f32],
-        device: ComputeDevice,
-    ) -> Result<Box<dyn Predictor>, ModelError> {
-        let device = device.inference();
-        Ok(Box::new(Built {
-            model: std::sync::Mutex::new(Self::build(params, &device)?),
-            device,
-        }))
+        compute: ComputeDevice,
+        precision: crate::Precision,
+    ) -> Result<(Box<dyn Predictor>, Vec<String>), ModelError> {
+        let device = compute.inference();
+        let mut model = Self::build(params, &device)?;
+        let mut quantized = Vec::new();
+        if precision == crate::Precision::Int8 {
+            (model, quantized) = crate::infer::quantize_int8(model, &device, compute);
+        }
+        Ok((
+            Box::new(Built {
+                model: std::sync::Mutex::new(model),
+                device,
+            }),
+            quantized,
+        ))
     }
 
     fn to_safetensors(&self, params: &[f32]) -> Result<Vec<u8>, ModelError> {
@@ -268,7 +309,7 @@ fn registry() -> &'static Registry {
 }
 
 /// Registers `M` under `name` in this process (again: replaced).
-pub fn register<M: FederatedModule>(name: &str) {
+pub fn register<M: Build>(name: &str) {
     registry().write().expect("model registry lock").insert(
         name.to_string(),
         Arc::new(Entry::<M> {

@@ -5,8 +5,7 @@
 
 use std::time::Instant;
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
-use burn::nn::loss::CrossEntropyLossConfig;
+use burn::module::{ModuleMapper, ModuleVisitor, Param};
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, GradientsParams, SgdConfig};
@@ -16,6 +15,7 @@ use rand::rngs::ChaCha8Rng;
 use rand::seq::SliceRandom;
 
 use crate::ModelError;
+use crate::custom::FederatedModule;
 use crate::data::Dataset;
 use crate::settings::{Optimizer, TrainConfig, TrainReport};
 
@@ -39,10 +39,10 @@ pub(crate) fn batch_tensors(
 
 /// cohort's training loop for any module: shuffled mini-batches of cross-entropy, FedProx's
 /// and SCAFFOLD's terms when the task asks for them, SGD (momentum, weight decay) or Adam.
-/// `forward` gives the logits of a batch in training (its `u64`: the step's dropout seed).
-pub(crate) fn fit<M: Module>(
+/// The module gives the logits of a batch in training ([`FederatedModule::forward_train`],
+/// with the step's seed) and its loss ([`FederatedModule::loss`]).
+pub(crate) fn fit<M: FederatedModule>(
     mut model: M,
-    forward: impl Fn(&M, Tensor<2>, u64) -> Tensor<2>,
     data: &Dataset,
     cfg: &TrainConfig,
     dev: &Device,
@@ -50,7 +50,6 @@ pub(crate) fn fit<M: Module>(
 ) -> Result<(Vec<f32>, TrainReport), ModelError> {
     let start = Instant::now();
     let dev = dev.clone();
-    let loss_fn = CrossEntropyLossConfig::new().init(&dev);
     let decay = (cfg.weight_decay > 0.0).then(|| WeightDecayConfig::new(cfg.weight_decay as f32));
     let mut opt = match cfg.optimizer {
         Optimizer::Sgd => SgdConfig::new()
@@ -92,11 +91,8 @@ pub(crate) fn fit<M: Module>(
             let (x, y) = batch_tensors(data, batch, &dev);
             // Each step's dropout masks come from the task's seed and the step.
             step += 1;
-            let logits = forward(
-                &model,
-                x,
-                cfg.seed ^ step.wrapping_mul(0xa076_1d64_78bd_642f),
-            );
+            let logits =
+                model.forward_train(x, cfg.seed ^ step.wrapping_mul(0xa076_1d64_78bd_642f));
             if epoch + 1 == cfg.epochs {
                 let n = batch.len();
                 let hits: i64 = logits
@@ -109,7 +105,7 @@ pub(crate) fn fit<M: Module>(
                     .into_scalar();
                 correct += hits;
             }
-            let mut loss = loss_fn.forward(logits, y);
+            let mut loss = model.loss(logits, y);
             let l: f32 = loss.clone().into_scalar();
             total += l as f64 * batch.len() as f64;
             if let Some(anchor) = &anchor {

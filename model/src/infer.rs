@@ -78,12 +78,10 @@ impl InferenceModel {
         let mut quantized = Vec::new();
         let net = match spec {
             ModelSpec::Custom { name, .. } => {
-                if precision == Precision::Int8 {
-                    return Err(ModelError::InvalidSpec(format!(
-                        "custom model {name:?} is served in f32 only"
-                    )));
-                }
-                Held::Custom(crate::custom::lookup(name)?.predictor(params, compute)?)
+                let predictor;
+                (predictor, quantized) =
+                    crate::custom::lookup(name)?.predictor(params, compute, precision)?;
+                Held::Custom(predictor)
             }
             _ => {
                 let mut net = spec.build(params, &device)?;
@@ -197,7 +195,13 @@ impl ModuleVisitor for Shapes {
     }
 }
 
-fn quantize_int8(net: Network, device: &Device, compute: ComputeDevice) -> (Network, Vec<String>) {
+/// `net` with its weights quantized to int8 as [`InferenceModel::load`] says, and the
+/// quantized tensors' names: any module, cohort's networks and registered custom ones alike.
+pub(crate) fn quantize_int8<M: Module>(
+    net: M,
+    device: &Device,
+    compute: ComputeDevice,
+) -> (M, Vec<String>) {
     let mut shapes = Shapes::default();
     net.visit(&mut shapes);
     // Group the parameters by the store each needs.

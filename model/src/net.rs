@@ -594,6 +594,17 @@ pub enum Network {
     Layers(LayerNet),
 }
 
+/// cohort's own networks federate through the same trait as a user's module: the training
+/// loop, the flat vectors and serving take them alike.
+impl crate::custom::FederatedModule for Network {
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        self.forward_seeded(x, None)
+    }
+    fn forward_train(&self, x: Tensor<2>, seed: u64) -> Tensor<2> {
+        self.forward_seeded(x, Some(seed))
+    }
+}
+
 impl Network {
     /// Logits `[batch, classes]` for flattened examples `[batch, features]`.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {

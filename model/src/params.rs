@@ -7,15 +7,16 @@ use burn::tensor::{Tensor, TensorData};
 use crate::ModelError;
 
 /// Every parameter of any module, in its visiting order, as one f32 vector.
-pub(crate) fn flat<M: Module>(m: &M) -> Vec<f32> {
+pub fn flat<M: Module>(m: &M) -> Vec<f32> {
     let mut f = Flatten { out: Vec::new() };
     m.visit(&mut f);
     f.out
 }
 
 /// Replaces every parameter of any module with values from `params` (in its visiting order),
-/// keeping parameter ids, devices and gradient requirements.
-pub(crate) fn load_flat<M: Module>(m: M, params: &[f32]) -> Result<M, ModelError> {
+/// keeping parameter ids, devices and gradient requirements; an error names both lengths
+/// when they differ.
+pub fn load_flat<M: Module>(m: M, params: &[f32]) -> Result<M, ModelError> {
     let expected = m.num_params();
     if params.len() != expected {
         return Err(ModelError::ParameterCount {

@@ -53,14 +53,7 @@ pub fn train_corrected(
     }
     let dev = device.training();
     let model = spec.build(params, &dev)?;
-    fit(
-        model,
-        |m, x, seed| m.forward_train(x, seed),
-        data,
-        cfg,
-        &dev,
-        correction,
-    )
+    fit(model, data, cfg, &dev, correction)
 }
 
 /// A participant's update as it leaves: clipped by [`clip_update`] when the task gives a clip

@@ -353,7 +353,7 @@ fn an_embedding_is_placed_by_the_schema_and_replaces_its_columns_one_hot_block()
             offset,
             categories: 3,
         };
-        assert_eq!(layers, [want.clone()]);
+        assert_eq!(layers, std::slice::from_ref(&want));
         spec.resolve_embeddings(&mut layers).unwrap();
         assert_eq!(layers, [want], "resolving twice changes nothing");
         let model = ModelSpec::Layers {
