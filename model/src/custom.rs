@@ -53,48 +53,16 @@ use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::sync::{Arc, RwLock};
 
-use burn::module::{Module, ModuleVisitor, Param};
-use burn::nn::loss::CrossEntropyLossConfig;
+use burn::module::{ModuleVisitor, Param};
 use burn::store::{ModuleSnapshot, SafetensorsStore};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 
+pub use crate::federated::{Build, FederatedModule};
 use crate::fit::fit;
 use crate::layers::{Init, ParamInfo};
 use crate::params::{flat, load_flat};
 use crate::settings::{TrainConfig, TrainReport};
 use crate::{ComputeDevice, Dataset, ModelError};
-
-/// A Burn module cohort can federate: what cohort's training loop, flat vectors, model
-/// registry and serving ask of a model. cohort's own networks (presets and declared stacks,
-/// [`crate::Network`]) implement it as a user's module does.
-pub trait FederatedModule: Module + 'static {
-    /// Logits `[batch, classes]` for examples flattened to rows `[batch, features]` (an image
-    /// channel by channel, then row by row): evaluation and serving.
-    fn forward(&self, x: Tensor<2>) -> Tensor<2>;
-
-    /// Logits in training. `seed` is the step's own, drawn from the task's seed, for any
-    /// randomness (dropout masks) that must give the same model in every engine. By default
-    /// [`Self::forward`].
-    fn forward_train(&self, x: Tensor<2>, seed: u64) -> Tensor<2> {
-        let _ = seed;
-        self.forward(x)
-    }
-
-    /// A batch's training loss from its logits and labels (class indices). By default the
-    /// mean cross-entropy; FedProx's and SCAFFOLD's terms are added by cohort.
-    fn loss(&self, logits: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<1> {
-        CrossEntropyLossConfig::new()
-            .init(&logits.device())
-            .forward(logits, labels)
-    }
-}
-
-/// A [`FederatedModule`] that builds itself: what [`register`] needs. (cohort's own networks
-/// are built from their [`crate::ModelSpec`] instead.)
-pub trait Build: FederatedModule {
-    /// The module on `device`, with any initial values (cohort replaces them).
-    fn init(device: &Device) -> Self;
-}
 
 /// What cohort does with a registered model, its type erased.
 pub trait Registered: Send + Sync {
@@ -117,7 +85,7 @@ pub trait Registered: Send + Sync {
         rows: usize,
         device: ComputeDevice,
     ) -> Result<Vec<f32>, ModelError> {
-        let (predictor, _) = self.predictor(params, device, crate::Precision::F32)?;
+        let (predictor, _) = self.predictor(params, device, crate::quantize::Precision::F32)?;
         let d = (x.len() / rows.max(1)).max(1);
         let mut out = Vec::new();
         for chunk in x.chunks(1024 * d) {
@@ -133,7 +101,7 @@ pub trait Registered: Send + Sync {
         &self,
         params: &[f32],
         device: ComputeDevice,
-        precision: crate::Precision,
+        precision: crate::quantize::Precision,
     ) -> Result<(Box<dyn Predictor>, Vec<String>), ModelError>;
 }
 
@@ -203,13 +171,13 @@ impl<M: Build> Registered for Entry<M> {
         &self,
         params: &[f32],
         compute: ComputeDevice,
-        precision: crate::Precision,
+        precision: crate::quantize::Precision,
     ) -> Result<(Box<dyn Predictor>, Vec<String>), ModelError> {
         let device = compute.inference();
         let mut model = Self::build(params, &device)?;
         let mut quantized = Vec::new();
-        if precision == crate::Precision::Int8 {
-            (model, quantized) = crate::infer::quantize_int8(model, &device, compute);
+        if precision == crate::quantize::Precision::Int8 {
+            (model, quantized) = crate::quantize::quantize_int8(model, &device, compute);
         }
         Ok((
             Box::new(Built {

@@ -15,8 +15,8 @@ use rand::rngs::ChaCha8Rng;
 use rand::seq::SliceRandom;
 
 use crate::ModelError;
-use crate::custom::FederatedModule;
 use crate::data::Dataset;
+use crate::federated::FederatedModule;
 use crate::settings::{Optimizer, TrainConfig, TrainReport};
 
 pub(crate) fn batch_tensors(

@@ -596,7 +596,7 @@ pub enum Network {
 
 /// cohort's own networks federate through the same trait as a user's module: the training
 /// loop, the flat vectors and serving take them alike.
-impl crate::custom::FederatedModule for Network {
+impl crate::federated::FederatedModule for Network {
     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         self.forward_seeded(x, None)
     }
