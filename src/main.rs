@@ -179,6 +179,15 @@ async fn run_coordinator(config: PathBuf, insecure_dev: bool) -> anyhow::Result<
     if cfg.at_rest.is_none() {
         tracing::warn!("no [at_rest] section: model versions are stored unencrypted");
     }
+    // A connection per participant: the usual soft limit of 1,024 open files would stop a
+    // federation at about a thousand.
+    match cohort_coordinator::raise_open_files_limit() {
+        Ok((before, after)) if after > before => {
+            tracing::info!(before, after, "raised the limit on open files")
+        }
+        Ok((_, after)) => tracing::info!(limit = after, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not read or raise the open files limit"),
+    }
     let store = cfg.open_model_store().map_err(anyhow::Error::msg)?;
     let state_path = cfg.state_path();
     let state = cohort_coordinator::State::open(&state_path).map_err(anyhow::Error::msg)?;

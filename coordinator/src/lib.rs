@@ -23,4 +23,5 @@ pub use config::CoordinatorConfig;
 pub use control::ControlError;
 pub use driver::{Admission, Coordinator, CoordinatorError, NoJob};
 pub use round::{Event, JobConfig, Orchestrator, RoundSummary};
+pub use server::raise_open_files_limit;
 pub use strategy::Strategy;

@@ -88,3 +88,55 @@ impl Coordinator {
         Ok(served?)
     }
 }
+
+/// Raises this process's soft limit on open files to its hard limit, as a server holding a
+/// connection per participant needs (the usual soft limit, 1,024, is reached by about a
+/// thousand participants; the hard limit is often far higher). Returns the soft limit before
+/// and after.
+pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let before = lim.rlim_cur as u64;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok((before, lim.rlim_cur as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_limit() {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: reads and writes only `lim`.
+        unsafe {
+            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        }
+        let hard = lim.rlim_max as u64;
+        if hard > 256 {
+            // Start lower than the hard limit, so the raise has something to do.
+            lim.rlim_cur = 256;
+            // SAFETY: as above.
+            unsafe {
+                assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+            }
+        }
+        let (before, after) = super::raise_open_files_limit().unwrap();
+        assert_eq!(after, hard);
+        assert!(before <= after);
+        assert_eq!(super::raise_open_files_limit().unwrap(), (hard, hard));
+    }
+}

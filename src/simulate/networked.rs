@@ -53,6 +53,10 @@ pub(super) async fn networked(run: NetworkedRun<'_>) -> anyhow::Result<(Vec<Roun
     let mut events = coordinator.subscribe();
     let started = Instant::now();
     let mut agents = tokio::task::JoinSet::new();
+    // Two descriptors a participant (its end and the coordinator's), in this one process.
+    if let Err(e) = cohort_coordinator::raise_open_files_limit() {
+        tracing::warn!(error = %e, "could not raise the open files limit");
+    }
     let compute = ComputeSlots::for_this_machine(args.sharing)
         .context("starting the training thread pools")?;
     for (i, site) in prep.sites.iter().enumerate() {
