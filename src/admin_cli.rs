@@ -321,6 +321,44 @@ const MODEL_HEADER: [&str; 9] = [
     "CREATED",
 ];
 
+/// Within this many days of expiry a certificate is flagged in `cohort admin status`.
+pub const EXPIRY_WARNING_DAYS: i64 = 30;
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The certificates' expiry lines of `cohort admin status`: the soonest first; those already
+/// expired or within [`EXPIRY_WARNING_DAYS`] flagged, with what to do.
+pub fn certificate_lines(certs: &[pb::CertificateExpiry], now: i64) -> Vec<String> {
+    let mut out = Vec::new();
+    for c in certs {
+        let left = c.not_after_unix - now;
+        let when = cohort_crypto::pki::utc(c.not_after_unix);
+        let who = format!("{} ({})", c.identity, c.role);
+        out.push(if left < 0 {
+            format!("certificate  {who:<28} EXPIRED at {when}: issue a new one")
+        } else if left < EXPIRY_WARNING_DAYS * 86_400 {
+            format!(
+                "certificate  {who:<28} expires {when}, in {} days: renew it",
+                left / 86_400
+            )
+        } else {
+            format!("certificate  {who:<28} expires {when}")
+        });
+    }
+    out
+}
+
+fn print_certificates(certs: &[pb::CertificateExpiry], now: i64) {
+    for l in certificate_lines(certs, now) {
+        println!("{l}");
+    }
+}
+
 pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
     let mut c = connect(&a).await?;
     match a.command {
@@ -353,6 +391,7 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
             } else {
                 println!("serving      {} v{}", s.serving_job, s.serving_version);
             }
+            print_certificates(&s.certificates, unix_now());
         }
         AdminCommand::Participants { action } => match action.unwrap_or(ParticipantAction::List) {
             ParticipantAction::List => {
@@ -617,4 +656,37 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificates_near_or_past_expiry_are_flagged_with_what_to_do() {
+        let now = 1_796_198_400; // 2026-12-02 08:00:00 UTC
+        let cert = |identity: &str, role: &str, days: i64| pb::CertificateExpiry {
+            identity: identity.into(),
+            role: role.into(),
+            not_after_unix: now + days * 86_400,
+        };
+        let lines = certificate_lines(
+            &[
+                cert("hospital-b", "participant", -1),
+                cert("hospital-a", "participant", 12),
+                cert("coordinator", "coordinator", 300),
+            ],
+            now,
+        );
+        assert_eq!(
+            lines,
+            [
+                "certificate  hospital-b (participant)     EXPIRED at 2026-12-01 08:00:00 UTC: \
+                 issue a new one",
+                "certificate  hospital-a (participant)     expires 2026-12-14 08:00:00 UTC, in \
+                 12 days: renew it",
+                "certificate  coordinator (coordinator)    expires 2027-09-28 08:00:00 UTC",
+            ]
+        );
+    }
 }

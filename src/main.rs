@@ -82,6 +82,10 @@ enum Command {
     /// Revoke identities of a provisioned federation: writes a new CRL, which a running
     /// coordinator picks up without a restart.
     Revoke(cohort::provision::RevokeArgs),
+    /// Renew identities of a provisioned federation before their certificates expire: a new
+    /// key and certificate from the same CA, same identity, role and names, replacing the old
+    /// ones in each identity's directory (the node rejoins with them).
+    Renew(cohort::provision::RenewArgs),
     /// Encrypt a private key file in place with a passphrase (PKCS#8, scrypt and AES-256);
     /// then name the passphrase's environment variable as `key_passphrase_env` in [tls].
     ProtectKey {
@@ -196,6 +200,19 @@ async fn run_coordinator(config: PathBuf, insecure_dev: bool) -> anyhow::Result<
         require_approval: cfg.require_approval,
     };
     let coordinator = Coordinator::new(store.clone(), state, admission);
+    // Its own certificate's and the CA's expiry, for /metrics and `cohort admin status`.
+    if let Some(tls) = &cfg.tls {
+        for (path, identity, role) in [
+            (&tls.cert, "coordinator", "coordinator"),
+            (&tls.ca, "ca", "ca"),
+        ] {
+            let pem = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let not_after = cohort_crypto::pki::not_after_of_pem(&pem)
+                .with_context(|| format!("{}", path.display()))?;
+            coordinator.metrics().certificate(identity, role, not_after);
+        }
+    }
     if let Some(job) = coordinator.recover().map_err(anyhow::Error::msg)? {
         println!("resumed job {job} from its last completed round");
     }
@@ -594,6 +611,16 @@ fn main() -> ExitCode {
             }
             Command::Schema(args) => {
                 print!("{}", cohort::schema_cli::section(&args)?.0);
+                Ok(())
+            }
+            Command::Renew(args) => {
+                for (dir, not_after) in cohort::provision::renew(&args)? {
+                    println!(
+                        "renewed {}: valid until {}",
+                        dir.display(),
+                        cohort_crypto::pki::utc(not_after)
+                    );
+                }
                 Ok(())
             }
             Command::Revoke(args) => {

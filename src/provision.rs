@@ -1,5 +1,5 @@
-//! `cohort provision` and `cohort revoke`: a federation's certificates and ready-to-use
-//! configurations, written to one directory.
+//! `cohort provision`, `cohort renew` and `cohort revoke`: a federation's certificates and
+//! ready-to-use configurations, written to one directory.
 //!
 //! ```text
 //! DIR/ca/ca.pem, ca.key (0600), revoked.txt    the authority (keep ca.key offline)
@@ -63,6 +63,20 @@ pub struct RevokeArgs {
     /// Identities to revoke (their certificates under DIR).
     #[arg(required = true)]
     pub identities: Vec<String>,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RenewArgs {
+    /// A directory written by `cohort provision`.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Identities to renew (`coordinator`, or a participant's, custodian's, admin's or
+    /// inference client's name under DIR).
+    #[arg(required = true)]
+    pub identities: Vec<String>,
+    /// Validity of the new certificates, in days from now.
+    #[arg(long, default_value_t = 365)]
+    pub days: u64,
 }
 
 /// Writes `text` to `path`; keys with mode 0600, created new (never overwriting).
@@ -231,6 +245,40 @@ pub fn provision(a: &ProvisionArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Renews identities provisioned under `dir`: a new key and a certificate from the same CA
+/// for the same identity, role and names, valid for `days` from now, replacing `cert.pem`
+/// and `key.pem` in the identity's directory (the key written with mode 0600). Returns each
+/// identity's directory and the new certificate's expiry (Unix seconds).
+pub fn renew(a: &RenewArgs) -> anyhow::Result<Vec<(PathBuf, i64)>> {
+    let ca_dir = a.dir.join("ca");
+    let read = |p: PathBuf| {
+        std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
+    };
+    let ca = Authority::from_pem(&read(ca_dir.join("ca.pem"))?, &read(ca_dir.join("ca.key"))?)?;
+    let validity = Validity::days(std::time::SystemTime::now(), a.days);
+    let mut out = Vec::new();
+    for id in &a.identities {
+        let dir = if id == "coordinator" {
+            a.dir.join("coordinator")
+        } else {
+            ["participants", "custodians", "admins", "inference"]
+                .iter()
+                .map(|g| a.dir.join(g).join(id))
+                .find(|d| d.join("cert.pem").is_file())
+                .with_context(|| format!("no certificate for {id:?} under {}", a.dir.display()))?
+        };
+        let old = cohort_crypto::pki::der_of(&read(dir.join("cert.pem"))?)?;
+        let (identity, role) = cohort_crypto::pki::identity_of(&old)?;
+        let (dns, ips) = cohort_crypto::pki::names_of(&old)?;
+        let issued = ca.issue(&identity, role, &dns, &ips, &validity)?;
+        write_private(&dir.join("key.pem"), &issued.key_pem)?;
+        replace(&dir.join("cert.pem"), &issued.cert_pem)?;
+        let not_after = cohort_crypto::pki::not_after_of_pem(&issued.cert_pem)?;
+        out.push((dir, not_after));
+    }
+    Ok(out)
 }
 
 /// Revokes identities provisioned under `dir`: appends their serials to ca/revoked.txt and

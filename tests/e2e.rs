@@ -877,4 +877,181 @@ mod tls {
         // Every refused handshake is logged.
         fed.wait_log(&["TLS handshake refused"], Duration::from_secs(1));
     }
+
+    /// A certificate that expires while its connection stays open is refused at the next
+    /// call, naming when it expired; a node whose own certificate has expired stops before
+    /// dialling, saying so, instead of retrying a handshake that cannot succeed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_certificate_that_expires_mid_job_is_refused_by_name() {
+        let fed = start_coordinator(1, 60.0, 3);
+        let pki = fed.dir.path().join("pki");
+        let ca_pem = read(pki.join("ca/ca.pem"));
+        let ca = Authority::from_pem(&ca_pem, &read(pki.join("ca/ca.key"))).unwrap();
+        let now = std::time::SystemTime::now();
+        // Valid for the next three seconds (notAfter has whole seconds).
+        let short = ca
+            .issue(
+                "hospital-1",
+                Role::Participant,
+                &[],
+                &[],
+                &Validity {
+                    not_before: now - Duration::from_secs(300),
+                    not_after: now + Duration::from_secs(3),
+                },
+            )
+            .unwrap();
+        let not_after = cohort_crypto::pki::not_after_of_pem(&short.cert_pem).unwrap();
+        let channel = Endpoint::from_shared(format!("https://{}", fed.addr))
+            .unwrap()
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(&ca_pem))
+                    .domain_name("coordinator")
+                    .identity(Identity::from_pem(&short.cert_pem, &short.key_pem)),
+            )
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut open = FederationClient::new(channel);
+        let session = open
+            .join(pb::JoinRequest {
+                participant_id: "hospital-1".into(),
+                num_examples: 1,
+                client_version: "test".into(),
+                keys: Some(pb::SecureKeys {
+                    seal_key: vec![9; 32],
+                    verify_key: vec![9; 32],
+                    binding: Vec::new(),
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .session_id;
+        let beat = || pb::HeartbeatRequest {
+            session_id: session.clone(),
+        };
+        open.heartbeat(beat()).await.unwrap();
+        // Past notAfter, on the same connection.
+        let wait = not_after + 1
+            - std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs() as i64;
+        tokio::time::sleep(Duration::from_secs(wait.max(0) as u64 + 1)).await;
+        let e = open.heartbeat(beat()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        let at = cohort_crypto::pki::utc(not_after);
+        assert_eq!(
+            e.message(),
+            format!(
+                "the certificate of \"hospital-1\" expired at {at}: ask the federation's \
+                 operator for a new one"
+            )
+        );
+        fed.wait_log(
+            &["refused: certificate expired", "hospital-1"],
+            Duration::from_secs(2),
+        );
+
+        // A node started with that certificate stops at once, naming the expiry.
+        let started = std::time::Instant::now();
+        let opts = cohort_participant::AgentOptions {
+            id: "hospital-1".into(),
+            coordinator: format!("https://{}", fed.addr),
+            device: cohort_model::ComputeDevice::Cpu,
+            poll_wait: Duration::from_millis(500),
+            reconnect_for: Duration::from_secs(30),
+            upload_delay: Duration::ZERO,
+            tls: Some(cohort_protocol::tls::NodeTls {
+                ca_pem: ca_pem.clone(),
+                cert_pem: short.cert_pem.clone(),
+                key_pem: short.key_pem.clone(),
+                server_name: "coordinator".into(),
+            }),
+            stay_between_jobs: false,
+            compute: None,
+            min_noise_multiplier: None,
+            state_dir: None,
+        };
+        let data = cohort_participant::LocalData::prepare(
+            cohort_model::Dataset::new(
+                vec![0.0; 30 * 10],
+                vec![0, 1, 0, 1, 0, 1, 0, 1, 0, 1],
+                cohort_model::FeatureShape::Flat(30),
+                2,
+            )
+            .unwrap(),
+            0.2,
+            false,
+            1,
+        )
+        .unwrap();
+        let e = cohort_participant::run(opts, std::sync::Arc::new(data))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains(&format!("expired at {at}")), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5), "it retried");
+
+        // `cohort renew` issues a new key and certificate for the same identity and role,
+        // and the renewed node gets in.
+        let old_key = read(pki.join("participants/hospital-1/key.pem"));
+        let out = Command::new(BIN)
+            .args(["renew", "--dir"])
+            .arg(&pki)
+            .args(["hospital-1", "coordinator", "--days", "30"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("valid until"),
+            "{out:?}"
+        );
+        let (c1, k1) = (
+            read(pki.join("participants/hospital-1/cert.pem")),
+            read(pki.join("participants/hospital-1/key.pem")),
+        );
+        assert_ne!(k1, old_key);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let days = (cohort_crypto::pki::not_after_of_pem(&c1).unwrap() - now) as f64 / 86_400.0;
+        assert!((29.9..=30.0).contains(&days), "{days}");
+        let der = cohort_crypto::pki::der_of(&c1).unwrap();
+        assert_eq!(
+            cohort_crypto::pki::identity_of(&der).unwrap(),
+            ("hospital-1".to_string(), Role::Participant)
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(pki.join("participants/hospital-1/key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        join(&fed.addr, &ca_pem, Some((&c1, &k1)), "hospital-1")
+            .await
+            .unwrap();
+        // The coordinator's keeps its names.
+        let coord = cohort_crypto::pki::der_of(&read(pki.join("coordinator/cert.pem"))).unwrap();
+        let (dns, ips) = cohort_crypto::pki::names_of(&coord).unwrap();
+        assert!(dns.contains(&"coordinator".to_string()), "{dns:?}");
+        assert!(ips.contains(&"127.0.0.1".parse().unwrap()), "{ips:?}");
+        let e = Command::new(BIN)
+            .args(["renew", "--dir"])
+            .arg(&pki)
+            .arg("nobody")
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&e.stderr).contains("no certificate for \"nobody\""),
+            "{e:?}"
+        );
+    }
 }

@@ -278,6 +278,31 @@ fn a_job_runs_start_to_finish_through_the_admin_api() {
     );
     assert_eq!(m[r#"cohort_job_state{job_id="bc",state="paused"}"#], 1.0);
     assert_eq!(m["cohort_participants_connected"], 3.0);
+    // Certificate lifetimes: the coordinator's, the CA's and every participant's that joined
+    // (provisioned for 365 days; the CA for ten times as long).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as f64;
+    let days = |key: &str| (m[key] - now) / 86_400.0;
+    let coordinator = days(
+        r#"cohort_certificate_expiry_timestamp_seconds{identity="coordinator",role="coordinator"}"#,
+    );
+    assert!((364.0..=365.0).contains(&coordinator), "{coordinator}");
+    let ca = days(r#"cohort_certificate_expiry_timestamp_seconds{identity="ca",role="ca"}"#);
+    assert!((3649.0..=3650.0).contains(&ca), "{ca}");
+    for h in ["hospital-0", "hospital-1", "hospital-2"] {
+        let d = days(&format!(
+            r#"cohort_certificate_expiry_timestamp_seconds{{identity="{h}",role="participant"}}"#
+        ));
+        assert!((364.0..=365.0).contains(&d), "{h}: {d}");
+    }
+    let status = admin(dir, &addr, &["status"]);
+    assert!(
+        status.contains("certificate  coordinator (coordinator)")
+            && status.contains("certificate  hospital-1 (participant)"),
+        "{status}"
+    );
     assert!(m[r#"cohort_round_duration_seconds_count{job_id="bc"}"#] >= at_pause as f64);
     assert!(m[r#"cohort_received_bytes_total{kind="update"}"#] > 0.0);
 

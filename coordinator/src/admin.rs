@@ -351,6 +351,16 @@ impl Admin for AdminApi {
                 .map(|s| s.job_id.clone())
                 .unwrap_or_default(),
             serving_version: serving.map(|s| s.version).unwrap_or(0),
+            certificates: c
+                .metrics()
+                .certificates()
+                .into_iter()
+                .map(|e| pb::CertificateExpiry {
+                    identity: e.identity,
+                    role: e.role,
+                    not_after_unix: e.not_after,
+                })
+                .collect(),
         }))
     }
 

@@ -176,6 +176,15 @@ impl Federation for Coordinator {
     ) -> Result<Response<pb::JoinResponse>, Status> {
         let cert = self.caller(&req)?;
         let leaf: Option<Vec<u8>> = req.peer_certs().and_then(|c| c.first().map(|d| d.to_vec()));
+        if let Some(l) = &leaf
+            && let (Ok((id, role)), Ok(not_after)) = (
+                cohort_crypto::pki::identity_of(l),
+                cohort_crypto::pki::not_after_of(l),
+            )
+        {
+            self.metrics()
+                .certificate(&id, &role.to_string(), not_after);
+        }
         let r = req.into_inner();
         if let Some(c) = &cert
             && *c != r.participant_id

@@ -42,6 +42,21 @@ struct ParticipantLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertificateLabel {
+    identity: String,
+    role: String,
+}
+
+/// A certificate the coordinator holds or has seen: whose, in which role, and when it
+/// expires (Unix seconds).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertificateExpiry {
+    pub identity: String,
+    pub role: String,
+    pub not_after: i64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: String,
 }
@@ -77,6 +92,9 @@ pub struct Metrics {
     inference: cohort_serving::InferenceMetrics,
     /// Who is online, to count `participants_connected` exactly.
     online: Arc<Mutex<BTreeMap<String, bool>>>,
+    certificate_expiry: Family<CertificateLabel, Gauge>,
+    /// The certificates behind `certificate_expiry`, by identity and role.
+    certificates: Arc<Mutex<BTreeMap<(String, String), i64>>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -130,6 +148,8 @@ impl Metrics {
             clip_norm: Family::default(),
             inference: cohort_serving::InferenceMetrics::new(),
             online: Arc::default(),
+            certificate_expiry: Family::default(),
+            certificates: Arc::default(),
         };
         r.register(
             "rounds_started",
@@ -222,6 +242,13 @@ impl Metrics {
             "The model version promoted for serving, by job",
             m.serving_version.clone(),
         );
+        r.register(
+            "certificate_expiry_timestamp_seconds",
+            "When each certificate expires (Unix time): the coordinator's own (role=coordinator), \
+             the federation's CA (role=ca), and every participant's and custodian's as it last \
+             joined",
+            m.certificate_expiry.clone(),
+        );
         m.inference.register(&mut r);
         Metrics {
             registry: Arc::new(r),
@@ -311,6 +338,41 @@ impl Metrics {
             }
             _ => {}
         }
+    }
+
+    /// Records when the certificate of `identity` (in `role`) expires.
+    pub fn certificate(&self, identity: &str, role: &str, not_after: i64) {
+        self.certificate_expiry
+            .get_or_create(&CertificateLabel {
+                identity: identity.into(),
+                role: role.into(),
+            })
+            .set(not_after);
+        self.certificates
+            .lock()
+            .expect("metrics lock")
+            .insert((identity.into(), role.into()), not_after);
+    }
+
+    /// Every certificate recorded by [`Self::certificate`], the soonest to expire first.
+    pub fn certificates(&self) -> Vec<CertificateExpiry> {
+        let mut v: Vec<CertificateExpiry> = self
+            .certificates
+            .lock()
+            .expect("metrics lock")
+            .iter()
+            .map(|((identity, role), &not_after)| CertificateExpiry {
+                identity: identity.clone(),
+                role: role.clone(),
+                not_after,
+            })
+            .collect();
+        v.sort_by(|a, b| {
+            a.not_after
+                .cmp(&b.not_after)
+                .then(a.identity.cmp(&b.identity))
+        });
+        v
     }
 
     /// One failed attempt to commit a round of `job`.

@@ -102,7 +102,7 @@ pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let before = lim.rlim_cur as u64;
+    let before = lim.rlim_cur;
     if lim.rlim_cur < lim.rlim_max {
         lim.rlim_cur = lim.rlim_max;
         // SAFETY: as above.
@@ -110,7 +110,7 @@ pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
             return Err(std::io::Error::last_os_error());
         }
     }
-    Ok((before, lim.rlim_cur as u64))
+    Ok((before, lim.rlim_cur))
 }
 
 #[cfg(test)]
@@ -125,7 +125,7 @@ mod tests {
         unsafe {
             assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
         }
-        let hard = lim.rlim_max as u64;
+        let hard = lim.rlim_max;
         if hard > 256 {
             // Start lower than the hard limit, so the raise has something to do.
             lim.rlim_cur = 256;

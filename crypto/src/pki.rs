@@ -268,6 +268,68 @@ impl Authority {
     }
 }
 
+/// When a certificate (DER) stops being valid: its notAfter, in seconds since the Unix epoch.
+pub fn not_after_of(cert_der: &[u8]) -> Result<i64, CryptoError> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(cert_der)
+        .map_err(|e| pki(format!("certificate does not parse: {e}")))?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
+/// [`not_after_of`] for the first certificate of a PEM text.
+pub fn not_after_of_pem(cert_pem: &str) -> Result<i64, CryptoError> {
+    not_after_of(&der_of(cert_pem)?)
+}
+
+/// The DNS names and IP addresses a certificate is for (its subject alternative names).
+pub fn names_of(cert_der: &[u8]) -> Result<(Vec<String>, Vec<std::net::IpAddr>), CryptoError> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(cert_der)
+        .map_err(|e| pki(format!("certificate does not parse: {e}")))?;
+    let (mut dns, mut ips) = (Vec::new(), Vec::new());
+    if let Some(sans) = cert
+        .subject_alternative_name()
+        .map_err(|e| pki(format!("subject alternative names: {e}")))?
+    {
+        for n in &sans.value.general_names {
+            match n {
+                GeneralName::DNSName(d) => dns.push(d.to_string()),
+                GeneralName::IPAddress(b) => match b.len() {
+                    4 => ips.push(std::net::IpAddr::from(<[u8; 4]>::try_from(*b).expect("4"))),
+                    16 => ips.push(std::net::IpAddr::from(
+                        <[u8; 16]>::try_from(*b).expect("16"),
+                    )),
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+    Ok((dns, ips))
+}
+
+/// A date and time in seconds since the Unix epoch as `2026-12-02 07:15:00 UTC`.
+pub fn utc(unix_seconds: i64) -> String {
+    let days = unix_seconds.div_euclid(86_400);
+    let secs = unix_seconds.rem_euclid(86_400);
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        secs / 3_600,
+        secs % 3_600 / 60,
+        secs % 60
+    )
+}
+
 /// The identity and role a (chain-verified) certificate carries.
 pub fn identity_of(cert_der: &[u8]) -> Result<(String, Role), CryptoError> {
     use x509_parser::prelude::*;
@@ -427,6 +489,16 @@ mod tests {
             ("hospital-a".to_string(), Role::Participant)
         );
         assert_eq!(serial_of(&p.cert_pem).unwrap(), p.serial);
+        // notAfter is the validity's end, to the second.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let left = not_after_of_pem(&p.cert_pem).unwrap() - now;
+        assert!((86_398..=86_400).contains(&left), "{left}");
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(1_796_198_400), "2026-12-02 08:00:00 UTC");
+        assert_eq!(utc(951_782_400 + 3_661), "2000-02-29 01:01:01 UTC");
         let c = ca
             .issue(
                 "coordinator",

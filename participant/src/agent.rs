@@ -142,6 +142,12 @@ pub(crate) async fn agent(
         };
         match outcome {
             Ok(()) => {}
+            // Refused for good (an expired certificate, a node the operator removed): every
+            // later call would be refused the same way.
+            Err(e) if e.code() == Code::PermissionDenied => {
+                tracing::error!(participant = %opts.id, "refused: {}", e.message());
+                return Err(AgentError::Refused(e));
+            }
             Err(e)
                 if matches!(
                     e.code(),

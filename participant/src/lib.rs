@@ -55,6 +55,10 @@ pub enum AgentError {
     Address(String, String),
     #[error("coordinator refused: {0}")]
     Refused(Status),
+    /// This node's own certificate has expired (or cannot be read): the coordinator would
+    /// refuse every connection, so the node stops at once, saying so.
+    #[error("{0}")]
+    Certificate(String),
     #[error("{0}")]
     Model(#[from] cohort_model::ModelError),
     #[error("{0}")]

@@ -27,6 +27,9 @@ pub(crate) async fn connect(
     let started = tokio::time::Instant::now();
     let mut backoff = Duration::from_millis(100);
     loop {
+        if let Some(tls) = &opts.tls {
+            check_certificate(&opts.id, &tls.cert_pem)?;
+        }
         let attempt = async {
             let channel = endpoint
                 .connect()
@@ -68,6 +71,25 @@ pub(crate) async fn connect(
             }
         }
     }
+}
+
+/// Refuses to dial with an expired certificate: the coordinator's TLS handshake would fail
+/// with nothing but a transport error, retried until `reconnect_for` runs out.
+pub(crate) fn check_certificate(id: &str, cert_pem: &str) -> Result<(), AgentError> {
+    let not_after = cohort_crypto::pki::not_after_of_pem(cert_pem)
+        .map_err(|e| AgentError::Certificate(format!("this node's certificate: {e}")))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    if now > not_after {
+        return Err(AgentError::Certificate(format!(
+            "the certificate of {id:?} expired at {}: ask the federation's operator for a new \
+             one (the coordinator refuses expired certificates)",
+            cohort_crypto::pki::utc(not_after)
+        )));
+    }
+    Ok(())
 }
 
 pub(crate) async fn fetch_model(

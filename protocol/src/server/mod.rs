@@ -54,6 +54,22 @@ pub fn certificate_identity<T>(
         })?;
     let (id, role) = cohort_crypto::pki::identity_of(&leaf)
         .map_err(|e| Status::permission_denied(e.to_string()))?;
+    // The TLS handshake checked the certificate's validity when the connection opened; a
+    // connection outlives it, so every call checks that it has not expired since.
+    let not_after = cohort_crypto::pki::not_after_of(&leaf)
+        .map_err(|e| Status::permission_denied(e.to_string()))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    if now > not_after {
+        let at = cohort_crypto::pki::utc(not_after);
+        tracing::warn!(identity = %id, %role, expired = %at, "refused: certificate expired");
+        return Err(Status::permission_denied(format!(
+            "the certificate of {id:?} expired at {at}: ask the federation's operator for a \
+             new one"
+        )));
+    }
     if !allowed.contains(&role) {
         tracing::warn!(identity = %id, %role, "refused: {service}");
         return Err(Status::permission_denied(format!(
