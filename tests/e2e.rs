@@ -306,6 +306,94 @@ fn a_participant_killed_mid_round_is_left_out_at_the_deadline() {
     assert_eq!(who, vec!["hospital-0", "hospital-1"]);
 }
 
+/// A participant behind a faulty network (a fault-injecting proxy on loopback): slowed with
+/// jitter, then throttled, it still makes every round; reset mid-stream, it reconnects; cut off
+/// for a whole round (its connections half-open), it is left out at the deadline and the
+/// round completes without it. No round counts an update twice or anyone's examples wrongly.
+#[test]
+fn a_participant_behind_a_faulty_network_is_slowed_reset_or_left_out_never_double_counted() {
+    use common::proxy::{Fault, FaultProxy};
+    let fed = start_coordinator(4, 12.0, 2);
+    let shares = write_shares(fed.dir.path());
+    let proxy = FaultProxy::start(&fed.addr);
+    // Round 1: 120 ± 80 ms on every chunk each way.
+    proxy.set(Fault::Delay {
+        ms: 120,
+        jitter_ms: 80,
+    });
+    // Every participant holds each upload back (1.5 s; hospital-2 1 s), so that a fault
+    // switched on as a round starts acts on that round's upload.
+    let _a = fed.participant(0, &shares[0], 1500);
+    let _b = fed.participant(1, &shares[1], 1500);
+    let _c = spawn_participant(fed.dir.path(), &proxy.addr, 2, &shares[2], 1000);
+    let round_started = |r: u64| {
+        fed.wait_log(
+            &["round started", &format!("round={r} ")],
+            Duration::from_secs(60),
+        )
+    };
+    round_started(1);
+    // Round 2: 64 KB/s each way.
+    round_started(2);
+    proxy.set(Fault::Throttle {
+        bytes_per_second: 64 * 1024,
+    });
+    // Round 3: every connection of hospital-2 reset mid-stream; it reconnects (its channel
+    // on the next call, or a rejoin when a call was cut).
+    round_started(3);
+    proxy.set(Fault::Pass);
+    let before = proxy.accepted();
+    proxy.reset_all();
+    let t3 = Instant::now();
+    while proxy.accepted() == before {
+        assert!(
+            t3.elapsed() < Duration::from_secs(30),
+            "it never reconnected"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Round 4: cut off for the whole round: left out at the deadline, the round completes.
+    round_started(4);
+    proxy.set(Fault::Partition);
+    let t4 = Instant::now();
+    let dropped = fed.wait_log(&["stragglers left out", "round=4"], Duration::from_secs(30));
+    assert!(dropped.contains("hospital-2"), "{dropped}");
+    fed.wait_log(&["job finished"], Duration::from_secs(30));
+    assert!(
+        t4.elapsed() < Duration::from_secs(25),
+        "round 4 took {:?} with a 12 s deadline",
+        t4.elapsed()
+    );
+    let who = |m: &serde_json::Value| -> Vec<String> {
+        m["participants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    let [m1, m2, m3, m4] = [1, 2, 3, 4].map(|v| fed.manifest(v));
+    let all = ["hospital-0", "hospital-1", "hospital-2"];
+    assert_eq!(who(&m1), all, "a slow, jittery link still makes the round");
+    assert_eq!(who(&m2), all, "a throttled link still makes the round");
+    assert_eq!(who(&m4), ["hospital-0", "hospital-1"]);
+    // Every round: each participant once, and the examples are those of who took part
+    // (all three: round 1's total; without hospital-2: round 4's). Round 3 has hospital-2
+    // or not: reset after encrypting under the round's keys, it refuses to encrypt again
+    // under them and is left out at the deadline.
+    let total = |m: &serde_json::Value| m["total_examples"].as_u64().unwrap();
+    let (three, two) = (total(&m1), total(&m4));
+    assert!(two < three && two > 0, "{three} {two}");
+    for m in [&m1, &m2, &m3, &m4] {
+        let ids = who(m);
+        let mut unique = ids.clone();
+        unique.dedup();
+        assert_eq!(unique, ids, "{m}");
+        let want = if ids.len() == 3 { three } else { two };
+        assert_eq!(total(m), want, "{m}");
+    }
+}
+
 #[test]
 fn bad_config_files_are_named_in_the_error() {
     let dir = tempfile::tempdir().unwrap();

@@ -9,6 +9,11 @@ pub(crate) struct Session {
     pub(crate) heartbeat: Duration,
 }
 
+/// How often an idle or busy connection to the coordinator is pinged.
+pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a ping may go unanswered before the connection is given up.
+pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 pub(crate) async fn connect(
     opts: &AgentOptions,
     num_examples: u64,
@@ -17,7 +22,12 @@ pub(crate) async fn connect(
     let endpoint = Endpoint::from_shared(opts.coordinator.clone())
         .map_err(|e| AgentError::Address(opts.coordinator.clone(), e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // A half-open connection (a partition, a NAT that forgot it) would leave a call
+        // waiting forever: unanswered HTTP/2 pings close it, the call fails, the node rejoins.
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
     let endpoint = match &opts.tls {
         Some(tls) => endpoint
             .tls_config(tls.client_config())
