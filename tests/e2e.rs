@@ -782,6 +782,45 @@ mod tls {
             .map(|_| ())
     }
 
+    /// A connection presenting `cert`/`key`, and the session it joined as `id` on it.
+    async fn open_session(
+        addr: &str,
+        ca: &str,
+        cert: &str,
+        key: &str,
+        id: &str,
+    ) -> (FederationClient<tonic::transport::Channel>, String) {
+        let channel = Endpoint::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(ca))
+                    .domain_name("coordinator")
+                    .identity(Identity::from_pem(cert, key)),
+            )
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = FederationClient::new(channel);
+        let session = client
+            .join(pb::JoinRequest {
+                participant_id: id.into(),
+                num_examples: 1,
+                client_version: "test".into(),
+                keys: Some(pb::SecureKeys {
+                    seal_key: vec![9; 32],
+                    verify_key: vec![9; 32],
+                    binding: Vec::new(),
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .session_id;
+        (client, session)
+    }
+
     /// A TLS 1.2-only client: the handshake itself must fail.
     async fn tls12_handshake(addr: &str, ca: &str, cert: &str, key: &str) -> Result<(), String> {
         use rustls::pki_types::pem::PemObject;
@@ -900,34 +939,7 @@ mod tls {
             part("hospital-2", "cert.pem"),
             part("hospital-2", "key.pem"),
         );
-        let channel = Endpoint::from_shared(format!("https://{addr}"))
-            .unwrap()
-            .tls_config(
-                ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(&ca_pem))
-                    .domain_name("coordinator")
-                    .identity(Identity::from_pem(&c2, &k2)),
-            )
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut open = FederationClient::new(channel);
-        let session = open
-            .join(pb::JoinRequest {
-                participant_id: "hospital-2".into(),
-                num_examples: 1,
-                client_version: "test".into(),
-                keys: Some(pb::SecureKeys {
-                    seal_key: vec![9; 32],
-                    verify_key: vec![9; 32],
-                    binding: Vec::new(),
-                }),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .session_id;
+        let (mut open, session) = open_session(&addr, &ca_pem, &c2, &k2, "hospital-2").await;
         let out = Command::new(BIN)
             .args(["revoke", "--dir"])
             .arg(&pki)
@@ -990,34 +1002,14 @@ mod tls {
             )
             .unwrap();
         let not_after = cohort_crypto::pki::not_after_of_pem(&short.cert_pem).unwrap();
-        let channel = Endpoint::from_shared(format!("https://{}", fed.addr))
-            .unwrap()
-            .tls_config(
-                ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(&ca_pem))
-                    .domain_name("coordinator")
-                    .identity(Identity::from_pem(&short.cert_pem, &short.key_pem)),
-            )
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut open = FederationClient::new(channel);
-        let session = open
-            .join(pb::JoinRequest {
-                participant_id: "hospital-1".into(),
-                num_examples: 1,
-                client_version: "test".into(),
-                keys: Some(pb::SecureKeys {
-                    seal_key: vec![9; 32],
-                    verify_key: vec![9; 32],
-                    binding: Vec::new(),
-                }),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .session_id;
+        let (mut open, session) = open_session(
+            &fed.addr,
+            &ca_pem,
+            &short.cert_pem,
+            &short.key_pem,
+            "hospital-1",
+        )
+        .await;
         let beat = || pb::HeartbeatRequest {
             session_id: session.clone(),
         };
