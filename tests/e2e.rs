@@ -768,18 +768,23 @@ mod tls {
             .await
             .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
         FederationClient::new(channel)
-            .join(pb::JoinRequest {
-                participant_id: id.into(),
-                num_examples: 1,
-                client_version: "test".into(),
-                keys: Some(pb::SecureKeys {
-                    seal_key: vec![9; 32],
-                    verify_key: vec![9; 32],
-                    binding: Vec::new(),
-                }),
-            })
+            .join(join_request(id))
             .await
             .map(|_| ())
+    }
+
+    /// A join as `id` with placeholder keys.
+    fn join_request(id: &str) -> pb::JoinRequest {
+        pb::JoinRequest {
+            participant_id: id.into(),
+            num_examples: 1,
+            client_version: "test".into(),
+            keys: Some(pb::SecureKeys {
+                seal_key: vec![9; 32],
+                verify_key: vec![9; 32],
+                binding: Vec::new(),
+            }),
+        }
     }
 
     /// A connection presenting `cert`/`key`, and the session it joined as `id` on it.
@@ -804,16 +809,7 @@ mod tls {
             .unwrap();
         let mut client = FederationClient::new(channel);
         let session = client
-            .join(pb::JoinRequest {
-                participant_id: id.into(),
-                num_examples: 1,
-                client_version: "test".into(),
-                keys: Some(pb::SecureKeys {
-                    seal_key: vec![9; 32],
-                    verify_key: vec![9; 32],
-                    binding: Vec::new(),
-                }),
-            })
+            .join(join_request(id))
             .await
             .unwrap()
             .into_inner()
