@@ -663,13 +663,14 @@ fn alert_rules_pass_promtool_and_their_unit_tests() {
     }
 }
 
-#[test]
-fn model_versions_go_to_an_s3_compatible_server() {
+/// moto's S3 server (from PyPI) on a free port, with the bucket `cohort-models`: the
+/// server, its endpoint and the venv's Python.
+fn start_moto() -> (Proc, String, PathBuf) {
     // moto's S3 server, from PyPI, on a free port.
     let python = python_venv("python-moto", &["moto[server]"]);
     let port = free_port();
     let endpoint = format!("http://127.0.0.1:{port}");
-    let mut moto = Proc {
+    let moto = Proc {
         child: Command::new(python.with_file_name("moto_server"))
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(std::process::Stdio::null())
@@ -696,7 +697,12 @@ fn model_versions_go_to_an_s3_compatible_server() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    (moto, endpoint, python)
+}
 
+#[test]
+fn model_versions_go_to_an_s3_compatible_server() {
+    let (mut moto, endpoint, _python) = start_moto();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     provision(dir);
@@ -860,4 +866,80 @@ fn model_versions_go_to_an_s3_compatible_server() {
     served("v1");
     drop(coord);
     let _ = moto.child.kill();
+}
+
+/// The object store goes down in the middle of a job (every new connection refused, as a
+/// stopped S3 server's would be): the completed round is held and said to be, nothing
+/// committed is lost, and the job goes on by itself once the store is back.
+#[test]
+fn an_object_store_that_goes_down_mid_job_holds_the_round_until_it_returns() {
+    use common::proxy::{Fault, FaultProxy};
+    let (_moto, endpoint, _python) = start_moto();
+    let proxy = FaultProxy::start(endpoint.trim_start_matches("http://"));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    provision(dir);
+    let shares = write_shares(dir);
+    let job = job_section("s3down", 3, 30.0);
+    let cfg = coordinator_config(
+        dir,
+        free_port(),
+        r#""hospital-0", "hospital-1", "hospital-2""#,
+        &format!(
+            "[model_store.s3]\nbucket = \"cohort-models\"\nprefix = \"federation-b\"\n\
+             endpoint = \"http://{}\"\nallow_http = true\n[job]\n{job}",
+            proxy.addr
+        ),
+    );
+    let creds = [
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+    ];
+    let mut coord = spawn_coordinator_env(&cfg, &creds);
+    // Each upload held back 1 s, so a round lasts long enough to act on.
+    let mut parts: Vec<Proc> = (0..3)
+        .map(|i| spawn_participant(dir, &coord.addr, i, &shares[i], 1000))
+        .collect();
+    let log = |words: &[&str]| wait_for_line(&coord.log, words, Duration::from_secs(60));
+    log(&["round started", "round=2 "]);
+    // The store goes down while round 2 trains: its commit is refused and held.
+    proxy.set(Fault::Refuse);
+    proxy.reset_all();
+    log(&["could not be committed", "round=2"]);
+    let m = parse_metrics(&scrape(&coord.metrics));
+    assert_eq!(m[r#"cohort_commit_failing{job_id="s3down"}"#], 1.0);
+    // Round 2 completed (its sum decrypted) and is held; round 3 does not start.
+    assert_eq!(m[r#"cohort_rounds_completed_total{job_id="s3down"}"#], 2.0);
+    std::thread::sleep(Duration::from_secs(3));
+    let m = parse_metrics(&scrape(&coord.metrics));
+    assert_eq!(m[r#"cohort_rounds_completed_total{job_id="s3down"}"#], 2.0);
+    assert_eq!(m[r#"cohort_rounds_started_total{job_id="s3down"}"#], 2.0);
+    assert!(m[r#"cohort_commit_failures_total{job_id="s3down"}"#] >= 1.0);
+    // Back: the held round is committed and the job finishes.
+    proxy.set(Fault::Pass);
+    log(&["storage accepts commits again"]);
+    let s = coord.proc.wait_for_exit(Duration::from_secs(120));
+    assert!(s.success(), "the coordinator exited with {s}");
+    for p in parts.iter_mut() {
+        p.wait_for_exit(Duration::from_secs(30));
+    }
+    // Every version is in the bucket and opens.
+    let s3 = cohort_storage::S3Config {
+        bucket: "cohort-models".into(),
+        prefix: "federation-b".into(),
+        region: "us-east-1".into(),
+        endpoint: Some(endpoint.clone()),
+        allow_http: true,
+    };
+    let objects = std::sync::Arc::new(
+        cohort_storage::S3Objects::with_credentials(&s3, "test", "test").unwrap(),
+    );
+    let store = cohort_coordinator::ModelStore::over(objects).with_keys(std::sync::Arc::new(
+        cohort_storage::load_key_dir(&dir.join("pki/coordinator/kek")).unwrap(),
+    ));
+    for v in 1..=3 {
+        let (manifest, params) = store.for_job("s3down").read_version(v).unwrap();
+        assert_eq!(manifest.version, v);
+        assert_eq!(params.len(), 62);
+    }
 }

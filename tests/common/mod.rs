@@ -317,7 +317,7 @@ impl CoordinatorLog {
     }
 }
 
-fn wait_for_line(log: &mpsc::Receiver<String>, words: &[&str], limit: Duration) -> String {
+pub fn wait_for_line(log: &mpsc::Receiver<String>, words: &[&str], limit: Duration) -> String {
     let until = Instant::now() + limit;
     loop {
         let left = until.saturating_duration_since(Instant::now());

@@ -1,7 +1,8 @@
 //! A fault-injecting TCP proxy for the tests: it sits between participants and the
 //! coordinator on loopback and, switched at run time, delays (with jitter) or throttles the
 //! bytes it forwards, swallows them (a partition: connections stay open, nothing arrives:
-//! half-open from both ends), or resets every open connection mid-stream.
+//! half-open from both ends), refuses new connections (a server that is down), or resets
+//! every open connection mid-stream.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,6 +27,9 @@ pub enum Fault {
     /// Nothing is forwarded (and new connections are accepted, then starved): a network
     /// partition, the connections half-open.
     Partition,
+    /// New connections are reset as soon as they are accepted (a server that is down);
+    /// open ones go on.
+    Refuse,
 }
 
 pub struct FaultProxy {
@@ -62,6 +66,12 @@ impl FaultProxy {
                     return;
                 };
                 a.fetch_add(1, Ordering::SeqCst);
+                if *f.lock().unwrap() == Fault::Refuse {
+                    #[allow(deprecated)] // a zero linger resets; it does not block
+                    let _ = client.set_linger(Some(Duration::ZERO));
+                    drop(client);
+                    continue;
+                }
                 let (f, g, upstream) = (f.clone(), g.clone(), upstream.clone());
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(&upstream).await {
@@ -167,6 +177,7 @@ async fn pump(
                 tokio::time::sleep(Duration::from_secs_f64(secs)).await;
             }
             Fault::Partition => continue,
+            Fault::Refuse => {}
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
