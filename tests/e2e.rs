@@ -309,11 +309,11 @@ fn a_participant_killed_mid_round_is_left_out_at_the_deadline() {
 /// A participant behind a faulty network (a fault-injecting proxy on loopback): slowed with
 /// jitter, then throttled, it still makes every round; reset mid-stream, it reconnects; cut off
 /// for a whole round (its connections half-open), it is left out at the deadline and the
-/// round completes without it. No round counts an update twice or anyone's examples wrongly.
+/// round completes without it; healed, it rejoins and trains again. No round counts an update twice or anyone's examples wrongly.
 #[test]
 fn a_participant_behind_a_faulty_network_is_slowed_reset_or_left_out_never_double_counted() {
     use common::proxy::{Fault, FaultProxy};
-    let fed = start_coordinator(4, 12.0, 2);
+    let fed = start_coordinator(5, 12.0, 2);
     let shares = write_shares(fed.dir.path());
     let proxy = FaultProxy::start(&fed.addr);
     // Round 1: 120 ± 80 ms on every chunk each way.
@@ -358,12 +358,19 @@ fn a_participant_behind_a_faulty_network_is_slowed_reset_or_left_out_never_doubl
     let t4 = Instant::now();
     let dropped = fed.wait_log(&["stragglers left out", "round=4"], Duration::from_secs(30));
     assert!(dropped.contains("hospital-2"), "{dropped}");
-    fed.wait_log(&["job finished"], Duration::from_secs(30));
     assert!(
         t4.elapsed() < Duration::from_secs(25),
         "round 4 took {:?} with a 12 s deadline",
         t4.elapsed()
     );
+    // Healed: its call left waiting on the half-open connection fails when keepalive pings
+    // go unanswered, it rejoins, and round 5 (which needs all three online) has it again.
+    proxy.set(Fault::Pass);
+    fed.wait_log(
+        &["participant joined", "hospital-2", "rejoined=true"],
+        Duration::from_secs(60),
+    );
+    fed.wait_log(&["job finished"], Duration::from_secs(60));
     let who = |m: &serde_json::Value| -> Vec<String> {
         m["participants"]
             .as_array()
@@ -372,11 +379,12 @@ fn a_participant_behind_a_faulty_network_is_slowed_reset_or_left_out_never_doubl
             .map(|v| v.as_str().unwrap().to_string())
             .collect()
     };
-    let [m1, m2, m3, m4] = [1, 2, 3, 4].map(|v| fed.manifest(v));
+    let [m1, m2, m3, m4, m5] = [1, 2, 3, 4, 5].map(|v| fed.manifest(v));
     let all = ["hospital-0", "hospital-1", "hospital-2"];
     assert_eq!(who(&m1), all, "a slow, jittery link still makes the round");
     assert_eq!(who(&m2), all, "a throttled link still makes the round");
     assert_eq!(who(&m4), ["hospital-0", "hospital-1"]);
+    assert_eq!(who(&m5), all, "back after the partition healed");
     // Every round: each participant once, and the examples are those of who took part
     // (all three: round 1's total; without hospital-2: round 4's). Round 3 has hospital-2
     // or not: reset after encrypting under the round's keys, it refuses to encrypt again
@@ -384,7 +392,7 @@ fn a_participant_behind_a_faulty_network_is_slowed_reset_or_left_out_never_doubl
     let total = |m: &serde_json::Value| m["total_examples"].as_u64().unwrap();
     let (three, two) = (total(&m1), total(&m4));
     assert!(two < three && two > 0, "{three} {two}");
-    for m in [&m1, &m2, &m3, &m4] {
+    for m in [&m1, &m2, &m3, &m4, &m5] {
         let ids = who(m);
         let mut unique = ids.clone();
         unique.dedup();
