@@ -217,6 +217,43 @@ fn fill(dir: &Path) -> PathBuf {
 /// and retries; once space is freed, round 2 is committed and the job finishes normally.
 #[test]
 fn a_full_disk_holds_the_job_at_its_round_until_storage_works_again() {
+    storage_fault_holds_the_job(
+        "No space left",
+        |models| fill(models),
+        |filler| std::fs::remove_file(filler).unwrap(),
+    );
+}
+
+/// The same when the registry's file system turns read-only (remounted) after round 1.
+#[test]
+fn a_read_only_registry_holds_the_job_at_its_round_until_it_is_writable_again() {
+    let remount = |models: &Path, mode: &str| {
+        let s = Command::new("mount")
+            .args(["-o", &format!("remount,{mode}")])
+            .arg(models)
+            .status()
+            .unwrap();
+        assert!(s.success(), "remount {mode}");
+    };
+    storage_fault_holds_the_job(
+        "Read-only file system",
+        |models| {
+            remount(models, "ro");
+            models.to_path_buf()
+        },
+        |models| remount(&models, "rw"),
+    );
+}
+
+/// Round 1 is committed; then `break_it` breaks the registry's file system (a tmpfs), and
+/// round 2 completes but cannot be committed, failing with `error`: the job holds it (no
+/// round 3, no version 2) and retries; once `mend` has repaired it, round 2 is committed and
+/// the job finishes with versions 1 to 3 in a line.
+fn storage_fault_holds_the_job<T>(
+    error: &str,
+    break_it: impl FnOnce(&Path) -> T,
+    mend: impl FnOnce(T),
+) {
     let dir = tempfile::tempdir().unwrap();
     let Some(_mount) = Tmpfs::mount(&dir.path().join("models"), "2m") else {
         eprintln!("SKIPPED: cannot mount a tmpfs here (needs root); CI runs as root");
@@ -224,7 +261,7 @@ fn a_full_disk_holds_the_job_at_its_round_until_storage_works_again() {
     };
     let mut fed = start_coordinator_in(dir, 3, 60.0, 3);
     let shares = write_shares(fed.dir.path());
-    // Uploads wait 1.5 s, so there is time to fill the disk between rounds 1 and 2.
+    // Uploads wait 1.5 s, so there is time to break storage between rounds 1 and 2.
     let mut parts: Vec<Proc> = (0..3)
         .map(|i| fed.participant(i, &shares[i], 1500))
         .collect();
@@ -232,12 +269,12 @@ fn a_full_disk_holds_the_job_at_its_round_until_storage_works_again() {
         &["round=1", "model version committed"],
         Duration::from_secs(60),
     );
-    let filler = fill(&fed.dir.path().join("models"));
+    let broken = break_it(&fed.dir.path().join("models"));
     let failed = fed.wait_log(
         &["round=2", "could not be committed"],
         Duration::from_secs(60),
     );
-    assert!(failed.contains("No space left"), "{failed}");
+    assert!(failed.contains(error), "{failed}");
     // Held: no round 3, no version 2, while the coordinator keeps retrying.
     std::thread::sleep(Duration::from_secs(3));
     let log: Vec<String> = fed.log.0.try_iter().collect();
@@ -252,7 +289,7 @@ fn a_full_disk_holds_the_job_at_its_round_until_storage_works_again() {
     );
     let v2 = fed.dir.path().join("models/breast-cancer/v00002.json");
     assert!(!v2.exists());
-    std::fs::remove_file(filler).unwrap();
+    mend(broken);
     fed.wait_log(
         &["round=2", "storage accepts commits again"],
         Duration::from_secs(60),
