@@ -217,11 +217,9 @@ fn fill(dir: &Path) -> PathBuf {
 /// and retries; once space is freed, round 2 is committed and the job finishes normally.
 #[test]
 fn a_full_disk_holds_the_job_at_its_round_until_storage_works_again() {
-    storage_fault_holds_the_job(
-        "No space left",
-        |models| fill(models),
-        |filler| std::fs::remove_file(filler).unwrap(),
-    );
+    storage_fault_holds_the_job("No space left", fill, |filler| {
+        std::fs::remove_file(filler).unwrap()
+    });
 }
 
 /// The same when the registry's file system turns read-only (remounted) after round 1.
