@@ -324,13 +324,6 @@ const MODEL_HEADER: [&str; 9] = [
 /// Within this many days of expiry a certificate is flagged in `cohort admin status`.
 pub const EXPIRY_WARNING_DAYS: i64 = 30;
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 /// The certificates' expiry lines of `cohort admin status`: the soonest first; those already
 /// expired or within [`EXPIRY_WARNING_DAYS`] flagged, with what to do.
 pub fn certificate_lines(certs: &[pb::CertificateExpiry], now: i64) -> Vec<String> {
@@ -391,7 +384,7 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
             } else {
                 println!("serving      {} v{}", s.serving_job, s.serving_version);
             }
-            print_certificates(&s.certificates, unix_now());
+            print_certificates(&s.certificates, cohort_crypto::pki::unix_now());
         }
         AdminCommand::Participants { action } => match action.unwrap_or(ParticipantAction::List) {
             ParticipantAction::List => {

@@ -177,10 +177,7 @@ impl Federation for Coordinator {
         let cert = self.caller(&req)?;
         let leaf: Option<Vec<u8>> = req.peer_certs().and_then(|c| c.first().map(|d| d.to_vec()));
         if let Some(l) = &leaf
-            && let (Ok((id, role)), Ok(not_after)) = (
-                cohort_crypto::pki::identity_of(l),
-                cohort_crypto::pki::not_after_of(l),
-            )
+            && let Ok((id, role, not_after)) = cohort_crypto::pki::identity_and_expiry(l)
         {
             self.metrics()
                 .certificate(&id, &role.to_string(), not_after);

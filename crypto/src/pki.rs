@@ -310,28 +310,38 @@ pub fn names_of(cert_der: &[u8]) -> Result<(Vec<String>, Vec<std::net::IpAddr>),
 
 /// A date and time in seconds since the Unix epoch as `2026-12-02 07:15:00 UTC`.
 pub fn utc(unix_seconds: i64) -> String {
-    let days = unix_seconds.div_euclid(86_400);
-    let secs = unix_seconds.rem_euclid(86_400);
-    // Howard Hinnant's days-to-civil algorithm.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let t = OffsetDateTime::from_unix_timestamp(unix_seconds).unwrap_or(OffsetDateTime::UNIX_EPOCH);
     format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        secs / 3_600,
-        secs % 3_600 / 60,
-        secs % 60
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+        t.year(),
+        t.month() as u8,
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
     )
+}
+
+/// Seconds since the Unix epoch, now (0 if the clock is before it).
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// When a certificate with this notAfter has expired: `Some` of the date, as [`utc`] writes
+/// it; `None` while it is valid.
+pub fn expired_at(not_after: i64) -> Option<String> {
+    (unix_now() > not_after).then(|| utc(not_after))
 }
 
 /// The identity and role a (chain-verified) certificate carries.
 pub fn identity_of(cert_der: &[u8]) -> Result<(String, Role), CryptoError> {
+    identity_and_expiry(cert_der).map(|(id, role, _)| (id, role))
+}
+
+/// [`identity_of`] and [`not_after_of`] from one parse (what every call's check needs).
+pub fn identity_and_expiry(cert_der: &[u8]) -> Result<(String, Role, i64), CryptoError> {
     use x509_parser::prelude::*;
     let (_, cert) = X509Certificate::from_der(cert_der)
         .map_err(|e| pki(format!("certificate does not parse: {e}")))?;
@@ -357,7 +367,7 @@ pub fn identity_of(cert_der: &[u8]) -> Result<(String, Role), CryptoError> {
     if roles.next().is_some() {
         return Err(pki("certificate names more than one role"));
     }
-    Ok((cn, role))
+    Ok((cn, role, cert.validity().not_after.timestamp()))
 }
 
 /// The serial number of a PEM certificate (to revoke it).

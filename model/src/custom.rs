@@ -54,7 +54,6 @@ use std::marker::PhantomData;
 use std::sync::{Arc, RwLock};
 
 use burn::module::{ModuleVisitor, Param};
-use burn::store::{ModuleSnapshot, SafetensorsStore};
 use burn::tensor::{Device, Tensor, TensorData};
 
 pub use crate::federated::{Build, FederatedModule};
@@ -189,27 +188,12 @@ impl<M: Build> Registered for Entry<M> {
     }
 
     fn to_safetensors(&self, params: &[f32]) -> Result<Vec<u8>, ModelError> {
-        let model = Self::build(params, &ComputeDevice::Cpu.inference())?;
-        let mut st = SafetensorsStore::from_bytes(None);
-        model
-            .save_into(&mut st)
-            .map_err(|e| ModelError::Store(format!("{e:?}")))?;
-        st.get_bytes()
-            .map_err(|e| ModelError::Store(format!("{e:?}")))
+        crate::params::to_safetensors(&Self::build(params, &ComputeDevice::Cpu.inference())?)
     }
 
     fn params_from_safetensors(&self, bytes: Vec<u8>) -> Result<Vec<f32>, ModelError> {
         let mut model = M::init(&ComputeDevice::Cpu.inference());
-        let mut st = SafetensorsStore::from_bytes(Some(bytes));
-        let res = model
-            .load_from(&mut st)
-            .map_err(|e| ModelError::Store(format!("{e:?}")))?;
-        if !res.errors.is_empty() || !res.missing.is_empty() {
-            return Err(ModelError::Store(format!(
-                "safetensors does not fit the model: missing {:?}, errors {:?}",
-                res.missing, res.errors
-            )));
-        }
+        crate::params::load_safetensors(&mut model, bytes)?;
         Ok(flat(&model))
     }
 }

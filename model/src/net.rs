@@ -5,7 +5,6 @@ use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d, Relu};
-use burn::store::{ModuleSnapshot, SafetensorsStore};
 use burn::tensor::{Device, Tensor};
 use rand::SeedableRng;
 use rand::rngs::ChaCha8Rng;
@@ -657,33 +656,22 @@ impl Network {
     /// Replaces every parameter with the tensors of a safetensors file written by
     /// [`Self::to_safetensors`] for the same spec.
     pub fn load_safetensors(mut self, bytes: Vec<u8>) -> Result<Network, ModelError> {
-        let mut st = SafetensorsStore::from_bytes(Some(bytes));
-        let res = match &mut self {
-            Network::Mlp(m) => m.load_from(&mut st),
-            Network::Cnn(m) => m.load_from(&mut st),
-            Network::Layers(m) => m.load_from(&mut st),
-        }
-        .map_err(|e| ModelError::Store(format!("{e:?}")))?;
-        if !res.errors.is_empty() || !res.missing.is_empty() {
-            return Err(ModelError::Store(format!(
-                "safetensors does not fit the model: missing {:?}, errors {:?}",
-                res.missing, res.errors
-            )));
-        }
+        // The inner module, so that the names are the layout's (no variant in the path).
+        match &mut self {
+            Network::Mlp(m) => crate::params::load_safetensors(m, bytes),
+            Network::Cnn(m) => crate::params::load_safetensors(m, bytes),
+            Network::Layers(m) => crate::params::load_safetensors(m, bytes),
+        }?;
         Ok(self)
     }
 
     /// The weights as a safetensors file (tensor names as in [`ModelSpec::layout`]).
     pub fn to_safetensors(&self) -> Result<Vec<u8>, ModelError> {
-        let mut st = SafetensorsStore::from_bytes(None);
         match self {
-            Network::Mlp(m) => m.save_into(&mut st),
-            Network::Cnn(m) => m.save_into(&mut st),
-            Network::Layers(m) => m.save_into(&mut st),
+            Network::Mlp(m) => crate::params::to_safetensors(m),
+            Network::Cnn(m) => crate::params::to_safetensors(m),
+            Network::Layers(m) => crate::params::to_safetensors(m),
         }
-        .map_err(|e| ModelError::Store(format!("{e:?}")))?;
-        st.get_bytes()
-            .map_err(|e| ModelError::Store(format!("{e:?}")))
     }
 }
 

@@ -1,7 +1,9 @@
 //! The flat parameter vector of any Burn module: flattened and loaded back in the module's
-//! visiting order (the order every tensor of a model crosses the network in).
+//! visiting order (the order every tensor of a model crosses the network in); and its
+//! safetensors file, what the model registry stores.
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::store::{ModuleSnapshot, SafetensorsStore};
 use burn::tensor::{Tensor, TensorData};
 
 use crate::ModelError;
@@ -29,6 +31,31 @@ pub fn load_flat<M: Module>(m: M, params: &[f32]) -> Result<M, ModelError> {
         offset: 0,
     };
     Ok(m.map(&mut u))
+}
+
+/// Any module's parameters as a safetensors file, under Burn's names (its module paths).
+pub fn to_safetensors<M: Module>(m: &M) -> Result<Vec<u8>, ModelError> {
+    let mut st = SafetensorsStore::from_bytes(None);
+    m.save_into(&mut st)
+        .map_err(|e| ModelError::Store(format!("{e:?}")))?;
+    st.get_bytes()
+        .map_err(|e| ModelError::Store(format!("{e:?}")))
+}
+
+/// Loads a file [`to_safetensors`] wrote into `m`, refusing one that misses or mismatches any
+/// of its tensors.
+pub fn load_safetensors<M: Module>(m: &mut M, bytes: Vec<u8>) -> Result<(), ModelError> {
+    let mut st = SafetensorsStore::from_bytes(Some(bytes));
+    let res = m
+        .load_from(&mut st)
+        .map_err(|e| ModelError::Store(format!("{e:?}")))?;
+    if !res.errors.is_empty() || !res.missing.is_empty() {
+        return Err(ModelError::Store(format!(
+            "safetensors does not fit the model: missing {:?}, errors {:?}",
+            res.missing, res.errors
+        )));
+    }
+    Ok(())
 }
 
 struct Flatten {

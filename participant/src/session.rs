@@ -88,15 +88,10 @@ pub(crate) async fn connect(
 pub(crate) fn check_certificate(id: &str, cert_pem: &str) -> Result<(), AgentError> {
     let not_after = cohort_crypto::pki::not_after_of_pem(cert_pem)
         .map_err(|e| AgentError::Certificate(format!("this node's certificate: {e}")))?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    if now > not_after {
+    if let Some(at) = cohort_crypto::pki::expired_at(not_after) {
         return Err(AgentError::Certificate(format!(
-            "the certificate of {id:?} expired at {}: ask the federation's operator for a new \
-             one (the coordinator refuses expired certificates)",
-            cohort_crypto::pki::utc(not_after)
+            "the certificate of {id:?} expired at {at}: ask the federation's operator for a new \
+             one (the coordinator refuses expired certificates)"
         )));
     }
     Ok(())

@@ -52,18 +52,11 @@ pub fn certificate_identity<T>(
             tracing::warn!("refused a call without a client certificate");
             Status::unauthenticated("a client certificate is required")
         })?;
-    let (id, role) = cohort_crypto::pki::identity_of(&leaf)
+    let (id, role, not_after) = cohort_crypto::pki::identity_and_expiry(&leaf)
         .map_err(|e| Status::permission_denied(e.to_string()))?;
     // The TLS handshake checked the certificate's validity when the connection opened; a
     // connection outlives it, so every call checks that it has not expired since.
-    let not_after = cohort_crypto::pki::not_after_of(&leaf)
-        .map_err(|e| Status::permission_denied(e.to_string()))?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    if now > not_after {
-        let at = cohort_crypto::pki::utc(not_after);
+    if let Some(at) = cohort_crypto::pki::expired_at(not_after) {
         tracing::warn!(identity = %id, %role, expired = %at, "refused: certificate expired");
         return Err(Status::permission_denied(format!(
             "the certificate of {id:?} expired at {at}: ask the federation's operator for a \
