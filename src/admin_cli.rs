@@ -384,7 +384,7 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
             } else {
                 println!("serving      {} v{}", s.serving_job, s.serving_version);
             }
-            print_certificates(&s.certificates, cohort_crypto::pki::unix_now());
+            print_certificates(&s.certificates, cohort_protocol::tls::unix_now());
         }
         AdminCommand::Participants { action } => match action.unwrap_or(ParticipantAction::List) {
             ParticipantAction::List => {

@@ -322,17 +322,10 @@ pub fn utc(unix_seconds: i64) -> String {
     )
 }
 
-/// Seconds since the Unix epoch, now (0 if the clock is before it).
-pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
-/// When a certificate with this notAfter has expired: `Some` of the date, as [`utc`] writes
-/// it; `None` while it is valid.
-pub fn expired_at(not_after: i64) -> Option<String> {
-    (unix_now() > not_after).then(|| utc(not_after))
+/// When a certificate with this notAfter has expired at `now` (both in Unix seconds; the
+/// caller reads the clock): `Some` of the date, as [`utc`] writes it; `None` while it is valid.
+pub fn expired_at(not_after: i64, now: i64) -> Option<String> {
+    (now > not_after).then(|| utc(not_after))
 }
 
 /// The identity and role a (chain-verified) certificate carries.

@@ -88,7 +88,7 @@ pub(crate) async fn connect(
 pub(crate) fn check_certificate(id: &str, cert_pem: &str) -> Result<(), AgentError> {
     let not_after = cohort_crypto::pki::not_after_of_pem(cert_pem)
         .map_err(|e| AgentError::Certificate(format!("this node's certificate: {e}")))?;
-    if let Some(at) = cohort_crypto::pki::expired_at(not_after) {
+    if let Some(at) = cohort_crypto::pki::expired_at(not_after, cohort_protocol::tls::unix_now()) {
         return Err(AgentError::Certificate(format!(
             "the certificate of {id:?} expired at {at}: ask the federation's operator for a new \
              one (the coordinator refuses expired certificates)"

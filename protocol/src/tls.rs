@@ -91,6 +91,14 @@ pub fn decrypt_key_pem(pem: &str, passphrase: &str) -> Result<String, TlsError> 
 #[error("TLS: {0}")]
 pub struct TlsError(pub String);
 
+/// Seconds since the Unix epoch, now (0 if the clock is before it): the `now` of certificate
+/// expiry checks.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 fn read(path: &Path) -> Result<String, TlsError> {
     std::fs::read_to_string(path).map_err(|e| TlsError(format!("{}: {e}", path.display())))
 }

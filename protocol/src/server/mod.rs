@@ -56,7 +56,7 @@ pub fn certificate_identity<T>(
         .map_err(|e| Status::permission_denied(e.to_string()))?;
     // The TLS handshake checked the certificate's validity when the connection opened; a
     // connection outlives it, so every call checks that it has not expired since.
-    if let Some(at) = cohort_crypto::pki::expired_at(not_after) {
+    if let Some(at) = cohort_crypto::pki::expired_at(not_after, crate::tls::unix_now()) {
         tracing::warn!(identity = %id, %role, expired = %at, "refused: certificate expired");
         return Err(Status::permission_denied(format!(
             "the certificate of {id:?} expired at {at}: ask the federation's operator for a \
