@@ -309,6 +309,11 @@ impl Coordinator {
             .as_ref()
             .is_some_and(|s| s.is_custodian(id));
         let listed = custodian || adm.allowed.as_ref().is_some_and(|a| a.contains(id));
+        let _records = self
+            .shared
+            .participant_records
+            .lock()
+            .expect("participant records lock");
         let now = unix_ms();
         let mut rec = state
             .participant(id)
@@ -494,6 +499,11 @@ impl Coordinator {
             ));
         }
         let state = &self.shared.state;
+        let records = self
+            .shared
+            .participant_records
+            .lock()
+            .expect("participant records lock");
         let mut rec = state
             .participant(id)
             .map_err(state_err)?
@@ -520,6 +530,7 @@ impl Coordinator {
                 vec![State::participant_write(&rec)],
             )
             .map_err(state_err)?;
+        drop(records);
         if approval == Approval::Removed {
             // Ends its session; it is refused when it tries to join again.
             let _ = self.with(true, |o| o.handle_leave(id, Instant::now()));

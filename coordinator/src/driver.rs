@@ -122,6 +122,10 @@ pub(crate) struct Shared {
     pub(crate) state: State,
     /// Serialises read-modify-write of job records (admin actions, completed rounds).
     pub(crate) job_records: Mutex<()>,
+    /// Serialises read-modify-write of participant records (a join records when it was
+    /// seen, an operator approves or removes): without it a join could write back the
+    /// record it read before an approval and undo it.
+    pub(crate) participant_records: Mutex<()>,
     pub(crate) admission: Admission,
     pub(crate) metrics: Meters,
     /// Uploads whose data is being received at once. Each holds one model-sized buffer
@@ -156,6 +160,7 @@ impl Coordinator {
             store,
             state,
             job_records: Mutex::new(()),
+            participant_records: Mutex::new(()),
             admission,
             metrics: Meters::new(),
             upload_slots: tokio::sync::Semaphore::new(UPLOAD_SLOTS),
