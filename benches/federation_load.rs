@@ -16,7 +16,6 @@
 //! on loopback, bounded by `--rounds` and `--timeout`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,14 +23,14 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use cohort_model::data::load_csv;
 use cohort_model::{ComputeSlots, Dataset, LabelColumn, Sharing};
-use cohort_participant::{LocalData, ParticipantConfig};
-use cohort_protocol::pb::admin_client::AdminClient;
 use cohort_protocol::pb::{CreateJobRequest, GetStatusRequest, JobRequest};
-use rand::SeedableRng;
-use rand::rngs::ChaCha8Rng;
-use rand::seq::IndexedRandom;
 
-const BIN: &str = env!("CARGO_BIN_EXE_cohort");
+#[path = "support/harness.rs"]
+mod harness;
+use harness::{
+    admin_client, agent_options, coordinator_config, cpu_seconds, fds, free_port, percentile,
+    provision, rss_kb, site_data, start_coordinator,
+};
 
 #[derive(Parser)]
 pub struct Args {
@@ -82,109 +81,6 @@ pub struct Row {
     pub failed_rounds: u64,
 }
 
-/// The coordinator process, killed when dropped.
-struct Coordinator(std::process::Child);
-
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Resident memory (kB) of a process, now and at its peak.
-fn rss_kb(pid: u32) -> Option<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))?
-            .split_whitespace()
-            .nth(1)?
-            .parse::<u64>()
-            .ok()
-    };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
-}
-
-/// CPU seconds (user + system) a process has used (`/proc/PID/stat`, in clock ticks of
-/// 1/100 s).
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return f64::NAN;
-    };
-    // Fields after the command's closing parenthesis: state is field 3, utime 14, stime 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        f.get(i - 3)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(f64::NAN)
-    };
-    (ticks(14) + ticks(15)) / 100.0
-}
-
-/// Open file descriptors of a process, and how many are sockets.
-fn fds(pid: u32) -> (usize, usize) {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return (0, 0);
-    };
-    let mut all = 0;
-    let mut sockets = 0;
-    for e in dir.flatten() {
-        all += 1;
-        if std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with("socket:")) {
-            sockets += 1;
-        }
-    }
-    (all, sockets)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
-
-fn coordinator_config(dir: &Path, pki: &Path, port: u16, names: &[String]) -> String {
-    let c = pki.join("coordinator");
-    let p = |f: &str| c.join(f).display().to_string();
-    format!(
-        r#"listen = "127.0.0.1:{port}"
-model_dir = "{models}"
-state_file = "{state}"
-allowed_participants = {allowed:?}
-
-[tls]
-ca = "{ca}"
-cert = "{cert}"
-key = "{key}"
-crl = "{crl}"
-
-[at_rest]
-key_dir = "{kek}"
-"#,
-        models = dir.join("models").display(),
-        state = dir.join("state.json").display(),
-        allowed = names,
-        ca = p("ca.pem"),
-        cert = p("cert.pem"),
-        key = p("key.pem"),
-        crl = p("crl.pem"),
-        kek = p("kek"),
-    )
-}
-
 /// The job, created over the Admin API: its rounds start once all `n` participants are
 /// online.
 fn job_spec(args: &Args, n: usize) -> String {
@@ -225,44 +121,15 @@ decrypt_timeout_secs = 30
     )
 }
 
-/// `rows` rows of the table for participant `i`, drawn with replacement (seeded).
-fn site_data(table: &Dataset, rows: usize, i: usize) -> anyhow::Result<LocalData> {
-    let mut rng = ChaCha8Rng::seed_from_u64(i as u64);
-    let all: Vec<usize> = (0..table.len()).collect();
-    let pick: Vec<usize> = (0..rows + 4)
-        .map(|_| *all.choose(&mut rng).unwrap())
-        .collect();
-    Ok(LocalData::prepare(
-        table.subset(&pick),
-        0.2,
-        true,
-        i as u64,
-    )?)
-}
-
 async fn measure(args: &Args, n: usize, table: &Dataset) -> anyhow::Result<Row> {
     let dir = tempfile::tempdir()?;
     let pki = dir.path().join("pki");
     let names: Vec<String> = (0..n).map(|i| format!("p-{i}")).collect();
-    let out = Command::new(BIN)
-        .args(["provision", "--out"])
-        .arg(&pki)
-        .args(["--participants", &names.join(","), "--admins", "ops"])
-        .output()?;
-    if !out.status.success() {
-        bail!("cohort provision: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    provision(&pki, &names)?;
     let port = free_port();
     let cfg = dir.path().join("coordinator.toml");
     std::fs::write(&cfg, coordinator_config(dir.path(), &pki, port, &names))?;
-    let child = Command::new(BIN)
-        .args(["coordinator", "--config"])
-        .arg(&cfg)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let coordinator = Coordinator(child);
+    let coordinator = start_coordinator(&cfg)?;
     let pid = coordinator.0.id();
     let url = format!("https://127.0.0.1:{port}");
 
@@ -285,30 +152,7 @@ async fn measure(args: &Args, n: usize, table: &Dataset) -> anyhow::Result<Row> 
         })
     };
 
-    // The admin's channel, once the coordinator listens.
-    let admin_dir = pki.join("admins").join("ops");
-    let read = |f: &str| std::fs::read_to_string(admin_dir.join(f));
-    let tls = cohort_protocol::tls::client_config(
-        &read("ca.pem")?,
-        &read("cert.pem")?,
-        &read("key.pem")?,
-        "coordinator",
-    );
-    let started = Instant::now();
-    let channel = loop {
-        match tonic::transport::Endpoint::from_shared(url.clone())?
-            .tls_config(tls.clone())?
-            .connect()
-            .await
-        {
-            Ok(c) => break c,
-            Err(_) if started.elapsed() < Duration::from_secs(30) => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(e) => bail!("the coordinator did not listen: {e}"),
-        }
-    };
-    let mut admin = AdminClient::new(channel);
+    let mut admin = admin_client(&pki, &url).await?;
 
     let job = admin
         .create_job(CreateJobRequest {
@@ -331,18 +175,7 @@ async fn measure(args: &Args, n: usize, table: &Dataset) -> anyhow::Result<Row> 
         * 1e3;
     let mut agents = tokio::task::JoinSet::new();
     for (i, name) in names.iter().enumerate() {
-        let path = pki.join("participants").join(name).join("participant.toml");
-        let pc = ParticipantConfig::load(&path).map_err(anyhow::Error::msg)?;
-        let mut opts = pc.options();
-        opts.coordinator = url.clone();
-        opts.tls = Some(
-            pc.tls
-                .as_ref()
-                .context("no [tls]")?
-                .node()
-                .map_err(anyhow::Error::msg)?,
-        );
-        opts.compute = Some(compute.clone());
+        let mut opts = agent_options(&pki, name, &url, &compute)?;
         opts.reconnect_for = Duration::from_secs(60);
         let data = site_data(table, args.rows, i)?;
         agents.spawn(async move { cohort_participant::run(opts, Arc::new(data)).await });

@@ -200,6 +200,17 @@ async fn run_coordinator(config: PathBuf, insecure_dev: bool) -> anyhow::Result<
         require_approval: cfg.require_approval,
     };
     let coordinator = Coordinator::new(store.clone(), state, admission);
+    if let Some(p) = coordinator
+        .set_retention(cfg.retention)
+        .map_err(|e| anyhow::anyhow!("applying [retention]: {e}"))?
+    {
+        tracing::info!(
+            versions = p.model_versions.len(),
+            rounds = p.rounds,
+            audit_entries = p.audit_entries,
+            "retention: pruned at start"
+        );
+    }
     // Its own certificate's and the CA's expiry, for /metrics and `cohort admin status`.
     if let Some(tls) = &cfg.tls {
         for (path, identity, role) in [

@@ -32,6 +32,8 @@ pub enum ConfigError {
     Strategy(#[from] StrategyError),
     #[error(transparent)]
     Inference(#[from] InvalidSetting),
+    #[error("{0}")]
+    Retention(String),
 }
 
 /// `coordinator.toml`.
@@ -63,6 +65,10 @@ pub struct CoordinatorConfig {
     /// admin participants approve`) instead of being refused.
     #[serde(default)]
     pub require_approval: bool,
+    /// What is kept of the state's growing parts (model versions, finished jobs' round
+    /// history, the audit log); everything when absent.
+    #[serde(default)]
+    pub retention: cohort_storage::Retention,
     /// Where Prometheus scrapes `/metrics` (plain HTTP: bind it to a private address).
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
@@ -361,6 +367,7 @@ impl CoordinatorConfig {
         if let Some(i) = &cfg.inference {
             i.validate()?;
         }
+        cfg.retention.validate().map_err(ConfigError::Retention)?;
         Ok(cfg)
     }
 }
@@ -386,6 +393,25 @@ batch_size = 16
 learning_rate = 0.1
 optimizer = "sgd"
 "#;
+
+    #[test]
+    fn retention_is_read_and_settings_that_keep_nothing_are_refused() {
+        let c = CoordinatorConfig::parse(&format!(
+            "{GOOD}\n[retention]\nmodel_versions = 5\naudit_entries = 1000\n"
+        ))
+        .unwrap();
+        assert_eq!(c.retention.model_versions, Some(5));
+        assert_eq!(c.retention.audit_entries, Some(1000));
+        assert_eq!(c.retention.round_history, None);
+        let e = CoordinatorConfig::parse(&format!("{GOOD}\n[retention]\nmodel_versions = 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("retention.model_versions"), "{e}");
+        let e = CoordinatorConfig::parse(&format!("{GOOD}\n[retention]\nrounds = 3\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rounds"), "{e}");
+    }
 
     #[test]
     fn parses_with_defaults() {

@@ -17,8 +17,9 @@ use std::time::Instant;
 
 use cohort_storage::ModelRef;
 
+use crate::commit::{JobContext, new_record};
 use crate::config::JobSection;
-use crate::driver::{Coordinator, JobContext, NoJob, new_record, with_orch};
+use crate::driver::{Coordinator, NoJob, with_orch};
 use crate::round::{Orchestrator, RoundSummary};
 use cohort_storage::state::{
     Approval, JobRecord, JobState, ParticipantRecord, State, StateError, unix_ms,
@@ -177,10 +178,12 @@ impl Coordinator {
         let history: Vec<RoundSummary> =
             state.rounds(&id)?.into_iter().map(|r| r.summary).collect();
         let done = history.len() as u64;
-        let models: Vec<u64> = state.models(Some(&id))?.iter().map(|m| m.version).collect();
-        if models != (0..=done).collect::<Vec<_>>() {
+        // The newest version is the last completed round's (older ones may have been pruned
+        // by the retention setting).
+        let newest = state.models(Some(&id))?.last().map(|m| m.version);
+        if newest != Some(done) {
             return Err(ControlError::Inconsistent(format!(
-                "job {id}: model versions {models:?} do not match its {done} completed rounds"
+                "job {id}: its newest model version is {newest:?}, but it completed {done} rounds"
             )));
         }
         let store = self.shared.store.for_job(&id);
@@ -216,7 +219,7 @@ impl Coordinator {
         }
         job.updated_unix_ms = unix_ms();
         {
-            let _g = self.shared.job_records.lock().expect("job records lock");
+            let _g = self.shared.records.lock().expect("records lock");
             state.put_job(&job)?;
         }
         self.shared.metrics.job_state(&id, job.state);
@@ -309,11 +312,7 @@ impl Coordinator {
             .as_ref()
             .is_some_and(|s| s.is_custodian(id));
         let listed = custodian || adm.allowed.as_ref().is_some_and(|a| a.contains(id));
-        let _records = self
-            .shared
-            .participant_records
-            .lock()
-            .expect("participant records lock");
+        let _records = self.shared.records.lock().expect("records lock");
         let now = unix_ms();
         let mut rec = state
             .participant(id)
@@ -373,7 +372,7 @@ impl Coordinator {
         let cfg = section
             .job_config()
             .map_err(|e| ControlError::InvalidArgument(format!("job specification: {e}")))?;
-        let _g = self.shared.job_records.lock().expect("job records lock");
+        let _g = self.shared.records.lock().expect("records lock");
         if self
             .shared
             .state
@@ -429,7 +428,7 @@ impl Coordinator {
         id: &str,
         paused: bool,
     ) -> Result<JobRecord, ControlError> {
-        let _g = self.shared.job_records.lock().expect("job records lock");
+        let _g = self.shared.records.lock().expect("records lock");
         let mut job = self.job_or_404(id)?;
         let (from, to, action) = if paused {
             (JobState::Running, JobState::Paused, "pause_job")
@@ -461,7 +460,7 @@ impl Coordinator {
         id: &str,
         reason: &str,
     ) -> Result<JobRecord, ControlError> {
-        let _g = self.shared.job_records.lock().expect("job records lock");
+        let _g = self.shared.records.lock().expect("records lock");
         let mut job = self.job_or_404(id)?;
         if !matches!(
             job.state,
@@ -482,6 +481,8 @@ impl Coordinator {
             self.with(true, |o| o.cancel())?;
         }
         self.shared.metrics.job_state(id, job.state);
+        drop(_g);
+        crate::commit::prune(&self.shared.durable(), std::slice::from_ref(&job));
         Ok(job)
     }
 
@@ -499,11 +500,7 @@ impl Coordinator {
             ));
         }
         let state = &self.shared.state;
-        let records = self
-            .shared
-            .participant_records
-            .lock()
-            .expect("participant records lock");
+        let records = self.shared.records.lock().expect("records lock");
         let mut rec = state
             .participant(id)
             .map_err(state_err)?
@@ -593,5 +590,20 @@ impl Coordinator {
         {
             tracing::error!(error = %e, "the embedded inference service keeps its version");
         }
+    }
+}
+
+impl Coordinator {
+    /// Sets what is kept of the state's growing parts (`[retention]`) and applies it to
+    /// every job now (see [`cohort_storage::retention`]). Returns what this first pass removed
+    /// from the state; `None` when nothing is pruned. Call before [`Coordinator::recover`].
+    pub fn set_retention(
+        &self,
+        retention: cohort_storage::Retention,
+    ) -> Result<Option<cohort_storage::Pruned>, String> {
+        retention.validate()?;
+        *self.shared.retention.lock().expect("retention lock") = retention;
+        self.shared.state.keep_audit(retention.audit_entries);
+        crate::commit::prune_at_start(&self.shared.durable()).map_err(|e| e.to_string())
     }
 }

@@ -19,11 +19,12 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use cohort_protocol::server::RateLimiter;
-use cohort_storage::state::{JobRecord, JobState, RoundRecord, StateError, unix_ms};
-use cohort_storage::{ModelManifest, ModelStore, State, StoreError};
+use cohort_storage::state::StateError;
+use cohort_storage::{ModelStore, Retention, State, StoreError};
 use tokio::sync::{broadcast, mpsc, watch};
 
-use crate::config::JobSection;
+use crate::commit::JobContext;
+use crate::commit::{CommitError, Durable, commit_round, commit_statistics};
 use crate::metrics::Metrics as Meters;
 use crate::round::{Event, Orchestrator, RoundSummary};
 
@@ -37,17 +38,6 @@ pub(crate) struct EncodedModel {
     /// Hex SHA-256 of the parameters, as named in tasks.
     pub(crate) digest: String,
     pub(crate) chunks: Vec<cohort_protocol::pb::ModelChunk>,
-}
-
-/// A completed round that could not be committed.
-#[derive(Debug, thiserror::Error)]
-pub enum CommitError {
-    #[error("writing the model version: {0}")]
-    Registry(#[from] StoreError),
-    #[error("committing to the state: {0}")]
-    State(#[from] StateError),
-    #[error("the model writer panicked: {0}")]
-    Panicked(String),
 }
 
 /// No job is active: the state machine is needed but none runs.
@@ -88,14 +78,6 @@ pub struct Admission {
     pub require_approval: bool,
 }
 
-/// The job an event came from (events are processed after the job may have been replaced).
-#[derive(Debug)]
-pub(crate) struct JobContext {
-    pub(crate) config: crate::JobConfig,
-    pub(crate) strategy: &'static str,
-    pub(crate) store: ModelStore,
-}
-
 pub(crate) struct Shared {
     /// The active job's state machine (`None` until a job is started). A std mutex: every
     /// critical section is short and synchronous.
@@ -120,12 +102,10 @@ pub(crate) struct Shared {
     pub(crate) store: ModelStore,
     /// Durable state: participants, jobs, rounds, model versions, audit log.
     pub(crate) state: State,
-    /// Serialises read-modify-write of job records (admin actions, completed rounds).
-    pub(crate) job_records: Mutex<()>,
-    /// Serialises read-modify-write of participant records (a join records when it was
-    /// seen, an operator approves or removes): without it a join could write back the
-    /// record it read before an approval and undo it.
-    pub(crate) participant_records: Mutex<()>,
+    /// Serialises read-modify-write of job and participant records (admin actions, rounds, joins).
+    pub(crate) records: Mutex<()>,
+    /// What is kept of the state's growing parts (`[retention]`; everything by default).
+    pub(crate) retention: Mutex<Retention>,
     pub(crate) admission: Admission,
     pub(crate) metrics: Meters,
     /// Uploads whose data is being received at once. Each holds one model-sized buffer
@@ -139,6 +119,19 @@ pub(crate) struct Shared {
     pub(crate) nonces: crate::guard::NonceLog,
     /// The embedded inference service, when `[inference]` is configured.
     pub(crate) inference: std::sync::OnceLock<cohort_serving::Inference>,
+}
+
+impl Shared {
+    /// What commits and pruning touch.
+    pub(crate) fn durable(&self) -> Durable<'_> {
+        Durable {
+            state: &self.state,
+            store: &self.store,
+            records: &self.records,
+            retention: *self.retention.lock().expect("retention lock"),
+            metrics: &self.metrics,
+        }
+    }
 }
 
 impl Coordinator {
@@ -159,8 +152,8 @@ impl Coordinator {
             encoded_control: Mutex::new(None),
             store,
             state,
-            job_records: Mutex::new(()),
-            participant_records: Mutex::new(()),
+            records: Mutex::new(()),
+            retention: Mutex::new(Retention::default()),
             admission,
             metrics: Meters::new(),
             upload_slots: tokio::sync::Semaphore::new(UPLOAD_SLOTS),
@@ -472,7 +465,7 @@ impl Pending {
     }
 
     /// Writes it durably; says what was written, for the log.
-    fn write(&self, s: &Shared, ctx: &JobContext) -> Result<String, CommitError> {
+    fn write(&self, s: &Durable, ctx: &JobContext) -> Result<String, CommitError> {
         match self {
             Pending::Round {
                 summary,
@@ -522,7 +515,7 @@ async fn commit_until_durable(shared: Weak<Shared>, ctx: Arc<JobContext>, pendin
     loop {
         let Some(s) = shared.upgrade() else { return };
         let (s2, ctx2, p2) = (s.clone(), ctx.clone(), pending.clone());
-        let written = tokio::task::spawn_blocking(move || p2.write(&s2, &ctx2))
+        let written = tokio::task::spawn_blocking(move || p2.write(&s2.durable(), &ctx2))
             .await
             .unwrap_or_else(|e| Err(CommitError::Panicked(e.to_string())))
             .map_err(|e| e.to_string());
@@ -596,110 +589,4 @@ async fn run_timer(shared: Weak<Shared>) {
             r = changed.changed() => if r.is_err() { return },
         }
     }
-}
-
-/// A job record for `cfg`, as created.
-pub(crate) fn new_record(
-    cfg: &crate::JobConfig,
-    strategy: &str,
-    spec: Option<&JobSection>,
-    who: &str,
-) -> JobRecord {
-    let now = unix_ms();
-    JobRecord {
-        id: cfg.job_id.clone(),
-        spec_toml: spec.map(|s| s.to_spec()).unwrap_or_default(),
-        state: JobState::Created,
-        rounds: cfg.rounds,
-        rounds_completed: 0,
-        strategy: strategy.to_string(),
-        model: model_name(&cfg.model),
-        dataset: spec.and_then(|s| s.dataset.clone()).unwrap_or_default(),
-        secure: cfg.secure.is_some(),
-        created_unix_ms: now,
-        updated_unix_ms: now,
-        created_by: who.to_string(),
-        restarts: 0,
-    }
-}
-
-fn model_name(m: &cohort_model::ModelSpec) -> String {
-    use cohort_model::ModelSpec::*;
-    match m {
-        Logistic { inputs, classes } => format!("logistic {inputs}→{classes}"),
-        Mlp {
-            inputs,
-            hidden,
-            classes,
-        } => format!("mlp {inputs}→{hidden:?}→{classes}"),
-        Cnn { classes, .. } => format!("cnn →{classes}"),
-        Layers { layers, .. } => format!("layers {}", cohort_model::layers::summary(layers)),
-        Custom { name, .. } => format!("custom {name}"),
-    }
-}
-
-/// Writes a completed round's model version, then commits it with the round record, the
-/// strategy's state and the job's progress. Runs on a blocking thread.
-/// Commits round 0: the federation's statistics with the job's record.
-fn commit_statistics(
-    shared: &Shared,
-    ctx: &JobContext,
-    st: &crate::round::FederationStatistics,
-) -> Result<(), CommitError> {
-    let cfg = &ctx.config;
-    let _g = shared.job_records.lock().expect("job records lock");
-    let mut job = shared
-        .state
-        .job(&cfg.job_id)?
-        .unwrap_or_else(|| new_record(cfg, ctx.strategy, None, "embedded"));
-    job.updated_unix_ms = unix_ms();
-    let record = cohort_storage::state::StatisticsRecord {
-        job_id: cfg.job_id.clone(),
-        stats: st.stats.clone(),
-        sites: st.sites,
-        completed_unix_ms: unix_ms(),
-    };
-    shared.state.commit_statistics(&job, &record)?;
-    Ok(())
-}
-
-pub(crate) fn commit_round(
-    shared: &Shared,
-    ctx: &JobContext,
-    summary: &RoundSummary,
-    params: &[f32],
-    strategy_state: Option<&[u8]>,
-    pipeline: Option<&cohort_model::tabular::Pipeline>,
-) -> Result<ModelManifest, CommitError> {
-    let cfg = &ctx.config;
-    let m = ctx.store.write_with_pipeline(
-        &cfg.job_id,
-        &cfg.model,
-        ctx.strategy,
-        summary.round,
-        params,
-        Some(summary),
-        unix_ms(),
-        pipeline,
-    )?;
-    let _g = shared.job_records.lock().expect("job records lock");
-    let mut job = shared
-        .state
-        .job(&cfg.job_id)?
-        .unwrap_or_else(|| new_record(cfg, ctx.strategy, None, "embedded"));
-    job.rounds_completed = summary.round;
-    job.updated_unix_ms = unix_ms();
-    if summary.round >= cfg.rounds && job.state.is_active() {
-        job.state = JobState::Finished;
-    }
-    let record = RoundRecord {
-        job_id: cfg.job_id.clone(),
-        summary: summary.clone(),
-        completed_unix_ms: unix_ms(),
-    };
-    shared
-        .state
-        .commit_round(&job, &record, &m, strategy_state)?;
-    shared.metrics.job_state(&job.id, job.state);
-    Ok(m)
 }

@@ -4,6 +4,7 @@
 //! ([`admin`]).
 
 pub mod admin;
+mod commit;
 pub mod config;
 mod control;
 mod driver;

@@ -66,6 +66,11 @@ struct ServingLabel {
     job_id: String,
 }
 
+/// Ended (finished or cancelled) jobs whose series stay on /metrics, the newest. An older
+/// job's series are removed, so the page does not grow with every job a long-running
+/// coordinator runs; Prometheus keeps what it scraped of them.
+pub const ENDED_JOBS_SHOWN: usize = 10;
+
 /// The coordinator's metrics. Cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -92,6 +97,8 @@ pub struct Metrics {
     inference: cohort_serving::InferenceMetrics,
     /// Who is online, to count `participants_connected` exactly.
     online: Arc<Mutex<BTreeMap<String, bool>>>,
+    /// Ended jobs whose series are still shown, oldest first (see [`ENDED_JOBS_SHOWN`]).
+    ended: Arc<Mutex<std::collections::VecDeque<String>>>,
     certificate_expiry: Family<CertificateLabel, Gauge>,
     /// The certificates behind `certificate_expiry`, by identity and role.
     certificates: Arc<Mutex<BTreeMap<(String, String), i64>>>,
@@ -148,6 +155,7 @@ impl Metrics {
             clip_norm: Family::default(),
             inference: cohort_serving::InferenceMetrics::new(),
             online: Arc::default(),
+            ended: Arc::default(),
             certificate_expiry: Family::default(),
             certificates: Arc::default(),
         };
@@ -423,6 +431,53 @@ impl Metrics {
                 })
                 .set(i64::from(s == state));
         }
+        if !state.is_active() && state != JobState::Created {
+            let mut ended = self.ended.lock().expect("metrics lock");
+            if !ended.iter().any(|j| j == job) {
+                ended.push_back(job.to_string());
+            }
+            while ended.len() > ENDED_JOBS_SHOWN {
+                let old = ended.pop_front().expect("more than one");
+                self.forget_job(&old);
+            }
+        }
+    }
+
+    /// Removes every series labelled with `job`.
+    fn forget_job(&self, job: &str) {
+        let l = Self::job(job);
+        for f in [
+            &self.rounds_started,
+            &self.rounds_completed,
+            &self.stragglers,
+            &self.committee_failures,
+            &self.commit_failures,
+        ] {
+            f.remove(&l);
+        }
+        self.commit_pending.remove(&l);
+        self.round_participants.remove(&l);
+        self.round_duration.remove(&l);
+        self.privacy_epsilon.remove(&l);
+        self.clip_norm.remove(&l);
+        for cause in ["too_few_updates", "committee_unavailable", "undecodable"] {
+            self.round_failures.remove(&FailureLabel {
+                job_id: job.into(),
+                cause: cause.into(),
+            });
+        }
+        for s in [
+            JobState::Created,
+            JobState::Running,
+            JobState::Paused,
+            JobState::Finished,
+            JobState::Cancelled,
+        ] {
+            self.job_state.remove(&StateLabel {
+                job_id: job.into(),
+                state: s.as_str().into(),
+            });
+        }
     }
 
     pub fn received(&self, kind: &str, bytes: u64) {
@@ -504,5 +559,32 @@ mod tests {
             "{text}"
         );
         assert!(text.trim_end().ends_with("# EOF"), "{text}");
+    }
+
+    #[test]
+    fn only_the_newest_ended_jobs_keep_their_series() {
+        let m = Metrics::new();
+        let n = ENDED_JOBS_SHOWN + 2;
+        for i in 0..n {
+            let job = format!("j{i}");
+            m.job_state(&job, JobState::Running);
+            m.job_state(&job, JobState::Finished);
+        }
+        m.job_state("now", JobState::Running);
+        let text = m.encode();
+        for i in 0..n {
+            let shown = text.contains(&format!(
+                r#"cohort_rounds_completed_total{{job_id="j{i}"}}"#
+            ));
+            assert_eq!(shown, i >= 2, "j{i}: {text}");
+            let state = text.contains(&format!(
+                r#"cohort_job_state{{job_id="j{i}",state="finished"}} 1"#
+            ));
+            assert_eq!(state, i >= 2, "j{i}: {text}");
+        }
+        assert!(
+            text.contains(r#"cohort_job_state{job_id="now",state="running"} 1"#),
+            "{text}"
+        );
     }
 }

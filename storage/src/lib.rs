@@ -6,15 +6,17 @@
 //!
 //! Modules, in dependency order (no cycles): [`records`] (the plain records both keep) and
 //! [`error`]; [`objects`] (where registry objects live) and [`keys`] / [`pkcs11`] (key
-//! providers); [`registry`] and [`state`]; [`settings`] (the configuration sections, and
+//! providers); [`registry`]; [`backend`] (the state's transactional store) and [`state`], then [`retention`] (pruning the state's growing parts); [`settings`] (the configuration sections, and
 //! opening a registry from them).
 
+pub mod backend;
 pub mod error;
 pub mod keys;
 pub mod objects;
 pub mod pkcs11;
 pub mod records;
 pub mod registry;
+pub mod retention;
 pub mod settings;
 pub mod state;
 
@@ -25,5 +27,6 @@ pub use records::{
     ModelManifest, ModelRef, ParticipantId, RoundClipping, RoundPrivacy, RoundSummary,
 };
 pub use registry::ModelStore;
+pub use retention::{Pruned, Retention};
 pub use settings::{OpenError, open_registry};
 pub use state::{State, StateError};

@@ -18,6 +18,8 @@ pub trait Objects: Send + Sync + std::fmt::Debug {
     fn exists(&self, key: &str) -> Result<bool, StoreError>;
     /// Keys that start with `prefix` (which ends with `/`), in no particular order.
     fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+    /// Removes the object under `key`; removing one that is not there is not an error.
+    fn delete(&self, key: &str) -> Result<(), StoreError>;
     /// Where `key` is, for people: a path or a URL.
     fn locate(&self, key: &str) -> String;
 }
@@ -89,6 +91,16 @@ impl Objects for LocalObjects {
             }
         }
         Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let p = self.path(key);
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(StoreError::Io { path: p, source: e })
+            }
+            _ => Ok(()),
+        }
     }
 
     fn locate(&self, key: &str) -> String {
@@ -267,6 +279,13 @@ impl Objects for S3Objects {
             .into_iter()
             .filter_map(|m| m.location.as_ref().strip_prefix(&strip).map(String::from))
             .collect())
+    }
+
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match self.run(self.store.delete(&self.path(key))) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err(key, e)),
+        }
     }
 
     fn locate(&self, key: &str) -> String {

@@ -92,7 +92,7 @@ pub struct ModelManifest {
 }
 
 /// A model version by job and number.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ModelRef {
     pub job_id: String,
     pub version: u64,

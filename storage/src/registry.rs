@@ -33,8 +33,11 @@ fn object_key(params_digest: &str, encrypted: bool) -> String {
     } else {
         ".safetensors"
     };
-    format!("objects/sha256/{params_digest}{ext}")
+    format!("{WEIGHTS_PREFIX}{params_digest}{ext}")
 }
+
+/// Where weights objects are, named by their parameters' digest.
+const WEIGHTS_PREFIX: &str = "objects/sha256/";
 
 /// The serving pointer's key, at the registry's root.
 const SERVING_KEY: &str = "serving.json";
@@ -309,6 +312,33 @@ impl ModelStore {
                 path: PathBuf::from(self.objects.locate(SERVING_KEY)),
                 message: e.to_string(),
             })
+    }
+
+    /// Removes version `version`'s manifest (its weights stay: other versions, of this job or
+    /// another, may share them; see [`Self::delete_weights`]).
+    pub fn delete_version(&self, version: u64) -> Result<(), StoreError> {
+        self.objects.delete(&self.manifest_key(version))
+    }
+
+    /// Weights objects present (their keys, as manifests' `weights_file` names them).
+    pub fn weights_objects(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .objects
+            .list(WEIGHTS_PREFIX)?
+            .into_iter()
+            .filter(|k| k.ends_with(".safetensors") || k.ends_with(".safetensors.enc"))
+            .collect())
+    }
+
+    /// Removes a weights object; the caller has checked that no kept manifest names it.
+    pub fn delete_weights(&self, key: &str) -> Result<(), StoreError> {
+        if !key.starts_with(WEIGHTS_PREFIX) {
+            return Err(StoreError::Manifest {
+                path: PathBuf::from(self.objects.locate(key)),
+                message: format!("{key:?} is not a weights object"),
+            });
+        }
+        self.objects.delete(key)
     }
 
     /// Versions present (those whose manifest exists), ascending.

@@ -1,230 +1,22 @@
 //! The coordinator's durable state: participants, jobs, completed rounds, model versions,
 //! the version served for inference, and the audit log of admin actions.
 //!
-//! Two layers. [`Backend`] is a transactional key-value store of a few named tables: every
-//! [`Backend::commit`] applies all of its writes or none. [`RedbBackend`] keeps them in an
-//! embedded ACID database (redb: copy-on-write B-trees, fsync on commit), so a `kill -9` at
-//! any instant leaves either the state before a commit or the state after it;
-//! [`MemoryBackend`] is its in-memory twin for tests and simulations. [`State`] is the typed
-//! layer the coordinator uses; records are JSON, so an operator can read them with any tool.
+//! Two layers. A [`Backend`] (`crate::backend`) is a transactional key-value store of a few
+//! named tables: every [`Backend::commit`] applies all of its writes or none, so with
+//! [`RedbBackend`] a `kill -9` at any instant leaves either the state before a commit or the
+//! state after it. [`State`] is the typed layer the coordinator uses; records are JSON, so an operator can read them with any tool.
 //!
 //! What a commit groups together is what must never be seen apart: a completed round, its
 //! model version and the job's progress; an admin action and its audit entry.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
 use crate::records::{ModelManifest, ModelRef, RoundSummary};
 
-/// The tables, in a fixed order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Table {
-    Participants,
-    Jobs,
-    Rounds,
-    Models,
-    Audit,
-    /// Singletons: the serving history.
-    Meta,
-    /// Strategies' server state (FedAdam's moments) after each job's last completed round.
-    StrategyState,
-    /// Jobs with tables: the federation's statistics from round 0.
-    Statistics,
-}
-
-impl Table {
-    const ALL: [Table; 8] = [
-        Table::Participants,
-        Table::Jobs,
-        Table::Rounds,
-        Table::Models,
-        Table::Audit,
-        Table::Meta,
-        Table::StrategyState,
-        Table::Statistics,
-    ];
-
-    fn name(self) -> &'static str {
-        match self {
-            Table::Participants => "participants",
-            Table::Jobs => "jobs",
-            Table::Rounds => "rounds",
-            Table::Models => "models",
-            Table::Audit => "audit",
-            Table::Meta => "meta",
-            Table::StrategyState => "strategy_state",
-            Table::Statistics => "statistics",
-        }
-    }
-}
-
-/// One write of a commit.
-#[derive(Debug, Clone)]
-pub enum Write {
-    Put(Table, String, Vec<u8>),
-    Delete(Table, String),
-}
-
-/// State that could not be read or written.
-#[derive(Debug, thiserror::Error)]
-pub enum StateError {
-    #[error("state database {path}: {message}")]
-    Db { path: PathBuf, message: String },
-    #[error("state record {table}/{key} is not valid: {message}")]
-    Corrupt {
-        table: &'static str,
-        key: String,
-        message: String,
-    },
-}
-
-/// A transactional store of byte values under string keys, in [`Table`]s.
-pub trait Backend: Send + Sync + std::fmt::Debug {
-    /// Applies every write, or none of them; returns once they are durable.
-    fn commit(&self, writes: &[Write]) -> Result<(), StateError>;
-    /// Every entry of `table`, in key order.
-    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StateError>;
-    /// One entry.
-    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StateError>;
-}
-
-/// The in-memory twin of [`RedbBackend`].
-#[derive(Debug, Default)]
-pub struct MemoryBackend {
-    tables: Mutex<BTreeMap<Table, BTreeMap<String, Vec<u8>>>>,
-}
-
-impl Backend for MemoryBackend {
-    fn commit(&self, writes: &[Write]) -> Result<(), StateError> {
-        let mut t = self.tables.lock().expect("state lock");
-        for w in writes {
-            match w {
-                Write::Put(table, k, v) => {
-                    t.entry(*table).or_default().insert(k.clone(), v.clone());
-                }
-                Write::Delete(table, k) => {
-                    t.entry(*table).or_default().remove(k);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StateError> {
-        let t = self.tables.lock().expect("state lock");
-        Ok(t.get(&table).and_then(|m| m.get(key).cloned()))
-    }
-
-    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StateError> {
-        let t = self.tables.lock().expect("state lock");
-        Ok(t.get(&table)
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-            .unwrap_or_default())
-    }
-}
-
-/// State in a redb database file.
-pub struct RedbBackend {
-    db: redb::Database,
-    path: PathBuf,
-}
-
-impl std::fmt::Debug for RedbBackend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedbBackend")
-            .field("path", &self.path)
-            .finish()
-    }
-}
-
-fn table_def(t: Table) -> redb::TableDefinition<'static, &'static str, &'static [u8]> {
-    redb::TableDefinition::new(t.name())
-}
-
-impl RedbBackend {
-    /// Opens (or creates) the database at `path`, creating every table.
-    pub fn open(path: &Path) -> Result<Self, StateError> {
-        let err = |e: &dyn std::fmt::Display| StateError::Db {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
-        }
-        let db = redb::Database::create(path).map_err(|e| err(&e))?;
-        let tx = db.begin_write().map_err(|e| err(&e))?;
-        for t in Table::ALL {
-            tx.open_table(table_def(t)).map_err(|e| err(&e))?;
-        }
-        tx.commit().map_err(|e| err(&e))?;
-        Ok(RedbBackend {
-            db,
-            path: path.to_path_buf(),
-        })
-    }
-
-    fn err(&self, e: impl std::fmt::Display) -> StateError {
-        StateError::Db {
-            path: self.path.clone(),
-            message: e.to_string(),
-        }
-    }
-}
-
-impl Backend for RedbBackend {
-    fn commit(&self, writes: &[Write]) -> Result<(), StateError> {
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        {
-            let mut open: BTreeMap<Table, redb::Table<&str, &[u8]>> = BTreeMap::new();
-            for w in writes {
-                let t = match w {
-                    Write::Put(t, ..) | Write::Delete(t, _) => *t,
-                };
-                let table = match open.entry(t) {
-                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::btree_map::Entry::Vacant(e) => {
-                        e.insert(tx.open_table(table_def(t)).map_err(|e| self.err(e))?)
-                    }
-                };
-                match w {
-                    Write::Put(_, k, v) => {
-                        table
-                            .insert(k.as_str(), v.as_slice())
-                            .map_err(|e| self.err(e))?;
-                    }
-                    Write::Delete(_, k) => {
-                        table.remove(k.as_str()).map_err(|e| self.err(e))?;
-                    }
-                }
-            }
-        }
-        tx.commit().map_err(|e| self.err(e))
-    }
-
-    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StateError> {
-        use redb::ReadableDatabase;
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let t = tx.open_table(table_def(table)).map_err(|e| self.err(e))?;
-        Ok(t.get(key)
-            .map_err(|e| self.err(e))?
-            .map(|v| v.value().to_vec()))
-    }
-
-    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StateError> {
-        use redb::{ReadableDatabase, ReadableTable};
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let t = tx.open_table(table_def(table)).map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        for entry in t.iter().map_err(|e| self.err(e))? {
-            let (k, v) = entry.map_err(|e| self.err(e))?;
-            out.push((k.value().to_string(), v.value().to_vec()));
-        }
-        Ok(out)
-    }
-}
+pub use crate::backend::{Backend, MemoryBackend, RedbBackend, StateError, Table, Write};
 
 // ----- records -----
 
@@ -339,21 +131,26 @@ pub struct AuditEntry {
     pub detail: String,
 }
 
-fn round_key(job: &str, round: u64) -> String {
+pub(crate) fn round_key(job: &str, round: u64) -> String {
     format!("{job}\u{0}{round:020}")
 }
 
-fn seq_key(seq: u64) -> String {
+/// Where `job`'s keys start in the rounds and models tables.
+pub(crate) fn job_prefix(job: &str) -> String {
+    format!("{job}\u{0}")
+}
+
+pub(crate) fn seq_key(seq: u64) -> String {
     format!("{seq:020}")
 }
 
-const SERVING: &str = "serving";
+pub(crate) const SERVING: &str = "serving";
 
-fn json<T: Serialize>(v: &T) -> Vec<u8> {
+pub(crate) fn json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("state records serialise")
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(
+pub(crate) fn parse<T: for<'de> Deserialize<'de>>(
     table: Table,
     key: &str,
     bytes: &[u8],
@@ -368,9 +165,11 @@ fn parse<T: for<'de> Deserialize<'de>>(
 /// The typed state. Cheap to clone; every method is one commit or one read.
 #[derive(Debug, Clone)]
 pub struct State {
-    backend: Arc<dyn Backend>,
+    pub(crate) backend: Arc<dyn Backend>,
     /// Serialises read-modify-write sequences (audit numbering, the serving history).
     writer: Arc<Mutex<()>>,
+    /// Audit entries kept (0: all); see [`State::keep_audit`].
+    audit_keep: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl State {
@@ -378,6 +177,7 @@ impl State {
         State {
             backend,
             writer: Arc::new(Mutex::new(())),
+            audit_keep: Arc::default(),
         }
     }
 
@@ -437,9 +237,8 @@ impl State {
     pub fn rounds(&self, job: &str) -> Result<Vec<RoundRecord>, StateError> {
         let mut r: Vec<RoundRecord> = self
             .backend
-            .scan(Table::Rounds)?
+            .scan_prefix(Table::Rounds, &job_prefix(job))?
             .iter()
-            .filter(|(k, _)| k.split('\u{0}').next() == Some(job))
             .map(|(k, v)| parse(Table::Rounds, k, v))
             .collect::<Result<_, _>>()?;
         r.sort_by_key(|r| r.summary.round);
@@ -448,8 +247,15 @@ impl State {
 
     /// Model versions of `job` (every job's when `None`), by job and version.
     pub fn models(&self, job: Option<&str>) -> Result<Vec<ModelManifest>, StateError> {
-        let mut m: Vec<ModelManifest> = self.all(Table::Models)?;
-        m.retain(|m| job.is_none_or(|j| m.job_id == j));
+        let mut m: Vec<ModelManifest> = match job {
+            Some(j) => self
+                .backend
+                .scan_prefix(Table::Models, &job_prefix(j))?
+                .iter()
+                .map(|(k, v)| parse(Table::Models, k, v))
+                .collect::<Result<_, _>>()?,
+            None => self.all(Table::Models)?,
+        };
         m.sort_by(|a, b| (&a.job_id, a.version).cmp(&(&b.job_id, b.version)));
         Ok(m)
     }
@@ -492,9 +298,8 @@ impl State {
     ) -> Result<AuditEntry, StateError> {
         let seq = self
             .backend
-            .scan(Table::Audit)?
-            .last()
-            .map(|(k, v)| parse::<AuditEntry>(Table::Audit, k, v).map(|e| e.seq + 1))
+            .last(Table::Audit)?
+            .map(|(k, v)| parse::<AuditEntry>(Table::Audit, &k, &v).map(|e| e.seq + 1))
             .transpose()?
             .unwrap_or(1);
         Ok(AuditEntry {
@@ -505,6 +310,14 @@ impl State {
             target: target.into(),
             detail: detail.into(),
         })
+    }
+
+    /// Keeps the newest `keep` audit entries from now on (`None`: all): each audited action
+    /// removes the entry that leaves the window, in its own commit. Older entries beyond the
+    /// window go with [`State::prune`].
+    pub fn keep_audit(&self, keep: Option<u64>) {
+        self.audit_keep
+            .store(keep.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Applies `writes` together with an audit entry for them, in one commit.
@@ -519,6 +332,10 @@ impl State {
         let _w = self.writer.lock().expect("state writer lock");
         let entry = self.next_audit(who, action, target, detail)?;
         writes.push(Write::Put(Table::Audit, seq_key(entry.seq), json(&entry)));
+        let keep = self.audit_keep.load(std::sync::atomic::Ordering::Relaxed);
+        if keep > 0 && entry.seq > keep {
+            writes.push(Write::Delete(Table::Audit, seq_key(entry.seq - keep)));
+        }
         self.backend.commit(&writes)?;
         Ok(entry)
     }
