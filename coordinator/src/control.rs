@@ -562,6 +562,9 @@ impl Coordinator {
     }
 
     pub(crate) fn rollback(&self, who: &str) -> Result<ModelRef, ControlError> {
+        // The version rolled back from leaves the serving history: with retention, its job's
+        // versions are pruned again (it may have been kept only as a promotion).
+        let from = self.shared.state.serving().map_err(state_err)?;
         let to = self
             .shared
             .state
@@ -573,6 +576,14 @@ impl Coordinator {
                 )
             })?;
         self.publish_promotion(&to);
+        if let Some(job) = from
+            .map(|f| self.shared.state.job(&f.job_id))
+            .transpose()
+            .map_err(state_err)?
+            .flatten()
+        {
+            crate::commit::prune(&self.shared.durable(), &[job]);
+        }
         Ok(to)
     }
 

@@ -160,9 +160,19 @@ impl Backend for MemoryBackend {
     }
 }
 
+/// Opens the database a [`RedbBackend`] uses (again, after a failure).
+type Opener = Box<dyn Fn() -> Result<redb::Database, String> + Send + Sync>;
+
 /// State in a redb database file.
+///
+/// After an I/O error (a full disk, a file system remounted read-only), redb refuses every
+/// later write on the same handle (`PreviousIo`) even once the disk has recovered. So a
+/// failed operation drops the handle, and the next one opens the file again (redb repairs
+/// it if need be): commits succeed again as soon as storage does, without a restart.
 pub struct RedbBackend {
-    db: redb::Database,
+    /// `None` after a failure, until the next operation reopens it.
+    db: std::sync::RwLock<Option<redb::Database>>,
+    open: Opener,
     path: PathBuf,
 }
 
@@ -181,21 +191,35 @@ fn table_def(t: Table) -> redb::TableDefinition<'static, &'static str, &'static 
 impl RedbBackend {
     /// Opens (or creates) the database at `path`, creating every table.
     pub fn open(path: &Path) -> Result<Self, StateError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StateError::Db {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        }
+        let p = path.to_path_buf();
+        Self::with_opener(
+            path,
+            Box::new(move || redb::Database::create(&p).map_err(|e| e.to_string())),
+        )
+    }
+
+    /// A backend whose database `open` opens (named `path` in errors); every table is
+    /// created on the first opening.
+    pub(crate) fn with_opener(path: &Path, open: Opener) -> Result<Self, StateError> {
         let err = |e: &dyn std::fmt::Display| StateError::Db {
             path: path.to_path_buf(),
             message: e.to_string(),
         };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
-        }
-        let db = redb::Database::create(path).map_err(|e| err(&e))?;
+        let db = open().map_err(|e| err(&e))?;
         let tx = db.begin_write().map_err(|e| err(&e))?;
         for t in Table::ALL {
             tx.open_table(table_def(t)).map_err(|e| err(&e))?;
         }
         tx.commit().map_err(|e| err(&e))?;
         Ok(RedbBackend {
-            db,
+            db: std::sync::RwLock::new(Some(db)),
+            open,
             path: path.to_path_buf(),
         })
     }
@@ -206,11 +230,67 @@ impl RedbBackend {
             message: e.to_string(),
         }
     }
+
+    /// Runs `f` on the database, opening it first if a failure dropped it; a failure of
+    /// `f` drops it in turn.
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&redb::Database) -> Result<T, StateError>,
+    ) -> Result<T, StateError> {
+        fn lock<G>(r: std::sync::LockResult<G>) -> G {
+            r.unwrap_or_else(std::sync::PoisonError::into_inner)
+        }
+        let r = loop {
+            let g = lock(self.db.read());
+            if let Some(db) = g.as_ref() {
+                break f(db);
+            }
+            drop(g);
+            let mut w = lock(self.db.write());
+            if w.is_none() {
+                *w = Some((self.open)().map_err(|e| self.err(format!("reopening: {e}")))?);
+            }
+        };
+        if r.is_err() {
+            *lock(self.db.write()) = None;
+        }
+        r
+    }
 }
 
 impl Backend for RedbBackend {
     fn commit(&self, writes: &[Write]) -> Result<(), StateError> {
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        self.with(|db| self.commit_on(db, writes))
+    }
+
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StateError> {
+        self.with(|db| self.get_on(db, table, key))
+    }
+
+    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StateError> {
+        self.with(|db| self.scan_on(db, table, ""))
+    }
+
+    fn scan_prefix(
+        &self,
+        table: Table,
+        prefix: &str,
+    ) -> Result<Vec<(String, Vec<u8>)>, StateError> {
+        self.with(|db| self.scan_on(db, table, prefix))
+    }
+
+    fn last(&self, table: Table) -> Result<Option<(String, Vec<u8>)>, StateError> {
+        self.with(|db| self.last_on(db, table))
+    }
+
+    fn first_key(&self, table: Table) -> Result<Option<String>, StateError> {
+        self.with(|db| self.first_key_on(db, table))
+    }
+}
+
+impl RedbBackend {
+    fn commit_on(&self, db: &redb::Database, writes: &[Write]) -> Result<(), StateError> {
+        let tx = db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut open: BTreeMap<Table, redb::Table<&str, &[u8]>> = BTreeMap::new();
             for w in writes {
@@ -238,34 +318,29 @@ impl Backend for RedbBackend {
         tx.commit().map_err(|e| self.err(e))
     }
 
-    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StateError> {
+    fn get_on(
+        &self,
+        db: &redb::Database,
+        table: Table,
+        key: &str,
+    ) -> Result<Option<Vec<u8>>, StateError> {
         use redb::ReadableDatabase;
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let tx = db.begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(table_def(table)).map_err(|e| self.err(e))?;
         Ok(t.get(key)
             .map_err(|e| self.err(e))?
             .map(|v| v.value().to_vec()))
     }
 
-    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StateError> {
-        use redb::{ReadableDatabase, ReadableTable};
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let t = tx.open_table(table_def(table)).map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        for entry in t.iter().map_err(|e| self.err(e))? {
-            let (k, v) = entry.map_err(|e| self.err(e))?;
-            out.push((k.value().to_string(), v.value().to_vec()));
-        }
-        Ok(out)
-    }
-
-    fn scan_prefix(
+    /// The entries whose keys start with `prefix` (every entry for "").
+    fn scan_on(
         &self,
+        db: &redb::Database,
         table: Table,
         prefix: &str,
     ) -> Result<Vec<(String, Vec<u8>)>, StateError> {
         use redb::ReadableDatabase;
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let tx = db.begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(table_def(table)).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for entry in t.range(prefix..).map_err(|e| self.err(e))? {
@@ -278,21 +353,117 @@ impl Backend for RedbBackend {
         Ok(out)
     }
 
-    fn last(&self, table: Table) -> Result<Option<(String, Vec<u8>)>, StateError> {
+    fn last_on(
+        &self,
+        db: &redb::Database,
+        table: Table,
+    ) -> Result<Option<(String, Vec<u8>)>, StateError> {
         use redb::{ReadableDatabase, ReadableTable};
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let tx = db.begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(table_def(table)).map_err(|e| self.err(e))?;
         Ok(t.last()
             .map_err(|e| self.err(e))?
             .map(|(k, v)| (k.value().to_string(), v.value().to_vec())))
     }
 
-    fn first_key(&self, table: Table) -> Result<Option<String>, StateError> {
+    fn first_key_on(
+        &self,
+        db: &redb::Database,
+        table: Table,
+    ) -> Result<Option<String>, StateError> {
         use redb::{ReadableDatabase, ReadableTable};
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let tx = db.begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(table_def(table)).map_err(|e| self.err(e))?;
         Ok(t.first()
             .map_err(|e| self.err(e))?
             .map(|(k, _)| k.value().to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A file whose writes fail while `fail` is set (a full disk).
+    #[derive(Debug)]
+    struct FailingDisk {
+        file: redb::backends::FileBackend,
+        fail: Arc<AtomicBool>,
+    }
+
+    impl FailingDisk {
+        fn check(&self) -> std::io::Result<()> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(std::io::Error::other("No space left on device"));
+            }
+            Ok(())
+        }
+    }
+
+    impl redb::StorageBackend for FailingDisk {
+        fn len(&self) -> std::io::Result<u64> {
+            self.file.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.file.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.check()?;
+            self.file.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.check()?;
+            self.file.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            self.file.write(offset, data)
+        }
+    }
+
+    #[test]
+    fn commits_succeed_again_once_the_disk_does_without_reopening_by_hand() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let fail = Arc::new(AtomicBool::new(false));
+        let (p, f) = (path.clone(), fail.clone());
+        let b = RedbBackend::with_opener(
+            &path,
+            Box::new(move || {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&p)
+                    .map_err(|e| e.to_string())?;
+                let disk = FailingDisk {
+                    file: redb::backends::FileBackend::new(file).map_err(|e| e.to_string())?,
+                    fail: f.clone(),
+                };
+                redb::Builder::new()
+                    .create_with_backend(disk)
+                    .map_err(|e| e.to_string())
+            }),
+        )
+        .unwrap();
+        let put = |k: &str| b.commit(&[Write::Put(Table::Jobs, k.into(), b"v".to_vec())]);
+        put("before").unwrap();
+        fail.store(true, Ordering::SeqCst);
+        let e = put("during").unwrap_err().to_string();
+        assert!(e.contains("state.redb"), "{e}");
+        // Still failing: refused, nothing half-written.
+        assert!(put("during").is_err());
+        fail.store(false, Ordering::SeqCst);
+        put("after").unwrap();
+        let keys: Vec<String> = b
+            .scan(Table::Jobs)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(keys, vec!["after".to_string(), "before".into()]);
     }
 }
