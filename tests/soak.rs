@@ -59,3 +59,30 @@ async fn a_compressed_long_run_keeps_only_what_retention_allows() {
     let last = r.samples.last().unwrap();
     assert!(last.state_bytes > 0 && first.registry_files > 0, "{r:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_retention_every_version_and_round_is_kept() {
+    let args = soak::Args::parse_from([
+        "soak",
+        "--rounds",
+        "30",
+        "--rounds-per-job",
+        "15",
+        "--participants",
+        "6",
+        "--per-round",
+        "4",
+        "--sample-every",
+        "15",
+        "--admin-every-ms",
+        "200",
+        "--no-retention",
+        "--timeout",
+        "300",
+    ]);
+    let r = soak::run(args).await.unwrap();
+    assert_eq!((r.rounds, r.jobs, r.errors), (30, 2, 0), "{r:?}");
+    // Each job's initial model and one version a round.
+    assert_eq!(r.model_versions_kept, 2 * 16, "{r:?}");
+    assert_eq!(r.finished_job_rounds_kept, 15, "{r:?}");
+}
