@@ -516,7 +516,9 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
 
-    // What is kept at the end.
+    // What is kept at the end. Pruning follows a round's commit (after the job's state
+    // machine hears of it): give the last round's pass time to end.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     report.model_versions_kept = admin
         .list_models(ListModelsRequest::default())
         .await?

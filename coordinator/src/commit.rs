@@ -113,8 +113,7 @@ pub(crate) fn commit_statistics(
 }
 
 /// Writes a completed round's model version, then commits it with the round record, the
-/// strategy's state and the job's progress; then applies the retention setting to the job.
-/// Runs on a blocking thread.
+/// strategy's state and the job's progress. Runs on a blocking thread.
 pub(crate) fn commit_round(
     d: &Durable,
     ctx: &JobContext,
@@ -151,9 +150,19 @@ pub(crate) fn commit_round(
     };
     d.state.commit_round(&job, &record, &m, strategy_state)?;
     d.metrics.job_state(&job.id, job.state);
-    drop(_g);
-    prune(d, std::slice::from_ref(&job));
     Ok(m)
+}
+
+/// Applies the retention setting to job `id` (after its round was committed and its state
+/// machine told, so pruning never delays the next round).
+pub(crate) fn prune_job(d: &Durable, id: &str) {
+    match d.state.job(id) {
+        Ok(Some(job)) => {
+            prune(d, &[job]);
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(job = id, "retention: reading the job failed: {e}"),
+    }
 }
 
 /// Applies the retention setting to `jobs` and the audit log, then removes the registry

@@ -411,9 +411,24 @@ impl Coordinator {
             )));
         }
         if let Some(active) = self.active_job_id() {
-            return Err(ControlError::FailedPrecondition(format!(
-                "job {active} is active; pause does not free the coordinator: cancel it or wait for it to finish"
-            )));
+            // A job's last round is committed (its record says finished) a moment before its
+            // state machine hears so: wait for that, rather than refuse a start that an
+            // operator's `jobs status` said was possible. (Runs on a blocking thread.)
+            let ended = self
+                .shared
+                .state
+                .job(&active)
+                .map_err(state_err)?
+                .is_some_and(|j| !j.state.is_active());
+            let deadline = Instant::now() + std::time::Duration::from_secs(5);
+            while ended && self.active_job_id().is_some() && Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            if let Some(active) = self.active_job_id() {
+                return Err(ControlError::FailedPrecondition(format!(
+                    "job {active} is active; pause does not free the coordinator: cancel it or wait for it to finish"
+                )));
+            }
         }
         let section = JobSection::parse_spec(&job.spec_toml)?;
         let cfg = section.job_config()?;

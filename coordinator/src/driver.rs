@@ -528,6 +528,10 @@ async fn commit_until_durable(shared: Weak<Shared>, ctx: Arc<JobContext>, pendin
                         o.committed(round, Instant::now())
                     }
                 });
+                let _ = tokio::task::spawn_blocking(move || {
+                    crate::commit::prune_job(&s.durable(), &job)
+                })
+                .await;
                 return;
             }
             Err(e) => {

@@ -66,6 +66,15 @@ struct ServingLabel {
     job_id: String,
 }
 
+/// Every state a job's `cohort_job_state` series exist for.
+const JOB_STATES: [JobState; 5] = [
+    JobState::Created,
+    JobState::Running,
+    JobState::Paused,
+    JobState::Finished,
+    JobState::Cancelled,
+];
+
 /// Ended (finished or cancelled) jobs whose series stay on /metrics, the newest. An older
 /// job's series are removed, so the page does not grow with every job a long-running
 /// coordinator runs; Prometheus keeps what it scraped of them.
@@ -417,13 +426,7 @@ impl Metrics {
                 cause: cause.into(),
             });
         }
-        for s in [
-            JobState::Created,
-            JobState::Running,
-            JobState::Paused,
-            JobState::Finished,
-            JobState::Cancelled,
-        ] {
+        for s in JOB_STATES {
             self.job_state
                 .get_or_create(&StateLabel {
                     job_id: job.into(),
@@ -466,13 +469,7 @@ impl Metrics {
                 cause: cause.into(),
             });
         }
-        for s in [
-            JobState::Created,
-            JobState::Running,
-            JobState::Paused,
-            JobState::Finished,
-            JobState::Cancelled,
-        ] {
+        for s in JOB_STATES {
             self.job_state.remove(&StateLabel {
                 job_id: job.into(),
                 state: s.as_str().into(),
