@@ -29,7 +29,7 @@ use cohort_protocol::pb::{CreateJobRequest, GetStatusRequest, JobRequest};
 mod harness;
 use harness::{
     admin_client, agent_options, coordinator_config, cpu_seconds, fds, free_port, percentile,
-    provision, rss_kb, site_data, start_coordinator,
+    provision, rss_kb, secure_job_spec, site_data, start_coordinator,
 };
 
 #[derive(Parser)]
@@ -84,40 +84,15 @@ pub struct Row {
 /// The job, created over the Admin API: its rounds start once all `n` participants are
 /// online.
 fn job_spec(args: &Args, n: usize) -> String {
-    format!(
-        r#"id = "load-{n}"
-rounds = {rounds}
-min_participants = {n}
-clients_per_round = {k}
-min_updates = {min_updates}
-round_timeout_secs = 60
-eval_timeout_secs = 30
-liveness_timeout_secs = 60
-evaluate = false
-seed = 7
-strategy = "fedavg"
-
-[model]
-kind = "logistic"
-inputs = 30
-classes = 2
-
-[train]
-epochs = 1
-batch_size = 16
-learning_rate = 0.1
-optimizer = "sgd"
-seed = 1
-
-[secure_aggregation]
-committee_size = {committee}
-t_min = 2
-decrypt_timeout_secs = 30
-"#,
-        rounds = args.rounds,
-        k = args.per_round.min(n),
-        min_updates = (args.per_round.min(n) * 9 / 10).max(2),
-        committee = args.committee,
+    let k = args.per_round.min(n);
+    secure_job_spec(
+        &format!("load-{n}"),
+        args.rounds,
+        n,
+        k,
+        (k * 9 / 10).max(2),
+        args.committee,
+        60,
     )
 }
 

@@ -38,7 +38,7 @@ use tonic::transport::Channel;
 mod harness;
 use harness::{
     admin_client, agent_options, coordinator_config_with, fds, free_port, provision, rss_kb,
-    site_data, start_coordinator,
+    secure_job_spec, site_data, start_coordinator,
 };
 
 #[derive(Parser, Clone)]
@@ -173,39 +173,15 @@ fn metrics_series(addr: &str) -> usize {
 }
 
 fn job_spec(args: &Args, id: &str, rounds: u64) -> String {
-    format!(
-        r#"id = "{id}"
-rounds = {rounds}
-min_participants = {k}
-clients_per_round = {k}
-min_updates = {min_updates}
-round_timeout_secs = 10
-eval_timeout_secs = 5
-liveness_timeout_secs = 10
-evaluate = false
-seed = 7
-strategy = "fedavg"
-
-[model]
-kind = "logistic"
-inputs = 30
-classes = 2
-
-[train]
-epochs = 1
-batch_size = 16
-learning_rate = 0.1
-optimizer = "sgd"
-seed = 1
-
-[secure_aggregation]
-committee_size = {committee}
-t_min = 2
-decrypt_timeout_secs = 5
-"#,
-        k = args.per_round,
-        min_updates = args.per_round.saturating_sub(1).max(2),
-        committee = args.committee,
+    let k = args.per_round;
+    secure_job_spec(
+        id,
+        rounds,
+        k,
+        k,
+        k.saturating_sub(1).max(2),
+        args.committee,
+        10,
     )
 }
 

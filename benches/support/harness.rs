@@ -226,3 +226,49 @@ pub fn agent_options(
     opts.compute = Some(compute.clone());
     Ok(opts)
 }
+
+/// A job of secure rounds of logistic regression on the breast-cancer table, as both benches
+/// create it over the Admin API. `timeout_secs` is the round's and the liveness deadline;
+/// evaluation and decryption get half of it.
+pub fn secure_job_spec(
+    id: &str,
+    rounds: u64,
+    min_participants: usize,
+    per_round: usize,
+    min_updates: usize,
+    committee: usize,
+    timeout_secs: u64,
+) -> String {
+    format!(
+        r#"id = "{id}"
+rounds = {rounds}
+min_participants = {min_participants}
+clients_per_round = {per_round}
+min_updates = {min_updates}
+round_timeout_secs = {timeout_secs}
+eval_timeout_secs = {half}
+liveness_timeout_secs = {timeout_secs}
+evaluate = false
+seed = 7
+strategy = "fedavg"
+
+[model]
+kind = "logistic"
+inputs = 30
+classes = 2
+
+[train]
+epochs = 1
+batch_size = 16
+learning_rate = 0.1
+optimizer = "sgd"
+seed = 1
+
+[secure_aggregation]
+committee_size = {committee}
+t_min = 2
+decrypt_timeout_secs = {half}
+"#,
+        half = timeout_secs / 2,
+    )
+}
