@@ -142,7 +142,10 @@ impl Coordinator {
             "start_job",
             &cfg.job_id,
             "",
-            vec![State::job_write(&job), State::model_write(&m)],
+            [State::job_write(&job)]
+                .into_iter()
+                .chain(State::model_writes(&m))
+                .collect(),
         )?;
         self.shared.metrics.job_state(&job.id, job.state);
         self.install(orch);
@@ -630,6 +633,18 @@ impl Coordinator {
         retention.validate()?;
         *self.shared.retention.lock().expect("retention lock") = retention;
         self.shared.state.keep_audit(retention.audit_entries);
-        crate::commit::prune_at_start(&self.shared.durable()).map_err(|e| e.to_string())
+        let pruned =
+            crate::commit::prune_at_start(&self.shared.durable()).map_err(|e| e.to_string())?;
+        if retention.prunes() {
+            // The file keeps the space pruning freed (reused by later writes) until this.
+            match self.shared.state.compact() {
+                Ok(Some((before, after))) => {
+                    tracing::info!(before, after, "state database compacted (bytes)")
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("compacting the state database failed: {e}"),
+            }
+        }
+        Ok(pruned)
     }
 }

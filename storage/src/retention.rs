@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::records::{ModelManifest, ModelRef};
 use crate::state::{
     AuditEntry, JobRecord, SERVING, State, StateError, Table, Write, job_prefix, json, parse,
-    round_key, seq_key,
+    round_key, seq_key, weight_ref_key,
 };
 
 /// `[retention]`.
@@ -131,6 +131,10 @@ impl State {
                         Table::Models,
                         round_key(&m.job_id, m.version),
                     ));
+                    writes.push(Write::Delete(
+                        Table::WeightRefs,
+                        weight_ref_key(&m.weights_file, &m.job_id, m.version),
+                    ));
                     removed_weights.insert(m.weights_file.clone());
                     out.model_versions.push(r);
                 }
@@ -178,11 +182,38 @@ impl State {
             return Ok(out);
         }
         self.backend.commit(&writes)?;
-        if !removed_weights.is_empty() {
-            let named = self.weights_named()?;
-            out.orphaned_weights = removed_weights.difference(&named).cloned().collect();
+        for w in removed_weights {
+            if self
+                .backend
+                .scan_prefix(Table::WeightRefs, &format!("{w}\u{0}"))?
+                .is_empty()
+            {
+                out.orphaned_weights.push(w);
+            }
         }
         Ok(out)
+    }
+
+    /// Builds the weights index of a state written before it existed (once: an index with
+    /// entries is kept as it is).
+    pub(crate) fn index_weights(&self) -> Result<(), StateError> {
+        if self.backend.first_key(Table::WeightRefs)?.is_some()
+            || self.backend.first_key(Table::Models)?.is_none()
+        {
+            return Ok(());
+        }
+        let writes: Vec<Write> = self
+            .models(None)?
+            .iter()
+            .map(|m| {
+                Write::Put(
+                    Table::WeightRefs,
+                    weight_ref_key(&m.weights_file, &m.job_id, m.version),
+                    Vec::new(),
+                )
+            })
+            .collect();
+        self.backend.commit(&writes)
     }
 
     /// Every weights object a kept model version names.
@@ -353,6 +384,42 @@ mod tests {
         let p = s.prune(&keep, &[b]).unwrap();
         assert_eq!(versions(&s, "a"), vec![5, 6]);
         assert_eq!(p.orphaned_weights, vec!["w3".to_string(), "w4".into()]);
+    }
+
+    #[test]
+    fn a_state_written_before_the_weights_index_gets_one_and_prunes_as_before() {
+        let s = State::in_memory();
+        let a = job("a", JobState::Finished);
+        let b = job("b", JobState::Finished);
+        for r in 1..=3 {
+            round(&s, &a, r, &format!("w{r}"));
+        }
+        round(&s, &b, 1, "w1");
+        // An older coordinator wrote no index.
+        let refs = |s: &State| s.backend.scan(Table::WeightRefs).unwrap().len();
+        assert_eq!(refs(&s), 4);
+        let drop_index: Vec<Write> = s
+            .backend
+            .scan(Table::WeightRefs)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| Write::Delete(Table::WeightRefs, k))
+            .collect();
+        s.backend.commit(&drop_index).unwrap();
+        assert_eq!(refs(&s), 0);
+        s.index_weights().unwrap();
+        assert_eq!(refs(&s), 4);
+        let keep = Retention {
+            model_versions: Some(1),
+            ..Default::default()
+        };
+        let p = s.prune(&keep, &[a, b]).unwrap();
+        // a's versions 1 and 2 go; w1 is still b's.
+        assert_eq!(p.orphaned_weights, vec!["w2".to_string()]);
+        assert_eq!(refs(&s), 2);
+        // An index with entries is left alone.
+        s.index_weights().unwrap();
+        assert_eq!(refs(&s), 2);
     }
 
     #[test]

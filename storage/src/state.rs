@@ -140,6 +140,11 @@ pub(crate) fn job_prefix(job: &str) -> String {
     format!("{job}\u{0}")
 }
 
+/// A model version's entry in [`Table::WeightRefs`], under its weights object's prefix.
+pub(crate) fn weight_ref_key(weights: &str, job: &str, version: u64) -> String {
+    format!("{weights}\u{0}{}", round_key(job, version))
+}
+
 pub(crate) fn seq_key(seq: u64) -> String {
     format!("{seq:020}")
 }
@@ -186,9 +191,16 @@ impl State {
         State::new(Arc::new(MemoryBackend::default()))
     }
 
+    /// Shrinks the database file to what it holds (see [`Backend::compact`]).
+    pub fn compact(&self) -> Result<Option<(u64, u64)>, StateError> {
+        self.backend.compact()
+    }
+
     /// State in the redb database at `path`.
     pub fn open(path: &Path) -> Result<Self, StateError> {
-        Ok(State::new(Arc::new(RedbBackend::open(path)?)))
+        let state = State::new(Arc::new(RedbBackend::open(path)?));
+        state.index_weights()?;
+        Ok(state)
     }
 
     fn all<T: for<'de> Deserialize<'de>>(&self, table: Table) -> Result<Vec<T>, StateError> {
@@ -269,8 +281,16 @@ impl State {
         self.one(Table::Models, &round_key(job, version))
     }
 
-    pub fn model_write(m: &ModelManifest) -> Write {
-        Write::Put(Table::Models, round_key(&m.job_id, m.version), json(m))
+    /// A model version's manifest and its entry in the weights index.
+    pub fn model_writes(m: &ModelManifest) -> [Write; 2] {
+        [
+            Write::Put(Table::Models, round_key(&m.job_id, m.version), json(m)),
+            Write::Put(
+                Table::WeightRefs,
+                weight_ref_key(&m.weights_file, &m.job_id, m.version),
+                Vec::new(),
+            ),
+        ]
     }
 
     /// Promotions, oldest first; the last one is served.
@@ -356,7 +376,7 @@ impl State {
 
     /// Records a model version that no round produced (a job's initial model).
     pub fn put_model(&self, m: &ModelManifest) -> Result<(), StateError> {
-        self.backend.commit(&[Self::model_write(m)])
+        self.backend.commit(&Self::model_writes(m))
     }
 
     /// A completed round, its model version, the strategy's state and the job's progress,
@@ -375,8 +395,8 @@ impl State {
                 round_key(&job.id, round.summary.round),
                 json(round),
             ),
-            Self::model_write(model),
         ];
+        w.extend(Self::model_writes(model));
         match strategy_state {
             Some(s) => w.push(Write::Put(Table::StrategyState, job.id.clone(), s.to_vec())),
             None => w.push(Write::Delete(Table::StrategyState, job.id.clone())),
