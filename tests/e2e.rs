@@ -199,6 +199,79 @@ impl Drop for Tmpfs {
     }
 }
 
+/// An ext4 file system in an image file, loop-mounted at a directory for one test with
+/// `errors=remount-ro`: on an error the kernel turns it read-only under its open files, as it
+/// does a failing disk's. Unmounted when dropped.
+struct Ext4 {
+    image: PathBuf,
+    at: PathBuf,
+}
+
+impl Ext4 {
+    const OPTIONS: &str = "loop,errors=remount-ro";
+
+    /// `None` where it cannot be made or mounted (not root, no loop devices).
+    fn mount(at: &Path, megabytes: u64) -> Option<Ext4> {
+        std::fs::create_dir_all(at).unwrap();
+        let image = at.with_extension("img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(megabytes << 20)
+            .unwrap();
+        let run = |c: &mut Command| c.status().is_ok_and(|s| s.success());
+        let ok = run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image))
+            && run(Command::new("mount")
+                .args(["-o", Self::OPTIONS])
+                .arg(&image)
+                .arg(at));
+        ok.then(|| Ext4 {
+            image,
+            at: at.to_path_buf(),
+        })
+    }
+
+    /// The kernel's reaction to a disk error (ext4's own test trigger): the file system
+    /// turns read-only, and every write on it fails with EROFS until it is repaired.
+    fn fail(&self) {
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        let at = self.at.to_str().unwrap();
+        let device = mounts
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.get(1) == Some(&at))
+            .and_then(|f| f[0].strip_prefix("/dev/").map(str::to_string))
+            .unwrap_or_else(|| panic!("{at} is not mounted:\n{mounts}"));
+        std::fs::write(
+            format!("/sys/fs/ext4/{device}/trigger_fs_error"),
+            "cohort test: disk error\n",
+        )
+        .unwrap();
+    }
+
+    /// What an operator does with a disk that turned read-only: unmount it (lazily: the
+    /// coordinator still has its file open), check and repair it, mount it again.
+    fn repair(&self) {
+        let ok = |c: &mut Command| c.status().unwrap().code();
+        assert_eq!(ok(Command::new("umount").arg("-l").arg(&self.at)), Some(0));
+        // 0: clean, 1: errors corrected.
+        let fsck = ok(Command::new("e2fsck").args(["-f", "-y"]).arg(&self.image));
+        assert!(matches!(fsck, Some(0 | 1)), "e2fsck exited with {fsck:?}");
+        assert_eq!(
+            ok(Command::new("mount")
+                .args(["-o", Self::OPTIONS])
+                .arg(&self.image)
+                .arg(&self.at)),
+            Some(0)
+        );
+    }
+}
+
+impl Drop for Ext4 {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.at).status();
+    }
+}
+
 /// Fills the file system holding `dir` until a write fails with "no space left".
 fn fill(dir: &Path) -> PathBuf {
     use std::io::Write;
@@ -219,9 +292,13 @@ fn fill(dir: &Path) -> PathBuf {
 /// and retries; once space is freed, round 2 is committed and the job finishes normally.
 #[test]
 fn a_full_disk_holds_the_job_at_its_round_until_storage_works_again() {
-    storage_fault_holds_the_job("models", "No space left", fill, |filler| {
-        std::fs::remove_file(filler).unwrap()
-    });
+    storage_fault_holds_the_job(
+        "models",
+        "No space left",
+        |at| Tmpfs::mount(at, "2m"),
+        |m| fill(&m.0),
+        |_, filler| std::fs::remove_file(filler).unwrap(),
+    );
 }
 
 /// The same when the disk of the state database fills up: the registry takes version 2, the
@@ -230,9 +307,13 @@ fn a_full_disk_holds_the_job_at_its_round_until_storage_works_again() {
 /// file again once a try fails.
 #[test]
 fn a_full_state_disk_holds_the_job_at_its_round_until_storage_works_again() {
-    storage_fault_holds_the_job("state", "No space left", fill, |filler| {
-        std::fs::remove_file(filler).unwrap()
-    });
+    storage_fault_holds_the_job(
+        "state",
+        "No space left",
+        |at| Tmpfs::mount(at, "2m"),
+        |m| fill(&m.0),
+        |_, filler| std::fs::remove_file(filler).unwrap(),
+    );
 }
 
 /// The same when the registry's file system turns read-only (remounted) after round 1.
@@ -249,28 +330,46 @@ fn a_read_only_registry_holds_the_job_at_its_round_until_it_is_writable_again() 
     storage_fault_holds_the_job(
         "models",
         "Read-only file system",
-        |models| {
-            remount(models, "ro");
-            models.to_path_buf()
-        },
-        |models| remount(&models, "rw"),
+        |at| Tmpfs::mount(at, "2m"),
+        |m| remount(&m.0, "ro"),
+        |m, ()| remount(&m.0, "rw"),
     );
 }
 
-/// Round 1 is committed; then `break_it` breaks the file system (a tmpfs) of the registry
-/// (`fs` = "models") or of the state database ("state"), and round 2 completes but cannot be
-/// committed, failing with `error`: the job holds it (no round 3, no version 2) and retries;
-/// once `mend` has repaired it, round 2 is committed and the job finishes with versions 1 to
-/// 3 in a line.
-fn storage_fault_holds_the_job<T>(
+/// The same when the state database's disk fails under its open file and the kernel turns
+/// it read-only (a file system cannot be remounted read-only by hand while a file on it is
+/// open for writing). The operator repairs it and mounts it again at the same place: the
+/// coordinator opens the file on the repaired disk and goes on, having lost nothing. While
+/// the disk is away it does not create an empty database in its place.
+#[test]
+fn a_state_disk_turned_read_only_holds_the_job_until_it_is_repaired_and_mounted_again() {
+    storage_fault_holds_the_job(
+        "state",
+        "Read-only file system",
+        |at| Ext4::mount(at, 16),
+        Ext4::fail,
+        |disk, ()| disk.repair(),
+    );
+}
+
+/// Round 1 is committed; then `break_it` breaks the file system mounted by `mount` for the
+/// registry (`fs` = "models") or the state database ("state"), and round 2 completes but
+/// cannot be committed, failing with `error`: the job holds it (no round 3, no version 2)
+/// and retries; once `mend` has repaired it, round 2 is committed and the job finishes with
+/// versions 1 to 3 in a line.
+fn storage_fault_holds_the_job<M, T>(
     fs: &str,
     error: &str,
-    break_it: impl FnOnce(&Path) -> T,
-    mend: impl FnOnce(T),
+    mount: impl FnOnce(&Path) -> Option<M>,
+    break_it: impl FnOnce(&M) -> T,
+    mend: impl FnOnce(&M, T),
 ) {
     let dir = tempfile::tempdir().unwrap();
-    let Some(_mount) = Tmpfs::mount(&dir.path().join(fs), "2m") else {
-        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root); CI runs as root");
+    let Some(disk) = mount(&dir.path().join(fs)) else {
+        eprintln!(
+            "SKIPPED: cannot mount the file system here (needs root, and loop devices for \
+             ext4); CI has both"
+        );
         return;
     };
     let mut fed = start_coordinator_in(dir, 3, 60.0, 3);
@@ -283,7 +382,7 @@ fn storage_fault_holds_the_job<T>(
         &["round=1", "model version committed"],
         Duration::from_secs(60),
     );
-    let broken = break_it(&fed.dir.path().join(fs));
+    let broken = break_it(&disk);
     let failed = fed.wait_log(
         &["round=2", "could not be committed"],
         Duration::from_secs(60),
@@ -305,7 +404,7 @@ fn storage_fault_holds_the_job<T>(
     // broken, the file may be there, but the state does not name it.
     let v2 = fed.dir.path().join("models/breast-cancer/v00002.json");
     assert_eq!(v2.exists(), fs == "state");
-    mend(broken);
+    mend(&disk, broken);
     fed.wait_log(
         &["round=2", "storage accepts commits again"],
         Duration::from_secs(60),
