@@ -31,6 +31,17 @@ fn start_coordinator_in(
     round_timeout: f64,
     min_updates: usize,
 ) -> Federation {
+    start_coordinator_with(dir, rounds, round_timeout, min_updates, "")
+}
+
+/// [`start_coordinator_in`] with more of the job's sections (`[job.…]`) in `job_extra`.
+fn start_coordinator_with(
+    dir: tempfile::TempDir,
+    rounds: u64,
+    round_timeout: f64,
+    min_updates: usize,
+    job_extra: &str,
+) -> Federation {
     let pki = provision(dir.path());
     let cfg = format!(
         r#"
@@ -61,6 +72,7 @@ batch_size = 16
 learning_rate = 0.1
 optimizer = "sgd"
 seed = 1
+{job_extra}
 "#,
         models = dir.path().join("models").display(),
         state = dir.path().join("state").join("state.redb").display(),
@@ -552,6 +564,72 @@ fn a_participant_behind_a_faulty_network_is_slowed_reset_or_left_out_never_doubl
         let want = if ids.len() == 3 { three } else { two };
         assert_eq!(total(m), want, "{m}");
     }
+}
+
+/// A committee member cut off while it decrypts: its link is partitioned after the
+/// coordinator asked it for its share (it waits 1.5 s before fetching its input). At the
+/// decryption deadline its pieces go to the members that answered, and the round completes
+/// with its update still in the sum (its share was not needed) and the model right. Healed,
+/// it rejoins and takes part in the next round.
+#[test]
+fn a_committee_member_cut_off_while_decrypting_is_replaced_and_its_update_still_counts() {
+    use common::proxy::{Fault, FaultProxy};
+    let fed = start_coordinator_with(
+        tempfile::tempdir().unwrap(),
+        2,
+        12.0,
+        2,
+        "[job.secure_aggregation]\ndecrypt_timeout_secs = 4",
+    );
+    let shares = write_shares(fed.dir.path());
+    let proxy = FaultProxy::start(&fed.addr);
+    let _a = fed.participant(0, &shares[0], 0);
+    let _b = fed.participant(1, &shares[1], 0);
+    let _c = common::spawn_participant_with(
+        fed.dir.path(),
+        &proxy.addr,
+        2,
+        &shares[2],
+        "answer_delay_ms = 1500",
+        "",
+    );
+    let asked = fed.wait_log(
+        &["committee asked to decrypt", "round=1 "],
+        Duration::from_secs(60),
+    );
+    assert!(asked.contains("hospital-2"), "{asked}");
+    proxy.set(Fault::Partition);
+    let cut = Instant::now();
+    let committed = fed.wait_log(
+        &["model version committed", "round=1"],
+        Duration::from_secs(30),
+    );
+    let held = cut.elapsed();
+    assert!(
+        held >= Duration::from_secs(2),
+        "round 1 was decrypted {held:?} after the cut, before the 4 s deadline: \
+         did hospital-2 answer through a partition?\n{committed}"
+    );
+    proxy.set(Fault::Pass);
+    fed.wait_log(&["job finished"], Duration::from_secs(90));
+    let all = ["hospital-0", "hospital-1", "hospital-2"];
+    for v in [1, 2] {
+        let m = fed.manifest(v);
+        let who: Vec<&str> = m["participants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap())
+            .collect();
+        assert_eq!(who, all, "{m}");
+        // A sum decrypted wrongly (a share missing or counted twice) is noise, not a model.
+        let acc = m["eval"]["accuracy"].as_f64().unwrap();
+        assert!(acc > 0.9, "version {v}: held-out accuracy {acc}");
+    }
+    assert_eq!(
+        fed.manifest(1)["total_examples"],
+        fed.manifest(2)["total_examples"]
+    );
 }
 
 #[test]
@@ -1200,7 +1278,7 @@ mod tls {
             device: cohort_model::ComputeDevice::Cpu,
             poll_wait: Duration::from_millis(500),
             reconnect_for: Duration::from_secs(30),
-            upload_delay: Duration::ZERO,
+            faults: Default::default(),
             tls: Some(cohort_protocol::tls::NodeTls {
                 ca_pem: ca_pem.clone(),
                 cert_pem: short.cert_pem.clone(),

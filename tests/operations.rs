@@ -215,7 +215,16 @@ fn a_job_runs_start_to_finish_through_the_admin_api() {
     let mut parts: Vec<Proc> = (0..3)
         // Uploads held back 400 ms, so that rounds last long enough to pause between them;
         // the nodes stay for the next job.
-        .map(|i| spawn_participant_with(dir, &addr, i, &shares[i], 400, "stay_between_jobs = true"))
+        .map(|i| {
+            spawn_participant_with(
+                dir,
+                &addr,
+                i,
+                &shares[i],
+                "upload_delay_ms = 400",
+                "stay_between_jobs = true",
+            )
+        })
         .collect();
 
     // hospital-2 is not in allowed_participants: it waits for an operator.

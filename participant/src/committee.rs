@@ -76,6 +76,11 @@ pub(crate) async fn decrypt_round(
             round_from_pb(&d.job_id, d.round, r)
                 .map_err(|e| Status::invalid_argument(e.to_string()))
         })?;
+    let delay = opts.faults.answer_delay;
+    if !delay.is_zero() {
+        tracing::info!(participant = %opts.id, round = d.round, "fault injection: delaying the decryption by {delay:?}");
+        tokio::time::sleep(delay).await;
+    }
     let mut stream = s
         .client
         .fetch_decryption_input(pb::FetchDecryptionInputRequest {

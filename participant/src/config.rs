@@ -56,6 +56,9 @@ pub struct FaultConfig {
     /// Wait this long after training before each upload.
     #[serde(default)]
     pub upload_delay_ms: u64,
+    /// As a committee member, wait this long after each decryption request before answering.
+    #[serde(default)]
+    pub answer_delay_ms: u64,
 }
 
 fn default_poll_wait() -> u64 {
@@ -157,7 +160,10 @@ impl ParticipantConfig {
             device: self.device,
             poll_wait: Duration::from_millis(self.poll_wait_ms),
             reconnect_for: Duration::from_secs(self.reconnect_for_secs),
-            upload_delay: Duration::from_millis(self.faults.upload_delay_ms),
+            faults: crate::Faults {
+                upload_delay: Duration::from_millis(self.faults.upload_delay_ms),
+                answer_delay: Duration::from_millis(self.faults.answer_delay_ms),
+            },
             tls: None,
             stay_between_jobs: self.stay_between_jobs,
             compute: None,

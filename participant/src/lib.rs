@@ -80,9 +80,8 @@ pub struct AgentOptions {
     pub poll_wait: Duration,
     /// Give up after failing to reach the coordinator for this long.
     pub reconnect_for: Duration,
-    /// Fault injection: wait this long after training before uploading (a slow link or a
-    /// straggler). Zero in normal operation.
-    pub upload_delay: Duration,
+    /// Deliberate misbehaviour for fault-injection tests; none in normal operation.
+    pub faults: Faults,
     /// Mutual TLS towards the coordinator (`https://` addresses); also binds this node's
     /// secure-aggregation keys to its certificate and checks other nodes' bindings. `None`
     /// only for development against an `--insecure-dev` coordinator.
@@ -101,6 +100,16 @@ pub struct AgentOptions {
     /// variate, one file per job); `None`: in memory only, so a restarted node starts its
     /// control variate again from zeros.
     pub state_dir: Option<std::path::PathBuf>,
+}
+
+/// Deliberate misbehaviour (`[faults]`), for fault-injection tests; none by default.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Faults {
+    /// Wait this long after training before each upload (a slow link or a straggler).
+    pub upload_delay: Duration,
+    /// As a committee member, wait this long after each decryption request before fetching
+    /// its input and answering (a custodian whose link fails while it decrypts).
+    pub answer_delay: Duration,
 }
 
 /// How often a node between jobs asks whether a new one has started.

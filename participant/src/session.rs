@@ -183,7 +183,7 @@ mod tests {
             device: ComputeDevice::Cpu,
             poll_wait: Duration::from_millis(10),
             reconnect_for: Duration::from_millis(10),
-            upload_delay: Duration::ZERO,
+            faults: Default::default(),
             tls: None,
             stay_between_jobs: false,
             compute: None,

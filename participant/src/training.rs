@@ -138,9 +138,10 @@ pub(crate) async fn train_round(
     if cohort_model::update_to_send(&mut delta, &layers, clip, per_layer, change, indicator) {
         tracing::debug!(participant = %opts.id, round = t.round, "update clipped to L2 norm {clip:?}");
     }
-    if !opts.upload_delay.is_zero() {
-        tracing::info!(participant = %opts.id, round = t.round, "fault injection: delaying the upload by {:?}", opts.upload_delay);
-        tokio::time::sleep(opts.upload_delay).await;
+    let delay = opts.faults.upload_delay;
+    if !delay.is_zero() {
+        tracing::info!(participant = %opts.id, round = t.round, "fault injection: delaying the upload by {delay:?}");
+        tokio::time::sleep(delay).await;
     }
     let header = pb::UpdateHeader {
         nonce: nonce(),

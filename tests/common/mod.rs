@@ -158,16 +158,18 @@ pub fn spawn_participant(
     share: &Path,
     upload_delay_ms: u64,
 ) -> Proc {
-    spawn_participant_with(dir, addr, i, share, upload_delay_ms, "")
+    let faults = format!("upload_delay_ms = {upload_delay_ms}");
+    spawn_participant_with(dir, addr, i, share, &faults, "")
 }
 
-/// [`spawn_participant`] with extra top-level configuration keys.
+/// [`spawn_participant`] with the lines of its `[faults]` section and extra top-level
+/// configuration keys.
 pub fn spawn_participant_with(
     dir: &Path,
     addr: &str,
     i: usize,
     share: &Path,
-    upload_delay_ms: u64,
+    faults: &str,
     extra: &str,
 ) -> Proc {
     let cfg = format!(
@@ -188,7 +190,7 @@ label = "diagnosis"
 test_fraction = 0.2
 seed = {i}
 [faults]
-upload_delay_ms = {upload_delay_ms}
+{faults}
 "#,
         path = share.display(),
         pki = dir.join("pki").display()
