@@ -38,7 +38,7 @@ use tonic::transport::Channel;
 mod harness;
 use harness::{
     admin_client, agent_options, coordinator_config_with, fds, free_port, provision, rss_kb,
-    secure_job_spec, site_data, start_coordinator,
+    rss_parts_kb, secure_job_spec, site_data, start_coordinator,
 };
 
 #[derive(Parser, Clone)]
@@ -101,6 +101,9 @@ pub struct Sample {
     pub rounds: u64,
     pub seconds: f64,
     pub rss_mb: f64,
+    /// Of `rss_mb`: anonymous pages (the heap) and file pages (code as far as it ran).
+    pub rss_anon_mb: f64,
+    pub rss_file_mb: f64,
     pub fds: usize,
     pub state_bytes: u64,
     pub registry_bytes: u64,
@@ -411,11 +414,14 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     let started = Instant::now();
     let sample = |rounds: u64| {
         let (rss, _) = rss_kb(pid).unwrap_or_default();
+        let (anon, file) = rss_parts_kb(pid).unwrap_or_default();
         let (registry_bytes, registry_files) = dir_size(&dir.path().join("models"));
         Sample {
             rounds,
             seconds: started.elapsed().as_secs_f64(),
             rss_mb: rss as f64 / 1024.0,
+            rss_anon_mb: anon as f64 / 1024.0,
+            rss_file_mb: file as f64 / 1024.0,
             fds: fds(pid).0,
             state_bytes: std::fs::metadata(dir.path().join("state.redb"))
                 .map(|m| m.len())
@@ -426,15 +432,26 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         }
     };
     println!(
-        "{:>7} {:>8} {:>8} {:>5} {:>10} {:>12} {:>9} {:>8}",
-        "rounds", "seconds", "RSS MB", "fds", "state B", "registry B", "reg files", "series"
+        "{:>7} {:>8} {:>8} {:>8} {:>8} {:>5} {:>10} {:>12} {:>9} {:>8}",
+        "rounds",
+        "seconds",
+        "RSS MB",
+        "anon MB",
+        "file MB",
+        "fds",
+        "state B",
+        "registry B",
+        "reg files",
+        "series"
     );
     let print = |s: &Sample| {
         println!(
-            "{:>7} {:>8.0} {:>8.1} {:>5} {:>10} {:>12} {:>9} {:>8}",
+            "{:>7} {:>8.0} {:>8.1} {:>8.1} {:>8.1} {:>5} {:>10} {:>12} {:>9} {:>8}",
             s.rounds,
             s.seconds,
             s.rss_mb,
+            s.rss_anon_mb,
+            s.rss_file_mb,
             s.fds,
             s.state_bytes,
             s.registry_bytes,
@@ -539,11 +556,13 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         report.errors
     );
     println!(
-        "from round {} to {}: RSS {:+.1} MB, fds {:+}, state file {:+} B, registry {:+} B \
+        "from round {} to {}: RSS {:+.1} MB (anonymous {:+.1}, file {:+.1}), fds {:+}, state file {:+} B, registry {:+} B \
          ({:+} files), /metrics series {:+}",
         quarter.rounds,
         end.rounds,
         end.rss_mb - quarter.rss_mb,
+        end.rss_anon_mb - quarter.rss_anon_mb,
+        end.rss_file_mb - quarter.rss_file_mb,
         end.fds as i64 - quarter.fds as i64,
         end.state_bytes as i64 - quarter.state_bytes as i64,
         end.registry_bytes as i64 - quarter.registry_bytes as i64,

@@ -36,7 +36,18 @@ pub fn provision(pki: &Path, names: &[String]) -> anyhow::Result<()> {
 
 /// Starts `cohort coordinator --config <config>` (logging warnings and errors).
 pub fn start_coordinator(config: &Path) -> anyhow::Result<Coordinator> {
-    let child = Command::new(BIN)
+    // COHORT_BENCH_WRAP runs the coordinator under a tool, e.g. "heaptrack -o /tmp/coordinator".
+    let wrap = std::env::var("COHORT_BENCH_WRAP").unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    let mut command = match words.next() {
+        Some(tool) => {
+            let mut c = Command::new(tool);
+            c.args(words).arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    let child = command
         .args(["coordinator", "--config"])
         .arg(config)
         .env("RUST_LOG", "warn")
@@ -93,8 +104,8 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Resident memory (kB) of a process, now and at its peak.
-pub fn rss_kb(pid: u32) -> Option<(u64, u64)> {
+/// Fields of `/proc/PID/status` in kB, in the order asked.
+fn status_kb<const N: usize>(pid: u32, names: [&str; N]) -> Option<[u64; N]> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |name: &str| {
         status
@@ -105,7 +116,23 @@ pub fn rss_kb(pid: u32) -> Option<(u64, u64)> {
             .parse::<u64>()
             .ok()
     };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
+    let mut out = [0; N];
+    for (o, name) in out.iter_mut().zip(names) {
+        *o = field(name)?;
+    }
+    Some(out)
+}
+
+/// Resident memory (kB) of a process, now and at its peak.
+pub fn rss_kb(pid: u32) -> Option<(u64, u64)> {
+    status_kb(pid, ["VmRSS:", "VmHWM:"]).map(|[now, peak]| (now, peak))
+}
+
+/// A process's resident memory (kB) split into anonymous pages (heap, stacks: what the program
+/// allocated) and file pages (its executable and libraries as far as they were touched, which
+/// grows as new code paths run).
+pub fn rss_parts_kb(pid: u32) -> Option<(u64, u64)> {
+    status_kb(pid, ["RssAnon:", "RssFile:"]).map(|[anon, file]| (anon, file))
 }
 
 /// CPU seconds (user + system) a process has used (`/proc/PID/stat`, in clock ticks of
