@@ -330,9 +330,12 @@ impl Backend for RedbBackend {
             .db
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(db) = db.as_mut() {
-            db.compact()
-                .map_err(|e| self.err(format!("compacting: {e}")))?;
+        if let Some(d) = db.as_mut()
+            && let Err(e) = d.compact()
+        {
+            // As after any failure: the next operation opens the file again.
+            *db = None;
+            return Err(self.err(format!("compacting: {e}")));
         }
         drop(db);
         Ok(Some((before, size()?)))
