@@ -100,6 +100,10 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn first_key(&self, table: Table) -> Result<Option<String>, StateError> {
         Ok(self.scan(table)?.into_iter().next().map(|(k, _)| k))
     }
+    /// How many entries `table` holds.
+    fn count(&self, table: Table) -> Result<u64, StateError> {
+        Ok(self.scan(table)?.len() as u64)
+    }
     /// Gives the space of removed entries back to the file system, where the backend has a
     /// file: its size (bytes) before and after. `None` where there is nothing to compact.
     fn compact(&self) -> Result<Option<(u64, u64)>, StateError> {
@@ -313,6 +317,15 @@ impl Backend for RedbBackend {
 
     fn first_key(&self, table: Table) -> Result<Option<String>, StateError> {
         self.with(|db| self.first_key_on(db, table))
+    }
+
+    fn count(&self, table: Table) -> Result<u64, StateError> {
+        use redb::{ReadableDatabase, ReadableTableMetadata};
+        self.with(|db| {
+            let tx = db.begin_read().map_err(|e| self.err(e))?;
+            let t = tx.open_table(table_def(table)).map_err(|e| self.err(e))?;
+            t.len().map_err(|e| self.err(e))
+        })
     }
 
     /// redb reuses the pages of removed entries but never shrinks its file; compaction

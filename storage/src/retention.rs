@@ -194,26 +194,28 @@ impl State {
         Ok(out)
     }
 
-    /// Builds the weights index of a state written before it existed (once: an index with
-    /// entries is kept as it is).
+    /// Builds the weights index again where it does not match the versions: a state written
+    /// before the index existed, or versions added or removed by a coordinator that did not
+    /// keep it (an older release run on the same file). Each version has exactly one entry,
+    /// so the counts agree exactly when the index is whole; otherwise pruning could take a
+    /// kept version's weights for orphaned. Checked at every opening (two counts).
     pub(crate) fn index_weights(&self) -> Result<(), StateError> {
-        if self.backend.first_key(Table::WeightRefs)?.is_some()
-            || self.backend.first_key(Table::Models)?.is_none()
-        {
+        if self.backend.count(Table::WeightRefs)? == self.backend.count(Table::Models)? {
             return Ok(());
         }
-        let writes: Vec<Write> = self
-            .models(None)?
-            .iter()
-            .map(|m| {
-                Write::Put(
-                    Table::WeightRefs,
-                    weight_ref_key(&m.weights_file, &m.job_id, m.version),
-                    Vec::new(),
-                )
-            })
-            .collect();
-        self.backend.commit(&writes)
+        let stale = self
+            .backend
+            .scan(Table::WeightRefs)?
+            .into_iter()
+            .map(|(k, _)| Write::Delete(Table::WeightRefs, k));
+        let fresh = self.models(None)?.into_iter().map(|m| {
+            Write::Put(
+                Table::WeightRefs,
+                weight_ref_key(&m.weights_file, &m.job_id, m.version),
+                Vec::new(),
+            )
+        });
+        self.backend.commit(&stale.chain(fresh).collect::<Vec<_>>())
     }
 
     /// Every weights object a kept model version names.
@@ -387,7 +389,7 @@ mod tests {
     }
 
     #[test]
-    fn a_state_written_before_the_weights_index_gets_one_and_prunes_as_before() {
+    fn a_weights_index_that_does_not_match_the_versions_is_built_again() {
         let s = State::in_memory();
         let a = job("a", JobState::Finished);
         let b = job("b", JobState::Finished);
@@ -417,9 +419,22 @@ mod tests {
         // a's versions 1 and 2 go; w1 is still b's.
         assert_eq!(p.orphaned_weights, vec!["w2".to_string()]);
         assert_eq!(refs(&s), 2);
-        // An index with entries is left alone.
+        // A whole index is left as it is.
         s.index_weights().unwrap();
         assert_eq!(refs(&s), 2);
+        // A version that an older coordinator added, writing no index entry, sharing b's
+        // version 1 weights. Unless the index is built again, pruning b's version 1 would
+        // take w1 for orphaned while version 9 still names it.
+        let mut late = s.model("b", 1).unwrap().unwrap();
+        late.version = 9;
+        s.backend
+            .commit(&[Write::Put(Table::Models, round_key("b", 9), json(&late))])
+            .unwrap();
+        s.index_weights().unwrap();
+        assert_eq!(refs(&s), 3);
+        let p = s.prune(&keep, &[job("b", JobState::Finished)]).unwrap();
+        assert_eq!(versions(&s, "b"), vec![9]);
+        assert!(p.orphaned_weights.is_empty(), "{p:?}");
     }
 
     #[test]
