@@ -204,6 +204,7 @@ mod tests {
         /// The session of each poll.
         polls: Vec<String>,
         left: Vec<String>,
+        heartbeats: usize,
     }
 
     #[derive(Clone, Default)]
@@ -283,6 +284,7 @@ mod tests {
             &self,
             _: Request<pb::HeartbeatRequest>,
         ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+            self.seen.lock().unwrap().heartbeats += 1;
             Ok(Response::new(pb::HeartbeatResponse::default()))
         }
 
@@ -361,6 +363,34 @@ mod tests {
 
     fn idle() -> Result<Kind, Status> {
         Ok(Kind::Idle(pb::IdleTask { retry_after_ms: 0 }))
+    }
+
+    /// A node cancelled mid-training (an in-process agent dropped, as the soak bench and a
+    /// simulation's shutdown do) stops its heartbeats with it: they used to go on for good,
+    /// each holding a connection to the coordinator.
+    #[tokio::test]
+    async fn heartbeats_stop_with_the_work_they_keep_alive_even_when_it_is_abandoned() {
+        let (opts, seen) = scripted(VecDeque::new()).await;
+        let mut s = crate::session::connect(&opts, 1, &pb::SecureKeys::default())
+            .await
+            .unwrap();
+        s.heartbeat = Duration::from_millis(50);
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let work = crate::session::with_heartbeats(&s, move || {
+            let _ = wait.recv_timeout(Duration::from_secs(10));
+        });
+        let abandoned = tokio::time::timeout(Duration::from_millis(400), work).await;
+        assert!(abandoned.is_err(), "the work finished early");
+        let during = seen.lock().unwrap().heartbeats;
+        assert!(during >= 3, "{during} heartbeats while working");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = seen.lock().unwrap().heartbeats;
+        let _ = release.send(());
+        // One may have been on its way when the work was dropped.
+        assert!(
+            after <= during + 1,
+            "heartbeats went on after the work was abandoned: {during} then {after}"
+        );
     }
 
     #[tokio::test]

@@ -135,14 +135,25 @@ pub(crate) async fn fetch_model(
         .map_err(|e| Status::data_loss(e.to_string()))
 }
 
-/// Runs `f` on a blocking thread while heartbeats keep the participant alive.
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs `f` on a blocking thread while heartbeats keep the participant alive. The heartbeats
+/// stop when this returns or when it is dropped unfinished (an agent cancelled mid-training:
+/// otherwise they went on for good, holding the connection, on a session long gone).
 pub(crate) async fn with_heartbeats<T: Send + 'static>(
     s: &Session,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> T {
     let mut client = s.client.clone();
     let (session, every) = (s.id.clone(), s.heartbeat);
-    let beat = tokio::spawn(async move {
+    let _beat = AbortOnDrop(tokio::spawn(async move {
         loop {
             tokio::time::sleep(every).await;
             let _ = client
@@ -151,12 +162,10 @@ pub(crate) async fn with_heartbeats<T: Send + 'static>(
                 })
                 .await;
         }
-    });
-    let out = tokio::task::spawn_blocking(f)
+    }));
+    tokio::task::spawn_blocking(f)
         .await
-        .expect("training thread panicked");
-    beat.abort();
-    out
+        .expect("training thread panicked")
 }
 
 /// A fresh nonce for a state-changing message (the coordinator refuses repeats).
