@@ -304,13 +304,7 @@ fn fill(dir: &Path) -> PathBuf {
 /// and retries; once space is freed, round 2 is committed and the job finishes normally.
 #[test]
 fn a_full_disk_holds_the_job_at_its_round_until_storage_works_again() {
-    storage_fault_holds_the_job(
-        "models",
-        "No space left",
-        |at| Tmpfs::mount(at, "2m"),
-        |m| fill(&m.0),
-        |_, filler| std::fs::remove_file(filler).unwrap(),
-    );
+    a_full_disk_holds_the_job("models");
 }
 
 /// The same when the disk of the state database fills up: the registry takes version 2, the
@@ -319,8 +313,13 @@ fn a_full_disk_holds_the_job_at_its_round_until_storage_works_again() {
 /// file again once a try fails.
 #[test]
 fn a_full_state_disk_holds_the_job_at_its_round_until_storage_works_again() {
+    a_full_disk_holds_the_job("state");
+}
+
+/// `fs`'s disk (a small tmpfs) filled after round 1, emptied again once the job holds.
+fn a_full_disk_holds_the_job(fs: &str) {
     storage_fault_holds_the_job(
-        "state",
+        fs,
         "No space left",
         |at| Tmpfs::mount(at, "2m"),
         |m| fill(&m.0),
